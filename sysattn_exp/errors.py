@@ -1,0 +1,6 @@
+"""The one exception type that means "the user's input is wrong" (exit status 2)."""
+
+
+class UsageError(Exception):
+    """Bad configuration or data. The message is one line naming the key or file and
+    what is allowed; the entry point prints it without a traceback and exits with 2."""

@@ -1,0 +1,49 @@
+"""Token positions -> modality ids (DESIGN.md section 2).
+
+Every position of a prompt is one of: padding (0), system (1: BOS, system prompt, "USER:"),
+image (2: the contiguous span of image tokens) or text (3: everything after the image).
+"""
+
+import torch
+
+from sysattn_exp.errors import UsageError
+
+PAD, SYSTEM, IMAGE, TEXT = 0, 1, 2, 3
+MODALITIES = {"system": SYSTEM, "image": IMAGE, "text": TEXT}
+
+
+def modality_ids(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_token_id: int,
+    image_seq_length: int,
+) -> torch.Tensor:
+    """(B, N) modality id of every position, computed per row, so any padding side works.
+
+    Refuses a row whose image tokens are not one contiguous span of `image_seq_length`.
+    """
+    real = attention_mask.bool()
+    is_image = (input_ids == image_token_id) & real
+    n_image = is_image.sum(dim=1)
+    first_image = is_image.int().argmax(dim=1, keepdim=True)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+    expected_span = (positions >= first_image) & (positions < first_image + image_seq_length)
+    bad_rows = (n_image != image_seq_length) | (is_image != expected_span).any(dim=1)
+    if bad_rows.any():
+        row = int(bad_rows.nonzero()[0])
+        raise UsageError(
+            f"prompt row {row}: image tokens (id {image_token_id}) must form one contiguous span "
+            f"of {image_seq_length}, found {int(n_image[row])} tokens; pass exactly one image "
+            "per prompt and one <image> placeholder"
+        )
+    ids = torch.where(
+        positions < first_image,
+        SYSTEM,
+        torch.where(positions < first_image + image_seq_length, IMAGE, TEXT),
+    )
+    return ids.masked_fill(~real, PAD)
+
+
+def modality_counts(ids: torch.Tensor) -> dict[str, int]:
+    """Number of tokens of each modality in one row of `modality_ids`."""
+    return {name: int((ids == code).sum()) for name, code in MODALITIES.items()}

@@ -1,0 +1,104 @@
+"""Loading LLaVA models and processors, building prompts, and the yes/no token ids."""
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from sysattn_exp.errors import UsageError
+from sysattn_exp.intervention import ATTENTION_NAME
+
+BUILTIN_TINY = "builtin:tiny"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: LlavaForConditionalGeneration
+    processor: object
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.text_config.num_hidden_layers
+
+    @property
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+    @property
+    def image_seq_length(self) -> int:
+        return self.model.config.image_seq_length
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise UsageError(f"model.dtype={name!r} is not allowed; use auto or one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def use_sysattn(model: LlavaForConditionalGeneration) -> None:
+    """Route the language model's attention through sysattn; the vision tower keeps SDPA
+    (a plain string would swap CLIP's attention too, and CLIP has no layer_idx)."""
+    model.set_attn_implementation({"text_config": ATTENTION_NAME, "vision_config": "sdpa"})
+
+
+_LOADED: dict[tuple, LoadedModel] = {}
+
+
+def load_model(cfg) -> LoadedModel:
+    """Load (once per process: sweep jobs share it) the model and processor `cfg` names."""
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    key = (cfg.name_or_path, cfg.revision, cfg.seed, str(device), str(dtype))
+    if key not in _LOADED:
+        model, processor = _load(cfg, dtype)
+        use_sysattn(model)
+        model.to(device=device, dtype=dtype).eval()
+        processor.tokenizer.padding_side = "left"
+        _LOADED[key] = LoadedModel(model, processor, device, dtype)
+    return _LOADED[key]
+
+
+def _load(cfg, dtype):
+    if cfg.name_or_path == BUILTIN_TINY:
+        from sysattn_exp.tiny import build_tiny_llava
+
+        return build_tiny_llava(seed=cfg.seed)
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(
+            cfg.name_or_path, revision=cfg.revision, dtype=dtype
+        )
+        processor = AutoProcessor.from_pretrained(cfg.name_or_path, revision=cfg.revision)
+    except OSError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(
+            f"model.name_or_path={cfg.name_or_path!r} could not be loaded ({first_line}); give a "
+            "hub id you can download or a directory saved with save_pretrained"
+        ) from err
+    return model, processor
+
+
+def build_prompt(question: str, system_prompt: str) -> str:
+    """LLaVA-1.5's evaluation prompt (conversation vicuna_v1); the tokenizer adds BOS."""
+    prefix = f"{system_prompt} " if system_prompt else ""
+    return f"{prefix}USER: <image>\n{question} ASSISTANT:"
+
+
+def first_token_ids(tokenizer, words, key: str) -> list[int]:
+    """The first token id of each word, as the model would emit it after "ASSISTANT:"."""
+    if not words:
+        raise UsageError(f"{key} is empty; give at least one word, e.g. [Yes, yes]")
+    ids = [tokenizer(w, add_special_tokens=False).input_ids[:1] for w in words]
+    if not all(ids):
+        raise UsageError(f"{key}={list(words)} contains a word that tokenizes to nothing")
+    return sorted({i[0] for i in ids})

@@ -1,0 +1,23 @@
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def gqa_llava():
+    """A random LLaVA unlike the builtin tiny one: 6 layers, 6 heads over 3 KV heads."""
+    from sysattn_exp.tiny import build_tiny_llava
+
+    return build_tiny_llava(
+        seed=7, num_layers=6, hidden_size=48, num_heads=6, num_kv_heads=3, image_size=42
+    )
+
+
+def make_image(color: str, size=(50, 40)) -> Image.Image:
+    image = Image.new("RGB", size, "white")
+    ImageDraw.Draw(image).ellipse((5, 5, size[0] - 5, size[1] - 5), fill=color)
+    return image

@@ -1,0 +1,87 @@
+"""Plain, loop-based reference attention written independently of sysattn_exp.intervention.
+
+For every real query row of every head it computes softmax attention over the visible keys
+(causal, padding excluded), applies the redistribution rule of DESIGN.md section 1 if the
+layer is selected, and takes the weighted sum of the values.
+"""
+
+import torch
+from transformers import AttentionInterface
+
+REFERENCE_NAME = "reference_eager"
+
+# Set by `reference_setup` before each forward: the rule and each row's modality names.
+STATE: dict = {}
+
+
+def row_modalities(input_ids, attention_mask, image_token_id):
+    """Per row, a list of 'pad' / 'system' / 'image' / 'text' by position."""
+    rows = []
+    for ids, mask in zip(input_ids.tolist(), attention_mask.tolist(), strict=True):
+        image_positions = [i for i, t in enumerate(ids) if t == image_token_id and mask[i]]
+        first, last = image_positions[0], image_positions[-1]
+        names = []
+        for i in range(len(ids)):
+            if not mask[i]:
+                names.append("pad")
+            elif i < first:
+                names.append("system")
+            elif i <= last:
+                names.append("image")
+            else:
+                names.append("text")
+        rows.append(names)
+    return rows
+
+
+def reference_setup(input_ids, attention_mask, image_token_id, rule):
+    """rule: None, or dict(kind=..., layers=set, ...) as understood by `edit_row`."""
+    STATE["modalities"] = row_modalities(input_ids, attention_mask, image_token_id)
+    STATE["rule"] = rule
+
+
+def edit_row(weights: torch.Tensor, names: list[str], rule: dict) -> torch.Tensor:
+    """Redistribute one row of post-softmax weights over keys named by `names`."""
+    weights = weights.clone()
+    source = [n == rule["source"] for n in names]
+    recipient = [n in rule["recipients"] for n in names]
+    mass_source = sum(float(w) for w, s in zip(weights, source, strict=True) if s)
+    mass_recipient = sum(float(w) for w, r in zip(weights, recipient, strict=True) if r)
+    if mass_source == 0 or mass_recipient == 0:
+        return weights
+    total_source = weights[torch.tensor(source)].sum()
+    total_recipient = weights[torch.tensor(recipient)].sum()
+    for k in range(len(names)):
+        if source[k]:
+            weights[k] = 0.0
+        elif recipient[k]:
+            weights[k] = weights[k] + total_source * weights[k] / total_recipient
+    return weights
+
+
+def reference_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kw):
+    batch, heads, q_len, dim = query.shape
+    group = heads // key.shape[1]
+    k_len = key.shape[2]
+    rule = STATE["rule"]
+    edit_here = rule is not None and module.layer_idx in rule["layers"]
+    out = torch.zeros(batch, q_len, heads, dim, dtype=query.dtype)
+    for b in range(batch):
+        names = STATE["modalities"][b]
+        offset = k_len - q_len
+        for h in range(heads):
+            keys, values = key[b, h // group], value[b, h // group]
+            for qi in range(q_len):
+                pos = offset + qi
+                if names[pos] == "pad":
+                    continue
+                visible = [j for j in range(pos + 1) if names[j] != "pad"]
+                scores = keys[visible] @ query[b, h, qi] * scaling
+                weights = torch.softmax(scores.double(), dim=0)
+                if edit_here:
+                    weights = edit_row(weights, [names[j] for j in visible], rule)
+                out[b, qi, h] = (weights[:, None] * values[visible].double()).sum(0).to(query.dtype)
+    return out, None
+
+
+AttentionInterface.register(REFERENCE_NAME, reference_attention)

@@ -1,0 +1,115 @@
+"""The redistribution attention equals an independent loop-based eager reference."""
+
+import itertools
+
+import pytest
+import torch
+from conftest import make_image
+from reference import REFERENCE_NAME, reference_setup
+
+from sysattn_exp.intervention import Redistribution
+from sysattn_exp.models import build_prompt, use_sysattn
+from sysattn_exp.scoring import left_padded_position_ids
+
+SYSTEM_PROMPT = "A chat between a curious user and an artificial intelligence assistant."
+QUESTIONS = [
+    "Is there a red circle in the image? Please answer yes or no.",
+    "Is it blue?",
+    "Does this figure show a yellow square next to a green triangle on the left?",
+]
+MODALITY_NAMES = ["system", "image", "text"]
+
+
+def all_rules():
+    """Every source with every non-empty set of other modalities as recipients."""
+    for source in MODALITY_NAMES:
+        others = [m for m in MODALITY_NAMES if m != source]
+        for n in (1, 2):
+            for recipients in itertools.combinations(others, n):
+                yield source, recipients
+
+
+def batch_inputs(processor, system_prompts):
+    prompts = [build_prompt(q, s) for q, s in zip(QUESTIONS, system_prompts, strict=True)]
+    images = [make_image(c) for c in ("red", "blue", "green")]
+    inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    assert len(set(inputs["attention_mask"].sum(1).tolist())) == 3, "want three lengths"
+    return inputs
+
+
+def forward_logits(model, inputs, **extra):
+    with torch.no_grad():
+        return model(
+            **inputs, position_ids=left_padded_position_ids(inputs["attention_mask"]), **extra
+        ).logits
+
+
+def reference_logits(model, inputs, rule):
+    reference_setup(inputs["input_ids"], inputs["attention_mask"], model.config.image_token_id, rule)
+    model.set_attn_implementation({"text_config": REFERENCE_NAME, "vision_config": "sdpa"})
+    try:
+        return forward_logits(model, inputs)
+    finally:
+        use_sysattn(model)
+
+
+def sysattn_logits(model, inputs, edit):
+    from sysattn_exp.modality import modality_ids
+
+    use_sysattn(model)
+    key_modality = modality_ids(
+        inputs["input_ids"],
+        inputs["attention_mask"],
+        model.config.image_token_id,
+        model.config.image_seq_length,
+    )
+    return forward_logits(model, inputs, key_modality=key_modality, attention_edit=edit)
+
+
+@pytest.fixture(scope="module")
+def padded_batch(gqa_llava):
+    # Mixed system prompts: the system span differs per row as well as the padding.
+    return batch_inputs(gqa_llava[1], [SYSTEM_PROMPT, "", SYSTEM_PROMPT])
+
+
+@pytest.mark.parametrize("source,recipients", list(all_rules()))
+def test_redistribution_matches_reference(gqa_llava, padded_batch, source, recipients):
+    model, _ = gqa_llava
+    layers = frozenset({3, 4, 5})
+    real = padded_batch["attention_mask"].bool()
+    got = sysattn_logits(model, padded_batch, Redistribution(source, recipients, layers))
+    rule = {"source": source, "recipients": set(recipients), "layers": layers}
+    want = reference_logits(model, padded_batch, rule)
+    assert torch.allclose(got[real], want[real], atol=1e-5, rtol=0), (got - want)[real].abs().max()
+    baseline = sysattn_logits(model, padded_batch, None)
+    assert (baseline[real] - got[real]).abs().max() > 1e-3, "the intervention changed nothing"
+
+
+def test_baseline_matches_reference(gqa_llava, padded_batch):
+    model, _ = gqa_llava
+    real = padded_batch["attention_mask"].bool()
+    got = sysattn_logits(model, padded_batch, None)
+    want = reference_logits(model, padded_batch, None)
+    assert torch.allclose(got[real], want[real], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("layers", [frozenset(range(6)), frozenset({0}), frozenset({2, 3})])
+def test_layer_selection_matches_reference(gqa_llava, padded_batch, layers):
+    model, _ = gqa_llava
+    real = padded_batch["attention_mask"].bool()
+    got = sysattn_logits(model, padded_batch, Redistribution("system", ("image",), layers))
+    rule = {"source": "system", "recipients": {"image"}, "layers": layers}
+    want = reference_logits(model, padded_batch, rule)
+    assert torch.allclose(got[real], want[real], atol=1e-5, rtol=0)
+
+
+def test_unpadded_single_prompt_matches_reference(gqa_llava):
+    """One unpadded row: transformers passes attention_mask=None (causal)."""
+    model, processor = gqa_llava
+    inputs = processor(
+        images=[make_image("red")], text=[build_prompt(QUESTIONS[0], SYSTEM_PROMPT)], return_tensors="pt"
+    )
+    rule = {"source": "system", "recipients": {"text"}, "layers": {4, 5}}
+    got = sysattn_logits(model, inputs, Redistribution("system", ("text",), frozenset({4, 5})))
+    want = reference_logits(model, inputs, rule)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)

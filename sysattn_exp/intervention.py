@@ -58,7 +58,9 @@ def redistribute_weights(
     return torch.where(change, moved, weights)
 
 
-def visible_keys(attention_mask: torch.Tensor | None, q_len: int, k_len: int, device) -> torch.Tensor:
+def visible_keys(
+    attention_mask: torch.Tensor | None, q_len: int, k_len: int, device
+) -> torch.Tensor:
     """Boolean (B|1, 1, Q, K) mask of keys each query may attend to. transformers passes
     None for an unpadded causal prefill; the queries are then the last Q key positions."""
     if attention_mask is None:
@@ -69,7 +71,9 @@ def visible_keys(attention_mask: torch.Tensor | None, q_len: int, k_len: int, de
     return attention_mask
 
 
-def eager_redistributed_attention(module, query, key, value, attention_mask, scaling, key_modality, edit):
+def eager_redistributed_attention(
+    module, query, key, value, attention_mask, scaling, key_modality, edit
+):
     """Materialise the attention weights, redistribute them, and apply them to V."""
     n_rep = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
@@ -79,7 +83,9 @@ def eager_redistributed_attention(module, query, key, value, attention_mask, sca
     # A query that sees no key (a padding row) gets all-zero weights instead of NaN.
     weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
     query_is_real = key_modality[:, k_len - q_len :] != PAD
-    weights = redistribute_weights(weights, key_modality, query_is_real, edit.source, edit.recipients)
+    weights = redistribute_weights(
+        weights, key_modality, query_is_real, edit.source, edit.recipients
+    )
     out = torch.matmul(weights, value.float()).to(query.dtype)
     return out.transpose(1, 2).contiguous(), None
 

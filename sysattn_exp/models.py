@@ -42,7 +42,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in DTYPES:
-        raise UsageError(f"model.dtype={name!r} is not allowed; use auto or one of {sorted(DTYPES)}")
+        raise UsageError(
+            f"model.dtype={name!r} is not allowed; use auto or one of {sorted(DTYPES)}"
+        )
     return DTYPES[name]
 
 
@@ -98,6 +100,8 @@ def first_token_ids(tokenizer, words, key: str) -> list[int]:
     """The first token id of each word, as the model would emit it after "ASSISTANT:"."""
     if not words:
         raise UsageError(f"{key} is empty; give at least one word, e.g. [Yes, yes]")
+    if not all(isinstance(w, str) for w in words):
+        raise UsageError(f"{key}={list(words)} must be strings (quote Yes/No in YAML)")
     ids = [tokenizer(w, add_special_tokens=False).input_ids[:1] for w in words]
     if not all(ids):
         raise UsageError(f"{key}={list(words)} contains a word that tokenizes to nothing")

@@ -27,14 +27,21 @@ def score_batch(
     inputs = inputs.to(loaded.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
     key_modality = modality_ids(
-        inputs["input_ids"], inputs["attention_mask"], loaded.image_token_id, loaded.image_seq_length
+        inputs["input_ids"],
+        inputs["attention_mask"],
+        loaded.image_token_id,
+        loaded.image_seq_length,
     )
-    logits = loaded.model(
-        **inputs,
-        position_ids=left_padded_position_ids(inputs["attention_mask"]),
-        logits_to_keep=1,
-        use_cache=False,
-        key_modality=key_modality,
-        attention_edit=edit,
-    ).logits[:, -1].float()
+    logits = (
+        loaded.model(
+            **inputs,
+            position_ids=left_padded_position_ids(inputs["attention_mask"]),
+            logits_to_keep=1,
+            use_cache=False,
+            key_modality=key_modality,
+            attention_edit=edit,
+        )
+        .logits[:, -1]
+        .float()
+    )
     return logits[:, yes_ids].logsumexp(dim=-1), logits[:, no_ids].logsumexp(dim=-1)

@@ -63,6 +63,7 @@ def build_tiny_llava(
     num_kv_heads: int = 2,
     image_size: int = 56,
     patch_size: int = 14,
+    init_std: float = 0.3,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """Random LLaVA and its processor; the same seed gives the same weights."""
     tokenizer = build_tokenizer()
@@ -87,6 +88,9 @@ def build_tiny_llava(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        # The default is wider than the usual 0.02 so that the demo's answers depend on the
+        # input and edits visibly change them.
+        initializer_range=init_std,
     )
     config = LlavaConfig(
         vision_config=vision,

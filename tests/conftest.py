@@ -9,11 +9,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 @pytest.fixture(scope="session")
 def gqa_llava():
-    """A random LLaVA unlike the builtin tiny one: 6 layers, 6 heads over 3 KV heads."""
+    """A random LLaVA unlike the builtin tiny one: 6 layers, 6 heads over 3 KV heads, and
+    weights at the usual 0.02 scale of trained-model initialisation."""
     from sysattn_exp.tiny import build_tiny_llava
 
     return build_tiny_llava(
-        seed=7, num_layers=6, hidden_size=48, num_heads=6, num_kv_heads=3, image_size=42
+        seed=7,
+        num_layers=6,
+        hidden_size=48,
+        num_heads=6,
+        num_kv_heads=3,
+        image_size=42,
+        init_std=0.02,
     )
 
 

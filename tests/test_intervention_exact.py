@@ -45,7 +45,9 @@ def forward_logits(model, inputs, **extra):
 
 
 def reference_logits(model, inputs, rule):
-    reference_setup(inputs["input_ids"], inputs["attention_mask"], model.config.image_token_id, rule)
+    reference_setup(
+        inputs["input_ids"], inputs["attention_mask"], model.config.image_token_id, rule
+    )
     model.set_attn_implementation({"text_config": REFERENCE_NAME, "vision_config": "sdpa"})
     try:
         return forward_logits(model, inputs)
@@ -107,7 +109,9 @@ def test_unpadded_single_prompt_matches_reference(gqa_llava):
     """One unpadded row: transformers passes attention_mask=None (causal)."""
     model, processor = gqa_llava
     inputs = processor(
-        images=[make_image("red")], text=[build_prompt(QUESTIONS[0], SYSTEM_PROMPT)], return_tensors="pt"
+        images=[make_image("red")],
+        text=[build_prompt(QUESTIONS[0], SYSTEM_PROMPT)],
+        return_tensors="pt",
     )
     rule = {"source": "system", "recipients": {"text"}, "layers": {4, 5}}
     got = sysattn_logits(model, inputs, Redistribution("system", ("text",), frozenset({4, 5})))

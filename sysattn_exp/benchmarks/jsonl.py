@@ -1,0 +1,63 @@
+"""The user's own paired yes/no data: one JSON record a line,
+{"id", "group", "image", "question", "answer"}, `image` relative to the file, answer yes|no."""
+
+import json
+from pathlib import Path
+
+from sysattn_exp.benchmarks.base import Benchmark, Item, check_template, open_image
+from sysattn_exp.errors import UsageError
+
+FIELDS = ("id", "group", "image", "question", "answer")
+
+
+def parse_record(line: str, where: str, root: Path) -> Item:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{where}: not valid JSON ({err.msg})") from None
+    if not isinstance(record, dict):
+        raise UsageError(f"{where}: must be a JSON object with fields {', '.join(FIELDS)}")
+    missing = [f for f in FIELDS if record.get(f) in (None, "")]
+    if missing:
+        raise UsageError(f"{where}: missing field {missing[0]!r} (required: {', '.join(FIELDS)})")
+    answer = str(record["answer"]).strip().lower()
+    if answer not in ("yes", "no"):
+        raise UsageError(f"{where}: answer {record['answer']!r} must be yes or no")
+    image = root / str(record["image"])
+    if not image.is_file():
+        raise UsageError(f"{where}: image file {image} does not exist")
+    return Item(
+        item_id=str(record["id"]),
+        group_id=str(record["group"]),
+        image_id=str(image),
+        question=str(record["question"]),
+        label=answer == "yes",
+    )
+
+
+def read_items(path: Path) -> list[Item]:
+    items, seen = [], set()
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        item = parse_record(line, f"{path} line {number}", path.parent)
+        if item.item_id in seen:
+            raise UsageError(f"{path} line {number}: id {item.item_id!r} appears twice")
+        seen.add(item.item_id)
+        items.append(item)
+    if not items:
+        raise UsageError(f"benchmark.path={path} holds no records")
+    return items
+
+
+def load(cfg) -> Benchmark:
+    if not cfg.get("path"):
+        raise UsageError("benchmark.path is required for benchmark=jsonl: a .jsonl file of records")
+    path = Path(cfg.path)
+    if not path.is_file():
+        raise UsageError(f"benchmark.path={path} is not a file")
+    return Benchmark("jsonl", read_items(path), check_template(cfg.template), load_image)
+
+
+def load_image(image_id: str):
+    return open_image(Path(image_id))

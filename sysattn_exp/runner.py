@@ -1,0 +1,149 @@
+"""One job: load the benchmark and model, score baseline and intervention, write the
+results to the job's folder, then log them to MLflow."""
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from sysattn_exp.benchmarks import Benchmark, load_benchmark
+from sysattn_exp.conditions import build_edit, intervention_rule, resolve_layers
+from sysattn_exp.errors import UsageError
+from sysattn_exp.intervention import Redistribution
+from sysattn_exp.metrics import compare_with_baseline, shared_metrics
+from sysattn_exp.models import LoadedModel, build_prompt, first_token_ids, load_model
+from sysattn_exp.scoring import score_batch
+from sysattn_exp.tracking import log_job
+
+log = logging.getLogger(__name__)
+
+# Baseline predictions by everything that determines them; later jobs of a sweep reuse them.
+_BASELINES: dict[tuple, pd.DataFrame] = {}
+
+
+def predict(
+    loaded: LoadedModel,
+    benchmark: Benchmark,
+    prompts: list[str],
+    edit: Redistribution | None,
+    words: tuple[list[int], list[int]],
+    batch_size: int,
+    desc: str,
+) -> pd.DataFrame:
+    """Score every item; one row per item with the columns of predictions.parquet."""
+    items = benchmark.items
+    yes_logits, no_logits = [], []
+    starts = range(0, len(items), batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch", disable=None):
+        batch = range(start, min(start + batch_size, len(items)))
+        images = [benchmark.load_image(items[i].image_id) for i in batch]
+        yes, no = score_batch(loaded, images, [prompts[i] for i in batch], edit, *words)
+        yes_logits += yes.tolist()
+        no_logits += no.tolist()
+    frame = pd.DataFrame(
+        {
+            "item_id": [i.item_id for i in items],
+            "group_id": [i.group_id for i in items],
+            "image_id": [i.image_id for i in items],
+            "question": [i.question for i in items],
+            "prompt": prompts,
+            "label": [i.label for i in items],
+            "yes_logit": yes_logits,
+            "no_logit": no_logits,
+        }
+    )
+    frame["pred"] = frame["yes_logit"] > frame["no_logit"]
+    frame["correct"] = frame["pred"] == frame["label"]
+    return frame
+
+
+def scoring_words(loaded: LoadedModel, cfg) -> tuple[list[int], list[int]]:
+    tokenizer = loaded.processor.tokenizer
+    yes = first_token_ids(tokenizer, cfg.yes_words, "scoring.yes_words")
+    no = first_token_ids(tokenizer, cfg.no_words, "scoring.no_words")
+    shared = sorted(set(yes) & set(no))
+    if shared:
+        raise UsageError(f"scoring.yes_words and scoring.no_words share first tokens {shared}")
+    return yes, no
+
+
+def evaluate(cfg, benchmark, loaded, prompts, edit, words, desc) -> pd.DataFrame:
+    """Predictions for `edit`; the baseline (edit None) is computed once per process."""
+    if edit is not None:
+        return predict(loaded, benchmark, prompts, edit, words, cfg.model.batch_size, desc)
+    key = (
+        id(loaded),
+        tuple((i.item_id, i.image_id, i.label) for i in benchmark.items),
+        tuple(prompts),
+        tuple(map(tuple, words)),
+    )
+    if key not in _BASELINES:
+        log.info("computing the baseline (once per model, benchmark and prompt)")
+        _BASELINES[key] = predict(
+            loaded, benchmark, prompts, None, words, cfg.model.batch_size, "baseline"
+        )
+    return _BASELINES[key]
+
+
+def run_name(benchmark: Benchmark, edit: Redistribution | None, layers: list[int]) -> str:
+    if edit is None:
+        return f"{benchmark.name} baseline"
+    return f"{benchmark.name} {edit.describe()} layers {layers[0]}-{layers[-1]}"
+
+
+def write_atomically(path: Path, write) -> None:
+    """Write via a temporary name and rename, so a killed job never leaves a partial file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_results(
+    out_dir: Path, predictions: pd.DataFrame, metrics: dict, config: dict
+) -> list[Path]:
+    """predictions.parquet, config.yaml, then metrics.json last: its presence marks a
+    complete job."""
+    files = [out_dir / "predictions.parquet", out_dir / "config.yaml", out_dir / "metrics.json"]
+    write_atomically(files[0], lambda p: predictions.to_parquet(p, index=False))
+    write_atomically(files[1], lambda p: p.write_text(OmegaConf.to_yaml(config)))
+    write_atomically(files[2], lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"))
+    return files
+
+
+def run(cfg, out_dir: Path) -> dict:
+    """Evaluate the configured condition; returns the job's metrics."""
+    benchmark = load_benchmark(cfg.benchmark)
+    rule = intervention_rule(cfg.intervention)  # checked before the (slow) model load
+    loaded = load_model(cfg.model)
+    layers = resolve_layers(cfg.layers, loaded.num_layers) if rule else []
+    edit = build_edit(rule, layers)
+    words = scoring_words(loaded, cfg.scoring)
+    prompts = [
+        build_prompt(benchmark.question_text(i), cfg.model.system_prompt) for i in benchmark.items
+    ]
+    name = run_name(benchmark, edit, layers)
+
+    baseline = evaluate(cfg, benchmark, loaded, prompts, None, words, name)
+    predictions = evaluate(cfg, benchmark, loaded, prompts, edit, words, name)
+    metrics = shared_metrics(predictions) | benchmark.native_metrics(predictions)
+    if edit is not None:
+        reference = shared_metrics(baseline) | benchmark.native_metrics(baseline)
+        metrics |= compare_with_baseline(metrics, reference)
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["layers"]["resolved"] = layers
+    files = write_results(out_dir, predictions, metrics, config)
+    log.info(
+        "%s: paired_accuracy=%.4f yes_rate=%.4f",
+        name,
+        metrics["paired_accuracy"],
+        metrics["yes_rate"],
+    )
+    params = config | {"scoring": config["scoring"] | {"yes_ids": words[0], "no_ids": words[1]}}
+    params["layers"]["resolved"] = ",".join(map(str, layers))
+    log_job(cfg.tracking, name, params, metrics, files)
+    return metrics

@@ -1,0 +1,21 @@
+"""Running the real command line in a subprocess, as a user does."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run_cli(*overrides: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m sysattn_exp ...` with outputs and the MLflow store inside `cwd`."""
+    return subprocess.run(
+        [sys.executable, "-m", "sysattn_exp", *overrides],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def read_metrics(job_dir: Path) -> dict:
+    return json.loads((job_dir / "metrics.json").read_text())

@@ -1,0 +1,96 @@
+"""Bad input: one line naming the key or file and what is allowed, exit status 2, no
+traceback, and no results that look complete."""
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from cli import run_cli
+from conftest import make_image
+
+TINY = ("model=tiny",)
+REDIS = ("model=tiny", "intervention=redistribute")
+CASES = {
+    "unknown model": (("model=gpt5",), ["model/gpt5", "Available options", "tiny"]),
+    "unknown benchmark": (("benchmark=imagenet",), ["benchmark/imagenet", "toy"]),
+    "unknown intervention": (("intervention=swap",), ["intervention/swap", "redistribute"]),
+    "unknown layer option": (("layers=q5",), ["layers/q5", "q4"]),
+    "recipient is the source": (
+        (*REDIS, "intervention.recipients=[system]"),
+        ["intervention.recipients", "'system'", "image, text"],
+    ),
+    "recipient not a modality": ((*REDIS, "intervention.recipients=[audio]"), ["'audio'"]),
+    "empty recipients": (
+        (*REDIS, "intervention.recipients=[]"),
+        ["intervention.recipients is empty"],
+    ),
+    "source not a modality": (
+        (*REDIS, "intervention.source=audio"),
+        ["intervention.source='audio'", "system, image, text"],
+    ),
+    "layers beyond depth": (
+        (*REDIS, "layers.start=4", "layers.end=9"),
+        ["8 decoder layers", "layers.end"],
+    ),
+    "quarter and range": ((*REDIS, "layers=q4", "layers.start=1"), ["not both"]),
+    "missing jsonl path": ((*TINY, "benchmark=jsonl"), ["benchmark.path is required"]),
+    "jsonl path not a file": (
+        (*TINY, "benchmark=jsonl", "benchmark.path=nowhere.jsonl"),
+        ["nowhere.jsonl"],
+    ),
+    "jsonl missing field": (
+        (*TINY, "benchmark=jsonl", "benchmark.path=missing.jsonl"),
+        ["missing.jsonl line 2", "'answer'"],
+    ),
+    "jsonl bad answer": (
+        (*TINY, "benchmark=jsonl", "benchmark.path=maybe.jsonl"),
+        ["maybe.jsonl line 1", "'maybe'", "yes or no"],
+    ),
+    "unreadable image": (
+        (*TINY, "benchmark=jsonl", "benchmark.path=corrupt.jsonl"),
+        ["broken.png"],
+    ),
+    "template without question": (
+        (*TINY, "benchmark.template=hello"),
+        ["benchmark.template", "{question}"],
+    ),
+    "bad dtype": ((*TINY, "model.dtype=float8"), ["model.dtype", "float32"]),
+}
+
+
+def write_data(root):
+    make_image("red").save(root / "ok.png")
+    (root / "broken.png").write_bytes(b"not a png at all")
+    good = {"id": "1", "group": "g", "image": "ok.png", "question": "Red?", "answer": "yes"}
+    files = {
+        "missing.jsonl": [good, {k: v for k, v in good.items() if k != "answer"} | {"id": "2"}],
+        "maybe.jsonl": [good | {"answer": "maybe"}],
+        "corrupt.jsonl": [good, good | {"id": "2", "image": "broken.png", "answer": "no"}],
+    }
+    for name, records in files.items():
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Every case in its own folder, two at a time (the start-up is the slow part)."""
+
+    def one(name):
+        cwd = tmp_path_factory.mktemp(name.replace(" ", "_"))
+        write_data(cwd)
+        return cwd, run_cli(*CASES[name][0], cwd=cwd)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(CASES, pool.map(one, CASES), strict=True))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_clear_line(results, case):
+    cwd, result = results[case]
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: "), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    for fragment in CASES[case][1]:
+        assert fragment in lines[-1], lines[-1]
+    assert not list(cwd.rglob("metrics.json")) and not list(cwd.rglob("predictions.parquet"))

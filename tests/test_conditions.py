@@ -1,0 +1,82 @@
+import pytest
+from omegaconf import OmegaConf
+
+from sysattn_exp.conditions import intervention_rule, resolve_layers
+from sysattn_exp.errors import UsageError
+
+
+def layers(**kw):
+    return OmegaConf.create({"quarter": None, "start": None, "end": None} | kw)
+
+
+@pytest.mark.parametrize(
+    "depth,quarter,want",
+    [
+        (32, 4, range(24, 32)),  # LLaVA-1.5 7B: the paper's 1-based "25-32"
+        (32, 1, range(0, 8)),
+        (40, 4, range(30, 40)),  # 13B
+        (40, 2, range(10, 20)),
+        (6, 1, range(0, 1)),  # floor((q-1)L/4) .. floor(qL/4)
+        (6, 2, range(1, 3)),
+        (6, 3, range(3, 4)),
+        (6, 4, range(4, 6)),
+    ],
+)
+def test_quarters_use_the_floor_formula(depth, quarter, want):
+    assert resolve_layers(layers(quarter=quarter), depth) == list(want)
+
+
+def test_quarters_cover_every_layer_once():
+    for depth in range(4, 50):
+        got = [i for q in (1, 2, 3, 4) for i in resolve_layers(layers(quarter=q), depth)]
+        assert got == list(range(depth))
+
+
+def test_all_and_explicit_ranges():
+    assert resolve_layers(layers(), 8) == list(range(8))
+    assert resolve_layers(layers(start=2, end=5), 8) == [2, 3, 4]
+    assert resolve_layers(layers(start=6), 8) == [6, 7]
+
+
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        ({"start": 0, "end": 33}, "outside the model's 32 decoder layers"),
+        ({"start": -1, "end": 4}, "outside"),
+        ({"start": 5, "end": 5}, "outside"),
+        ({"quarter": 5}, "must be 1, 2, 3 or 4"),
+        ({"quarter": 4, "start": 1}, "not both"),
+        ({"start": "a"}, "must be an integer"),
+    ],
+)
+def test_bad_layer_ranges(kw, message):
+    with pytest.raises(UsageError, match=message):
+        resolve_layers(layers(**kw), 32)
+
+
+def rule(**kw):
+    return intervention_rule(
+        OmegaConf.create({"name": "redistribute", "source": "system", "recipients": ["text"]} | kw)
+    )
+
+
+def test_rules_are_canonical():
+    assert intervention_rule(OmegaConf.create({"name": "none"})) is None
+    assert rule() == ("system", ("text",))
+    assert rule(recipients=["text", "image"]) == ("system", ("image", "text"))
+    assert rule(source="image", recipients="text") == ("image", ("text",))
+
+
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        ({"name": "swap"}, "intervention.name='swap' is unknown"),
+        ({"source": "audio"}, "intervention.source='audio' is not a modality"),
+        ({"recipients": []}, "intervention.recipients is empty"),
+        ({"recipients": ["system"]}, "allowed recipients are image, text"),
+        ({"recipients": ["pixels"]}, "contains 'pixels'"),
+    ],
+)
+def test_bad_rules(kw, message):
+    with pytest.raises(UsageError, match=message):
+        rule(**kw)

@@ -1,5 +1,6 @@
 """Loading LLaVA models and processors, building prompts, and the yes/no token ids."""
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -7,6 +8,8 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from sysattn_exp.errors import UsageError
 from sysattn_exp.intervention import ATTENTION_NAME
+
+log = logging.getLogger(__name__)
 
 BUILTIN_TINY = "builtin:tiny"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -63,6 +66,7 @@ def load_model(cfg) -> LoadedModel:
     dtype = resolve_dtype(cfg.dtype, device)
     key = (cfg.name_or_path, cfg.revision, cfg.seed, str(device), str(dtype))
     if key not in _LOADED:
+        log.info("loading %s on %s as %s", cfg.name_or_path, device, dtype)
         model, processor = _load(cfg, dtype)
         use_sysattn(model)
         model.to(device=device, dtype=dtype).eval()

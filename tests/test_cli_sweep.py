@@ -83,6 +83,7 @@ def test_baseline_computed_once_and_results_announced(sweep):
     _, sweep_dir, result = sweep
     output = result.stdout + result.stderr
     assert output.count("computing the baseline") == 1
+    assert output.count("loading builtin:tiny") == 1, "jobs of one sweep share the model"
     assert str(sweep_dir) in result.stdout
     assert "mlflow ui --backend-store-uri sqlite:///" in result.stdout
 

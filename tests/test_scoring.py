@@ -57,3 +57,10 @@ def test_yes_no_logits_are_logsumexp_of_last_position(loaded):
         use_sysattn(model)
     assert yes.item() == pytest.approx(torch.logsumexp(logits[[10, 11]], 0).item(), abs=1e-5)
     assert no.item() == pytest.approx(logits[12].item(), abs=1e-5)
+
+
+def test_only_the_language_model_is_rerouted(loaded):
+    config = loaded.model.config
+    assert config.text_config._attn_implementation == "sysattn"
+    assert config.vision_config._attn_implementation == "sdpa"
+    assert loaded.model.model.vision_tower.config._attn_implementation == "sdpa"

@@ -8,6 +8,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from sysattn_exp.errors import UsageError
 from sysattn_exp.intervention import ATTENTION_NAME
+from sysattn_exp.modality import modality_counts, modality_ids
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,26 @@ def _load(cfg, dtype):
             "hub id you can download or a directory saved with save_pretrained"
         ) from err
     return model, processor
+
+
+def load_processor(cfg):
+    """The processor alone (for a dry run): no model weights are read."""
+    if cfg.name_or_path == BUILTIN_TINY:
+        from sysattn_exp.tiny import build_processor
+
+        return build_processor()
+    try:
+        return AutoProcessor.from_pretrained(cfg.name_or_path, revision=cfg.revision)
+    except OSError as err:
+        raise UsageError(f"model.name_or_path={cfg.name_or_path!r}: no processor ({err})") from err
+
+
+def prompt_modalities(processor, image, prompt: str) -> dict[str, int]:
+    """How many tokens of `prompt` (with its image expanded) are system, image and text."""
+    inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    n_image = int((ids == processor.image_token_id).sum())
+    return modality_counts(modality_ids(ids, mask, processor.image_token_id, n_image)[0])
 
 
 def build_prompt(question: str, system_prompt: str) -> str:

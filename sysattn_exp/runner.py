@@ -15,7 +15,14 @@ from sysattn_exp.conditions import build_edit, intervention_rule, resolve_layers
 from sysattn_exp.errors import UsageError
 from sysattn_exp.intervention import Redistribution
 from sysattn_exp.metrics import compare_with_baseline, shared_metrics
-from sysattn_exp.models import LoadedModel, build_prompt, first_token_ids, load_model
+from sysattn_exp.models import (
+    LoadedModel,
+    build_prompt,
+    first_token_ids,
+    load_model,
+    load_processor,
+    prompt_modalities,
+)
 from sysattn_exp.scoring import score_batch
 from sysattn_exp.tracking import log_job
 
@@ -114,10 +121,40 @@ def write_results(
     return files
 
 
+def all_metrics(benchmark: Benchmark, predictions: pd.DataFrame) -> dict:
+    """Shared metrics, the benchmark's native ones (which see each item's meta as
+    columns), and the counts from loading."""
+    scored = predictions.join(pd.DataFrame([item.meta for item in benchmark.items]))
+    return shared_metrics(predictions) | benchmark.native_metrics(scored) | benchmark.load_counts
+
+
+def dry_run(cfg, benchmark: Benchmark) -> dict:
+    """Print what a run would evaluate, without loading the model."""
+    items = benchmark.items
+    summary = {
+        "n_items": len(items),
+        "n_groups": len({item.group_id for item in items}),
+        "gt_yes_rate": sum(item.label for item in items) / len(items),
+    } | benchmark.load_counts
+    example = items[0]
+    prompt = build_prompt(benchmark.question_text(example), cfg.model.system_prompt)
+    split = prompt_modalities(
+        load_processor(cfg.model), benchmark.load_image(example.image_id), prompt
+    )
+    print(f"benchmark {benchmark.name}: " + ", ".join(f"{k}={v:g}" for k, v in summary.items()))
+    print(f"example prompt (item {example.item_id}, image {example.image_id}):\n{prompt}")
+    print(
+        f"tokens for {cfg.model.name_or_path}: " + ", ".join(f"{k}={v}" for k, v in split.items())
+    )
+    return summary | {f"example_{k}_tokens": v for k, v in split.items()}
+
+
 def run(cfg, out_dir: Path) -> dict:
     """Evaluate the configured condition; returns the job's metrics."""
     benchmark = load_benchmark(cfg.benchmark)
     rule = intervention_rule(cfg.intervention)  # checked before the (slow) model load
+    if cfg.runtime.dry_run:
+        return dry_run(cfg, benchmark)
     loaded = load_model(cfg.model)
     layers = resolve_layers(cfg.layers, loaded.num_layers) if rule else []
     edit = build_edit(rule, layers)
@@ -129,10 +166,9 @@ def run(cfg, out_dir: Path) -> dict:
 
     baseline = evaluate(cfg, benchmark, loaded, prompts, None, words, name)
     predictions = evaluate(cfg, benchmark, loaded, prompts, edit, words, name)
-    metrics = shared_metrics(predictions) | benchmark.native_metrics(predictions)
+    metrics = all_metrics(benchmark, predictions)
     if edit is not None:
-        reference = shared_metrics(baseline) | benchmark.native_metrics(baseline)
-        metrics |= compare_with_baseline(metrics, reference)
+        metrics |= compare_with_baseline(metrics, all_metrics(benchmark, baseline))
 
     config = OmegaConf.to_container(cfg, resolve=True)
     config["layers"]["resolved"] = layers

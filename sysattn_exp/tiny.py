@@ -54,6 +54,20 @@ def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
     )
 
 
+def build_processor(image_size: int = 56, patch_size: int = 14) -> LlavaProcessor:
+    """LLaVA-1.5's processor layout (one <image> token per patch, CLS dropped) at a small size."""
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=build_tokenizer(),
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+
+
 def build_tiny_llava(
     seed: int = 0,
     *,
@@ -66,7 +80,8 @@ def build_tiny_llava(
     init_std: float = 0.3,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """Random LLaVA and its processor; the same seed gives the same weights."""
-    tokenizer = build_tokenizer()
+    processor = build_processor(image_size, patch_size)
+    tokenizer = processor.tokenizer
     image_seq_length = (image_size // patch_size) ** 2
     vision = CLIPVisionConfig(
         hidden_size=32,
@@ -103,14 +118,4 @@ def build_tiny_llava(
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-    )
     return model, processor

@@ -1,10 +1,29 @@
-"""Benchmarks by name. Each module's `load(cfg) -> Benchmark` reads the data and checks it."""
+"""Benchmarks by name. Each module's `load(cfg) -> Benchmark` reads the data, checks it and
+forms the groups; `Benchmark.native_metrics` computes the benchmark's own metrics."""
 
-from sysattn_exp.benchmarks import jsonl, toy
+from sysattn_exp.benchmarks import (
+    beaf,
+    hallusionbench,
+    jsonl,
+    mme,
+    naturalbench,
+    sugarcrepe,
+    toy,
+    winoground,
+)
 from sysattn_exp.benchmarks.base import Benchmark, Item, first_groups
 from sysattn_exp.errors import UsageError
 
-LOADERS = {"toy": toy.load, "jsonl": jsonl.load}
+LOADERS = {
+    "toy": toy.load,
+    "jsonl": jsonl.load,
+    "mme": mme.load,
+    "hallusionbench": hallusionbench.load,
+    "naturalbench": naturalbench.load,
+    "winoground": winoground.load,
+    "sugarcrepe": sugarcrepe.load,
+    "beaf": beaf.load,
+}
 
 __all__ = ["Benchmark", "Item", "load_benchmark"]
 
@@ -14,4 +33,6 @@ def load_benchmark(cfg) -> Benchmark:
         raise UsageError(f"benchmark.name={cfg.name!r} is unknown; allowed: {', '.join(LOADERS)}")
     benchmark = LOADERS[cfg.name](cfg)
     benchmark.items = first_groups(benchmark.items, cfg.get("limit"))
+    if not benchmark.items:
+        raise UsageError(f"benchmark={cfg.name} has no items to evaluate")
     return benchmark

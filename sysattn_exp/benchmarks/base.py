@@ -1,5 +1,8 @@
-"""What every benchmark provides: yes/no items in groups, images by id, native metrics."""
+"""What every benchmark provides (yes/no items in groups, images by id, native metrics),
+and the helpers the loaders share: templates, image files, hub datasets, group limits."""
 
+import io
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,6 +12,8 @@ from PIL import Image
 
 from sysattn_exp.errors import UsageError
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Item:
@@ -17,9 +22,11 @@ class Item:
     image_id: str  # key for Benchmark.load_image; items with one image share it
     question: str  # the benchmark's question, before the template is applied
     label: bool  # ground truth, True = yes
+    # What the native metrics need beyond the shared columns (category, caption index, ...).
+    meta: dict = field(default_factory=dict, compare=False)
 
 
-def no_native_metrics(predictions: pd.DataFrame) -> dict[str, float]:
+def no_native_metrics(scored: pd.DataFrame) -> dict[str, float]:
     return {}
 
 
@@ -29,7 +36,10 @@ class Benchmark:
     items: list[Item]
     template: str  # "{question}" is replaced by Item.question
     load_image: Callable[[str], Image.Image]
-    native_metrics: Callable[[pd.DataFrame], dict[str, float]] = field(default=no_native_metrics)
+    # Called with the predictions joined with every item's `meta` as columns.
+    native_metrics: Callable[[pd.DataFrame], dict[str, float]] = no_native_metrics
+    # Counts from loading (items excluded or skipped), logged with the metrics.
+    load_counts: dict[str, int] = field(default_factory=dict)
 
     def question_text(self, item: Item) -> str:
         return self.template.format(question=item.question)
@@ -57,12 +67,147 @@ def open_image(path: Path) -> Image.Image:
         raise UsageError(f"cannot read image {path}: {err}") from None
 
 
+def open_image_file(image_id: str) -> Image.Image:
+    """Benchmark.load_image for benchmarks whose image ids are file paths."""
+    return open_image(Path(image_id))
+
+
+def readable(path: Path) -> bool:
+    """Whether PIL recognises the file (reads the header only, not the pixels)."""
+    try:
+        with Image.open(path):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def drop_unreadable(items: list[Item], skip: bool) -> tuple[list[Item], int]:
+    """Check every image file of `items` (ids are paths). An unreadable one is an error naming
+    it, or with `skip` its whole group is dropped (a partial group would distort paired
+    accuracy). Returns the kept items and how many were skipped."""
+    paths = dict.fromkeys(item.image_id for item in items)
+    bad = [p for p in paths if not readable(Path(p))]
+    if not bad:
+        return items, 0
+    if not skip:
+        raise UsageError(
+            f"cannot read image {bad[0]} ({len(bad)} of {len(paths)} images unreadable); check "
+            "benchmark.data_dir / benchmark.image_dir, or set benchmark.skip_missing_images=true"
+        )
+    bad_set = set(bad)
+    bad_groups = {item.group_id for item in items if item.image_id in bad_set}
+    kept = [item for item in items if item.group_id not in bad_groups]
+    log.warning(
+        "skipped %d items in %d groups: %d unreadable images (first: %s)",
+        len(items) - len(kept),
+        len(bad_groups),
+        len(bad),
+        bad[0],
+    )
+    return kept, len(items) - len(kept)
+
+
 def first_groups(items: list[Item], limit: int | None) -> list[Item]:
     """The items of the first `limit` groups, in order of first appearance; never splits a group."""
     if limit is None:
         return items
-    if limit < 1:
-        raise UsageError(f"benchmark.limit={limit} must be a positive number of groups or null")
-    kept: list[str] = list(dict.fromkeys(item.group_id for item in items))[:limit]
-    keep = set(kept)
+    if not isinstance(limit, int) or limit < 1:
+        raise UsageError(f"benchmark.limit={limit!r} must be a positive number of groups or null")
+    keep = set(list(dict.fromkeys(item.group_id for item in items))[:limit])
     return [item for item in items if item.group_id in keep]
+
+
+def data_dir(cfg) -> Path | None:
+    """benchmark.data_dir as a checked directory, or None for the hub."""
+    if not cfg.get("data_dir"):
+        return None
+    path = Path(cfg.data_dir)
+    if not path.is_dir():
+        raise UsageError(f"benchmark.data_dir={path} is not a directory")
+    return path
+
+
+def image_dir(cfg, default: Path | None) -> Path:
+    path = Path(cfg.image_dir) if cfg.get("image_dir") else default
+    if path is None:
+        raise UsageError(f"benchmark.image_dir is required for benchmark={cfg.name}")
+    if not path.is_dir():
+        raise UsageError(f"benchmark.image_dir={path} is not a directory")
+    return path
+
+
+def required_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise UsageError(f"{path} not found: benchmark.data_dir must hold {what}")
+    return path
+
+
+def hub_dataset(repo_id: str, split: str, local_hint: str):
+    """A split of a hub dataset via `datasets`. Fails fast, in one line, when the hub is
+    unreachable (instead of datasets' retries), pointing at benchmark.data_dir."""
+    import datasets
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    use_local = f"use benchmark.data_dir=DIR with {local_hint}"
+    gated = False
+    if not constants.HF_HUB_OFFLINE:  # offline mode reads the local cache instead
+        try:
+            gated = bool(HfApi().dataset_info(repo_id, timeout=15).gated)
+        except RepositoryNotFoundError:
+            raise UsageError(f"dataset {repo_id} not found on the hub; {use_local}") from None
+        except Exception as err:  # noqa: BLE001 - any failure to reach the hub means the same
+            raise UsageError(
+                f"cannot reach the Hugging Face hub for {repo_id} ({first_line(err)}); "
+                f"{use_local}, or set HF_HUB_OFFLINE=1 to use a copy in the local cache"
+            ) from None
+    try:
+        return datasets.load_dataset(repo_id, split=split)
+    except Exception as err:  # noqa: BLE001 - reported in one line with what to do
+        if gated or "gated" in str(err).lower():
+            raise UsageError(
+                f"{repo_id} is gated: accept its licence at https://huggingface.co/datasets/"
+                f"{repo_id} and log in (huggingface-cli login or HF_TOKEN), or {use_local}"
+            ) from None
+        raise UsageError(
+            f"cannot load {repo_id} split {split!r} ({first_line(err)}); {use_local}"
+        ) from None
+
+
+def first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+class DatasetImages:
+    """Benchmark.load_image for images stored in a `datasets.Dataset`: image id ->
+    (row, column), decoded only when asked for."""
+
+    def __init__(self, dataset, index: dict[str, tuple[int, str]]):
+        import datasets
+
+        for column in {column for _, column in index.values()}:
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
+        self.dataset, self.index = dataset, index
+
+    def __call__(self, image_id: str) -> Image.Image:
+        row, column = self.index[image_id]
+        data = self.dataset[row][column]
+        source = io.BytesIO(data["bytes"]) if data.get("bytes") else data["path"]
+        try:
+            with Image.open(source) as image:
+                return image.convert("RGB")
+        except (OSError, ValueError) as err:
+            raise UsageError(
+                f"cannot decode image {image_id} (row {row}, {column}): {err}"
+            ) from None
+
+
+def all_correct_rate(scored: pd.DataFrame, keys: list[str]) -> float:
+    """Share of the groups formed by `keys` whose items are all correct."""
+    return float(scored.groupby(keys)["correct"].all().mean())
+
+
+def yes_score(scored: pd.DataFrame) -> pd.Series:
+    """log P(yes)/P(no) under the two-way softmax: a monotone stand-in for P(yes)."""
+    return scored["yes_logit"] - scored["no_logit"]

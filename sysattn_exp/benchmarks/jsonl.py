@@ -4,7 +4,13 @@
 import json
 from pathlib import Path
 
-from sysattn_exp.benchmarks.base import Benchmark, Item, check_template, open_image
+from sysattn_exp.benchmarks.base import (
+    Benchmark,
+    Item,
+    check_template,
+    drop_unreadable,
+    open_image_file,
+)
 from sysattn_exp.errors import UsageError
 
 FIELDS = ("id", "group", "image", "question", "answer")
@@ -23,13 +29,10 @@ def parse_record(line: str, where: str, root: Path) -> Item:
     answer = str(record["answer"]).strip().lower()
     if answer not in ("yes", "no"):
         raise UsageError(f"{where}: answer {record['answer']!r} must be yes or no")
-    image = root / str(record["image"])
-    if not image.is_file():
-        raise UsageError(f"{where}: image file {image} does not exist")
     return Item(
         item_id=str(record["id"]),
         group_id=str(record["group"]),
-        image_id=str(image),
+        image_id=str(root / str(record["image"])),
         question=str(record["question"]),
         label=answer == "yes",
     )
@@ -56,8 +59,8 @@ def load(cfg) -> Benchmark:
     path = Path(cfg.path)
     if not path.is_file():
         raise UsageError(f"benchmark.path={path} is not a file")
-    return Benchmark("jsonl", read_items(path), check_template(cfg.template), load_image)
-
-
-def load_image(image_id: str):
-    return open_image(Path(image_id))
+    items, skipped = drop_unreadable(read_items(path), cfg.get("skip_missing_images", False))
+    template = check_template(cfg.template)
+    return Benchmark(
+        "jsonl", items, template, open_image_file, load_counts={"n_skipped_items": skipped}
+    )

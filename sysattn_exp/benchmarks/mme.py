@@ -1,0 +1,120 @@
+"""MME (Fu et al. 2023): 14 categories, two yes/no questions per image (one Yes, one No).
+
+Hub: lmms-lab/MME (split test). Local: the release's evaluation-tool files, one
+`<category>.txt` per category in data_dir with lines `image<TAB>question<TAB>Yes|No`, and
+the images under image_dir as `<category>/<image>` or `<category>/images/<image>`.
+Native metrics follow the MME tool: per category acc and acc_plus (both questions of an
+image right) in percent, score = acc + acc_plus (max 200), and perception / cognition
+totals (sums of their categories' scores)."""
+
+from pathlib import Path
+
+import pandas as pd
+
+from sysattn_exp.benchmarks.base import (
+    Benchmark,
+    DatasetImages,
+    Item,
+    check_template,
+    data_dir,
+    drop_unreadable,
+    hub_dataset,
+    image_dir,
+    open_image_file,
+)
+from sysattn_exp.errors import UsageError
+
+PERCEPTION = ["existence", "count", "position", "color", "posters", "celebrity", "scene",
+              "landmark", "artwork", "OCR"]  # fmt: skip
+COGNITION = ["commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning"]
+LOCAL_HINT = "one <category>.txt per category (image<TAB>question<TAB>Yes/No)"
+
+
+def parse_answer(answer: str, where: str) -> bool:
+    if answer.strip().lower() not in ("yes", "no"):
+        raise UsageError(f"{where}: answer {answer!r} must be Yes or No")
+    return answer.strip().lower() == "yes"
+
+
+def make_item(category: str, image: str, question: str, label: bool, image_id: str, k: int):
+    return Item(
+        item_id=f"{category}/{image}/{k}",
+        group_id=f"{category}/{image}",
+        image_id=image_id,
+        question=question,
+        label=label,
+        meta={"category": category},
+    )
+
+
+def image_path(root: Path, category: str, image: str) -> Path:
+    """The release keeps some categories' images in an images/ subfolder."""
+    flat, nested = root / category / image, root / category / "images" / image
+    return nested if nested.exists() and not flat.exists() else flat
+
+
+def local_items(directory: Path, images: Path) -> list[Item]:
+    files = sorted(directory.glob("*.txt"))
+    if not files:
+        raise UsageError(
+            f"benchmark.data_dir={directory} holds no <category>.txt files ({LOCAL_HINT})"
+        )
+    items, seen = [], {}
+    for file in files:
+        category = file.stem
+        for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if len(fields) < 3:
+                raise UsageError(f"{file} line {number}: want image<TAB>question<TAB>Yes/No")
+            image, question, answer = fields[0].strip(), fields[1].strip(), fields[2]
+            label = parse_answer(answer, f"{file} line {number}")
+            k = seen[(category, image)] = seen.get((category, image), -1) + 1
+            path = str(image_path(images, category, image))
+            items.append(make_item(category, image, question, label, path, k))
+    return items
+
+
+def hub_items(dataset) -> tuple[list[Item], DatasetImages]:
+    items, index, seen = [], {}, {}
+    for row, record in enumerate(
+        dataset.select_columns(["question_id", "question", "answer", "category"])
+    ):
+        category, image = record["category"], record["question_id"]
+        label = parse_answer(record["answer"], f"lmms-lab/MME row {row}")
+        k = seen[(category, image)] = seen.get((category, image), -1) + 1
+        image_id = f"{category}/{image}"
+        index.setdefault(image_id, (row, "image"))
+        items.append(make_item(category, image, record["question"], label, image_id, k))
+    return items, DatasetImages(dataset, index)
+
+
+def native_metrics(scored: pd.DataFrame) -> dict[str, float]:
+    out, totals = {}, {"perception": 0.0, "cognition": 0.0}
+    for category, rows in scored.groupby("category", sort=True):
+        acc = 100 * rows["correct"].mean()
+        acc_plus = 100 * rows.groupby("group_id")["correct"].all().mean()
+        out |= {f"mme/{category}/acc": acc, f"mme/{category}/acc_plus": acc_plus,
+                f"mme/{category}/score": acc + acc_plus}  # fmt: skip
+        for total, members in (("perception", PERCEPTION), ("cognition", COGNITION)):
+            if category in members:
+                totals[total] += acc + acc_plus
+    present = set(scored["category"])
+    for total, members in (("perception", PERCEPTION), ("cognition", COGNITION)):
+        if present & set(members):
+            out[f"mme/{total}_score"] = totals[total]
+    return out
+
+
+def load(cfg) -> Benchmark:
+    template = check_template(cfg.template)
+    directory = data_dir(cfg)
+    if directory is None:
+        items, images = hub_items(hub_dataset(cfg.hub_id, cfg.split, LOCAL_HINT))
+        return Benchmark("mme", items, template, images, native_metrics)
+    items = local_items(directory, image_dir(cfg, directory))
+    items, skipped = drop_unreadable(items, cfg.skip_missing_images)
+    return Benchmark(
+        "mme", items, template, open_image_file, native_metrics, {"n_skipped_items": skipped}
+    )

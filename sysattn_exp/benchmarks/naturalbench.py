@@ -1,0 +1,83 @@
+"""NaturalBench (Li et al., NeurIPS 2024): 2 questions x 2 images per sample.
+
+Hub: BaiqiL/NaturalBench (split train; only Question_Type yes_no is used). Local:
+data_dir holds parquet file(s) exported from it (same columns, images as {bytes, path}).
+The answer of question j on image k is the field Image_k_Question_j. Native metrics as in
+the official get_scores: Acc per item, Q-Acc per question (right on both images), I-Acc
+per image (right on both questions), G-Acc per sample (all four)."""
+
+import pandas as pd
+
+from sysattn_exp.benchmarks.base import (
+    Benchmark,
+    DatasetImages,
+    Item,
+    all_correct_rate,
+    check_template,
+    data_dir,
+    hub_dataset,
+)
+from sysattn_exp.errors import UsageError
+
+LOCAL_HINT = "parquet file(s) exported from BaiqiL/NaturalBench"
+COLUMNS = ["Index", "Question_Type", "Question_0", "Question_1", "Image_0_Question_0",
+           "Image_1_Question_0", "Image_0_Question_1", "Image_1_Question_1"]  # fmt: skip
+
+
+def parquet_dataset(directory):
+    import datasets
+
+    files = sorted(str(p) for p in directory.glob("*.parquet"))
+    if not files:
+        raise UsageError(f"benchmark.data_dir={directory} holds no .parquet files ({LOCAL_HINT})")
+    return datasets.load_dataset("parquet", data_files=files, split="train")
+
+
+def items_of(dataset, source: str) -> tuple[list[Item], DatasetImages]:
+    missing = [c for c in [*COLUMNS, "Image_0", "Image_1"] if c not in dataset.column_names]
+    if missing:
+        raise UsageError(
+            f"{source}: missing column {missing[0]!r} (NaturalBench columns: {', '.join(COLUMNS)})"
+        )
+    items, index = [], {}
+    for row, record in enumerate(dataset.select_columns(COLUMNS)):
+        if record["Question_Type"] != "yes_no":
+            continue
+        sample = str(record["Index"])
+        for j in (0, 1):
+            for k in (0, 1):
+                answer = str(record[f"Image_{k}_Question_{j}"]).strip().lower()
+                if answer not in ("yes", "no"):
+                    raise UsageError(
+                        f"{source} row {row}: Image_{k}_Question_{j} {answer!r} must be Yes or No"
+                    )
+                image_id = f"{sample}/Image_{k}"
+                index[image_id] = (row, f"Image_{k}")
+                items.append(Item(
+                    item_id=f"{sample}/q{j}_i{k}",
+                    group_id=sample,
+                    image_id=image_id,
+                    question=record[f"Question_{j}"],
+                    label=answer == "yes",
+                    meta={"question_index": j, "image_index": k},
+                ))  # fmt: skip
+    return items, DatasetImages(dataset, index)
+
+
+def native_metrics(scored: pd.DataFrame) -> dict[str, float]:
+    return {
+        "naturalbench/acc": float(scored["correct"].mean()),
+        "naturalbench/q_acc": all_correct_rate(scored, ["group_id", "question_index"]),
+        "naturalbench/i_acc": all_correct_rate(scored, ["group_id", "image_index"]),
+        "naturalbench/g_acc": all_correct_rate(scored, ["group_id"]),
+    }
+
+
+def load(cfg) -> Benchmark:
+    directory = data_dir(cfg)
+    if directory is None:
+        dataset, source = hub_dataset(cfg.hub_id, cfg.split, LOCAL_HINT), cfg.hub_id
+    else:
+        dataset, source = parquet_dataset(directory), str(directory)
+    items, images = items_of(dataset, source)
+    return Benchmark("naturalbench", items, check_template(cfg.template), images, native_metrics)

@@ -1,0 +1,137 @@
+"""SugarCrepe (Hsieh et al., NeurIPS 2023): a COCO image with its caption (yes) and a hard
+negative caption (no), in seven subsets.
+
+Hub: HuggingFaceM4/SugarCrepe_<subset> (split test; columns image, tested_labels =
+[caption, negative], true_label = the caption). Local: data_dir holds the release's
+<subset>.json files ({id: {filename, caption, negative_caption}}) and image_dir the COCO
+val2017 images by file name. Native metrics per subset: how often P(yes | caption) >
+P(yes | negative), and paired yes/no accuracy (both right); and their means over subsets."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from sysattn_exp.benchmarks.base import (
+    Benchmark,
+    DatasetImages,
+    Item,
+    check_template,
+    data_dir,
+    drop_unreadable,
+    hub_dataset,
+    image_dir,
+    open_image_file,
+    yes_score,
+)
+from sysattn_exp.errors import UsageError
+
+SUBSETS = [
+    "add_att",
+    "add_obj",
+    "replace_att",
+    "replace_obj",
+    "replace_rel",
+    "swap_att",
+    "swap_obj",
+]
+LOCAL_HINT = "the release's <subset>.json files (and benchmark.image_dir=COCO val2017)"
+
+
+def pair(subset: str, key: str, image_id: str, caption: str, negative: str) -> list[Item]:
+    group = f"{subset}/{key}"
+    return [
+        Item(
+            f"{group}/{polarity}",
+            group,
+            image_id,
+            text,
+            polarity == "positive",
+            {"subset": subset, "polarity": polarity},
+        )  # fmt: skip
+        for polarity, text in (("positive", caption), ("negative", negative))
+    ]
+
+
+def chosen_subsets(cfg, available: list[str]) -> list[str]:
+    wanted = list(cfg.subsets) if cfg.get("subsets") else available
+    unknown = [s for s in wanted if s not in SUBSETS]
+    if unknown:
+        raise UsageError(
+            f"benchmark.subsets contains {unknown[0]!r}; allowed: {', '.join(SUBSETS)}"
+        )
+    missing = [s for s in wanted if s not in available]
+    if missing:
+        raise UsageError(
+            f"benchmark.subsets asks for {missing[0]!r} but there is no {missing[0]}.json"
+        )
+    if not wanted:
+        raise UsageError(f"no SugarCrepe subset found: benchmark.data_dir must hold {LOCAL_HINT}")
+    return wanted
+
+
+def local_items(cfg, directory: Path, images: Path) -> list[Item]:
+    available = [s for s in SUBSETS if (directory / f"{s}.json").is_file()]
+    items = []
+    for subset in chosen_subsets(cfg, available):
+        path = directory / f"{subset}.json"
+        for key, record in json.loads(path.read_text(encoding="utf-8")).items():
+            missing = [f for f in ("filename", "caption", "negative_caption") if not record.get(f)]
+            if missing:
+                raise UsageError(f"{path} id {key}: missing field {missing[0]!r}")
+            image = str(images / record["filename"])
+            items += pair(subset, key, image, record["caption"], record["negative_caption"])
+    return items
+
+
+def hub_items(cfg) -> tuple[list[Item], dict]:
+    items, sources = [], {}
+    for subset in chosen_subsets(cfg, SUBSETS):
+        dataset = hub_dataset(f"{cfg.hub_id}_{subset}", cfg.split, LOCAL_HINT)
+        names = dataset.features["true_label"]
+        index = {}
+        for row, record in enumerate(dataset.select_columns(["tested_labels", "true_label"])):
+            caption = names.int2str(record["true_label"])
+            negatives = [t for t in record["tested_labels"] if t != caption]
+            if len(negatives) != 1:
+                raise UsageError(
+                    f"{cfg.hub_id}_{subset} row {row}: want one caption and one negative"
+                )
+            image_id = f"{subset}/{row}"
+            index[image_id] = (row, "image")
+            items += pair(subset, str(row), image_id, caption, negatives[0])
+        sources[subset] = DatasetImages(dataset, index)
+    return items, sources
+
+
+def native_metrics(scored: pd.DataFrame) -> dict[str, float]:
+    out = {}
+    scored = scored.assign(s=yes_score(scored))
+    for subset, rows in scored.groupby("subset", sort=True):
+        by_group = rows.pivot_table(index="group_id", columns="polarity", values="s")
+        out[f"sugarcrepe/{subset}/pyes_acc"] = float(
+            (by_group["positive"] > by_group["negative"]).mean()
+        )
+        out[f"sugarcrepe/{subset}/paired_accuracy"] = float(
+            rows.groupby("group_id")["correct"].all().mean()
+        )
+    for name in ("pyes_acc", "paired_accuracy"):
+        values = [v for k, v in out.items() if k.endswith(f"/{name}")]
+        out[f"sugarcrepe/mean_{name}"] = sum(values) / len(values)
+    return out
+
+
+def load(cfg) -> Benchmark:
+    template = check_template(cfg.template)
+    directory = data_dir(cfg)
+    if directory is None:
+        items, sources = hub_items(cfg)
+
+        def images(image_id: str):  # one hub dataset per subset; ids start with the subset
+            return sources[image_id.split("/")[0]](image_id)
+
+        return Benchmark("sugarcrepe", items, template, images, native_metrics)
+    items = local_items(cfg, directory, image_dir(cfg, None))
+    items, skipped = drop_unreadable(items, cfg.skip_missing_images)
+    counts = {"n_skipped_items": skipped}
+    return Benchmark("sugarcrepe", items, template, open_image_file, native_metrics, counts)

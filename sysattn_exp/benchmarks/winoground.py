@@ -1,0 +1,93 @@
+"""Winoground (Thrush et al., CVPR 2022): 2 captions x 2 images; caption j matches image j.
+
+Hub: facebook/winoground (split test; gated: accept the licence and log in). Local:
+data_dir holds the release's examples.jsonl and images/<stem>.png. Each (caption j,
+image k) is a yes/no item, yes iff j == k. Native metrics compare P(yes): text score
+(each image prefers its own caption), image score (each caption prefers its own image),
+group score (both)."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from sysattn_exp.benchmarks.base import (
+    Benchmark,
+    DatasetImages,
+    Item,
+    check_template,
+    data_dir,
+    drop_unreadable,
+    hub_dataset,
+    open_image_file,
+    required_file,
+    yes_score,
+)
+from sysattn_exp.errors import UsageError
+
+FIELDS = ("id", "caption_0", "caption_1", "image_0", "image_1")
+LOCAL_HINT = "the release's examples.jsonl and images/"
+
+
+def items_of_example(record: dict, image_ids: tuple[str, str]) -> list[Item]:
+    return [
+        Item(
+            item_id=f"{record['id']}/c{j}_i{k}",
+            group_id=str(record["id"]),
+            image_id=image_ids[k],
+            question=record[f"caption_{j}"],
+            label=j == k,
+            meta={"caption_index": j, "image_index": k},
+        )
+        for j in (0, 1)
+        for k in (0, 1)
+    ]
+
+
+def local_items(directory: Path) -> list[Item]:
+    path = required_file(directory / "examples.jsonl", LOCAL_HINT)
+    items = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        missing = [f for f in FIELDS if record.get(f) is None]
+        if missing:
+            raise UsageError(f"{path} line {number}: missing field {missing[0]!r}")
+        paths = tuple(str(directory / "images" / f"{record[f'image_{k}']}.png") for k in (0, 1))
+        items += items_of_example(record, paths)
+    return items
+
+
+def hub_items(dataset) -> tuple[list[Item], DatasetImages]:
+    items, index = [], {}
+    for row, record in enumerate(dataset.select_columns(["id", "caption_0", "caption_1"])):
+        ids = (f"{record['id']}/image_0", f"{record['id']}/image_1")
+        index |= {ids[0]: (row, "image_0"), ids[1]: (row, "image_1")}
+        items += items_of_example(record, ids)
+    return items, DatasetImages(dataset, index)
+
+
+def native_metrics(scored: pd.DataFrame) -> dict[str, float]:
+    score = scored.assign(s=yes_score(scored)).pivot_table(
+        index="group_id", columns=["caption_index", "image_index"], values="s"
+    )
+    c0i0, c0i1, c1i0, c1i1 = (score[(j, k)] for j, k in ((0, 0), (0, 1), (1, 0), (1, 1)))
+    text = (c0i0 > c1i0) & (c1i1 > c0i1)
+    image = (c0i0 > c0i1) & (c1i1 > c1i0)
+    return {
+        "winoground/text_score": float(text.mean()),
+        "winoground/image_score": float(image.mean()),
+        "winoground/group_score": float((text & image).mean()),
+    }
+
+
+def load(cfg) -> Benchmark:
+    template = check_template(cfg.template)
+    directory = data_dir(cfg)
+    if directory is None:
+        items, images = hub_items(hub_dataset(cfg.hub_id, cfg.split, LOCAL_HINT))
+        return Benchmark("winoground", items, template, images, native_metrics)
+    items, skipped = drop_unreadable(local_items(directory), cfg.skip_missing_images)
+    counts = {"n_skipped_items": skipped}
+    return Benchmark("winoground", items, template, open_image_file, native_metrics, counts)

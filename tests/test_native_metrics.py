@@ -1,0 +1,109 @@
+"""Each benchmark's native metrics on a small hand-worked example."""
+
+import pandas as pd
+import pytest
+from benchmark_fixtures import write_beaf
+from test_benchmark_loaders import benchmark_cfg
+
+from sysattn_exp.benchmarks import beaf, hallusionbench, load_benchmark, mme, naturalbench
+from sysattn_exp.benchmarks import sugarcrepe, winoground
+
+
+def scored(rows: list[dict]) -> pd.DataFrame:
+    """rows with label and either pred or a yes-score s (pred = s > 0)."""
+    df = pd.DataFrame(rows)
+    if "s" in df:
+        df["yes_logit"], df["no_logit"] = df["s"], 0.0
+        df["pred"] = df["s"] > 0
+    df["correct"] = df["pred"] == df["label"]
+    return df
+
+
+def test_mme_acc_acc_plus_score_and_totals():
+    rows = [  # existence: image a both right, image b one right; code_reasoning: both wrong
+        {"group_id": "a", "category": "existence", "label": True, "pred": True},
+        {"group_id": "a", "category": "existence", "label": False, "pred": False},
+        {"group_id": "b", "category": "existence", "label": True, "pred": True},
+        {"group_id": "b", "category": "existence", "label": False, "pred": True},
+        {"group_id": "c", "category": "code_reasoning", "label": True, "pred": False},
+        {"group_id": "c", "category": "code_reasoning", "label": False, "pred": True},
+    ]
+    m = mme.native_metrics(scored(rows))
+    assert m["mme/existence/acc"] == pytest.approx(75.0)
+    assert m["mme/existence/acc_plus"] == pytest.approx(50.0)
+    assert m["mme/existence/score"] == pytest.approx(125.0)
+    assert m["mme/code_reasoning/score"] == 0.0
+    assert m["mme/perception_score"] == pytest.approx(125.0)
+    assert m["mme/cognition_score"] == 0.0
+
+
+def test_hallusionbench_aacc_qacc_facc():
+    rows = [  # question pairs q1 (two figures), q2 (two figures); figures f0, f1
+        {"group_id": "q1", "figure_key": "f0", "label": True, "pred": True},
+        {"group_id": "q1", "figure_key": "f1", "label": False, "pred": False},
+        {"group_id": "q2", "figure_key": "f0", "label": True, "pred": True},
+        {"group_id": "q2", "figure_key": "f1", "label": True, "pred": False},
+    ]
+    m = hallusionbench.native_metrics(scored(rows))
+    assert m["hallusionbench/aAcc"] == pytest.approx(3 / 4)
+    assert m["hallusionbench/qAcc"] == pytest.approx(1 / 2)  # q1 right, q2 not
+    assert m["hallusionbench/fAcc"] == pytest.approx(1 / 2)  # f0 right, f1 not
+
+
+def test_naturalbench_acc_q_i_g():
+    rows = []
+    for group, wrong in (("g0", None), ("g1", (0, 0))):
+        for j in (0, 1):
+            for k in (0, 1):
+                label = j == k
+                rows.append({"group_id": group, "question_index": j, "image_index": k, "label": label,
+                             "pred": (not label) if wrong == (j, k) else label})  # fmt: skip
+    m = naturalbench.native_metrics(scored(rows))
+    assert m["naturalbench/acc"] == pytest.approx(7 / 8)
+    assert m["naturalbench/q_acc"] == pytest.approx(3 / 4)
+    assert m["naturalbench/i_acc"] == pytest.approx(3 / 4)
+    assert m["naturalbench/g_acc"] == pytest.approx(1 / 2)
+
+
+def test_winoground_text_image_group_scores():
+    scores = {"A": {(0, 0): 2, (1, 0): 1, (0, 1): 0, (1, 1): 3},  # text and image right
+              "B": {(0, 0): 1, (1, 0): 2, (0, 1): -1, (1, 1): 3}}  # image right, text wrong  # fmt: skip
+    rows = [{"group_id": g, "caption_index": j, "image_index": k, "label": j == k, "s": s}
+            for g, table in scores.items() for (j, k), s in table.items()]  # fmt: skip
+    m = winoground.native_metrics(scored(rows))
+    assert m["winoground/text_score"] == pytest.approx(1 / 2)
+    assert m["winoground/image_score"] == pytest.approx(1.0)
+    assert m["winoground/group_score"] == pytest.approx(1 / 2)
+
+
+def test_sugarcrepe_pyes_and_paired_per_subset_and_mean():
+    rows = []
+    for subset, group, pos, neg in (("add_att", "g1", 1.0, -1.0), ("add_att", "g2", -0.5, -1.0),
+                                    ("swap_obj", "g3", 0.2, 0.5)):  # fmt: skip
+        rows += [{"subset": subset, "group_id": group, "polarity": "positive", "label": True, "s": pos},
+                 {"subset": subset, "group_id": group, "polarity": "negative", "label": False, "s": neg}]  # fmt: skip
+    m = sugarcrepe.native_metrics(scored(rows))
+    assert m["sugarcrepe/add_att/pyes_acc"] == 1.0
+    assert m["sugarcrepe/add_att/paired_accuracy"] == pytest.approx(1 / 2)
+    assert m["sugarcrepe/swap_obj/pyes_acc"] == 0.0
+    assert m["sugarcrepe/swap_obj/paired_accuracy"] == 0.0
+    assert m["sugarcrepe/mean_pyes_acc"] == pytest.approx(1 / 2)
+    assert m["sugarcrepe/mean_paired_accuracy"] == pytest.approx(1 / 4)
+
+
+def test_beaf_change_metrics(tmp_path):
+    write_beaf(tmp_path / "beaf")
+    bench = load_benchmark(benchmark_cfg("benchmark=beaf", f"benchmark.data_dir={tmp_path / 'beaf'}"))
+    # Labels, by id: original  train y truck y person y | _00 (train removed) n y y | _03 (truck removed) y n y
+    preds = [True, False, True, False, True, False, True, True, True]
+    df = pd.DataFrame([i.meta | {"group_id": i.group_id, "label": i.label} for i in bench.items])
+    m = beaf.native_metrics(scored(df.assign(pred=preds).to_dict("records")))
+    # Removed-object pairs: train (yes -> no: TU), truck (no -> yes: IU).
+    assert (m["beaf/TU"], m["beaf/IU"], m["beaf/SB_p"], m["beaf/SB_n"]) == (0.5, 0.5, 0.0, 0.0)
+    # Unremoved person on the edits: wrong on _00 (was right on the original), right on _03.
+    assert m["beaf/ID"] == pytest.approx(1 / 2)
+    assert m["beaf/accuracy"] == pytest.approx(6 / 9)
+    assert m["beaf/precision"] == pytest.approx(5 / 6)
+    assert m["beaf/recall"] == pytest.approx(5 / 7)
+    assert m["beaf/f1"] == pytest.approx(10 / 13)
+    assert m["beaf/f1_tu_id"] == pytest.approx(0.5)

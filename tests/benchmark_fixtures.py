@@ -19,16 +19,23 @@ def write_mme(root: Path) -> dict:
     """Evaluation-tool txt files; images flat for some categories, under images/ for others."""
     layout = {
         "existence": ("flat", [("000000006040.jpg", "Is there a train in this image?")]),
-        "artwork": ("nested", [("10002.jpg", "Is this artwork created by maitre?"),
-                               ("10049.jpg", "Is this artwork titled the holy family?")]),
+        "artwork": (
+            "nested",
+            [
+                ("10002.jpg", "Is this artwork created by maitre?"),
+                ("10049.jpg", "Is this artwork titled the holy family?"),
+            ],
+        ),
         "code_reasoning": ("flat", [("0020.png", "Should the output of the code be 0?")]),
-    }  # fmt: skip
+    }
     (root / "txt").mkdir(parents=True)
     for category, (kind, images) in layout.items():
         lines = []
         for n, (image, question) in enumerate(images):
-            lines += [f"{image}\t{question} Please answer yes or no.\tYes",
-                      f"{image}\t{question.replace('?', ' really?')} Please answer yes or no.\tNo"]  # fmt: skip
+            lines += [
+                f"{image}\t{question} Please answer yes or no.\tYes",
+                f"{image}\t{question.replace('?', ' really?')} Please answer yes or no.\tNo",
+            ]
             folder = root / "img" / category / ("images" if kind == "nested" else "")
             save_image(folder / image, n)
         (root / "txt" / f"{category}.txt").write_text("\n".join(lines) + "\n")
@@ -46,9 +53,22 @@ def write_naturalbench(root: Path, n_samples: int = 3) -> None:
     """Parquet as `datasets` writes BaiqiL/NaturalBench: images as {bytes, path} structs."""
     import datasets
 
-    rows = {key: [] for key in ["Index", "Image_0", "Image_1", "Question_0", "Image_0_Question_0",
-                                "Image_1_Question_0", "Question_1", "Image_0_Question_1",
-                                "Image_1_Question_1", "Question_Type", "Source"]}  # fmt: skip
+    rows = {
+        key: []
+        for key in [
+            "Index",
+            "Image_0",
+            "Image_1",
+            "Question_0",
+            "Image_0_Question_0",
+            "Image_1_Question_0",
+            "Question_1",
+            "Image_0_Question_1",
+            "Image_1_Question_1",
+            "Question_Type",
+            "Source",
+        ]
+    }
     for i in range(n_samples + 1):
         rows["Index"].append(i)
         rows["Image_0"].append(make_image(COLOURS[i % 6]))
@@ -63,20 +83,33 @@ def write_naturalbench(root: Path, n_samples: int = 3) -> None:
         rows["Question_Type"].append("yes_no" if i < n_samples else "multiple_choice")
         rows["Source"].append("test")
     features = datasets.Features(
-        {k: datasets.Image() if k.startswith("Image_") and "Question" not in k
-         else datasets.Value("int64" if k == "Index" else "string") for k in rows}  # fmt: skip
+        {
+            k: datasets.Image()
+            if k.startswith("Image_") and "Question" not in k
+            else datasets.Value("int64" if k == "Index" else "string")
+            for k in rows
+        }
     )
     root.mkdir(parents=True)
-    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(root / "train-00000.parquet"))
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(
+        str(root / "train-00000.parquet")
+    )
 
 
 def write_winoground(root: Path, n_examples: int = 3) -> None:
     lines = []
     for i in range(n_examples):
-        record = {"id": i, "caption_0": f"a red thing {i} left of a blue thing",
-                  "caption_1": f"a blue thing {i} left of a red thing", "tag": "Object",
-                  "secondary_tag": "", "num_main_preds": 1, "collapsed_tag": "Object",
-                  "image_0": f"ex_{i}_img_0", "image_1": f"ex_{i}_img_1"}  # fmt: skip
+        record = {
+            "id": i,
+            "caption_0": f"a red thing {i} left of a blue thing",
+            "caption_1": f"a blue thing {i} left of a red thing",
+            "tag": "Object",
+            "secondary_tag": "",
+            "num_main_preds": 1,
+            "collapsed_tag": "Object",
+            "image_0": f"ex_{i}_img_0",
+            "image_1": f"ex_{i}_img_1",
+        }
         lines.append(json.dumps(record))
         for k in (0, 1):
             save_image(root / "images" / f"ex_{i}_img_{k}.png", i + k)
@@ -85,7 +118,11 @@ def write_winoground(root: Path, n_examples: int = 3) -> None:
 
 def write_sugarcrepe_images(subsets_dir: Path, image_dir: Path) -> int:
     """Stand-in images for every file name the annotation files reference."""
-    names = {r["filename"] for f in subsets_dir.glob("*.json") for r in json.loads(f.read_text()).values()}
+    names = {
+        r["filename"]
+        for f in subsets_dir.glob("*.json")
+        for r in json.loads(f.read_text()).values()
+    }
     for n, name in enumerate(sorted(names)):
         save_image(image_dir / name, n)
     return len(names)
@@ -104,9 +141,16 @@ def beaf_records() -> list[dict]:
         (f"{BEAF_ORIGINAL}_03.png", {"train", "person"}, False),
     ):
         for obj, question in questions.items():
-            records.append({"id": len(records), "image": image, "question": question,
-                            "orig_img": orig, "removed_q": obj in ("train", "truck"),
-                            "gt": "yes" if obj in present else "no"})  # fmt: skip
+            records.append(
+                {
+                    "id": len(records),
+                    "image": image,
+                    "question": question,
+                    "orig_img": orig,
+                    "removed_q": obj in ("train", "truck"),
+                    "gt": "yes" if obj in present else "no",
+                }
+            )
     return records
 
 

@@ -37,9 +37,13 @@ def groups_of(benchmark) -> dict[str, list]:
 
 def test_mme_local_release_layout(tmp_path):
     write_mme(tmp_path)
-    bench = load_benchmark(benchmark_cfg(
-        "benchmark=mme", f"benchmark.data_dir={tmp_path / 'txt'}", f"benchmark.image_dir={tmp_path / 'img'}"
-    ))  # fmt: skip
+    bench = load_benchmark(
+        benchmark_cfg(
+            "benchmark=mme",
+            f"benchmark.data_dir={tmp_path / 'txt'}",
+            f"benchmark.image_dir={tmp_path / 'img'}",
+        )
+    )
     assert len(bench.items) == 8
     groups = groups_of(bench)
     assert len(groups) == 4 and all(len(g) == 2 for g in groups.values())
@@ -54,7 +58,11 @@ def test_mme_local_release_layout(tmp_path):
 def test_mme_missing_image_error_or_skip(tmp_path):
     write_mme(tmp_path)
     (tmp_path / "img" / "existence" / "000000006040.jpg").unlink()
-    args = ["benchmark=mme", f"benchmark.data_dir={tmp_path / 'txt'}", f"benchmark.image_dir={tmp_path / 'img'}"]
+    args = [
+        "benchmark=mme",
+        f"benchmark.data_dir={tmp_path / 'txt'}",
+        f"benchmark.image_dir={tmp_path / 'img'}",
+    ]
     with pytest.raises(UsageError, match="000000006040.jpg"):
         load_benchmark(benchmark_cfg(*args))
     bench = load_benchmark(benchmark_cfg(*args, "benchmark.skip_missing_images=true"))
@@ -65,9 +73,13 @@ def test_mme_missing_image_error_or_skip(tmp_path):
 def test_hallusionbench_real_annotations(tmp_path):
     records = json.loads((SHARED / "hallusionbench" / "HallusionBench.json").read_text())
     write_hallusionbench(tmp_path, records)
-    bench = load_benchmark(benchmark_cfg(
-        "benchmark=hallusionbench", f"benchmark.data_dir={tmp_path / 'data'}", f"benchmark.image_dir={tmp_path / 'images'}"
-    ))  # fmt: skip
+    bench = load_benchmark(
+        benchmark_cfg(
+            "benchmark=hallusionbench",
+            f"benchmark.data_dir={tmp_path / 'data'}",
+            f"benchmark.image_dir={tmp_path / 'images'}",
+        )
+    )
     with_image = [r for r in records if r["visual_input"] != "0"]
     assert len(records) == 1129 and len(with_image) == 951
     assert len(bench.items) == len(with_image)
@@ -75,7 +87,9 @@ def test_hallusionbench_real_annotations(tmp_path):
     pair_key = lambda r: f"{r['category']}_{r['subcategory']}_{r['set_id']}_{r['question_id']}"  # noqa: E731
     assert len(groups_of(bench)) == len({pair_key(r) for r in with_image})
     assert sum(i.label for i in bench.items) == sum(r["gt_answer"] == "1" for r in with_image)
-    figures = {f"{r['category']}_{r['subcategory']}_{r['set_id']}_{r['figure_id']}" for r in with_image}
+    figures = {
+        f"{r['category']}_{r['subcategory']}_{r['set_id']}_{r['figure_id']}" for r in with_image
+    }
     assert {i.meta["figure_key"] for i in bench.items} == figures
     first = bench.items[0]
     assert first.image_id.endswith(with_image[0]["filename"].lstrip("./").split("/", 1)[1])
@@ -83,14 +97,25 @@ def test_hallusionbench_real_annotations(tmp_path):
 
 def test_naturalbench_parquet_export(tmp_path):
     write_naturalbench(tmp_path / "nb", n_samples=3)
-    bench = load_benchmark(benchmark_cfg("benchmark=naturalbench", f"benchmark.data_dir={tmp_path / 'nb'}"))
+    bench = load_benchmark(
+        benchmark_cfg("benchmark=naturalbench", f"benchmark.data_dir={tmp_path / 'nb'}")
+    )
     assert len(bench.items) == 12 and len(groups_of(bench)) == 3  # multiple choice left out
     by_id = {i.item_id: i for i in bench.items}
-    assert [by_id[f"0/q{j}_i{k}"].label for j, k in ((0, 0), (0, 1), (1, 0), (1, 1))] == [True, False, False, True]
+    assert [by_id[f"0/q{j}_i{k}"].label for j, k in ((0, 0), (0, 1), (1, 0), (1, 1))] == [
+        True,
+        False,
+        False,
+        True,
+    ]
     assert by_id["1/q1_i0"].question == "Is the thing number 1 blue?"
     assert bench.question_text(by_id["0/q0_i0"]).endswith("? Please answer Yes or No.")
     image = bench.load_image(by_id["2/q0_i1"].image_id)
-    assert image.size == (50, 40) and image.getpixel((25, 20)) == (255, 255, 0)  # Image_1 of sample 2: yellow
+    assert image.size == (50, 40) and image.getpixel((25, 20)) == (
+        255,
+        255,
+        0,
+    )  # Image_1 of sample 2: yellow
 
 
 def test_winoground_release_layout(tmp_path):
@@ -107,14 +132,20 @@ def test_winoground_release_layout(tmp_path):
 
 def test_sugarcrepe_real_annotations(tmp_path):
     n_images = write_sugarcrepe_images(SHARED / "sugarcrepe", tmp_path / "val2017")
-    args = ["benchmark=sugarcrepe", f"benchmark.data_dir={SHARED / 'sugarcrepe'}", f"benchmark.image_dir={tmp_path / 'val2017'}"]
+    args = [
+        "benchmark=sugarcrepe",
+        f"benchmark.data_dir={SHARED / 'sugarcrepe'}",
+        f"benchmark.image_dir={tmp_path / 'val2017'}",
+    ]
     bench = load_benchmark(benchmark_cfg(*args))
     sizes = {f.stem: len(json.loads(f.read_text())) for f in (SHARED / "sugarcrepe").glob("*.json")}
     assert sum(sizes.values()) == 7511 and len(sizes) == 7
     assert len(bench.items) == 2 * 7511 and len(groups_of(bench)) == 7511
     assert Counter(i.meta["subset"] for i in bench.items) == {k: 2 * v for k, v in sizes.items()}
     assert len({i.image_id for i in bench.items}) == n_images
-    swap = load_benchmark(benchmark_cfg(*args, "benchmark.subsets=[swap_obj]", "benchmark.limit=10"))
+    swap = load_benchmark(
+        benchmark_cfg(*args, "benchmark.subsets=[swap_obj]", "benchmark.limit=10")
+    )
     record = json.loads((SHARED / "sugarcrepe" / "swap_obj.json").read_text())
     first_key = next(iter(record))
     positive, negative = swap.items[0], swap.items[1]
@@ -127,19 +158,25 @@ def test_sugarcrepe_real_annotations(tmp_path):
 
 def test_beaf_release_layout(tmp_path):
     write_beaf(tmp_path / "beaf")
-    bench = load_benchmark(benchmark_cfg("benchmark=beaf", f"benchmark.data_dir={tmp_path / 'beaf'}"))
+    bench = load_benchmark(
+        benchmark_cfg("benchmark=beaf", f"benchmark.data_dir={tmp_path / 'beaf'}")
+    )
     records = beaf_records()
     assert len(bench.items) == len(records) == 9
     groups = groups_of(bench)
     assert len(groups) == 3 and all(len(g) == 3 for g in groups.values())
-    assert set(groups) == {f"{BEAF_ORIGINAL}/Is there a {o} in the image?" for o in ("train", "truck", "person")}
+    assert set(groups) == {
+        f"{BEAF_ORIGINAL}/Is there a {o} in the image?" for o in ("train", "truck", "person")
+    }
     assert [i.label for i in bench.items] == [r["gt"] == "yes" for r in records]
     assert bench.items[3].image_id.endswith(f"images/{BEAF_ORIGINAL}_00.png")
 
 
 def test_limit_takes_whole_groups(tmp_path):
     write_winoground(tmp_path, n_examples=3)
-    bench = load_benchmark(benchmark_cfg("benchmark=winoground", f"benchmark.data_dir={tmp_path}", "benchmark.limit=2"))
+    bench = load_benchmark(
+        benchmark_cfg("benchmark=winoground", f"benchmark.data_dir={tmp_path}", "benchmark.limit=2")
+    )
     assert len(bench.items) == 8 and len(groups_of(bench)) == 2
 
 

@@ -5,8 +5,15 @@ import pytest
 from benchmark_fixtures import write_beaf
 from test_benchmark_loaders import benchmark_cfg
 
-from sysattn_exp.benchmarks import beaf, hallusionbench, load_benchmark, mme, naturalbench
-from sysattn_exp.benchmarks import sugarcrepe, winoground
+from sysattn_exp.benchmarks import (
+    beaf,
+    hallusionbench,
+    load_benchmark,
+    mme,
+    naturalbench,
+    sugarcrepe,
+    winoground,
+)
 
 
 def scored(rows: list[dict]) -> pd.DataFrame:
@@ -56,8 +63,15 @@ def test_naturalbench_acc_q_i_g():
         for j in (0, 1):
             for k in (0, 1):
                 label = j == k
-                rows.append({"group_id": group, "question_index": j, "image_index": k, "label": label,
-                             "pred": (not label) if wrong == (j, k) else label})  # fmt: skip
+                rows.append(
+                    {
+                        "group_id": group,
+                        "question_index": j,
+                        "image_index": k,
+                        "label": label,
+                        "pred": (not label) if wrong == (j, k) else label,
+                    }
+                )
     m = naturalbench.native_metrics(scored(rows))
     assert m["naturalbench/acc"] == pytest.approx(7 / 8)
     assert m["naturalbench/q_acc"] == pytest.approx(3 / 4)
@@ -66,10 +80,15 @@ def test_naturalbench_acc_q_i_g():
 
 
 def test_winoground_text_image_group_scores():
-    scores = {"A": {(0, 0): 2, (1, 0): 1, (0, 1): 0, (1, 1): 3},  # text and image right
-              "B": {(0, 0): 1, (1, 0): 2, (0, 1): -1, (1, 1): 3}}  # image right, text wrong  # fmt: skip
-    rows = [{"group_id": g, "caption_index": j, "image_index": k, "label": j == k, "s": s}
-            for g, table in scores.items() for (j, k), s in table.items()]  # fmt: skip
+    scores = {
+        "A": {(0, 0): 2, (1, 0): 1, (0, 1): 0, (1, 1): 3},  # text and image right
+        "B": {(0, 0): 1, (1, 0): 2, (0, 1): -1, (1, 1): 3},
+    }  # image right, text wrong
+    rows = [
+        {"group_id": g, "caption_index": j, "image_index": k, "label": j == k, "s": s}
+        for g, table in scores.items()
+        for (j, k), s in table.items()
+    ]
     m = winoground.native_metrics(scored(rows))
     assert m["winoground/text_score"] == pytest.approx(1 / 2)
     assert m["winoground/image_score"] == pytest.approx(1.0)
@@ -78,10 +97,15 @@ def test_winoground_text_image_group_scores():
 
 def test_sugarcrepe_pyes_and_paired_per_subset_and_mean():
     rows = []
-    for subset, group, pos, neg in (("add_att", "g1", 1.0, -1.0), ("add_att", "g2", -0.5, -1.0),
-                                    ("swap_obj", "g3", 0.2, 0.5)):  # fmt: skip
-        rows += [{"subset": subset, "group_id": group, "polarity": "positive", "label": True, "s": pos},
-                 {"subset": subset, "group_id": group, "polarity": "negative", "label": False, "s": neg}]  # fmt: skip
+    for subset, group, pos, neg in (
+        ("add_att", "g1", 1.0, -1.0),
+        ("add_att", "g2", -0.5, -1.0),
+        ("swap_obj", "g3", 0.2, 0.5),
+    ):
+        rows += [
+            {"subset": subset, "group_id": group, "polarity": "positive", "label": True, "s": pos},
+            {"subset": subset, "group_id": group, "polarity": "negative", "label": False, "s": neg},
+        ]
     m = sugarcrepe.native_metrics(scored(rows))
     assert m["sugarcrepe/add_att/pyes_acc"] == 1.0
     assert m["sugarcrepe/add_att/paired_accuracy"] == pytest.approx(1 / 2)
@@ -93,8 +117,11 @@ def test_sugarcrepe_pyes_and_paired_per_subset_and_mean():
 
 def test_beaf_change_metrics(tmp_path):
     write_beaf(tmp_path / "beaf")
-    bench = load_benchmark(benchmark_cfg("benchmark=beaf", f"benchmark.data_dir={tmp_path / 'beaf'}"))
-    # Labels, by id: original  train y truck y person y | _00 (train removed) n y y | _03 (truck removed) y n y
+    bench = load_benchmark(
+        benchmark_cfg("benchmark=beaf", f"benchmark.data_dir={tmp_path / 'beaf'}")
+    )
+    # Labels by id (train, truck, person): original y y y; _00 (train removed) n y y;
+    # _03 (truck removed) y n y.
     preds = [True, False, True, False, True, False, True, True, True]
     df = pd.DataFrame([i.meta | {"group_id": i.group_id, "label": i.label} for i in bench.items])
     m = beaf.native_metrics(scored(df.assign(pred=preds).to_dict("records")))

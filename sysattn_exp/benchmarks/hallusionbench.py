@@ -30,8 +30,16 @@ from sysattn_exp.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-FIELDS = ("category", "subcategory", "visual_input", "set_id", "figure_id", "question_id",
-          "question", "gt_answer")  # fmt: skip
+FIELDS = (
+    "category",
+    "subcategory",
+    "visual_input",
+    "set_id",
+    "figure_id",
+    "question_id",
+    "question",
+    "gt_answer",
+)
 LOCAL_HINT = "HallusionBench.json (and the images under benchmark.image_dir)"
 
 

@@ -24,8 +24,18 @@ from sysattn_exp.benchmarks.base import (
 )
 from sysattn_exp.errors import UsageError
 
-PERCEPTION = ["existence", "count", "position", "color", "posters", "celebrity", "scene",
-              "landmark", "artwork", "OCR"]  # fmt: skip
+PERCEPTION = [
+    "existence",
+    "count",
+    "position",
+    "color",
+    "posters",
+    "celebrity",
+    "scene",
+    "landmark",
+    "artwork",
+    "OCR",
+]
 COGNITION = ["commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning"]
 LOCAL_HINT = "one <category>.txt per category (image<TAB>question<TAB>Yes/No)"
 
@@ -95,8 +105,11 @@ def native_metrics(scored: pd.DataFrame) -> dict[str, float]:
     for category, rows in scored.groupby("category", sort=True):
         acc = 100 * rows["correct"].mean()
         acc_plus = 100 * rows.groupby("group_id")["correct"].all().mean()
-        out |= {f"mme/{category}/acc": acc, f"mme/{category}/acc_plus": acc_plus,
-                f"mme/{category}/score": acc + acc_plus}  # fmt: skip
+        out |= {
+            f"mme/{category}/acc": acc,
+            f"mme/{category}/acc_plus": acc_plus,
+            f"mme/{category}/score": acc + acc_plus,
+        }
         for total, members in (("perception", PERCEPTION), ("cognition", COGNITION)):
             if category in members:
                 totals[total] += acc + acc_plus

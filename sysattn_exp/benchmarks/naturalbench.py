@@ -20,8 +20,16 @@ from sysattn_exp.benchmarks.base import (
 from sysattn_exp.errors import UsageError
 
 LOCAL_HINT = "parquet file(s) exported from BaiqiL/NaturalBench"
-COLUMNS = ["Index", "Question_Type", "Question_0", "Question_1", "Image_0_Question_0",
-           "Image_1_Question_0", "Image_0_Question_1", "Image_1_Question_1"]  # fmt: skip
+COLUMNS = [
+    "Index",
+    "Question_Type",
+    "Question_0",
+    "Question_1",
+    "Image_0_Question_0",
+    "Image_1_Question_0",
+    "Image_0_Question_1",
+    "Image_1_Question_1",
+]
 
 
 def parquet_dataset(directory):
@@ -53,14 +61,16 @@ def items_of(dataset, source: str) -> tuple[list[Item], DatasetImages]:
                     )
                 image_id = f"{sample}/Image_{k}"
                 index[image_id] = (row, f"Image_{k}")
-                items.append(Item(
-                    item_id=f"{sample}/q{j}_i{k}",
-                    group_id=sample,
-                    image_id=image_id,
-                    question=record[f"Question_{j}"],
-                    label=answer == "yes",
-                    meta={"question_index": j, "image_index": k},
-                ))  # fmt: skip
+                items.append(
+                    Item(
+                        item_id=f"{sample}/q{j}_i{k}",
+                        group_id=sample,
+                        image_id=image_id,
+                        question=record[f"Question_{j}"],
+                        label=answer == "yes",
+                        meta={"question_index": j, "image_index": k},
+                    )
+                )
     return items, DatasetImages(dataset, index)
 
 

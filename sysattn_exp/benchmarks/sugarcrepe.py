@@ -48,7 +48,7 @@ def pair(subset: str, key: str, image_id: str, caption: str, negative: str) -> l
             text,
             polarity == "positive",
             {"subset": subset, "polarity": polarity},
-        )  # fmt: skip
+        )
         for polarity, text in (("positive", caption), ("negative", negative))
     ]
 

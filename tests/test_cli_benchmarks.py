@@ -1,0 +1,174 @@
+"""Every benchmark end to end through the CLI on the tiny model, from local data in its
+published layout; and the dry run."""
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import mlflow
+import pandas as pd
+import pytest
+from benchmark_fixtures import (
+    SHARED,
+    write_beaf,
+    write_hallusionbench,
+    write_mme,
+    write_naturalbench,
+    write_sugarcrepe_images,
+    write_winoground,
+)
+from cli import read_metrics, run_cli
+
+SHARED_METRICS = [
+    "n_items",
+    "n_groups",
+    "yes_rate",
+    "gt_yes_rate",
+    "yes_bias",
+    "accuracy",
+    "paired_accuracy",
+]
+
+
+def prepare(root):
+    """{benchmark: (overrides, expected items, native metric names)}"""
+    write_mme(root / "mme")
+    records = json.loads((SHARED / "hallusionbench" / "HallusionBench.json").read_text())
+    write_hallusionbench(root / "hb", records)
+    write_naturalbench(root / "nb", n_samples=3)
+    write_winoground(root / "wino", n_examples=3)
+    write_sugarcrepe_images(SHARED / "sugarcrepe", root / "coco")
+    write_beaf(root / "beaf")
+    return {
+        "mme": (
+            [
+                f"benchmark.data_dir={root / 'mme' / 'txt'}",
+                f"benchmark.image_dir={root / 'mme' / 'img'}",
+            ],
+            8,
+            [
+                "mme/existence/acc",
+                "mme/artwork/acc_plus",
+                "mme/code_reasoning/score",
+                "mme/perception_score",
+                "mme/cognition_score",
+            ],
+        ),
+        "hallusionbench": (
+            [
+                f"benchmark.data_dir={root / 'hb' / 'data'}",
+                f"benchmark.image_dir={root / 'hb' / 'images'}",
+                "benchmark.limit=5",
+            ],
+            None,
+            [
+                "hallusionbench/aAcc",
+                "hallusionbench/qAcc",
+                "hallusionbench/fAcc",
+                "n_text_only_excluded",
+            ],
+        ),
+        "naturalbench": (
+            [f"benchmark.data_dir={root / 'nb'}"],
+            12,
+            ["naturalbench/acc", "naturalbench/q_acc", "naturalbench/i_acc", "naturalbench/g_acc"],
+        ),
+        "winoground": (
+            [f"benchmark.data_dir={root / 'wino'}"],
+            12,
+            ["winoground/text_score", "winoground/image_score", "winoground/group_score"],
+        ),
+        "sugarcrepe": (
+            [
+                f"benchmark.data_dir={SHARED / 'sugarcrepe'}",
+                f"benchmark.image_dir={root / 'coco'}",
+                "benchmark.subsets=[add_att,swap_obj]",
+                "benchmark.limit=4",
+            ],
+            8,
+            [
+                "sugarcrepe/add_att/pyes_acc",
+                "sugarcrepe/add_att/paired_accuracy",
+                "sugarcrepe/mean_pyes_acc",
+                "sugarcrepe/mean_paired_accuracy",
+            ],
+        ),
+        "beaf": (
+            [f"benchmark.data_dir={root / 'beaf'}"],
+            9,
+            ["beaf/TU", "beaf/IU", "beaf/SB_p", "beaf/SB_n", "beaf/ID", "beaf/accuracy", "beaf/f1"],
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    cases = prepare(root)
+
+    def one(name):
+        cwd = tmp_path_factory.mktemp(name)
+        overrides = [
+            "model=tiny",
+            f"benchmark={name}",
+            *cases[name][0],
+            "intervention=redistribute",
+            "layers=q4",
+        ]
+        return cwd, run_cli(*overrides, cwd=cwd)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = dict(zip(cases, pool.map(one, cases), strict=True))
+    return cases, results
+
+
+@pytest.mark.parametrize(
+    "name", ["mme", "hallusionbench", "naturalbench", "winoground", "sugarcrepe", "beaf"]
+)
+def test_benchmark_runs_end_to_end(runs, name):
+    cases, results = runs
+    cwd, result = results[name]
+    assert result.returncode == 0, result.stderr[-3000:]
+    (job,) = (cwd / "outputs" / "runs").iterdir()
+    metrics = read_metrics(job)
+    predictions = pd.read_parquet(job / "predictions.parquet")
+    expected_items = cases[name][1]
+    if expected_items is not None:
+        assert metrics["n_items"] == len(predictions) == expected_items
+    for key in SHARED_METRICS + cases[name][2]:
+        assert key in metrics, key
+    native = [k for k in cases[name][2] if not k.startswith("n_")]
+    assert all(f"baseline_{k}" in metrics for k in native)
+    assert (predictions["prompt"].str.endswith(" ASSISTANT:")).all()
+    mlflow.set_tracking_uri(f"sqlite:///{cwd}/outputs/mlflow.db")
+    (run,) = mlflow.search_runs(experiment_names=["sysattn"], output_format="list")
+    logged = {k: v for k, v in metrics.items() if v is not None}
+    assert run.data.metrics.keys() == logged.keys()
+    assert run.data.params["benchmark.name"] == name
+
+
+def test_hallusionbench_limit_keeps_whole_question_pairs(runs):
+    _, results = runs
+    cwd, _ = results["hallusionbench"]
+    (job,) = (cwd / "outputs" / "runs").iterdir()
+    predictions = pd.read_parquet(job / "predictions.parquet")
+    records = json.loads((SHARED / "hallusionbench" / "HallusionBench.json").read_text())
+    key = lambda r: f"{r['category']}_{r['subcategory']}_{r['set_id']}_{r['question_id']}"  # noqa: E731
+    first_five = list(dict.fromkeys(key(r) for r in records if r["visual_input"] != "0"))[:5]
+    sizes = {k: sum(key(r) == k for r in records if r["visual_input"] != "0") for k in first_five}
+    assert predictions.groupby("group_id").size().to_dict() == sizes
+
+
+def test_dry_run_prints_counts_prompt_and_token_split(tmp_path):
+    result = run_cli(
+        "model=tiny", "benchmark=toy", "runtime.dry_run=true", "benchmark.limit=3", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "benchmark toy: n_items=6, n_groups=3, gt_yes_rate=0.5" in out
+    assert (
+        "USER: <image>\nIs there a red circle in the image? Please answer yes or no. ASSISTANT:"
+        in out
+    )
+    assert "tokens for builtin:tiny: system=" in out and "image=16" in out
+    assert "loading builtin:tiny" not in out + result.stderr  # the model is not loaded
+    assert not list(tmp_path.rglob("metrics.json"))

@@ -5,10 +5,12 @@ from sysattn_exp.intervention import Redistribution
 from sysattn_exp.modality import MODALITIES
 
 INTERVENTIONS = ("none", "redistribute")
+IMPLEMENTATIONS = ("fused", "eager")
 
 
-def intervention_rule(cfg) -> tuple[str, tuple[str, ...]] | None:
-    """(source, recipients) for a redistribution, None for the baseline; checks every key."""
+def intervention_rule(cfg) -> tuple[str, tuple[str, ...], str] | None:
+    """(source, recipients, impl) for a redistribution, None for the baseline; checks every
+    key."""
     if cfg.name not in INTERVENTIONS:
         raise UsageError(
             f"intervention.name={cfg.name!r} is unknown; allowed: {', '.join(INTERVENTIONS)}"
@@ -32,7 +34,12 @@ def intervention_rule(cfg) -> tuple[str, tuple[str, ...]] | None:
                 f"intervention.recipients contains {name!r}; with source {cfg.source} allowed "
                 f"recipients are {', '.join(others)}"
             )
-    return cfg.source, tuple(m for m in MODALITIES if m in recipients)
+    impl = cfg.get("impl", "fused")
+    if impl not in IMPLEMENTATIONS:
+        raise UsageError(
+            f"intervention.impl={impl!r} is unknown; allowed: {', '.join(IMPLEMENTATIONS)}"
+        )
+    return cfg.source, tuple(m for m in MODALITIES if m in recipients), impl
 
 
 def resolve_layers(cfg, depth: int) -> list[int]:
@@ -61,5 +68,5 @@ def resolve_layers(cfg, depth: int) -> list[int]:
 def build_edit(rule, layers: list[int]) -> Redistribution | None:
     if rule is None:
         return None
-    source, recipients = rule
-    return Redistribution(source, recipients, frozenset(layers))
+    source, recipients, impl = rule
+    return Redistribution(source, recipients, frozenset(layers), impl)

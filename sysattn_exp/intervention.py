@@ -7,11 +7,20 @@ the language model to each attention call:
   key_modality:   (B, K) modality id of every key position (see modality.py);
   attention_edit: a Redistribution, or None for the unchanged model.
 Layers the edit does not select, and every layer when it is None, run plain SDPA.
+
+Two implementations, equal to float32 rounding:
+  eager: materialise the (Q, K) weights and apply the rule to them (the reference);
+  fused: no weight matrix. When the recipients are all non-source modalities the rule is
+    softmax over the non-source keys: one SDPA call with the source keys masked. Otherwise,
+    with o_X the attention output over the keys of modality X alone and A_X its mass,
+    out' = (A_R + A_S) o_R + A_O o_O, where the masses come from per-modality log-sum-exps.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -29,6 +38,7 @@ class Redistribution:
     source: str
     recipients: tuple[str, ...]
     layers: frozenset[int]
+    impl: str = "fused"  # or "eager", the reference
 
     def describe(self) -> str:
         return f"{self.source}->{'+'.join(self.recipients)}"
@@ -48,8 +58,8 @@ def redistribute_weights(
     A_R == 0, or whose query is padding, is left as it is.
     """
     is_source = (key_modality == MODALITIES[source])[:, None, None, :]
-    recipient_codes = torch.tensor([MODALITIES[r] for r in recipients], device=weights.device)
-    is_recipient = torch.isin(key_modality, recipient_codes)[:, None, None, :]
+    is_recipient = torch.isin(key_modality, modality_codes(recipients, weights.device))
+    is_recipient = is_recipient[:, None, None, :]
     mass_source = (weights * is_source).sum(dim=-1, keepdim=True)
     mass_recipient = (weights * is_recipient).sum(dim=-1, keepdim=True)
     change = (mass_source > 0) & (mass_recipient > 0) & query_is_real[:, None, :, None]
@@ -58,36 +68,126 @@ def redistribute_weights(
     return torch.where(change, moved, weights)
 
 
-def visible_keys(
-    attention_mask: torch.Tensor | None, q_len: int, k_len: int, device
-) -> torch.Tensor:
-    """Boolean (B|1, 1, Q, K) mask of keys each query may attend to. transformers passes
-    None for an unpadded causal prefill; the queries are then the last Q key positions."""
+def visible_keys(attention_mask, rows: slice, q_len: int, k_len: int, device) -> torch.Tensor:
+    """Boolean (B|1, 1, len(rows), K) mask of the keys that query rows `rows` may attend to.
+    transformers passes None for an unpadded causal prefill; the queries are then the last
+    Q key positions."""
     if attention_mask is None:
-        q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+        q_pos = torch.arange(k_len - q_len, k_len, device=device)[rows, None]
         return (torch.arange(k_len, device=device)[None, :] <= q_pos)[None, None]
     if attention_mask.dtype != torch.bool:
         raise TypeError(f"{ATTENTION_NAME} expects a boolean mask, got {attention_mask.dtype}")
-    return attention_mask
+    return attention_mask[:, :, rows]
 
 
-def eager_redistributed_attention(
-    module, query, key, value, attention_mask, scaling, key_modality, edit
-):
+def eager_redistributed_attention(query, key, value, attention_mask, scaling, key_modality, edit):
     """Materialise the attention weights, redistribute them, and apply them to V."""
     n_rep = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     q_len, k_len = query.shape[2], key.shape[2]
     scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * scaling
-    visible = visible_keys(attention_mask, q_len, k_len, query.device)
+    visible = visible_keys(attention_mask, slice(None), q_len, k_len, query.device)
     # A query that sees no key (a padding row) gets all-zero weights instead of NaN.
     weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
     query_is_real = key_modality[:, k_len - q_len :] != PAD
     weights = redistribute_weights(
         weights, key_modality, query_is_real, edit.source, edit.recipients
     )
-    out = torch.matmul(weights, value.float()).to(query.dtype)
-    return out.transpose(1, 2).contiguous(), None
+    return torch.matmul(weights, value.float()).to(query.dtype)
+
+
+# Query rows per block in the fused path: masks and biases stay (block x K), not (Q x K).
+QUERY_BLOCK = 1024
+
+
+def fused_redistributed_attention(query, key, value, attention_mask, scaling, key_modality, edit):
+    """The rule without a weight matrix, one block of query rows at a time."""
+    q_len, k_len = query.shape[2], key.shape[2]
+    is_source = key_modality == MODALITIES[edit.source]
+    is_recipient = torch.isin(key_modality, modality_codes(edit.recipients, key_modality.device))
+    is_other = (key_modality != PAD) & ~is_source & ~is_recipient
+    query_is_real = key_modality[:, k_len - q_len :] != PAD
+    out = torch.empty_like(query)
+    for start in range(0, q_len, QUERY_BLOCK):
+        rows = slice(start, min(start + QUERY_BLOCK, q_len))
+        visible = visible_keys(attention_mask, rows, q_len, k_len, query.device)
+        sees_source = (visible & is_source[:, None, None]).any(-1, keepdim=True)
+        sees_recipient = (visible & is_recipient[:, None, None]).any(-1, keepdim=True)
+        change = sees_source & sees_recipient & query_is_real[:, None, rows, None]
+        if not is_other.any():
+            # Proportional redistribution onto every other key = softmax without the source.
+            mask = visible & ~(is_source[:, None, None] & change)
+            block = F.scaled_dot_product_attention(
+                query[:, :, rows], key, value, attn_mask=mask, scale=scaling, enable_gqa=True
+            )
+            # A row that sees no key (padding) would be NaN with some kernels: make it 0.
+            out[:, :, rows] = torch.where(mask.any(-1, keepdim=True), block, 0.0)
+        else:
+            parts = [(visible, is_x) for is_x in (is_source, is_recipient, is_other)]
+            (o_s, a_s), (o_r, a_r), (o_o, a_o) = per_modality_attention(
+                query[:, :, rows], key, value, parts, scaling
+            )
+            moved = (a_r + a_s) * o_r + a_o * o_o
+            kept = a_r * o_r + a_s * o_s + a_o * o_o
+            out[:, :, rows] = torch.where(change, moved, kept).to(query.dtype)
+    return out
+
+
+def modality_codes(names, device) -> torch.Tensor:
+    return torch.tensor([MODALITIES[n] for n in names], device=device)
+
+
+def per_modality_attention(query, key, value, parts, scaling):
+    """For each (visible, is_x): the attention output over the visible keys of that modality
+    alone, and the share of the row's total attention mass they hold. Each modality is a
+    contiguous span of every row, so K and V are sliced to the span's range in the batch."""
+    n_rep = query.shape[1] // key.shape[1]
+    outputs, lses = [], []
+    for visible, is_x in parts:
+        columns = is_x.any(0).nonzero()
+        if len(columns) == 0:
+            outputs.append(torch.zeros_like(query, dtype=torch.float32))
+            lses.append(torch.full(query.shape[:3], -math.inf, device=query.device))
+            continue
+        span = slice(int(columns[0]), int(columns[-1]) + 1)
+        mask = visible[..., span] & is_x[:, None, None, span]
+        o_x, lse_x = attention_with_lse(
+            query,
+            repeat_kv(key[:, :, span], n_rep),
+            repeat_kv(value[:, :, span], n_rep),
+            mask,
+            scaling,
+        )
+        # A row that sees no key of X: kernels return 0 or NaN and an arbitrary LSE.
+        seen = mask.any(-1)
+        outputs.append(torch.where(seen[..., None], o_x.float(), 0.0))
+        lses.append(torch.where(seen, lse_x.float(), -math.inf))
+    lse_all = torch.stack(lses).logsumexp(0)
+    finite = torch.isfinite(lse_all)
+    masses = [torch.where(finite, (lse - lse_all).exp(), 0.0)[..., None] for lse in lses]
+    return list(zip(outputs, masses, strict=True))
+
+
+def attention_with_lse(query, key, value, mask, scaling):
+    """Attention output (B, H, Q, D) and log-sum-exp of the scores (B, H, Q), in O(Q + K)
+    memory on CPU (flash kernel); elsewhere the scores of this span are materialised."""
+    bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device)
+    bias = bias.masked_fill(~mask, -math.inf)
+    if query.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, False, attn_mask=bias, scale=scaling
+        )
+    return attention_with_lse_math(query, key, value, bias, scaling)
+
+
+def attention_with_lse_math(query, key, value, bias, scaling):
+    scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * scaling + bias.float()
+    lse = scores.logsumexp(-1)
+    weights = (scores - lse[..., None]).exp().nan_to_num(0.0)
+    return torch.matmul(weights, value.float()), lse
+
+
+IMPLEMENTATIONS = {"eager": eager_redistributed_attention, "fused": fused_redistributed_attention}
 
 
 def sysattn_attention(
@@ -110,9 +210,9 @@ def sysattn_attention(
         raise ValueError("an attention_edit needs key_modality (see sysattn_exp.modality)")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    return eager_redistributed_attention(
-        module, query, key, value, attention_mask, scaling, key_modality, attention_edit
-    )
+    implementation = IMPLEMENTATIONS[attention_edit.impl]
+    out = implementation(query, key, value, attention_mask, scaling, key_modality, attention_edit)
+    return out.transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(ATTENTION_NAME, sysattn_attention)

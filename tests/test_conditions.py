@@ -62,9 +62,9 @@ def rule(**kw):
 
 def test_rules_are_canonical():
     assert intervention_rule(OmegaConf.create({"name": "none"})) is None
-    assert rule() == ("system", ("text",))
-    assert rule(recipients=["text", "image"]) == ("system", ("image", "text"))
-    assert rule(source="image", recipients="text") == ("image", ("text",))
+    assert rule() == ("system", ("text",), "fused")
+    assert rule(recipients=["text", "image"]) == ("system", ("image", "text"), "fused")
+    assert rule(source="image", recipients="text", impl="eager") == ("image", ("text",), "eager")
 
 
 @pytest.mark.parametrize(
@@ -75,6 +75,7 @@ def test_rules_are_canonical():
         ({"recipients": []}, "intervention.recipients is empty"),
         ({"recipients": ["system"]}, "allowed recipients are image, text"),
         ({"recipients": ["pixels"]}, "contains 'pixels'"),
+        ({"impl": "flash"}, "intervention.impl='flash' is unknown"),
     ],
 )
 def test_bad_rules(kw, message):

@@ -1,4 +1,5 @@
-"""The redistribution attention equals an independent loop-based eager reference."""
+"""Both implementations of the redistribution (fused, the default, and eager) equal an
+independent loop-based reference, and each other, to 1e-5 in float32."""
 
 import itertools
 
@@ -74,12 +75,16 @@ def padded_batch(gqa_llava):
     return batch_inputs(gqa_llava[1], [SYSTEM_PROMPT, "", SYSTEM_PROMPT])
 
 
+IMPLS = ["fused", "eager"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("source,recipients", list(all_rules()))
-def test_redistribution_matches_reference(gqa_llava, padded_batch, source, recipients):
+def test_redistribution_matches_reference(gqa_llava, padded_batch, source, recipients, impl):
     model, _ = gqa_llava
     layers = frozenset({3, 4, 5})
     real = padded_batch["attention_mask"].bool()
-    got = sysattn_logits(model, padded_batch, Redistribution(source, recipients, layers))
+    got = sysattn_logits(model, padded_batch, Redistribution(source, recipients, layers, impl))
     rule = {"source": source, "recipients": set(recipients), "layers": layers}
     want = reference_logits(model, padded_batch, rule)
     assert torch.allclose(got[real], want[real], atol=1e-5, rtol=0), (got - want)[real].abs().max()
@@ -95,17 +100,20 @@ def test_baseline_matches_reference(gqa_llava, padded_batch):
     assert torch.allclose(got[real], want[real], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("layers", [frozenset(range(6)), frozenset({0}), frozenset({2, 3})])
-def test_layer_selection_matches_reference(gqa_llava, padded_batch, layers):
+def test_layer_selection_matches_reference(gqa_llava, padded_batch, layers, impl):
     model, _ = gqa_llava
     real = padded_batch["attention_mask"].bool()
-    got = sysattn_logits(model, padded_batch, Redistribution("system", ("image",), layers))
+    edit = Redistribution("system", ("image",), layers, impl)
+    got = sysattn_logits(model, padded_batch, edit)
     rule = {"source": "system", "recipients": {"image"}, "layers": layers}
     want = reference_logits(model, padded_batch, rule)
     assert torch.allclose(got[real], want[real], atol=1e-5, rtol=0)
 
 
-def test_unpadded_single_prompt_matches_reference(gqa_llava):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_unpadded_single_prompt_matches_reference(gqa_llava, impl):
     """One unpadded row: transformers passes attention_mask=None (causal)."""
     model, processor = gqa_llava
     inputs = processor(
@@ -114,6 +122,44 @@ def test_unpadded_single_prompt_matches_reference(gqa_llava):
         return_tensors="pt",
     )
     rule = {"source": "system", "recipients": {"text"}, "layers": {4, 5}}
-    got = sysattn_logits(model, inputs, Redistribution("system", ("text",), frozenset({4, 5})))
+    got = sysattn_logits(
+        model, inputs, Redistribution("system", ("text",), frozenset({4, 5}), impl)
+    )
     want = reference_logits(model, inputs, rule)
     assert torch.allclose(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("source,recipients", list(all_rules()))
+def test_fused_equals_eager_in_small_query_blocks(
+    gqa_llava, padded_batch, monkeypatch, source, recipients
+):
+    """Blocks of 7 query rows exercise the block loop (padding, spans across blocks)."""
+    import sysattn_exp.intervention as intervention
+
+    model, _ = gqa_llava
+    real = padded_batch["attention_mask"].bool()
+    layers = frozenset(range(6))
+    eager = sysattn_logits(model, padded_batch, Redistribution(source, recipients, layers, "eager"))
+    monkeypatch.setattr(intervention, "QUERY_BLOCK", 7)
+    fused = sysattn_logits(model, padded_batch, Redistribution(source, recipients, layers, "fused"))
+    assert torch.allclose(fused[real], eager[real], atol=1e-5, rtol=0)
+
+
+def test_attention_with_lse_kernels_agree():
+    """The CPU flash kernel and the portable fallback give the same output and LSE, with
+    rows that see no key."""
+    from sysattn_exp.intervention import attention_with_lse, attention_with_lse_math
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, 4, 11, 16), torch.randn(2, 4, 11, 16)
+    mask = torch.rand(2, 1, 9, 11) > 0.4
+    mask[:, :, 0] = False
+    out, lse = attention_with_lse(q, k, v, mask, 0.25)
+    bias = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    out_math, lse_math = attention_with_lse_math(q, k, v, bias, 0.25)
+    seen = mask.any(-1).expand(2, 4, 9)
+    assert torch.allclose(out[seen], out_math[seen], atol=1e-5)
+    assert torch.allclose(lse[seen], lse_math[seen], atol=1e-5)
+    scores = (q @ k.transpose(-1, -2)) * 0.25
+    want = scores.masked_fill(~mask, float("-inf")).logsumexp(-1)
+    assert torch.allclose(lse[seen], want[seen], atol=1e-5)

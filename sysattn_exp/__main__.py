@@ -40,6 +40,8 @@ def main() -> None:
     # Let configuration errors reach us instead of Hydra's multi-line report: bad input is
     # one line and exit status 2; anything else is a bug and keeps its full traceback.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    # Tokenizers run in DataLoader workers; their own thread pool would warn after fork.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         run_job()
     except (UsageError, HydraException, OmegaConfBaseException) as error:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pandas as pd
 from omegaconf import OmegaConf
-from tqdm import tqdm
 
 from sysattn_exp.benchmarks import Benchmark, load_benchmark
 from sysattn_exp.conditions import build_edit, intervention_rule, resolve_layers
@@ -23,34 +22,22 @@ from sysattn_exp.models import (
     load_processor,
     prompt_modalities,
 )
-from sysattn_exp.scoring import score_batch
+from sysattn_exp.scoring import score_items
 from sysattn_exp.tracking import log_job
 
 log = logging.getLogger(__name__)
 
 # Baseline predictions by everything that determines them; later jobs of a sweep reuse them.
-_BASELINES: dict[tuple, pd.DataFrame] = {}
+_BASELINES: dict[tuple, tuple[pd.DataFrame, float]] = {}
 
 
-def predict(
-    loaded: LoadedModel,
-    benchmark: Benchmark,
-    prompts: list[str],
-    edit: Redistribution | None,
-    words: tuple[list[int], list[int]],
-    batch_size: int,
-    desc: str,
-) -> pd.DataFrame:
-    """Score every item; one row per item with the columns of predictions.parquet."""
+def predict(cfg, loaded, benchmark, prompts, edit, words, desc) -> tuple[pd.DataFrame, float]:
+    """Score every item: one row per item with the columns of predictions.parquet, and the
+    seconds the scoring took."""
+    yes, no, seconds = score_items(
+        loaded, benchmark, prompts, edit, words, cfg.model.batch_size, num_workers(cfg), desc
+    )
     items = benchmark.items
-    yes_logits, no_logits = [], []
-    starts = range(0, len(items), batch_size)
-    for start in tqdm(starts, desc=desc, unit="batch", disable=None):
-        batch = range(start, min(start + batch_size, len(items)))
-        images = [benchmark.load_image(items[i].image_id) for i in batch]
-        yes, no = score_batch(loaded, images, [prompts[i] for i in batch], edit, *words)
-        yes_logits += yes.tolist()
-        no_logits += no.tolist()
     frame = pd.DataFrame(
         {
             "item_id": [i.item_id for i in items],
@@ -59,13 +46,21 @@ def predict(
             "question": [i.question for i in items],
             "prompt": prompts,
             "label": [i.label for i in items],
-            "yes_logit": yes_logits,
-            "no_logit": no_logits,
+            "yes_logit": yes,
+            "no_logit": no,
         }
     )
     frame["pred"] = frame["yes_logit"] > frame["no_logit"]
     frame["correct"] = frame["pred"] == frame["label"]
-    return frame
+    return frame, seconds
+
+
+def num_workers(cfg) -> int:
+    """Image-decoding worker processes: runtime.num_workers, or by default up to 4 while
+    leaving a core to the model."""
+    if cfg.runtime.num_workers != "auto":
+        return int(cfg.runtime.num_workers)
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
 def scoring_words(loaded: LoadedModel, cfg) -> tuple[list[int], list[int]]:
@@ -78,10 +73,11 @@ def scoring_words(loaded: LoadedModel, cfg) -> tuple[list[int], list[int]]:
     return yes, no
 
 
-def evaluate(cfg, benchmark, loaded, prompts, edit, words, desc) -> pd.DataFrame:
-    """Predictions for `edit`; the baseline (edit None) is computed once per process."""
+def evaluate(cfg, benchmark, loaded, prompts, edit, words, desc) -> tuple[pd.DataFrame, float]:
+    """Predictions for `edit` and the seconds they took; the baseline (edit None) is
+    computed once per process."""
     if edit is not None:
-        return predict(loaded, benchmark, prompts, edit, words, cfg.model.batch_size, desc)
+        return predict(cfg, loaded, benchmark, prompts, edit, words, desc)
     key = (
         id(loaded),
         tuple((i.item_id, i.image_id, i.label) for i in benchmark.items),
@@ -90,9 +86,7 @@ def evaluate(cfg, benchmark, loaded, prompts, edit, words, desc) -> pd.DataFrame
     )
     if key not in _BASELINES:
         log.info("computing the baseline (once per model, benchmark and prompt)")
-        _BASELINES[key] = predict(
-            loaded, benchmark, prompts, None, words, cfg.model.batch_size, "baseline"
-        )
+        _BASELINES[key] = predict(cfg, loaded, benchmark, prompts, None, words, "baseline")
     return _BASELINES[key]
 
 
@@ -164,9 +158,10 @@ def run(cfg, out_dir: Path) -> dict:
     ]
     name = run_name(benchmark, edit, layers)
 
-    baseline = evaluate(cfg, benchmark, loaded, prompts, None, words, name)
-    predictions = evaluate(cfg, benchmark, loaded, prompts, edit, words, name)
+    baseline, _ = evaluate(cfg, benchmark, loaded, prompts, None, words, name)
+    predictions, seconds = evaluate(cfg, benchmark, loaded, prompts, edit, words, name)
     metrics = all_metrics(benchmark, predictions)
+    metrics |= {"scoring_seconds": seconds, "items_per_second": len(predictions) / seconds}
     if edit is not None:
         metrics |= compare_with_baseline(metrics, all_metrics(benchmark, baseline))
 

@@ -1,10 +1,153 @@
-"""Batched yes/no scoring: one forward pass per batch, logits at the last position only."""
+"""Batched yes/no scoring: one forward pass per batch, logits at the last position only.
+
+Items that share an image share the forward pass over the prompt prefix (BOS, system
+prompt, "USER: ", the image tokens): it runs once per image, vision tower included, and
+its KV cache serves every question about that image, so only the question tokens run per
+item. This is exact for every intervention: attention is causal and the rule acts per
+query row, so no prefix row depends on the question. Images are decoded and preprocessed
+in DataLoader workers while the model runs.
+"""
+
+import time
+from dataclasses import dataclass
 
 import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
+from sysattn_exp.benchmarks import Benchmark
+from sysattn_exp.errors import UsageError
 from sysattn_exp.intervention import Redistribution
-from sysattn_exp.modality import modality_ids
+from sysattn_exp.modality import PAD, TEXT, modality_ids
 from sysattn_exp.models import LoadedModel
+
+
+def plan_batches(image_ids: list[str], batch_size: int) -> list[list[int]]:
+    """Item indices in batches of at most `batch_size`, keeping the items of one image
+    together (in order of first appearance) unless one image alone has more."""
+    by_image: dict[str, list[int]] = {}
+    for index, image_id in enumerate(image_ids):
+        by_image.setdefault(image_id, []).append(index)
+    batches, current = [], []
+    for indices in by_image.values():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            if len(current) + len(chunk) > batch_size:
+                batches.append(current)
+                current = []
+            current = current + chunk
+    return batches + ([current] if current else [])
+
+
+@dataclass
+class EncodedBatch:
+    items: list[int]  # benchmark item indices, in the order of the rows below
+    pixel_values: torch.Tensor  # (U, 3, H, W): one per distinct image
+    prefix_ids: torch.Tensor  # (U, P): the prompt up to and including the image tokens
+    question_ids: torch.Tensor  # (B, Q): the rest of each prompt, right-padded
+    question_mask: torch.Tensor  # (B, Q)
+    image_row: torch.Tensor  # (B,): each item's row in pixel_values / prefix_ids
+
+
+class BatchEncoder(Dataset):
+    """Batch i of the plan: its distinct images decoded and preprocessed once, and each
+    prompt tokenized exactly as the processor would, split after the last image token."""
+
+    def __init__(self, benchmark: Benchmark, prompts: list[str], plan, processor):
+        self.benchmark, self.prompts, self.plan, self.processor = (
+            benchmark,
+            prompts,
+            plan,
+            processor,
+        )
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, i: int) -> EncodedBatch | UsageError:
+        # Bad data travels back as a value: re-raised by a DataLoader worker, the error's
+        # one-line message would come wrapped in a traceback.
+        try:
+            return self.encode(i)
+        except UsageError as error:
+            return error
+
+    def encode(self, i: int) -> EncodedBatch:
+        by_image: dict[str, list[int]] = {}
+        for j in self.plan[i]:
+            by_image.setdefault(self.benchmark.items[j].image_id, []).append(j)
+        pixels, prefixes, questions, order, image_row = [], [], [], [], []
+        for row, (image_id, mine) in enumerate(by_image.items()):
+            image = self.benchmark.load_image(image_id)
+            inputs = self.processor(
+                images=[image], text=[self.prompts[mine[0]]], return_tensors="pt"
+            )
+            pixels.append(inputs["pixel_values"][0])
+            n_image = int((inputs["input_ids"] == self.processor.image_token_id).sum())
+            split = [self.split_prompt(self.prompts[j], n_image) for j in mine]
+            if any(prefix != split[0][0] for prefix, _ in split):
+                raise ValueError(f"the prompts about image {image_id} differ before the image")
+            prefixes.append(split[0][0])
+            questions += [question for _, question in split]
+            order += mine
+            image_row += [row] * len(mine)
+        q_len = max(len(q) for q in questions)
+        pad = self.processor.tokenizer.pad_token_id
+        return EncodedBatch(
+            items=order,
+            pixel_values=torch.stack(pixels),
+            prefix_ids=torch.tensor(prefixes),
+            question_ids=torch.tensor([q + [pad] * (q_len - len(q)) for q in questions]),
+            question_mask=torch.tensor([[1] * len(q) + [0] * (q_len - len(q)) for q in questions]),
+            image_row=torch.tensor(image_row),
+        )
+
+    def split_prompt(self, prompt: str, n_image: int) -> tuple[list[int], list[int]]:
+        """Token ids of `prompt` with its image expanded to `n_image` tokens (what the
+        processor does), split after the last image token."""
+        token = self.processor.image_token
+        ids = self.processor.tokenizer(prompt.replace(token, token * n_image)).input_ids
+        last = max(i for i, t in enumerate(ids) if t == self.processor.image_token_id)
+        if last == len(ids) - 1:
+            raise ValueError(f"prompt {prompt!r} has no text after the image")
+        return ids[: last + 1], ids[last + 1 :]
+
+
+@torch.inference_mode()
+def score_batch(
+    loaded: LoadedModel, batch: EncodedBatch, edit: Redistribution | None, yes_ids, no_ids
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(yes_logit, no_logit) per item: log-sum-exp of the yes / no word logits."""
+    device, model = loaded.device, loaded.model
+    prefix_ids = batch.prefix_ids.to(device)
+    prefix_modality = modality_ids(
+        prefix_ids, torch.ones_like(prefix_ids), loaded.image_token_id, loaded.image_seq_length
+    )
+    prefix = model.model(
+        input_ids=prefix_ids,
+        pixel_values=batch.pixel_values.to(device, loaded.dtype),
+        use_cache=True,
+        key_modality=prefix_modality,
+        attention_edit=edit,
+    )
+    cache, rows = prefix.past_key_values, batch.image_row.to(device)
+    cache.batch_select_indices(rows)
+    question_ids, question_mask = batch.question_ids.to(device), batch.question_mask.to(device)
+    p_len, q_len = prefix_ids.shape[1], question_ids.shape[1]
+    hidden = model.model(
+        input_ids=question_ids,
+        attention_mask=torch.cat([torch.ones_like(prefix_ids[rows]), question_mask], dim=1),
+        position_ids=(p_len + torch.arange(q_len, device=device)).expand_as(question_ids),
+        past_key_values=cache,
+        use_cache=True,
+        key_modality=torch.cat(
+            [prefix_modality[rows], torch.where(question_mask.bool(), TEXT, PAD)], dim=1
+        ),
+        attention_edit=edit,
+    ).last_hidden_state
+    last_token = hidden[torch.arange(len(rows), device=device), question_mask.sum(1) - 1]
+    logits = model.lm_head(last_token).float()
+    return logits[:, yes_ids].logsumexp(dim=-1), logits[:, no_ids].logsumexp(dim=-1)
 
 
 def left_padded_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -14,15 +157,16 @@ def left_padded_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def score_batch(
+def score_full_prompts(
     loaded: LoadedModel,
     images: list,
     prompts: list[str],
     edit: Redistribution | None,
-    yes_ids: list[int],
-    no_ids: list[int],
+    yes_ids,
+    no_ids,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(yes_logit, no_logit) per prompt: log-sum-exp of the yes / no word logits."""
+    """The same scores without prefix sharing: whole prompts, left-padded, one forward.
+    Kept as the plain path that prefix sharing is checked and benchmarked against."""
     inputs = loaded.processor(images=images, text=prompts, padding=True, return_tensors="pt")
     inputs = inputs.to(loaded.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
@@ -45,3 +189,37 @@ def score_batch(
         .float()
     )
     return logits[:, yes_ids].logsumexp(dim=-1), logits[:, no_ids].logsumexp(dim=-1)
+
+
+def keep_batch(batch):
+    """DataLoader collate: a batch is already built by BatchEncoder."""
+    return batch
+
+
+def score_items(
+    loaded: LoadedModel,
+    benchmark: Benchmark,
+    prompts: list[str],
+    edit: Redistribution | None,
+    words: tuple[list[int], list[int]],
+    batch_size: int,
+    num_workers: int,
+    desc: str,
+) -> tuple[list[float], list[float], float]:
+    """yes and no logits of every item (benchmark order) and the seconds scoring took."""
+    plan = plan_batches([item.image_id for item in benchmark.items], batch_size)
+    loader = DataLoader(
+        BatchEncoder(benchmark, prompts, plan, loaded.processor),
+        batch_size=None,
+        collate_fn=keep_batch,
+        num_workers=num_workers,
+    )
+    yes_logits, no_logits = [0.0] * len(prompts), [0.0] * len(prompts)
+    started = time.perf_counter()
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=None):
+        if isinstance(batch, UsageError):
+            raise batch
+        yes, no = score_batch(loaded, batch, edit, *words)
+        for j, y, n in zip(batch.items, yes.tolist(), no.tolist(), strict=True):
+            yes_logits[j], no_logits[j] = y, n
+    return yes_logits, no_logits, time.perf_counter() - started

@@ -70,6 +70,8 @@ def test_each_job_writes_predictions_and_metrics(sweep):
         for name in SHARED:
             assert f"baseline_{name}" in metrics
         assert metrics["n_items"] == 48 and metrics["n_groups"] == 24
+        assert metrics["scoring_seconds"] > 0
+        assert metrics["items_per_second"] == pytest.approx(48 / metrics["scoring_seconds"])
         assert metrics["gt_yes_rate"] == 0.5
         assert metrics["paired_accuracy"] == pytest.approx(
             predictions.groupby("group_id")["correct"].all().mean()

@@ -1,19 +1,35 @@
+import itertools
+
 import pytest
 import torch
 from conftest import make_image
 
+from sysattn_exp.benchmarks.base import Benchmark, Item
 from sysattn_exp.intervention import Redistribution
 from sysattn_exp.models import LoadedModel, build_prompt, use_sysattn
-from sysattn_exp.scoring import score_batch
+from sysattn_exp.scoring import (
+    BatchEncoder,
+    plan_batches,
+    score_batch,
+    score_full_prompts,
+    score_items,
+)
 
+COLOURS = ["red", "blue", "green"]
 QUESTIONS = [
     "Is it red?",
     "Is there a blue square in the image? Please answer yes or no.",
     "Yes?",
-    "Is the circle on the left green and large?",
-    "Is it?",
+    "Is the circle on the left green and large, and is it next to a small yellow triangle?",
 ]
-COLOURS = ["red", "blue", "green", "yellow", "red"]
+WORDS = ([10, 11], [12])
+EDITS = [
+    None,
+    Redistribution("system", ("text",), frozenset({3, 4, 5})),
+    Redistribution("system", ("image", "text"), frozenset(range(6))),
+    Redistribution("image", ("system",), frozenset({0, 1}), "eager"),
+    Redistribution("text", ("image",), frozenset({2, 5})),
+]
 
 
 @pytest.fixture(scope="module")
@@ -23,23 +39,71 @@ def loaded(gqa_llava):
     return LoadedModel(model, processor, torch.device("cpu"), torch.float32)
 
 
-@pytest.mark.parametrize(
-    "edit",
-    [
-        None,
-        Redistribution("system", ("text",), frozenset({3, 4, 5})),
-        Redistribution("image", ("system", "text"), frozenset({0, 1})),
-    ],
-)
+def four_questions_per_image() -> Benchmark:
+    items = [
+        Item(f"{c}-{q}", f"g{q}", c, QUESTIONS[q], q % 2 == 0)
+        for c, q in itertools.product(COLOURS, range(len(QUESTIONS)))
+    ]
+    return Benchmark("test", items, "{question}", make_image)
+
+
+def test_plan_keeps_images_together():
+    image_ids = ["a", "a", "b", "c", "c", "c", "a", "d"]
+    assert plan_batches(image_ids, 4) == [[0, 1, 6, 2], [3, 4, 5, 7]]
+    assert plan_batches(image_ids, 2) == [[0, 1], [6, 2], [3, 4], [5, 7]]
+    assert sorted(sum(plan_batches(image_ids, 3), [])) == list(range(8))
+
+
+def test_encoder_tokenizes_as_the_processor(loaded):
+    bench = four_questions_per_image()
+    prompts = [build_prompt(i.question, "A chat.") for i in bench.items]
+    batch = BatchEncoder(bench, prompts, [list(range(len(prompts)))], loaded.processor)[0]
+    assert batch.prefix_ids.shape[0] == batch.pixel_values.shape[0] == len(COLOURS)
+    for row, j in enumerate(batch.items):
+        item = bench.items[j]
+        want = loaded.processor(
+            images=[make_image(item.image_id)], text=[prompts[j]], return_tensors="pt"
+        )
+        question = batch.question_ids[row][batch.question_mask[row].bool()]
+        got = torch.cat([batch.prefix_ids[batch.image_row[row]], question])
+        assert got.tolist() == want["input_ids"][0].tolist()
+        assert torch.equal(batch.pixel_values[batch.image_row[row]], want["pixel_values"][0])
+
+
+@pytest.mark.parametrize("edit", EDITS)
+def test_shared_prefix_equals_full_prompts(loaded, edit):
+    """Four questions of different lengths per image, three images in one batch."""
+    bench = four_questions_per_image()
+    prompts = [
+        build_prompt(i.question, "A chat between a user and an assistant.") for i in bench.items
+    ]
+    batch = BatchEncoder(bench, prompts, [list(range(len(prompts)))], loaded.processor)[0]
+    yes, no = score_batch(loaded, batch, edit, *WORDS)
+    images = [make_image(bench.items[j].image_id) for j in batch.items]
+    yes_full, no_full = score_full_prompts(
+        loaded, images, [prompts[j] for j in batch.items], edit, *WORDS
+    )
+    assert torch.allclose(yes, yes_full, atol=1e-5, rtol=0)
+    assert torch.allclose(no, no_full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("edit", EDITS[:2])
 def test_batched_equals_unbatched(loaded, edit):
-    prompts = [build_prompt(q, "A chat.") for q in QUESTIONS]
-    images = [make_image(c) for c in COLOURS]
-    words = ([10, 11], [12])
-    yes_b, no_b = score_batch(loaded, images, prompts, edit, *words)
-    for i in range(len(prompts)):
-        yes_1, no_1 = score_batch(loaded, images[i : i + 1], prompts[i : i + 1], edit, *words)
-        assert torch.allclose(yes_b[i], yes_1[0], atol=1e-5, rtol=0)
-        assert torch.allclose(no_b[i], no_1[0], atol=1e-5, rtol=0)
+    bench = four_questions_per_image()
+    prompts = [build_prompt(i.question, "A chat.") for i in bench.items]
+    yes_b, no_b, seconds = score_items(loaded, bench, prompts, edit, WORDS, 5, 0, "test")
+    yes_1, no_1, _ = score_items(loaded, bench, prompts, edit, WORDS, 1, 0, "test")
+    assert seconds > 0
+    assert torch.allclose(torch.tensor(yes_b), torch.tensor(yes_1), atol=1e-5, rtol=0)
+    assert torch.allclose(torch.tensor(no_b), torch.tensor(no_1), atol=1e-5, rtol=0)
+
+
+def test_worker_processes_give_the_same_scores(loaded):
+    bench = four_questions_per_image()
+    prompts = [build_prompt(i.question, "A chat.") for i in bench.items]
+    in_process = score_items(loaded, bench, prompts, EDITS[1], WORDS, 4, 0, "test")
+    workers = score_items(loaded, bench, prompts, EDITS[1], WORDS, 4, 2, "test")
+    assert in_process[:2] == workers[:2]
 
 
 def test_yes_no_logits_are_logsumexp_of_last_position(loaded):
@@ -47,7 +111,7 @@ def test_yes_no_logits_are_logsumexp_of_last_position(loaded):
     model, processor = loaded.model, loaded.processor
     prompt = build_prompt("Is it red?", "A chat.")
     image = make_image("red")
-    yes, no = score_batch(loaded, [image], [prompt], None, [10, 11], [12])
+    yes, no = score_full_prompts(loaded, [image], [prompt], None, [10, 11], [12])
     inputs = processor(images=[image], text=[prompt], return_tensors="pt")
     model.set_attn_implementation("sdpa")
     try:

@@ -96,8 +96,10 @@ def eager_redistributed_attention(query, key, value, attention_mask, scaling, ke
     return torch.matmul(weights, value.float()).to(query.dtype)
 
 
-# Query rows per block in the fused path: masks and biases stay (block x K), not (Q x K).
-QUERY_BLOCK = 1024
+# The fused path works on blocks of query rows so that its masks and biases hold about
+# this many (row, key) entries, not Q x K: a prompt of ~650 tokens is one block, 4,096
+# tokens are blocks of 256 rows.
+BLOCK_ENTRIES = 1 << 20
 
 
 def fused_redistributed_attention(query, key, value, attention_mask, scaling, key_modality, edit):
@@ -108,8 +110,9 @@ def fused_redistributed_attention(query, key, value, attention_mask, scaling, ke
     is_other = (key_modality != PAD) & ~is_source & ~is_recipient
     query_is_real = key_modality[:, k_len - q_len :] != PAD
     out = torch.empty_like(query)
-    for start in range(0, q_len, QUERY_BLOCK):
-        rows = slice(start, min(start + QUERY_BLOCK, q_len))
+    block_rows = max(1, BLOCK_ENTRIES // k_len)
+    for start in range(0, q_len, block_rows):
+        rows = slice(start, min(start + block_rows, q_len))
         visible = visible_keys(attention_mask, rows, q_len, k_len, query.device)
         sees_source = (visible & is_source[:, None, None]).any(-1, keepdim=True)
         sees_recipient = (visible & is_recipient[:, None, None]).any(-1, keepdim=True)
@@ -117,11 +120,11 @@ def fused_redistributed_attention(query, key, value, attention_mask, scaling, ke
         if not is_other.any():
             # Proportional redistribution onto every other key = softmax without the source.
             mask = visible & ~(is_source[:, None, None] & change)
-            block = F.scaled_dot_product_attention(
+            attended = F.scaled_dot_product_attention(
                 query[:, :, rows], key, value, attn_mask=mask, scale=scaling, enable_gqa=True
             )
             # A row that sees no key (padding) would be NaN with some kernels: make it 0.
-            out[:, :, rows] = torch.where(mask.any(-1, keepdim=True), block, 0.0)
+            out[:, :, rows] = torch.where(mask.any(-1, keepdim=True), attended, 0.0)
         else:
             parts = [(visible, is_x) for is_x in (is_source, is_recipient, is_other)]
             (o_s, a_s), (o_r, a_r), (o_o, a_o) = per_modality_attention(

@@ -78,6 +78,7 @@ def build_tiny_llava(
     image_size: int = 56,
     patch_size: int = 14,
     init_std: float = 0.3,
+    max_positions: int = 1024,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """Random LLaVA and its processor; the same seed gives the same weights."""
     processor = build_processor(image_size, patch_size)
@@ -99,7 +100,7 @@ def build_tiny_llava(
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
-        max_position_embeddings=1024,
+        max_position_embeddings=max_positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -133,14 +133,14 @@ def test_unpadded_single_prompt_matches_reference(gqa_llava, impl):
 def test_fused_equals_eager_in_small_query_blocks(
     gqa_llava, padded_batch, monkeypatch, source, recipients
 ):
-    """Blocks of 7 query rows exercise the block loop (padding, spans across blocks)."""
+    """Blocks of a few query rows exercise the block loop (padding, spans across blocks)."""
     import sysattn_exp.intervention as intervention
 
     model, _ = gqa_llava
     real = padded_batch["attention_mask"].bool()
     layers = frozenset(range(6))
     eager = sysattn_logits(model, padded_batch, Redistribution(source, recipients, layers, "eager"))
-    monkeypatch.setattr(intervention, "QUERY_BLOCK", 7)
+    monkeypatch.setattr(intervention, "BLOCK_ENTRIES", 7 * padded_batch["input_ids"].shape[1])
     fused = sysattn_logits(model, padded_batch, Redistribution(source, recipients, layers, "fused"))
     assert torch.allclose(fused[real], eager[real], atol=1e-5, rtol=0)
 

@@ -1,0 +1,385 @@
+"""Speed and memory of the scoring path, as ratios of variants measured side by side.
+
+Runs in one process (the memory probes each in a process of their own), interleaving the
+variants and taking medians over repeats, on a random LLaVA with LLaVA-1.5's sequence
+shape (576 image tokens, its system prompt, ~20-token questions) that a 2-core CPU runs:
+
+    python scripts/bench.py --json outputs/bench.json            # the figures to quote
+    python scripts/bench.py --quick                              # under a minute
+    python scripts/bench.py --device cuda --model llava15_7b     # the real model on a GPU
+
+Figures (each a ratio): overhead_ratio (forward with a Q4 system->text redistribution over
+a plain SDPA forward), eager_overhead_ratio (the same with impl=eager), speedup_vs_naive
+(items/s of the runner's scoring path over a one-item-at-a-time generate() loop with eager
+attention everywhere, two questions per image), prefix_sharing_speedup (shared vs whole
+prompts, four questions per image), long_context_memory_ratio (peak memory of a forward
+whose recipients are a strict subset, at 4,096 tokens, over plain SDPA).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AttentionInterface
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from sysattn_exp.benchmarks.base import Benchmark, Item
+from sysattn_exp.intervention import Redistribution, eager_redistributed_attention
+from sysattn_exp.modality import modality_ids
+from sysattn_exp.models import LoadedModel, build_prompt, first_token_ids, use_sysattn
+from sysattn_exp.scoring import plan_batches, score_full_prompts, score_items
+
+SYSTEM_PROMPT = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant "
+    "gives helpful, detailed, and polite answers to the user's questions."
+)
+QUESTIONS = [
+    "Is there a red circle in the image?",
+    "Is the square on the left green?",
+    "Are there two blue triangles here?",
+    "Is the yellow shape larger than the car?",
+]
+# Items per benchmark (HallusionBench: questions with an image; BEAF: ver0 release).
+BENCHMARK_ITEMS = {
+    "mme": 2374,
+    "hallusionbench": 951,
+    "naturalbench": 7600,
+    "winoground": 1600,
+    "sugarcrepe": 15022,
+    "beaf": 26118,
+}
+QUARTERS_JOBS = 12 + 1  # the 12 conditions and the baseline they share
+
+
+def load(args) -> LoadedModel:
+    if args.model == "bench":
+        from sysattn_exp.tiny import build_tiny_llava
+
+        model, processor = build_tiny_llava(
+            num_layers=8,
+            hidden_size=256,
+            num_heads=8,
+            num_kv_heads=4,
+            image_size=336,
+            init_std=0.02,
+            max_positions=8192,
+        )
+        use_sysattn(model)
+        processor.tokenizer.padding_side = "left"
+        device = torch.device(args.device)
+        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+        model.to(device, dtype)
+        return LoadedModel(model, processor, device, dtype)
+    from hydra import compose, initialize_config_dir
+
+    from sysattn_exp.__main__ import CONF_DIR
+    from sysattn_exp.models import load_model
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[f"model={args.model}", f"model.device={args.device}"])
+    return load_model(cfg.model)
+
+
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
+
+
+def solid_image(image_id: str) -> Image.Image:
+    return Image.new("RGB", (400, 300), image_id.split("-")[0])
+
+
+def bench_items(n_images: int, per_image: int) -> Benchmark:
+    """`per_image` questions about each of `n_images` plain images."""
+    items = [
+        Item(f"{i}-{q}", f"{i}-{q}", f"{COLOURS[i % len(COLOURS)]}-{i}", QUESTIONS[q], q % 2 == 0)
+        for i in range(n_images)
+        for q in range(per_image)
+    ]
+    return Benchmark("bench", items, "{question} Please answer yes or no.", solid_image)
+
+
+def q4(loaded: LoadedModel) -> frozenset[int]:
+    depth = loaded.num_layers
+    return frozenset(range(3 * depth // 4, depth))
+
+
+def median_seconds(variants: dict, repeats: int) -> dict[str, float]:
+    """Each variant once per round, rounds repeated; median wall time per variant."""
+    for run in variants.values():  # warm-up
+        run()
+    times = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, run in variants.items():
+            start = time.perf_counter()
+            run()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def forward_overheads(loaded: LoadedModel, batch_size: int, repeats: int) -> dict:
+    bench = bench_items(batch_size, 1)
+    prompts = [build_prompt(bench.question_text(i), SYSTEM_PROMPT) for i in bench.items]
+    images = [bench.load_image(i.image_id) for i in bench.items]
+    inputs = loaded.processor(images=images, text=prompts, padding=True, return_tensors="pt").to(
+        loaded.device
+    )
+    inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
+    modality = modality_ids(
+        inputs["input_ids"],
+        inputs["attention_mask"],
+        loaded.image_token_id,
+        loaded.image_seq_length,
+    )
+    model = loaded.model
+
+    def forward(edit=None, plain=False):
+        def run():
+            with torch.inference_mode():
+                if plain:
+                    model(**inputs, logits_to_keep=1)
+                else:
+                    model(**inputs, logits_to_keep=1, key_modality=modality, attention_edit=edit)
+
+        return run
+
+    fused = Redistribution("system", ("text",), q4(loaded), "fused")
+    eager = Redistribution("system", ("text",), q4(loaded), "eager")
+    model.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
+    plain = forward(plain=True)
+
+    def plain_sdpa():
+        model.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
+        plain()
+        use_sysattn(model)
+
+    seconds = median_seconds(
+        {"plain": plain_sdpa, "fused": forward(fused), "eager": forward(eager)}, repeats
+    )
+    use_sysattn(model)
+    return {
+        "overhead_ratio": seconds["fused"] / seconds["plain"],
+        "eager_overhead_ratio": seconds["eager"] / seconds["plain"],
+        "forward_seconds": seconds,
+        "tokens_per_prompt": int(inputs["attention_mask"].sum(1).float().mean()),
+    }
+
+
+# generate() refuses unknown kwargs, so the naive loop hands the edit over in a global, as
+# hook-based research code does.
+NAIVE: dict = {}
+
+
+def naive_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """How typical research code does it: eager attention everywhere, the edit on the
+    materialised weights in the chosen layers."""
+    edit = NAIVE.get("edit")
+    if edit is not None and module.layer_idx in edit.layers:
+        visible = (
+            None if attention_mask is None else attention_mask == 0
+        )  # eager masks are additive
+        out = eager_redistributed_attention(
+            query, key, value, visible, scaling, NAIVE["modality"], edit
+        )
+        return out.transpose(1, 2).contiguous(), None
+    return eager_attention_forward(
+        module, query, key, value, attention_mask, scaling, dropout, **kwargs
+    )
+
+
+AttentionInterface.register("naive_eager", naive_attention)
+
+
+def naive_scores(loaded: LoadedModel, bench: Benchmark, prompts, edit, words):
+    """One item at a time through generate(max_new_tokens=1) with eager attention."""
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionMaskInterface.register("naive_eager", eager_mask)
+    model = loaded.model
+    model.set_attn_implementation({"text_config": "naive_eager", "vision_config": "sdpa"})
+    try:
+        for item, prompt in zip(bench.items, prompts, strict=True):
+            inputs = loaded.processor(
+                images=[bench.load_image(item.image_id)], text=[prompt], return_tensors="pt"
+            ).to(loaded.device)
+            inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
+            modality = modality_ids(
+                inputs["input_ids"],
+                inputs["attention_mask"],
+                loaded.image_token_id,
+                loaded.image_seq_length,
+            )
+            NAIVE.update(edit=edit, modality=modality)
+            out = model.generate(
+                **inputs,
+                max_new_tokens=1,
+                do_sample=False,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+            scores = out.scores[0][0].float()
+            _ = scores[words[0]].logsumexp(0) > scores[words[1]].logsumexp(0)
+    finally:
+        NAIVE.clear()
+        use_sysattn(model)
+
+
+def throughput(
+    loaded: LoadedModel, n_images: int, batch_size: int, repeats: int, workers: int
+) -> dict:
+    edit = Redistribution("system", ("text",), q4(loaded))
+    words = (
+        first_token_ids(loaded.processor.tokenizer, ["Yes", "yes"], "yes"),
+        first_token_ids(loaded.processor.tokenizer, ["No", "no"], "no"),
+    )
+    two = bench_items(n_images, 2)
+    two_prompts = [build_prompt(two.question_text(i), SYSTEM_PROMPT) for i in two.items]
+    four = bench_items(n_images, 4)
+    four_prompts = [build_prompt(four.question_text(i), SYSTEM_PROMPT) for i in four.items]
+    plan = plan_batches([i.image_id for i in four.items], batch_size)
+
+    def unshared():
+        for batch in plan:
+            images = [four.load_image(four.items[j].image_id) for j in batch]
+            score_full_prompts(loaded, images, [four_prompts[j] for j in batch], edit, *words)
+
+    variants = {
+        "runner_two": lambda: score_items(
+            loaded, two, two_prompts, edit, words, batch_size, workers, "runner"
+        ),
+        "naive_two": lambda: naive_scores(loaded, two, two_prompts, edit, words),
+        "shared_four": lambda: score_items(
+            loaded, four, four_prompts, edit, words, batch_size, 0, "shared"
+        ),
+        "unshared_four": unshared,
+    }
+    seconds = median_seconds(variants, repeats)
+    return {
+        "speedup_vs_naive": seconds["naive_two"] / seconds["runner_two"],
+        "prefix_sharing_speedup": seconds["unshared_four"] / seconds["shared_four"],
+        "items_per_second": len(two.items) / seconds["runner_two"],
+        "throughput_seconds": seconds,
+    }
+
+
+def peak_memory_probe(args) -> None:
+    """In a fresh process: the peak memory one forward at `--tokens` adds (printed)."""
+    loaded = load(args)
+    image = Image.new("RGB", (400, 300), "red")
+    filler = " ".join(["the red circle is next to the square"] * args.tokens)
+    prompt = build_prompt(filler, SYSTEM_PROMPT)
+    inputs = loaded.processor(images=[image], text=[prompt], return_tensors="pt")
+    inputs = {k: v[:, : args.tokens] if k != "pixel_values" else v for k, v in inputs.items()}
+    inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
+    modality = modality_ids(
+        inputs["input_ids"],
+        inputs["attention_mask"],
+        loaded.image_token_id,
+        loaded.image_seq_length,
+    )
+    edit = Redistribution("system", ("text",), q4(loaded)) if args.memory_probe == "lse" else None
+    if edit is None:
+        loaded.model.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
+    kwargs = {} if edit is None else {"key_modality": modality, "attention_edit": edit}
+    before = reset_peak(loaded.device)
+    with torch.inference_mode():
+        loaded.model(**inputs, logits_to_keep=1, **kwargs)
+    print(json.dumps({"peak_bytes": read_peak(loaded.device) - before}))
+
+
+def reset_peak(device) -> int:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident set (VmHWM)
+    return proc_status_kb("VmRSS") * 1024
+
+
+def read_peak(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return proc_status_kb("VmHWM") * 1024
+
+
+def proc_status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def long_context_memory(args) -> dict:
+    peaks = {}
+    for variant in ("plain", "lse"):
+        command = [
+            sys.executable,
+            __file__,
+            "--memory-probe",
+            variant,
+            "--tokens",
+            "4096",
+            "--device",
+            args.device,
+            "--model",
+            args.model,
+        ]
+        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        peaks[variant] = json.loads(output.strip().splitlines()[-1])["peak_bytes"]
+    return {
+        "long_context_memory_ratio": peaks["lse"] / peaks["plain"],
+        "long_context_peak_bytes": peaks,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and items (< 1 min)")
+    parser.add_argument("--json", type=Path, help="write the figures to this file")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--model", default="bench", help="bench (random, built in code) or a conf/model name"
+    )
+    parser.add_argument("--memory-probe", choices=["plain", "lse"], help=argparse.SUPPRESS)
+    parser.add_argument("--tokens", type=int, default=4096, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_probe:
+        return peak_memory_probe(args)
+    torch.manual_seed(0)
+    loaded = load(args)
+    repeats, n_images = (3, 4) if args.quick else (7, 8)
+    workers = max(0, min(4, (os.cpu_count() or 1) - 1))
+    figures = {
+        "device": str(loaded.device),
+        "model": args.model,
+        "quick": args.quick,
+        "repeats": repeats,
+    }
+    figures |= forward_overheads(loaded, batch_size=4, repeats=repeats)
+    figures |= throughput(loaded, n_images, batch_size=8, repeats=repeats, workers=workers)
+    figures |= long_context_memory(args)
+    total_items = sum(BENCHMARK_ITEMS.values())
+    figures["quarters_sweep_hours_all_six"] = (
+        QUARTERS_JOBS * total_items / figures["items_per_second"] / 3600
+    )
+    text = json.dumps(figures, indent=2)
+    print(text)
+    hours = figures["quarters_sweep_hours_all_six"]
+    print(
+        f"items/s {figures['items_per_second']:.1f}: +sweep=quarters over all six benchmarks "
+        f"({total_items} items x {QUARTERS_JOBS} evaluations) ~ {hours:.1f} h on {loaded.device}"
+    )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -316,6 +316,11 @@ def proc_status_kb(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+# A fixed mmap threshold makes glibc return every large freed block to the system at once,
+# so the resident-set peak follows live memory instead of the allocator's caching.
+PROBE_ENV = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
 def long_context_memory(args) -> dict:
     peaks = {}
     for variant in ("plain", "lse"):
@@ -331,7 +336,9 @@ def long_context_memory(args) -> dict:
             "--model",
             args.model,
         ]
-        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        output = subprocess.run(
+            command, capture_output=True, text=True, check=True, env=PROBE_ENV
+        ).stdout
         peaks[variant] = json.loads(output.strip().splitlines()[-1])["peak_bytes"]
     return {
         "long_context_memory_ratio": peaks["lse"] / peaks["plain"],

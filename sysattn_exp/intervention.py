@@ -109,6 +109,11 @@ def fused_redistributed_attention(query, key, value, attention_mask, scaling, ke
     is_recipient = torch.isin(key_modality, modality_codes(edit.recipients, key_modality.device))
     is_other = (key_modality != PAD) & ~is_source & ~is_recipient
     query_is_real = key_modality[:, k_len - q_len :] != PAD
+    n_rep = query.shape[1] // key.shape[1]
+    all_recipients = not is_other.any()
+    if not all_recipients:
+        masks = (is_source, is_recipient, is_other)
+        spans = [modality_span(key, value, n_rep, is_x) for is_x in masks]
     out = torch.empty_like(query)
     block_rows = max(1, BLOCK_ENTRIES // k_len)
     for start in range(0, q_len, block_rows):
@@ -117,7 +122,7 @@ def fused_redistributed_attention(query, key, value, attention_mask, scaling, ke
         sees_source = (visible & is_source[:, None, None]).any(-1, keepdim=True)
         sees_recipient = (visible & is_recipient[:, None, None]).any(-1, keepdim=True)
         change = sees_source & sees_recipient & query_is_real[:, None, rows, None]
-        if not is_other.any():
+        if all_recipients:
             # Proportional redistribution onto every other key = softmax without the source.
             mask = visible & ~(is_source[:, None, None] & change)
             attended = F.scaled_dot_product_attention(
@@ -126,13 +131,12 @@ def fused_redistributed_attention(query, key, value, attention_mask, scaling, ke
             # A row that sees no key (padding) would be NaN with some kernels: make it 0.
             out[:, :, rows] = torch.where(mask.any(-1, keepdim=True), attended, 0.0)
         else:
-            parts = [(visible, is_x) for is_x in (is_source, is_recipient, is_other)]
             (o_s, a_s), (o_r, a_r), (o_o, a_o) = per_modality_attention(
-                query[:, :, rows], key, value, parts, scaling
+                query[:, :, rows], visible, spans, scaling, k_len - q_len + start
             )
-            moved = (a_r + a_s) * o_r + a_o * o_o
-            kept = a_r * o_r + a_s * o_s + a_o * o_o
-            out[:, :, rows] = torch.where(change, moved, kept).to(query.dtype)
+            # Changed rows give the source's mass to o_r; others keep it on o_s.
+            merged = a_r * o_r + a_o * o_o + a_s * torch.where(change, o_r, o_s)
+            out[:, :, rows] = merged.to(query.dtype)
     return out
 
 
@@ -140,31 +144,37 @@ def modality_codes(names, device) -> torch.Tensor:
     return torch.tensor([MODALITIES[n] for n in names], device=device)
 
 
-def per_modality_attention(query, key, value, parts, scaling):
-    """For each (visible, is_x): the attention output over the visible keys of that modality
-    alone, and the share of the row's total attention mass they hold. Each modality is a
-    contiguous span of every row, so K and V are sliced to the span's range in the batch."""
-    n_rep = query.shape[1] // key.shape[1]
+def modality_span(key, value, n_rep: int, is_x):
+    """Each modality is a contiguous span of every row: K and V (repeated for grouped-query
+    attention) sliced to the span's range over the batch, with the modality's key mask."""
+    columns = is_x.any(0).nonzero()
+    if len(columns) == 0:
+        return None
+    span = slice(int(columns[0]), int(columns[-1]) + 1)
+    k_x, v_x = repeat_kv(key[:, :, span], n_rep), repeat_kv(value[:, :, span], n_rep)
+    return span, is_x[:, None, None, span], k_x, v_x
+
+
+def per_modality_attention(query, visible, spans, scaling, first_position: int):
+    """For each modality span: the attention output over its visible keys alone, and the
+    share of the row's total attention mass they hold. `first_position` is the sequence
+    position of the first query row: rows before a span cannot see it and are skipped."""
+    shape = query.shape
     outputs, lses = [], []
-    for visible, is_x in parts:
-        columns = is_x.any(0).nonzero()
-        if len(columns) == 0:
-            outputs.append(torch.zeros_like(query, dtype=torch.float32))
-            lses.append(torch.full(query.shape[:3], -math.inf, device=query.device))
-            continue
-        span = slice(int(columns[0]), int(columns[-1]) + 1)
-        mask = visible[..., span] & is_x[:, None, None, span]
-        o_x, lse_x = attention_with_lse(
-            query,
-            repeat_kv(key[:, :, span], n_rep),
-            repeat_kv(value[:, :, span], n_rep),
-            mask,
-            scaling,
-        )
-        # A row that sees no key of X: kernels return 0 or NaN and an arbitrary LSE.
-        seen = mask.any(-1)
-        outputs.append(torch.where(seen[..., None], o_x.float(), 0.0))
-        lses.append(torch.where(seen, lse_x.float(), -math.inf))
+    for modality in spans:
+        o_x = torch.zeros(shape, dtype=torch.float32, device=query.device)
+        lse_x = torch.full(shape[:3], -math.inf, device=query.device)
+        skip = 0 if modality is None else min(max(0, modality[0].start - first_position), shape[2])
+        if modality is not None and skip < shape[2]:
+            span, is_x, k_x, v_x = modality
+            mask = visible[:, :, skip:, span] & is_x
+            o, lse = attention_with_lse(query[:, :, skip:], k_x, v_x, mask, scaling)
+            # A row that sees no key of X: kernels return 0 or NaN and an arbitrary LSE.
+            seen = mask.any(-1)
+            o_x[:, :, skip:] = torch.where(seen[..., None], o.float(), 0.0)
+            lse_x[:, :, skip:] = torch.where(seen, lse.float(), -math.inf)
+        outputs.append(o_x)
+        lses.append(lse_x)
     lse_all = torch.stack(lses).logsumexp(0)
     finite = torch.isfinite(lse_all)
     masses = [torch.where(finite, (lse - lse_all).exp(), 0.0)[..., None] for lse in lses]

@@ -134,13 +134,13 @@ def test_fused_equals_eager_in_small_query_blocks(
     gqa_llava, padded_batch, monkeypatch, source, recipients
 ):
     """Blocks of a few query rows exercise the block loop (padding, spans across blocks)."""
-    import sysattn_exp.intervention as intervention
+    import sysattn_exp.fused as fused
 
     model, _ = gqa_llava
     real = padded_batch["attention_mask"].bool()
     layers = frozenset(range(6))
     eager = sysattn_logits(model, padded_batch, Redistribution(source, recipients, layers, "eager"))
-    monkeypatch.setattr(intervention, "BLOCK_ENTRIES", 7 * padded_batch["input_ids"].shape[1])
+    monkeypatch.setattr(fused, "BLOCK_ENTRIES", 7 * padded_batch["input_ids"].shape[1])
     fused = sysattn_logits(model, padded_batch, Redistribution(source, recipients, layers, "fused"))
     assert torch.allclose(fused[real], eager[real], atol=1e-5, rtol=0)
 
@@ -148,13 +148,13 @@ def test_fused_equals_eager_in_small_query_blocks(
 def test_attention_with_lse_kernels_agree():
     """The CPU flash kernel and the portable fallback give the same output and LSE, with
     rows that see no key."""
-    from sysattn_exp.intervention import attention_with_lse, attention_with_lse_math
+    from sysattn_exp.fused import attention_with_lse, attention_with_lse_math
 
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, 4, 11, 16), torch.randn(2, 4, 11, 16)
     mask = torch.rand(2, 1, 9, 11) > 0.4
     mask[:, :, 0] = False
-    out, lse = attention_with_lse(q, k, v, mask, 0.25)
+    out, lse = attention_with_lse(q, k, v, mask, 0.25, False)
     bias = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
     out_math, lse_math = attention_with_lse_math(q, k, v, bias, 0.25)
     seen = mask.any(-1).expand(2, 4, 9)
@@ -163,3 +163,38 @@ def test_attention_with_lse_kernels_agree():
     scores = (q @ k.transpose(-1, -2)) * 0.25
     want = scores.masked_fill(~mask, float("-inf")).logsumexp(-1)
     assert torch.allclose(lse[seen], want[seen], atol=1e-5)
+
+
+def layout(padding: str) -> torch.Tensor:
+    """(3, 24) modality ids: system 4-6 tokens, image 8, text 5-9, padded as asked."""
+    rows = []
+    for system, text in ((4, 9), (6, 5), (5, 7)):
+        row = [1] * system + [2] * 8 + [3] * text
+        pad = [0] * (24 - len(row))
+        rows.append(pad + row if padding == "left" else row + pad)
+    return torch.tensor(rows)
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("q_len", [24, 9, 1])
+@pytest.mark.parametrize("block", [None, 5])
+@pytest.mark.parametrize("source,recipients", list(all_rules()))
+def test_fused_kernel_equals_eager(monkeypatch, padding, q_len, block, source, recipients):
+    """The attention functions alone on random tensors: clean and masked spans, queries
+    that start inside a span (a cache), small query blocks."""
+    import sysattn_exp.fused as fused
+    from sysattn_exp.intervention import eager_redistributed_attention
+
+    if block:
+        monkeypatch.setattr(fused, "BLOCK_ENTRIES", block * 24)
+    torch.manual_seed(1)
+    key_modality = layout(padding)
+    q, k, v = torch.randn(3, 4, q_len, 8), torch.randn(3, 2, 24, 8), torch.randn(3, 2, 24, 8)
+    real = key_modality != 0
+    causal = torch.ones(24, 24, dtype=torch.bool).tril()[24 - q_len :]
+    mask = (causal[None] & real[:, None, :])[:, None]
+    edit = Redistribution(source, recipients, frozenset({0}))
+    want = eager_redistributed_attention(q, k, v, mask, 0.3, key_modality, edit)
+    got = fused.fused_redistributed_attention(q, k, v, mask, 0.3, key_modality, edit)
+    rows = real[:, 24 - q_len :]
+    assert torch.allclose(got.transpose(1, 2)[rows], want.transpose(1, 2)[rows], atol=1e-5)

@@ -1,0 +1,189 @@
+"""The redistribution without an attention matrix (the default implementation).
+
+With o_X the attention output over the keys of modality X alone and A_X = exp(LSE_X -
+LSE_all) the share of the row's mass those keys hold, plain attention is sum_X A_X o_X and
+the redistribution is (DESIGN.md section 1)
+
+    out' = (1 + A_S / A_R) sum_{X in R} A_X o_X + A_O o_O,
+
+applied to rows whose query is real and that see some source and some recipient key
+(A_S > 0, A_R > 0); other rows keep sum_X A_X o_X. Each modality is a contiguous span of
+every row, so o_X and LSE_X come from one attention call on K and V sliced to the span.
+When the span holds only keys of X (padding, if any, after them), causality is all the
+masking it needs: rows inside the span attend causally to it, rows after it attend to all
+of it, and no mask is built. Otherwise (left padding, say) a (rows x span) mask is built,
+block by block of query rows so that it stays small at long context.
+"""
+
+import math
+
+import torch
+from transformers.integrations.sdpa_attention import repeat_kv
+
+from sysattn_exp.modality import MODALITIES, PAD
+
+# Query rows per block hold about this many (row, key) entries when a mask is needed: a
+# prompt of ~650 tokens is one block, 4,096 tokens are blocks of 256 rows.
+BLOCK_ENTRIES = 1 << 20
+
+
+def fused_redistributed_attention(query, key, value, attention_mask, scaling, key_modality, edit):
+    q_len, k_len = query.shape[2], key.shape[2]
+    n_rep = query.shape[1] // key.shape[1]
+    spans = {
+        name: ModalitySpan(key, value, n_rep, key_modality, code)
+        for name, code in MODALITIES.items()
+    }
+    query_is_real = key_modality[:, k_len - q_len :] != PAD
+    out = torch.empty_like(query)
+    block_rows = q_len if all(s.clean for s in spans.values()) else max(1, BLOCK_ENTRIES // k_len)
+    for start in range(0, q_len, block_rows):
+        rows = slice(start, min(start + block_rows, q_len))
+        first = k_len - q_len + start  # sequence position of the block's first query
+        visible = LazyVisible(attention_mask, rows, q_len, k_len, query.device)
+        parts = {
+            name: span.attend(query[:, :, rows], first, visible, scaling)
+            for name, span in spans.items()
+        }
+        parts = masses(parts)
+        out[:, :, rows] = merge(parts, edit, query_is_real[:, None, rows, None]).to(query.dtype)
+    return out
+
+
+def merge(parts: dict, edit, query_is_real) -> torch.Tensor:
+    """parts: modality -> (o_X, A_X). The rule in closed form (see the module docstring)."""
+    o_s, a_s = parts[edit.source]
+    a_r = sum(parts[r][1] for r in edit.recipients)
+    to_recipients = sum(parts[r][1] * parts[r][0] for r in edit.recipients)
+    others = sum(
+        a * o
+        for name, (o, a) in parts.items()
+        if name != edit.source and name not in edit.recipients
+    )
+    change = (a_s > 0) & (a_r > 0) & query_is_real
+    gain = torch.where(change, a_s / torch.where(change, a_r, 1.0), 0.0)
+    return to_recipients * (1 + gain) + others + torch.where(change, 0.0, a_s * o_s)
+
+
+class LazyVisible:
+    """The (B|1, 1, rows, K) boolean mask of keys a block's queries may see, built only if a
+    span needs it. transformers passes None for an unpadded causal prefill."""
+
+    def __init__(self, attention_mask, rows: slice, q_len: int, k_len: int, device):
+        self.args, self.mask = (attention_mask, rows, q_len, k_len, device), None
+
+    def get(self) -> torch.Tensor:
+        if self.mask is None:
+            attention_mask, rows, q_len, k_len, device = self.args
+            if attention_mask is None:
+                q_pos = torch.arange(k_len - q_len, k_len, device=device)[rows, None]
+                self.mask = (torch.arange(k_len, device=device)[None, :] <= q_pos)[None, None]
+            elif attention_mask.dtype != torch.bool:
+                raise TypeError(
+                    f"the fused path expects a boolean mask, got {attention_mask.dtype}"
+                )
+            else:
+                self.mask = attention_mask[:, :, rows]
+        return self.mask
+
+
+class ModalitySpan:
+    """One modality's keys: the range [lo, hi) they occupy over the batch, K and V sliced
+    to it (repeated for grouped-query attention), and whether the range is clean: keys of
+    this modality only, then at most trailing padding, in every row."""
+
+    def __init__(self, key, value, n_rep: int, key_modality, code: int):
+        is_x = key_modality == code
+        columns = is_x.any(0).nonzero()
+        self.present, self.clean = len(columns) > 0, True
+        if not self.present:
+            return
+        self.lo, self.hi = int(columns[0]), int(columns[-1]) + 1
+        inside = is_x[:, self.lo : self.hi]
+        # Clean: within the range each row is X up to some point and padding after it.
+        trailing_pad = (key_modality[:, self.lo : self.hi] == PAD) & ~inside
+        self.clean = bool((inside | trailing_pad).all() and (inside.int().diff(dim=1) <= 0).all())
+        self.is_x = inside[:, None, None, :]
+        self.key = repeat_kv(key[:, :, self.lo : self.hi], n_rep)
+        self.value = repeat_kv(value[:, :, self.lo : self.hi], n_rep)
+
+    def attend(self, query, first: int, visible: LazyVisible, scaling):
+        """(o_X, A_X-ready LSE) for a block of query rows whose first row sits at sequence
+        position `first`; rows that see no key of X get o = 0 and LSE = -inf."""
+        n = query.shape[2]
+        o_x = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
+        lse_x = torch.full(query.shape[:3], -math.inf, device=query.device)
+        if not self.present or self.lo >= first + n:
+            return o_x, lse_x
+        if self.clean and (first <= self.lo or first >= self.hi):
+            self.attend_causally(query, first, o_x, lse_x, scaling)
+        else:
+            self.attend_masked(query, first, visible.get(), o_x, lse_x, scaling)
+        return o_x, lse_x
+
+    def attend_causally(self, query, first, o_x, lse_x, scaling) -> None:
+        n = query.shape[2]
+        inside = slice(max(self.lo - first, 0), min(self.hi - first, n))  # rows within the span
+        if inside.start < inside.stop:
+            width = inside.stop - inside.start  # a square, top-left causal block
+            o, lse = attention_with_lse(
+                query[:, :, inside],
+                self.key[:, :, :width],
+                self.value[:, :, :width],
+                None,
+                scaling,
+                True,
+            )
+            o_x[:, :, inside], lse_x[:, :, inside] = o.float(), lse.float()
+        after = slice(max(self.hi - first, 0), n)  # rows past the span see all of it
+        if after.start < after.stop:
+            o, lse = attention_with_lse(
+                query[:, :, after], self.key, self.value, None, scaling, False
+            )
+            o_x[:, :, after], lse_x[:, :, after] = o.float(), lse.float()
+
+    def attend_masked(self, query, first, visible, o_x, lse_x, scaling) -> None:
+        skip = min(max(0, self.lo - first), query.shape[2])  # rows before the span see none of it
+        mask = visible[:, :, skip:, self.lo : self.hi] & self.is_x
+        o, lse = attention_with_lse(query[:, :, skip:], self.key, self.value, mask, scaling, False)
+        seen = mask.any(-1)  # a row that sees no key of X: kernels return 0 or NaN
+        o_x[:, :, skip:] = torch.where(seen[..., None], o.float(), 0.0)
+        lse_x[:, :, skip:] = torch.where(seen, lse.float(), -math.inf)
+
+
+def masses(parts: dict) -> dict:
+    """modality -> (o_X, LSE_X) becomes modality -> (o_X, A_X)."""
+    lse_all = torch.stack([lse for _, lse in parts.values()]).logsumexp(0)
+    finite = torch.isfinite(lse_all)
+    return {
+        name: (o, torch.where(finite, (lse - lse_all).exp(), 0.0)[..., None])
+        for name, (o, lse) in parts.items()
+    }
+
+
+def attention_with_lse(query, key, value, mask, scaling, is_causal: bool):
+    """Attention output (B, H, Q, D) and log-sum-exp of the scores (B, H, Q): the flash
+    kernel on CPU (O(Q + K) memory); elsewhere the scores of this span are materialised."""
+    bias = None
+    if mask is not None:
+        bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~mask, -math.inf
+        )
+    if query.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, is_causal, attn_mask=bias, scale=scaling
+        )
+    return attention_with_lse_math(query, key, value, bias, scaling, is_causal)
+
+
+def attention_with_lse_math(query, key, value, bias, scaling, is_causal: bool = False):
+    scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * scaling
+    if bias is not None:
+        scores = scores + bias.float()
+    if is_causal:
+        q_len, k_len = scores.shape[-2:]
+        causal = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~causal, -math.inf)
+    lse = scores.logsumexp(-1)
+    weights = (scores - lse[..., None]).exp().nan_to_num(0.0)
+    return torch.matmul(weights, value.float()), lse

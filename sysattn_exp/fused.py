@@ -22,8 +22,9 @@ from transformers.integrations.sdpa_attention import repeat_kv
 
 from sysattn_exp.modality import MODALITIES, PAD
 
-# Query rows per block hold about this many (row, key) entries when a mask is needed: a
-# prompt of ~650 tokens is one block, 4,096 tokens are blocks of 256 rows.
+# Query rows are taken in blocks of about this many (row, key) entries, so that masks and
+# per-modality outputs stay small at long context: a prompt of ~650 tokens is one block,
+# 4,096 tokens are blocks of 256 rows.
 BLOCK_ENTRIES = 1 << 20
 
 
@@ -36,7 +37,7 @@ def fused_redistributed_attention(query, key, value, attention_mask, scaling, ke
     }
     query_is_real = key_modality[:, k_len - q_len :] != PAD
     out = torch.empty_like(query)
-    block_rows = q_len if all(s.clean for s in spans.values()) else max(1, BLOCK_ENTRIES // k_len)
+    block_rows = max(1, BLOCK_ENTRIES // k_len)
     for start in range(0, q_len, block_rows):
         rows = slice(start, min(start + block_rows, q_len))
         first = k_len - q_len + start  # sequence position of the block's first query
@@ -115,7 +116,7 @@ class ModalitySpan:
         lse_x = torch.full(query.shape[:3], -math.inf, device=query.device)
         if not self.present or self.lo >= first + n:
             return o_x, lse_x
-        if self.clean and (first <= self.lo or first >= self.hi):
+        if self.clean:
             self.attend_causally(query, first, o_x, lse_x, scaling)
         else:
             self.attend_masked(query, first, visible.get(), o_x, lse_x, scaling)
@@ -125,15 +126,20 @@ class ModalitySpan:
         n = query.shape[2]
         inside = slice(max(self.lo - first, 0), min(self.hi - first, n))  # rows within the span
         if inside.start < inside.stop:
-            width = inside.stop - inside.start  # a square, top-left causal block
+            # The row at span offset `offset` + i sees the span keys before `offset` in full
+            # and a square, top-left causal block from there.
+            offset, width = first + inside.start - self.lo, inside.stop - inside.start
+            q = query[:, :, inside]
+            block = slice(offset, offset + width)
             o, lse = attention_with_lse(
-                query[:, :, inside],
-                self.key[:, :, :width],
-                self.value[:, :, :width],
-                None,
-                scaling,
-                True,
+                q, self.key[:, :, block], self.value[:, :, block], None, scaling, True
             )
+            if offset > 0:  # the block of query rows starts inside the span
+                before = slice(0, offset)
+                o_b, lse_b = attention_with_lse(
+                    q, self.key[:, :, before], self.value[:, :, before], None, scaling, False
+                )
+                o, lse = combine(o, lse, o_b, lse_b)
             o_x[:, :, inside], lse_x[:, :, inside] = o.float(), lse.float()
         after = slice(max(self.hi - first, 0), n)  # rows past the span see all of it
         if after.start < after.stop:
@@ -149,6 +155,13 @@ class ModalitySpan:
         seen = mask.any(-1)  # a row that sees no key of X: kernels return 0 or NaN
         o_x[:, :, skip:] = torch.where(seen[..., None], o.float(), 0.0)
         lse_x[:, :, skip:] = torch.where(seen, lse.float(), -math.inf)
+
+
+def combine(o_a, lse_a, o_b, lse_b):
+    """Attention over two disjoint key sets, from each set's output and log-sum-exp."""
+    lse = torch.logaddexp(lse_a.float(), lse_b.float())
+    weight_a, weight_b = (lse_a - lse).exp()[..., None], (lse_b - lse).exp()[..., None]
+    return weight_a * o_a.float() + weight_b * o_b.float(), lse
 
 
 def masses(parts: dict) -> dict:

@@ -10,11 +10,13 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from sysattn_exp.benchmarks import Benchmark, load_benchmark
+from sysattn_exp.cache import ScoreCache, digest
 from sysattn_exp.conditions import build_edit, intervention_rule, resolve_layers
 from sysattn_exp.errors import UsageError
 from sysattn_exp.intervention import Redistribution
 from sysattn_exp.metrics import compare_with_baseline, shared_metrics
 from sysattn_exp.models import (
+    BUILTIN_TINY,
     LoadedModel,
     build_prompt,
     first_token_ids,
@@ -22,20 +24,22 @@ from sysattn_exp.models import (
     load_processor,
     prompt_modalities,
 )
-from sysattn_exp.scoring import score_items
-from sysattn_exp.tracking import log_job
+from sysattn_exp.scoring import Scores, score_items
+from sysattn_exp.tracking import log_job_dir
 
 log = logging.getLogger(__name__)
 
-# Baseline predictions by everything that determines them; later jobs of a sweep reuse them.
-_BASELINES: dict[tuple, tuple[pd.DataFrame, float]] = {}
 
-
-def predict(cfg, loaded, benchmark, prompts, edit, words, desc) -> tuple[pd.DataFrame, float]:
-    """Score every item: one row per item with the columns of predictions.parquet, and the
-    seconds the scoring took."""
-    yes, no, seconds = score_items(
-        loaded, benchmark, prompts, edit, words, cfg.model.batch_size, num_workers(cfg), desc
+def predict(cfg, loaded, benchmark, prompts, edit, words, desc) -> tuple[pd.DataFrame, Scores]:
+    """Score every item (through the score cache): one row per item with the columns of
+    predictions.parquet, and how the scoring went."""
+    cache = (
+        ScoreCache(cfg.runtime.cache_dir, condition(cfg, loaded, edit, words))
+        if cfg.runtime.cache_dir
+        else None
+    )
+    scores = score_items(
+        loaded, benchmark, prompts, edit, words, cfg.model.batch_size, num_workers(cfg), desc, cache
     )
     items = benchmark.items
     frame = pd.DataFrame(
@@ -46,13 +50,44 @@ def predict(cfg, loaded, benchmark, prompts, edit, words, desc) -> tuple[pd.Data
             "question": [i.question for i in items],
             "prompt": prompts,
             "label": [i.label for i in items],
-            "yes_logit": yes,
-            "no_logit": no,
+            "yes_logit": scores.yes,
+            "no_logit": scores.no,
         }
     )
     frame["pred"] = frame["yes_logit"] > frame["no_logit"]
     frame["correct"] = frame["pred"] == frame["label"]
-    return frame, seconds
+    return frame, scores
+
+
+def condition(cfg, loaded, edit: Redistribution | None, words) -> dict:
+    """Everything that determines an item's scores besides the item and its prompt."""
+    model = cfg.model
+    return {
+        "model": model.name_or_path,
+        "revision": model.revision,
+        "seed": model.seed if model.name_or_path == BUILTIN_TINY else None,
+        "device": loaded.device.type,
+        "dtype": str(loaded.dtype),
+        "yes_ids": words[0],
+        "no_ids": words[1],
+        "intervention": None
+        if edit is None
+        else {
+            "source": edit.source,
+            "recipients": list(edit.recipients),
+            "impl": edit.impl,
+            "layers": sorted(edit.layers),
+        },
+    }
+
+
+def timing(scores: Scores, n_items: int) -> dict:
+    per_second = scores.computed / scores.seconds if scores.computed else None
+    return {
+        "scoring_seconds": scores.seconds,
+        "items_per_second": per_second,
+        "n_items_from_cache": n_items - scores.computed,
+    }
 
 
 def num_workers(cfg) -> int:
@@ -71,23 +106,6 @@ def scoring_words(loaded: LoadedModel, cfg) -> tuple[list[int], list[int]]:
     if shared:
         raise UsageError(f"scoring.yes_words and scoring.no_words share first tokens {shared}")
     return yes, no
-
-
-def evaluate(cfg, benchmark, loaded, prompts, edit, words, desc) -> tuple[pd.DataFrame, float]:
-    """Predictions for `edit` and the seconds they took; the baseline (edit None) is
-    computed once per process."""
-    if edit is not None:
-        return predict(cfg, loaded, benchmark, prompts, edit, words, desc)
-    key = (
-        id(loaded),
-        tuple((i.item_id, i.image_id, i.label) for i in benchmark.items),
-        tuple(prompts),
-        tuple(map(tuple, words)),
-    )
-    if key not in _BASELINES:
-        log.info("computing the baseline (once per model, benchmark and prompt)")
-        _BASELINES[key] = predict(cfg, loaded, benchmark, prompts, None, words, "baseline")
-    return _BASELINES[key]
 
 
 def run_name(benchmark: Benchmark, edit: Redistribution | None, layers: list[int]) -> str:
@@ -158,23 +176,48 @@ def run(cfg, out_dir: Path) -> dict:
     ]
     name = run_name(benchmark, edit, layers)
 
-    baseline, _ = evaluate(cfg, benchmark, loaded, prompts, None, words, name)
-    predictions, seconds = evaluate(cfg, benchmark, loaded, prompts, edit, words, name)
-    metrics = all_metrics(benchmark, predictions)
-    metrics |= {"scoring_seconds": seconds, "items_per_second": len(predictions) / seconds}
+    # The baseline comes from the score cache once any job has computed it.
+    baseline, scores = predict(cfg, loaded, benchmark, prompts, None, words, "baseline")
+    log.info(
+        "baseline: %d of %d items computed, the rest from the cache", scores.computed, len(prompts)
+    )
+    predictions = baseline
+    if edit is not None:
+        predictions, scores = predict(cfg, loaded, benchmark, prompts, edit, words, name)
+    metrics = all_metrics(benchmark, predictions) | timing(scores, len(prompts))
     if edit is not None:
         metrics |= compare_with_baseline(metrics, all_metrics(benchmark, baseline))
 
     config = OmegaConf.to_container(cfg, resolve=True)
     config["layers"]["resolved"] = layers
-    files = write_results(out_dir, predictions, metrics, config)
+    job_key = digest(
+        [condition(cfg, loaded, edit, words), config["benchmark"], cfg.model.system_prompt]
+    )
+    config["job"] = {"name": name, "key": job_key}
+    write_results(out_dir, predictions, metrics, config)
     log.info(
         "%s: paired_accuracy=%.4f yes_rate=%.4f",
         name,
         metrics["paired_accuracy"],
         metrics["yes_rate"],
     )
-    params = config | {"scoring": config["scoring"] | {"yes_ids": words[0], "no_ids": words[1]}}
-    params["layers"]["resolved"] = ",".join(map(str, layers))
-    log_job(cfg.tracking, name, params, metrics, files)
+    try:
+        log_job_dir(out_dir, cfg.tracking)
+    except Exception as error:  # noqa: BLE001 - the results are safe on disk either way
+        log.warning(
+            "could not log to MLflow (%s); the results are in %s: log them later with "
+            "python -m sysattn_exp.sync %s",
+            first_line(error),
+            out_dir,
+            out_dir.parent if is_sweep_job(out_dir) else out_dir,
+        )
     return metrics
+
+
+def is_sweep_job(job_dir: Path) -> bool:
+    return (job_dir.parent / "multirun.yaml").exists()
+
+
+def first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

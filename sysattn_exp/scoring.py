@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from sysattn_exp.benchmarks import Benchmark
+from sysattn_exp.cache import ScoreCache, item_key
 from sysattn_exp.errors import UsageError
 from sysattn_exp.intervention import Redistribution
 from sysattn_exp.modality import PAD, TEXT, modality_ids
@@ -196,6 +197,14 @@ def keep_batch(batch):
     return batch
 
 
+@dataclass
+class Scores:
+    yes: list[float]  # per item, benchmark order
+    no: list[float]
+    seconds: float  # wall time of the scoring loop
+    computed: int  # items scored now (the rest came from the cache)
+
+
 def score_items(
     loaded: LoadedModel,
     benchmark: Benchmark,
@@ -205,21 +214,37 @@ def score_items(
     batch_size: int,
     num_workers: int,
     desc: str,
-) -> tuple[list[float], list[float], float]:
-    """yes and no logits of every item (benchmark order) and the seconds scoring took."""
+    cache: ScoreCache | None = None,
+) -> Scores:
+    """yes and no logits of every item. With a cache, batches whose items are all in it are
+    taken from it (a batch is always computed whole, so a resumed run scores every item in
+    the same company as an uninterrupted one) and each new batch is saved as it is done."""
+    keys = [
+        item_key(benchmark.name, item.item_id, item.image_id, prompt)
+        for item, prompt in zip(benchmark.items, prompts, strict=True)
+    ]
+    done = cache.load() if cache else {}
     plan = plan_batches([item.image_id for item in benchmark.items], batch_size)
+    todo = [batch for batch in plan if not all(keys[j] in done for j in batch)]
     loader = DataLoader(
-        BatchEncoder(benchmark, prompts, plan, loaded.processor),
+        BatchEncoder(benchmark, prompts, todo, loaded.processor),
         batch_size=None,
         collate_fn=keep_batch,
-        num_workers=num_workers,
+        num_workers=num_workers if todo else 0,
     )
-    yes_logits, no_logits = [0.0] * len(prompts), [0.0] * len(prompts)
     started = time.perf_counter()
     for batch in tqdm(loader, desc=desc, unit="batch", disable=None):
         if isinstance(batch, UsageError):
             raise batch
         yes, no = score_batch(loaded, batch, edit, *words)
-        for j, y, n in zip(batch.items, yes.tolist(), no.tolist(), strict=True):
-            yes_logits[j], no_logits[j] = y, n
-    return yes_logits, no_logits, time.perf_counter() - started
+        batch_keys = [keys[j] for j in batch.items]
+        if cache:
+            cache.save(batch_keys, yes.tolist(), no.tolist())
+        done.update(zip(batch_keys, zip(yes.tolist(), no.tolist(), strict=True), strict=True))
+    seconds = time.perf_counter() - started
+    return Scores(
+        yes=[done[k][0] for k in keys],
+        no=[done[k][1] for k in keys],
+        seconds=seconds,
+        computed=sum(len(batch) for batch in todo),
+    )

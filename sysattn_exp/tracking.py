@@ -1,9 +1,19 @@
-"""Logging one job to MLflow: params, metrics and the job's files as artifacts."""
+"""MLflow: one run per job, logged from the files the job wrote (so a job whose logging
+failed can be logged later by `python -m sysattn_exp.sync`), under one parent run per
+sweep. A job already logged (same job key under the same parent) is not logged again."""
 
+import json
 import logging
+import os
 from pathlib import Path
 
+import yaml
+
 log = logging.getLogger(__name__)
+
+JOB_MARKER = "mlflow_run.json"  # in a job folder: the run it was logged as
+SWEEP_MARKER = "mlflow_parent.json"  # in a sweep folder: the parent run of its jobs
+JOB_FILES = ("predictions.parquet", "config.yaml", "metrics.json")
 
 
 def absolute_uri(uri: str) -> str:
@@ -23,28 +33,81 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
         if isinstance(value, dict):
             flat.update(flatten(value, name + "."))
         else:
-            flat[name] = str(value)
+            flat[name] = ",".join(map(str, value)) if isinstance(value, list) else str(value)
     return flat
 
 
-def experiment_id(mlflow, name: str, artifact_location: str) -> str:
-    experiment = mlflow.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = Path(artifact_location).resolve().as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
-
-
-def log_job(cfg, run_name: str, params: dict, metrics: dict, files: list[Path]) -> str:
-    """One MLflow run for one job; returns its run id. None-valued metrics are left out."""
+def connect(cfg):
+    """mlflow pointed at cfg.uri, and the experiment's id (created on first use: the
+    schema of a new SQLite store and the experiment come into being here)."""
     import mlflow
 
     mlflow.set_tracking_uri(absolute_uri(cfg.uri))
-    exp_id = experiment_id(mlflow, cfg.experiment, cfg.artifact_location)
-    with mlflow.start_run(experiment_id=exp_id, run_name=run_name) as run:
-        mlflow.log_params(flatten(params))
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
-        for path in files:
-            mlflow.log_artifact(str(path))
-    log.info("logged MLflow run %s (%s) to %s", run.info.run_id, run_name, cfg.uri)
-    return run.info.run_id
+    experiment = mlflow.get_experiment_by_name(cfg.experiment)
+    if experiment is not None:
+        return mlflow, experiment.experiment_id
+    location = Path(cfg.artifact_location).resolve().as_uri()
+    try:
+        return mlflow, mlflow.create_experiment(cfg.experiment, artifact_location=location)
+    except Exception:  # noqa: BLE001 - another process created it first
+        return mlflow, mlflow.get_experiment_by_name(cfg.experiment).experiment_id
+
+
+def find_run(mlflow, experiment_id: str, tags: dict) -> str | None:
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = mlflow.search_runs(
+        [experiment_id], filter_string=query, output_format="list", max_results=1
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def sweep_parent(cfg, sweep_dir: Path, sweep_key: str, description: str) -> str:
+    """The parent run of a sweep: found by its key (a re-run of the same sweep reuses it)
+    or created, and recorded in the sweep folder for its jobs."""
+    mlflow, experiment_id = connect(cfg)
+    run_id = find_run(mlflow, experiment_id, {"sysattn.sweep_key": sweep_key})
+    if run_id is None:
+        with mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=f"sweep {description}"[:250],
+            tags={"sysattn.sweep_key": sweep_key, "sysattn.kind": "sweep"},
+        ) as run:
+            mlflow.log_param("sweep", description[:6000])
+            run_id = run.info.run_id
+    write_json(sweep_dir / SWEEP_MARKER, {"run_id": run_id, "sweep_key": sweep_key})
+    return run_id
+
+
+def log_job_dir(job_dir: Path, cfg) -> str:
+    """Log a finished job folder (config.yaml, metrics.json, predictions.parquet) as one
+    run, under its sweep's parent run if it has one; returns the run id."""
+    config = yaml.safe_load((job_dir / "config.yaml").read_text())
+    metrics = json.loads((job_dir / "metrics.json").read_text())
+    parent_file = job_dir.parent / SWEEP_MARKER
+    parent = json.loads(parent_file.read_text())["run_id"] if parent_file.exists() else None
+    mlflow, experiment_id = connect(cfg)
+    tags = {"sysattn.job_key": config["job"]["key"], "sysattn.parent": parent or "none"}
+    run_id = find_run(mlflow, experiment_id, tags)
+    if run_id is None:
+        with mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=config["job"]["name"],
+            parent_run_id=parent,
+            tags=tags | {"sysattn.kind": "job", "sysattn.job_dir": str(job_dir.resolve())},
+        ) as run:
+            mlflow.log_params(flatten(config))
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
+            for name in JOB_FILES:
+                mlflow.log_artifact(str(job_dir / name))
+            run_id = run.info.run_id
+        log.info("logged MLflow run %s (%s)", run_id, config["job"]["name"])
+    else:
+        log.info("already logged as MLflow run %s: not logged again", run_id)
+    write_json(job_dir / JOB_MARKER, {"run_id": run_id, "uri": absolute_uri(cfg.uri)})
+    return run_id

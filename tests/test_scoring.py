@@ -91,11 +91,11 @@ def test_shared_prefix_equals_full_prompts(loaded, edit):
 def test_batched_equals_unbatched(loaded, edit):
     bench = four_questions_per_image()
     prompts = [build_prompt(i.question, "A chat.") for i in bench.items]
-    yes_b, no_b, seconds = score_items(loaded, bench, prompts, edit, WORDS, 5, 0, "test")
-    yes_1, no_1, _ = score_items(loaded, bench, prompts, edit, WORDS, 1, 0, "test")
-    assert seconds > 0
-    assert torch.allclose(torch.tensor(yes_b), torch.tensor(yes_1), atol=1e-5, rtol=0)
-    assert torch.allclose(torch.tensor(no_b), torch.tensor(no_1), atol=1e-5, rtol=0)
+    batched = score_items(loaded, bench, prompts, edit, WORDS, 5, 0, "test")
+    single = score_items(loaded, bench, prompts, edit, WORDS, 1, 0, "test")
+    assert batched.seconds > 0 and batched.computed == single.computed == len(prompts)
+    assert torch.allclose(torch.tensor(batched.yes), torch.tensor(single.yes), atol=1e-5, rtol=0)
+    assert torch.allclose(torch.tensor(batched.no), torch.tensor(single.no), atol=1e-5, rtol=0)
 
 
 def test_worker_processes_give_the_same_scores(loaded):
@@ -103,7 +103,7 @@ def test_worker_processes_give_the_same_scores(loaded):
     prompts = [build_prompt(i.question, "A chat.") for i in bench.items]
     in_process = score_items(loaded, bench, prompts, EDITS[1], WORDS, 4, 0, "test")
     workers = score_items(loaded, bench, prompts, EDITS[1], WORDS, 4, 2, "test")
-    assert in_process[:2] == workers[:2]
+    assert (in_process.yes, in_process.no) == (workers.yes, workers.no)
 
 
 def test_yes_no_logits_are_logsumexp_of_last_position(loaded):

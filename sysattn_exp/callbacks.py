@@ -1,10 +1,24 @@
-"""Hydra callbacks: tell the user where the results are once a run or sweep ends."""
+"""Hydra callbacks, run in the launching process: the MLflow parent run of a sweep (created
+before any job starts, which also creates the store and the experiment once), and at the
+end where the results are and which jobs failed, and why."""
 
+import json
+import logging
+import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
 
-from sysattn_exp.tracking import absolute_uri
+from sysattn_exp.cache import digest
+from sysattn_exp.tracking import absolute_uri, sweep_parent
+
+log = logging.getLogger(__name__)
+
+FAILURE_FILE = "failure.json"  # written by a job that failed (see __main__)
+# The sweep under way in this process and, once it ends, its failed jobs: read by __main__
+# to choose the exit status.
+SWEEP: dict = {}
 
 
 def where_results(folder: str, uri: str) -> str:
@@ -14,11 +28,75 @@ def where_results(folder: str, uri: str) -> str:
     )
 
 
-class WhereResults(Callback):
+def sweep_key(config) -> tuple[str, str]:
+    """A sweep's identity (its command-line overrides, swept parameters and experiment), so
+    that running the same sweep again finds the same parent run."""
+    overrides = sorted(config.hydra.overrides.task)
+    params = config.hydra.sweeper.get("params")
+    params = OmegaConf.to_container(params, resolve=True) if params is not None else {}
+    return digest([overrides, params, config.tracking.experiment]), " ".join(overrides)
+
+
+def failed_jobs(sweep_dir: Path) -> list[dict]:
+    """Every job folder of the sweep without a metrics.json: its overrides and error."""
+    failures = []
+    for job_dir in sorted(p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()):
+        if (job_dir / "metrics.json").exists():
+            continue
+        overrides = " ".join(OmegaConf.load(job_dir / ".hydra" / "overrides.yaml"))
+        failure = job_dir / FAILURE_FILE
+        record = json.loads(failure.read_text()) if failure.exists() else None
+        failures.append(
+            {
+                "job": job_dir.name,
+                "overrides": overrides,
+                "error": record["error"] if record else "did not finish (killed, or still running)",
+                "bad_input": bool(record and record["bad_input"]),
+            }
+        )
+    return failures
+
+
+def failure_summary(failures: list[dict], n_jobs: int) -> str:
+    messages = {f["error"] for f in failures}
+    if len(messages) == 1:
+        return f"error: {len(failures)} of {n_jobs} jobs failed: {messages.pop()}"
+    lines = [f"error: {len(failures)} of {n_jobs} jobs failed:"]
+    lines += [f"  {f['job']} ({f['overrides']}): {f['error']}" for f in failures]
+    return "\n".join(lines)
+
+
+def report_sweep_end(sweep_dir: Path, uri: str) -> list[dict]:
+    """Print where the results are and which jobs failed; returns the failures."""
+    jobs = [p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()] if sweep_dir.exists() else []
+    failures = failed_jobs(sweep_dir) if jobs else []
+    if len(failures) < len(jobs):
+        print(where_results(str(sweep_dir), uri))
+    if failures:
+        print(failure_summary(failures, len(jobs)), file=sys.stderr)
+    return failures
+
+
+class SweepTracking(Callback):
+    def on_multirun_start(self, config, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        SWEEP.clear()
+        SWEEP.update(dir=sweep_dir, uri=config.tracking.uri)
+        key, description = sweep_key(config)
+        try:
+            sweep_parent(config.tracking, sweep_dir, key, description)
+        except Exception as error:  # noqa: BLE001 - jobs keep their results on disk
+            log.warning(
+                "no MLflow parent run (%s): jobs will keep their results on disk; log them "
+                "later with python -m sysattn_exp.sync %s",
+                str(error).splitlines()[0] if str(error) else type(error).__name__,
+                sweep_dir,
+            )
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        SWEEP["failures"] = report_sweep_end(Path(config.hydra.sweep.dir), config.tracking.uri)
+
     def on_run_end(self, config, **kwargs) -> None:
         if (Path(config.hydra.run.dir) / "metrics.json").exists():
             print(where_results(config.hydra.run.dir, config.tracking.uri))
-
-    def on_multirun_end(self, config, **kwargs) -> None:
-        if any(Path(config.hydra.sweep.dir).glob("*/metrics.json")):
-            print(where_results(config.hydra.sweep.dir, config.tracking.uri))

@@ -1,0 +1,80 @@
+"""Log to MLflow every finished job folder under DIR that is not logged yet: after a crash,
+or when the tracking server could not be reached while the jobs ran.
+
+    python -m sysattn_exp.sync outputs/multiruns/2026-11-24_10-00-00.000000
+    python -m sysattn_exp.sync outputs --tracking-uri http://mlflow-host:5000
+
+Each job is logged to the tracking store its config names, unless --tracking-uri is given;
+jobs of a sweep go under the sweep's parent run (created if it is missing). A job already
+in the store is not logged twice.
+"""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from sysattn_exp.cache import digest
+from sysattn_exp.tracking import JOB_MARKER, SWEEP_MARKER, log_job_dir, sweep_parent
+
+
+def job_dirs(root: Path) -> list[Path]:
+    """Finished job folders (metrics.json is written last) under root, root included."""
+    return sorted(
+        p.parent for p in root.rglob("metrics.json") if (p.parent / "config.yaml").exists()
+    )
+
+
+def tracking_config(job_dir: Path, uri: str | None):
+    tracking = OmegaConf.load(job_dir / "config.yaml").tracking
+    if uri:
+        tracking.uri = uri
+    return tracking
+
+
+def ensure_parent(sweep_dir: Path, tracking) -> None:
+    """A sweep folder whose parent run was never created (the store was down) gets one,
+    keyed like the callback would have keyed it."""
+    if (sweep_dir / SWEEP_MARKER).exists() or not (sweep_dir / "multirun.yaml").exists():
+        return
+    sweep = OmegaConf.load(sweep_dir / "multirun.yaml")
+    overrides = sorted(sweep.hydra.overrides.task)
+    params = sweep.hydra.sweeper.get("params")
+    params = OmegaConf.to_container(params, resolve=True) if params is not None else {}
+    key = digest([overrides, params, tracking.experiment])
+    sweep_parent(tracking, sweep_dir, key, " ".join(overrides))
+
+
+def sync(root: Path, uri: str | None = None) -> tuple[int, int]:
+    """(jobs logged now, jobs already logged)."""
+    logged = skipped = 0
+    for job_dir in job_dirs(root):
+        if (job_dir / JOB_MARKER).exists() and not uri:
+            skipped += 1
+            continue
+        tracking = tracking_config(job_dir, uri)
+        ensure_parent(job_dir.parent, tracking)
+        log_job_dir(job_dir, tracking)
+        logged += 1
+    return logged, skipped
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "dir", type=Path, help="a job folder, a sweep folder, or any folder above them"
+    )
+    parser.add_argument("--tracking-uri", help="log here instead of the store in each job's config")
+    args = parser.parse_args()
+    if not args.dir.is_dir():
+        print(f"error: {args.dir} is not a directory", file=sys.stderr)
+        sys.exit(2)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logged, skipped = sync(args.dir, args.tracking_uri)
+    print(f"logged {logged} job(s); {skipped} were already logged")
+
+
+if __name__ == "__main__":
+    main()

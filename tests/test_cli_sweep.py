@@ -96,7 +96,10 @@ def test_mlflow_has_one_run_per_job(sweep):
     cwd, sweep_dir, _ = sweep
     mlflow.set_tracking_uri(f"sqlite:///{cwd}/outputs/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["sysattn"], output_format="list")
+    (parent,) = [r for r in runs if r.data.tags.get("sysattn.kind") == "sweep"]
+    runs = [r for r in runs if r.data.tags.get("sysattn.kind") == "job"]
     assert len(runs) == 12
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
     by_layers = {}
     for run in runs:
         params, metrics = run.data.params, run.data.metrics

@@ -1,0 +1,218 @@
+"""Sweeps at scale on CPU: real submitit subprocesses, one MLflow tree per sweep,
+idempotent re-runs, kill and resume, sync after a tracking failure, concurrent cache
+writers, and a failure summary that lets the other jobs finish."""
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pandas as pd
+import pytest
+from cli import read_metrics, run_cli
+
+from sysattn_exp.cache import ScoreCache
+
+TIMING = {"scoring_seconds", "items_per_second", "n_items_from_cache"}
+
+
+def runs_of(cwd):
+    mlflow.set_tracking_uri(f"sqlite:///{cwd}/outputs/mlflow.db")
+    return mlflow.search_runs(experiment_names=["sysattn"], output_format="list")
+
+
+def sweep_dirs(cwd):
+    return sorted((cwd / "outputs" / "multiruns").iterdir())
+
+
+def results(sweep_dir) -> dict:
+    return {job.name: read_metrics(job) for job in sorted(sweep_dir.glob("job*"))}
+
+
+def test_submitit_local_sweep_is_one_mlflow_tree(tmp_path):
+    args = [
+        "-m",
+        "model=tiny",
+        "intervention=redistribute",
+        "layers=q3,q4",
+        "hydra/launcher=submitit_local",
+    ]
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep_dir,) = sweep_dirs(tmp_path)
+    assert list((sweep_dir / ".submitit").iterdir()), "jobs ran through submitit"
+    metrics = results(sweep_dir)
+    assert sorted(metrics) == ["job0", "job1"]
+    assert (
+        metrics["job0"]["baseline_paired_accuracy"] == metrics["job1"]["baseline_paired_accuracy"]
+    )
+    runs = runs_of(tmp_path)
+    parents = [r for r in runs if r.data.tags.get("sysattn.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("sysattn.kind") == "job"]
+    assert len(parents) == 1 and len(children) == 2
+    parent_id = parents[0].info.run_id
+    assert json.loads((sweep_dir / "mlflow_parent.json").read_text())["run_id"] == parent_id
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent_id}
+    assert sorted(r.data.params["layers.resolved"] for r in children) == ["4,5", "6,7"]
+
+
+def test_rerun_recomputes_nothing_and_logs_nothing_new(tmp_path):
+    args = ["-m", "model=tiny", "intervention=redistribute", "layers=q1,q4"]
+    first = run_cli(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    n_runs = len(runs_of(tmp_path))
+    second = run_cli(*args, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    old, new = (results(d) for d in sweep_dirs(tmp_path))
+    for job in old:
+        assert new[job]["n_items_from_cache"] == new[job]["n_items"] == 48
+        assert {k: v for k, v in new[job].items() if k not in TIMING} == {
+            k: v for k, v in old[job].items() if k not in TIMING
+        }
+    assert len(runs_of(tmp_path)) == n_runs == 3
+    assert "already logged as MLflow run" in second.stdout + second.stderr
+
+
+def test_failing_job_does_not_stop_the_others(tmp_path):
+    result = run_cli(
+        "-m", "model=tiny", "intervention=redistribute", "layers.end=9,6", cwd=tmp_path
+    )
+    assert result.returncode == 2  # the only failure is bad input
+    assert "error: 1 of 2 jobs failed: layers [0, 9) is outside" in result.stderr
+    (sweep_dir,) = sweep_dirs(tmp_path)
+    assert (sweep_dir / "job1" / "metrics.json").exists()
+    assert not (sweep_dir / "job0" / "metrics.json").exists()
+    assert "Traceback" not in result.stderr
+
+
+def test_sync_logs_jobs_after_a_tracking_failure(tmp_path):
+    env_args = ["tracking.uri=http://127.0.0.1:9"]  # nothing listens there
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        result = run_cli(
+            "-m", "model=tiny", "intervention=redistribute", "layers=q2,q4", *env_args, cwd=tmp_path
+        )
+    finally:
+        del os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "python -m sysattn_exp.sync" in result.stdout + result.stderr
+    (sweep_dir,) = sweep_dirs(tmp_path)
+    assert len(results(sweep_dir)) == 2 and not (sweep_dir / "mlflow_parent.json").exists()
+    store = f"sqlite:///{tmp_path}/outputs/mlflow.db"
+    sync = subprocess.run(
+        [sys.executable, "-m", "sysattn_exp.sync", str(sweep_dir), "--tracking-uri", store],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert sync.returncode == 0, sync.stderr[-3000:]
+    assert "logged 2 job(s)" in sync.stdout
+    runs = runs_of(tmp_path)
+    parent = [r for r in runs if r.data.tags.get("sysattn.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("sysattn.kind") == "job"]
+    assert len(parent) == 1 and len(children) == 2
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent[0].info.run_id}
+    for run in children:
+        job = next(
+            d for d in sweep_dir.glob("job*") if run.data.tags["sysattn.job_dir"].endswith(d.name)
+        )
+        assert run.data.metrics["paired_accuracy"] == read_metrics(job)["paired_accuracy"]
+    again = subprocess.run(
+        [sys.executable, "-m", "sysattn_exp.sync", str(sweep_dir)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert "logged 0 job(s); 2 were already logged" in again.stdout
+
+
+@pytest.fixture(scope="module")
+def slow_checkpoint(tmp_path_factory):
+    """A tiny LLaVA slow enough (256 image tokens, 8 layers of width 256) to kill mid-run."""
+    from sysattn_exp.tiny import build_tiny_llava
+
+    path = tmp_path_factory.mktemp("slow") / "ckpt"
+    model, processor = build_tiny_llava(hidden_size=256, image_size=224, num_layers=8)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def scored_batches(cache_dir) -> int:
+    return sum(len(p.read_text().splitlines()) for p in cache_dir.glob("*/scores-*.jsonl"))
+
+
+def test_killed_job_resumes_with_identical_results(tmp_path, slow_checkpoint):
+    args = [
+        sys.executable,
+        "-m",
+        "sysattn_exp",
+        f"model.name_or_path={slow_checkpoint}",
+        "model.batch_size=2",
+        "intervention=redistribute",
+        "runtime.num_workers=0",
+    ]
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    job = subprocess.Popen(
+        [*args, f"runtime.cache_dir={killed / 'cache'}"],
+        cwd=killed,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 120
+    while scored_batches(killed / "cache") < 30 and time.time() < deadline and job.poll() is None:
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    partial = scored_batches(killed / "cache")
+    assert 0 < partial < 48, "the kill should land mid-run"
+    assert not list(killed.rglob("metrics.json"))
+    resumed = subprocess.run(
+        [*args, f"runtime.cache_dir={killed / 'cache'}"], cwd=killed, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    straight = subprocess.run(
+        [*args, f"runtime.cache_dir={whole / 'cache'}"], cwd=whole, capture_output=True, text=True
+    )
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    # The killed run's folder stays, without metrics.json: it never looks complete.
+    (resumed_job,) = [
+        d for d in (killed / "outputs" / "runs").iterdir() if (d / "metrics.json").exists()
+    ]
+    (straight_job,) = (whole / "outputs" / "runs").iterdir()
+    a, b = read_metrics(resumed_job), read_metrics(straight_job)
+    assert a["n_items_from_cache"] > 0 and b["n_items_from_cache"] == 0
+    assert {k: v for k, v in a.items() if k not in TIMING} == {
+        k: v for k, v in b.items() if k not in TIMING
+    }
+    pa, pb = (pd.read_parquet(d / "predictions.parquet") for d in (resumed_job, straight_job))
+    assert pa.equals(pb)
+
+
+def write_batches(root, worker: int, n_batches: int) -> None:
+    cache = ScoreCache(root, {"condition": "shared"})
+    for b in range(n_batches):
+        keys = [f"w{worker}-b{b}-{i}" for i in range(5)]
+        cache.save(keys, [worker + b + i / 10 for i in range(5)], [-float(b)] * 5)
+
+
+def test_concurrent_writers_never_corrupt_the_cache(tmp_path):
+    processes = [
+        multiprocessing.Process(target=write_batches, args=(tmp_path, w, 200)) for w in range(4)
+    ]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join()
+    scores = ScoreCache(tmp_path, {"condition": "shared"}).load()
+    assert len(scores) == 4 * 200 * 5
+    assert scores["w3-b199-4"] == (3 + 199 + 0.4, -199.0)
+    assert len(list(tmp_path.glob("*/scores-*.jsonl"))) == 4

@@ -25,7 +25,12 @@ LOADERS = {
     "beaf": beaf.load,
 }
 
-__all__ = ["Benchmark", "Item", "load_benchmark"]
+MAIN_METRICS = {
+    module.__name__.rsplit(".", 1)[1]: module.MAIN_METRIC
+    for module in (mme, hallusionbench, naturalbench, winoground, sugarcrepe, beaf)
+}
+
+__all__ = ["MAIN_METRICS", "Benchmark", "Item", "load_benchmark"]
 
 
 def load_benchmark(cfg) -> Benchmark:

@@ -33,6 +33,7 @@ from sysattn_exp.benchmarks.base import (
 )
 from sysattn_exp.errors import UsageError
 
+MAIN_METRIC = "beaf/f1_tu_id"  # the native metric the report shows
 FIELDS = ("id", "image", "question", "orig_img", "removed_q", "gt")
 EDITED = re.compile(r"^(?P<stem>.+)_\d+$")
 

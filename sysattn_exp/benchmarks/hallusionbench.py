@@ -30,6 +30,7 @@ from sysattn_exp.errors import UsageError
 
 log = logging.getLogger(__name__)
 
+MAIN_METRIC = "hallusionbench/qAcc"  # the native metric the report shows
 FIELDS = (
     "category",
     "subcategory",

@@ -24,6 +24,7 @@ from sysattn_exp.benchmarks.base import (
 )
 from sysattn_exp.errors import UsageError
 
+MAIN_METRIC = "mme/perception_score"  # the native metric the report shows
 PERCEPTION = [
     "existence",
     "count",

@@ -19,6 +19,7 @@ from sysattn_exp.benchmarks.base import (
 )
 from sysattn_exp.errors import UsageError
 
+MAIN_METRIC = "naturalbench/g_acc"  # the native metric the report shows
 LOCAL_HINT = "parquet file(s) exported from BaiqiL/NaturalBench"
 COLUMNS = [
     "Index",

@@ -26,6 +26,7 @@ from sysattn_exp.benchmarks.base import (
 )
 from sysattn_exp.errors import UsageError
 
+MAIN_METRIC = "sugarcrepe/mean_pyes_acc"  # the native metric the report shows
 SUBSETS = [
     "add_att",
     "add_obj",

@@ -25,6 +25,7 @@ from sysattn_exp.benchmarks.base import (
 )
 from sysattn_exp.errors import UsageError
 
+MAIN_METRIC = "winoground/group_score"  # the native metric the report shows
 FIELDS = ("id", "caption_0", "caption_1", "image_0", "image_1")
 LOCAL_HINT = "the release's examples.jsonl and images/"
 

@@ -1,0 +1,221 @@
+"""Runs -> the comparison table: which condition moved paired accuracy, on which benchmark,
+by how much.
+
+    python -m sysattn_exp.report                          # the newest sweep
+    python -m sysattn_exp.report report.parent=<run id> report.out=outputs/report-q4
+
+One row per benchmark x intervention x layer range (and the baseline), with paired
+accuracy, yes-rate, yes-bias, accuracy, the change in paired accuracy against the
+baseline in points and in percent (as the paper reports it) and the benchmark's main
+native metric. Written as comparison.csv and comparison.md, with a heatmap per benchmark
+(layer range x intervention, colour = change in paired accuracy) and yes-rate bars; all
+of it is also logged to the sweep's parent run.
+"""
+
+import sys
+from pathlib import Path
+
+import hydra
+import pandas as pd
+from omegaconf import DictConfig
+
+from sysattn_exp.benchmarks import MAIN_METRICS
+from sysattn_exp.errors import UsageError
+from sysattn_exp.tracking import connect
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+COLUMNS = [
+    "benchmark",
+    "intervention",
+    "layers",
+    "paired_accuracy",
+    "yes_rate",
+    "yes_bias",
+    "accuracy",
+    "paired_accuracy_change_points",
+    "paired_accuracy_change_pct",
+    "native_metric",
+    "native_value",
+]
+
+
+def job_runs(cfg) -> tuple[pd.DataFrame, str | None]:
+    """The job runs to report on (one row each, params.* and metrics.* columns) and the
+    parent run they belong to (None for report.parent=all)."""
+    mlflow, experiment_id = connect(cfg.tracking)
+    parent = cfg.report.parent
+    if parent == "latest":
+        sweeps = mlflow.search_runs(
+            [experiment_id],
+            filter_string="tags.`sysattn.kind` = 'sweep'",
+            order_by=["start_time DESC"],
+            max_results=1,
+            output_format="list",
+        )
+        if not sweeps:
+            raise UsageError(
+                f"report.parent=latest: experiment {cfg.tracking.experiment!r} has no sweep"
+            )
+        parent = sweeps[0].info.run_id
+    query = "tags.`sysattn.kind` = 'job'"
+    if parent != "all":
+        query += f" and tags.`mlflow.parentRunId` = '{parent}'"
+    runs = mlflow.search_runs([experiment_id], filter_string=query, output_format="pandas")
+    if runs.empty:
+        raise UsageError(
+            f"report.parent={cfg.report.parent}: no job runs in experiment "
+            f"{cfg.tracking.experiment!r} (give a sweep's parent run id, latest, or all)"
+        )
+    return runs, None if parent == "all" else parent
+
+
+def intervention_label(run: pd.Series) -> str:
+    if run["params.intervention.name"] == "none":
+        return "baseline"
+    recipients = run["params.intervention.recipients"].replace(",", "+")
+    return f"{run['params.intervention.source']}->{recipients}"
+
+
+def layers_label(run: pd.Series) -> str:
+    if run["params.intervention.name"] == "none":
+        return "-"
+    layers = [int(x) for x in str(run["params.layers.resolved"]).split(",")]
+    span = f"{layers[0]}-{layers[-1]}"
+    quarter = run.get("params.layers.quarter")
+    return f"q{quarter} ({span})" if quarter not in (None, "None") else span
+
+
+def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per benchmark x intervention x layer range, and a baseline row per benchmark
+    (from a baseline job, or the baseline values every intervention job logs)."""
+    rows = []
+    for _, run in runs.iterrows():
+        benchmark = run["params.benchmark.name"]
+        native = MAIN_METRICS.get(benchmark)
+        metric = run.filter(like="metrics.").rename(lambda name: name[len("metrics.") :]).get
+        rows.append(
+            {
+                "benchmark": benchmark,
+                "intervention": intervention_label(run),
+                "layers": layers_label(run),
+                "paired_accuracy": metric("paired_accuracy"),
+                "yes_rate": metric("yes_rate"),
+                "yes_bias": metric("yes_bias"),
+                "accuracy": metric("accuracy"),
+                "paired_accuracy_change_points": metric("paired_accuracy_change_points"),
+                "paired_accuracy_change_pct": metric("paired_accuracy_change_pct"),
+                "native_metric": native,
+                "native_value": metric(native) if native else None,
+            }
+        )
+        if rows[-1]["intervention"] != "baseline":
+            rows.append(
+                {
+                    "benchmark": benchmark,
+                    "intervention": "baseline",
+                    "layers": "-",
+                    "paired_accuracy": metric("baseline_paired_accuracy"),
+                    "yes_rate": metric("baseline_yes_rate"),
+                    "yes_bias": metric("baseline_yes_bias"),
+                    "accuracy": metric("baseline_accuracy"),
+                    "paired_accuracy_change_points": 0.0,
+                    "paired_accuracy_change_pct": 0.0,
+                    "native_metric": native,
+                    "native_value": metric(f"baseline_{native}") if native else None,
+                }
+            )
+    table = pd.DataFrame(rows, columns=COLUMNS).drop_duplicates(
+        ["benchmark", "intervention", "layers"]
+    )
+    table["baseline_first"] = table["intervention"] != "baseline"
+    table = table.sort_values(["benchmark", "baseline_first", "intervention", "layers"])
+    return table.drop(columns="baseline_first").reset_index(drop=True)
+
+
+def markdown(table: pd.DataFrame) -> str:
+    def cell(value) -> str:
+        if value is None or (isinstance(value, float) and pd.isna(value)):
+            return ""
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += [
+        "| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plots(table: pd.DataFrame, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    for benchmark, rows in table.groupby("benchmark"):
+        edits = rows[rows["intervention"] != "baseline"]
+        if not edits.empty:
+            grid = edits.pivot_table(
+                index="layers", columns="intervention", values="paired_accuracy_change_points"
+            )
+            fig, ax = plt.subplots(figsize=(3.5 + 1.4 * grid.shape[1], 2 + 0.5 * grid.shape[0]))
+            limit = max(float(abs(grid).max().max()), 1e-9)
+            image = ax.imshow(grid.values, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
+            ax.set_xticks(range(grid.shape[1]), grid.columns, rotation=30, ha="right")
+            ax.set_yticks(range(grid.shape[0]), grid.index)
+            for (i, j), value in pd.DataFrame(grid.values).stack().items():
+                shade = "white" if abs(value) > limit / 2 else "black"
+                ax.text(j, i, f"{value:+.1f}", ha="center", va="center", fontsize=8, color=shade)
+            fig.colorbar(image, ax=ax, label="points vs baseline")
+            ax.set_title(f"{benchmark}: paired accuracy vs baseline")
+            files.append(save(fig, out / f"heatmap_{benchmark}.png"))
+        labels = [f"{r.intervention} {r.layers}".replace(" -", "") for r in rows.itertuples()]
+        fig, ax = plt.subplots(figsize=(2 + 0.5 * len(rows), 3.5))
+        ax.bar(range(len(rows)), rows["yes_rate"], color=["grey"] + ["tab:blue"] * (len(rows) - 1))
+        ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("yes-rate")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{benchmark}: yes-rate by condition")
+        files.append(save(fig, out / f"yes_rate_{benchmark}.png"))
+    return files
+
+
+def save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    fig.clf()
+    return path
+
+
+def report(cfg) -> Path:
+    runs, parent = job_runs(cfg)
+    table = comparison_table(runs)
+    out = Path(cfg.report.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "comparison.csv", index=False)
+    (out / "comparison.md").write_text(markdown(table))
+    files = [out / "comparison.csv", out / "comparison.md", *plots(table, out)]
+    if parent is not None:
+        mlflow, _ = connect(cfg.tracking)
+        client = mlflow.MlflowClient()
+        for path in files:
+            client.log_artifact(parent, str(path), "report")
+    print(markdown(table))
+    print(
+        f"report: {out.resolve()} ({len(files)} files)"
+        + (f", logged to run {parent}" if parent else "")
+    )
+    return out
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="report")
+def report_app(cfg: DictConfig) -> None:
+    try:
+        report(cfg)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    report_app()

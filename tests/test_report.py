@@ -1,0 +1,128 @@
+"""The report's table from known runs in a real MLflow store, through its CLI."""
+
+import subprocess
+import sys
+
+import mlflow
+import pandas as pd
+import pytest
+
+JOBS = [  # (benchmark, recipients, quarter, layers, paired, yes_rate, native)
+    ("naturalbench", "text", 4, "24,25,26,27,28,29,30,31", 0.30, 0.55, 0.30),
+    ("naturalbench", "image,text", 4, "24,25,26,27,28,29,30,31", 0.25, 0.60, 0.25),
+    ("naturalbench", "text", 1, "0,1,2,3,4,5,6,7", 0.18, 0.70, 0.18),
+    ("winoground", "text", 4, "24,25,26,27,28,29,30,31", 0.10, 0.50, 0.07),
+]
+BASELINE = {"naturalbench": (0.20, 0.80, 0.20), "winoground": (0.05, 0.90, 0.04)}
+NATIVE = {"naturalbench": "naturalbench/g_acc", "winoground": "winoground/group_score"}
+
+
+def log_known_runs(uri: str) -> str:
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.create_experiment("study")
+    with mlflow.start_run(experiment_id=experiment, tags={"sysattn.kind": "sweep"}) as parent:
+        pass
+    for benchmark, recipients, quarter, layers, paired, yes_rate, native in JOBS:
+        base_paired, base_yes, base_native = BASELINE[benchmark]
+        with mlflow.start_run(
+            experiment_id=experiment, parent_run_id=parent.info.run_id, tags={"sysattn.kind": "job"}
+        ):
+            mlflow.log_params(
+                {
+                    "benchmark.name": benchmark,
+                    "intervention.name": "redistribute",
+                    "intervention.source": "system",
+                    "intervention.recipients": recipients,
+                    "layers.quarter": quarter,
+                    "layers.resolved": layers,
+                }
+            )
+            mlflow.log_metrics(
+                {
+                    "paired_accuracy": paired,
+                    "yes_rate": yes_rate,
+                    "yes_bias": yes_rate - 0.5,
+                    "accuracy": 0.6,
+                    "paired_accuracy_change_points": 100 * (paired - base_paired),
+                    "paired_accuracy_change_pct": 100 * (paired - base_paired) / base_paired,
+                    NATIVE[benchmark]: native,
+                    "baseline_paired_accuracy": base_paired,
+                    "baseline_yes_rate": base_yes,
+                    "baseline_yes_bias": base_yes - 0.5,
+                    "baseline_accuracy": 0.5,
+                    f"baseline_{NATIVE[benchmark]}": base_native,
+                }
+            )
+    # A run of another sweep, which the report must leave out.
+    with mlflow.start_run(experiment_id=experiment, tags={"sysattn.kind": "job"}):
+        mlflow.log_params({"benchmark.name": "mme", "intervention.name": "none"})
+    return parent.info.run_id
+
+
+def test_report_table_plots_and_parent_artifacts(tmp_path):
+    uri = f"sqlite:///{tmp_path}/store.db"
+    parent = log_known_runs(uri)
+    out = tmp_path / "report"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sysattn_exp.report",
+            f"tracking.uri={uri}",
+            "tracking.experiment=study",
+            f"report.parent={parent}",
+            f"report.out={out}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = pd.read_csv(out / "comparison.csv")
+    assert len(table) == 6  # 4 conditions and a baseline per benchmark; not the mme run
+    row = table[
+        (table.benchmark == "naturalbench")
+        & (table.intervention == "system->text")
+        & (table.layers == "q4 (24-31)")
+    ].iloc[0]
+    assert row.paired_accuracy == pytest.approx(0.30)
+    assert row.paired_accuracy_change_points == pytest.approx(10.0)
+    assert row.paired_accuracy_change_pct == pytest.approx(50.0)
+    assert row.native_metric == "naturalbench/g_acc" and row.native_value == pytest.approx(0.30)
+    both = table[(table.intervention == "system->image+text")].iloc[0]
+    assert both.paired_accuracy_change_points == pytest.approx(5.0)
+    base = table[(table.benchmark == "winoground") & (table.intervention == "baseline")].iloc[0]
+    assert (base.paired_accuracy, base.yes_rate, base.native_value) == pytest.approx(
+        (0.05, 0.90, 0.04)
+    )
+    assert list(table.intervention[table.benchmark == "naturalbench"])[0] == "baseline"
+    for name in (
+        "comparison.md",
+        "heatmap_naturalbench.png",
+        "heatmap_winoground.png",
+        "yes_rate_winoground.png",
+    ):
+        assert (out / name).stat().st_size > 0, name
+    artifacts = {a.path for a in mlflow.MlflowClient(uri).list_artifacts(parent, "report")}
+    assert {"report/comparison.csv", "report/heatmap_naturalbench.png"} <= artifacts
+
+
+def test_report_latest_sweep_and_bad_parent(tmp_path):
+    uri = f"sqlite:///{tmp_path}/store.db"
+    log_known_runs(uri)
+    common = [
+        sys.executable,
+        "-m",
+        "sysattn_exp.report",
+        f"tracking.uri={uri}",
+        "tracking.experiment=study",
+    ]
+    latest = subprocess.run(
+        [*common, f"report.out={tmp_path / 'r'}"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert latest.returncode == 0, latest.stderr[-3000:]
+    assert len(pd.read_csv(tmp_path / "r" / "comparison.csv")) == 6
+    bad = subprocess.run(
+        [*common, "report.parent=abc"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: report.parent=abc")

@@ -92,8 +92,14 @@ class BatchEncoder(Dataset):
             questions += [question for _, question in split]
             order += mine
             image_row += [row] * len(mine)
+        if len({len(prefix) for prefix in prefixes}) > 1:
+            raise ValueError(
+                "prompt prefixes of different lengths in one batch: "
+                "every item needs the same system prompt and image size"
+            )
         q_len = max(len(q) for q in questions)
-        pad = self.processor.tokenizer.pad_token_id
+        # Right padding after the cached prefix: the id is never attended to, any will do.
+        pad = self.processor.tokenizer.pad_token_id or 0
         return EncodedBatch(
             items=order,
             pixel_values=torch.stack(pixels),

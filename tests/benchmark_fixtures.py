@@ -6,7 +6,16 @@ from pathlib import Path
 
 from conftest import make_image
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
+
+def find_shared() -> Path:
+    """../shared/benchmarks beside the checkout (the real annotation files)."""
+    for parent in Path(__file__).resolve().parents:
+        if (parent / "shared" / "benchmarks").is_dir():
+            return parent / "shared" / "benchmarks"
+    raise FileNotFoundError("shared/benchmarks not found beside the checkout")
+
+
+SHARED = find_shared()
 COLOURS = ["red", "blue", "green", "yellow", "purple", "orange"]
 
 

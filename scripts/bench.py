@@ -31,7 +31,7 @@ from transformers import AttentionInterface
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from sysattn_exp.benchmarks.base import Benchmark, Item
-from sysattn_exp.intervention import Redistribution, eager_redistributed_attention
+from sysattn_exp.intervention import Redistribution, eager_edited_attention
 from sysattn_exp.modality import modality_ids
 from sysattn_exp.models import LoadedModel, build_prompt, first_token_ids, use_sysattn
 from sysattn_exp.scoring import plan_batches, score_full_prompts, score_items
@@ -185,9 +185,7 @@ def naive_attention(module, query, key, value, attention_mask, scaling=None, dro
         visible = (
             None if attention_mask is None else attention_mask == 0
         )  # eager masks are additive
-        out = eager_redistributed_attention(
-            query, key, value, visible, scaling, NAIVE["modality"], edit
-        )
+        out = eager_edited_attention(query, key, value, visible, scaling, NAIVE["modality"], edit)
         return out.transpose(1, 2).contiguous(), None
     return eager_attention_forward(
         module, query, key, value, attention_mask, scaling, dropout, **kwargs

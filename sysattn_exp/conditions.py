@@ -1,22 +1,34 @@
 """Config -> the condition a job evaluates: which intervention, in which layers."""
 
 from sysattn_exp.errors import UsageError
-from sysattn_exp.intervention import Redistribution
+from sysattn_exp.intervention import Redistribution, Scale
 from sysattn_exp.modality import MODALITIES
 
-INTERVENTIONS = ("none", "redistribute")
+INTERVENTIONS = ("none", "redistribute", "scale")
 IMPLEMENTATIONS = ("fused", "eager")
+MODES = ("proportional", "uniform")
 
 
-def intervention_rule(cfg) -> tuple[str, tuple[str, ...], str] | None:
-    """(source, recipients, impl) for a redistribution, None for the baseline; checks every
-    key."""
+def intervention_rule(cfg) -> dict | None:
+    """The checked settings of the configured rule (all but its layers), None for the
+    baseline."""
     if cfg.name not in INTERVENTIONS:
         raise UsageError(
             f"intervention.name={cfg.name!r} is unknown; allowed: {', '.join(INTERVENTIONS)}"
         )
     if cfg.name == "none":
         return None
+    impl = cfg.get("impl", "fused")
+    if impl not in IMPLEMENTATIONS:
+        raise UsageError(
+            f"intervention.impl={impl!r} is unknown; allowed: {', '.join(IMPLEMENTATIONS)}"
+        )
+    if cfg.name == "scale":
+        return scale_rule(cfg) | {"impl": impl}
+    return redistribution_rule(cfg) | {"impl": impl}
+
+
+def redistribution_rule(cfg) -> dict:
     allowed = ", ".join(MODALITIES)
     if cfg.source not in MODALITIES:
         raise UsageError(
@@ -34,12 +46,34 @@ def intervention_rule(cfg) -> tuple[str, tuple[str, ...], str] | None:
                 f"intervention.recipients contains {name!r}; with source {cfg.source} allowed "
                 f"recipients are {', '.join(others)}"
             )
-    impl = cfg.get("impl", "fused")
-    if impl not in IMPLEMENTATIONS:
+    fraction = cfg.get("fraction", 1.0)
+    if (
+        isinstance(fraction, bool)
+        or not isinstance(fraction, int | float)
+        or not 0 <= fraction <= 1
+    ):
+        raise UsageError(f"intervention.fraction={fraction!r} must be a number in [0, 1]")
+    mode = cfg.get("mode", "proportional")
+    if mode not in MODES:
+        raise UsageError(f"intervention.mode={mode!r} is unknown; allowed: {', '.join(MODES)}")
+    return {
+        "source": cfg.source,
+        "recipients": tuple(m for m in MODALITIES if m in recipients),
+        "fraction": float(fraction),
+        "mode": mode,
+    }
+
+
+def scale_rule(cfg) -> dict:
+    if cfg.modality not in MODALITIES:
+        allowed = ", ".join(MODALITIES)
         raise UsageError(
-            f"intervention.impl={impl!r} is unknown; allowed: {', '.join(IMPLEMENTATIONS)}"
+            f"intervention.modality={cfg.modality!r} is not a modality; allowed: {allowed}"
         )
-    return cfg.source, tuple(m for m in MODALITIES if m in recipients), impl
+    factor = cfg.factor
+    if isinstance(factor, bool) or not isinstance(factor, int | float) or factor <= 0:
+        raise UsageError(f"intervention.factor={factor!r} must be a positive number")
+    return {"modality": cfg.modality, "factor": float(factor)}
 
 
 def resolve_layers(cfg, depth: int) -> list[int]:
@@ -65,8 +99,8 @@ def resolve_layers(cfg, depth: int) -> list[int]:
     return list(range(start, end))
 
 
-def build_edit(rule, layers: list[int]) -> Redistribution | None:
+def build_edit(rule: dict | None, layers: list[int]) -> Redistribution | Scale | None:
     if rule is None:
         return None
-    source, recipients, impl = rule
-    return Redistribution(source, recipients, frozenset(layers), impl)
+    kind = Scale if "factor" in rule else Redistribution
+    return kind(layers=frozenset(layers), **rule)

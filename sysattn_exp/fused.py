@@ -28,7 +28,7 @@ from sysattn_exp.modality import MODALITIES, PAD
 BLOCK_ENTRIES = 1 << 20
 
 
-def fused_redistributed_attention(query, key, value, attention_mask, scaling, key_modality, edit):
+def fused_edited_attention(query, key, value, attention_mask, scaling, key_modality, edit):
     q_len, k_len = query.shape[2], key.shape[2]
     n_rep = query.shape[1] // key.shape[1]
     spans = {
@@ -46,13 +46,24 @@ def fused_redistributed_attention(query, key, value, attention_mask, scaling, ke
             name: span.attend(query[:, :, rows], first, visible, scaling)
             for name, span in spans.items()
         }
-        parts = masses(parts)
-        out[:, :, rows] = merge(parts, edit, query_is_real[:, None, rows, None]).to(query.dtype)
+        if hasattr(edit, "factor"):  # Scale: ln(factor) added to the modality's scores
+            o_x, lse_x = parts[edit.modality]
+            parts[edit.modality] = (o_x, lse_x + math.log(edit.factor))
+            merged = sum(a * o for o, a in masses(parts).values())
+        else:
+            uniform = None
+            if edit.mode == "uniform":  # a zero query attends equally: (mean of V, log count)
+                zeros = torch.zeros_like(query[:, :, rows])
+                uniform = [spans[r].attend(zeros, first, visible, scaling) for r in edit.recipients]
+            merged = merge(masses(parts), edit, query_is_real[:, None, rows, None], uniform)
+        out[:, :, rows] = merged.to(query.dtype)
     return out
 
 
-def merge(parts: dict, edit, query_is_real) -> torch.Tensor:
-    """parts: modality -> (o_X, A_X). The rule in closed form (see the module docstring)."""
+def merge(parts: dict, edit, query_is_real, uniform=None) -> torch.Tensor:
+    """parts: modality -> (o_X, A_X). The redistribution in closed form: the source keeps
+    (1 - f) A_S; f A_S goes to the recipients in proportion to A_X o_X, or (uniform, with
+    (mean of V, log count) per recipient span) equally over their visible keys."""
     o_s, a_s = parts[edit.source]
     a_r = sum(parts[r][1] for r in edit.recipients)
     to_recipients = sum(parts[r][1] * parts[r][0] for r in edit.recipients)
@@ -62,8 +73,16 @@ def merge(parts: dict, edit, query_is_real) -> torch.Tensor:
         if name != edit.source and name not in edit.recipients
     )
     change = (a_s > 0) & (a_r > 0) & query_is_real
-    gain = torch.where(change, a_s / torch.where(change, a_r, 1.0), 0.0)
-    return to_recipients * (1 + gain) + others + torch.where(change, 0.0, a_s * o_s)
+    moved = torch.where(change, edit.fraction * a_s, 0.0)
+    if uniform is None:
+        gained = to_recipients * (moved / torch.where(change, a_r, 1.0))
+    else:
+        counts = [lse.exp()[..., None] for _, lse in uniform]
+        mean_value = sum(n * o for n, (o, _) in zip(counts, uniform, strict=True)) / sum(
+            counts
+        ).clamp_min(1)
+        gained = moved * mean_value
+    return to_recipients + gained + others + (a_s - moved) * o_s
 
 
 class LazyVisible:

@@ -20,7 +20,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from sysattn_exp.fused import fused_redistributed_attention
+from sysattn_exp.fused import fused_edited_attention
 from sysattn_exp.modality import MODALITIES, PAD
 
 ATTENTION_NAME = "sysattn"
@@ -28,44 +28,71 @@ ATTENTION_NAME = "sysattn"
 
 @dataclass(frozen=True)
 class Redistribution:
-    """Move the post-softmax mass of the `source` modality onto `recipients`, in proportion
-    to the weights they already have, in the decoder layers `layers` (0-based)."""
+    """Move `fraction` of the post-softmax mass of the `source` modality onto `recipients`
+    in the decoder layers `layers` (0-based): in proportion to the weights they already
+    have (mode proportional, the paper's) or equally over their visible keys (uniform)."""
 
     source: str
     recipients: tuple[str, ...]
     layers: frozenset[int]
     impl: str = "fused"  # or "eager", the reference
+    fraction: float = 1.0
+    mode: str = "proportional"
 
     def describe(self) -> str:
-        return f"{self.source}->{'+'.join(self.recipients)}"
+        dose = "" if self.fraction == 1 else f" f={self.fraction:g}"
+        mode = "" if self.mode == "proportional" else f" {self.mode}"
+        return f"{self.source}->{'+'.join(self.recipients)}{dose}{mode}"
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Multiply the post-softmax mass of `modality` by `factor` and renormalise each row
+    (the paper's "Image x2.0" baseline): the same as adding ln(factor) to its scores."""
+
+    modality: str
+    factor: float
+    layers: frozenset[int]
+    impl: str = "fused"
+
+    def describe(self) -> str:
+        return f"{self.modality}x{self.factor:g}"
+
+
+Edit = Redistribution | Scale
 
 
 def modality_codes(names, device) -> torch.Tensor:
     return torch.tensor([MODALITIES[n] for n in names], device=device)
 
 
-def redistribute_weights(
-    weights: torch.Tensor,
-    key_modality: torch.Tensor,
-    query_is_real: torch.Tensor,
-    source: str,
-    recipients: tuple[str, ...],
-) -> torch.Tensor:
-    """Proportional redistribution of post-softmax weights.
-
-    weights (B, H, Q, K); key_modality (B, K); query_is_real (B, Q).
-    a'_s = 0, a'_r = a_r * (1 + A_S / A_R), others unchanged; a row with A_S == 0 or
-    A_R == 0, or whose query is padding, is left as it is.
-    """
-    is_source = (key_modality == MODALITIES[source])[:, None, None, :]
-    is_recipient = torch.isin(key_modality, modality_codes(recipients, weights.device))
+def redistribute_weights(weights, visible, key_modality, query_is_real, edit: Redistribution):
+    """The rule on post-softmax weights (B, H, Q, K); visible (B|1, 1, Q, K); key_modality
+    (B, K); query_is_real (B, Q). a'_s = (1 - f) a_s; the recipients gain f A_S, as
+    a_r f A_S / A_R (proportional) or f A_S / n_R over their n_R visible keys (uniform);
+    others unchanged. A row with A_S == 0 or A_R == 0, or whose query is padding, is left
+    as it is."""
+    is_source = (key_modality == MODALITIES[edit.source])[:, None, None, :]
+    is_recipient = torch.isin(key_modality, modality_codes(edit.recipients, weights.device))
     is_recipient = is_recipient[:, None, None, :]
     mass_source = (weights * is_source).sum(dim=-1, keepdim=True)
     mass_recipient = (weights * is_recipient).sum(dim=-1, keepdim=True)
     change = (mass_source > 0) & (mass_recipient > 0) & query_is_real[:, None, :, None]
-    gain = torch.where(change, mass_source / mass_recipient.clamp_min(1e-30), 0.0)
-    moved = torch.where(is_source, 0.0, weights * (1.0 + gain * is_recipient))
-    return torch.where(change, moved, weights)
+    moved = edit.fraction * mass_source
+    if edit.mode == "uniform":
+        receiving = visible & is_recipient
+        share = receiving / receiving.sum(dim=-1, keepdim=True).clamp_min(1)
+    else:
+        share = weights * is_recipient / mass_recipient.clamp_min(1e-30)
+    edited = torch.where(is_source, (1 - edit.fraction) * weights, weights + moved * share)
+    return torch.where(change, edited, weights)
+
+
+def scale_weights(weights, key_modality, edit: Scale):
+    """a'_x = c a_x / (1 + (c - 1) A_X), a'_y = a_y / (1 + (c - 1) A_X)."""
+    is_x = (key_modality == MODALITIES[edit.modality])[:, None, None, :]
+    scaled = weights * torch.where(is_x, edit.factor, 1.0)
+    return scaled / scaled.sum(dim=-1, keepdim=True).clamp_min(1e-30)
 
 
 def visible_keys(attention_mask, q_len: int, k_len: int, device) -> torch.Tensor:
@@ -79,8 +106,8 @@ def visible_keys(attention_mask, q_len: int, k_len: int, device) -> torch.Tensor
     return attention_mask
 
 
-def eager_redistributed_attention(query, key, value, attention_mask, scaling, key_modality, edit):
-    """Materialise the attention weights, redistribute them, and apply them to V."""
+def eager_edited_attention(query, key, value, attention_mask, scaling, key_modality, edit):
+    """Materialise the attention weights, apply the rule to them, and apply them to V."""
     n_rep = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     q_len, k_len = query.shape[2], key.shape[2]
@@ -89,13 +116,14 @@ def eager_redistributed_attention(query, key, value, attention_mask, scaling, ke
     # A query that sees no key (a padding row) gets all-zero weights instead of NaN.
     weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
     query_is_real = key_modality[:, k_len - q_len :] != PAD
-    weights = redistribute_weights(
-        weights, key_modality, query_is_real, edit.source, edit.recipients
-    )
+    if isinstance(edit, Scale):
+        weights = scale_weights(weights, key_modality, edit)
+    else:
+        weights = redistribute_weights(weights, visible, key_modality, query_is_real, edit)
     return torch.matmul(weights, value.float()).to(query.dtype)
 
 
-IMPLEMENTATIONS = {"eager": eager_redistributed_attention, "fused": fused_redistributed_attention}
+IMPLEMENTATIONS = {"eager": eager_edited_attention, "fused": fused_edited_attention}
 
 
 def sysattn_attention(
@@ -106,7 +134,7 @@ def sysattn_attention(
     attention_mask,
     scaling=None,
     dropout=0.0,
-    attention_edit: Redistribution | None = None,
+    attention_edit: Edit | None = None,
     key_modality: torch.Tensor | None = None,
     **kwargs,
 ):

@@ -70,10 +70,22 @@ def job_runs(cfg) -> tuple[pd.DataFrame, str | None]:
 
 
 def intervention_label(run: pd.Series) -> str:
-    if run["params.intervention.name"] == "none":
+    """The label the runner gives the rule (Redistribution.describe, Scale.describe)."""
+    name = run["params.intervention.name"]
+    if name == "none":
         return "baseline"
+    if name == "scale":
+        factor = float(run["params.intervention.factor"])
+        return f"{run['params.intervention.modality']}x{factor:g}"
     recipients = run["params.intervention.recipients"].replace(",", "+")
-    return f"{run['params.intervention.source']}->{recipients}"
+    label = f"{run['params.intervention.source']}->{recipients}"
+    fraction = float(run.get("params.intervention.fraction") or 1)
+    mode = run.get("params.intervention.mode") or "proportional"
+    return (
+        label
+        + ("" if fraction == 1 else f" f={fraction:g}")
+        + ("" if mode == "proportional" else f" {mode}")
+    )
 
 
 def layers_label(run: pd.Series) -> str:

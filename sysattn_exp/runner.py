@@ -4,6 +4,7 @@ results to the job's folder, then log them to MLflow."""
 import json
 import logging
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -13,7 +14,7 @@ from sysattn_exp.benchmarks import Benchmark, load_benchmark
 from sysattn_exp.cache import ScoreCache, digest
 from sysattn_exp.conditions import build_edit, intervention_rule, resolve_layers
 from sysattn_exp.errors import UsageError
-from sysattn_exp.intervention import Redistribution
+from sysattn_exp.intervention import Edit
 from sysattn_exp.metrics import compare_with_baseline, shared_metrics
 from sysattn_exp.models import (
     BUILTIN_TINY,
@@ -59,7 +60,7 @@ def predict(cfg, loaded, benchmark, prompts, edit, words, desc) -> tuple[pd.Data
     return frame, scores
 
 
-def condition(cfg, loaded, edit: Redistribution | None, words) -> dict:
+def condition(cfg, loaded, edit: Edit | None, words) -> dict:
     """Everything that determines an item's scores besides the item and its prompt."""
     model = cfg.model
     return {
@@ -72,12 +73,7 @@ def condition(cfg, loaded, edit: Redistribution | None, words) -> dict:
         "no_ids": words[1],
         "intervention": None
         if edit is None
-        else {
-            "source": edit.source,
-            "recipients": list(edit.recipients),
-            "impl": edit.impl,
-            "layers": sorted(edit.layers),
-        },
+        else {"rule": type(edit).__name__, **asdict(edit), "layers": sorted(edit.layers)},
     }
 
 
@@ -108,7 +104,7 @@ def scoring_words(loaded: LoadedModel, cfg) -> tuple[list[int], list[int]]:
     return yes, no
 
 
-def run_name(benchmark: Benchmark, edit: Redistribution | None, layers: list[int]) -> str:
+def run_name(benchmark: Benchmark, edit: Edit | None, layers: list[int]) -> str:
     if edit is None:
         return f"{benchmark.name} baseline"
     return f"{benchmark.name} {edit.describe()} layers {layers[0]}-{layers[-1]}"

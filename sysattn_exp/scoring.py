@@ -18,7 +18,7 @@ from tqdm import tqdm
 from sysattn_exp.benchmarks import Benchmark
 from sysattn_exp.cache import ScoreCache, item_key
 from sysattn_exp.errors import UsageError
-from sysattn_exp.intervention import Redistribution
+from sysattn_exp.intervention import Edit
 from sysattn_exp.modality import PAD, TEXT, modality_ids
 from sysattn_exp.models import LoadedModel
 
@@ -122,7 +122,7 @@ class BatchEncoder(Dataset):
 
 @torch.inference_mode()
 def score_batch(
-    loaded: LoadedModel, batch: EncodedBatch, edit: Redistribution | None, yes_ids, no_ids
+    loaded: LoadedModel, batch: EncodedBatch, edit: Edit | None, yes_ids, no_ids
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(yes_logit, no_logit) per item: log-sum-exp of the yes / no word logits."""
     device, model = loaded.device, loaded.model
@@ -168,7 +168,7 @@ def score_full_prompts(
     loaded: LoadedModel,
     images: list,
     prompts: list[str],
-    edit: Redistribution | None,
+    edit: Edit | None,
     yes_ids,
     no_ids,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,7 +215,7 @@ def score_items(
     loaded: LoadedModel,
     benchmark: Benchmark,
     prompts: list[str],
-    edit: Redistribution | None,
+    edit: Edit | None,
     words: tuple[list[int], list[int]],
     batch_size: int,
     num_workers: int,

@@ -41,8 +41,14 @@ def reference_setup(input_ids, attention_mask, image_token_id, rule):
 
 
 def edit_row(weights: torch.Tensor, names: list[str], rule: dict) -> torch.Tensor:
-    """Redistribute one row of post-softmax weights over keys named by `names`."""
+    """Apply the rule to one row of post-softmax weights over keys named by `names`:
+    redistribution (rule has source, recipients and optionally fraction and mode) or
+    scaling (modality, factor)."""
+    if "factor" in rule:
+        return scale_row(weights, names, rule)
     weights = weights.clone()
+    fraction = rule.get("fraction", 1.0)
+    uniform = rule.get("mode") == "uniform"
     source = [n == rule["source"] for n in names]
     recipient = [n in rule["recipients"] for n in names]
     mass_source = sum(float(w) for w, s in zip(weights, source, strict=True) if s)
@@ -51,12 +57,26 @@ def edit_row(weights: torch.Tensor, names: list[str], rule: dict) -> torch.Tenso
         return weights
     total_source = weights[torch.tensor(source)].sum()
     total_recipient = weights[torch.tensor(recipient)].sum()
+    n_recipient = sum(recipient)
+    original = weights.clone()
     for k in range(len(names)):
         if source[k]:
-            weights[k] = 0.0
+            weights[k] = (1 - fraction) * original[k]
+        elif recipient[k] and uniform:
+            weights[k] = original[k] + fraction * total_source / n_recipient
         elif recipient[k]:
-            weights[k] = weights[k] + total_source * weights[k] / total_recipient
+            weights[k] = original[k] + fraction * total_source * original[k] / total_recipient
     return weights
+
+
+def scale_row(weights: torch.Tensor, names: list[str], rule: dict) -> torch.Tensor:
+    scaled = torch.stack(
+        [
+            w * rule["factor"] if n == rule["modality"] else w
+            for w, n in zip(weights, names, strict=True)
+        ]
+    )
+    return scaled / scaled.sum()
 
 
 def reference_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kw):

@@ -62,9 +62,20 @@ def rule(**kw):
 
 def test_rules_are_canonical():
     assert intervention_rule(OmegaConf.create({"name": "none"})) is None
-    assert rule() == ("system", ("text",), "fused")
-    assert rule(recipients=["text", "image"]) == ("system", ("image", "text"), "fused")
-    assert rule(source="image", recipients="text", impl="eager") == ("image", ("text",), "eager")
+    base = {
+        "source": "system",
+        "recipients": ("text",),
+        "fraction": 1.0,
+        "mode": "proportional",
+        "impl": "fused",
+    }
+    assert rule() == base
+    assert rule(recipients=["text", "image"]) == base | {"recipients": ("image", "text")}
+    assert rule(
+        source="image", recipients="text", impl="eager", fraction=0.25, mode="uniform"
+    ) == base | {"source": "image", "fraction": 0.25, "mode": "uniform", "impl": "eager"}
+    scale = OmegaConf.create({"name": "scale", "modality": "image", "factor": 2})
+    assert intervention_rule(scale) == {"modality": "image", "factor": 2.0, "impl": "fused"}
 
 
 @pytest.mark.parametrize(
@@ -76,6 +87,13 @@ def test_rules_are_canonical():
         ({"recipients": ["system"]}, "allowed recipients are image, text"),
         ({"recipients": ["pixels"]}, "contains 'pixels'"),
         ({"impl": "flash"}, "intervention.impl='flash' is unknown"),
+        ({"fraction": 1.5}, "intervention.fraction=1.5 must be a number in \\[0, 1\\]"),
+        ({"mode": "greedy"}, "intervention.mode='greedy' is unknown"),
+        ({"name": "scale", "modality": "audio", "factor": 2}, "intervention.modality='audio'"),
+        (
+            {"name": "scale", "modality": "image", "factor": 0},
+            "intervention.factor=0 must be a positive",
+        ),
     ],
 )
 def test_bad_rules(kw, message):

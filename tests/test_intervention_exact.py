@@ -179,11 +179,12 @@ def layout(padding: str) -> torch.Tensor:
 @pytest.mark.parametrize("q_len", [24, 9, 1])
 @pytest.mark.parametrize("block", [None, 5])
 @pytest.mark.parametrize("source,recipients", list(all_rules()))
-def test_fused_kernel_equals_eager(monkeypatch, padding, q_len, block, source, recipients):
+@pytest.mark.parametrize("variant", [{}, {"fraction": 0.3, "mode": "uniform"}])
+def test_fused_kernel_equals_eager(monkeypatch, padding, q_len, block, source, recipients, variant):
     """The attention functions alone on random tensors: clean and masked spans, queries
     that start inside a span (a cache), small query blocks."""
     import sysattn_exp.fused as fused
-    from sysattn_exp.intervention import eager_redistributed_attention
+    from sysattn_exp.intervention import eager_edited_attention
 
     if block:
         monkeypatch.setattr(fused, "BLOCK_ENTRIES", block * 24)
@@ -193,8 +194,64 @@ def test_fused_kernel_equals_eager(monkeypatch, padding, q_len, block, source, r
     real = key_modality != 0
     causal = torch.ones(24, 24, dtype=torch.bool).tril()[24 - q_len :]
     mask = (causal[None] & real[:, None, :])[:, None]
-    edit = Redistribution(source, recipients, frozenset({0}))
-    want = eager_redistributed_attention(q, k, v, mask, 0.3, key_modality, edit)
-    got = fused.fused_redistributed_attention(q, k, v, mask, 0.3, key_modality, edit)
+    edit = Redistribution(source, recipients, frozenset({0}), **variant)
+    want = eager_edited_attention(q, k, v, mask, 0.3, key_modality, edit)
+    got = fused.fused_edited_attention(q, k, v, mask, 0.3, key_modality, edit)
     rows = real[:, 24 - q_len :]
     assert torch.allclose(got.transpose(1, 2)[rows], want.transpose(1, 2)[rows], atol=1e-5)
+
+
+VARIANTS = [
+    ({"fraction": 0.25}, {}),
+    ({"fraction": 0.6, "mode": "uniform"}, {}),
+    ({"mode": "uniform"}, {}),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("variant", [v for v, _ in VARIANTS])
+@pytest.mark.parametrize(
+    "source,recipients",
+    [("system", ("text",)), ("system", ("image", "text")), ("image", ("system",))],
+)
+def test_dose_and_uniform_match_reference(
+    gqa_llava, padded_batch, source, recipients, variant, impl
+):
+    model, _ = gqa_llava
+    layers = frozenset({2, 4, 5})
+    real = padded_batch["attention_mask"].bool()
+    edit = Redistribution(source, recipients, layers, impl, **variant)
+    got = sysattn_logits(model, padded_batch, edit)
+    want = reference_logits(
+        model,
+        padded_batch,
+        {"source": source, "recipients": set(recipients), "layers": layers} | variant,
+    )
+    assert torch.allclose(got[real], want[real], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("modality,factor", [("image", 2.0), ("system", 0.5), ("text", 3.0)])
+def test_scale_matches_reference(gqa_llava, padded_batch, modality, factor, impl):
+    from sysattn_exp.intervention import Scale
+
+    model, _ = gqa_llava
+    layers = frozenset({3, 4, 5})
+    real = padded_batch["attention_mask"].bool()
+    got = sysattn_logits(model, padded_batch, Scale(modality, factor, layers, impl))
+    want = reference_logits(
+        model, padded_batch, {"modality": modality, "factor": factor, "layers": layers}
+    )
+    assert torch.allclose(got[real], want[real], atol=1e-5, rtol=0)
+    baseline = sysattn_logits(model, padded_batch, None)
+    assert (baseline[real] - got[real]).abs().max() > 1e-3
+
+
+def test_fraction_zero_is_the_baseline_and_one_is_the_full_rule(gqa_llava, padded_batch):
+    model, _ = gqa_llava
+    real = padded_batch["attention_mask"].bool()
+    layers = frozenset(range(6))
+    none = sysattn_logits(
+        model, padded_batch, Redistribution("system", ("text",), layers, fraction=0.0)
+    )
+    assert torch.allclose(none[real], sysattn_logits(model, padded_batch, None)[real], atol=1e-5)

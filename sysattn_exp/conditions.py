@@ -1,10 +1,10 @@
 """Config -> the condition a job evaluates: which intervention, in which layers."""
 
 from sysattn_exp.errors import UsageError
-from sysattn_exp.intervention import Redistribution, Scale
+from sysattn_exp.intervention import Edit, Pai, Redistribution, Scale
 from sysattn_exp.modality import MODALITIES
 
-INTERVENTIONS = ("none", "redistribute", "scale")
+INTERVENTIONS = ("none", "redistribute", "scale", "pai")
 IMPLEMENTATIONS = ("fused", "eager")
 MODES = ("proportional", "uniform")
 
@@ -23,9 +23,8 @@ def intervention_rule(cfg) -> dict | None:
         raise UsageError(
             f"intervention.impl={impl!r} is unknown; allowed: {', '.join(IMPLEMENTATIONS)}"
         )
-    if cfg.name == "scale":
-        return scale_rule(cfg) | {"impl": impl}
-    return redistribution_rule(cfg) | {"impl": impl}
+    rules = {"scale": scale_rule, "pai": pai_rule, "redistribute": redistribution_rule}
+    return rules[cfg.name](cfg) | {"impl": impl}
 
 
 def redistribution_rule(cfg) -> dict:
@@ -71,7 +70,7 @@ def scale_rule(cfg) -> dict:
             f"intervention.modality={cfg.modality!r} is not a modality; allowed: {allowed}"
         )
     factor = cfg.factor
-    if isinstance(factor, bool) or not isinstance(factor, int | float) or factor <= 0:
+    if not is_number(factor) or factor <= 0:
         raise UsageError(f"intervention.factor={factor!r} must be a positive number")
     return {"modality": cfg.modality, "factor": float(factor)}
 
@@ -99,8 +98,21 @@ def resolve_layers(cfg, depth: int) -> list[int]:
     return list(range(start, end))
 
 
-def build_edit(rule: dict | None, layers: list[int]) -> Redistribution | Scale | None:
+def pai_rule(cfg) -> dict:
+    alpha, gamma = cfg.alpha, cfg.get("cfg_gamma")
+    if not is_number(alpha) or alpha < 0:
+        raise UsageError(f"intervention.alpha={alpha!r} must be a number >= 0")
+    if gamma is not None and (not is_number(gamma) or gamma < 1):
+        raise UsageError(f"intervention.cfg_gamma={gamma!r} must be null (off) or a number >= 1")
+    return {"alpha": float(alpha), "cfg_gamma": None if gamma is None else float(gamma)}
+
+
+def is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def build_edit(rule: dict | None, layers: list[int]) -> Edit | None:
     if rule is None:
         return None
-    kind = Scale if "factor" in rule else Redistribution
+    kind = Scale if "factor" in rule else Pai if "alpha" in rule else Redistribution
     return kind(layers=frozenset(layers), **rule)

@@ -29,6 +29,8 @@ BLOCK_ENTRIES = 1 << 20
 
 
 def fused_edited_attention(query, key, value, attention_mask, scaling, key_modality, edit):
+    if edit.kind == "pai":
+        return pai_attention(query, key, value, attention_mask, scaling, key_modality, edit)
     q_len, k_len = query.shape[2], key.shape[2]
     n_rep = query.shape[1] // key.shape[1]
     spans = {
@@ -46,7 +48,7 @@ def fused_edited_attention(query, key, value, attention_mask, scaling, key_modal
             name: span.attend(query[:, :, rows], first, visible, scaling)
             for name, span in spans.items()
         }
-        if hasattr(edit, "factor"):  # Scale: ln(factor) added to the modality's scores
+        if edit.kind == "scale":  # ln(factor) added to the modality's scores
             o_x, lse_x = parts[edit.modality]
             parts[edit.modality] = (o_x, lse_x + math.log(edit.factor))
             merged = sum(a * o for o, a in masses(parts).values())
@@ -57,6 +59,42 @@ def fused_edited_attention(query, key, value, attention_mask, scaling, key_modal
                 uniform = [spans[r].attend(zeros, first, visible, scaling) for r in edit.recipients]
             merged = merge(masses(parts), edit, query_is_real[:, None, rows, None], uniform)
         out[:, :, rows] = merged.to(query.dtype)
+    return out
+
+
+def pai_attention(query, key, value, attention_mask, scaling, key_modality, edit):
+    """Plain SDPA for every row, then the answer row of each sequence again with its image
+    scores raised: one (1 x K) score row per sequence is all PAI needs materialised."""
+    from sysattn_exp.intervention import answer_rows, pai_scores
+
+    q_len, k_len = query.shape[2], key.shape[2]
+    # transformers passes no mask only when Q == K (a plain causal prefill) or Q == 1.
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        is_causal=attention_mask is None and q_len > 1,
+        scale=scaling,
+        enable_gqa=True,
+    )
+    answer = answer_rows(key_modality, q_len)
+    batch = answer.any(dim=1).nonzero()[:, 0]
+    if len(batch) == 0:
+        return out
+    rows = answer[batch].int().argmax(dim=1)
+    n_rep = query.shape[1] // key.shape[1]
+    k, v = repeat_kv(key[batch], n_rep).float(), repeat_kv(value[batch], n_rep).float()
+    q = query[batch, :, rows][:, :, None].float()  # (b, H, 1, D)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scaling
+    every = torch.ones(len(batch), 1, dtype=torch.bool, device=query.device)
+    scores = pai_scores(scores, key_modality[batch], edit.alpha, every)
+    if attention_mask is None:
+        visible = torch.arange(k_len, device=query.device)[None] <= (k_len - q_len + rows)[:, None]
+    else:
+        visible = attention_mask.expand(len(key_modality), -1, -1, -1)[batch, 0, rows]
+    weights = torch.softmax(scores.masked_fill(~visible[:, None, None, :], -math.inf), dim=-1)
+    out[batch, :, rows] = torch.matmul(weights, v)[:, :, 0].to(out.dtype)
     return out
 
 

@@ -14,6 +14,7 @@ Two implementations, equal to float32 rounding:
 """
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from transformers import AttentionInterface
@@ -21,7 +22,7 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from sysattn_exp.fused import fused_edited_attention
-from sysattn_exp.modality import MODALITIES, PAD
+from sysattn_exp.modality import MODALITIES, PAD, TEXT
 
 ATTENTION_NAME = "sysattn"
 
@@ -38,6 +39,7 @@ class Redistribution:
     impl: str = "fused"  # or "eager", the reference
     fraction: float = 1.0
     mode: str = "proportional"
+    kind: ClassVar[str] = "redistribute"
 
     def describe(self) -> str:
         dose = "" if self.fraction == 1 else f" f={self.fraction:g}"
@@ -54,12 +56,47 @@ class Scale:
     factor: float
     layers: frozenset[int]
     impl: str = "fused"
+    kind: ClassVar[str] = "scale"
 
     def describe(self) -> str:
         return f"{self.modality}x{self.factor:g}"
 
 
-Edit = Redistribution | Scale
+@dataclass(frozen=True)
+class Pai:
+    """PAI (Liu et al., ECCV 2024): on the answer position's query row only, the pre-softmax
+    image scores z become z + alpha |z|; optionally (cfg_gamma) the answer's log-probs are
+    then refined by classifier-free guidance against the prompt without the image."""
+
+    alpha: float
+    layers: frozenset[int]
+    impl: str = "fused"
+    cfg_gamma: float | None = None
+    kind: ClassVar[str] = "pai"
+
+    def describe(self) -> str:
+        cfg = "" if self.cfg_gamma is None else f" cfg={self.cfg_gamma:g}"
+        return f"PAI a={self.alpha:g}{cfg}"
+
+
+def answer_rows(key_modality: torch.Tensor, q_len: int) -> torch.Tensor:
+    """(B, Q): the query row at the last real position of each row, if it is text (the
+    answer position; in a prefix pass that ends with the image there is none)."""
+    k_len = key_modality.shape[1]
+    real = key_modality != PAD
+    last = k_len - 1 - real.flip(1).int().argmax(dim=1)
+    positions = torch.arange(k_len - q_len, k_len, device=key_modality.device)
+    return (positions[None] == last[:, None]) & (key_modality[:, k_len - q_len :] == TEXT)
+
+
+def pai_scores(scores, key_modality, alpha: float, answer: torch.Tensor) -> torch.Tensor:
+    """scores (B, H, Q, K) before masking: z + alpha |z| on the image keys of the rows that
+    `answer` (B, Q) marks."""
+    is_image = (key_modality == MODALITIES["image"])[:, None, None, :]
+    return scores + alpha * scores.abs() * (answer[:, None, :, None] & is_image)
+
+
+Edit = Redistribution | Scale | Pai
 
 
 def modality_codes(names, device) -> torch.Tensor:
@@ -112,13 +149,15 @@ def eager_edited_attention(query, key, value, attention_mask, scaling, key_modal
     key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     q_len, k_len = query.shape[2], key.shape[2]
     scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * scaling
+    if edit.kind == "pai":
+        scores = pai_scores(scores, key_modality, edit.alpha, answer_rows(key_modality, q_len))
     visible = visible_keys(attention_mask, q_len, k_len, query.device)
     # A query that sees no key (a padding row) gets all-zero weights instead of NaN.
     weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
     query_is_real = key_modality[:, k_len - q_len :] != PAD
-    if isinstance(edit, Scale):
+    if edit.kind == "scale":
         weights = scale_weights(weights, key_modality, edit)
-    else:
+    elif edit.kind == "redistribute":
         weights = redistribute_weights(weights, visible, key_modality, query_is_real, edit)
     return torch.matmul(weights, value.float()).to(query.dtype)
 

@@ -8,6 +8,7 @@ query row, so no prefix row depends on the question. Images are decoded and prep
 in DataLoader workers while the model runs.
 """
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -48,19 +49,23 @@ class EncodedBatch:
     question_ids: torch.Tensor  # (B, Q): the rest of each prompt, right-padded
     question_mask: torch.Tensor  # (B, Q)
     image_row: torch.Tensor  # (B,): each item's row in pixel_values / prefix_ids
+    # For PAI's guidance only: each prompt without its image, left-padded (B, T).
+    text_only_ids: torch.Tensor | None = None
+    text_only_mask: torch.Tensor | None = None
 
 
 class BatchEncoder(Dataset):
     """Batch i of the plan: its distinct images decoded and preprocessed once, and each
     prompt tokenized exactly as the processor would, split after the last image token."""
 
-    def __init__(self, benchmark: Benchmark, prompts: list[str], plan, processor):
+    def __init__(self, benchmark: Benchmark, prompts: list[str], plan, processor, text_only=False):
         self.benchmark, self.prompts, self.plan, self.processor = (
             benchmark,
             prompts,
             plan,
             processor,
         )
+        self.text_only = text_only
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -100,7 +105,17 @@ class BatchEncoder(Dataset):
         q_len = max(len(q) for q in questions)
         # Right padding after the cached prefix: the id is never attended to, any will do.
         pad = self.processor.tokenizer.pad_token_id or 0
+        text_only = {}
+        if self.text_only:
+            token = self.processor.image_token
+            plain = [self.prompts[j].replace(token + "\n", "").replace(token, "") for j in order]
+            encoded = self.processor.tokenizer(plain, padding=True, return_tensors="pt")
+            text_only = {
+                "text_only_ids": encoded["input_ids"],
+                "text_only_mask": encoded["attention_mask"],
+            }
         return EncodedBatch(
+            **text_only,
             items=order,
             pixel_values=torch.stack(pixels),
             prefix_ids=torch.tensor(prefixes),
@@ -154,7 +169,33 @@ def score_batch(
     ).last_hidden_state
     last_token = hidden[torch.arange(len(rows), device=device), question_mask.sum(1) - 1]
     logits = model.lm_head(last_token).float()
+    if edit is not None and edit.kind == "pai" and edit.cfg_gamma is not None:
+        logits = guided(logits, text_only_logits(loaded, batch), edit.cfg_gamma)
     return logits[:, yes_ids].logsumexp(dim=-1), logits[:, no_ids].logsumexp(dim=-1)
+
+
+def text_only_logits(loaded: LoadedModel, batch: EncodedBatch) -> torch.Tensor:
+    """Last-position logits of the prompts without their image, with the model unchanged."""
+    ids, mask = batch.text_only_ids.to(loaded.device), batch.text_only_mask.to(loaded.device)
+    return (
+        loaded.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=left_padded_position_ids(mask),
+            logits_to_keep=1,
+        )
+        .logits[:, -1]
+        .float()
+    )
+
+
+def guided(conditional: torch.Tensor, unconditional: torch.Tensor, gamma: float) -> torch.Tensor:
+    """PAI's classifier-free guidance (its CFGLogits): on log-probabilities,
+    gamma (cond - uncond) + uncond, keeping only tokens within a factor 10 of the most
+    likely conditional one (the others become -inf)."""
+    cond, uncond = conditional.log_softmax(dim=-1), unconditional.log_softmax(dim=-1)
+    cutoff = math.log(0.1) + cond.max(dim=-1, keepdim=True).values
+    return (gamma * (cond - uncond) + uncond).masked_fill(cond < cutoff, -math.inf)
 
 
 def left_padded_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -232,8 +273,9 @@ def score_items(
     done = cache.load() if cache else {}
     plan = plan_batches([item.image_id for item in benchmark.items], batch_size)
     todo = [batch for batch in plan if not all(keys[j] in done for j in batch)]
+    guidance = edit is not None and edit.kind == "pai" and edit.cfg_gamma is not None
     loader = DataLoader(
-        BatchEncoder(benchmark, prompts, todo, loaded.processor),
+        BatchEncoder(benchmark, prompts, todo, loaded.processor, text_only=guidance),
         batch_size=None,
         collate_fn=keep_batch,
         num_workers=num_workers if todo else 0,

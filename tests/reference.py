@@ -88,6 +88,7 @@ def reference_attention(module, query, key, value, attention_mask, scaling, drop
     out = torch.zeros(batch, q_len, heads, dim, dtype=query.dtype)
     for b in range(batch):
         names = STATE["modalities"][b]
+        last_real = max(i for i, n in enumerate(names) if n != "pad")
         offset = k_len - q_len
         for h in range(heads):
             keys, values = key[b, h // group], value[b, h // group]
@@ -97,8 +98,13 @@ def reference_attention(module, query, key, value, attention_mask, scaling, drop
                     continue
                 visible = [j for j in range(pos + 1) if names[j] != "pad"]
                 scores = keys[visible] @ query[b, h, qi] * scaling
+                # PAI: on the answer position only, image scores z -> z + alpha |z|.
+                if edit_here and "alpha" in rule and pos == last_real and names[pos] == "text":
+                    for n, j in enumerate(visible):
+                        if names[j] == "image":
+                            scores[n] = scores[n] + rule["alpha"] * scores[n].abs()
                 weights = torch.softmax(scores.double(), dim=0)
-                if edit_here:
+                if edit_here and "alpha" not in rule:
                     weights = edit_row(weights, [names[j] for j in visible], rule)
                 out[b, qi, h] = (weights[:, None] * values[visible].double()).sum(0).to(query.dtype)
     return out, None

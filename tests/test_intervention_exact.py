@@ -255,3 +255,23 @@ def test_fraction_zero_is_the_baseline_and_one_is_the_full_rule(gqa_llava, padde
         model, padded_batch, Redistribution("system", ("text",), layers, fraction=0.0)
     )
     assert torch.allclose(none[real], sysattn_logits(model, padded_batch, None)[real], atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("alpha", [0.2, 20.0])
+def test_pai_matches_reference(gqa_llava, padded_batch, alpha, impl):
+    from sysattn_exp.intervention import Pai
+
+    model, _ = gqa_llava
+    layers = frozenset(range(1, 6))
+    real = padded_batch["attention_mask"].bool()
+    got = sysattn_logits(model, padded_batch, Pai(alpha, layers, impl))
+    want = reference_logits(model, padded_batch, {"alpha": alpha, "layers": layers})
+    assert torch.allclose(got[real], want[real], atol=1e-5, rtol=0)
+    baseline = sysattn_logits(model, padded_batch, None)
+    last = padded_batch["input_ids"].shape[1] - 1  # left padding: every answer is last
+    # Scores of a 0.02-scale random model are small: only a large alpha moves them visibly.
+    assert (baseline[:, last] - got[:, last]).abs().max() > (1e-3 if alpha > 1 else 1e-5)
+    assert torch.allclose(
+        baseline[:, :last][real[:, :last]], got[:, :last][real[:, :last]], atol=1e-5
+    )

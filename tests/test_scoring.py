@@ -5,7 +5,7 @@ import torch
 from conftest import make_image
 
 from sysattn_exp.benchmarks.base import Benchmark, Item
-from sysattn_exp.intervention import Redistribution
+from sysattn_exp.intervention import Pai, Redistribution, Scale
 from sysattn_exp.models import LoadedModel, build_prompt, use_sysattn
 from sysattn_exp.scoring import (
     BatchEncoder,
@@ -29,6 +29,10 @@ EDITS = [
     Redistribution("system", ("image", "text"), frozenset(range(6))),
     Redistribution("image", ("system",), frozenset({0, 1}), "eager"),
     Redistribution("text", ("image",), frozenset({2, 5})),
+    Redistribution("system", ("text",), frozenset({3, 4, 5}), fraction=0.5, mode="uniform"),
+    Scale("image", 2.0, frozenset({4, 5})),
+    Pai(0.5, frozenset(range(6))),
+    Pai(0.5, frozenset(range(6)), "eager"),
 ]
 
 
@@ -128,3 +132,63 @@ def test_only_the_language_model_is_rerouted(loaded):
     assert config.text_config._attn_implementation == "sysattn"
     assert config.vision_config._attn_implementation == "sdpa"
     assert loaded.model.model.vision_tower.config._attn_implementation == "sdpa"
+
+
+def test_pai_guidance_against_the_image_free_prompt(loaded):
+    """PAI with cfg_gamma: gamma (log p_img - log p_noimg) + log p_noimg, tokens less than a
+    tenth as likely as the best conditional one dropped; computed here from plain forwards."""
+    from sysattn_exp.modality import modality_ids
+    from sysattn_exp.scoring import left_padded_position_ids
+
+    bench = four_questions_per_image()
+    prompts = [build_prompt(i.question, "A chat.") for i in bench.items]
+    layers = frozenset(range(1, 6))
+    batch = BatchEncoder(
+        bench, prompts, [list(range(len(prompts)))], loaded.processor, text_only=True
+    )[0]
+    model, processor = loaded.model, loaded.processor
+    ordered = [prompts[j] for j in batch.items]
+    inputs = processor(
+        images=[make_image(bench.items[j].image_id) for j in batch.items],
+        text=ordered,
+        padding=True,
+        return_tensors="pt",
+    )
+    mask = inputs["attention_mask"]
+    with torch.no_grad():
+        cond = (
+            model(
+                **inputs,
+                position_ids=left_padded_position_ids(mask),
+                attention_edit=Pai(20.0, layers, "eager"),
+                key_modality=modality_ids(
+                    inputs["input_ids"],
+                    mask,
+                    model.config.image_token_id,
+                    model.config.image_seq_length,
+                ),
+            )
+            .logits[:, -1]
+            .log_softmax(-1)
+        )
+        plain = processor.tokenizer(
+            [p.replace("<image>\n", "") for p in ordered], padding=True, return_tensors="pt"
+        )
+        uncond = model(
+            **plain, position_ids=left_padded_position_ids(plain["attention_mask"])
+        ).logits[:, -1]
+        uncond = uncond.log_softmax(-1)
+    top = cond.mean(0).topk(3).indices.tolist()
+    words = (top[:2], top[2:])
+    gamma = 1.1
+    expected = gamma * (cond - uncond) + uncond
+    expected[cond < cond.max(-1, keepdim=True).values + torch.log(torch.tensor(0.1))] = float(
+        "-inf"
+    )
+    yes, no = score_batch(loaded, batch, Pai(20.0, layers, cfg_gamma=gamma), *words)
+    for got, ids in ((yes, words[0]), (no, words[1])):
+        want = expected[:, ids].logsumexp(-1)
+        assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+        assert torch.isfinite(want).any()
+        finite = torch.isfinite(want)
+        assert torch.allclose(got[finite], want[finite], atol=1e-4)

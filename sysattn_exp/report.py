@@ -9,7 +9,9 @@ accuracy, yes-rate, yes-bias, accuracy, the change in paired accuracy against th
 baseline in points and in percent (as the paper reports it) and the benchmark's main
 native metric. Written as comparison.csv and comparison.md, with a heatmap per benchmark
 (layer range x intervention, colour = change in paired accuracy) and yes-rate bars; all
-of it is also logged to the sweep's parent run.
+of it is also logged to the sweep's parent run. paper_table.csv / .md pivot the change in
+paired accuracy (percent) to one row per condition and one column per benchmark, as the
+paper's table.
 """
 
 import sys
@@ -77,6 +79,10 @@ def intervention_label(run: pd.Series) -> str:
     if name == "scale":
         factor = float(run["params.intervention.factor"])
         return f"{run['params.intervention.modality']}x{factor:g}"
+    if name == "pai":
+        gamma = run.get("params.intervention.cfg_gamma")
+        guidance = "" if gamma in (None, "None") else f" cfg={float(gamma):g}"
+        return f"PAI a={float(run['params.intervention.alpha']):g}{guidance}"
     recipients = run["params.intervention.recipients"].replace(",", "+")
     label = f"{run['params.intervention.source']}->{recipients}"
     fraction = float(run.get("params.intervention.fraction") or 1)
@@ -93,8 +99,13 @@ def layers_label(run: pd.Series) -> str:
         return "-"
     layers = [int(x) for x in str(run["params.layers.resolved"]).split(",")]
     span = f"{layers[0]}-{layers[-1]}"
+    unset = (None, "None")
     quarter = run.get("params.layers.quarter")
-    return f"q{quarter} ({span})" if quarter not in (None, "None") else span
+    if quarter not in unset:
+        return f"q{quarter} ({span})"
+    if run.get("params.layers.start") in unset and run.get("params.layers.end") in unset:
+        return f"all ({span})"
+    return span
 
 
 def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -142,6 +153,30 @@ def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
     table["baseline_first"] = table["intervention"] != "baseline"
     table = table.sort_values(["benchmark", "baseline_first", "intervention", "layers"])
     return table.drop(columns="baseline_first").reset_index(drop=True)
+
+
+def paper_table(table: pd.DataFrame, value: str) -> pd.DataFrame:
+    """The paper's table: the change in paired accuracy against the baseline (`value`:
+    percent or points), one row per condition (rule and layers), one column per benchmark."""
+    edits = table[table["intervention"] != "baseline"]
+    condition = edits["intervention"] + " " + edits["layers"]
+    grid = edits.assign(condition=condition).pivot_table(
+        index="condition", columns="benchmark", values=value, dropna=False
+    )
+    return grid.reset_index()
+
+
+def paper_markdown(table: pd.DataFrame) -> str:
+    """Cells '+12.5% (+2.1 pts)'; the percentage is blank where the baseline is 0."""
+    pct = paper_table(table, "paired_accuracy_change_pct").set_index("condition")
+    pts = paper_table(table, "paired_accuracy_change_points").set_index("condition")
+    cells = pct.copy().astype(object)
+    for condition in pct.index:
+        for benchmark in pct.columns:
+            p, q = pct.loc[condition, benchmark], pts.loc[condition, benchmark]
+            percent = "" if pd.isna(p) else f"{p:+.1f}% "
+            cells.loc[condition, benchmark] = "" if pd.isna(q) else f"{percent}({q:+.1f} pts)"
+    return markdown(cells.reset_index())
 
 
 def markdown(table: pd.DataFrame) -> str:
@@ -206,7 +241,13 @@ def report(cfg) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "comparison.csv", index=False)
     (out / "comparison.md").write_text(markdown(table))
-    files = [out / "comparison.csv", out / "comparison.md", *plots(table, out)]
+    paper_table(table, "paired_accuracy_change_pct").to_csv(out / "paper_table.csv", index=False)
+    (out / "paper_table.md").write_text(paper_markdown(table))
+    files = [
+        out / name
+        for name in ("comparison.csv", "comparison.md", "paper_table.csv", "paper_table.md")
+    ]
+    files += plots(table, out)
     if parent is not None:
         mlflow, _ = connect(cfg.tracking)
         client = mlflow.MlflowClient()

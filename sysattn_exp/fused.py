@@ -20,7 +20,7 @@ import math
 import torch
 from transformers.integrations.sdpa_attention import repeat_kv
 
-from sysattn_exp.modality import MODALITIES, PAD
+from sysattn_exp.modality import MODALITIES, PAD, answer_rows
 
 # Query rows are taken in blocks of about this many (row, key) entries, so that masks and
 # per-modality outputs stay small at long context: a prompt of ~650 tokens is one block,
@@ -28,9 +28,20 @@ from sysattn_exp.modality import MODALITIES, PAD
 BLOCK_ENTRIES = 1 << 20
 
 
-def fused_edited_attention(query, key, value, attention_mask, scaling, key_modality, edit):
-    if edit.kind == "pai":
-        return pai_attention(query, key, value, attention_mask, scaling, key_modality, edit)
+def fused_edited_attention(
+    query, key, value, attention_mask, scaling, key_modality, edit, profile=None, layer=None
+):
+    """The rule's attention output (edit None: plain attention). With a `profile`, each
+    block's per-modality shares of attention after the rule are recorded for `layer`."""
+    pai = edit is not None and edit.kind == "pai"
+    if pai:
+        out, pai_rows = pai_attention(
+            query, key, value, attention_mask, scaling, key_modality, edit
+        )
+        if profile is None:
+            return out
+    else:
+        out = torch.empty_like(query)
     q_len, k_len = query.shape[2], key.shape[2]
     n_rep = query.shape[1] // key.shape[1]
     spans = {
@@ -38,7 +49,6 @@ def fused_edited_attention(query, key, value, attention_mask, scaling, key_modal
         for name, code in MODALITIES.items()
     }
     query_is_real = key_modality[:, k_len - q_len :] != PAD
-    out = torch.empty_like(query)
     block_rows = max(1, BLOCK_ENTRIES // k_len)
     for start in range(0, q_len, block_rows):
         rows = slice(start, min(start + block_rows, q_len))
@@ -48,24 +58,44 @@ def fused_edited_attention(query, key, value, attention_mask, scaling, key_modal
             name: span.attend(query[:, :, rows], first, visible, scaling)
             for name, span in spans.items()
         }
-        if edit.kind == "scale":  # ln(factor) added to the modality's scores
+        if edit is not None and edit.kind == "scale":  # ln(factor) added to its scores
             o_x, lse_x = parts[edit.modality]
             parts[edit.modality] = (o_x, lse_x + math.log(edit.factor))
-            merged = sum(a * o for o, a in masses(parts).values())
+        if edit is None or edit.kind == "scale" or pai:
+            shares = masses(parts)
+            merged = sum(a * o for o, a in shares.values())
         else:
             uniform = None
             if edit.mode == "uniform":  # a zero query attends equally: (mean of V, log count)
                 zeros = torch.zeros_like(query[:, :, rows])
                 uniform = [spans[r].attend(zeros, first, visible, scaling) for r in edit.recipients]
-            merged = merge(masses(parts), edit, query_is_real[:, None, rows, None], uniform)
-        out[:, :, rows] = merged.to(query.dtype)
+            merged, shares = merge(masses(parts), edit, query_is_real[:, None, rows, None], uniform)
+        if not pai:  # PAI's output is already in `out`
+            out[:, :, rows] = merged.to(query.dtype)
+        if profile is not None:
+            shares = {name: a[..., 0] for name, (_, a) in shares.items()}
+            if pai:
+                shares = pai_shares(shares, pai_rows, rows, key_modality)
+            profile.record(layer, shares, key_modality, rows, q_len)
     return out
+
+
+def pai_shares(shares: dict, pai_rows, rows: slice, key_modality) -> dict:
+    """Shares of a block with each answer row's replaced by those of its PAI weights."""
+    batch, answer, weights = pai_rows
+    for name, code in MODALITIES.items():
+        in_block = (answer >= rows.start) & (answer < rows.stop)
+        if in_block.any():
+            is_x = (key_modality[batch] == code)[:, None, :]  # (b, 1, K)
+            share = (weights[:, :, 0] * is_x).sum(-1)  # (b, H)
+            shares[name][batch[in_block], :, answer[in_block] - rows.start] = share[in_block]
+    return shares
 
 
 def pai_attention(query, key, value, attention_mask, scaling, key_modality, edit):
     """Plain SDPA for every row, then the answer row of each sequence again with its image
     scores raised: one (1 x K) score row per sequence is all PAI needs materialised."""
-    from sysattn_exp.intervention import answer_rows, pai_scores
+    from sysattn_exp.intervention import pai_scores
 
     q_len, k_len = query.shape[2], key.shape[2]
     # transformers passes no mask only when Q == K (a plain causal prefill) or Q == 1.
@@ -81,7 +111,7 @@ def pai_attention(query, key, value, attention_mask, scaling, key_modality, edit
     answer = answer_rows(key_modality, q_len)
     batch = answer.any(dim=1).nonzero()[:, 0]
     if len(batch) == 0:
-        return out
+        return out, (batch, batch, None)
     rows = answer[batch].int().argmax(dim=1)
     n_rep = query.shape[1] // key.shape[1]
     k, v = repeat_kv(key[batch], n_rep).float(), repeat_kv(value[batch], n_rep).float()
@@ -95,7 +125,7 @@ def pai_attention(query, key, value, attention_mask, scaling, key_modality, edit
         visible = attention_mask.expand(len(key_modality), -1, -1, -1)[batch, 0, rows]
     weights = torch.softmax(scores.masked_fill(~visible[:, None, None, :], -math.inf), dim=-1)
     out[batch, :, rows] = torch.matmul(weights, v)[:, :, 0].to(out.dtype)
-    return out
+    return out, (batch, rows, weights)
 
 
 def merge(parts: dict, edit, query_is_real, uniform=None) -> torch.Tensor:
@@ -112,15 +142,22 @@ def merge(parts: dict, edit, query_is_real, uniform=None) -> torch.Tensor:
     )
     change = (a_s > 0) & (a_r > 0) & query_is_real
     moved = torch.where(change, edit.fraction * a_s, 0.0)
+    shares = dict(parts)
     if uniform is None:
         gained = to_recipients * (moved / torch.where(change, a_r, 1.0))
+        for r in edit.recipients:  # each recipient gains in proportion to its mass
+            o, a = parts[r]
+            shares[r] = (o, a + moved * a / torch.where(change, a_r, 1.0))
     else:
         counts = [lse.exp()[..., None] for _, lse in uniform]
-        mean_value = sum(n * o for n, (o, _) in zip(counts, uniform, strict=True)) / sum(
-            counts
-        ).clamp_min(1)
+        total = sum(counts).clamp_min(1)
+        mean_value = sum(n * o for n, (o, _) in zip(counts, uniform, strict=True)) / total
         gained = moved * mean_value
-    return to_recipients + gained + others + (a_s - moved) * o_s
+        for r, n in zip(edit.recipients, counts, strict=True):  # in proportion to its keys
+            o, a = parts[r]
+            shares[r] = (o, a + moved * n / total)
+    shares[edit.source] = (o_s, a_s - moved)
+    return to_recipients + gained + others + (a_s - moved) * o_s, shares
 
 
 class LazyVisible:

@@ -22,7 +22,7 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from sysattn_exp.fused import fused_edited_attention
-from sysattn_exp.modality import MODALITIES, PAD, TEXT
+from sysattn_exp.modality import MODALITIES, PAD, answer_rows
 
 ATTENTION_NAME = "sysattn"
 
@@ -77,16 +77,6 @@ class Pai:
     def describe(self) -> str:
         cfg = "" if self.cfg_gamma is None else f" cfg={self.cfg_gamma:g}"
         return f"PAI a={self.alpha:g}{cfg}"
-
-
-def answer_rows(key_modality: torch.Tensor, q_len: int) -> torch.Tensor:
-    """(B, Q): the query row at the last real position of each row, if it is text (the
-    answer position; in a prefix pass that ends with the image there is none)."""
-    k_len = key_modality.shape[1]
-    real = key_modality != PAD
-    last = k_len - 1 - real.flip(1).int().argmax(dim=1)
-    positions = torch.arange(k_len - q_len, k_len, device=key_modality.device)
-    return (positions[None] == last[:, None]) & (key_modality[:, k_len - q_len :] == TEXT)
 
 
 def pai_scores(scores, key_modality, alpha: float, answer: torch.Tensor) -> torch.Tensor:
@@ -175,18 +165,34 @@ def sysattn_attention(
     dropout=0.0,
     attention_edit: Edit | None = None,
     key_modality: torch.Tensor | None = None,
+    attention_profile=None,
     **kwargs,
 ):
-    if attention_edit is None or module.layer_idx not in attention_edit.layers:
+    selected = attention_edit is not None and module.layer_idx in attention_edit.layers
+    edit = attention_edit if selected else None
+    if edit is None and attention_profile is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     if key_modality is None:
-        raise ValueError("an attention_edit needs key_modality (see sysattn_exp.modality)")
+        raise ValueError("an attention_edit or profile needs key_modality (sysattn_exp.modality)")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    implementation = IMPLEMENTATIONS[attention_edit.impl]
-    out = implementation(query, key, value, attention_mask, scaling, key_modality, attention_edit)
+    if attention_profile is not None:  # the shares come from the fused path's masses
+        out = fused_edited_attention(
+            query,
+            key,
+            value,
+            attention_mask,
+            scaling,
+            key_modality,
+            edit,
+            attention_profile,
+            module.layer_idx,
+        )
+    else:
+        implementation = IMPLEMENTATIONS[edit.impl]
+        out = implementation(query, key, value, attention_mask, scaling, key_modality, edit)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -47,3 +47,13 @@ def modality_ids(
 def modality_counts(ids: torch.Tensor) -> dict[str, int]:
     """Number of tokens of each modality in one row of `modality_ids`."""
     return {name: int((ids == code).sum()) for name, code in MODALITIES.items()}
+
+
+def answer_rows(key_modality: torch.Tensor, q_len: int) -> torch.Tensor:
+    """(B, Q): the query row at the last real position of each row, if it is text (the
+    answer position; in a prefix pass that ends with the image there is none)."""
+    k_len = key_modality.shape[1]
+    real = key_modality != PAD
+    last = k_len - 1 - real.flip(1).int().argmax(dim=1)
+    positions = torch.arange(k_len - q_len, k_len, device=key_modality.device)
+    return (positions[None] == last[:, None]) & (key_modality[:, k_len - q_len :] == TEXT)

@@ -25,22 +25,32 @@ from sysattn_exp.models import (
     load_processor,
     prompt_modalities,
 )
+from sysattn_exp.profile import AttentionProfile, heatmap
 from sysattn_exp.scoring import Scores, score_items
-from sysattn_exp.tracking import log_job_dir
+from sysattn_exp.tracking import PROFILE_PLOT, PROFILE_TABLE, log_job_dir
 
 log = logging.getLogger(__name__)
 
 
-def predict(cfg, loaded, benchmark, prompts, edit, words, desc) -> tuple[pd.DataFrame, Scores]:
-    """Score every item (through the score cache): one row per item with the columns of
-    predictions.parquet, and how the scoring went."""
-    cache = (
-        ScoreCache(cfg.runtime.cache_dir, condition(cfg, loaded, edit, words))
-        if cfg.runtime.cache_dir
-        else None
-    )
+def predict(
+    cfg, loaded, benchmark, prompts, edit, words, desc, profile=None
+) -> tuple[pd.DataFrame, Scores]:
+    """Score every item (through the score cache, unless profiling): one row per item with
+    the columns of predictions.parquet, and how the scoring went."""
+    cache = None
+    if cfg.runtime.cache_dir and profile is None:
+        cache = ScoreCache(cfg.runtime.cache_dir, condition(cfg, loaded, edit, words))
     scores = score_items(
-        loaded, benchmark, prompts, edit, words, cfg.model.batch_size, num_workers(cfg), desc, cache
+        loaded,
+        benchmark,
+        prompts,
+        edit,
+        words,
+        cfg.model.batch_size,
+        num_workers(cfg),
+        desc,
+        cache,
+        profile,
     )
     items = benchmark.items
     frame = pd.DataFrame(
@@ -177,9 +187,10 @@ def run(cfg, out_dir: Path) -> dict:
     log.info(
         "baseline: %d of %d items computed, the rest from the cache", scores.computed, len(prompts)
     )
+    profile = AttentionProfile() if cfg.runtime.profile else None
     predictions = baseline
-    if edit is not None:
-        predictions, scores = predict(cfg, loaded, benchmark, prompts, edit, words, name)
+    if edit is not None or profile is not None:
+        predictions, scores = predict(cfg, loaded, benchmark, prompts, edit, words, name, profile)
     metrics = all_metrics(benchmark, predictions) | timing(scores, len(prompts))
     if edit is not None:
         metrics |= compare_with_baseline(metrics, all_metrics(benchmark, baseline))
@@ -190,6 +201,10 @@ def run(cfg, out_dir: Path) -> dict:
         [condition(cfg, loaded, edit, words), config["benchmark"], cfg.model.system_prompt]
     )
     config["job"] = {"name": name, "key": job_key}
+    if profile is not None:  # before metrics.json, which marks the job complete
+        table = profile.table()
+        write_atomically(out_dir / PROFILE_TABLE, lambda p: table.to_csv(p, index=False))
+        heatmap(table, out_dir / PROFILE_PLOT, f"{name}: share of the answer's attention")
     write_results(out_dir, predictions, metrics, config)
     log.info(
         "%s: paired_accuracy=%.4f yes_rate=%.4f",

@@ -137,7 +137,7 @@ class BatchEncoder(Dataset):
 
 @torch.inference_mode()
 def score_batch(
-    loaded: LoadedModel, batch: EncodedBatch, edit: Edit | None, yes_ids, no_ids
+    loaded: LoadedModel, batch: EncodedBatch, edit: Edit | None, yes_ids, no_ids, profile=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(yes_logit, no_logit) per item: log-sum-exp of the yes / no word logits."""
     device, model = loaded.device, loaded.model
@@ -151,6 +151,7 @@ def score_batch(
         use_cache=True,
         key_modality=prefix_modality,
         attention_edit=edit,
+        attention_profile=profile,
     )
     cache, rows = prefix.past_key_values, batch.image_row.to(device)
     cache.batch_select_indices(rows)
@@ -166,6 +167,7 @@ def score_batch(
             [prefix_modality[rows], torch.where(question_mask.bool(), TEXT, PAD)], dim=1
         ),
         attention_edit=edit,
+        attention_profile=profile,
     ).last_hidden_state
     last_token = hidden[torch.arange(len(rows), device=device), question_mask.sum(1) - 1]
     logits = model.lm_head(last_token).float()
@@ -262,10 +264,12 @@ def score_items(
     num_workers: int,
     desc: str,
     cache: ScoreCache | None = None,
+    profile=None,
 ) -> Scores:
     """yes and no logits of every item. With a cache, batches whose items are all in it are
     taken from it (a batch is always computed whole, so a resumed run scores every item in
-    the same company as an uninterrupted one) and each new batch is saved as it is done."""
+    the same company as an uninterrupted one) and each new batch is saved as it is done.
+    A profile (sysattn_exp.profile) records where attention goes; it needs every batch run."""
     keys = [
         item_key(benchmark.name, item.item_id, item.image_id, prompt)
         for item, prompt in zip(benchmark.items, prompts, strict=True)
@@ -284,7 +288,7 @@ def score_items(
     for batch in tqdm(loader, desc=desc, unit="batch", disable=None):
         if isinstance(batch, UsageError):
             raise batch
-        yes, no = score_batch(loaded, batch, edit, *words)
+        yes, no = score_batch(loaded, batch, edit, *words, profile=profile)
         batch_keys = [keys[j] for j in batch.items]
         if cache:
             cache.save(batch_keys, yes.tolist(), no.tolist())

@@ -14,6 +14,7 @@ log = logging.getLogger(__name__)
 JOB_MARKER = "mlflow_run.json"  # in a job folder: the run it was logged as
 SWEEP_MARKER = "mlflow_parent.json"  # in a sweep folder: the parent run of its jobs
 JOB_FILES = ("predictions.parquet", "config.yaml", "metrics.json")
+PROFILE_TABLE, PROFILE_PLOT = "attention_profile.csv", "attention_profile.png"  # profile runs
 
 
 def absolute_uri(uri: str) -> str:
@@ -84,6 +85,18 @@ def sweep_parent(cfg, sweep_dir: Path, sweep_key: str, description: str) -> str:
     return run_id
 
 
+def log_profile(mlflow, table_path: Path) -> None:
+    """attn_share_<modality> (answer position) and attn_share_text_rows_<modality>, with the
+    decoder layer as the step."""
+    import pandas as pd
+
+    table = pd.read_csv(table_path)
+    for row in table.itertuples(index=False):
+        prefix = "attn_share_" if row.queries == "answer" else "attn_share_text_rows_"
+        for modality in ("system", "image", "text"):
+            mlflow.log_metric(prefix + modality, float(getattr(row, modality)), step=int(row.layer))
+
+
 def log_job_dir(job_dir: Path, cfg) -> str:
     """Log a finished job folder (config.yaml, metrics.json, predictions.parquet) as one
     run, under its sweep's parent run if it has one; returns the run id."""
@@ -103,8 +116,11 @@ def log_job_dir(job_dir: Path, cfg) -> str:
         ) as run:
             mlflow.log_params(flatten(config))
             mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
-            for name in JOB_FILES:
-                mlflow.log_artifact(str(job_dir / name))
+            if (job_dir / PROFILE_TABLE).exists():
+                log_profile(mlflow, job_dir / PROFILE_TABLE)
+            for name in (*JOB_FILES, PROFILE_TABLE, PROFILE_PLOT):
+                if (job_dir / name).exists():
+                    mlflow.log_artifact(str(job_dir / name))
             run_id = run.info.run_id
         log.info("logged MLflow run %s (%s)", run_id, config["job"]["name"])
     else:

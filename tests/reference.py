@@ -106,6 +106,14 @@ def reference_attention(module, query, key, value, attention_mask, scaling, drop
                 weights = torch.softmax(scores.double(), dim=0)
                 if edit_here and "alpha" not in rule:
                     weights = edit_row(weights, [names[j] for j in visible], rule)
+                if pos == last_real and "shares" in STATE:  # the answer position's shares
+                    by_name = {
+                        m: float(
+                            sum(w for w, j in zip(weights, visible, strict=True) if names[j] == m)
+                        )
+                        for m in ("system", "image", "text")
+                    }
+                    STATE["shares"].setdefault(module.layer_idx, []).append(by_name)
                 out[b, qi, h] = (weights[:, None] * values[visible].double()).sum(0).to(query.dtype)
     return out, None
 

@@ -1,0 +1,112 @@
+"""The attention profile: shapes, shares that sum to 1, agreement with the loop reference's
+weights (with and without an intervention), and the CLI's files and MLflow metrics."""
+
+import mlflow
+import pandas as pd
+import pytest
+import reference
+import torch
+from cli import run_cli
+from conftest import make_image
+from test_scoring import four_questions_per_image
+
+from sysattn_exp.intervention import Redistribution
+from sysattn_exp.models import LoadedModel, build_prompt, use_sysattn
+from sysattn_exp.profile import AttentionProfile
+from sysattn_exp.scoring import left_padded_position_ids, score_items
+
+MODALITIES = ["system", "image", "text"]
+
+
+@pytest.fixture(scope="module")
+def loaded(gqa_llava):
+    model, processor = gqa_llava
+    use_sysattn(model)
+    return LoadedModel(model, processor, torch.device("cpu"), torch.float32)
+
+
+def reference_shares(loaded, bench, prompts, rule) -> pd.DataFrame:
+    """Per layer, the answer position's mean shares from the loop reference's weights."""
+    model, processor = loaded.model, loaded.processor
+    inputs = processor(
+        images=[make_image(i.image_id) for i in bench.items],
+        text=prompts,
+        padding=True,
+        return_tensors="pt",
+    )
+    reference.STATE["shares"] = {}
+    reference.reference_setup(
+        inputs["input_ids"], inputs["attention_mask"], model.config.image_token_id, rule
+    )
+    model.set_attn_implementation(
+        {"text_config": reference.REFERENCE_NAME, "vision_config": "sdpa"}
+    )
+    try:
+        with torch.no_grad():
+            model(**inputs, position_ids=left_padded_position_ids(inputs["attention_mask"]))
+    finally:
+        use_sysattn(model)
+        shares = reference.STATE.pop("shares")
+    return pd.DataFrame(
+        [{"layer": layer} | pd.DataFrame(rows).mean().to_dict() for layer, rows in shares.items()]
+    )
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        None,
+        Redistribution("system", ("text",), frozenset({3, 4, 5})),
+        Redistribution("image", ("system", "text"), frozenset({1}), fraction=0.5),
+    ],
+)
+def test_profile_matches_reference_weights(loaded, edit):
+    bench = four_questions_per_image()
+    prompts = [
+        build_prompt(i.question, "A chat between a user and an assistant.") for i in bench.items
+    ]
+    profile = AttentionProfile()
+    score_items(loaded, bench, prompts, edit, ([10], [11]), 5, 0, "profile", profile=profile)
+    table = profile.table()
+    assert sorted(table["layer"].unique()) == list(range(6))
+    assert set(table["queries"]) == {"answer", "text_rows"}
+    assert (table[table.queries == "answer"]["n_queries"] == len(prompts)).all()
+    assert torch.allclose(
+        torch.tensor(table[MODALITIES].sum(axis=1).values),
+        torch.ones(len(table), dtype=torch.float64),
+        atol=1e-5,
+    )
+    rule = (
+        None
+        if edit is None
+        else {
+            "source": edit.source,
+            "recipients": set(edit.recipients),
+            "layers": edit.layers,
+            "fraction": edit.fraction,
+        }
+    )
+    want = reference_shares(loaded, bench, prompts, rule).set_index("layer").sort_index()
+    got = table[table.queries == "answer"].set_index("layer")[MODALITIES].sort_index()
+    assert torch.allclose(
+        torch.tensor(got.values), torch.tensor(want[MODALITIES].values), atol=1e-5
+    )
+    if edit is not None and edit.fraction == 1:
+        assert (got.loc[sorted(edit.layers), "system"] == 0).all()
+
+
+def test_profile_through_the_cli(tmp_path):
+    result = run_cli(
+        "model=tiny", "+task=profile", "intervention=redistribute", "layers=q4", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (job,) = (tmp_path / "outputs" / "runs").iterdir()
+    table = pd.read_csv(job / "attention_profile.csv")
+    assert len(table) == 16 and (job / "attention_profile.png").stat().st_size > 0
+    answer = table[table.queries == "answer"].set_index("layer")
+    assert answer.loc[[6, 7], "system"].eq(0).all() and answer.loc[[0, 1], "system"].gt(0).all()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    (run,) = mlflow.search_runs(experiment_names=["sysattn"], output_format="list")
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "attn_share_system")
+    assert sorted(m.step for m in history) == list(range(8))
+    assert {m.step: m.value for m in history}[3] == pytest.approx(answer.loc[3, "system"])

@@ -56,6 +56,7 @@ BENCHMARK_ITEMS = {
     "beaf": 26118,
 }
 QUARTERS_JOBS = 12 + 1  # the 12 conditions and the baseline they share
+PAPER_JOBS = 28  # +sweep=paper: 28 conditions, the baseline among them
 
 
 def load(args) -> LoadedModel:

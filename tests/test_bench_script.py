@@ -14,6 +14,7 @@ FIGURES = [
     "long_context_memory_ratio",
     "items_per_second",
     "quarters_sweep_hours_all_six",
+    "paper_sweep_hours_all_six",
 ]
 
 

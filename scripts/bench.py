@@ -34,7 +34,12 @@ from sysattn_exp.benchmarks.base import Benchmark, Item
 from sysattn_exp.intervention import Redistribution, eager_edited_attention
 from sysattn_exp.modality import modality_ids
 from sysattn_exp.models import LoadedModel, build_prompt, first_token_ids, use_sysattn
-from sysattn_exp.scoring import plan_batches, score_full_prompts, score_items
+from sysattn_exp.scoring import (
+    encode_full_prompts,
+    plan_batches,
+    score_full_prompts,
+    score_items,
+)
 
 SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant "
@@ -130,16 +135,7 @@ def forward_overheads(loaded: LoadedModel, batch_size: int, repeats: int) -> dic
     bench = bench_items(batch_size, 1)
     prompts = [build_prompt(bench.question_text(i), SYSTEM_PROMPT) for i in bench.items]
     images = [bench.load_image(i.image_id) for i in bench.items]
-    inputs = loaded.processor(images=images, text=prompts, padding=True, return_tensors="pt").to(
-        loaded.device
-    )
-    inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
-    modality = modality_ids(
-        inputs["input_ids"],
-        inputs["attention_mask"],
-        loaded.image_token_id,
-        loaded.image_seq_length,
-    )
+    inputs, modality = encode_full_prompts(loaded, images, prompts)
     model = loaded.model
 
     def forward(edit=None, plain=False):
@@ -206,16 +202,8 @@ def naive_scores(loaded: LoadedModel, bench: Benchmark, prompts, edit, words):
     model.set_attn_implementation({"text_config": "naive_eager", "vision_config": "sdpa"})
     try:
         for item, prompt in zip(bench.items, prompts, strict=True):
-            inputs = loaded.processor(
-                images=[bench.load_image(item.image_id)], text=[prompt], return_tensors="pt"
-            ).to(loaded.device)
-            inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
-            modality = modality_ids(
-                inputs["input_ids"],
-                inputs["attention_mask"],
-                loaded.image_token_id,
-                loaded.image_seq_length,
-            )
+            image = bench.load_image(item.image_id)
+            inputs, modality = encode_full_prompts(loaded, [image], [prompt])
             NAIVE.update(edit=edit, modality=modality)
             out = model.generate(
                 **inputs,

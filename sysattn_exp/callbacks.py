@@ -11,6 +11,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from sysattn_exp.cache import digest
+from sysattn_exp.errors import first_line
 from sysattn_exp.tracking import absolute_uri, sweep_parent
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class SweepTracking(Callback):
             log.warning(
                 "no MLflow parent run (%s): jobs will keep their results on disk; log them "
                 "later with python -m sysattn_exp.sync %s",
-                str(error).splitlines()[0] if str(error) else type(error).__name__,
+                first_line(error),
                 sweep_dir,
             )
 

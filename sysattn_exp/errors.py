@@ -4,3 +4,9 @@
 class UsageError(Exception):
     """Bad configuration or data. The message is one line naming the key or file and
     what is allowed; the entry point prints it without a traceback and exits with 2."""
+
+
+def first_line(error: Exception) -> str:
+    """An exception's message in one line (its type's name if it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

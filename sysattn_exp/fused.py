@@ -13,6 +13,9 @@ When the span holds only keys of X (padding, if any, after them), causality is a
 masking it needs: rows inside the span attend causally to it, rows after it attend to all
 of it, and no mask is built. Otherwise (left padding, say) a (rows x span) mask is built,
 block by block of query rows so that it stays small at long context.
+
+The scale baseline adds ln(factor) to one modality's LSE; PAI changes one score row per
+sequence (the answer's) and so is plain SDPA plus that row, materialised.
 """
 
 import math
@@ -128,10 +131,11 @@ def pai_attention(query, key, value, attention_mask, scaling, key_modality, edit
     return out, (batch, rows, weights)
 
 
-def merge(parts: dict, edit, query_is_real, uniform=None) -> torch.Tensor:
+def merge(parts: dict, edit, query_is_real, uniform=None) -> tuple[torch.Tensor, dict]:
     """parts: modality -> (o_X, A_X). The redistribution in closed form: the source keeps
     (1 - f) A_S; f A_S goes to the recipients in proportion to A_X o_X, or (uniform, with
-    (mean of V, log count) per recipient span) equally over their visible keys."""
+    (mean of V, log count) per recipient span) equally over their visible keys. Returns
+    the output and each modality's (o_X, share after the rule)."""
     o_s, a_s = parts[edit.source]
     a_r = sum(parts[r][1] for r in edit.recipients)
     to_recipients = sum(parts[r][1] * parts[r][0] for r in edit.recipients)

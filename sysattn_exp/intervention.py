@@ -1,12 +1,14 @@
-"""Attention redistribution between modalities (DESIGN.md section 1), as an attention
-function registered with transformers' AttentionInterface.
+"""The attention rules (DESIGN.md section 1) and the attention function that applies them,
+registered with transformers' AttentionInterface.
 
 The model runs with `attn_implementation={"text_config": "sysattn", "vision_config": "sdpa"}`.
-Every forward call passes two extra keyword arguments, which transformers hands through
-the language model to each attention call:
-  key_modality:   (B, K) modality id of every key position (see modality.py);
-  attention_edit: a Redistribution, or None for the unchanged model.
-Layers the edit does not select, and every layer when it is None, run plain SDPA.
+Every forward call passes extra keyword arguments, which transformers hands through the
+language model to each attention call:
+  key_modality:      (B, K) modality id of every key position (see modality.py);
+  attention_edit:    a rule (Redistribution, Scale, Pai), or None for the unchanged model;
+  attention_profile: optionally, an AttentionProfile that records where attention goes.
+Layers the edit does not select, and every layer when it is None, run plain SDPA (unless
+a profile is being recorded).
 
 Two implementations, equal to float32 rounding:
   eager: materialise the (Q, K) weights and apply the rule to them (the reference, here);

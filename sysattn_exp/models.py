@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from sysattn_exp.errors import UsageError
+from sysattn_exp.errors import UsageError, first_line
 from sysattn_exp.intervention import ATTENTION_NAME
 from sysattn_exp.modality import modality_counts, modality_ids
 
@@ -87,10 +87,9 @@ def _load(cfg, dtype):
         )
         processor = AutoProcessor.from_pretrained(cfg.name_or_path, revision=cfg.revision)
     except OSError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(
-            f"model.name_or_path={cfg.name_or_path!r} could not be loaded ({first_line}); give a "
-            "hub id you can download or a directory saved with save_pretrained"
+            f"model.name_or_path={cfg.name_or_path!r} could not be loaded ({first_line(err)}); "
+            "give a hub id you can download or a directory saved with save_pretrained"
         ) from err
     return model, processor
 

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from sysattn_exp.benchmarks import Benchmark, load_benchmark
 from sysattn_exp.cache import ScoreCache, digest
 from sysattn_exp.conditions import build_edit, intervention_rule, resolve_layers
-from sysattn_exp.errors import UsageError
+from sysattn_exp.errors import UsageError, first_line
 from sysattn_exp.intervention import Edit
 from sysattn_exp.metrics import compare_with_baseline, shared_metrics
 from sysattn_exp.models import (
@@ -227,8 +227,3 @@ def run(cfg, out_dir: Path) -> dict:
 
 def is_sweep_job(job_dir: Path) -> bool:
     return (job_dir.parent / "multirun.yaml").exists()
-
-
-def first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

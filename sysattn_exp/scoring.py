@@ -206,6 +206,16 @@ def left_padded_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(dim=-1) - 1).clamp_min(0)
 
 
+def encode_full_prompts(loaded: LoadedModel, images: list, prompts: list[str]):
+    """Processor inputs for whole prompts (left-padded, on the model's device and dtype)
+    and their (B, N) modality ids."""
+    inputs = loaded.processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    inputs = inputs.to(loaded.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    return inputs, modality_ids(ids, mask, loaded.image_token_id, loaded.image_seq_length)
+
+
 @torch.inference_mode()
 def score_full_prompts(
     loaded: LoadedModel,
@@ -217,15 +227,7 @@ def score_full_prompts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same scores without prefix sharing: whole prompts, left-padded, one forward.
     Kept as the plain path that prefix sharing is checked and benchmarked against."""
-    inputs = loaded.processor(images=images, text=prompts, padding=True, return_tensors="pt")
-    inputs = inputs.to(loaded.device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
-    key_modality = modality_ids(
-        inputs["input_ids"],
-        inputs["attention_mask"],
-        loaded.image_token_id,
-        loaded.image_seq_length,
-    )
+    inputs, key_modality = encode_full_prompts(loaded, images, prompts)
     logits = (
         loaded.model(
             **inputs,

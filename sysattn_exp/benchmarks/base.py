@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from sysattn_exp.errors import UsageError
+from sysattn_exp.errors import UsageError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -172,11 +172,6 @@ def hub_dataset(repo_id: str, split: str, local_hint: str):
         raise UsageError(
             f"cannot load {repo_id} split {split!r} ({first_line(err)}); {use_local}"
         ) from None
-
-
-def first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 class DatasetImages:

@@ -64,3 +64,28 @@ def test_dose_sweep(tmp_path):
         seen.add((intervention["fraction"], tuple(intervention["recipients"])))
     fractions = [0.1, 0.25, 0.5, 0.75, 1.0]
     assert seen == {(f, (r,)) for f in fractions for r in ("text", "image")}
+
+
+def test_uniform_dose_and_guided_pai_through_the_cli(tmp_path):
+    runs = {
+        "uniform": [
+            "intervention=redistribute",
+            "intervention.mode=uniform",
+            "intervention.fraction=0.5",
+            "layers=q4",
+        ],
+        "pai": ["intervention=pai", "intervention.cfg_gamma=1.1", "layers.start=2"],
+    }
+    for name, overrides in runs.items():
+        cwd = tmp_path / name
+        cwd.mkdir()
+        result = run_cli("model=tiny", *overrides, cwd=cwd)
+        assert result.returncode == 0, result.stderr[-3000:]
+        (job,) = (cwd / "outputs" / "runs").iterdir()
+        metrics = read_metrics(job)
+        assert metrics["n_items"] == 48 and "baseline_paired_accuracy" in metrics
+        config = yaml.safe_load((job / "config.yaml").read_text())
+        assert config["job"]["name"] in (
+            "toy system->text f=0.5 uniform layers 6-7",
+            "toy PAI a=0.2 cfg=1.1 layers 2-7",
+        )

@@ -17,9 +17,9 @@ BASELINE = {"naturalbench": (0.20, 0.80, 0.20), "winoground": (0.05, 0.90, 0.04)
 NATIVE = {"naturalbench": "naturalbench/g_acc", "winoground": "winoground/group_score"}
 
 
-def log_known_runs(uri: str) -> str:
+def log_known_runs(uri: str, artifacts) -> str:
     mlflow.set_tracking_uri(uri)
-    experiment = mlflow.create_experiment("study")
+    experiment = mlflow.create_experiment("study", artifact_location=artifacts.as_uri())
     with mlflow.start_run(experiment_id=experiment, tags={"sysattn.kind": "sweep"}) as parent:
         pass
     for benchmark, recipients, quarter, layers, paired, yes_rate, native in JOBS:
@@ -61,7 +61,7 @@ def log_known_runs(uri: str) -> str:
 
 def test_report_table_plots_and_parent_artifacts(tmp_path):
     uri = f"sqlite:///{tmp_path}/store.db"
-    parent = log_known_runs(uri)
+    parent = log_known_runs(uri, tmp_path / "artifacts")
     out = tmp_path / "report"
     result = subprocess.run(
         [
@@ -109,7 +109,7 @@ def test_report_table_plots_and_parent_artifacts(tmp_path):
 
 def test_report_latest_sweep_and_bad_parent(tmp_path):
     uri = f"sqlite:///{tmp_path}/store.db"
-    log_known_runs(uri)
+    log_known_runs(uri, tmp_path / "artifacts")
     common = [
         sys.executable,
         "-m",

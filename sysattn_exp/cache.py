@@ -16,6 +16,8 @@ import socket
 import uuid
 from pathlib import Path
 
+from sysattn_exp.files import write_json
+
 
 def digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:32]
@@ -25,11 +27,8 @@ class ScoreCache:
     def __init__(self, root: Path, condition: dict):
         self.dir = Path(root) / digest(condition)
         self.dir.mkdir(parents=True, exist_ok=True)
-        description = self.dir / "condition.json"
-        if not description.exists():
-            tmp = self.dir / f".condition.{uuid.uuid4().hex}.tmp"
-            tmp.write_text(json.dumps(condition, indent=2, sort_keys=True) + "\n")
-            os.replace(tmp, description)
+        if not (self.dir / "condition.json").exists():
+            write_json(self.dir / "condition.json", condition)
         self.file = (
             self.dir / f"scores-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
         )

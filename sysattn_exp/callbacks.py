@@ -10,9 +10,8 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from sysattn_exp.cache import digest
 from sysattn_exp.errors import first_line
-from sysattn_exp.tracking import absolute_uri, sweep_parent
+from sysattn_exp.tracking import absolute_uri, sweep_key, sweep_parent
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +26,6 @@ def where_results(folder: str, uri: str) -> str:
         f"\nResults: {Path(folder).resolve()} (metrics.json, predictions.parquet per job)\n"
         f"MLflow UI: mlflow ui --backend-store-uri {absolute_uri(uri)}  (then open http://127.0.0.1:5000)"
     )
-
-
-def sweep_key(config) -> tuple[str, str]:
-    """A sweep's identity (its command-line overrides, swept parameters and experiment), so
-    that running the same sweep again finds the same parent run."""
-    overrides = sorted(config.hydra.overrides.task)
-    params = config.hydra.sweeper.get("params")
-    params = OmegaConf.to_container(params, resolve=True) if params is not None else {}
-    return digest([overrides, params, config.tracking.experiment]), " ".join(overrides)
 
 
 def failed_jobs(sweep_dir: Path) -> list[dict]:

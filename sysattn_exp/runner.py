@@ -1,7 +1,6 @@
 """One job: load the benchmark and model, score baseline and intervention, write the
 results to the job's folder, then log them to MLflow."""
 
-import json
 import logging
 import os
 from dataclasses import asdict
@@ -14,6 +13,7 @@ from sysattn_exp.benchmarks import Benchmark, load_benchmark
 from sysattn_exp.cache import ScoreCache, digest
 from sysattn_exp.conditions import build_edit, intervention_rule, resolve_layers
 from sysattn_exp.errors import UsageError, first_line
+from sysattn_exp.files import write_atomically, write_json
 from sysattn_exp.intervention import Edit
 from sysattn_exp.metrics import compare_with_baseline, shared_metrics
 from sysattn_exp.models import (
@@ -120,13 +120,6 @@ def run_name(benchmark: Benchmark, edit: Edit | None, layers: list[int]) -> str:
     return f"{benchmark.name} {edit.describe()} layers {layers[0]}-{layers[-1]}"
 
 
-def write_atomically(path: Path, write) -> None:
-    """Write via a temporary name and rename, so a killed job never leaves a partial file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_results(
     out_dir: Path, predictions: pd.DataFrame, metrics: dict, config: dict
 ) -> list[Path]:
@@ -135,7 +128,7 @@ def write_results(
     files = [out_dir / "predictions.parquet", out_dir / "config.yaml", out_dir / "metrics.json"]
     write_atomically(files[0], lambda p: predictions.to_parquet(p, index=False))
     write_atomically(files[1], lambda p: p.write_text(OmegaConf.to_yaml(config)))
-    write_atomically(files[2], lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"))
+    write_json(files[2], metrics)
     return files
 
 

@@ -16,8 +16,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from sysattn_exp.cache import digest
-from sysattn_exp.tracking import JOB_MARKER, SWEEP_MARKER, log_job_dir, sweep_parent
+from sysattn_exp.tracking import JOB_MARKER, SWEEP_MARKER, log_job_dir, sweep_key, sweep_parent
 
 
 def job_dirs(root: Path) -> list[Path]:
@@ -40,11 +39,8 @@ def ensure_parent(sweep_dir: Path, tracking) -> None:
     if (sweep_dir / SWEEP_MARKER).exists() or not (sweep_dir / "multirun.yaml").exists():
         return
     sweep = OmegaConf.load(sweep_dir / "multirun.yaml")
-    overrides = sorted(sweep.hydra.overrides.task)
-    params = sweep.hydra.sweeper.get("params")
-    params = OmegaConf.to_container(params, resolve=True) if params is not None else {}
-    key = digest([overrides, params, tracking.experiment])
-    sweep_parent(tracking, sweep_dir, key, " ".join(overrides))
+    sweep.tracking.experiment = tracking.experiment
+    sweep_parent(tracking, sweep_dir, *sweep_key(sweep))
 
 
 def sync(root: Path, uri: str | None = None) -> tuple[int, int]:

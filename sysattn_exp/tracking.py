@@ -4,10 +4,12 @@ sweep. A job already logged (same job key under the same parent) is not logged a
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import yaml
+
+from sysattn_exp.cache import digest
+from sysattn_exp.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +64,16 @@ def find_run(mlflow, experiment_id: str, tags: dict) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
+def sweep_key(sweep_config) -> tuple[str, str]:
+    """A sweep's identity (its command-line overrides, swept parameters and experiment) and
+    a description, from the composed config of the multirun (or its multirun.yaml), so that
+    running the same sweep again finds the same parent run."""
+    from omegaconf import OmegaConf
+
+    overrides = sorted(sweep_config.hydra.overrides.task)
+    params = sweep_config.hydra.sweeper.get("params")
+    params = OmegaConf.to_container(params, resolve=True) if params is not None else {}
+    return digest([overrides, params, sweep_config.tracking.experiment]), " ".join(overrides)
 
 
 def sweep_parent(cfg, sweep_dir: Path, sweep_key: str, description: str) -> str:

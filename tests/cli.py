@@ -5,6 +5,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+SHARED_METRICS = [
+    "n_items",
+    "n_groups",
+    "yes_rate",
+    "gt_yes_rate",
+    "yes_bias",
+    "accuracy",
+    "paired_accuracy",
+]
+
 
 def run_cli(*overrides: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -m sysattn_exp ...` with outputs and the MLflow store inside `cwd`."""

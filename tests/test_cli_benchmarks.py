@@ -16,17 +16,7 @@ from benchmark_fixtures import (
     write_sugarcrepe_images,
     write_winoground,
 )
-from cli import read_metrics, run_cli
-
-SHARED_METRICS = [
-    "n_items",
-    "n_groups",
-    "yes_rate",
-    "gt_yes_rate",
-    "yes_bias",
-    "accuracy",
-    "paired_accuracy",
-]
+from cli import SHARED_METRICS, read_metrics, run_cli
 
 
 def prepare(root):

@@ -4,17 +4,8 @@ import mlflow
 import pandas as pd
 import pytest
 import yaml
-from cli import read_metrics, run_cli
+from cli import SHARED_METRICS, read_metrics, run_cli
 
-SHARED = [
-    "n_items",
-    "n_groups",
-    "yes_rate",
-    "gt_yes_rate",
-    "yes_bias",
-    "accuracy",
-    "paired_accuracy",
-]
 COLUMNS = [
     "item_id",
     "group_id",
@@ -67,7 +58,7 @@ def test_each_job_writes_predictions_and_metrics(sweep):
         assert predictions["prompt"].str.endswith("Please answer yes or no. ASSISTANT:").all()
         assert predictions["prompt"].str.startswith("A chat between a curious user").all()
         metrics = read_metrics(job)
-        for name in SHARED:
+        for name in SHARED_METRICS:
             assert f"baseline_{name}" in metrics
         assert metrics["n_items"] == 48 and metrics["n_groups"] == 24
         assert metrics["scoring_seconds"] > 0
@@ -77,7 +68,7 @@ def test_each_job_writes_predictions_and_metrics(sweep):
             predictions.groupby("group_id")["correct"].all().mean()
         )
         assert metrics["yes_rate"] == pytest.approx(predictions["pred"].mean())
-        baselines.add(tuple(metrics[f"baseline_{name}"] for name in SHARED))
+        baselines.add(tuple(metrics[f"baseline_{name}"] for name in SHARED_METRICS))
     assert len(baselines) == 1, "every job must report the same baseline"
 
 

@@ -25,7 +25,6 @@ from sysattn_exp.benchmarks import MAIN_METRICS
 from sysattn_exp.errors import UsageError
 from sysattn_exp.tracking import connect
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 COLUMNS = [
     "benchmark",
     "intervention",
@@ -261,7 +260,7 @@ def report(cfg) -> Path:
     return out
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="report")
+@hydra.main(version_base="1.3", config_path="pkg://sysattn_exp.conf", config_name="report")
 def report_app(cfg: DictConfig) -> None:
     try:
         report(cfg)

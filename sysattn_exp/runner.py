@@ -10,7 +10,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from sysattn_exp.benchmarks import Benchmark, load_benchmark
-from sysattn_exp.cache import ScoreCache, digest
+from sysattn_exp.cache import SCORES_VERSION, ScoreCache, digest
 from sysattn_exp.conditions import build_edit, intervention_rule, resolve_layers
 from sysattn_exp.errors import UsageError, first_line
 from sysattn_exp.files import write_atomically, write_json
@@ -63,6 +63,7 @@ def predict(
             "label": [i.label for i in items],
             "yes_logit": scores.yes,
             "no_logit": scores.no,
+            "p_yes": scores.p_yes,
         }
     )
     frame["pred"] = frame["yes_logit"] > frame["no_logit"]
@@ -81,10 +82,28 @@ def condition(cfg, loaded, edit: Edit | None, words) -> dict:
         "dtype": str(loaded.dtype),
         "yes_ids": words[0],
         "no_ids": words[1],
+        "scores_version": SCORES_VERSION,
+        "dataset_revision": cfg.benchmark.get("revision"),
         "intervention": None
         if edit is None
         else {"rule": type(edit).__name__, **asdict(edit), "layers": sorted(edit.layers)},
     }
+
+
+# Config keys that never change what a job produces (where results go, how fast they come);
+# every other key, present or future (the task, runtime.profile, the prompt...), is in the
+# job key, so that two jobs that can produce different files never share one.
+NOT_IN_JOB_KEY = {"tracking": None, "runtime": {"num_workers", "cache_dir"}}
+
+
+def job_key(config: dict, condition: dict) -> str:
+    kept = {}
+    for section, value in config.items():
+        dropped = NOT_IN_JOB_KEY.get(section, set())
+        if dropped is None:
+            continue
+        kept[section] = {k: v for k, v in value.items() if k not in dropped} if dropped else value
+    return digest([condition, kept])
 
 
 def timing(scores: Scores, n_items: int) -> dict:
@@ -132,10 +151,25 @@ def write_results(
     return files
 
 
-def all_metrics(benchmark: Benchmark, predictions: pd.DataFrame) -> dict:
-    """Shared metrics, the benchmark's native ones (which see each item's meta as
-    columns), and the counts from loading."""
+RANKINGS = {  # scoring.rank_by: the score that metrics comparing two items rank by
+    "p_yes": lambda frame: frame["p_yes"],  # VQAScore's P("Yes") over the whole vocabulary
+    "log_odds": lambda frame: frame["yes_logit"] - frame["no_logit"],
+}
+
+
+def rank_by(cfg) -> str:
+    name = cfg.get("rank_by", "p_yes")
+    if name not in RANKINGS:
+        raise UsageError(f"scoring.rank_by={name!r} is unknown; allowed: {', '.join(RANKINGS)}")
+    return name
+
+
+def all_metrics(benchmark: Benchmark, predictions: pd.DataFrame, ranking: str) -> dict:
+    """Shared metrics, the benchmark's native ones (which see each item's meta as columns,
+    and `rank_score`, the score that metrics comparing items rank by), and the counts from
+    loading."""
     scored = predictions.join(pd.DataFrame([item.meta for item in benchmark.items]))
+    scored["rank_score"] = RANKINGS[ranking](scored)
     return shared_metrics(predictions) | benchmark.native_metrics(scored) | benchmark.load_counts
 
 
@@ -167,6 +201,7 @@ def run(cfg, out_dir: Path) -> dict:
     """Evaluate the configured condition; returns the job's metrics."""
     benchmark = load_benchmark(cfg.benchmark)
     rule = intervention_rule(cfg.intervention)  # checked before the (slow) model load
+    ranking = rank_by(cfg.scoring)
     if cfg.runtime.dry_run:
         return dry_run(cfg, benchmark)
     loaded = load_model(cfg.model)
@@ -185,16 +220,13 @@ def run(cfg, out_dir: Path) -> dict:
     predictions = baseline
     if edit is not None or profile is not None:
         predictions, scores = predict(cfg, loaded, benchmark, prompts, edit, words, name, profile)
-    metrics = all_metrics(benchmark, predictions) | timing(scores, len(prompts))
+    metrics = all_metrics(benchmark, predictions, ranking) | timing(scores, len(prompts))
     if edit is not None:
-        metrics |= compare_with_baseline(metrics, all_metrics(benchmark, baseline))
+        metrics |= compare_with_baseline(metrics, all_metrics(benchmark, baseline, ranking))
 
     config = OmegaConf.to_container(cfg, resolve=True)
     config["layers"]["resolved"] = layers
-    job_key = digest(
-        [condition(cfg, loaded, edit, words), config["benchmark"], cfg.model.system_prompt]
-    )
-    config["job"] = {"name": name, "key": job_key}
+    config["job"] = {"name": name, "key": job_key(config, condition(cfg, loaded, edit, words))}
     if profile is not None:  # before metrics.json, which marks the job complete
         table = profile.table()
         write_atomically(out_dir / PROFILE_TABLE, lambda p: table.to_csv(p, index=False))

@@ -170,7 +170,7 @@ class BatchEncoder(Dataset):
 def score_batch(
     loaded: LoadedModel, batch: EncodedBatch, edit: Edit | None, yes_ids, no_ids, profile=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(yes_logit, no_logit) per item: log-sum-exp of the yes / no word logits."""
+    """(yes_logit, no_logit, p_yes) per item (see answer_scores)."""
     device, model = loaded.device, loaded.model
     prefix_ids = batch.prefix_ids.to(device)
     if batch.pixel_values is None:  # the system part of prompts without an image
@@ -208,7 +208,15 @@ def score_batch(
     logits = model.lm_head(last_token).float()
     if edit is not None and edit.kind == "pai" and edit.cfg_gamma is not None:
         logits = guided(logits, text_only_logits(loaded, batch), edit.cfg_gamma)
-    return logits[:, yes_ids].logsumexp(dim=-1), logits[:, no_ids].logsumexp(dim=-1)
+    return answer_scores(logits, yes_ids, no_ids)
+
+
+def answer_scores(logits: torch.Tensor, yes_ids, no_ids) -> tuple[torch.Tensor, ...]:
+    """From the answer position's logits (B, V): yes_logit and no_logit (log-sum-exp over
+    the words' first tokens) and p_yes, the probability of the yes tokens under the softmax
+    over the whole vocabulary (VQAScore's P("Yes"))."""
+    p_yes = logits.softmax(dim=-1)[:, yes_ids].sum(dim=-1)
+    return logits[:, yes_ids].logsumexp(dim=-1), logits[:, no_ids].logsumexp(dim=-1), p_yes
 
 
 def text_only_logits(loaded: LoadedModel, batch: EncodedBatch) -> torch.Tensor:
@@ -288,7 +296,7 @@ def score_full_prompts(
         .logits[:, -1]
         .float()
     )
-    return logits[:, yes_ids].logsumexp(dim=-1), logits[:, no_ids].logsumexp(dim=-1)
+    return answer_scores(logits, yes_ids, no_ids)
 
 
 def keep_batch(batch):
@@ -298,8 +306,9 @@ def keep_batch(batch):
 
 @dataclass
 class Scores:
-    yes: list[float]  # per item, benchmark order
-    no: list[float]
+    yes: list[float]  # per item, benchmark order: yes_logit
+    no: list[float]  # no_logit
+    p_yes: list[float]  # P(yes tokens) over the whole vocabulary
     seconds: float  # wall time of the scoring loop
     computed: int  # items scored now (the rest came from the cache)
 
@@ -320,8 +329,10 @@ def score_items(
     taken from it (a batch is always computed whole, so a resumed run scores every item in
     the same company as an uninterrupted one) and each new batch is saved as it is done.
     A profile (sysattn_exp.profile) records where attention goes; it needs every batch run."""
+    # Cached scores are keyed by the image's content; without a cache its id will do.
+    image_key = benchmark.image_digest if cache else lambda image_id: image_id
     keys = [
-        item_key(benchmark.name, item.item_id, item.image_id, prompt)
+        item_key(benchmark.name, item.item_id, image_key(item.image_id), prompt)
         for item, prompt in zip(benchmark.items, prompts, strict=True)
     ]
     done = cache.load() if cache else {}
@@ -338,15 +349,16 @@ def score_items(
     for batch in tqdm(loader, desc=desc, unit="batch", disable=None):
         if isinstance(batch, UsageError):
             raise batch
-        yes, no = score_batch(loaded, batch, edit, *words, profile=profile)
+        scores = [s.tolist() for s in score_batch(loaded, batch, edit, *words, profile=profile)]
         batch_keys = [keys[j] for j in batch.items]
         if cache:
-            cache.save(batch_keys, yes.tolist(), no.tolist())
-        done.update(zip(batch_keys, zip(yes.tolist(), no.tolist(), strict=True), strict=True))
+            cache.save(batch_keys, *scores)
+        done.update(zip(batch_keys, zip(*scores, strict=True), strict=True))
     seconds = time.perf_counter() - started
     return Scores(
         yes=[done[k][0] for k in keys],
         no=[done[k][1] for k in keys],
+        p_yes=[done[k][2] for k in keys],
         seconds=seconds,
         computed=sum(len(batch) for batch in todo),
     )

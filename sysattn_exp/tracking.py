@@ -2,6 +2,7 @@
 failed can be logged later by `python -m sysattn_exp.sync`), under one parent run per
 sweep. A job already logged (same job key under the same parent) is not logged again."""
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -93,6 +94,27 @@ def sweep_parent(cfg, sweep_dir: Path, sweep_key: str, description: str) -> str:
     return run_id
 
 
+TIMING_METRICS = ("scoring_seconds", "items_per_second", "n_items_from_cache")
+
+
+def results_digest(job_dir: Path) -> str:
+    """A hash of what the job produced (its scores, metrics but timing, and attention
+    profile): a job whose files differ from a logged run's is logged anew, never skipped."""
+    import pandas as pd
+
+    metrics = json.loads((job_dir / "metrics.json").read_text())
+    predictions = pd.read_parquet(job_dir / "predictions.parquet")
+    rows = pd.util.hash_pandas_object(predictions, index=False).values
+    profile = job_dir / PROFILE_TABLE
+    return digest(
+        [
+            {k: v for k, v in metrics.items() if k not in TIMING_METRICS},
+            hashlib.sha256(rows.tobytes()).hexdigest(),
+            hashlib.sha256(profile.read_bytes()).hexdigest() if profile.exists() else None,
+        ]
+    )
+
+
 def log_profile(mlflow, table_path: Path) -> None:
     """attn_share_<modality> (answer position) and attn_share_text_rows_<modality>, with the
     decoder layer as the step."""
@@ -113,7 +135,11 @@ def log_job_dir(job_dir: Path, cfg) -> str:
     parent_file = job_dir.parent / SWEEP_MARKER
     parent = json.loads(parent_file.read_text())["run_id"] if parent_file.exists() else None
     mlflow, experiment_id = connect(cfg)
-    tags = {"sysattn.job_key": config["job"]["key"], "sysattn.parent": parent or "none"}
+    tags = {
+        "sysattn.job_key": config["job"]["key"],
+        "sysattn.results": results_digest(job_dir),
+        "sysattn.parent": parent or "none",
+    }
     run_id = find_run(mlflow, experiment_id, tags)
     if run_id is None:
         with mlflow.start_run(
@@ -132,6 +158,8 @@ def log_job_dir(job_dir: Path, cfg) -> str:
             run_id = run.info.run_id
         log.info("logged MLflow run %s (%s)", run_id, config["job"]["name"])
     else:
-        log.info("already logged as MLflow run %s: not logged again", run_id)
+        log.info(
+            "already logged as MLflow run %s (same job, same results): not logged again", run_id
+        )
     write_json(job_dir / JOB_MARKER, {"run_id": run_id, "uri": absolute_uri(cfg.uri)})
     return run_id

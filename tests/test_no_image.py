@@ -152,9 +152,10 @@ def test_shared_system_prefix_equals_whole_prompts(loaded, edit):
     prompts = prompts_of(bench, "A chat.")
     scores = score_items(loaded, bench, prompts, edit, WORDS, 3, 0, "test")
     images = [None if i.image_id is None else make_image(i.image_id) for i in bench.items]
-    yes, no = score_full_prompts(loaded, images, prompts, edit, *WORDS)
+    yes, no, p_yes = score_full_prompts(loaded, images, prompts, edit, *WORDS)
     assert torch.allclose(torch.tensor(scores.yes), yes, atol=1e-5, rtol=0)
     assert torch.allclose(torch.tensor(scores.no), no, atol=1e-5, rtol=0)
+    assert torch.allclose(torch.tensor(scores.p_yes), p_yes, atol=1e-6, rtol=0)
 
 
 def test_profile_of_questions_without_image(loaded):

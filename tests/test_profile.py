@@ -95,18 +95,25 @@ def test_profile_matches_reference_weights(loaded, edit):
         assert (got.loc[sorted(edit.layers), "system"] == 0).all()
 
 
-def test_profile_through_the_cli(tmp_path):
-    result = run_cli(
-        "model=tiny", "+task=profile", "intervention=redistribute", "layers=q4", cwd=tmp_path
-    )
+def test_profile_after_a_baseline_through_the_cli(tmp_path):
+    """The natural order: a baseline, then a profile of the same model and benchmark into
+    the same store. Same scores, but the profile is another job: logged, with its
+    attn_share metrics (the layer as step)."""
+    common = ("model=tiny", "benchmark.limit=6")
+    baseline = run_cli(*common, cwd=tmp_path)
+    assert baseline.returncode == 0, baseline.stderr[-3000:]
+    result = run_cli(*common, "+task=profile", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    (job,) = (tmp_path / "outputs" / "runs").iterdir()
+    assert "not logged again" not in result.stderr
+    job = max((tmp_path / "outputs" / "runs").iterdir())
     table = pd.read_csv(job / "attention_profile.csv")
     assert len(table) == 16 and (job / "attention_profile.png").stat().st_size > 0
     answer = table[table.queries == "answer"].set_index("layer")
-    assert answer.loc[[6, 7], "system"].eq(0).all() and answer.loc[[0, 1], "system"].gt(0).all()
+    assert answer["system"].gt(0).all() and answer["n_queries"].eq(12).all()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/outputs/mlflow.db")
-    (run,) = mlflow.search_runs(experiment_names=["sysattn"], output_format="list")
-    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "attn_share_system")
+    runs = mlflow.search_runs(experiment_names=["sysattn"], output_format="list")
+    assert len(runs) == 2
+    (profiled,) = [r for r in runs if "attn_share_system" in r.data.metrics]
+    history = mlflow.MlflowClient().get_metric_history(profiled.info.run_id, "attn_share_system")
     assert sorted(m.step for m in history) == list(range(8))
     assert {m.step: m.value for m in history}[3] == pytest.approx(answer.loc[3, "system"])

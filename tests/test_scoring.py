@@ -82,9 +82,9 @@ def test_shared_prefix_equals_full_prompts(loaded, edit):
         build_prompt(i.question, "A chat between a user and an assistant.") for i in bench.items
     ]
     batch = BatchEncoder(bench, prompts, [list(range(len(prompts)))], loaded.processor)[0]
-    yes, no = score_batch(loaded, batch, edit, *WORDS)
+    yes, no, _ = score_batch(loaded, batch, edit, *WORDS)
     images = [make_image(bench.items[j].image_id) for j in batch.items]
-    yes_full, no_full = score_full_prompts(
+    yes_full, no_full, _ = score_full_prompts(
         loaded, images, [prompts[j] for j in batch.items], edit, *WORDS
     )
     assert torch.allclose(yes, yes_full, atol=1e-5, rtol=0)
@@ -100,6 +100,7 @@ def test_batched_equals_unbatched(loaded, edit):
     assert batched.seconds > 0 and batched.computed == single.computed == len(prompts)
     assert torch.allclose(torch.tensor(batched.yes), torch.tensor(single.yes), atol=1e-5, rtol=0)
     assert torch.allclose(torch.tensor(batched.no), torch.tensor(single.no), atol=1e-5, rtol=0)
+    assert torch.allclose(torch.tensor(batched.p_yes), torch.tensor(single.p_yes), atol=1e-6)
 
 
 def test_worker_processes_give_the_same_scores(loaded):
@@ -107,7 +108,11 @@ def test_worker_processes_give_the_same_scores(loaded):
     prompts = [build_prompt(i.question, "A chat.") for i in bench.items]
     in_process = score_items(loaded, bench, prompts, EDITS[1], WORDS, 4, 0, "test")
     workers = score_items(loaded, bench, prompts, EDITS[1], WORDS, 4, 2, "test")
-    assert (in_process.yes, in_process.no) == (workers.yes, workers.no)
+    assert (in_process.yes, in_process.no, in_process.p_yes) == (
+        workers.yes,
+        workers.no,
+        workers.p_yes,
+    )
 
 
 def test_yes_no_logits_are_logsumexp_of_last_position(loaded):
@@ -115,7 +120,7 @@ def test_yes_no_logits_are_logsumexp_of_last_position(loaded):
     model, processor = loaded.model, loaded.processor
     prompt = build_prompt("Is it red?", "A chat.")
     image = make_image("red")
-    yes, no = score_full_prompts(loaded, [image], [prompt], None, [10, 11], [12])
+    yes, no, p_yes = score_full_prompts(loaded, [image], [prompt], None, [10, 11], [12])
     inputs = processor(images=[image], text=[prompt], return_tensors="pt")
     model.set_attn_implementation("sdpa")
     try:
@@ -125,6 +130,8 @@ def test_yes_no_logits_are_logsumexp_of_last_position(loaded):
         use_sysattn(model)
     assert yes.item() == pytest.approx(torch.logsumexp(logits[[10, 11]], 0).item(), abs=1e-5)
     assert no.item() == pytest.approx(logits[12].item(), abs=1e-5)
+    want_p_yes = torch.softmax(logits.double(), 0)[[10, 11]].sum().item()
+    assert p_yes.item() == pytest.approx(want_p_yes, abs=1e-6)
 
 
 def test_only_the_language_model_is_rerouted(loaded):
@@ -185,7 +192,7 @@ def test_pai_guidance_against_the_image_free_prompt(loaded):
     expected[cond < cond.max(-1, keepdim=True).values + torch.log(torch.tensor(0.1))] = float(
         "-inf"
     )
-    yes, no = score_batch(loaded, batch, Pai(20.0, layers, cfg_gamma=gamma), *words)
+    yes, no, _ = score_batch(loaded, batch, Pai(20.0, layers, cfg_gamma=gamma), *words)
     for got, ids in ((yes, words[0]), (no, words[1])):
         want = expected[:, ids].logsumexp(-1)
         assert torch.equal(torch.isfinite(got), torch.isfinite(want))

@@ -201,7 +201,7 @@ def write_batches(root, worker: int, n_batches: int) -> None:
     cache = ScoreCache(root, {"condition": "shared"})
     for b in range(n_batches):
         keys = [f"w{worker}-b{b}-{i}" for i in range(5)]
-        cache.save(keys, [worker + b + i / 10 for i in range(5)], [-float(b)] * 5)
+        cache.save(keys, [worker + b + i / 10 for i in range(5)], [-float(b)] * 5, [0.5] * 5)
 
 
 def test_concurrent_writers_never_corrupt_the_cache(tmp_path):
@@ -214,5 +214,5 @@ def test_concurrent_writers_never_corrupt_the_cache(tmp_path):
         p.join()
     scores = ScoreCache(tmp_path, {"condition": "shared"}).load()
     assert len(scores) == 4 * 200 * 5
-    assert scores["w3-b199-4"] == (3 + 199 + 0.4, -199.0)
+    assert scores["w3-b199-4"] == (3 + 199 + 0.4, -199.0, 0.5)
     assert len(list(tmp_path.glob("*/scores-*.jsonl"))) == 4

@@ -1,6 +1,7 @@
 """What every benchmark provides (yes/no items in groups, images by id, native metrics),
 and the helpers the loaders share: templates, image files, hub datasets, group limits."""
 
+import hashlib
 import io
 import logging
 from collections.abc import Callable
@@ -40,9 +41,27 @@ class Benchmark:
     native_metrics: Callable[[pd.DataFrame], dict[str, float]] = no_native_metrics
     # Counts from loading (items excluded or skipped), logged with the metrics.
     load_counts: dict[str, int] = field(default_factory=dict)
+    _digests: dict[str, str] = field(default_factory=dict, repr=False)  # image_digest's memo
 
     def question_text(self, item: Item) -> str:
         return self.template.format(question=item.question)
+
+    def image_digest(self, image_id: str | None) -> str | None:
+        """A hash of the image's content: the file's or the dataset's stored bytes, else the
+        decoded pixels (images made in code). Keys the score cache, so that a replaced
+        picture is never served the old scores."""
+        if image_id is None:
+            return None
+        if image_id not in self._digests:
+            if isinstance(self.load_image, DatasetImages):
+                data = self.load_image.stored_bytes(image_id)
+            elif Path(image_id).is_file():
+                data = Path(image_id).read_bytes()
+            else:
+                image = self.load_image(image_id)
+                data = f"{image.mode} {image.size}".encode() + image.tobytes()
+            self._digests[image_id] = hashlib.sha256(data).hexdigest()
+        return self._digests[image_id]
 
 
 def check_template(template: str) -> str:
@@ -184,6 +203,12 @@ class DatasetImages:
         for column in {column for _, column in index.values()}:
             dataset = dataset.cast_column(column, datasets.Image(decode=False))
         self.dataset, self.index = dataset, index
+
+    def stored_bytes(self, image_id: str) -> bytes:
+        """The image file as the dataset stores it (encoded, not decoded)."""
+        row, column = self.index[image_id]
+        data = self.dataset[row][column]
+        return data["bytes"] if data.get("bytes") else Path(data["path"]).read_bytes()
 
     def __call__(self, image_id: str) -> Image.Image:
         row, column = self.index[image_id]

@@ -9,7 +9,10 @@ shape (576 image tokens, its system prompt, ~20-token questions) that a 2-core C
     python scripts/bench.py --device cuda --model llava15_7b     # the real model on a GPU
 
 Figures (each a ratio): overhead_ratio (forward with a Q4 system->text redistribution over
-a plain SDPA forward), eager_overhead_ratio (the same with impl=eager), speedup_vs_naive
+a plain SDPA forward), runner_overhead_ratio (the same intervention inside the runner's real
+scoring path, prefix sharing and data loading included, over the baseline job's; and
+runner_overhead_ratio_system_image, for a rule that also edits the image prefix's rows),
+eager_overhead_ratio (the same with impl=eager), speedup_vs_naive
 (items/s of the runner's scoring path over a one-item-at-a-time generate() loop with eager
 attention everywhere, two questions per image), prefix_sharing_speedup (shared vs whole
 prompts, four questions per image), long_context_memory_ratio (peak memory of a forward
@@ -257,6 +260,40 @@ def throughput(
     }
 
 
+def runner_overheads(
+    loaded: LoadedModel, n_images: int, batch_size: int, repeats: int, workers: int
+) -> dict:
+    """Items per second of the runner's real scoring path (score_items: data loading, the
+    shared image prefix, the question pass) with a Q4 intervention over the baseline's, on
+    the same items, two questions per image: the cost a job really pays."""
+    words = (
+        first_token_ids(loaded.processor.tokenizer, ["Yes", "yes"], "yes"),
+        first_token_ids(loaded.processor.tokenizer, ["No", "no"], "no"),
+    )
+    two = bench_items(n_images, 2)
+    prompts = [build_prompt(two.question_text(i), SYSTEM_PROMPT) for i in two.items]
+    edits = {
+        "baseline": None,
+        "system_text": Redistribution("system", ("text",), q4(loaded)),
+        "system_image": Redistribution("system", ("image",), q4(loaded)),
+    }
+    seconds = median_seconds(
+        {
+            name: lambda edit=edit: score_items(
+                loaded, two, prompts, edit, words, batch_size, workers, "runner"
+            )
+            for name, edit in edits.items()
+        },
+        repeats,
+    )
+    return {
+        "runner_overhead_ratio": seconds["system_text"] / seconds["baseline"],
+        "runner_overhead_ratio_system_image": seconds["system_image"] / seconds["baseline"],
+        "runner_items": len(two.items),
+        "runner_seconds": seconds,
+    }
+
+
 def peak_memory_probe(args) -> None:
     """In a fresh process: the peak memory one forward at `--tokens` adds (printed)."""
     loaded = load(args)
@@ -358,6 +395,9 @@ def main() -> None:
         "repeats": repeats,
     }
     figures |= forward_overheads(loaded, batch_size=4, repeats=repeats)
+    figures |= runner_overheads(
+        loaded, 4 * n_images, batch_size=8, repeats=repeats, workers=workers
+    )
     figures |= throughput(loaded, n_images, batch_size=8, repeats=repeats, workers=workers)
     figures |= long_context_memory(args)
     total_items = sum(BENCHMARK_ITEMS.values())

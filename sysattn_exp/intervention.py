@@ -24,7 +24,7 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from sysattn_exp.fused import fused_edited_attention
-from sysattn_exp.modality import MODALITIES, PAD, answer_rows
+from sysattn_exp.modality import MODALITIES, PAD, TEXT, answer_rows
 
 ATTENTION_NAME = "sysattn"
 
@@ -157,6 +157,21 @@ def eager_edited_attention(query, key, value, attention_mask, scaling, key_modal
 IMPLEMENTATIONS = {"eager": eager_edited_attention, "fused": fused_edited_attention}
 
 
+def can_change(edit: Edit, key_modality: torch.Tensor | None) -> bool:
+    """Whether the rule can change any row of this call: a redistribution needs source and
+    recipient keys, a scale its modality's keys, PAI image keys and an answer row. Where it
+    cannot, plain SDPA gives the same output faster."""
+    if key_modality is None:
+        return True  # the error about the missing key_modality comes below
+    present = set(torch.unique(key_modality).tolist())
+    if edit.kind == "redistribute":
+        recipients = {MODALITIES[r] for r in edit.recipients}
+        return MODALITIES[edit.source] in present and bool(recipients & present)
+    if edit.kind == "scale":
+        return MODALITIES[edit.modality] in present
+    return MODALITIES["image"] in present and TEXT in present
+
+
 def sysattn_attention(
     module,
     query,
@@ -172,6 +187,8 @@ def sysattn_attention(
 ):
     selected = attention_edit is not None and module.layer_idx in attention_edit.layers
     edit = attention_edit if selected else None
+    if edit is not None and attention_profile is None and not can_change(edit, key_modality):
+        edit = None  # e.g. the image prefix pass of a rule whose recipient is text
     if edit is None and attention_profile is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs

@@ -2,6 +2,8 @@
 
 Every position of a prompt is one of: padding (0), system (1: BOS, system prompt, "USER:"),
 image (2: the contiguous span of image tokens) or text (3: everything after the image).
+A prompt without an image has no image span: system is every position before the first
+token of the question, text is the question and "ASSISTANT:".
 """
 
 import torch
@@ -17,9 +19,13 @@ def modality_ids(
     attention_mask: torch.Tensor,
     image_token_id: int,
     image_seq_length: int,
+    text_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, N) modality id of every position, computed per row, so any padding side works.
 
+    A row with an image: system before its image span, text after it. A row without image
+    tokens (a question with no image) needs `text_start` (B,), the position of the first
+    token of its question: system before it, text from there on.
     Refuses a row whose image tokens are not one contiguous span of `image_seq_length`.
     """
     real = attention_mask.bool()
@@ -29,6 +35,12 @@ def modality_ids(
     positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
     expected_span = (positions >= first_image) & (positions < first_image + image_seq_length)
     bad_rows = (n_image != image_seq_length) | (is_image != expected_span).any(dim=1)
+    no_image = n_image == 0
+    if text_start is not None:
+        bad_rows &= ~no_image
+        # Rows without an image: an empty image span where the question starts.
+        first_image = torch.where(no_image[:, None], text_start.to(positions)[:, None], first_image)
+    span_length = torch.where(no_image, 0, image_seq_length)[:, None]
     if bad_rows.any():
         row = int(bad_rows.nonzero()[0])
         raise UsageError(
@@ -39,7 +51,7 @@ def modality_ids(
     ids = torch.where(
         positions < first_image,
         SYSTEM,
-        torch.where(positions < first_image + image_seq_length, IMAGE, TEXT),
+        torch.where(positions < first_image + span_length, IMAGE, TEXT),
     )
     return ids.masked_fill(~real, PAD)
 

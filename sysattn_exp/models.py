@@ -107,17 +107,35 @@ def load_processor(cfg):
 
 
 def prompt_modalities(processor, image, prompt: str) -> dict[str, int]:
-    """How many tokens of `prompt` (with its image expanded) are system, image and text."""
-    inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+    """How many tokens of `prompt` (with its image, if any, expanded) are system, image and
+    text."""
+    inputs = processor(
+        images=None if image is None else [image], text=[prompt], return_tensors="pt"
+    )
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     n_image = int((ids == processor.image_token_id).sum())
-    return modality_counts(modality_ids(ids, mask, processor.image_token_id, n_image)[0])
+    start = torch.tensor([question_token_start(processor.tokenizer, prompt)])
+    split = modality_ids(ids, mask, processor.image_token_id, n_image, text_start=start)
+    return modality_counts(split[0])
 
 
-def build_prompt(question: str, system_prompt: str) -> str:
-    """LLaVA-1.5's evaluation prompt (conversation vicuna_v1); the tokenizer adds BOS."""
+USER = "USER: "
+
+
+def build_prompt(question: str, system_prompt: str, with_image: bool = True) -> str:
+    """LLaVA-1.5's evaluation prompt (conversation vicuna_v1); the tokenizer adds BOS. A
+    question without an image is asked the same way, without the <image> line."""
     prefix = f"{system_prompt} " if system_prompt else ""
-    return f"{prefix}USER: <image>\n{question} ASSISTANT:"
+    image = "<image>\n" if with_image else ""
+    return f"{prefix}{USER}{image}{question} ASSISTANT:"
+
+
+def question_token_start(tokenizer, prompt: str) -> int:
+    """Index of the first token of the user's question in the tokenized `prompt` (a prompt
+    of build_prompt without an image): every token before it is system."""
+    start = prompt.rindex(USER) + len(USER)
+    offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
+    return next(i for i, (_, end) in enumerate(offsets) if end > start)
 
 
 def first_token_ids(tokenizer, words, key: str) -> list[int]:

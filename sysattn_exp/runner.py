@@ -139,6 +139,10 @@ def all_metrics(benchmark: Benchmark, predictions: pd.DataFrame) -> dict:
     return shared_metrics(predictions) | benchmark.native_metrics(scored) | benchmark.load_counts
 
 
+def item_prompt(benchmark: Benchmark, item, system_prompt: str) -> str:
+    return build_prompt(benchmark.question_text(item), system_prompt, item.image_id is not None)
+
+
 def dry_run(cfg, benchmark: Benchmark) -> dict:
     """Print what a run would evaluate, without loading the model."""
     items = benchmark.items
@@ -148,10 +152,9 @@ def dry_run(cfg, benchmark: Benchmark) -> dict:
         "gt_yes_rate": sum(item.label for item in items) / len(items),
     } | benchmark.load_counts
     example = items[0]
-    prompt = build_prompt(benchmark.question_text(example), cfg.model.system_prompt)
-    split = prompt_modalities(
-        load_processor(cfg.model), benchmark.load_image(example.image_id), prompt
-    )
+    prompt = item_prompt(benchmark, example, cfg.model.system_prompt)
+    image = None if example.image_id is None else benchmark.load_image(example.image_id)
+    split = prompt_modalities(load_processor(cfg.model), image, prompt)
     print(f"benchmark {benchmark.name}: " + ", ".join(f"{k}={v:g}" for k, v in summary.items()))
     print(f"example prompt (item {example.item_id}, image {example.image_id}):\n{prompt}")
     print(
@@ -170,9 +173,7 @@ def run(cfg, out_dir: Path) -> dict:
     layers = resolve_layers(cfg.layers, loaded.num_layers) if rule else []
     edit = build_edit(rule, layers)
     words = scoring_words(loaded, cfg.scoring)
-    prompts = [
-        build_prompt(benchmark.question_text(i), cfg.model.system_prompt) for i in benchmark.items
-    ]
+    prompts = [item_prompt(benchmark, item, cfg.model.system_prompt) for item in benchmark.items]
     name = run_name(benchmark, edit, layers)
 
     # The baseline comes from the score cache once any job has computed it.

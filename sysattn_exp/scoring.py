@@ -8,6 +8,7 @@ query row, so no prefix row depends on the question. Images are decoded and prep
 in DataLoader workers while the model runs.
 """
 
+import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -15,21 +16,31 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
+from transformers import LlavaModel
 
 from sysattn_exp.benchmarks import Benchmark
 from sysattn_exp.cache import ScoreCache, item_key
 from sysattn_exp.errors import UsageError
 from sysattn_exp.intervention import Edit
-from sysattn_exp.modality import PAD, TEXT, modality_ids
-from sysattn_exp.models import LoadedModel
+from sysattn_exp.modality import PAD, SYSTEM, TEXT, modality_ids
+from sysattn_exp.models import LoadedModel, question_token_start
+
+# transformers renamed the forward argument (and output) past_key_values to cache during
+# 5.x; use whichever this version has, so that neither a deprecation warning nor a silently
+# ignored argument results.
+CACHE_ARG = (
+    "cache" if "cache" in inspect.signature(LlavaModel.forward).parameters else "past_key_values"
+)
 
 
-def plan_batches(image_ids: list[str], batch_size: int) -> list[list[int]]:
+def plan_batches(image_ids: list[str | None], batch_size: int) -> list[list[int]]:
     """Item indices in batches of at most `batch_size`, keeping the items of one image
-    together (in order of first appearance) unless one image alone has more."""
-    by_image: dict[str, list[int]] = {}
+    together (in order of first appearance) unless one image alone has more. Questions
+    without an image (id None) come last, in batches of their own."""
+    by_image: dict[str | None, list[int]] = {}
     for index, image_id in enumerate(image_ids):
         by_image.setdefault(image_id, []).append(index)
+    no_image = by_image.pop(None, [])
     batches, current = [], []
     for indices in by_image.values():
         for start in range(0, len(indices), batch_size):
@@ -38,14 +49,15 @@ def plan_batches(image_ids: list[str], batch_size: int) -> list[list[int]]:
                 batches.append(current)
                 current = []
             current = current + chunk
-    return batches + ([current] if current else [])
+    batches += [current] if current else []
+    return batches + [no_image[i : i + batch_size] for i in range(0, len(no_image), batch_size)]
 
 
 @dataclass
 class EncodedBatch:
     items: list[int]  # benchmark item indices, in the order of the rows below
-    pixel_values: torch.Tensor  # (U, 3, H, W): one per distinct image
-    prefix_ids: torch.Tensor  # (U, P): the prompt up to and including the image tokens
+    pixel_values: torch.Tensor | None  # (U, 3, H, W): one per prefix; None without images
+    prefix_ids: torch.Tensor  # (U, P): the shared start of the prompts (see BatchEncoder)
     question_ids: torch.Tensor  # (B, Q): the rest of each prompt, right-padded
     question_mask: torch.Tensor  # (B, Q)
     image_row: torch.Tensor  # (B,): each item's row in pixel_values / prefix_ids
@@ -55,8 +67,12 @@ class EncodedBatch:
 
 
 class BatchEncoder(Dataset):
-    """Batch i of the plan: its distinct images decoded and preprocessed once, and each
-    prompt tokenized exactly as the processor would, split after the last image token."""
+    """Batch i of the plan, tokenized exactly as the processor would tokenize each whole
+    prompt, then split in two: the prefix, run once and shared, and the question rows.
+    With an image the split is after its last image token, and each distinct image is
+    decoded and preprocessed once. Without an image (all or none of a batch's items have
+    one) the split is before the first token of the question: the prefix is the system
+    part (BOS, system prompt, "USER:"), the same for every question."""
 
     def __init__(self, benchmark: Benchmark, prompts: list[str], plan, processor, text_only=False):
         self.benchmark, self.prompts, self.plan, self.processor = (
@@ -79,24 +95,26 @@ class BatchEncoder(Dataset):
             return error
 
     def encode(self, i: int) -> EncodedBatch:
-        by_image: dict[str, list[int]] = {}
+        by_image: dict[str | None, list[int]] = {}
         for j in self.plan[i]:
             by_image.setdefault(self.benchmark.items[j].image_id, []).append(j)
-        pixels, prefixes, questions, order, image_row = [], [], [], [], []
-        for row, (image_id, mine) in enumerate(by_image.items()):
-            image = self.benchmark.load_image(image_id)
-            inputs = self.processor(
-                images=[image], text=[self.prompts[mine[0]]], return_tensors="pt"
-            )
-            pixels.append(inputs["pixel_values"][0])
-            n_image = int((inputs["input_ids"] == self.processor.image_token_id).sum())
-            split = [self.split_prompt(self.prompts[j], n_image) for j in mine]
-            if any(prefix != split[0][0] for prefix, _ in split):
-                raise ValueError(f"the prompts about image {image_id} differ before the image")
-            prefixes.append(split[0][0])
-            questions += [question for _, question in split]
-            order += mine
-            image_row += [row] * len(mine)
+        if None in by_image and len(by_image) > 1:
+            raise ValueError("a batch mixes questions with and without an image")
+        pixels, rows, questions, order, image_row = [], {}, [], [], []
+        for image_id, mine in by_image.items():
+            if image_id is None:
+                split = [self.split_at_question(self.prompts[j]) for j in mine]
+            else:
+                pixel_values, n_image = self.preprocess(image_id, self.prompts[mine[0]])
+                split = [self.split_prompt(self.prompts[j], n_image) for j in mine]
+            for j, (prefix, question) in zip(mine, split, strict=True):
+                if (image_id, tuple(prefix)) not in rows:  # a new prefix row
+                    rows[(image_id, tuple(prefix))] = len(rows)
+                    pixels += [] if image_id is None else [pixel_values]
+                image_row.append(rows[(image_id, tuple(prefix))])
+                questions.append(question)
+                order.append(j)
+        prefixes = [list(prefix) for _, prefix in rows]
         if len({len(prefix) for prefix in prefixes}) > 1:
             raise ValueError(
                 "prompt prefixes of different lengths in one batch: "
@@ -105,24 +123,31 @@ class BatchEncoder(Dataset):
         q_len = max(len(q) for q in questions)
         # Right padding after the cached prefix: the id is never attended to, any will do.
         pad = self.processor.tokenizer.pad_token_id or 0
-        text_only = {}
-        if self.text_only:
-            token = self.processor.image_token
-            plain = [self.prompts[j].replace(token + "\n", "").replace(token, "") for j in order]
-            encoded = self.processor.tokenizer(plain, padding=True, return_tensors="pt")
-            text_only = {
-                "text_only_ids": encoded["input_ids"],
-                "text_only_mask": encoded["attention_mask"],
-            }
+        text_only = self.without_images(order) if self.text_only else {}
         return EncodedBatch(
             **text_only,
             items=order,
-            pixel_values=torch.stack(pixels),
+            pixel_values=torch.stack(pixels) if pixels else None,
             prefix_ids=torch.tensor(prefixes),
             question_ids=torch.tensor([q + [pad] * (q_len - len(q)) for q in questions]),
             question_mask=torch.tensor([[1] * len(q) + [0] * (q_len - len(q)) for q in questions]),
             image_row=torch.tensor(image_row),
         )
+
+    def preprocess(self, image_id: str, prompt: str) -> tuple[torch.Tensor, int]:
+        """The image's pixel values, and how many tokens the processor expands it to."""
+        image = self.benchmark.load_image(image_id)
+        inputs = self.processor(images=[image], text=[prompt], return_tensors="pt")
+        return inputs["pixel_values"][0], int(
+            (inputs["input_ids"] == self.processor.image_token_id).sum()
+        )
+
+    def without_images(self, order: list[int]) -> dict:
+        """Each prompt with its image removed, left-padded: PAI's unconditional input."""
+        token = self.processor.image_token
+        plain = [self.prompts[j].replace(token + "\n", "").replace(token, "") for j in order]
+        encoded = self.processor.tokenizer(plain, padding=True, return_tensors="pt")
+        return {"text_only_ids": encoded["input_ids"], "text_only_mask": encoded["attention_mask"]}
 
     def split_prompt(self, prompt: str, n_image: int) -> tuple[list[int], list[int]]:
         """Token ids of `prompt` with its image expanded to `n_image` tokens (what the
@@ -134,6 +159,12 @@ class BatchEncoder(Dataset):
             raise ValueError(f"prompt {prompt!r} has no text after the image")
         return ids[: last + 1], ids[last + 1 :]
 
+    def split_at_question(self, prompt: str) -> tuple[list[int], list[int]]:
+        """Token ids of a prompt without an image, split before its question."""
+        ids = self.processor.tokenizer(prompt).input_ids
+        start = question_token_start(self.processor.tokenizer, prompt)
+        return ids[:start], ids[start:]
+
 
 @torch.inference_mode()
 def score_batch(
@@ -142,18 +173,22 @@ def score_batch(
     """(yes_logit, no_logit) per item: log-sum-exp of the yes / no word logits."""
     device, model = loaded.device, loaded.model
     prefix_ids = batch.prefix_ids.to(device)
-    prefix_modality = modality_ids(
-        prefix_ids, torch.ones_like(prefix_ids), loaded.image_token_id, loaded.image_seq_length
-    )
+    if batch.pixel_values is None:  # the system part of prompts without an image
+        prefix_modality, pixel_values = torch.full_like(prefix_ids, SYSTEM), None
+    else:
+        prefix_modality = modality_ids(
+            prefix_ids, torch.ones_like(prefix_ids), loaded.image_token_id, loaded.image_seq_length
+        )
+        pixel_values = batch.pixel_values.to(device, loaded.dtype)
     prefix = model.model(
         input_ids=prefix_ids,
-        pixel_values=batch.pixel_values.to(device, loaded.dtype),
+        pixel_values=pixel_values,
         use_cache=True,
         key_modality=prefix_modality,
         attention_edit=edit,
         attention_profile=profile,
     )
-    cache, rows = prefix.past_key_values, batch.image_row.to(device)
+    cache, rows = getattr(prefix, CACHE_ARG), batch.image_row.to(device)
     cache.batch_select_indices(rows)
     question_ids, question_mask = batch.question_ids.to(device), batch.question_mask.to(device)
     p_len, q_len = prefix_ids.shape[1], question_ids.shape[1]
@@ -161,7 +196,7 @@ def score_batch(
         input_ids=question_ids,
         attention_mask=torch.cat([torch.ones_like(prefix_ids[rows]), question_mask], dim=1),
         position_ids=(p_len + torch.arange(q_len, device=device)).expand_as(question_ids),
-        past_key_values=cache,
+        **{CACHE_ARG: cache},
         use_cache=True,
         key_modality=torch.cat(
             [prefix_modality[rows], torch.where(question_mask.bool(), TEXT, PAD)], dim=1
@@ -207,13 +242,26 @@ def left_padded_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def encode_full_prompts(loaded: LoadedModel, images: list, prompts: list[str]):
-    """Processor inputs for whole prompts (left-padded, on the model's device and dtype)
-    and their (B, N) modality ids."""
-    inputs = loaded.processor(images=images, text=prompts, padding=True, return_tensors="pt")
-    inputs = inputs.to(loaded.device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
+    """Processor inputs for whole prompts (left-padded, on the model's device and dtype) and
+    their (B, N) modality ids. An image of None: the prompt has no image."""
+    present = [image for image in images if image is not None]
+    inputs = loaded.processor(
+        images=present or None, text=prompts, padding=True, return_tensors="pt"
+    ).to(loaded.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    return inputs, modality_ids(ids, mask, loaded.image_token_id, loaded.image_seq_length)
+    tokenizer = loaded.processor.tokenizer
+    starts = [
+        0 if image is not None else question_token_start(tokenizer, p)
+        for image, p in zip(images, prompts, strict=True)
+    ]
+    # Left padding shifts each row's question start by its number of pad positions.
+    text_start = torch.tensor(starts, device=ids.device) + (mask == 0).sum(dim=1)
+    key_modality = modality_ids(
+        ids, mask, loaded.image_token_id, loaded.image_seq_length, text_start=text_start
+    )
+    return inputs, key_modality
 
 
 @torch.inference_mode()

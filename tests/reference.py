@@ -14,12 +14,16 @@ REFERENCE_NAME = "reference_eager"
 STATE: dict = {}
 
 
-def row_modalities(input_ids, attention_mask, image_token_id):
-    """Per row, a list of 'pad' / 'system' / 'image' / 'text' by position."""
+def row_modalities(input_ids, attention_mask, image_token_id, text_starts=None):
+    """Per row, a list of 'pad' / 'system' / 'image' / 'text' by position. A row without an
+    image is system before text_starts[row] (the question's first position) and text after."""
     rows = []
-    for ids, mask in zip(input_ids.tolist(), attention_mask.tolist(), strict=True):
+    for b, (ids, mask) in enumerate(zip(input_ids.tolist(), attention_mask.tolist(), strict=True)):
         image_positions = [i for i, t in enumerate(ids) if t == image_token_id and mask[i]]
-        first, last = image_positions[0], image_positions[-1]
+        if image_positions:
+            first, last = image_positions[0], image_positions[-1]
+        else:  # an empty image span just before the question
+            first, last = text_starts[b], text_starts[b] - 1
         names = []
         for i in range(len(ids)):
             if not mask[i]:
@@ -34,9 +38,9 @@ def row_modalities(input_ids, attention_mask, image_token_id):
     return rows
 
 
-def reference_setup(input_ids, attention_mask, image_token_id, rule):
+def reference_setup(input_ids, attention_mask, image_token_id, rule, text_starts=None):
     """rule: None, or dict(kind=..., layers=set, ...) as understood by `edit_row`."""
-    STATE["modalities"] = row_modalities(input_ids, attention_mask, image_token_id)
+    STATE["modalities"] = row_modalities(input_ids, attention_mask, image_token_id, text_starts)
     STATE["rule"] = rule
 
 

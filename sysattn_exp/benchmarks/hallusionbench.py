@@ -16,7 +16,11 @@ image span). Native metrics as the official utils.py defines them:
 - fAcc (get_eval_fig): per figure (category_subcategory_set_id_figure_id, all questions on
   it right), skipping category VS with figure_id 0 (the no-image questions: "no figure").
 aAcc_image and qAcc_image are the same over the questions with a figure only (what this
-project reported before; not comparable with the leaderboard)."""
+project reported before; not comparable with the leaderboard).
+One difference is inherent to scoring by logits: the official assign_correctness also
+counts an "unclear" answer (GPT judge output 2) to a no-image VS question as correct; a
+forced yes/no choice is never unclear, so such a question is right only when the choice
+matches gt_answer."""
 
 import json
 import logging

@@ -214,6 +214,10 @@ BAD_HUB_INPUT = {
         ["benchmark=mme", "benchmark.split=validation"],
         ["lmms-lab-encoder/MME", "'validation'", 'Unknown split "validation"', "data_dir"],
     ),
+    "wrong second split": (
+        ["benchmark=hallusionbench", "benchmark.split=[image,nonimage]"],
+        ["lmms-lab-encoder/HallusionBench split 'nonimage'", "non_image"],
+    ),
     "missing column": (
         ["benchmark=winoground"],
         ["facebook/winoground split test", "no column 'caption_1'"],

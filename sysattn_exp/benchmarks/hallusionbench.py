@@ -23,7 +23,6 @@ forced yes/no choice is never unclear, so such a question is right only when the
 matches gt_answer."""
 
 import json
-import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,8 +43,6 @@ from sysattn_exp.benchmarks.base import (
     required_file,
 )
 from sysattn_exp.errors import UsageError
-
-log = logging.getLogger(__name__)
 
 MAIN_METRIC = "hallusionbench/qAcc"  # the native metric the report shows
 FIELDS = (

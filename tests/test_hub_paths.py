@@ -265,3 +265,15 @@ def test_gated_repo_reports_the_real_error_beside_the_licence(monkeypatch):
     assert "Dataset scripts are no longer supported, but found winoground.py" in message
     assert "accept its licence" in message and "benchmark.data_dir" in message
     assert "\n" not in message
+
+
+def test_hallusionbench_hub_dry_run_counts(on_hub, tmp_path, monkeypatch, capsys):
+    """The full hub data through the CLI without the model: all 1,129 questions in the 455
+    pairs of the release, 178 of them without an image."""
+    status = run_main(
+        tmp_path, monkeypatch, "model=tiny", "benchmark=hallusionbench", "runtime.dry_run=true"
+    )
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "benchmark hallusionbench: n_items=1129, n_groups=455," in out
+    assert "n_no_image_items=178" in out

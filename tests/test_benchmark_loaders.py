@@ -80,19 +80,28 @@ def test_hallusionbench_real_annotations(tmp_path):
             f"benchmark.image_dir={tmp_path / 'images'}",
         )
     )
-    with_image = [r for r in records if r["visual_input"] != "0"]
-    assert len(records) == 1129 and len(with_image) == 951
-    assert len(bench.items) == len(with_image)
-    assert bench.load_counts["n_text_only_excluded"] == 1129 - 951
+    # Every question is an item, the 178 without a figure too (image_id None), as the
+    # official aAcc and qAcc count them.
+    no_image = [r for r in records if r["visual_input"] == "0"]
+    assert len(records) == 1129 and len(no_image) == 178
+    assert len(bench.items) == 1129
+    assert [i.image_id is None for i in bench.items] == [r["visual_input"] == "0" for r in records]
+    assert bench.load_counts["n_no_image_items"] == 178
     pair_key = lambda r: f"{r['category']}_{r['subcategory']}_{r['set_id']}_{r['question_id']}"  # noqa: E731
-    assert len(groups_of(bench)) == len({pair_key(r) for r in with_image})
-    assert sum(i.label for i in bench.items) == sum(r["gt_answer"] == "1" for r in with_image)
+    assert len(groups_of(bench)) == len({pair_key(r) for r in records})
+    assert sum(i.label for i in bench.items) == sum(r["gt_answer"] == "1" for r in records)
+    # fAcc's figures: every figure but VS figure 0, the question asked without one.
     figures = {
-        f"{r['category']}_{r['subcategory']}_{r['set_id']}_{r['figure_id']}" for r in with_image
+        f"{r['category']}_{r['subcategory']}_{r['set_id']}_{r['figure_id']}"
+        for r in records
+        if not (r["category"] == "VS" and r["figure_id"] == "0")
     }
-    assert {i.meta["figure_key"] for i in bench.items} == figures
-    first = bench.items[0]
-    assert first.image_id.endswith(with_image[0]["filename"].lstrip("./").split("/", 1)[1])
+    assert {i.meta["figure_key"] for i in bench.items} - {None} == figures
+    assert all((i.meta["figure_key"] is None) == (i.image_id is None) for i in bench.items)
+    first = next(i for i, r in zip(bench.items, records, strict=True) if r["filename"])
+    assert first.image_id.endswith(
+        next(r for r in records if r["filename"])["filename"].lstrip("./").split("/", 1)[1]
+    )
 
 
 def test_naturalbench_parquet_export(tmp_path):

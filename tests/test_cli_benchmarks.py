@@ -54,7 +54,9 @@ def prepare(root):
                 "hallusionbench/aAcc",
                 "hallusionbench/qAcc",
                 "hallusionbench/fAcc",
-                "n_text_only_excluded",
+                "hallusionbench/aAcc_image",
+                "hallusionbench/qAcc_image",
+                "n_no_image_items",
             ],
         ),
         "naturalbench": (
@@ -143,9 +145,12 @@ def test_hallusionbench_limit_keeps_whole_question_pairs(runs):
     predictions = pd.read_parquet(job / "predictions.parquet")
     records = json.loads((SHARED / "hallusionbench" / "HallusionBench.json").read_text())
     key = lambda r: f"{r['category']}_{r['subcategory']}_{r['set_id']}_{r['question_id']}"  # noqa: E731
-    first_five = list(dict.fromkeys(key(r) for r in records if r["visual_input"] != "0"))[:5]
-    sizes = {k: sum(key(r) == k for r in records if r["visual_input"] != "0") for k in first_five}
+    # Whole pairs, their questions without a figure included (scored with no image).
+    first_five = list(dict.fromkeys(key(r) for r in records))[:5]
+    sizes = {k: sum(key(r) == k for r in records) for k in first_five}
     assert predictions.groupby("group_id").size().to_dict() == sizes
+    no_image = sum(key(r) in sizes and r["visual_input"] == "0" for r in records)
+    assert no_image > 0 and predictions["image_id"].isna().sum() == no_image
 
 
 def test_dry_run_prints_counts_prompt_and_token_split(tmp_path):

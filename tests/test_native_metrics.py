@@ -45,16 +45,32 @@ def test_mme_acc_acc_plus_score_and_totals():
 
 
 def test_hallusionbench_aacc_qacc_facc():
-    rows = [  # question pairs q1 (two figures), q2 (two figures); figures f0, f1
-        {"group_id": "q1", "figure_key": "f0", "label": True, "pred": True},
-        {"group_id": "q1", "figure_key": "f1", "label": False, "pred": False},
-        {"group_id": "q2", "figure_key": "f0", "label": True, "pred": True},
-        {"group_id": "q2", "figure_key": "f1", "label": True, "pred": False},
+    rows = [  # question pairs q1, q2 (each also asked without a figure), q3; figures f1, f2
+        ("q1", None, False, False),
+        ("q1", "f1", True, True),
+        ("q1", "f2", False, False),
+        ("q2", None, True, False),  # wrong without a figure
+        ("q2", "f1", True, True),
+        ("q2", "f2", False, False),
+        ("q3", "f1", True, True),
+        ("q3", "f2", True, False),  # wrong on f2
     ]
-    m = hallusionbench.native_metrics(scored(rows))
-    assert m["hallusionbench/aAcc"] == pytest.approx(3 / 4)
-    assert m["hallusionbench/qAcc"] == pytest.approx(1 / 2)  # q1 right, q2 not
-    assert m["hallusionbench/fAcc"] == pytest.approx(1 / 2)  # f0 right, f1 not
+    m = hallusionbench.native_metrics(
+        scored(
+            [
+                {"group_id": g, "figure_key": f, "has_image": f is not None, "label": y, "pred": p}
+                for g, f, y, p in rows
+            ]
+        )
+    )
+    # Official (utils.py): aAcc and qAcc over every question, the no-image ones included.
+    assert m["hallusionbench/aAcc"] == pytest.approx(6 / 8)
+    assert m["hallusionbench/qAcc"] == pytest.approx(1 / 3)  # q1 only: q2's no-image is wrong
+    # fAcc skips the questions without a figure: f1 all right, f2 not.
+    assert m["hallusionbench/fAcc"] == pytest.approx(1 / 2)
+    # The image-only figures leave the no-image questions out: q2 now counts as right.
+    assert m["hallusionbench/aAcc_image"] == pytest.approx(5 / 6)
+    assert m["hallusionbench/qAcc_image"] == pytest.approx(2 / 3)
 
 
 def test_naturalbench_acc_q_i_g():

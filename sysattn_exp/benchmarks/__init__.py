@@ -40,4 +40,8 @@ def load_benchmark(cfg) -> Benchmark:
     benchmark.items = first_groups(benchmark.items, cfg.get("limit"))
     if not benchmark.items:
         raise UsageError(f"benchmark={cfg.name} has no items to evaluate")
+    no_image = sum(item.image_id is None for item in benchmark.items)
+    if no_image or "n_no_image_items" in benchmark.load_counts:
+        # Counted after the limit: the items this job scores without an image.
+        benchmark.load_counts["n_no_image_items"] = no_image
     return benchmark

@@ -20,7 +20,9 @@ log = logging.getLogger(__name__)
 class Item:
     item_id: str
     group_id: str  # items that must all be right for the group to count (paired accuracy)
-    image_id: str  # key for Benchmark.load_image; items with one image share it
+    # Key for Benchmark.load_image; items with one image share it. None: the question comes
+    # without an image (HallusionBench's visual_input 0), and load_image is never called.
+    image_id: str | None
     question: str  # the benchmark's question, before the template is applied
     label: bool  # ground truth, True = yes
     # What the native metrics need beyond the shared columns (category, caption index, ...).
@@ -36,7 +38,7 @@ class Benchmark:
     name: str
     items: list[Item]
     template: str  # "{question}" is replaced by Item.question
-    load_image: Callable[[str], Image.Image]
+    load_image: Callable[[str], Image.Image]  # never called with None
     # Called with the predictions joined with every item's `meta` as columns.
     native_metrics: Callable[[pd.DataFrame], dict[str, float]] = no_native_metrics
     # Counts from loading (items excluded or skipped), logged with the metrics.
@@ -104,7 +106,7 @@ def drop_unreadable(items: list[Item], skip: bool) -> tuple[list[Item], int]:
     """Check every image file of `items` (ids are paths). An unreadable one is an error naming
     it, or with `skip` its whole group is dropped (a partial group would distort paired
     accuracy). Returns the kept items and how many were skipped."""
-    paths = dict.fromkeys(item.image_id for item in items)
+    paths = dict.fromkeys(item.image_id for item in items if item.image_id is not None)
     bad = [p for p in paths if not readable(Path(p))]
     if not bad:
         return items, 0
@@ -163,7 +165,9 @@ def required_file(path: Path, what: str) -> Path:
 
 def hub_dataset(repo_id: str, split: str, local_hint: str):
     """A split of a hub dataset via `datasets`. Fails fast, in one line, when the hub is
-    unreachable (instead of datasets' retries), pointing at benchmark.data_dir."""
+    unreachable (instead of datasets' retries), pointing at benchmark.data_dir; any other
+    failure (a wrong split, a repo `datasets` cannot read) is reported with its own first
+    line, and for a gated repo with the licence hint beside it, not instead of it."""
     import datasets
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import RepositoryNotFoundError
@@ -183,14 +187,25 @@ def hub_dataset(repo_id: str, split: str, local_hint: str):
     try:
         return datasets.load_dataset(repo_id, split=split)
     except Exception as err:  # noqa: BLE001 - reported in one line with what to do
+        cause = f"cannot load {repo_id} split {split!r} ({first_line(err)})"
         if gated or "gated" in str(err).lower():
+            # The licence is the usual cause, but not the only one (a wrong split, a
+            # loading-script repo): say both.
             raise UsageError(
-                f"{repo_id} is gated: accept its licence at https://huggingface.co/datasets/"
-                f"{repo_id} and log in (huggingface-cli login or HF_TOKEN), or {use_local}"
+                f"{cause}; {repo_id} is gated: if you have not yet, accept its licence at "
+                f"https://huggingface.co/datasets/{repo_id} and log in (huggingface-cli login "
+                f"or HF_TOKEN); or {use_local}"
             ) from None
+        raise UsageError(f"{cause}; {use_local}") from None
+
+
+def require_columns(dataset, columns, source: str) -> None:
+    """A hub dataset must have the columns the loader reads: name the first one missing."""
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
         raise UsageError(
-            f"cannot load {repo_id} split {split!r} ({first_line(err)}); {use_local}"
-        ) from None
+            f"{source}: no column {missing[0]!r} (it has {', '.join(dataset.column_names)})"
+        )
 
 
 class DatasetImages:

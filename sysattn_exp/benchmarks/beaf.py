@@ -1,10 +1,19 @@
 """BEAF (Ye-Bin et al., ECCV 2024): the same questions on an original COCO image and on
 edited copies (`<original stem>_NN.png`) from which one object was removed.
 
-Local only (the release is not on the hub): data_dir holds beaf_qna.json, a list of
-{id, image, question, orig_img, removed_q, gt}; image_dir (default <data_dir>/images)
-the original and edited images by file name. A group is one question on an original
-image and on all its edits. Native metrics follow the official beaf_metric.py, with
+Local (the default; the authors do not publish it on the hub): data_dir holds
+beaf_qna.json, a list of {id, image, question, orig_img, removed_q, gt}; image_dir (default
+<data_dir>/images) the original and edited images by file name. The release has 26,118
+questions on 500 original and 1,727 edited images. A group is one question on an original
+image and on all its edits.
+
+Hub, opt-in (benchmark.hub_id=MM-Hallu/BEAF): an unofficial mirror, split train, columns
+image, question, gt "yes"/"no", orig_img, removed_q, image_name, and no `id` (items are
+numbered by row). Its card lists 26,064 questions on 2,223 images (500 + 1,723): 54
+questions and 4 edited images fewer than the release, so its figures are not the
+paper's. Edits are paired with their original through image_name, which must be the
+release's file name (`<original stem>_NN.png`); an edit whose original is not in the data
+is an error naming it. Native metrics follow the official beaf_metric.py, with
 denominators counted from the data; each edited-image question is paired with the same
 question on its original:
 - TU / IU / SB_p / SB_n: over questions about the removed object (removed_q, gt yes on the
@@ -23,18 +32,23 @@ import pandas as pd
 
 from sysattn_exp.benchmarks.base import (
     Benchmark,
+    DatasetImages,
     Item,
     check_template,
     data_dir,
     drop_unreadable,
+    hub_dataset,
     image_dir,
     open_image_file,
+    require_columns,
     required_file,
 )
 from sysattn_exp.errors import UsageError
 
 MAIN_METRIC = "beaf/f1_tu_id"  # the native metric the report shows
 FIELDS = ("id", "image", "question", "orig_img", "removed_q", "gt")
+HUB_COLUMNS = ("image_name", "question", "orig_img", "removed_q", "gt")
+LOCAL_HINT = "beaf_qna.json and the images (github.com/postech-ami/BEAF)"
 EDITED = re.compile(r"^(?P<stem>.+)_\d+$")
 
 
@@ -46,11 +60,12 @@ def original_stem(name: str, is_original: bool) -> str:
     return match["stem"]
 
 
-def make_item(record: dict, images: Path, where: str) -> Item:
-    missing = [f for f in FIELDS if record.get(f) is None]
+def make_item(record: dict, image_id: str, where: str, fields=FIELDS) -> Item:
+    """`record` has the release's fields; `image` is the image's file name."""
+    missing = [f for f in fields if record.get(f) is None]
     if missing:
         raise UsageError(
-            f"{where}: missing field {missing[0]!r} (BEAF fields: {', '.join(FIELDS)})"
+            f"{where}: missing field {missing[0]!r} (BEAF fields: {', '.join(fields)})"
         )
     if str(record["gt"]).lower() not in ("yes", "no"):
         raise UsageError(f"{where}: gt {record['gt']!r} must be yes or no")
@@ -58,7 +73,7 @@ def make_item(record: dict, images: Path, where: str) -> Item:
     return Item(
         item_id=str(record["id"]),
         group_id=f"{original}/{record['question']}",
-        image_id=str(images / record["image"]),
+        image_id=image_id,
         question=record["question"],
         label=str(record["gt"]).lower() == "yes",
         meta={"orig_img": bool(record["orig_img"]), "removed_q": bool(record["removed_q"])},
@@ -73,7 +88,31 @@ def local_items(directory: Path, images: Path) -> list[Item]:
         raise UsageError(f"{path}: not valid JSON ({err.msg})") from None
     if not isinstance(records, list):
         raise UsageError(f"{path}: must be a JSON list of question records")
-    return [make_item(r, images, f"{path} record {i}") for i, r in enumerate(records)]
+    items = []
+    for i, record in enumerate(records):
+        where = f"{path} record {i}"
+        if not isinstance(record, dict) or not isinstance(record.get("image", ""), str):
+            raise UsageError(f"{where}: must be an object whose image is a file name")
+        items.append(make_item(record, str(images / record.get("image", "")), where))
+    return items
+
+
+def hub_items(dataset, source: str) -> tuple[list[Item], DatasetImages]:
+    require_columns(dataset, [*HUB_COLUMNS, "image"], source)
+    items, index = [], {}
+    for row, record in enumerate(dataset.select_columns(list(HUB_COLUMNS))):
+        record = record | {"id": f"row{row}", "image": record["image_name"]}
+        items.append(make_item(record, record["image"], f"{source} row {row}", HUB_COLUMNS))
+        index.setdefault(record["image"], (row, "image"))
+    originals = {original_stem(i.image_id, True) for i in items if i.meta["orig_img"]}
+    for item in items:
+        stem = item.group_id.split("/", 1)[0]
+        if stem not in originals:
+            raise UsageError(
+                f"{source}: image_name {item.image_id!r} has no original image {stem!r} in the "
+                "data (image_name must be the release's file name, <original stem>_NN.png)"
+            )
+    return items, DatasetImages(dataset, index)
 
 
 def ratio(numerator: int, denominator: int) -> float | None:
@@ -119,15 +158,19 @@ def harmonic(a: float | None, b: float | None) -> float | None:
 
 
 def load(cfg) -> Benchmark:
+    template = check_template(cfg.template)
     directory = data_dir(cfg)
     if directory is None:
-        raise UsageError(
-            "benchmark=beaf needs benchmark.data_dir=DIR holding beaf_qna.json (the release, "
-            "github.com/postech-ami/BEAF, is not on the Hugging Face hub)"
-        )
+        if not cfg.get("hub_id"):
+            raise UsageError(
+                "benchmark=beaf needs benchmark.data_dir=DIR holding beaf_qna.json (the "
+                "release, github.com/postech-ami/BEAF, is not on the Hugging Face hub; "
+                "benchmark.hub_id=MM-Hallu/BEAF reads an unofficial, incomplete mirror)"
+            )
+        dataset = hub_dataset(cfg.hub_id, cfg.split, LOCAL_HINT)
+        items, images = hub_items(dataset, f"{cfg.hub_id} split {cfg.split}")
+        return Benchmark("beaf", items, template, images, native_metrics)
     items = local_items(directory, image_dir(cfg, directory / "images"))
     items, skipped = drop_unreadable(items, cfg.skip_missing_images)
     counts = {"n_skipped_items": skipped}
-    return Benchmark(
-        "beaf", items, check_template(cfg.template), open_image_file, native_metrics, counts
-    )
+    return Benchmark("beaf", items, template, open_image_file, native_metrics, counts)

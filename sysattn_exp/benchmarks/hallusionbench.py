@@ -1,14 +1,29 @@
-"""HallusionBench (Guan et al., CVPR 2024): yes/no questions on original and edited figures.
+"""HallusionBench (Guan et al., CVPR 2024): yes/no questions on original and edited figures,
+and the same questions without any figure.
 
-Hub: lmms-lab/HallusionBench (split image). Local: data_dir holds HallusionBench.json;
-each record's `filename` (e.g. ./VS/chart/0_1.png) is resolved against image_dir (default:
-data_dir). gt_answer "1" = yes, "0" = no. Questions without an image (visual_input "0")
-are excluded: the intervention needs an image span. As in the official evaluation:
-aAcc per question, qAcc per question pair (category_subcategory_set_id_question_id, the
-group here), fAcc per figure (category_subcategory_set_id_figure_id)."""
+Hub: lmms-lab-encoder/HallusionBench (formerly lmms-lab/HallusionBench), one config with two
+splits: `image` (951 questions with a figure) and `non_image` (the 178 questions without
+one, visual_input "0"); both are loaded (benchmark.split). Local: data_dir holds
+HallusionBench.json; each record's `filename` (e.g. ./VS/chart/0_1.png, null without a
+figure) is resolved against image_dir (default: data_dir). gt_answer "1" = yes, "0" = no.
+
+Every question is an item; one without a figure has `image_id` None (the prompt has no
+image span). Native metrics as the official utils.py defines them:
+- aAcc (get_eval_all): per question, over all 1,129 questions, the no-image ones included;
+- qAcc (get_eval_pair_all): per question pair, the key category_subcategory_set_id_question_id
+  (the group here), over all questions, so a pair counts only if its no-image question is
+  right too;
+- fAcc (get_eval_fig): per figure (category_subcategory_set_id_figure_id, all questions on
+  it right), skipping category VS with figure_id 0 (the no-image questions: "no figure").
+aAcc_image and qAcc_image are the same over the questions with a figure only (what this
+project reported before; not comparable with the leaderboard).
+One difference is inherent to scoring by logits: the official assign_correctness also
+counts an "unclear" answer (GPT judge output 2) to a no-image VS question as correct; a
+forced yes/no choice is never unclear, so such a question is right only when the choice
+matches gt_answer."""
 
 import json
-import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -24,11 +39,10 @@ from sysattn_exp.benchmarks.base import (
     hub_dataset,
     image_dir,
     open_image_file,
+    require_columns,
     required_file,
 )
 from sysattn_exp.errors import UsageError
-
-log = logging.getLogger(__name__)
 
 MAIN_METRIC = "hallusionbench/qAcc"  # the native metric the report shows
 FIELDS = (
@@ -44,7 +58,11 @@ FIELDS = (
 LOCAL_HINT = "HallusionBench.json (and the images under benchmark.image_dir)"
 
 
-def make_item(record: dict, image_id: str, where: str) -> Item:
+def has_image(record: dict) -> bool:
+    return str(record.get("visual_input")) != "0"
+
+
+def make_item(record: dict, image_id: str | None, where: str) -> Item:
     missing = [f for f in FIELDS if record.get(f) is None]
     if missing:
         raise UsageError(f"{where}: missing field {missing[0]!r}")
@@ -52,71 +70,101 @@ def make_item(record: dict, image_id: str, where: str) -> Item:
         raise UsageError(f'{where}: gt_answer {record["gt_answer"]!r} must be "1" or "0"')
     cat, sub, set_id = record["category"], record["subcategory"], record["set_id"]
     figure, question = record["figure_id"], record["question_id"]
+    # get_eval_fig skips VS figure 0: the question asked without a figure.
+    no_figure = cat == "VS" and str(figure) == "0"
     return Item(
         item_id=f"{cat}_{sub}_{set_id}_{figure}_{question}",
         group_id=f"{cat}_{sub}_{set_id}_{question}",
         image_id=image_id,
         question=record["question"],
         label=str(record["gt_answer"]) == "1",
-        meta={"figure_key": f"{cat}_{sub}_{set_id}_{figure}"},
+        meta={
+            "figure_key": None if no_figure else f"{cat}_{sub}_{set_id}_{figure}",
+            "has_image": image_id is not None,
+        },
     )
 
 
-def with_image(records, source: str) -> list[tuple[int, dict]]:
-    """(position, record) of the questions that come with an image; logs the others."""
-    kept = [(i, r) for i, r in enumerate(records) if str(r.get("visual_input")) != "0"]
-    if len(kept) < len(records):
-        log.info(
-            "%s: excluded %d text-only questions (visual_input 0)", source, len(records) - len(kept)
-        )
-    return kept
-
-
-def local_items(directory: Path, images: Path) -> tuple[list[Item], int]:
+def local_items(directory: Path, images: Path) -> list[Item]:
     path = required_file(directory / "HallusionBench.json", "HallusionBench.json")
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise UsageError(f"{path}: not valid JSON ({err.msg})") from None
-    kept = with_image(records, str(path))
     items = []
-    for i, record in kept:
-        if not record.get("filename"):
-            raise UsageError(
-                f"{path} record {i}: visual_input {record.get('visual_input')!r} but no filename"
-            )
-        items.append(make_item(record, str(images / record["filename"]), f"{path} record {i}"))
-    return items, len(records) - len(kept)
+    for i, record in enumerate(records):
+        image = None
+        if has_image(record):
+            if not record.get("filename"):
+                raise UsageError(
+                    f"{path} record {i}: visual_input {record.get('visual_input')!r} but no "
+                    "filename"
+                )
+            image = str(images / record["filename"])
+        items.append(make_item(record, image, f"{path} record {i}"))
+    return items
 
 
-def hub_items(dataset) -> tuple[list[Item], DatasetImages, int]:
-    records = list(dataset.remove_columns("image"))
-    kept = with_image(records, "lmms-lab/HallusionBench")
-    items, index = [], {}
-    for row, record in kept:
-        item = make_item(record, record.get("filename") or f"row{row}", f"row {row}")
-        index[item.image_id] = (row, "image")
-        items.append(item)
-    return items, DatasetImages(dataset, index), len(records) - len(kept)
+def hub_items(repo_id: str, splits: list[str]) -> tuple[list[Item], Callable]:
+    """Items of every split, in split order. Only rows with a figure need the image column
+    (the non_image split's is empty)."""
+    items, images = [], {}
+    for split in splits:
+        dataset = hub_dataset(repo_id, split, LOCAL_HINT)
+        source = f"{repo_id} split {split}"
+        require_columns(dataset, FIELDS, source)
+        text = dataset.remove_columns("image") if "image" in dataset.column_names else dataset
+        index = {}
+        for row, record in enumerate(text):
+            image_id = f"{split}/{record.get('filename') or row}" if has_image(record) else None
+            if image_id is not None:
+                index[image_id] = (row, "image")
+            items.append(make_item(record, image_id, f"{source} row {row}"))
+        if index:
+            require_columns(dataset, ["image"], source)
+            images[split] = DatasetImages(dataset, index)
+
+    def load_image(image_id: str):  # ids start with their split
+        return images[image_id.split("/", 1)[0]](image_id)
+
+    return items, load_image
 
 
-def native_metrics(scored: pd.DataFrame) -> dict[str, float]:
+def rate(rows: pd.DataFrame, keys: list[str] | None = None) -> float | None:
+    """Accuracy per item (no keys) or per group of `keys`; None when there are no rows."""
+    if rows.empty:
+        return None
+    return float(rows["correct"].mean()) if keys is None else all_correct_rate(rows, keys)
+
+
+def native_metrics(scored: pd.DataFrame) -> dict[str, float | None]:
+    with_image = scored[scored["has_image"]]
+    figures = scored[scored["figure_key"].notna()]
     return {
-        "hallusionbench/aAcc": float(scored["correct"].mean()),
-        "hallusionbench/qAcc": all_correct_rate(scored, ["group_id"]),
-        "hallusionbench/fAcc": all_correct_rate(scored, ["figure_key"]),
+        "hallusionbench/aAcc": rate(scored),
+        "hallusionbench/qAcc": rate(scored, ["group_id"]),
+        "hallusionbench/fAcc": rate(figures, ["figure_key"]),
+        "hallusionbench/aAcc_image": rate(with_image),
+        "hallusionbench/qAcc_image": rate(with_image, ["group_id"]),
     }
+
+
+def splits_of(cfg) -> list[str]:
+    split = cfg.split
+    splits = [split] if isinstance(split, str) else list(split or [])
+    if not splits:
+        raise UsageError("benchmark.split must name the hub split(s), e.g. [image,non_image]")
+    return splits
 
 
 def load(cfg) -> Benchmark:
     template = check_template(cfg.template)
     directory = data_dir(cfg)
     if directory is None:
-        dataset = hub_dataset(cfg.hub_id, cfg.split, LOCAL_HINT)
-        items, images, text_only = hub_items(dataset)
-        counts = {"n_text_only_excluded": text_only}
+        items, images = hub_items(cfg.hub_id, splits_of(cfg))
+        counts = {"n_no_image_items": 0}  # load_benchmark counts them after the limit
         return Benchmark("hallusionbench", items, template, images, native_metrics, counts)
-    items, text_only = local_items(directory, image_dir(cfg, directory))
+    items = local_items(directory, image_dir(cfg, directory))
     items, skipped = drop_unreadable(items, cfg.skip_missing_images)
-    counts = {"n_text_only_excluded": text_only, "n_skipped_items": skipped}
+    counts = {"n_no_image_items": 0, "n_skipped_items": skipped}
     return Benchmark("hallusionbench", items, template, open_image_file, native_metrics, counts)

@@ -1,6 +1,8 @@
 """MME (Fu et al. 2023): 14 categories, two yes/no questions per image (one Yes, one No).
 
-Hub: lmms-lab/MME (split test). Local: the release's evaluation-tool files, one
+Hub: lmms-lab-encoder/MME (formerly lmms-lab/MME; split test, 2,374 rows: question_id
+= the image's path, e.g. "code_reasoning/0020.png", image, question, answer "Yes"/"No",
+category). Local: the release's evaluation-tool files, one
 `<category>.txt` per category in data_dir with lines `image<TAB>question<TAB>Yes|No`, and
 the images under image_dir as `<category>/<image>` or `<category>/images/<image>`.
 Native metrics follow the MME tool: per category acc and acc_plus (both questions of an
@@ -21,6 +23,7 @@ from sysattn_exp.benchmarks.base import (
     hub_dataset,
     image_dir,
     open_image_file,
+    require_columns,
 )
 from sysattn_exp.errors import UsageError
 
@@ -87,13 +90,16 @@ def local_items(directory: Path, images: Path) -> list[Item]:
     return items
 
 
-def hub_items(dataset) -> tuple[list[Item], DatasetImages]:
+def hub_items(dataset, source: str) -> tuple[list[Item], DatasetImages]:
+    """The two questions of an image share its question_id (as lmms-eval groups them)."""
+    columns = ["question_id", "question", "answer", "category"]
+    require_columns(dataset, [*columns, "image"], source)
     items, index, seen = [], {}, {}
-    for row, record in enumerate(
-        dataset.select_columns(["question_id", "question", "answer", "category"])
-    ):
-        category, image = record["category"], record["question_id"]
-        label = parse_answer(record["answer"], f"lmms-lab/MME row {row}")
+    for row, record in enumerate(dataset.select_columns(columns)):
+        # question_id is the image's path under its category ("code_reasoning/0020.png").
+        category = record["category"]
+        image = record["question_id"].removeprefix(f"{category}/")
+        label = parse_answer(record["answer"], f"{source} row {row}")
         k = seen[(category, image)] = seen.get((category, image), -1) + 1
         image_id = f"{category}/{image}"
         index.setdefault(image_id, (row, "image"))
@@ -125,7 +131,8 @@ def load(cfg) -> Benchmark:
     template = check_template(cfg.template)
     directory = data_dir(cfg)
     if directory is None:
-        items, images = hub_items(hub_dataset(cfg.hub_id, cfg.split, LOCAL_HINT))
+        dataset = hub_dataset(cfg.hub_id, cfg.split, LOCAL_HINT)
+        items, images = hub_items(dataset, f"{cfg.hub_id} split {cfg.split}")
         return Benchmark("mme", items, template, images, native_metrics)
     items = local_items(directory, image_dir(cfg, directory))
     items, skipped = drop_unreadable(items, cfg.skip_missing_images)

@@ -1,6 +1,10 @@
 """NaturalBench (Li et al., NeurIPS 2024): 2 questions x 2 images per sample.
 
-Hub: BaiqiL/NaturalBench (split train; only Question_Type yes_no is used). Local:
+Hub: BaiqiL/NaturalBench (split train, 1,900 samples: Index, Image_0, Image_1, Question_0,
+Question_1, Image_k_Question_j "Yes"/"No" (or "A"/"B" for multiple choice), Question_Type
+"yes_no" | "multiple_choice", Source); only the yes_no samples are used, the others are
+counted as n_multiple_choice_excluded. The type column is `Question_Type` on the current
+card and `Question Type` in older revisions and exports: either is accepted. Local:
 data_dir holds parquet file(s) exported from it (same columns, images as {bytes, path}).
 The answer of question j on image k is the field Image_k_Question_j. Native metrics as in
 the official get_scores: Acc per item, Q-Acc per question (right on both images), I-Acc
@@ -16,14 +20,15 @@ from sysattn_exp.benchmarks.base import (
     check_template,
     data_dir,
     hub_dataset,
+    require_columns,
 )
 from sysattn_exp.errors import UsageError
 
 MAIN_METRIC = "naturalbench/g_acc"  # the native metric the report shows
 LOCAL_HINT = "parquet file(s) exported from BaiqiL/NaturalBench"
+TYPE_COLUMNS = ("Question_Type", "Question Type")  # current card, older revisions
 COLUMNS = [
     "Index",
-    "Question_Type",
     "Question_0",
     "Question_1",
     "Image_0_Question_0",
@@ -42,15 +47,14 @@ def parquet_dataset(directory):
     return datasets.load_dataset("parquet", data_files=files, split="train")
 
 
-def items_of(dataset, source: str) -> tuple[list[Item], DatasetImages]:
-    missing = [c for c in [*COLUMNS, "Image_0", "Image_1"] if c not in dataset.column_names]
-    if missing:
-        raise UsageError(
-            f"{source}: missing column {missing[0]!r} (NaturalBench columns: {', '.join(COLUMNS)})"
-        )
-    items, index = [], {}
-    for row, record in enumerate(dataset.select_columns(COLUMNS)):
-        if record["Question_Type"] != "yes_no":
+def items_of(dataset, source: str) -> tuple[list[Item], DatasetImages, int]:
+    """Items of the yes_no samples, their images, and how many samples were not yes_no."""
+    type_column = next((c for c in TYPE_COLUMNS if c in dataset.column_names), TYPE_COLUMNS[0])
+    require_columns(dataset, [*COLUMNS, type_column, "Image_0", "Image_1"], source)
+    items, index, excluded = [], {}, 0
+    for row, record in enumerate(dataset.select_columns([*COLUMNS, type_column])):
+        if record[type_column] != "yes_no":
+            excluded += 1
             continue
         sample = str(record["Index"])
         for j in (0, 1):
@@ -72,7 +76,7 @@ def items_of(dataset, source: str) -> tuple[list[Item], DatasetImages]:
                         meta={"question_index": j, "image_index": k},
                     )
                 )
-    return items, DatasetImages(dataset, index)
+    return items, DatasetImages(dataset, index), excluded
 
 
 def native_metrics(scored: pd.DataFrame) -> dict[str, float]:
@@ -90,5 +94,8 @@ def load(cfg) -> Benchmark:
         dataset, source = hub_dataset(cfg.hub_id, cfg.split, LOCAL_HINT), cfg.hub_id
     else:
         dataset, source = parquet_dataset(directory), str(directory)
-    items, images = items_of(dataset, source)
-    return Benchmark("naturalbench", items, check_template(cfg.template), images, native_metrics)
+    items, images, excluded = items_of(dataset, source)
+    counts = {"n_multiple_choice_excluded": excluded}
+    return Benchmark(
+        "naturalbench", items, check_template(cfg.template), images, native_metrics, counts
+    )

@@ -2,7 +2,8 @@
 negative caption (no), in seven subsets.
 
 Hub: HuggingFaceM4/SugarCrepe_<subset> (split test; columns image, tested_labels =
-[caption, negative], true_label = the caption). Local: data_dir holds the release's
+[caption, negative] (a sequence of strings), true_label = the caption as a ClassLabel whose
+names are every caption of all seven subsets). Local: data_dir holds the release's
 <subset>.json files ({id: {filename, caption, negative_caption}}) and image_dir the COCO
 val2017 images by file name. Native metrics per subset: how often P(yes | caption) >
 P(yes | negative), and paired yes/no accuracy (both right); and their means over subsets."""
@@ -22,6 +23,7 @@ from sysattn_exp.benchmarks.base import (
     hub_dataset,
     image_dir,
     open_image_file,
+    require_columns,
     yes_score,
 )
 from sysattn_exp.errors import UsageError
@@ -88,19 +90,24 @@ def local_items(cfg, directory: Path, images: Path) -> list[Item]:
 def hub_items(cfg) -> tuple[list[Item], dict]:
     items, sources = [], {}
     for subset in chosen_subsets(cfg, SUBSETS):
-        dataset = hub_dataset(f"{cfg.hub_id}_{subset}", cfg.split, LOCAL_HINT)
+        repo = f"{cfg.hub_id}_{subset}"
+        dataset = hub_dataset(repo, cfg.split, LOCAL_HINT)
+        require_columns(dataset, ["image", "tested_labels", "true_label"], repo)
         names = dataset.features["true_label"]
+        if not hasattr(names, "int2str"):
+            raise UsageError(f"{repo}: true_label must be a ClassLabel of captions")
         index = {}
         for row, record in enumerate(dataset.select_columns(["tested_labels", "true_label"])):
-            caption = names.int2str(record["true_label"])
-            negatives = [t for t in record["tested_labels"] if t != caption]
-            if len(negatives) != 1:
+            caption, tested = names.int2str(record["true_label"]), record["tested_labels"]
+            if len(tested) != 2 or caption not in tested:
                 raise UsageError(
-                    f"{cfg.hub_id}_{subset} row {row}: want one caption and one negative"
+                    f"{repo} row {row}: tested_labels must be the caption and one negative"
                 )
+            # By position, not by text: a negative may read the same as its caption.
+            negative = tested[1 - tested.index(caption)]
             image_id = f"{subset}/{row}"
             index[image_id] = (row, "image")
-            items += pair(subset, str(row), image_id, caption, negatives[0])
+            items += pair(subset, str(row), image_id, caption, negative)
         sources[subset] = DatasetImages(dataset, index)
     return items, sources
 

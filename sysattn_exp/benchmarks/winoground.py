@@ -1,6 +1,9 @@
 """Winoground (Thrush et al., CVPR 2022): 2 captions x 2 images; caption j matches image j.
 
-Hub: facebook/winoground (split test; gated: accept the licence and log in). Local:
+Hub: facebook/winoground (split test, 400 rows: id, image_0, image_1, caption_0, caption_1,
+tag, secondary_tag, num_main_preds, collapsed_tag; gated: accept the licence and log in).
+The repo was published with a loading script, which `datasets` >= 4 refuses to run; the
+error is reported as it is, with the licence hint beside it. Local:
 data_dir holds the release's examples.jsonl and images/<stem>.png. Each (caption j,
 image k) is a yes/no item, yes iff j == k. Native metrics compare P(yes): text score
 (each image prefers its own caption), image score (each caption prefers its own image),
@@ -20,6 +23,7 @@ from sysattn_exp.benchmarks.base import (
     drop_unreadable,
     hub_dataset,
     open_image_file,
+    require_columns,
     required_file,
     yes_score,
 )
@@ -60,7 +64,8 @@ def local_items(directory: Path) -> list[Item]:
     return items
 
 
-def hub_items(dataset) -> tuple[list[Item], DatasetImages]:
+def hub_items(dataset, source: str) -> tuple[list[Item], DatasetImages]:
+    require_columns(dataset, FIELDS, source)
     items, index = [], {}
     for row, record in enumerate(dataset.select_columns(["id", "caption_0", "caption_1"])):
         ids = (f"{record['id']}/image_0", f"{record['id']}/image_1")
@@ -87,7 +92,8 @@ def load(cfg) -> Benchmark:
     template = check_template(cfg.template)
     directory = data_dir(cfg)
     if directory is None:
-        items, images = hub_items(hub_dataset(cfg.hub_id, cfg.split, LOCAL_HINT))
+        dataset = hub_dataset(cfg.hub_id, cfg.split, LOCAL_HINT)
+        items, images = hub_items(dataset, f"{cfg.hub_id} split {cfg.split}")
         return Benchmark("winoground", items, template, images, native_metrics)
     items, skipped = drop_unreadable(local_items(directory), cfg.skip_missing_images)
     counts = {"n_skipped_items": skipped}

@@ -85,7 +85,7 @@ def prepare(root):
         "beaf": (
             [f"benchmark.data_dir={root / 'beaf'}"],
             9,
-            ["beaf/TU", "beaf/IU", "beaf/SB_p", "beaf/SB_n", "beaf/ID", "beaf/accuracy", "beaf/f1"],
+            ["beaf/TU", "beaf/IG", "beaf/SB_p", "beaf/SB_n", "beaf/ID", "beaf/accuracy", "beaf/f1"],
         ),
     }
 

@@ -125,8 +125,8 @@ def test_beaf_change_metrics(tmp_path):
     preds = [True, False, True, False, True, False, True, True, True]
     df = pd.DataFrame([i.meta | {"group_id": i.group_id, "label": i.label} for i in bench.items])
     m = beaf.native_metrics(scored(df.assign(pred=preds).to_dict("records")))
-    # Removed-object pairs: train (yes -> no: TU), truck (no -> yes: IU).
-    assert (m["beaf/TU"], m["beaf/IU"], m["beaf/SB_p"], m["beaf/SB_n"]) == (0.5, 0.5, 0.0, 0.0)
+    # Removed-object pairs: train (yes -> no: TU), truck (no -> yes: IG).
+    assert (m["beaf/TU"], m["beaf/IG"], m["beaf/SB_p"], m["beaf/SB_n"]) == (0.5, 0.5, 0.0, 0.0)
     # Unremoved person on the edits: wrong on _00 (was right on the original), right on _03.
     assert m["beaf/ID"] == pytest.approx(1 / 2)
     assert m["beaf/accuracy"] == pytest.approx(6 / 9)

@@ -60,7 +60,12 @@ def prepare(root):
         "naturalbench": (
             [f"benchmark.data_dir={root / 'nb'}"],
             12,
-            ["naturalbench/acc", "naturalbench/q_acc", "naturalbench/i_acc", "naturalbench/g_acc"],
+            [
+                "naturalbench/yesno_acc",
+                "naturalbench/yesno_q_acc",
+                "naturalbench/yesno_i_acc",
+                "naturalbench/yesno_g_acc",
+            ],
         ),
         "winoground": (
             [f"benchmark.data_dir={root / 'wino'}"],

@@ -73,10 +73,10 @@ def test_naturalbench_acc_q_i_g():
                     }
                 )
     m = naturalbench.native_metrics(scored(rows))
-    assert m["naturalbench/acc"] == pytest.approx(7 / 8)
-    assert m["naturalbench/q_acc"] == pytest.approx(3 / 4)
-    assert m["naturalbench/i_acc"] == pytest.approx(3 / 4)
-    assert m["naturalbench/g_acc"] == pytest.approx(1 / 2)
+    assert m["naturalbench/yesno_acc"] == pytest.approx(7 / 8)
+    assert m["naturalbench/yesno_q_acc"] == pytest.approx(3 / 4)
+    assert m["naturalbench/yesno_i_acc"] == pytest.approx(3 / 4)
+    assert m["naturalbench/yesno_g_acc"] == pytest.approx(1 / 2)
 
 
 def test_winoground_text_image_group_scores():

@@ -201,8 +201,3 @@ class DatasetImages:
 def all_correct_rate(scored: pd.DataFrame, keys: list[str]) -> float:
     """Share of the groups formed by `keys` whose items are all correct."""
     return float(scored.groupby(keys)["correct"].all().mean())
-
-
-def yes_score(scored: pd.DataFrame) -> pd.Series:
-    """log P(yes)/P(no) under the two-way softmax: a monotone stand-in for P(yes)."""
-    return scored["yes_logit"] - scored["no_logit"]

@@ -55,6 +55,10 @@ CASES = {
         ["benchmark.template", "{question}"],
     ),
     "bad dtype": ((*TINY, "model.dtype=float8"), ["model.dtype", "float32"]),
+    "unknown prompt preset": (
+        (*TINY, "benchmark.prompt=vicuna"),
+        ["benchmark.prompt='vicuna'", "native, llava"],
+    ),
 }
 
 

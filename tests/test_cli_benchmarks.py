@@ -33,6 +33,7 @@ def prepare(root):
             [
                 f"benchmark.data_dir={root / 'mme' / 'txt'}",
                 f"benchmark.image_dir={root / 'mme' / 'img'}",
+                "benchmark.prompt=llava",  # the preset of LLaVA-1.5's published MME numbers
             ],
             8,
             [
@@ -62,7 +63,12 @@ def prepare(root):
         "naturalbench": (
             [f"benchmark.data_dir={root / 'nb'}"],
             12,
-            ["naturalbench/acc", "naturalbench/q_acc", "naturalbench/i_acc", "naturalbench/g_acc"],
+            [
+                "naturalbench/yesno_acc",
+                "naturalbench/yesno_q_acc",
+                "naturalbench/yesno_i_acc",
+                "naturalbench/yesno_g_acc",
+            ],
         ),
         "winoground": (
             [f"benchmark.data_dir={root / 'wino'}"],
@@ -87,7 +93,7 @@ def prepare(root):
         "beaf": (
             [f"benchmark.data_dir={root / 'beaf'}"],
             9,
-            ["beaf/TU", "beaf/IU", "beaf/SB_p", "beaf/SB_n", "beaf/ID", "beaf/accuracy", "beaf/f1"],
+            ["beaf/TU", "beaf/IG", "beaf/SB_p", "beaf/SB_n", "beaf/ID", "beaf/accuracy", "beaf/f1"],
         ),
     }
 
@@ -136,6 +142,13 @@ def test_benchmark_runs_end_to_end(runs, name):
     logged = {k: v for k, v in metrics.items() if v is not None}
     assert run.data.metrics.keys() == logged.keys()
     assert run.data.params["benchmark.name"] == name
+
+
+def test_mme_llava_prompt_reaches_the_model(runs):
+    (job,) = (runs[1]["mme"][0] / "outputs" / "runs").iterdir()
+    prompts = pd.read_parquet(job / "predictions.parquet")["prompt"]
+    short = "?\nAnswer the question using a single word or phrase. ASSISTANT:"
+    assert prompts.str.endswith(short).all() and not prompts.str.contains("yes or no").any()
 
 
 def test_hallusionbench_limit_keeps_whole_question_pairs(runs):

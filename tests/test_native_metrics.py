@@ -1,5 +1,6 @@
 """Each benchmark's native metrics on a small hand-worked example."""
 
+import numpy as np
 import pandas as pd
 import pytest
 from benchmark_fixtures import write_beaf
@@ -16,12 +17,17 @@ from sysattn_exp.benchmarks import (
 )
 
 
-def scored(rows: list[dict]) -> pd.DataFrame:
-    """rows with label and either pred or a yes-score s (pred = s > 0)."""
+def scored(rows: list[dict], rank_by: str | None = None) -> pd.DataFrame:
+    """rows with label and either pred or the probabilities p_yes and p_no of the yes and
+    no words under the softmax over the whole vocabulary. Then, as the runner builds it:
+    yes_logit - no_logit = log(p_yes / p_no) (the two share the vocabulary's log-sum-exp),
+    pred = yes_logit > no_logit, and rank_score per scoring.rank_by."""
     df = pd.DataFrame(rows)
-    if "s" in df:
-        df["yes_logit"], df["no_logit"] = df["s"], 0.0
-        df["pred"] = df["s"] > 0
+    if "p_yes" in df:
+        df["yes_logit"], df["no_logit"] = np.log(df["p_yes"]), np.log(df["p_no"])
+        df["pred"] = df["yes_logit"] > df["no_logit"]
+        log_odds = df["yes_logit"] - df["no_logit"]
+        df["rank_score"] = {"p_yes": df["p_yes"], "log_odds": log_odds}[rank_by]
     df["correct"] = df["pred"] == df["label"]
     return df
 
@@ -89,46 +95,86 @@ def test_naturalbench_acc_q_i_g():
                     }
                 )
     m = naturalbench.native_metrics(scored(rows))
-    assert m["naturalbench/acc"] == pytest.approx(7 / 8)
-    assert m["naturalbench/q_acc"] == pytest.approx(3 / 4)
-    assert m["naturalbench/i_acc"] == pytest.approx(3 / 4)
-    assert m["naturalbench/g_acc"] == pytest.approx(1 / 2)
+    assert m["naturalbench/yesno_acc"] == pytest.approx(7 / 8)
+    assert m["naturalbench/yesno_q_acc"] == pytest.approx(3 / 4)
+    assert m["naturalbench/yesno_i_acc"] == pytest.approx(3 / 4)
+    assert m["naturalbench/yesno_g_acc"] == pytest.approx(1 / 2)
 
 
-def test_winoground_text_image_group_scores():
-    scores = {
-        "A": {(0, 0): 2, (1, 0): 1, (0, 1): 0, (1, 1): 3},  # text and image right
-        "B": {(0, 0): 1, (1, 0): 2, (0, 1): -1, (1, 1): 3},
-    }  # image right, text wrong
+# Two items where P(yes) and the log-odds disagree: P(yes)=.5, P(no)=.1 has the lower
+# P(yes) but the higher log-odds (ln 5) than P(yes)=.6, P(no)=.3 (ln 2).
+LOW_P_HIGH_ODDS, HIGH_P_LOW_ODDS = (0.5, 0.1), (0.6, 0.3)
+
+
+def test_winoground_text_image_group_scores_by_rank_score():
+    probs = {  # (caption j, image k): (P(yes), P(no)); caption j belongs to image j
+        # text right by log-odds only: image 0 ranks caption 0 above caption 1 by ln 5 > ln 2
+        # but below it by P(yes) .5 < .6; image right by both.
+        "A": {
+            (0, 0): LOW_P_HIGH_ODDS,
+            (1, 0): HIGH_P_LOW_ODDS,
+            (0, 1): (0.2, 0.7),
+            (1, 1): (0.9, 0.05),
+        },
+        # text wrong by both (.4 < .7; log-odds 0 < ln 3.5), image right by both.
+        "B": {(0, 0): (0.4, 0.4), (1, 0): (0.7, 0.2), (0, 1): (0.1, 0.8), (1, 1): (0.8, 0.1)},
+        # everything right by both.
+        "C": {(0, 0): (0.9, 0.05), (1, 0): (0.1, 0.8), (0, 1): (0.2, 0.7), (1, 1): (0.8, 0.1)},
+    }
     rows = [
-        {"group_id": g, "caption_index": j, "image_index": k, "label": j == k, "s": s}
-        for g, table in scores.items()
-        for (j, k), s in table.items()
+        {
+            "group_id": g,
+            "caption_index": j,
+            "image_index": k,
+            "label": j == k,
+            "p_yes": y,
+            "p_no": n,
+        }
+        for g, table in probs.items()
+        for (j, k), (y, n) in table.items()
     ]
-    m = winoground.native_metrics(scored(rows))
-    assert m["winoground/text_score"] == pytest.approx(1 / 2)
-    assert m["winoground/image_score"] == pytest.approx(1.0)
-    assert m["winoground/group_score"] == pytest.approx(1 / 2)
+    by_p_yes = winoground.native_metrics(scored(rows, "p_yes"))
+    assert by_p_yes["winoground/text_score"] == pytest.approx(1 / 3)  # C
+    assert by_p_yes["winoground/image_score"] == pytest.approx(1.0)
+    assert by_p_yes["winoground/group_score"] == pytest.approx(1 / 3)
+    by_log_odds = winoground.native_metrics(scored(rows, "log_odds"))
+    assert by_log_odds["winoground/text_score"] == pytest.approx(2 / 3)  # A and C
+    assert by_log_odds["winoground/image_score"] == pytest.approx(1.0)
+    assert by_log_odds["winoground/group_score"] == pytest.approx(2 / 3)
 
 
-def test_sugarcrepe_pyes_and_paired_per_subset_and_mean():
+def test_sugarcrepe_ranking_and_paired_per_subset_and_mean():
     rows = []
-    for subset, group, pos, neg in (
-        ("add_att", "g1", 1.0, -1.0),
-        ("add_att", "g2", -0.5, -1.0),
-        ("swap_obj", "g3", 0.2, 0.5),
+    for subset, group, positive, negative in (
+        # caption ranked above its negative by log-odds (ln 5 > ln 2), below by P(yes);
+        # both answered yes, so the pair is wrong either way
+        ("add_att", "g1", LOW_P_HIGH_ODDS, HIGH_P_LOW_ODDS),
+        ("add_att", "g2", (0.7, 0.2), (0.1, 0.8)),  # right by both; pair right
+        ("swap_obj", "g3", (0.2, 0.5), (0.4, 0.3)),  # wrong by both; pair wrong
     ):
-        rows += [
-            {"subset": subset, "group_id": group, "polarity": "positive", "label": True, "s": pos},
-            {"subset": subset, "group_id": group, "polarity": "negative", "label": False, "s": neg},
-        ]
-    m = sugarcrepe.native_metrics(scored(rows))
-    assert m["sugarcrepe/add_att/pyes_acc"] == 1.0
-    assert m["sugarcrepe/add_att/paired_accuracy"] == pytest.approx(1 / 2)
-    assert m["sugarcrepe/swap_obj/pyes_acc"] == 0.0
-    assert m["sugarcrepe/swap_obj/paired_accuracy"] == 0.0
-    assert m["sugarcrepe/mean_pyes_acc"] == pytest.approx(1 / 2)
-    assert m["sugarcrepe/mean_paired_accuracy"] == pytest.approx(1 / 4)
+        for polarity, (p_yes, p_no) in (("positive", positive), ("negative", negative)):
+            rows.append(
+                {
+                    "subset": subset,
+                    "group_id": group,
+                    "polarity": polarity,
+                    "label": polarity == "positive",
+                    "p_yes": p_yes,
+                    "p_no": p_no,
+                }
+            )
+    by_p_yes = sugarcrepe.native_metrics(scored(rows, "p_yes"))
+    assert by_p_yes["sugarcrepe/add_att/pyes_acc"] == pytest.approx(1 / 2)
+    assert by_p_yes["sugarcrepe/swap_obj/pyes_acc"] == 0.0
+    assert by_p_yes["sugarcrepe/mean_pyes_acc"] == pytest.approx(1 / 4)
+    by_log_odds = sugarcrepe.native_metrics(scored(rows, "log_odds"))
+    assert by_log_odds["sugarcrepe/add_att/pyes_acc"] == 1.0
+    assert by_log_odds["sugarcrepe/swap_obj/pyes_acc"] == 0.0
+    assert by_log_odds["sugarcrepe/mean_pyes_acc"] == pytest.approx(1 / 2)
+    for m in (by_p_yes, by_log_odds):  # paired yes/no accuracy does not depend on rank_by
+        assert m["sugarcrepe/add_att/paired_accuracy"] == pytest.approx(1 / 2)
+        assert m["sugarcrepe/swap_obj/paired_accuracy"] == 0.0
+        assert m["sugarcrepe/mean_paired_accuracy"] == pytest.approx(1 / 4)
 
 
 def test_beaf_change_metrics(tmp_path):
@@ -141,8 +187,8 @@ def test_beaf_change_metrics(tmp_path):
     preds = [True, False, True, False, True, False, True, True, True]
     df = pd.DataFrame([i.meta | {"group_id": i.group_id, "label": i.label} for i in bench.items])
     m = beaf.native_metrics(scored(df.assign(pred=preds).to_dict("records")))
-    # Removed-object pairs: train (yes -> no: TU), truck (no -> yes: IU).
-    assert (m["beaf/TU"], m["beaf/IU"], m["beaf/SB_p"], m["beaf/SB_n"]) == (0.5, 0.5, 0.0, 0.0)
+    # Removed-object pairs: train (yes -> no: TU), truck (no -> yes: IG).
+    assert (m["beaf/TU"], m["beaf/IG"], m["beaf/SB_p"], m["beaf/SB_n"]) == (0.5, 0.5, 0.0, 0.0)
     # Unremoved person on the edits: wrong on _00 (was right on the original), right on _03.
     assert m["beaf/ID"] == pytest.approx(1 / 2)
     assert m["beaf/accuracy"] == pytest.approx(6 / 9)

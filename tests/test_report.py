@@ -14,7 +14,7 @@ JOBS = [  # (benchmark, recipients, quarter, layers, paired, yes_rate, native)
     ("winoground", "text", 4, "24,25,26,27,28,29,30,31", 0.10, 0.50, 0.07),
 ]
 BASELINE = {"naturalbench": (0.20, 0.80, 0.20), "winoground": (0.05, 0.90, 0.04)}
-NATIVE = {"naturalbench": "naturalbench/g_acc", "winoground": "winoground/group_score"}
+NATIVE = {"naturalbench": "naturalbench/yesno_g_acc", "winoground": "winoground/group_score"}
 
 
 def log_known_runs(uri: str, artifacts) -> str:
@@ -88,7 +88,8 @@ def test_report_table_plots_and_parent_artifacts(tmp_path):
     assert row.paired_accuracy == pytest.approx(0.30)
     assert row.paired_accuracy_change_points == pytest.approx(10.0)
     assert row.paired_accuracy_change_pct == pytest.approx(50.0)
-    assert row.native_metric == "naturalbench/g_acc" and row.native_value == pytest.approx(0.30)
+    assert row.native_metric == NATIVE["naturalbench"]
+    assert row.native_value == pytest.approx(0.30)
     both = table[(table.intervention == "system->image+text")].iloc[0]
     assert both.paired_accuracy_change_points == pytest.approx(5.0)
     base = table[(table.benchmark == "winoground") & (table.intervention == "baseline")].iloc[0]

@@ -1,6 +1,10 @@
 """Benchmarks by name. Each module's `load(cfg) -> Benchmark` reads the data, checks it and
 forms the groups; `Benchmark.native_metrics` computes the benchmark's own metrics."""
 
+import copy
+
+from omegaconf import open_dict
+
 from sysattn_exp.benchmarks import (
     beaf,
     hallusionbench,
@@ -11,7 +15,7 @@ from sysattn_exp.benchmarks import (
     toy,
     winoground,
 )
-from sysattn_exp.benchmarks.base import Benchmark, Item, first_groups
+from sysattn_exp.benchmarks.base import Benchmark, Item, first_groups, prompt_preset
 from sysattn_exp.errors import UsageError
 
 LOADERS = {
@@ -36,7 +40,13 @@ __all__ = ["MAIN_METRICS", "Benchmark", "Item", "load_benchmark"]
 def load_benchmark(cfg) -> Benchmark:
     if cfg.name not in LOADERS:
         raise UsageError(f"benchmark.name={cfg.name!r} is unknown; allowed: {', '.join(LOADERS)}")
+    template, remove = prompt_preset(cfg)
+    # Loaders read the prompt template from cfg.template: hand them the preset's.
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.template = template
     benchmark = LOADERS[cfg.name](cfg)
+    benchmark.remove = remove
     benchmark.items = first_groups(benchmark.items, cfg.get("limit"))
     if not benchmark.items:
         raise UsageError(f"benchmark={cfg.name} has no items to evaluate")

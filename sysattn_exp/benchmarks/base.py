@@ -43,10 +43,16 @@ class Benchmark:
     native_metrics: Callable[[pd.DataFrame], dict[str, float]] = no_native_metrics
     # Counts from loading (items excluded or skipped), logged with the metrics.
     load_counts: dict[str, int] = field(default_factory=dict)
+    # Taken out of each question before the template is applied (the prompt preset's
+    # `remove`): e.g. MME's own "Please answer yes or no.", which LLaVA-1.5's prompt replaces.
+    remove: str | None = None
     _digests: dict[str, str] = field(default_factory=dict, repr=False)  # image_digest's memo
 
     def question_text(self, item: Item) -> str:
-        return self.template.format(question=item.question)
+        question = item.question
+        if self.remove:
+            question = question.replace(self.remove, "").strip()
+        return self.template.format(question=question)
 
     def image_digest(self, image_id: str | None) -> str | None:
         """A hash of the image's content: the file's or the dataset's stored bytes, else the
@@ -66,17 +72,37 @@ class Benchmark:
         return self._digests[image_id]
 
 
-def check_template(template: str) -> str:
+def check_template(template: str, key: str = "benchmark.template") -> str:
     if "{question}" not in template:
-        raise UsageError(f"benchmark.template={template!r} must contain {{question}}")
+        raise UsageError(f"{key}={template!r} must contain {{question}}")
     try:
         template.format(question="")
     except (KeyError, IndexError, ValueError) as err:
         raise UsageError(
-            f"benchmark.template={template!r} may use only {{question}} ({err}); write {{{{ }}}} "
+            f"{key}={template!r} may use only {{question}} ({err}); write {{{{ }}}} "
             "for literal braces"
         ) from None
     return template
+
+
+def prompt_preset(cfg) -> tuple[str, str | None]:
+    """(template, remove) of the preset named by benchmark.prompt in benchmark.prompts
+    (`native`: the benchmark's own yes/no prompt; `llava`: LLaVA-1.5's evaluation prompt).
+    benchmark.template, when set, replaces the preset's template (the preset's `remove`
+    still applies), so configs that set the template directly keep working."""
+    presets = cfg.get("prompts") or {}
+    name = cfg.get("prompt") or "native"
+    if name not in presets and (presets or name != "native"):
+        allowed = ", ".join(presets) or "native"
+        raise UsageError(f"benchmark.prompt={name!r} is unknown; allowed: {allowed}")
+    preset = presets.get(name) or {}
+    template, key = cfg.get("template"), "benchmark.template"
+    if template is None:
+        template, key = preset.get("template"), f"benchmark.prompts.{name}.template"
+    if template is None:
+        raise UsageError(f"{key} is not set: it must hold the prompt, with {{question}}")
+    remove = preset.get("remove")
+    return check_template(str(template), key), str(remove) if remove else None
 
 
 def open_image(path: Path) -> Image.Image:
@@ -241,8 +267,3 @@ class DatasetImages:
 def all_correct_rate(scored: pd.DataFrame, keys: list[str]) -> float:
     """Share of the groups formed by `keys` whose items are all correct."""
     return float(scored.groupby(keys)["correct"].all().mean())
-
-
-def yes_score(scored: pd.DataFrame) -> pd.Series:
-    """log P(yes)/P(no) under the two-way softmax: a monotone stand-in for P(yes)."""
-    return scored["yes_logit"] - scored["no_logit"]

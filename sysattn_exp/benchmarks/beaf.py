@@ -16,9 +16,9 @@ release's file name (`<original stem>_NN.png`); an edit whose original is not in
 is an error naming it. Native metrics follow the official beaf_metric.py, with
 denominators counted from the data; each edited-image question is paired with the same
 question on its original:
-- TU / IU / SB_p / SB_n: over questions about the removed object (removed_q, gt yes on the
+- TU / IG / SB_p / SB_n: over questions about the removed object (removed_q, gt yes on the
   original and no on the edit): answered yes then no (true understanding), no then yes
-  (ignorance; "IG" in the official code), yes both times, no both times;
+  (ignorance), yes both times, no both times (stubbornness, + and -);
 - ID (indecision): over questions with removed_q false, how often the correctness on the
   edit differs from that on the original;
 - accuracy, precision, recall, F1 over all questions (yes = positive); F1(TU, ID) is the
@@ -131,7 +131,7 @@ def native_metrics(scored: pd.DataFrame) -> dict[str, float | None]:
     n = len(removed)
     out = {
         "beaf/TU": ratio(int((before & ~after).sum()), n),
-        "beaf/IU": ratio(int((~before & after).sum()), n),
+        "beaf/IG": ratio(int((~before & after).sum()), n),
         "beaf/SB_p": ratio(int((before & after).sum()), n),
         "beaf/SB_n": ratio(int((~before & ~after).sum()), n),
         "beaf/ID": ratio(int((kept["correct"] != kept["correct_orig"]).sum()), len(kept)),

@@ -5,8 +5,11 @@ Hub: HuggingFaceM4/SugarCrepe_<subset> (split test; columns image, tested_labels
 [caption, negative] (a sequence of strings), true_label = the caption as a ClassLabel whose
 names are every caption of all seven subsets). Local: data_dir holds the release's
 <subset>.json files ({id: {filename, caption, negative_caption}}) and image_dir the COCO
-val2017 images by file name. Native metrics per subset: how often P(yes | caption) >
-P(yes | negative), and paired yes/no accuracy (both right); and their means over subsets."""
+val2017 images by file name. Native metrics per subset: pyes_acc, how often the caption's
+rank_score beats the negative's on the same image, and paired yes/no accuracy (both
+right); and their means over subsets. rank_score follows scoring.rank_by: P(yes) under
+the softmax over the whole vocabulary (p_yes, the default: what VQAScore does) or the
+log-odds yes_logit - no_logit (log_odds); the two can order a pair differently."""
 
 import json
 from pathlib import Path
@@ -24,7 +27,6 @@ from sysattn_exp.benchmarks.base import (
     image_dir,
     open_image_file,
     require_columns,
-    yes_score,
 )
 from sysattn_exp.errors import UsageError
 
@@ -114,9 +116,8 @@ def hub_items(cfg) -> tuple[list[Item], dict]:
 
 def native_metrics(scored: pd.DataFrame) -> dict[str, float]:
     out = {}
-    scored = scored.assign(s=yes_score(scored))
     for subset, rows in scored.groupby("subset", sort=True):
-        by_group = rows.pivot_table(index="group_id", columns="polarity", values="s")
+        by_group = rows.pivot_table(index="group_id", columns="polarity", values="rank_score")
         out[f"sugarcrepe/{subset}/pyes_acc"] = float(
             (by_group["positive"] > by_group["negative"]).mean()
         )

@@ -5,9 +5,11 @@ tag, secondary_tag, num_main_preds, collapsed_tag; gated: accept the licence and
 The repo was published with a loading script, which `datasets` >= 4 refuses to run; the
 error is reported as it is, with the licence hint beside it. Local:
 data_dir holds the release's examples.jsonl and images/<stem>.png. Each (caption j,
-image k) is a yes/no item, yes iff j == k. Native metrics compare P(yes): text score
-(each image prefers its own caption), image score (each caption prefers its own image),
-group score (both)."""
+image k) is a yes/no item, yes iff j == k. Native metrics compare the items' rank_score:
+text score (each image prefers its own caption), image score (each caption prefers its own
+image), group score (both). rank_score follows scoring.rank_by: P(yes) under the softmax
+over the whole vocabulary (p_yes, the default: what VQAScore does) or the log-odds
+yes_logit - no_logit (log_odds); the two can order a pair of items differently."""
 
 import json
 from pathlib import Path
@@ -25,7 +27,6 @@ from sysattn_exp.benchmarks.base import (
     open_image_file,
     require_columns,
     required_file,
-    yes_score,
 )
 from sysattn_exp.errors import UsageError
 
@@ -75,8 +76,8 @@ def hub_items(dataset, source: str) -> tuple[list[Item], DatasetImages]:
 
 
 def native_metrics(scored: pd.DataFrame) -> dict[str, float]:
-    score = scored.assign(s=yes_score(scored)).pivot_table(
-        index="group_id", columns=["caption_index", "image_index"], values="s"
+    score = scored.pivot_table(
+        index="group_id", columns=["caption_index", "image_index"], values="rank_score"
     )
     c0i0, c0i1, c1i0, c1i1 = (score[(j, k)] for j, k in ((0, 0), (0, 1), (1, 0), (1, 1)))
     text = (c0i0 > c1i0) & (c1i1 > c0i1)

@@ -54,17 +54,16 @@ QUESTIONS = [
     "Are there two blue triangles here?",
     "Is the yellow shape larger than the car?",
 ]
-# Items per benchmark (HallusionBench: questions with an image; BEAF: ver0 release).
+# Items per benchmark (HallusionBench: every question, 178 without an image; BEAF: ver0 release).
 BENCHMARK_ITEMS = {
     "mme": 2374,
-    "hallusionbench": 951,
+    "hallusionbench": 1129,
     "naturalbench": 7600,
     "winoground": 1600,
     "sugarcrepe": 15022,
     "beaf": 26118,
 }
 QUARTERS_JOBS = 12 + 1  # the 12 conditions and the baseline they share
-PAPER_JOBS = 28  # +sweep=paper: 28 conditions, the baseline among them
 PAPER_JOBS = 28  # +sweep=paper: 28 conditions, the baseline among them
 
 

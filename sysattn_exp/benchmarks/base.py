@@ -189,11 +189,13 @@ def required_file(path: Path, what: str) -> Path:
     return path
 
 
-def hub_dataset(repo_id: str, split: str, local_hint: str):
+def hub_dataset(repo_id: str, split: str, local_hint: str, revision: str | None = None):
     """A split of a hub dataset via `datasets`. Fails fast, in one line, when the hub is
     unreachable (instead of datasets' retries), pointing at benchmark.data_dir; any other
     failure (a wrong split, a repo `datasets` cannot read) is reported with its own first
-    line, and for a gated repo with the licence hint beside it, not instead of it."""
+    line, and for a gated repo with the licence hint beside it, not instead of it.
+    `revision` (benchmark.revision: a commit, tag or branch; None: the default branch) pins
+    the data, and is part of the score cache's condition."""
     import datasets
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import RepositoryNotFoundError
@@ -211,7 +213,7 @@ def hub_dataset(repo_id: str, split: str, local_hint: str):
                 f"{use_local}, or set HF_HUB_OFFLINE=1 to use a copy in the local cache"
             ) from None
     try:
-        return datasets.load_dataset(repo_id, split=split)
+        return datasets.load_dataset(repo_id, split=split, revision=revision)
     except Exception as err:  # noqa: BLE001 - reported in one line with what to do
         cause = f"cannot load {repo_id} split {split!r} ({first_line(err)})"
         if gated or "gated" in str(err).lower():

@@ -167,7 +167,7 @@ def load(cfg) -> Benchmark:
                 "release, github.com/postech-ami/BEAF, is not on the Hugging Face hub; "
                 "benchmark.hub_id=MM-Hallu/BEAF reads an unofficial, incomplete mirror)"
             )
-        dataset = hub_dataset(cfg.hub_id, cfg.split, LOCAL_HINT)
+        dataset = hub_dataset(cfg.hub_id, cfg.split, LOCAL_HINT, cfg.get("revision"))
         items, images = hub_items(dataset, f"{cfg.hub_id} split {cfg.split}")
         return Benchmark("beaf", items, template, images, native_metrics)
     items = local_items(directory, image_dir(cfg, directory / "images"))

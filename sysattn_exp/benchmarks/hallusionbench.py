@@ -105,12 +105,12 @@ def local_items(directory: Path, images: Path) -> list[Item]:
     return items
 
 
-def hub_items(repo_id: str, splits: list[str]) -> tuple[list[Item], Callable]:
+def hub_items(repo_id: str, splits: list[str], revision: str | None) -> tuple[list[Item], Callable]:
     """Items of every split, in split order. Only rows with a figure need the image column
     (the non_image split's is empty)."""
     items, images = [], {}
     for split in splits:
-        dataset = hub_dataset(repo_id, split, LOCAL_HINT)
+        dataset = hub_dataset(repo_id, split, LOCAL_HINT, revision)
         source = f"{repo_id} split {split}"
         require_columns(dataset, FIELDS, source)
         text = dataset.remove_columns("image") if "image" in dataset.column_names else dataset
@@ -161,7 +161,7 @@ def load(cfg) -> Benchmark:
     template = check_template(cfg.template)
     directory = data_dir(cfg)
     if directory is None:
-        items, images = hub_items(cfg.hub_id, splits_of(cfg))
+        items, images = hub_items(cfg.hub_id, splits_of(cfg), cfg.get("revision"))
         counts = {"n_no_image_items": 0}  # load_benchmark counts them after the limit
         return Benchmark("hallusionbench", items, template, images, native_metrics, counts)
     items = local_items(directory, image_dir(cfg, directory))

@@ -93,7 +93,10 @@ def native_metrics(scored: pd.DataFrame) -> dict[str, float]:
 def load(cfg) -> Benchmark:
     directory = data_dir(cfg)
     if directory is None:
-        dataset, source = hub_dataset(cfg.hub_id, cfg.split, LOCAL_HINT), cfg.hub_id
+        dataset, source = (
+            hub_dataset(cfg.hub_id, cfg.split, LOCAL_HINT, cfg.get("revision")),
+            cfg.hub_id,
+        )
     else:
         dataset, source = parquet_dataset(directory), str(directory)
     items, images, excluded = items_of(dataset, source)

@@ -93,7 +93,7 @@ def hub_items(cfg) -> tuple[list[Item], dict]:
     items, sources = [], {}
     for subset in chosen_subsets(cfg, SUBSETS):
         repo = f"{cfg.hub_id}_{subset}"
-        dataset = hub_dataset(repo, cfg.split, LOCAL_HINT)
+        dataset = hub_dataset(repo, cfg.split, LOCAL_HINT, cfg.get("revision"))
         require_columns(dataset, ["image", "tested_labels", "true_label"], repo)
         names = dataset.features["true_label"]
         if not hasattr(names, "int2str"):

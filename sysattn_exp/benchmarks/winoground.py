@@ -93,7 +93,7 @@ def load(cfg) -> Benchmark:
     template = check_template(cfg.template)
     directory = data_dir(cfg)
     if directory is None:
-        dataset = hub_dataset(cfg.hub_id, cfg.split, LOCAL_HINT)
+        dataset = hub_dataset(cfg.hub_id, cfg.split, LOCAL_HINT, cfg.get("revision"))
         items, images = hub_items(dataset, f"{cfg.hub_id} split {cfg.split}")
         return Benchmark("winoground", items, template, images, native_metrics)
     items, skipped = drop_unreadable(local_items(directory), cfg.skip_missing_images)

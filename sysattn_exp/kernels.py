@@ -13,7 +13,8 @@ private signatures and LSE conventions change between torch versions. So the fir
 a kernel would be used on a device with a dtype (per process), it runs on a small slice
 of the real inputs beside the math path; if the two differ beyond bf16 tolerance (or the
 kernel fails) it is not used again for that device and dtype, and one warning line says
-so. Later calls reuse the verdict without checking again.
+so. Later calls reuse the verdict without checking again. (A slice in which no row sees
+a key, all left padding, decides nothing: that call takes the math path.)
 
 Tolerance, with u = 2^-8 the unit roundoff of bfloat16 and checked where the math path's
 row sees some key:
@@ -42,8 +43,9 @@ log = logging.getLogger(__name__)
 
 BF16_UNIT = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 TOLERANCE = 4 * BF16_UNIT
-CHECK_ROWS = 64  # the first-use check runs on at most this many query rows,
-CHECK_HEADS = 4  # heads of the first sequence, and every key of the span (causal: square)
+# The first-use check runs on at most this many query rows, heads and sequences (the
+# first ones), and every key of the span (causal: the square block).
+CHECK_ROWS, CHECK_HEADS, CHECK_SEQUENCES = 64, 4, 2
 
 HALF = frozenset({torch.float16, torch.bfloat16})
 aten = torch.ops.aten
@@ -145,7 +147,10 @@ def attention_with_lse(query, key, value, mask, scaling, is_causal: bool):
             continue
         where = (str(query.device), query.dtype, kernel.name)
         if where not in _verdicts:
-            _verdicts[where] = first_use_check(kernel, *args)
+            verdict = first_use_check(kernel, *args)
+            if verdict is None:  # nothing to compare yet: this call takes the math path
+                break
+            _verdicts[where] = verdict
         if _verdicts[where]:
             try:
                 return kernel.run(*args)
@@ -170,16 +175,18 @@ def attention_with_lse_math(query, key, value, bias, scaling, is_causal: bool = 
     return torch.matmul(weights, value.float()), lse
 
 
-def first_use_check(kernel: Kernel, query, key, value, bias, scaling, is_causal) -> bool:
-    """Whether `kernel` agrees with the math path on a slice of these inputs; if not, one
-    warning line."""
+def first_use_check(kernel: Kernel, query, key, value, bias, scaling, is_causal) -> bool | None:
+    """Whether `kernel` agrees with the math path on a slice of these inputs (if not, one
+    warning line); None if no row of the slice sees a key (left padding): undecided."""
     n = min(query.shape[2], CHECK_ROWS)
-    q, k, v = (t[:1, :CHECK_HEADS] for t in (query, key, value))
+    q, k, v = (t[:CHECK_SEQUENCES, :CHECK_HEADS] for t in (query, key, value))
     q = q[:, :, :n]
     if is_causal:  # the square top-left block: row i sees keys 0..i
         k, v = k[:, :, :n], v[:, :, :n]
-    b = None if bias is None else bias[:1, :CHECK_HEADS, :n, : k.shape[2]]
+    b = None if bias is None else bias[:CHECK_SEQUENCES, :CHECK_HEADS, :n, : k.shape[2]]
     want = attention_with_lse_math(q, k, v, b, scaling, is_causal)
+    if not torch.isfinite(want[1]).any():
+        return None
     try:
         got = kernel.run(q, k, v, b, scaling, is_causal)
     except Exception as error:  # e.g. a signature that changed, a build without it

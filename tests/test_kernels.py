@@ -105,7 +105,7 @@ def test_a_disagreeing_kernel_falls_back_once_with_one_warning(monkeypatch, capl
         want = math_path(q, k, v, None, 0.3, causal)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert len(spy.calls) == 1, "checked once, never used"
-    assert spy.calls[0][:2] == (1, 4) and spy.calls[0][2] <= kernels.CHECK_ROWS
+    assert spy.calls[0][:2] == (2, 4) and spy.calls[0][2] <= kernels.CHECK_ROWS
     (message,) = kernel_warnings(caplog)
     assert "k0" in message and "cpu float32" in message and "\n" not in message
 
@@ -126,21 +126,21 @@ def test_an_agreeing_kernel_is_checked_once_then_used(monkeypatch, caplog):
 
 
 def test_a_kernel_that_fails_later_is_dropped_with_one_warning(monkeypatch, caplog):
-    """The check runs on one sequence; a kernel that cannot take a batch fails on use."""
+    """The check runs on two sequences; a kernel that cannot take three fails on use."""
 
-    def one_sequence_only(q, k, v, bias, scaling, is_causal):
-        if q.shape[0] > 1:
+    def two_sequences_at_most(q, k, v, bias, scaling, is_causal):
+        if q.shape[0] > 2:
             raise RuntimeError("batch too large")
         return kernels.cpu_flash(q, k, v, bias, scaling, is_causal)
 
-    (spy,) = use_kernels(monkeypatch, one_sequence_only)
+    (spy,) = use_kernels(monkeypatch, two_sequences_at_most)
     caplog.set_level(logging.WARNING)
     for seed in range(3):
-        q, k, v = inputs(seed, batch=2)
+        q, k, v = inputs(seed, batch=3)
         got = attention_with_lse(q, k, v, None, 0.3, True)
         want = math_path(q, k, v, None, 0.3, True)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    assert [shape[0] for shape in spy.calls] == [1, 2], "checked, tried once, then dropped"
+    assert [shape[0] for shape in spy.calls] == [2, 3], "checked, tried once, then dropped"
     (message,) = kernel_warnings(caplog)
     assert "failed (batch too large)" in message
 
@@ -177,6 +177,23 @@ def test_one_verdict_per_device_and_dtype(monkeypatch, caplog):
     }
     (message,) = kernel_warnings(caplog)
     assert "cpu bfloat16" in message
+
+
+def test_a_slice_that_sees_no_key_decides_nothing(monkeypatch, caplog):
+    """Left padding: the first sequences' first rows see no key. That call takes the math
+    path and the next one is checked."""
+    (spy,) = use_kernels(monkeypatch, kernels.cpu_flash, accepts_mask=True)
+    caplog.set_level(logging.WARNING)
+    q, k, v = inputs(0, batch=3)
+    mask = torch.ones(3, 1, 9, 9, dtype=torch.bool)
+    mask[:2] = False
+    got = attention_with_lse(q, k, v, mask, 0.3, False)
+    want = math_path(q, k, v, mask, 0.3, False)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert spy.calls == [] and kernels._verdicts == {}
+    attention_with_lse(q, k, v, torch.ones_like(mask), 0.3, False)
+    assert len(spy.calls) == 2 and kernels._verdicts == {("cpu", torch.float32, "k0"): True}
+    assert kernel_warnings(caplog) == []
 
 
 def must_not_run(q, k, v, bias, scaling, is_causal):

@@ -128,11 +128,6 @@ KERNELS: dict[str, list[Kernel]] = {
 _verdicts: dict[tuple, bool] = {}
 
 
-def reset() -> None:
-    """Forget every verdict (tests): the next use of each kernel is checked again."""
-    _verdicts.clear()
-
-
 def attention_with_lse(query, key, value, mask, scaling, is_causal: bool):
     """Attention output (B, H, Q, D) and log-sum-exp of the scores (B, H, Q). `mask`: None
     or a boolean (B|1, 1, Q, K) mask of visible keys; `is_causal`: top-left causal."""

@@ -23,6 +23,7 @@ import math
 import torch
 from transformers.integrations.sdpa_attention import repeat_kv
 
+from sysattn_exp import kernels
 from sysattn_exp.modality import MODALITIES, PAD, answer_rows
 
 # Query rows are taken in blocks of about this many (row, key) entries, so that masks and
@@ -273,28 +274,10 @@ def masses(parts: dict) -> dict:
 
 
 def attention_with_lse(query, key, value, mask, scaling, is_causal: bool):
-    """Attention output (B, H, Q, D) and log-sum-exp of the scores (B, H, Q): the flash
-    kernel on CPU (O(Q + K) memory); elsewhere the scores of this span are materialised."""
-    bias = None
-    if mask is not None:
-        bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
-            ~mask, -math.inf
-        )
-    if query.device.type == "cpu":
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, 0.0, is_causal, attn_mask=bias, scale=scaling
-        )
-    return attention_with_lse_math(query, key, value, bias, scaling, is_causal)
+    """Attention output (B, H, Q, D) and log-sum-exp of the scores (B, H, Q): a fused kernel
+    where one is known to agree (checked on first use), else the scores of this span
+    materialised in float32 (kernels.py)."""
+    return kernels.attention_with_lse(query, key, value, mask, scaling, is_causal)
 
 
-def attention_with_lse_math(query, key, value, bias, scaling, is_causal: bool = False):
-    scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * scaling
-    if bias is not None:
-        scores = scores + bias.float()
-    if is_causal:
-        q_len, k_len = scores.shape[-2:]
-        causal = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril()
-        scores = scores.masked_fill(~causal, -math.inf)
-    lse = scores.logsumexp(-1)
-    weights = (scores - lse[..., None]).exp().nan_to_num(0.0)
-    return torch.matmul(weights, value.float()), lse
+attention_with_lse_math = kernels.attention_with_lse_math

@@ -1,0 +1,226 @@
+"""Attention with its log-sum-exp: a fused kernel where one is known to be right, the
+float32 math path otherwise.
+
+The fused implementation (fused.py) needs, per modality span, the attention output and
+the log-sum-exp (LSE) of the scores. The math path materialises the span's scores in
+float32; fused kernels that return the LSE avoid that. Each device type has a list of
+candidate kernels (KERNELS); a call goes to the first candidate that supports it (dtype,
+head dim, no mask unless the kernel takes one, causal only when square) and that has
+passed its first-use check, else to the math path.
+
+The first-use check. These kernels cannot be run by the CPU test suite (CUDA), and their
+private signatures and LSE conventions change between torch versions. So the first time
+a kernel would be used on a device with a dtype (per process), it runs on a small slice
+of the real inputs beside the math path; if the two differ beyond bf16 tolerance (or the
+kernel fails) it is not used again for that device and dtype, and one warning line says
+so. Later calls reuse the verdict without checking again. (A slice in which no row sees
+a key, all left padding, decides nothing: that call takes the math path.)
+
+Tolerance, with u = 2^-8 the unit roundoff of bfloat16 and checked where the math path's
+row sees some key:
+- output: |o_kernel - o_math| <= 4 u max|V|. A bf16 kernel rounds its output (<= u |o|)
+  and the probabilities it multiplies V by (<= u sum p |v| <= u max|V|); 4 u leaves a
+  factor 2 of headroom. It is scale-aware through max|V| (o is a convex mix of V rows).
+- LSE: |lse_kernel - lse_math| <= 4 u max(1, max|lse_math|). Kernels accumulate scores in
+  float32, so they are far closer; 4 u of the scores' scale is what rounding the scores
+  to bf16 would cost, and it still catches a wrong base (log2), scale or causal
+  alignment, which are off by a fraction of |lse| or O(1).
+A wrong kernel (layout, padding, masking) is off by O(max|V|) or O(1) in the LSE, far
+beyond both bounds; a right one is within a fraction of them (the CPU flash kernel in
+bf16: output 0.6 u max|V|, LSE 1e-6 |lse|).
+"""
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from sysattn_exp.errors import first_line
+
+log = logging.getLogger(__name__)
+
+BF16_UNIT = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
+TOLERANCE = 4 * BF16_UNIT
+# The first-use check runs on at most this many query rows, heads and sequences (the
+# first ones), and every key of the span (causal: the square block).
+CHECK_ROWS, CHECK_HEADS, CHECK_SEQUENCES = 64, 4, 2
+
+HALF = frozenset({torch.float16, torch.bfloat16})
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A fused attention kernel that returns the LSE, and the inputs it accepts.
+    `run(query, key, value, bias, scaling, is_causal)` -> (out (B, H, Q, D), lse (B, H, Q))."""
+
+    name: str
+    run: Callable
+    dtypes: frozenset
+    max_head_dim: int | None = None
+    head_dim_multiple: int = 1
+    accepts_mask: bool = False
+
+    def supports(self, query, key, value, mask, is_causal: bool) -> bool:
+        head_dim = query.shape[-1]
+        return (
+            query.dtype in self.dtypes
+            and key.dtype == value.dtype == query.dtype
+            and key.shape[-1] == value.shape[-1] == head_dim
+            and (self.max_head_dim is None or head_dim <= self.max_head_dim)
+            and head_dim % self.head_dim_multiple == 0
+            and (mask is None or self.accepts_mask)
+            # The math path's causal mask is top-left, flash's is bottom-right when Q != K:
+            # they agree on square blocks, the only causal calls fused.py makes.
+            and (not is_causal or query.shape[2] == key.shape[2])
+            and query.shape[2] > 0
+            and key.shape[2] > 0
+        )
+
+
+def cuda_flash(query, key, value, bias, scaling, is_causal):
+    # -> (output, logsumexp (B, H, Q) float32, cum_seq_q, cum_seq_k, max_q, max_k,
+    #     rng_state, unused, debug_attn_mask)
+    out = aten._scaled_dot_product_flash_attention(
+        query, key, value, 0.0, is_causal, False, scale=scaling
+    )
+    return out[0], out[1]
+
+
+def cuda_efficient(query, key, value, bias, scaling, is_causal):
+    # -> (output, log_sumexp (B, H, ceil(Q / 32) * 32) float32, philox_seed, philox_offset)
+    out, lse = aten._scaled_dot_product_efficient_attention(
+        query, key, value, None, True, 0.0, is_causal, scale=scaling
+    )[:2]
+    return out, lse[:, :, : query.shape[2]]  # the LSE is padded along the queries
+
+
+def cpu_flash(query, key, value, bias, scaling, is_causal):
+    # -> (output, logsumexp (B, H, Q) in float32 for bf16 / fp16 inputs)
+    return aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, 0.0, is_causal, attn_mask=bias, scale=scaling
+    )
+
+
+# Candidates per device type, first match wins. CUDA: flash (sm80+; fp16/bf16; head dim
+# <= 256), then memory-efficient (sm50+; head dim a multiple of 8 for half types). Neither
+# takes a mask here (flash cannot; masked spans are rare: left padding) and neither runs
+# float32: a float32 run keeps the exact math path. CPU: the flash kernel, which takes the
+# mask as an additive bias.
+KERNELS: dict[str, list[Kernel]] = {
+    "cuda": [
+        Kernel("flash", cuda_flash, HALF, max_head_dim=256, head_dim_multiple=8),
+        Kernel("efficient", cuda_efficient, HALF, head_dim_multiple=8),
+    ],
+    "cpu": [
+        Kernel(
+            "cpu_flash",
+            cpu_flash,
+            frozenset({torch.float32, torch.bfloat16, torch.float16}),
+            accepts_mask=True,
+        )
+    ],
+}
+
+# (device, dtype, kernel name) -> whether that kernel is used: set by its first-use check.
+_verdicts: dict[tuple, bool] = {}
+
+
+def attention_with_lse(query, key, value, mask, scaling, is_causal: bool):
+    """Attention output (B, H, Q, D) and log-sum-exp of the scores (B, H, Q). `mask`: None
+    or a boolean (B|1, 1, Q, K) mask of visible keys; `is_causal`: top-left causal."""
+    bias = None
+    if mask is not None:
+        bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~mask, -math.inf
+        )
+    args = (query, key, value, bias, scaling, is_causal)
+    for kernel in KERNELS.get(query.device.type, ()):
+        if not kernel.supports(query, key, value, mask, is_causal):
+            continue
+        where = (str(query.device), query.dtype, kernel.name)
+        if where not in _verdicts:
+            verdict = first_use_check(kernel, *args)
+            if verdict is None:  # nothing to compare yet: this call takes the math path
+                break
+            _verdicts[where] = verdict
+        if _verdicts[where]:
+            try:
+                return kernel.run(*args)
+            except Exception as error:  # inputs the check did not see: stop using it
+                _verdicts[where] = False
+                warn(kernel, query, f"failed ({first_line(error)})")
+    return attention_with_lse_math(*args)
+
+
+def attention_with_lse_math(query, key, value, bias, scaling, is_causal: bool = False):
+    """The portable path: the scores materialised in float32; a row that sees no key gets
+    output 0 and LSE -inf."""
+    scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * scaling
+    if bias is not None:
+        scores = scores + bias.float()
+    if is_causal:
+        q_len, k_len = scores.shape[-2:]
+        causal = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~causal, -math.inf)
+    lse = scores.logsumexp(-1)
+    weights = (scores - lse[..., None]).exp().nan_to_num(0.0)
+    return torch.matmul(weights, value.float()), lse
+
+
+def first_use_check(kernel: Kernel, query, key, value, bias, scaling, is_causal) -> bool | None:
+    """Whether `kernel` agrees with the math path on a slice of these inputs (if not, one
+    warning line); None if no row of the slice sees a key (left padding): undecided."""
+    n = min(query.shape[2], CHECK_ROWS)
+    q, k, v = (t[:CHECK_SEQUENCES, :CHECK_HEADS] for t in (query, key, value))
+    q = q[:, :, :n]
+    if is_causal:  # the square top-left block: row i sees keys 0..i
+        k, v = k[:, :, :n], v[:, :, :n]
+    b = None if bias is None else bias[:CHECK_SEQUENCES, :CHECK_HEADS, :n, : k.shape[2]]
+    want = attention_with_lse_math(q, k, v, b, scaling, is_causal)
+    if not torch.isfinite(want[1]).any():
+        return None
+    try:
+        got = kernel.run(q, k, v, b, scaling, is_causal)
+    except Exception as error:  # e.g. a signature that changed, a build without it
+        warn(kernel, query, f"failed ({first_line(error)})")
+        return False
+    problem = disagreement(got, want, v)
+    if problem:
+        warn(kernel, query, f"differs from the math path ({problem})")
+    return not problem
+
+
+def disagreement(got, want, value) -> str | None:
+    """What is wrong with a kernel's (out, lse) against the math path's, or None."""
+    (out, lse), (out_math, lse_math) = got, want
+    if out.shape != out_math.shape or lse.shape != lse_math.shape:
+        return f"shapes {tuple(out.shape)}, {tuple(lse.shape)}"
+    seen = torch.isfinite(lse_math)  # rows that see no key: kernels may give NaN there
+    out, out_math = out.float()[seen], out_math[seen]
+    lse, lse_math = lse.float()[seen], lse_math[seen]
+    if len(lse) == 0:
+        return None
+    out_error = (out - out_math).abs().max().nan_to_num(math.inf).item()
+    out_bound = TOLERANCE * value.float().abs().max().item()
+    lse_error = (lse - lse_math).abs().max().nan_to_num(math.inf).item()
+    lse_bound = TOLERANCE * max(1.0, lse_math.abs().max().item())
+    if out_error <= out_bound and lse_error <= lse_bound:
+        return None
+    return (
+        f"output error {out_error:.3g}, bound {out_bound:.3g}; "
+        f"LSE error {lse_error:.3g}, bound {lse_bound:.3g}"
+    )
+
+
+def warn(kernel: Kernel, query, what: str) -> None:
+    log.warning(
+        "attention kernel %s %s on %s %s: not used there again in this process (the next "
+        "candidate kernel or the float32 math path is)",
+        kernel.name,
+        what,
+        query.device,
+        str(query.dtype).removeprefix("torch."),
+    )

@@ -75,7 +75,7 @@ def compute_margins() -> dict:
     set_yes_no_rows(model, fp32, images, prompts, yes, no)
 
     def score(loaded, rule):
-        y, n = score_full_prompts(loaded, images, prompts, rule, yes, no)
+        y, n, _ = score_full_prompts(loaded, images, prompts, rule, yes, no)
         return y - n
 
     result = {"fp32": score(fp32, edit("eager")), "fp32 unedited": score(fp32, None)}

@@ -187,10 +187,29 @@ class LazyVisible:
         return self.mask
 
 
+def grouped_attention_with_lse(query, key, value, mask, scaling, is_causal: bool, n_rep: int):
+    """attention_with_lse for grouped-query attention: `n_rep` query heads share each K/V
+    head. Without a causal block the heads of a group are folded into the query rows, so K
+    and V are never copied (repeat_kv would copy a whole span in every layer); a causal
+    block needs each head's rows aligned with the keys, so there K and V are repeated."""
+    if n_rep == 1:
+        return attention_with_lse(query, key, value, mask, scaling, is_causal)
+    if is_causal:
+        key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+        return attention_with_lse(query, key, value, mask, scaling, is_causal)
+    batch, heads, n, dim = query.shape
+    folded = query.reshape(batch, heads // n_rep, n_rep * n, dim)  # row r * n + i
+    if mask is not None:
+        mask = mask.repeat(1, 1, n_rep, 1)
+    o, lse = attention_with_lse(folded, key, value, mask, scaling, False)
+    return o.reshape(batch, heads, n, dim), lse.reshape(batch, heads, n)
+
+
 class ModalitySpan:
     """One modality's keys: the range [lo, hi) they occupy over the batch, K and V sliced
-    to it (repeated for grouped-query attention), and whether the range is clean: keys of
-    this modality only, then at most trailing padding, in every row."""
+    to it (not repeated for grouped-query attention: see grouped_attention_with_lse), and
+    whether the range is clean: keys of this modality only, then at most trailing padding,
+    in every row."""
 
     def __init__(self, key, value, n_rep: int, key_modality, code: int):
         is_x = key_modality == code
@@ -204,8 +223,21 @@ class ModalitySpan:
         trailing_pad = (key_modality[:, self.lo : self.hi] == PAD) & ~inside
         self.clean = bool((inside | trailing_pad).all() and (inside.int().diff(dim=1) <= 0).all())
         self.is_x = inside[:, None, None, :]
-        self.key = repeat_kv(key[:, :, self.lo : self.hi], n_rep)
-        self.value = repeat_kv(value[:, :, self.lo : self.hi], n_rep)
+        self.key = key[:, :, self.lo : self.hi]
+        self.value = value[:, :, self.lo : self.hi]
+        self.n_rep = n_rep
+
+    def attention(self, query, keys: slice, mask, scaling, is_causal: bool):
+        """(output, LSE) of `query` over this span's keys `keys` (a slice of the span)."""
+        return grouped_attention_with_lse(
+            query,
+            self.key[:, :, keys],
+            self.value[:, :, keys],
+            mask,
+            scaling,
+            is_causal,
+            self.n_rep,
+        )
 
     def attend(self, query, first: int, visible: LazyVisible, scaling):
         """(o_X, A_X-ready LSE) for a block of query rows whose first row sits at sequence
@@ -230,27 +262,20 @@ class ModalitySpan:
             offset, width = first + inside.start - self.lo, inside.stop - inside.start
             q = query[:, :, inside]
             block = slice(offset, offset + width)
-            o, lse = attention_with_lse(
-                q, self.key[:, :, block], self.value[:, :, block], None, scaling, True
-            )
+            o, lse = self.attention(q, block, None, scaling, True)
             if offset > 0:  # the block of query rows starts inside the span
-                before = slice(0, offset)
-                o_b, lse_b = attention_with_lse(
-                    q, self.key[:, :, before], self.value[:, :, before], None, scaling, False
-                )
+                o_b, lse_b = self.attention(q, slice(0, offset), None, scaling, False)
                 o, lse = combine(o, lse, o_b, lse_b)
             o_x[:, :, inside], lse_x[:, :, inside] = o.float(), lse.float()
         after = slice(max(self.hi - first, 0), n)  # rows past the span see all of it
         if after.start < after.stop:
-            o, lse = attention_with_lse(
-                query[:, :, after], self.key, self.value, None, scaling, False
-            )
+            o, lse = self.attention(query[:, :, after], slice(None), None, scaling, False)
             o_x[:, :, after], lse_x[:, :, after] = o.float(), lse.float()
 
     def attend_masked(self, query, first, visible, o_x, lse_x, scaling) -> None:
         skip = min(max(0, self.lo - first), query.shape[2])  # rows before the span see none of it
         mask = visible[:, :, skip:, self.lo : self.hi] & self.is_x
-        o, lse = attention_with_lse(query[:, :, skip:], self.key, self.value, mask, scaling, False)
+        o, lse = self.attention(query[:, :, skip:], slice(None), mask, scaling, False)
         seen = mask.any(-1)  # a row that sees no key of X: kernels return 0 or NaN
         o_x[:, :, skip:] = torch.where(seen[..., None], o.float(), 0.0)
         lse_x[:, :, skip:] = torch.where(seen, lse.float(), -math.inf)

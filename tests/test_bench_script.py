@@ -8,6 +8,8 @@ from pathlib import Path
 
 FIGURES = [
     "overhead_ratio",
+    "runner_overhead_ratio",
+    "runner_overhead_ratio_system_image",
     "eager_overhead_ratio",
     "speedup_vs_naive",
     "prefix_sharing_speedup",

@@ -8,6 +8,7 @@ from benchmark_fixtures import (
     BEAF_ORIGINAL,
     SHARED,
     beaf_records,
+    needs_shared,
     write_beaf,
     write_hallusionbench,
     write_mme,
@@ -70,6 +71,7 @@ def test_mme_missing_image_error_or_skip(tmp_path):
     assert all(i.meta["category"] != "existence" for i in bench.items)
 
 
+@needs_shared
 def test_hallusionbench_real_annotations(tmp_path):
     records = json.loads((SHARED / "hallusionbench" / "HallusionBench.json").read_text())
     write_hallusionbench(tmp_path, records)
@@ -130,6 +132,7 @@ def test_winoground_release_layout(tmp_path):
     )
 
 
+@needs_shared
 def test_sugarcrepe_real_annotations(tmp_path):
     n_images = write_sugarcrepe_images(SHARED / "sugarcrepe", tmp_path / "val2017")
     args = [

@@ -3,6 +3,7 @@ rendered as the paper's table by the report) and +sweep=dose."""
 
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 import yaml
@@ -67,25 +68,33 @@ def test_dose_sweep(tmp_path):
 
 
 def test_uniform_dose_and_guided_pai_through_the_cli(tmp_path):
-    runs = {
-        "uniform": [
-            "intervention=redistribute",
-            "intervention.mode=uniform",
-            "intervention.fraction=0.5",
-            "layers=q4",
-        ],
-        "pai": ["intervention=pai", "intervention.cfg_gamma=1.1", "layers.start=2"],
+    runs = {  # overrides, the job's name
+        "uniform": (
+            [
+                "intervention=redistribute",
+                "intervention.mode=uniform",
+                "intervention.fraction=0.5",
+                "layers=q4",
+            ],
+            "toy system->text f=0.5 uniform layers 6-7",
+        ),
+        "pai": (
+            ["intervention=pai", "intervention.cfg_gamma=1.1", "layers.start=2"],
+            "toy PAI a=0.2 cfg=1.1 layers 2-7",
+        ),
     }
-    for name, overrides in runs.items():
+
+    def one(name):
         cwd = tmp_path / name
         cwd.mkdir()
-        result = run_cli("model=tiny", *overrides, cwd=cwd)
+        return cwd, run_cli("model=tiny", "benchmark.limit=4", *runs[name][0], cwd=cwd)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = dict(zip(runs, pool.map(one, runs), strict=True))
+    for name, (cwd, result) in results.items():
         assert result.returncode == 0, result.stderr[-3000:]
         (job,) = (cwd / "outputs" / "runs").iterdir()
         metrics = read_metrics(job)
-        assert metrics["n_items"] == 48 and "baseline_paired_accuracy" in metrics
+        assert metrics["n_items"] == 8 and "baseline_paired_accuracy" in metrics
         config = yaml.safe_load((job / "config.yaml").read_text())
-        assert config["job"]["name"] in (
-            "toy system->text f=0.5 uniform layers 6-7",
-            "toy PAI a=0.2 cfg=1.1 layers 2-7",
-        )
+        assert config["job"]["name"] == runs[name][1]

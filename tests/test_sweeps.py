@@ -197,22 +197,60 @@ def test_killed_job_resumes_with_identical_results(tmp_path, slow_checkpoint):
     assert pa.equals(pb)
 
 
-def write_batches(root, worker: int, n_batches: int) -> None:
-    cache = ScoreCache(root, {"condition": "shared"})
-    for b in range(n_batches):
-        keys = [f"w{worker}-b{b}-{i}" for i in range(5)]
-        cache.save(keys, [worker + b + i / 10 for i in range(5)], [-float(b)] * 5)
+N_WRITERS, N_BATCHES, BATCH = 4, 100, 200
+CONDITION = {"condition": "shared"}
 
 
-def test_concurrent_writers_never_corrupt_the_cache(tmp_path):
-    processes = [
-        multiprocessing.Process(target=write_batches, args=(tmp_path, w, 200)) for w in range(4)
+def batch(worker: int, b: int) -> tuple[list[str], list[float], list[float]]:
+    keys = [f"w{worker}-b{b}-{i}" for i in range(BATCH)]
+    return keys, [worker * 1000 + b + i / 1000 for i in range(BATCH)], [-float(b)] * BATCH
+
+
+def write_batches(root, worker: int, start) -> None:
+    start.wait()
+    cache = ScoreCache(root, CONDITION)
+    for b in range(N_BATCHES):
+        cache.save(*batch(worker, b))
+
+
+def batches_seen(scores: dict) -> dict[int, int]:
+    """How many batches of each writer a reader sees, after checking that it sees exactly
+    whole batches, with their values, and for each writer its first ones (written in order)."""
+    seen = {}
+    for w in range(N_WRITERS):
+        seen[w] = 0
+        while seen[w] < N_BATCHES and f"w{w}-b{seen[w]}-0" in scores:
+            seen[w] += 1
+    whole = {}
+    for w, n in seen.items():
+        for b in range(n):
+            keys, yes, no = batch(w, b)
+            whole.update(zip(keys, zip(yes, no, strict=True), strict=True))
+    assert scores == whole
+    return seen
+
+
+def test_readers_racing_concurrent_writers_see_only_whole_batches(tmp_path):
+    """Four processes append batches to one condition while this one reads it over and
+    over: every read is whole batches (a line being written is not half-read), and what was
+    seen stays seen."""
+    start = multiprocessing.Event()
+    writers = [
+        multiprocessing.Process(target=write_batches, args=(tmp_path, w, start))
+        for w in range(N_WRITERS)
     ]
-    for p in processes:
+    for p in writers:
         p.start()
-    for p in processes:
+    start.set()
+    snapshots = []
+    while any(p.is_alive() for p in writers):
+        snapshots.append(batches_seen(ScoreCache(tmp_path, CONDITION).load()))
+    for p in writers:
         p.join()
-    scores = ScoreCache(tmp_path, {"condition": "shared"}).load()
-    assert len(scores) == 4 * 200 * 5
-    assert scores["w3-b199-4"] == (3 + 199 + 0.4, -199.0)
-    assert len(list(tmp_path.glob("*/scores-*.jsonl"))) == 4
+        assert p.exitcode == 0
+    final = batches_seen(ScoreCache(tmp_path, CONDITION).load())
+    assert final == dict.fromkeys(range(N_WRITERS), N_BATCHES)
+    for before, after in zip(snapshots, [*snapshots[1:], final], strict=True):
+        assert all(after[w] >= before[w] for w in before), "a read lost batches"
+    total = N_WRITERS * N_BATCHES
+    assert any(0 < sum(s.values()) < total for s in snapshots), "no read raced the writers"

@@ -16,16 +16,15 @@ from benchmark_fixtures import (
     write_sugarcrepe_images,
     write_winoground,
 )
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 
-from sysattn_exp.__main__ import CONF_DIR
 from sysattn_exp.benchmarks import load_benchmark
 from sysattn_exp.errors import UsageError
 
 
 def benchmark_cfg(*overrides: str):
     """The benchmark node as the CLI composes it."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_module("sysattn_exp.conf", version_base="1.3"):
         return compose("config", overrides=list(overrides)).benchmark
 
 

@@ -8,15 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pandas as pd
 import yaml
 from cli import read_metrics, run_cli
-from hydra import compose, initialize_config_dir
-
-from sysattn_exp.__main__ import CONF_DIR
+from hydra import compose, initialize_config_module
 
 SIX = ["mme", "hallusionbench", "naturalbench", "winoground", "sugarcrepe", "beaf"]
 
 
 def test_paper_sweep_is_the_full_grid_over_six_benchmarks():
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_module("sysattn_exp.conf", version_base="1.3"):
         cfg = compose("config", overrides=["+sweep=paper"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
     assert params.benchmark.split(",") == SIX
@@ -24,7 +22,9 @@ def test_paper_sweep_is_the_full_grid_over_six_benchmarks():
 
 
 def test_paper_sweep_runs_and_the_report_renders_it(tmp_path):
-    result = run_cli("+sweep=paper", "model=tiny", "benchmark=toy", cwd=tmp_path)
+    result = run_cli(
+        "+sweep=paper", "model=tiny", "benchmark=toy", "benchmark.limit=2", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep,) = (tmp_path / "outputs" / "multiruns").iterdir()
     conditions = set()
@@ -54,7 +54,7 @@ def test_paper_sweep_runs_and_the_report_renders_it(tmp_path):
 
 
 def test_dose_sweep(tmp_path):
-    result = run_cli("+sweep=dose", "model=tiny", cwd=tmp_path)
+    result = run_cli("+sweep=dose", "model=tiny", "benchmark.limit=2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep,) = (tmp_path / "outputs" / "multiruns").iterdir()
     seen = set()

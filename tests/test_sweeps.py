@@ -5,10 +5,12 @@ writers, and a failure summary that lets the other jobs finish."""
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -16,6 +18,7 @@ import pytest
 from cli import read_metrics, run_cli
 
 from sysattn_exp.cache import ScoreCache
+from sysattn_exp.sync import sync as sync_dir
 
 TIMING = {"scoring_seconds", "items_per_second", "n_items_from_cache"}
 
@@ -40,6 +43,7 @@ def test_submitit_local_sweep_is_one_mlflow_tree(tmp_path):
         "intervention=redistribute",
         "layers=q3,q4",
         "hydra/launcher=submitit_local",
+        "benchmark.limit=2",
     ]
     result = run_cli(*args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -60,26 +64,73 @@ def test_submitit_local_sweep_is_one_mlflow_tree(tmp_path):
     assert sorted(r.data.params["layers.resolved"] for r in children) == ["4,5", "6,7"]
 
 
-def test_rerun_recomputes_nothing_and_logs_nothing_new(tmp_path):
-    args = ["-m", "model=tiny", "intervention=redistribute", "layers=q1,q4"]
-    first = run_cli(*args, cwd=tmp_path)
+@pytest.fixture(scope="module")
+def rerun(tmp_path_factory):
+    """The same sweep run twice into one store: (cwd, first sweep folder, second run)."""
+    cwd = tmp_path_factory.mktemp("rerun")
+    args = ["-m", "model=tiny", "intervention=redistribute", "layers=q1,q4", "benchmark.limit=4"]
+    first = run_cli(*args, cwd=cwd)
     assert first.returncode == 0, first.stderr[-3000:]
-    n_runs = len(runs_of(tmp_path))
-    second = run_cli(*args, cwd=tmp_path)
+    (first_dir,) = sweep_dirs(cwd)
+    second = run_cli(*args, cwd=cwd)
     assert second.returncode == 0, second.stderr[-3000:]
-    old, new = (results(d) for d in sweep_dirs(tmp_path))
+    return cwd, first_dir, second
+
+
+def test_rerun_recomputes_nothing_and_logs_nothing_new(rerun):
+    cwd, _, second = rerun
+    old, new = (results(d) for d in sweep_dirs(cwd))
     for job in old:
-        assert new[job]["n_items_from_cache"] == new[job]["n_items"] == 48
+        assert new[job]["n_items_from_cache"] == new[job]["n_items"] == 8
         assert {k: v for k, v in new[job].items() if k not in TIMING} == {
             k: v for k, v in old[job].items() if k not in TIMING
         }
-    assert len(runs_of(tmp_path)) == n_runs == 3
-    assert "already logged as MLflow run" in second.stdout + second.stderr
+    assert len(runs_of(cwd)) == 3
+    assert (second.stdout + second.stderr).count("already logged as MLflow run") == 2
+
+
+def test_sync_a_logged_sweep_to_another_store(rerun, tmp_path):
+    """The sweep folder's markers name runs of store A; store B gets its own parent (the
+    same sweep key) with every job under it, once."""
+    cwd, first_dir, _ = rerun
+    sweep_dir = tmp_path / first_dir.name
+    shutil.copytree(first_dir, sweep_dir)
+    store_a = runs_of(cwd)
+    (parent_a,) = [r for r in store_a if r.data.tags.get("sysattn.kind") == "sweep"]
+    other = f"sqlite:///{tmp_path}/other.db"
+    sync = subprocess.run(
+        [sys.executable, "-m", "sysattn_exp.sync", str(sweep_dir), "--tracking-uri", other],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert sync.returncode == 0, sync.stderr[-3000:]
+    assert "logged 2 job(s); 0 were already logged" in sync.stdout
+    mlflow.set_tracking_uri(other)
+    runs = mlflow.search_runs(experiment_names=["sysattn"], output_format="list")
+    (parent,) = [r for r in runs if r.data.tags.get("sysattn.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("sysattn.kind") == "job"]
+    assert parent.data.tags["sysattn.sweep_key"] == parent_a.data.tags["sysattn.sweep_key"]
+    assert parent.info.run_id != parent_a.info.run_id
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+    metrics = {job: m["paired_accuracy"] for job, m in results(sweep_dir).items()}
+    assert {
+        Path(r.data.tags["sysattn.job_dir"]).name: r.data.metrics["paired_accuracy"]
+        for r in children
+    } == metrics
+    assert len(runs_of(cwd)) == len(store_a), "store A is left as it was"
+    assert sync_dir(sweep_dir, other) == (0, 2)
+    assert len(mlflow.search_runs(experiment_names=["sysattn"], output_format="list")) == len(runs)
 
 
 def test_failing_job_does_not_stop_the_others(tmp_path):
     result = run_cli(
-        "-m", "model=tiny", "intervention=redistribute", "layers.end=9,6", cwd=tmp_path
+        "-m",
+        "model=tiny",
+        "intervention=redistribute",
+        "layers.end=9,6",
+        "benchmark.limit=2",
+        cwd=tmp_path,
     )
     assert result.returncode == 2  # the only failure is bad input
     assert "error: 1 of 2 jobs failed: layers [0, 9) is outside" in result.stderr
@@ -94,7 +145,13 @@ def test_sync_logs_jobs_after_a_tracking_failure(tmp_path):
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     try:
         result = run_cli(
-            "-m", "model=tiny", "intervention=redistribute", "layers=q2,q4", *env_args, cwd=tmp_path
+            "-m",
+            "model=tiny",
+            "intervention=redistribute",
+            "layers=q2,q4",
+            "benchmark.limit=2",
+            *env_args,
+            cwd=tmp_path,
         )
     finally:
         del os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]

@@ -97,7 +97,12 @@ def test_profile_matches_reference_weights(loaded, edit):
 
 def test_profile_through_the_cli(tmp_path):
     result = run_cli(
-        "model=tiny", "+task=profile", "intervention=redistribute", "layers=q4", cwd=tmp_path
+        "model=tiny",
+        "+task=profile",
+        "intervention=redistribute",
+        "layers=q4",
+        "benchmark.limit=4",
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (job,) = (tmp_path / "outputs" / "runs").iterdir()

@@ -86,12 +86,11 @@ def load(args) -> LoadedModel:
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
         model.to(device, dtype)
         return LoadedModel(model, processor, device, dtype)
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
 
-    from sysattn_exp.__main__ import CONF_DIR
     from sysattn_exp.models import load_model
 
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_module("sysattn_exp.conf", version_base="1.3"):
         cfg = compose("config", overrides=[f"model={args.model}", f"model.device={args.device}"])
     return load_model(cfg.model)
 

@@ -19,9 +19,6 @@ from sysattn_exp.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-# The config tree ships inside the package, so an installed wheel finds it too.
-CONF_DIR = str(Path(__file__).resolve().parent / "conf")
-
 
 @hydra.main(version_base="1.3", config_path="pkg://sysattn_exp.conf", config_name="config")
 def run_job(cfg: DictConfig) -> dict | None:

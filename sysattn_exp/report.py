@@ -4,16 +4,17 @@ by how much.
     python -m sysattn_exp.report                          # the newest sweep
     python -m sysattn_exp.report report.parent=<run id> report.out=outputs/report-q4
 
-One row per benchmark x intervention x layer range (and the baseline), with paired
+One row per benchmark x model x intervention x layer range (and the baseline), with paired
 accuracy, yes-rate, yes-bias, accuracy, the change in paired accuracy against the
 baseline in points and in percent (as the paper reports it) and the benchmark's main
 native metric. Written as comparison.csv and comparison.md, with a heatmap per benchmark
-(layer range x intervention, colour = change in paired accuracy) and yes-rate bars; all
-of it is also logged to the sweep's parent run. paper_table.csv / .md pivot the change in
-paired accuracy (percent) to one row per condition and one column per benchmark, as the
-paper's table.
+and model (layer range x intervention, colour = change in paired accuracy) and yes-rate
+bars; all of it is also logged to the sweep's parent run. paper_table.csv / .md pivot the
+change in paired accuracy (percent) to one row per condition and one column per benchmark,
+as the paper's table (with several models, each condition's label starts with its model).
 """
 
+import re
 import sys
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from sysattn_exp.tracking import connect
 
 COLUMNS = [
     "benchmark",
+    "model",
     "intervention",
     "layers",
     "paired_accuracy",
@@ -107,17 +109,24 @@ def layers_label(run: pd.Series) -> str:
     return span
 
 
+# A condition is a benchmark, a model and a rule: runs of two models never merge.
+CONDITION = ["benchmark", "model", "intervention", "layers"]
+
+
 def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per benchmark x intervention x layer range, and a baseline row per benchmark
-    (from a baseline job, or the baseline values every intervention job logs)."""
+    """One row per benchmark x model x intervention x layer range, and a baseline row per
+    benchmark and model (from a baseline job, or the baseline values every intervention job
+    logs)."""
     rows = []
     for _, run in runs.iterrows():
         benchmark = run["params.benchmark.name"]
+        model = run.get("params.model.name_or_path")
         native = MAIN_METRICS.get(benchmark)
         metric = run.filter(like="metrics.").rename(lambda name: name[len("metrics.") :]).get
         rows.append(
             {
                 "benchmark": benchmark,
+                "model": model,
                 "intervention": intervention_label(run),
                 "layers": layers_label(run),
                 "paired_accuracy": metric("paired_accuracy"),
@@ -134,6 +143,7 @@ def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
             rows.append(
                 {
                     "benchmark": benchmark,
+                    "model": model,
                     "intervention": "baseline",
                     "layers": "-",
                     "paired_accuracy": metric("baseline_paired_accuracy"),
@@ -146,11 +156,9 @@ def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
                     "native_value": metric(f"baseline_{native}") if native else None,
                 }
             )
-    table = pd.DataFrame(rows, columns=COLUMNS).drop_duplicates(
-        ["benchmark", "intervention", "layers"]
-    )
+    table = pd.DataFrame(rows, columns=COLUMNS).drop_duplicates(CONDITION)
     table["baseline_first"] = table["intervention"] != "baseline"
-    table = table.sort_values(["benchmark", "baseline_first", "intervention", "layers"])
+    table = table.sort_values(["benchmark", "model", "baseline_first", "intervention", "layers"])
     return table.drop(columns="baseline_first").reset_index(drop=True)
 
 
@@ -159,6 +167,8 @@ def paper_table(table: pd.DataFrame, value: str) -> pd.DataFrame:
     percent or points), one row per condition (rule and layers), one column per benchmark."""
     edits = table[table["intervention"] != "baseline"]
     condition = edits["intervention"] + " " + edits["layers"]
+    if table["model"].nunique(dropna=False) > 1:
+        condition = edits["model"].astype(str) + ": " + condition
     grid = edits.assign(condition=condition).pivot_table(
         index="condition", columns="benchmark", values=value, dropna=False
     )
@@ -198,7 +208,11 @@ def plots(table: pd.DataFrame, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     files = []
-    for benchmark, rows in table.groupby("benchmark"):
+    several_models = table["model"].nunique(dropna=False) > 1
+    for (benchmark, model), rows in table.groupby(["benchmark", "model"], dropna=False):
+        # One model keeps the plain file names; with several, each model gets its own.
+        name = f"{benchmark}_{slug(model)}" if several_models else benchmark
+        title = f"{benchmark} ({model})" if several_models else benchmark
         edits = rows[rows["intervention"] != "baseline"]
         if not edits.empty:
             grid = edits.pivot_table(
@@ -213,17 +227,22 @@ def plots(table: pd.DataFrame, out: Path) -> list[Path]:
                 shade = "white" if abs(value) > limit / 2 else "black"
                 ax.text(j, i, f"{value:+.1f}", ha="center", va="center", fontsize=8, color=shade)
             fig.colorbar(image, ax=ax, label="points vs baseline")
-            ax.set_title(f"{benchmark}: paired accuracy vs baseline")
-            files.append(save(fig, out / f"heatmap_{benchmark}.png"))
+            ax.set_title(f"{title}: paired accuracy vs baseline")
+            files.append(save(fig, out / f"heatmap_{name}.png"))
         labels = [f"{r.intervention} {r.layers}".replace(" -", "") for r in rows.itertuples()]
         fig, ax = plt.subplots(figsize=(2 + 0.5 * len(rows), 3.5))
         ax.bar(range(len(rows)), rows["yes_rate"], color=["grey"] + ["tab:blue"] * (len(rows) - 1))
         ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
         ax.set_ylabel("yes-rate")
         ax.set_ylim(0, 1)
-        ax.set_title(f"{benchmark}: yes-rate by condition")
-        files.append(save(fig, out / f"yes_rate_{benchmark}.png"))
+        ax.set_title(f"{title}: yes-rate by condition")
+        files.append(save(fig, out / f"yes_rate_{name}.png"))
     return files
+
+
+def slug(model) -> str:
+    """A model's name (hub id, folder) as a file-name part."""
+    return re.sub(r"[^\w.-]+", "_", str(model)).strip("_")
 
 
 def save(fig, path: Path) -> Path:

@@ -6,17 +6,26 @@ or when the tracking server could not be reached while the jobs ran.
 
 Each job is logged to the tracking store its config names, unless --tracking-uri is given;
 jobs of a sweep go under the sweep's parent run (created if it is missing). A job already
-in the store is not logged twice.
+in the store is not logged twice. A sweep already logged to one store can be logged to
+another with --tracking-uri: its parent there is found by the sweep's key, or created.
 """
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from sysattn_exp.tracking import JOB_MARKER, SWEEP_MARKER, log_job_dir, sweep_key, sweep_parent
+from sysattn_exp.tracking import (
+    JOB_MARKER,
+    SWEEP_MARKER,
+    absolute_uri,
+    log_job_dir,
+    sweep_key,
+    sweep_parent,
+)
 
 
 def job_dirs(root: Path) -> list[Path]:
@@ -35,7 +44,8 @@ def tracking_config(job_dir: Path, uri: str | None):
 
 def ensure_parent(sweep_dir: Path, tracking) -> None:
     """A sweep folder whose parent run was never created (the store was down) gets one,
-    keyed like the callback would have keyed it."""
+    keyed like the callback would have keyed it. (A parent recorded for another store is
+    found or created by log_job_dir.)"""
     if (sweep_dir / SWEEP_MARKER).exists() or not (sweep_dir / "multirun.yaml").exists():
         return
     sweep = OmegaConf.load(sweep_dir / "multirun.yaml")
@@ -43,11 +53,20 @@ def ensure_parent(sweep_dir: Path, tracking) -> None:
     sweep_parent(tracking, sweep_dir, *sweep_key(sweep))
 
 
+def already_logged(job_dir: Path, uri: str | None) -> bool:
+    """Whether the job's marker says it is logged: anywhere, or with --tracking-uri, to
+    that store (a sweep synced to a second store is logged there too)."""
+    marker = job_dir / JOB_MARKER
+    if not marker.exists():
+        return False
+    return uri is None or json.loads(marker.read_text())["uri"] == absolute_uri(uri)
+
+
 def sync(root: Path, uri: str | None = None) -> tuple[int, int]:
     """(jobs logged now, jobs already logged)."""
     logged = skipped = 0
     for job_dir in job_dirs(root):
-        if (job_dir / JOB_MARKER).exists() and not uri:
+        if already_logged(job_dir, uri):
             skipped += 1
             continue
         tracking = tracking_config(job_dir, uri)

@@ -90,7 +90,8 @@ def sweep_parent(cfg, sweep_dir: Path, sweep_key: str, description: str) -> str:
         ) as run:
             mlflow.log_param("sweep", description[:6000])
             run_id = run.info.run_id
-    write_json(sweep_dir / SWEEP_MARKER, {"run_id": run_id, "sweep_key": sweep_key})
+    marker = {"run_id": run_id, "sweep_key": sweep_key, "description": description}
+    write_json(sweep_dir / SWEEP_MARKER, marker | {"uri": absolute_uri(cfg.uri)})
     return run_id
 
 
@@ -115,6 +116,21 @@ def results_digest(job_dir: Path) -> str:
     )
 
 
+def job_parent(cfg, sweep_dir: Path) -> str | None:
+    """The parent run, in the store cfg names, of a job in sweep_dir (None outside a sweep
+    that has a parent). A run id means nothing in another store: when the marker was written
+    for another one (the folder is synced elsewhere), the parent is found there by its sweep
+    key, or created."""
+    marker = sweep_dir / SWEEP_MARKER
+    if not marker.exists():
+        return None
+    record = json.loads(marker.read_text())
+    if record.get("uri") == absolute_uri(cfg.uri):
+        return record["run_id"]
+    key = record["sweep_key"]
+    return sweep_parent(cfg, sweep_dir, key, record.get("description", key))
+
+
 def log_profile(mlflow, table_path: Path) -> None:
     """attn_share_<modality> (answer position) and attn_share_text_rows_<modality>, with the
     decoder layer as the step."""
@@ -132,8 +148,7 @@ def log_job_dir(job_dir: Path, cfg) -> str:
     run, under its sweep's parent run if it has one; returns the run id."""
     config = yaml.safe_load((job_dir / "config.yaml").read_text())
     metrics = json.loads((job_dir / "metrics.json").read_text())
-    parent_file = job_dir.parent / SWEEP_MARKER
-    parent = json.loads(parent_file.read_text())["run_id"] if parent_file.exists() else None
+    parent = job_parent(cfg, job_dir.parent)
     mlflow, experiment_id = connect(cfg)
     tags = {
         "sysattn.job_key": config["job"]["key"],

@@ -246,15 +246,17 @@ def beaf() -> dict[str, datasets.Dataset]:
 
 
 def hub() -> dict[str, dict[str, datasets.Dataset]]:
-    """{repo id: {split: dataset}}: what the hub serves, as far as the loaders can tell."""
+    """{repo id: {split: dataset}}: what the hub serves, as far as the loaders can tell.
+    HallusionBench and SugarCrepe are built from the real annotation files, when present."""
+    from_shared = {}
+    if SHARED.is_dir():
+        from_shared = {"lmms-lab-encoder/HallusionBench": hallusionbench(), **sugarcrepe()}
     return {
         "lmms-lab-encoder/MME": mme(),
-        "lmms-lab-encoder/HallusionBench": hallusionbench(),
         "BaiqiL/NaturalBench": naturalbench(),
         "facebook/winoground": winoground(),
-        **sugarcrepe(),
         "MM-Hallu/BEAF": beaf(),
-    }
+    } | from_shared
 
 
 def fake_load_dataset(repos: dict[str, dict[str, datasets.Dataset]]):

@@ -8,6 +8,7 @@ from benchmark_fixtures import (
     BEAF_ORIGINAL,
     SHARED,
     beaf_records,
+    needs_shared,
     write_beaf,
     write_hallusionbench,
     write_mme,
@@ -15,16 +16,15 @@ from benchmark_fixtures import (
     write_sugarcrepe_images,
     write_winoground,
 )
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 
-from sysattn_exp.__main__ import CONF_DIR
 from sysattn_exp.benchmarks import load_benchmark
 from sysattn_exp.errors import UsageError
 
 
 def benchmark_cfg(*overrides: str):
     """The benchmark node as the CLI composes it."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_module("sysattn_exp.conf", version_base="1.3"):
         return compose("config", overrides=list(overrides)).benchmark
 
 
@@ -70,6 +70,7 @@ def test_mme_missing_image_error_or_skip(tmp_path):
     assert all(i.meta["category"] != "existence" for i in bench.items)
 
 
+@needs_shared
 def test_hallusionbench_real_annotations(tmp_path):
     records = json.loads((SHARED / "hallusionbench" / "HallusionBench.json").read_text())
     write_hallusionbench(tmp_path, records)
@@ -139,6 +140,7 @@ def test_winoground_release_layout(tmp_path):
     )
 
 
+@needs_shared
 def test_sugarcrepe_real_annotations(tmp_path):
     n_images = write_sugarcrepe_images(SHARED / "sugarcrepe", tmp_path / "val2017")
     args = [

@@ -2,11 +2,16 @@
 traceback, and no results that look complete."""
 
 import json
+import logging
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from cli import run_cli
 from conftest import make_image
+
+from sysattn_exp.__main__ import main
 
 TINY = ("model=tiny",)
 REDIS = ("model=tiny", "intervention=redistribute")
@@ -75,26 +80,59 @@ def write_data(root):
         (root / name).write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+# Through a real process, for the exit-status contract: a Hydra composition error, a config
+# check, a data file, and a check that needs the model (its depth). The other cases run
+# the same entry point in this process, which skips the start-up of a new interpreter.
+IN_A_PROCESS = [
+    "unknown model",
+    "recipient is the source",
+    "jsonl missing field",
+    "layers beyond depth",
+]
+
+
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    """Every case in its own folder, two at a time (the start-up is the slow part)."""
+def processes(tmp_path_factory):
+    """The IN_A_PROCESS cases, each in its own folder, two at a time."""
 
     def one(name):
         cwd = tmp_path_factory.mktemp(name.replace(" ", "_"))
         write_data(cwd)
-        return cwd, run_cli(*CASES[name][0], cwd=cwd)
+        result = run_cli(*CASES[name][0], cwd=cwd)
+        return cwd, result.returncode, result.stderr
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(CASES, pool.map(one, CASES), strict=True))
+        return dict(zip(IN_A_PROCESS, pool.map(one, IN_A_PROCESS), strict=True))
+
+
+def run_main(overrides, cwd: Path, monkeypatch, capsys) -> tuple[int, str]:
+    """`python -m sysattn_exp OVERRIDES` as main() in this process: (exit status, stderr)."""
+    write_data(cwd)
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["sysattn_exp", *overrides])
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # main() sets it for its own process
+    handlers = logging.root.handlers[:]  # Hydra configures logging for each job
+    try:
+        main()
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    finally:
+        logging.root.handlers[:] = handlers
+    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_clear_line(results, case):
-    cwd, result = results[case]
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines and lines[-1].startswith("error: "), result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+def test_bad_input_is_one_clear_line(processes, case, tmp_path, monkeypatch, capsys):
+    if case in IN_A_PROCESS:
+        cwd, code, stderr = processes[case]
+    else:
+        cwd = tmp_path
+        code, stderr = run_main(CASES[case][0], cwd, monkeypatch, capsys)
+    assert code == 2, stderr[-2000:]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: "), stderr[-2000:]
+    assert "Traceback" not in stderr
     for fragment in CASES[case][1]:
         assert fragment in lines[-1], lines[-1]
     assert not list(cwd.rglob("metrics.json")) and not list(cwd.rglob("predictions.parquet"))

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import mlflow
 import pandas as pd
 import pytest
-from benchmark_fixtures import BEAF_ORIGINAL, SHARED
+from benchmark_fixtures import BEAF_ORIGINAL, SHARED, needs_shared
 from cli import read_metrics
 from hub_fixtures import MME_IMAGES, fake_load_dataset, hub, naturalbench
 from test_benchmark_loaders import benchmark_cfg, groups_of
@@ -71,6 +71,7 @@ def test_mme_hub_counts(on_hub):
     assert bench.load_image(bench.items[-1].image_id).mode == "RGB"
 
 
+@needs_shared
 def test_hallusionbench_hub_counts_include_no_image_questions(on_hub):
     records = json.loads((SHARED / "hallusionbench" / "HallusionBench.json").read_text())
     bench = load_benchmark(benchmark_cfg("benchmark=hallusionbench"))
@@ -114,6 +115,7 @@ def test_winoground_hub_counts(on_hub):
     assert all(i.label == (i.meta["caption_index"] == i.meta["image_index"]) for i in bench.items)
 
 
+@needs_shared
 def test_sugarcrepe_hub_counts(on_hub):
     sizes = {f.stem: len(json.loads(f.read_text())) for f in (SHARED / "sugarcrepe").glob("*.json")}
     bench = load_benchmark(benchmark_cfg("benchmark=sugarcrepe"))
@@ -163,7 +165,12 @@ CLI_CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CLI_CASES))
+FROM_SHARED = {"hallusionbench", "sugarcrepe"}  # built from the real annotation files
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=needs_shared) if n in FROM_SHARED else n for n in CLI_CASES]
+)
 def test_hub_path_through_cli(on_hub, tracking_uri, tmp_path, monkeypatch, name):
     overrides, expected = CLI_CASES[name]
     status = run_main(
@@ -225,7 +232,15 @@ BAD_HUB_INPUT = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_HUB_INPUT))
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(c, marks=needs_shared)
+        if "hallusionbench" in " ".join(BAD_HUB_INPUT[c][0])
+        else c
+        for c in BAD_HUB_INPUT
+    ],
+)
 def test_bad_hub_input_one_line_exit_2(on_hub, repos, tmp_path, monkeypatch, capsys, case):
     import datasets
 
@@ -267,6 +282,7 @@ def test_gated_repo_reports_the_real_error_beside_the_licence(monkeypatch):
     assert "\n" not in message
 
 
+@needs_shared
 def test_hallusionbench_hub_dry_run_counts(on_hub, tmp_path, monkeypatch, capsys):
     """The full hub data through the CLI without the model: all 1,129 questions in the 455
     pairs of the release, 178 of them without an image."""

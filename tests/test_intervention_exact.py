@@ -255,6 +255,11 @@ def test_fraction_zero_is_the_baseline_and_one_is_the_full_rule(gqa_llava, padde
         model, padded_batch, Redistribution("system", ("text",), layers, fraction=0.0)
     )
     assert torch.allclose(none[real], sysattn_logits(model, padded_batch, None)[real], atol=1e-5)
+    full = sysattn_logits(
+        model, padded_batch, Redistribution("system", ("text",), layers, fraction=1.0)
+    )
+    rule = {"source": "system", "recipients": {"text"}, "layers": layers}  # no fraction: all
+    assert torch.allclose(full[real], reference_logits(model, padded_batch, rule)[real], atol=1e-5)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

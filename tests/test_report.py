@@ -6,6 +6,9 @@ import sys
 import mlflow
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
+
+from sysattn_exp.report import report
 
 JOBS = [  # (benchmark, recipients, quarter, layers, paired, yes_rate, native)
     ("naturalbench", "text", 4, "24,25,26,27,28,29,30,31", 0.30, 0.55, 0.30),
@@ -111,19 +114,81 @@ def test_report_table_plots_and_parent_artifacts(tmp_path):
 def test_report_latest_sweep_and_bad_parent(tmp_path):
     uri = f"sqlite:///{tmp_path}/store.db"
     log_known_runs(uri, tmp_path / "artifacts")
-    common = [
-        sys.executable,
-        "-m",
-        "sysattn_exp.report",
-        f"tracking.uri={uri}",
-        "tracking.experiment=study",
-    ]
-    latest = subprocess.run(
-        [*common, f"report.out={tmp_path / 'r'}"], capture_output=True, text=True, cwd=tmp_path
+    # report.parent=latest is resolved by report() itself: in this process.
+    tracking = {"uri": uri, "experiment": "study", "artifact_location": str(tmp_path)}
+    report(
+        OmegaConf.create(
+            {"tracking": tracking, "report": {"parent": "latest", "out": str(tmp_path / "r")}}
+        )
     )
-    assert latest.returncode == 0, latest.stderr[-3000:]
     assert len(pd.read_csv(tmp_path / "r" / "comparison.csv")) == 6
+    # A bad parent through the CLI: one line and exit status 2.
     bad = subprocess.run(
-        [*common, "report.parent=abc"], capture_output=True, text=True, cwd=tmp_path
+        [
+            sys.executable,
+            "-m",
+            "sysattn_exp.report",
+            f"tracking.uri={uri}",
+            "tracking.experiment=study",
+            "report.parent=abc",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: report.parent=abc")
+    assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+
+
+def test_report_all_keeps_each_models_rows(tmp_path):
+    """Two models, the same benchmark and condition, in one store without a sweep: neither
+    model's rows replace the other's."""
+    uri = f"sqlite:///{tmp_path}/store.db"
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.create_experiment("models", artifact_location=tmp_path.as_uri())
+    models = {"llava-hf/llava-1.5-7b-hf": (0.30, 0.20), "llava-hf/llava-1.5-13b-hf": (0.45, 0.40)}
+    for model, (paired, base) in models.items():
+        with mlflow.start_run(experiment_id=experiment, tags={"sysattn.kind": "job"}):
+            mlflow.log_params(
+                {
+                    "benchmark.name": "naturalbench",
+                    "model.name_or_path": model,
+                    "intervention.name": "redistribute",
+                    "intervention.source": "system",
+                    "intervention.recipients": "text",
+                    "layers.quarter": 4,
+                    "layers.resolved": "24,25,26,27,28,29,30,31",
+                }
+            )
+            mlflow.log_metrics(
+                {
+                    "paired_accuracy": paired,
+                    "yes_rate": 0.6,
+                    "baseline_yes_rate": 0.7,
+                    "paired_accuracy_change_points": 100 * (paired - base),
+                    "paired_accuracy_change_pct": 100 * (paired - base) / base,
+                    "baseline_paired_accuracy": base,
+                }
+            )
+    cfg = OmegaConf.create(
+        {
+            "tracking": {"uri": uri, "experiment": "models", "artifact_location": str(tmp_path)},
+            "report": {"parent": "all", "out": str(tmp_path / "report")},
+        }
+    )
+    report(cfg)
+    table = pd.read_csv(tmp_path / "report" / "comparison.csv")
+    got = {(r.model, r.intervention): r.paired_accuracy for r in table.itertuples()}
+    assert got == pytest.approx(
+        {
+            **{(m, "system->text"): paired for m, (paired, _) in models.items()},
+            **{(m, "baseline"): base for m, (_, base) in models.items()},
+        }
+    )
+    paper = pd.read_csv(tmp_path / "report" / "paper_table.csv").set_index("condition")
+    assert paper["naturalbench"].to_dict() == pytest.approx(
+        {f"{m}: system->text q4 (24-31)": 100 * (p - b) / b for m, (p, b) in models.items()}
+    )
+    for model in models:
+        slug = model.replace("/", "_")
+        assert (tmp_path / "report" / f"heatmap_naturalbench_{slug}.png").stat().st_size > 0

@@ -3,19 +3,18 @@ rendered as the paper's table by the report) and +sweep=dose."""
 
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 import yaml
 from cli import read_metrics, run_cli
-from hydra import compose, initialize_config_dir
-
-from sysattn_exp.__main__ import CONF_DIR
+from hydra import compose, initialize_config_module
 
 SIX = ["mme", "hallusionbench", "naturalbench", "winoground", "sugarcrepe", "beaf"]
 
 
 def test_paper_sweep_is_the_full_grid_over_six_benchmarks():
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_module("sysattn_exp.conf", version_base="1.3"):
         cfg = compose("config", overrides=["+sweep=paper"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
     assert params.benchmark.split(",") == SIX
@@ -23,7 +22,9 @@ def test_paper_sweep_is_the_full_grid_over_six_benchmarks():
 
 
 def test_paper_sweep_runs_and_the_report_renders_it(tmp_path):
-    result = run_cli("+sweep=paper", "model=tiny", "benchmark=toy", cwd=tmp_path)
+    result = run_cli(
+        "+sweep=paper", "model=tiny", "benchmark=toy", "benchmark.limit=2", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep,) = (tmp_path / "outputs" / "multiruns").iterdir()
     conditions = set()
@@ -53,7 +54,7 @@ def test_paper_sweep_runs_and_the_report_renders_it(tmp_path):
 
 
 def test_dose_sweep(tmp_path):
-    result = run_cli("+sweep=dose", "model=tiny", cwd=tmp_path)
+    result = run_cli("+sweep=dose", "model=tiny", "benchmark.limit=2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep,) = (tmp_path / "outputs" / "multiruns").iterdir()
     seen = set()
@@ -67,25 +68,33 @@ def test_dose_sweep(tmp_path):
 
 
 def test_uniform_dose_and_guided_pai_through_the_cli(tmp_path):
-    runs = {
-        "uniform": [
-            "intervention=redistribute",
-            "intervention.mode=uniform",
-            "intervention.fraction=0.5",
-            "layers=q4",
-        ],
-        "pai": ["intervention=pai", "intervention.cfg_gamma=1.1", "layers.start=2"],
+    runs = {  # overrides, the job's name
+        "uniform": (
+            [
+                "intervention=redistribute",
+                "intervention.mode=uniform",
+                "intervention.fraction=0.5",
+                "layers=q4",
+            ],
+            "toy system->text f=0.5 uniform layers 6-7",
+        ),
+        "pai": (
+            ["intervention=pai", "intervention.cfg_gamma=1.1", "layers.start=2"],
+            "toy PAI a=0.2 cfg=1.1 layers 2-7",
+        ),
     }
-    for name, overrides in runs.items():
+
+    def one(name):
         cwd = tmp_path / name
         cwd.mkdir()
-        result = run_cli("model=tiny", *overrides, cwd=cwd)
+        return cwd, run_cli("model=tiny", "benchmark.limit=4", *runs[name][0], cwd=cwd)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = dict(zip(runs, pool.map(one, runs), strict=True))
+    for name, (cwd, result) in results.items():
         assert result.returncode == 0, result.stderr[-3000:]
         (job,) = (cwd / "outputs" / "runs").iterdir()
         metrics = read_metrics(job)
-        assert metrics["n_items"] == 48 and "baseline_paired_accuracy" in metrics
+        assert metrics["n_items"] == 8 and "baseline_paired_accuracy" in metrics
         config = yaml.safe_load((job / "config.yaml").read_text())
-        assert config["job"]["name"] in (
-            "toy system->text f=0.5 uniform layers 6-7",
-            "toy PAI a=0.2 cfg=1.1 layers 2-7",
-        )
+        assert config["job"]["name"] == runs[name][1]

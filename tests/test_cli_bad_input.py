@@ -60,6 +60,10 @@ CASES = {
         ["benchmark.template", "{question}"],
     ),
     "bad dtype": ((*TINY, "model.dtype=float8"), ["model.dtype", "float32"]),
+    "unknown ranking": (
+        (*TINY, "scoring.rank_by=logit"),
+        ["scoring.rank_by='logit'", "p_yes, log_odds"],
+    ),
     "unknown prompt preset": (
         (*TINY, "benchmark.prompt=vicuna"),
         ["benchmark.prompt='vicuna'", "native, llava"],

@@ -16,6 +16,7 @@ COLUMNS = [
     "label",
     "yes_logit",
     "no_logit",
+    "p_yes",
     "pred",
     "correct",
 ]
@@ -56,6 +57,7 @@ def test_each_job_writes_predictions_and_metrics(sweep):
         assert len(predictions) == 8
         assert predictions["label"].dtype == bool and predictions["pred"].dtype == bool
         assert (predictions["pred"] == (predictions["yes_logit"] > predictions["no_logit"])).all()
+        assert predictions["p_yes"].between(0, 1).all()
         assert predictions["prompt"].str.endswith("Please answer yes or no. ASSISTANT:").all()
         assert predictions["prompt"].str.startswith("A chat between a curious user").all()
         metrics = read_metrics(job)

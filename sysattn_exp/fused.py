@@ -303,6 +303,3 @@ def attention_with_lse(query, key, value, mask, scaling, is_causal: bool):
     where one is known to agree (checked on first use), else the scores of this span
     materialised in float32 (kernels.py)."""
     return kernels.attention_with_lse(query, key, value, mask, scaling, is_causal)
-
-
-attention_with_lse_math = kernels.attention_with_lse_math

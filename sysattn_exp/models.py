@@ -114,7 +114,11 @@ def prompt_modalities(processor, image, prompt: str) -> dict[str, int]:
     )
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     n_image = int((ids == processor.image_token_id).sum())
-    start = torch.tensor([question_token_start(processor.tokenizer, prompt)])
+    start = (
+        None
+        if image is not None
+        else torch.tensor([question_token_start(processor.tokenizer, prompt)])
+    )
     split = modality_ids(ids, mask, processor.image_token_id, n_image, text_start=start)
     return modality_counts(split[0])
 

@@ -72,26 +72,28 @@ def write_hallusionbench(root: Path, records: list[dict]) -> None:
             save_image(root / "images" / record["filename"], n)
 
 
+def naturalbench_columns(type_column: str = "Question_Type") -> list[str]:
+    """BaiqiL/NaturalBench's columns; older revisions spell the type column "Question Type"."""
+    return [
+        "Index",
+        "Image_0",
+        "Image_1",
+        "Question_0",
+        "Image_0_Question_0",
+        "Image_1_Question_0",
+        "Question_1",
+        "Image_0_Question_1",
+        "Image_1_Question_1",
+        type_column,
+        "Source",
+    ]
+
+
 def write_naturalbench(root: Path, n_samples: int = 3) -> None:
     """Parquet as `datasets` writes BaiqiL/NaturalBench: images as {bytes, path} structs."""
     import datasets
 
-    rows = {
-        key: []
-        for key in [
-            "Index",
-            "Image_0",
-            "Image_1",
-            "Question_0",
-            "Image_0_Question_0",
-            "Image_1_Question_0",
-            "Question_1",
-            "Image_0_Question_1",
-            "Image_1_Question_1",
-            "Question_Type",
-            "Source",
-        ]
-    }
+    rows = {key: [] for key in naturalbench_columns()}
     for i in range(n_samples + 1):
         rows["Index"].append(i)
         rows["Image_0"].append(make_image(COLOURS[i % 6]))

@@ -28,7 +28,7 @@ import json
 from functools import cache
 
 import datasets
-from benchmark_fixtures import BEAF_ORIGINAL, COLOURS, SHARED, beaf_records
+from benchmark_fixtures import BEAF_ORIGINAL, COLOURS, SHARED, beaf_records, naturalbench_columns
 from conftest import make_image
 
 # Published MME sizes: images per category (two questions each): 1,187 images, 2,374 rows.
@@ -114,22 +114,7 @@ def hallusionbench() -> dict[str, datasets.Dataset]:
 
 def naturalbench(n_samples=1900, n_multiple_choice=300, type_column="Question_Type"):
     """The first n_multiple_choice samples are multiple choice ("A"/"B" answers)."""
-    rows = {
-        k: []
-        for k in [
-            "Index",
-            "Image_0",
-            "Image_1",
-            "Question_0",
-            "Image_0_Question_0",
-            "Image_1_Question_0",
-            "Question_1",
-            "Image_0_Question_1",
-            "Image_1_Question_1",
-            type_column,
-            "Source",
-        ]
-    }
+    rows = {k: [] for k in naturalbench_columns(type_column)}
     for i in range(n_samples):
         mc = i < n_multiple_choice
         yes, no = ("A", "B") if mc else ("Yes", "No")

@@ -32,6 +32,12 @@ def sweep_dirs(cwd):
     return sorted((cwd / "outputs" / "multiruns").iterdir())
 
 
+def run_sync(folder, uri: str, cwd) -> subprocess.CompletedProcess:
+    """`python -m sysattn_exp.sync FOLDER --tracking-uri URI`, as a user runs it."""
+    command = [sys.executable, "-m", "sysattn_exp.sync", str(folder), "--tracking-uri", uri]
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd)
+
+
 def results(sweep_dir) -> dict:
     return {job.name: read_metrics(job) for job in sorted(sweep_dir.glob("job*"))}
 
@@ -98,12 +104,7 @@ def test_sync_a_logged_sweep_to_another_store(rerun, tmp_path):
     store_a = runs_of(cwd)
     (parent_a,) = [r for r in store_a if r.data.tags.get("sysattn.kind") == "sweep"]
     other = f"sqlite:///{tmp_path}/other.db"
-    sync = subprocess.run(
-        [sys.executable, "-m", "sysattn_exp.sync", str(sweep_dir), "--tracking-uri", other],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
+    sync = run_sync(sweep_dir, other, cwd=tmp_path)
     assert sync.returncode == 0, sync.stderr[-3000:]
     assert "logged 2 job(s); 0 were already logged" in sync.stdout
     mlflow.set_tracking_uri(other)
@@ -160,12 +161,7 @@ def test_sync_logs_jobs_after_a_tracking_failure(tmp_path):
     (sweep_dir,) = sweep_dirs(tmp_path)
     assert len(results(sweep_dir)) == 2 and not (sweep_dir / "mlflow_parent.json").exists()
     store = f"sqlite:///{tmp_path}/outputs/mlflow.db"
-    sync = subprocess.run(
-        [sys.executable, "-m", "sysattn_exp.sync", str(sweep_dir), "--tracking-uri", store],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
+    sync = run_sync(sweep_dir, store, cwd=tmp_path)
     assert sync.returncode == 0, sync.stderr[-3000:]
     assert "logged 2 job(s)" in sync.stdout
     runs = runs_of(tmp_path)

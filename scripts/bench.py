@@ -36,7 +36,8 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 from sysattn_exp.benchmarks.base import Benchmark, Item
 from sysattn_exp.intervention import Redistribution, eager_edited_attention
 from sysattn_exp.modality import modality_ids
-from sysattn_exp.models import LoadedModel, build_prompt, first_token_ids, use_sysattn
+from sysattn_exp.models import LoadedModel, first_token_ids, use_sysattn
+from sysattn_exp.prompts import build_prompt
 from sysattn_exp.scoring import (
     encode_full_prompts,
     plan_batches,
@@ -306,7 +307,6 @@ def peak_memory_probe(args) -> None:
         inputs["input_ids"],
         inputs["attention_mask"],
         loaded.image_token_id,
-        loaded.image_seq_length,
     )
     edit = Redistribution("system", ("text",), q4(loaded)) if args.memory_probe == "lse" else None
     if edit is None:

@@ -9,10 +9,13 @@ the redistribution is (DESIGN.md section 1)
 applied to rows whose query is real and that see some source and some recipient key
 (A_S > 0, A_R > 0); other rows keep sum_X A_X o_X. Each modality is a contiguous span of
 every row, so o_X and LSE_X come from one attention call on K and V sliced to the span.
-When the span holds only keys of X (padding, if any, after them), causality is all the
-masking it needs: rows inside the span attend causally to it, rows after it attend to all
-of it, and no mask is built. Otherwise (left padding, say) a (rows x span) mask is built,
-block by block of query rows so that it stays small at long context.
+When the span holds only keys of X (padding, if any, after them) and the model's mask is
+plain causal attention over the real keys, causality is all the masking it needs: rows
+inside the span attend causally to it, rows after it attend to all of it, and no mask is
+built. Otherwise (left padding, say) a (rows x span) mask is built,
+block by block of query rows so that it stays small at long context. So is a mask that
+does more than causality: sliding windows (Gemma 3's local layers), bidirectional image
+blocks (Gemma 3's image tokens), whatever the model's mask function builds.
 
 The scale baseline adds ln(factor) to one modality's LSE; PAI changes one score row per
 sequence (the answer's) and so is plain SDPA plus that row, materialised.
@@ -48,8 +51,9 @@ def fused_edited_attention(
         out = torch.empty_like(query)
     q_len, k_len = query.shape[2], key.shape[2]
     n_rep = query.shape[1] // key.shape[1]
+    causal_only = masks_only_causally(attention_mask, key_modality, q_len, k_len)
     spans = {
-        name: ModalitySpan(key, value, n_rep, key_modality, code)
+        name: ModalitySpan(key, value, n_rep, key_modality, code, causal_only)
         for name, code in MODALITIES.items()
     }
     query_is_real = key_modality[:, k_len - q_len :] != PAD
@@ -82,6 +86,24 @@ def fused_edited_attention(
                 shares = pai_shares(shares, pai_rows, rows, key_modality)
             profile.record(layer, shares, key_modality, rows, q_len)
     return out
+
+
+def masks_only_causally(attention_mask, key_modality, q_len: int, k_len: int) -> bool:
+    """Whether the model's mask lets every real query see exactly the real keys up to its
+    own position (checked block by block of query rows, to stay small at long context)."""
+    if attention_mask is None:  # transformers' plain causal prefill
+        return True
+    real_key = key_modality != PAD
+    real_query = real_key[:, k_len - q_len :]
+    positions = torch.arange(k_len, device=key_modality.device)
+    for start in range(0, q_len, max(1, BLOCK_ENTRIES // k_len)):
+        rows = slice(start, min(start + max(1, BLOCK_ENTRIES // k_len), q_len))
+        causal = positions[None, :] <= positions[k_len - q_len :][rows, None]
+        expected = causal[None] & real_key[:, None, :]
+        agree = (attention_mask[:, 0, rows] == expected) | ~real_query[:, rows, None]
+        if not bool(agree.all()):
+            return False
+    return True
 
 
 def pai_shares(shares: dict, pai_rows, rows: slice, key_modality) -> dict:
@@ -209,9 +231,9 @@ class ModalitySpan:
     """One modality's keys: the range [lo, hi) they occupy over the batch, K and V sliced
     to it (not repeated for grouped-query attention: see grouped_attention_with_lse), and
     whether the range is clean: keys of this modality only, then at most trailing padding,
-    in every row."""
+    in every row, under a mask that is causality alone (`causal_only`)."""
 
-    def __init__(self, key, value, n_rep: int, key_modality, code: int):
+    def __init__(self, key, value, n_rep: int, key_modality, code: int, causal_only=True):
         is_x = key_modality == code
         columns = is_x.any(0).nonzero()
         self.present, self.clean = len(columns) > 0, True
@@ -221,7 +243,9 @@ class ModalitySpan:
         inside = is_x[:, self.lo : self.hi]
         # Clean: within the range each row is X up to some point and padding after it.
         trailing_pad = (key_modality[:, self.lo : self.hi] == PAD) & ~inside
-        self.clean = bool((inside | trailing_pad).all() and (inside.int().diff(dim=1) <= 0).all())
+        self.clean = causal_only and bool(
+            (inside | trailing_pad).all() and (inside.int().diff(dim=1) <= 0).all()
+        )
         self.is_x = inside[:, None, None, :]
         self.key = key[:, :, self.lo : self.hi]
         self.value = value[:, :, self.lo : self.hi]

@@ -118,10 +118,12 @@ def redistribute_weights(weights, visible, key_modality, query_is_real, edit: Re
 
 
 def scale_weights(weights, key_modality, edit: Scale):
-    """a'_x = c a_x / (1 + (c - 1) A_X), a'_y = a_y / (1 + (c - 1) A_X)."""
+    """a'_x = c a_x / (1 + (c - 1) A_X), a'_y = a_y / (1 + (c - 1) A_X). With attention
+    sinks the weights sum to less than 1: the sink's mass stays in the denominator."""
     is_x = (key_modality == MODALITIES[edit.modality])[:, None, None, :]
     scaled = weights * torch.where(is_x, edit.factor, 1.0)
-    return scaled / scaled.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+    sink = (1 - weights.sum(dim=-1, keepdim=True)).clamp_min(0)
+    return scaled / (scaled.sum(dim=-1, keepdim=True) + sink).clamp_min(1e-30)
 
 
 def visible_keys(attention_mask, q_len: int, k_len: int, device) -> torch.Tensor:
@@ -135,22 +137,48 @@ def visible_keys(attention_mask, q_len: int, k_len: int, device) -> torch.Tensor
     return attention_mask
 
 
-def eager_edited_attention(query, key, value, attention_mask, scaling, key_modality, edit):
-    """Materialise the attention weights, apply the rule to them, and apply them to V."""
+def eager_edited_attention(
+    query,
+    key,
+    value,
+    attention_mask,
+    scaling,
+    key_modality,
+    edit,
+    softcap=None,
+    sinks=None,
+    profile=None,
+    layer=None,
+):
+    """Materialise the attention weights, apply the rule to them, and apply them to V.
+    Honours logit soft-capping (Gemma 2) and attention sinks (a learned per-head logit
+    that takes mass and gives no value, GPT-OSS); with a `profile`, records the shares."""
     n_rep = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     q_len, k_len = query.shape[2], key.shape[2]
     scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * scaling
-    if edit.kind == "pai":
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    if edit is not None and edit.kind == "pai":
         scores = pai_scores(scores, key_modality, edit.alpha, answer_rows(key_modality, q_len))
     visible = visible_keys(attention_mask, q_len, k_len, query.device)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    if sinks is not None:
+        sink = sinks.float().reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+        scores = torch.cat([scores, sink], dim=-1)
     # A query that sees no key (a padding row) gets all-zero weights instead of NaN.
-    weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)[..., :k_len]
     query_is_real = key_modality[:, k_len - q_len :] != PAD
-    if edit.kind == "scale":
+    if edit is not None and edit.kind == "scale":
         weights = scale_weights(weights, key_modality, edit)
-    elif edit.kind == "redistribute":
+    elif edit is not None and edit.kind == "redistribute":
         weights = redistribute_weights(weights, visible, key_modality, query_is_real, edit)
+    if profile is not None:
+        shares = {
+            name: (weights * (key_modality == code)[:, None, None, :]).sum(-1)
+            for name, code in MODALITIES.items()
+        }
+        profile.record(layer, shares, key_modality, slice(0, q_len), q_len)
     return torch.matmul(weights, value.float()).to(query.dtype)
 
 
@@ -187,28 +215,33 @@ def sysattn_attention(
 ):
     selected = attention_edit is not None and module.layer_idx in attention_edit.layers
     edit = attention_edit if selected else None
+    if key_modality is not None and key_modality.shape[1] > key.shape[2]:
+        # A sliding-window layer's cache holds only the last keys of the sequence.
+        key_modality = key_modality[:, -key.shape[2] :]
     if edit is not None and attention_profile is None and not can_change(edit, key_modality):
         edit = None  # e.g. the image prefix pass of a rule whose recipient is text
-    if edit is None and attention_profile is None:
+    # What SDPA and the fused path cannot do (soft-capped logits, sinks) takes the eager path.
+    softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
+    plain_softmax = not softcap and sinks is None
+    if edit is None and attention_profile is None and plain_softmax:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    if key_modality is None:
+    if key_modality is None and (edit is not None or attention_profile is not None):
         raise ValueError("an attention_edit or profile needs key_modality (sysattn_exp.modality)")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    if attention_profile is not None:  # the shares come from the fused path's masses
+    layer = module.layer_idx
+    if not plain_softmax:
+        out = eager_edited_attention(
+            query, key, value, attention_mask, scaling, key_modality, edit,
+            softcap, sinks, attention_profile, layer,
+        )  # fmt: skip
+    elif attention_profile is not None:  # the shares come from the fused path's masses
         out = fused_edited_attention(
-            query,
-            key,
-            value,
-            attention_mask,
-            scaling,
-            key_modality,
-            edit,
-            attention_profile,
-            module.layer_idx,
-        )
+            query, key, value, attention_mask, scaling, key_modality, edit,
+            attention_profile, layer,
+        )  # fmt: skip
     else:
         implementation = IMPLEMENTATIONS[edit.impl]
         out = implementation(query, key, value, attention_mask, scaling, key_modality, edit)

@@ -1,14 +1,14 @@
-"""Token positions -> modality ids (DESIGN.md section 2).
+"""Token positions -> modality ids (DESIGN.md section 2): one rule for every family.
 
-Every position of a prompt is one of: padding (0), system (1: BOS, system prompt, "USER:"),
-image (2: the contiguous span of image tokens) or text (3: everything after the image).
-A prompt without an image has no image span: system is every position before the first
-token of the question, text is the question and "ASSISTANT:".
+Every position of a prompt is one of: padding (0), system (1), image (2) or text (3).
+With an image: image is every position from the first to the last image-placeholder token
+(tile separators and row markers between tiles included), system every position before
+it (BOS, system prompt, role markers, wrappers such as <|vision_start|>), text every
+position after it. Without an image: system is every position before the first token of
+the user's question, text the question and what follows.
 """
 
 import torch
-
-from sysattn_exp.errors import UsageError
 
 PAD, SYSTEM, IMAGE, TEXT = 0, 1, 2, 3
 MODALITIES = {"system": SYSTEM, "image": IMAGE, "text": TEXT}
@@ -17,41 +17,34 @@ MODALITIES = {"system": SYSTEM, "image": IMAGE, "text": TEXT}
 def modality_ids(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    image_token_id: int,
-    image_seq_length: int,
+    image_token_id: int | None,
     text_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, N) modality id of every position, computed per row, so any padding side works.
 
-    A row with an image: system before its image span, text after it. A row without image
-    tokens (a question with no image) needs `text_start` (B,), the position of the first
-    token of its question: system before it, text from there on.
-    Refuses a row whose image tokens are not one contiguous span of `image_seq_length`.
+    A row with image tokens: system before the first, image up to the last, text after.
+    A row without (a question with no image, or a text-only model, `image_token_id` None)
+    needs `text_start` (B,), the position of the first token of its question.
     """
     real = attention_mask.bool()
-    is_image = (input_ids == image_token_id) & real
-    n_image = is_image.sum(dim=1)
-    first_image = is_image.int().argmax(dim=1, keepdim=True)
+    is_image = real & (input_ids == image_token_id) if image_token_id is not None else real & False
+    has_image = is_image.any(dim=1)
     positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-    expected_span = (positions >= first_image) & (positions < first_image + image_seq_length)
-    bad_rows = (n_image != image_seq_length) | (is_image != expected_span).any(dim=1)
-    no_image = n_image == 0
-    if text_start is not None:
-        bad_rows &= ~no_image
-        # Rows without an image: an empty image span where the question starts.
-        first_image = torch.where(no_image[:, None], text_start.to(positions)[:, None], first_image)
-    span_length = torch.where(no_image, 0, image_seq_length)[:, None]
-    if bad_rows.any():
-        row = int(bad_rows.nonzero()[0])
-        raise UsageError(
-            f"prompt row {row}: image tokens (id {image_token_id}) must form one contiguous span "
-            f"of {image_seq_length}, found {int(n_image[row])} tokens; pass exactly one image "
-            "per prompt and one <image> placeholder"
+    first = is_image.int().argmax(dim=1)
+    last = input_ids.shape[1] - 1 - is_image.flip(1).int().argmax(dim=1)
+    if not bool(has_image.all()):
+        if text_start is None:
+            raise ValueError("rows without image tokens need text_start")
+        # An empty image span just before the question.
+        text_start = text_start.to(positions)
+        first, last = (
+            torch.where(has_image, first, text_start),
+            torch.where(has_image, last, text_start - 1),
         )
     ids = torch.where(
-        positions < first_image,
+        positions < first[:, None],
         SYSTEM,
-        torch.where(positions < first_image + span_length, IMAGE, TEXT),
+        torch.where(positions <= last[:, None], IMAGE, TEXT),
     )
     return ids.masked_fill(~real, PAD)
 

@@ -1,39 +1,93 @@
-"""Loading LLaVA models and processors, building prompts, and the yes/no token ids."""
+"""Loading a model of any supported family with its processor, sysattn on its language
+model's attention, and the yes/no token ids.
+
+The family is read from the checkpoint's config (model_type): a vision-language model of
+VLM_FAMILIES, or any causal LM from AutoModelForCausalLM (text only: system and text
+modalities). Only the language model's attention is rerouted; vision towers keep theirs.
+"""
 
 import logging
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    PreTrainedModel,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from sysattn_exp.errors import UsageError, first_line
 from sysattn_exp.intervention import ATTENTION_NAME
 from sysattn_exp.modality import modality_counts, modality_ids
+from sysattn_exp.prompts import PromptFormat, question_token_start, text_kwargs
 
 log = logging.getLogger(__name__)
 
+# model_type -> family, for the vision-language models whose prompts, image placeholders
+# and positions this tool handles (README "Model families").
+VLM_FAMILIES = {
+    "llava": "LLaVA-1.5",
+    "llava_next": "LLaVA-NeXT",
+    "llava_onevision": "LLaVA-OneVision",
+    "qwen2_vl": "Qwen2-VL",
+    "qwen2_5_vl": "Qwen2.5-VL",
+    "gemma3": "Gemma 3",
+    "internvl": "InternVL",
+    "idefics3": "Idefics3",
+    "smolvlm": "SmolVLM",
+}
 BUILTIN_TINY = "builtin:tiny"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
 class LoadedModel:
-    model: LlavaForConditionalGeneration
-    processor: object
-    device: torch.device
+    model: PreTrainedModel  # a *ForConditionalGeneration, or a *ForCausalLM (text only)
+    processor: object  # the processor; a text-only model's tokenizer
+    device: torch.device  # where inputs go (the embeddings' device under a device_map)
     dtype: torch.dtype
 
     @property
+    def text_config(self):
+        return self.model.config.get_text_config()
+
+    @property
     def num_layers(self) -> int:
-        return self.model.config.text_config.num_hidden_layers
+        return self.text_config.num_hidden_layers
 
     @property
-    def image_token_id(self) -> int:
-        return self.model.config.image_token_id
+    def image_token_id(self) -> int | None:
+        return getattr(self.model.config, "image_token_id", None)
 
     @property
-    def image_seq_length(self) -> int:
-        return self.model.config.image_seq_length
+    def tokenizer(self):
+        return tokenizer_of(self.processor)
+
+    def prompt_format(self, cfg) -> PromptFormat:
+        return prompt_format(cfg, self.processor, self.model.config.model_type)
+
+
+def tokenizer_of(processor):
+    return getattr(processor, "tokenizer", processor)
+
+
+def prompt_format(cfg, processor, model_type: str) -> PromptFormat:
+    """LLaVA-1.5 keeps the paper's vicuna prompt; every other family its chat template."""
+    if model_type != "llava" and not tokenizer_of(processor).chat_template:
+        raise UsageError(
+            f"model.name_or_path={cfg.name_or_path!r} has no chat template; "
+            "use an instruction-tuned checkpoint (its tokenizer_config or chat_template.jinja)"
+        )
+    return PromptFormat(
+        processor,
+        cfg.get("system_prompt"),
+        vicuna=model_type == "llava",
+        template_kwargs=dict(cfg.get("chat_template_kwargs") or {}),
+    )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -52,10 +106,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def use_sysattn(model: LlavaForConditionalGeneration) -> None:
-    """Route the language model's attention through sysattn; the vision tower keeps SDPA
-    (a plain string would swap CLIP's attention too, and CLIP has no layer_idx)."""
-    model.set_attn_implementation({"text_config": ATTENTION_NAME, "vision_config": "sdpa"})
+def use_sysattn(model: PreTrainedModel) -> None:
+    """Route the language model's attention through sysattn. A VLM's other sub-models (the
+    vision tower) keep their own implementation: a plain string would swap theirs too."""
+    sub_configs = getattr(model.config, "sub_configs", {}) or {}
+    if "text_config" not in sub_configs:
+        model.set_attn_implementation(ATTENTION_NAME)
+        return
+    own = {
+        name: getattr(model.config, name)._attn_implementation or "sdpa"
+        for name in sub_configs
+        if name != "text_config" and getattr(model.config, name, None) is not None
+    }
+    model.set_attn_implementation({"text_config": ATTENTION_NAME} | own)
 
 
 _LOADED: dict[tuple, LoadedModel] = {}
@@ -65,85 +128,102 @@ def load_model(cfg) -> LoadedModel:
     """Load (once per process: sweep jobs share it) the model and processor `cfg` names."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    key = (cfg.name_or_path, cfg.revision, cfg.seed, str(device), str(dtype))
+    device_map = cfg.get("device_map")
+    key = (cfg.name_or_path, cfg.revision, cfg.seed, str(device), str(dtype), device_map)
     if key not in _LOADED:
-        log.info("loading %s on %s as %s", cfg.name_or_path, device, dtype)
-        model, processor = _load(cfg, dtype)
+        log.info("loading %s on %s as %s", cfg.name_or_path, device_map or device, dtype)
+        model, processor = _load(cfg, dtype, device_map)
         use_sysattn(model)
-        model.to(device=device, dtype=dtype).eval()
-        processor.tokenizer.padding_side = "left"
+        if device_map is None:
+            model.to(device=device, dtype=dtype)
+        else:  # inputs go where the embeddings are
+            device = model.get_input_embeddings().weight.device
+        model.eval()
+        tokenizer_of(processor).padding_side = "left"
         _LOADED[key] = LoadedModel(model, processor, device, dtype)
     return _LOADED[key]
 
 
-def _load(cfg, dtype):
+def model_type_of(cfg) -> str:
+    """The checkpoint's model_type, refused unless this tool handles its family."""
+    if cfg.name_or_path == BUILTIN_TINY:
+        return "llava"
+    try:
+        config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision)
+    except (OSError, ValueError) as err:
+        raise UsageError(
+            f"model.name_or_path={cfg.name_or_path!r} could not be loaded ({first_line(err)}); "
+            "give a hub id you can download or a directory saved with save_pretrained"
+        ) from err
+    model_type = config.model_type
+    is_vlm = hasattr(config, "vision_config") or model_type in VLM_FAMILIES
+    if model_type in VLM_FAMILIES or (
+        not is_vlm and model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    ):
+        return model_type
+    raise UsageError(
+        f"model.name_or_path={cfg.name_or_path!r} is a {model_type!r} model, which is not "
+        f"supported; supported: {', '.join(VLM_FAMILIES)} and text-only causal LMs"
+    )
+
+
+def _load(cfg, dtype, device_map):
     if cfg.name_or_path == BUILTIN_TINY:
         from sysattn_exp.tiny import build_tiny_llava
 
         return build_tiny_llava(seed=cfg.seed)
+    model_type = model_type_of(cfg)
+    model_class = (
+        AutoModelForImageTextToText if model_type in VLM_FAMILIES else AutoModelForCausalLM
+    )
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(
-            cfg.name_or_path, revision=cfg.revision, dtype=dtype
+        model = model_class.from_pretrained(
+            cfg.name_or_path, revision=cfg.revision, dtype=dtype, device_map=device_map
         )
-        processor = AutoProcessor.from_pretrained(cfg.name_or_path, revision=cfg.revision)
     except OSError as err:
         raise UsageError(
             f"model.name_or_path={cfg.name_or_path!r} could not be loaded ({first_line(err)}); "
             "give a hub id you can download or a directory saved with save_pretrained"
         ) from err
-    return model, processor
+    return model, load_processor(cfg, model_type)
 
 
-def load_processor(cfg):
-    """The processor alone (for a dry run): no model weights are read."""
+def load_processor(cfg, model_type: str | None = None):
+    """The processor (a VLM) or tokenizer (a text-only LM) alone: no model weights are read
+    (a dry run needs only this)."""
     if cfg.name_or_path == BUILTIN_TINY:
         from sysattn_exp.tiny import build_processor
 
         return build_processor()
+    model_type = model_type or model_type_of(cfg)
+    loader = AutoProcessor if model_type in VLM_FAMILIES else AutoTokenizer
     try:
-        return AutoProcessor.from_pretrained(cfg.name_or_path, revision=cfg.revision)
+        return loader.from_pretrained(cfg.name_or_path, revision=cfg.revision)
     except OSError as err:
-        raise UsageError(f"model.name_or_path={cfg.name_or_path!r}: no processor ({err})") from err
+        raise UsageError(
+            f"model.name_or_path={cfg.name_or_path!r}: no processor ({first_line(err)})"
+        ) from err
 
 
-def prompt_modalities(processor, image, prompt: str) -> dict[str, int]:
+def prompt_modalities(processor, image, prompt: str, question: str) -> dict[str, int]:
     """How many tokens of `prompt` (with its image, if any, expanded) are system, image and
     text."""
-    inputs = processor(
-        images=None if image is None else [image], text=[prompt], return_tensors="pt"
-    )
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    n_image = int((ids == processor.image_token_id).sum())
-    start = (
-        None
-        if image is not None
-        else torch.tensor([question_token_start(processor.tokenizer, prompt)])
-    )
-    split = modality_ids(ids, mask, processor.image_token_id, n_image, text_start=start)
+    tokenizer = tokenizer_of(processor)
+    if image is None:
+        inputs = tokenizer([prompt], return_tensors="pt", **text_kwargs(tokenizer, prompt))
+        start = torch.tensor([question_token_start(tokenizer, prompt, question)])
+        image_token_id = None
+    else:
+        inputs = processor(
+            images=[image], text=[prompt], return_tensors="pt", **text_kwargs(tokenizer, prompt)
+        )
+        start, image_token_id = None, tokenizer.convert_tokens_to_ids(processor.image_token)
+    split = modality_ids(inputs["input_ids"], inputs["attention_mask"], image_token_id, start)
     return modality_counts(split[0])
 
 
-USER = "USER: "
-
-
-def build_prompt(question: str, system_prompt: str, with_image: bool = True) -> str:
-    """LLaVA-1.5's evaluation prompt (conversation vicuna_v1); the tokenizer adds BOS. A
-    question without an image is asked the same way, without the <image> line."""
-    prefix = f"{system_prompt} " if system_prompt else ""
-    image = "<image>\n" if with_image else ""
-    return f"{prefix}{USER}{image}{question} ASSISTANT:"
-
-
-def question_token_start(tokenizer, prompt: str) -> int:
-    """Index of the first token of the user's question in the tokenized `prompt` (a prompt
-    of build_prompt without an image): every token before it is system."""
-    start = prompt.rindex(USER) + len(USER)
-    offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
-    return next(i for i, (_, end) in enumerate(offsets) if end > start)
-
-
 def first_token_ids(tokenizer, words, key: str) -> list[int]:
-    """The first token id of each word, as the model would emit it after "ASSISTANT:"."""
+    """The first token id of each word, as the model would emit it after the prompt."""
     if not words:
         raise UsageError(f"{key} is empty; give at least one word, e.g. [Yes, yes]")
     if not all(isinstance(w, str) for w in words):

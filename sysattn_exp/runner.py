@@ -19,13 +19,15 @@ from sysattn_exp.metrics import compare_with_baseline, shared_metrics
 from sysattn_exp.models import (
     BUILTIN_TINY,
     LoadedModel,
-    build_prompt,
     first_token_ids,
     load_model,
     load_processor,
+    model_type_of,
+    prompt_format,
     prompt_modalities,
 )
 from sysattn_exp.profile import AttentionProfile, heatmap
+from sysattn_exp.prompts import PromptFormat
 from sysattn_exp.scoring import Scores, score_items
 from sysattn_exp.tracking import PROFILE_PLOT, PROFILE_TABLE, log_job_dir
 
@@ -37,6 +39,9 @@ def predict(
 ) -> tuple[pd.DataFrame, Scores]:
     """Score every item (through the score cache, unless profiling): one row per item with
     the columns of predictions.parquet, and how the scoring went."""
+    plain = None
+    if edit is not None and edit.kind == "pai" and edit.cfg_gamma is not None:
+        plain = item_prompts(benchmark, loaded.prompt_format(cfg.model), with_image=False)
     cache = None
     if cfg.runtime.cache_dir and profile is None:
         cache = ScoreCache(cfg.runtime.cache_dir, condition(cfg, loaded, edit, words))
@@ -51,6 +56,7 @@ def predict(
         desc,
         cache,
         profile,
+        plain,
     )
     items = benchmark.items
     frame = pd.DataFrame(
@@ -173,8 +179,12 @@ def all_metrics(benchmark: Benchmark, predictions: pd.DataFrame, ranking: str) -
     return shared_metrics(predictions) | benchmark.native_metrics(scored) | benchmark.load_counts
 
 
-def item_prompt(benchmark: Benchmark, item, system_prompt: str) -> str:
-    return build_prompt(benchmark.question_text(item), system_prompt, item.image_id is not None)
+def item_prompts(benchmark: Benchmark, fmt: PromptFormat, with_image=True) -> list[str]:
+    """Every item's prompt (`with_image` False: each rendered without its image)."""
+    return [
+        fmt.render(benchmark.question_text(item), with_image and item.image_id is not None)
+        for item in benchmark.items
+    ]
 
 
 def dry_run(cfg, benchmark: Benchmark) -> dict:
@@ -186,9 +196,13 @@ def dry_run(cfg, benchmark: Benchmark) -> dict:
         "gt_yes_rate": sum(item.label for item in items) / len(items),
     } | benchmark.load_counts
     example = items[0]
-    prompt = item_prompt(benchmark, example, cfg.model.system_prompt)
-    image = None if example.image_id is None else benchmark.load_image(example.image_id)
-    split = prompt_modalities(load_processor(cfg.model), image, prompt)
+    model_type = model_type_of(cfg.model)
+    processor = load_processor(cfg.model, model_type)
+    question = benchmark.question_text(example)
+    with_image = example.image_id is not None
+    prompt = prompt_format(cfg.model, processor, model_type).render(question, with_image)
+    image = benchmark.load_image(example.image_id) if with_image else None
+    split = prompt_modalities(processor, image, prompt, question)
     print(f"benchmark {benchmark.name}: " + ", ".join(f"{k}={v:g}" for k, v in summary.items()))
     print(f"example prompt (item {example.item_id}, image {example.image_id}):\n{prompt}")
     print(
@@ -208,7 +222,7 @@ def run(cfg, out_dir: Path) -> dict:
     layers = resolve_layers(cfg.layers, loaded.num_layers) if rule else []
     edit = build_edit(rule, layers)
     words = scoring_words(loaded, cfg.scoring)
-    prompts = [item_prompt(benchmark, item, cfg.model.system_prompt) for item in benchmark.items]
+    prompts = item_prompts(benchmark, loaded.prompt_format(cfg.model))
     name = run_name(benchmark, edit, layers)
 
     # The baseline comes from the score cache once any job has computed it.

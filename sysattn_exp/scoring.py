@@ -1,17 +1,20 @@
 """Batched yes/no scoring: one forward pass per batch, logits at the last position only.
 
-Items that share an image share the forward pass over the prompt prefix (BOS, system
-prompt, "USER: ", the image tokens): it runs once per image, vision tower included, and
-its KV cache serves every question about that image, so only the question tokens run per
-item. This is exact for every intervention: attention is causal and the rule acts per
-query row, so no prefix row depends on the question. Images are decoded and preprocessed
-in DataLoader workers while the model runs.
+Items that share a prompt prefix share the forward pass over it: with an image, the prefix
+is everything up to its last image token (BOS, system prompt, role markers, the image), run
+once per image, vision tower included; without one, it is the system part before the
+question. Its KV cache serves every question with that prefix, so only the question tokens
+run per item. This is exact for every intervention: attention is causal after the prefix
+and the rule acts per query row, so no prefix row depends on the question. Prefixes of
+different lengths (any-res images, different system prompts) are left-padded, and the
+question rows continue each row's own positions (1-D, or Qwen2-VL's 3-D multimodal RoPE).
+Images are decoded and preprocessed in DataLoader workers while the model runs.
 """
 
 import inspect
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -23,7 +26,8 @@ from sysattn_exp.cache import ScoreCache, item_key
 from sysattn_exp.errors import UsageError
 from sysattn_exp.intervention import Edit
 from sysattn_exp.modality import PAD, SYSTEM, TEXT, modality_ids
-from sysattn_exp.models import LoadedModel, question_token_start
+from sysattn_exp.models import LoadedModel, tokenizer_of
+from sysattn_exp.prompts import question_token_start, text_kwargs
 
 # transformers renamed the forward argument (and output) past_key_values to cache during
 # 5.x; use whichever this version has, so that neither a deprecation warning nor a silently
@@ -31,6 +35,8 @@ from sysattn_exp.models import LoadedModel, question_token_start
 CACHE_ARG = (
     "cache" if "cache" in inspect.signature(LlavaModel.forward).parameters else "past_key_values"
 )
+# Processor outputs that are per token, not per image: rebuilt for whatever ids are run.
+TOKEN_KEYS = {"input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids"}
 
 
 def plan_batches(image_ids: list[str | None], batch_size: int) -> list[list[int]]:
@@ -56,32 +62,44 @@ def plan_batches(image_ids: list[str | None], batch_size: int) -> list[list[int]
 @dataclass
 class EncodedBatch:
     items: list[int]  # benchmark item indices, in the order of the rows below
-    pixel_values: torch.Tensor | None  # (U, 3, H, W): one per prefix; None without images
-    prefix_ids: torch.Tensor  # (U, P): the shared start of the prompts (see BatchEncoder)
+    prefix_ids: torch.Tensor  # (U, P): the shared starts of the prompts, left-padded
+    prefix_mask: torch.Tensor  # (U, P)
     question_ids: torch.Tensor  # (B, Q): the rest of each prompt, right-padded
     question_mask: torch.Tensor  # (B, Q)
-    image_row: torch.Tensor  # (B,): each item's row in pixel_values / prefix_ids
+    image_row: torch.Tensor  # (B,): each item's prefix row
+    # The processor's per-image inputs for the prefix rows (pixel_values, image_sizes,
+    # image_grid_thw, pixel_attention_mask...); empty without images.
+    vision: dict = field(default_factory=dict)
     # For PAI's guidance only: each prompt without its image, left-padded (B, T).
     text_only_ids: torch.Tensor | None = None
     text_only_mask: torch.Tensor | None = None
 
 
-class BatchEncoder(Dataset):
-    """Batch i of the plan, tokenized exactly as the processor would tokenize each whole
-    prompt, then split in two: the prefix, run once and shared, and the question rows.
-    With an image the split is after its last image token, and each distinct image is
-    decoded and preprocessed once. Without an image (all or none of a batch's items have
-    one) the split is before the first token of the question: the prefix is the system
-    part (BOS, system prompt, "USER:"), the same for every question."""
+def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
 
-    def __init__(self, benchmark: Benchmark, prompts: list[str], plan, processor, text_only=False):
-        self.benchmark, self.prompts, self.plan, self.processor = (
-            benchmark,
-            prompts,
-            plan,
-            processor,
-        )
-        self.text_only = text_only
+
+def right_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    return ids, mask
+
+
+class BatchEncoder(Dataset):
+    """Batch i of the plan, tokenized exactly as the processor tokenizes each whole prompt,
+    then split in two: the prefix, run once per distinct prefix, and the question rows.
+    With an image the split is after its last image token; without one (all or none of a
+    batch's items have one) before the first token of the question. `plain_prompts`, for
+    PAI's guidance, are the prompts rendered without their image."""
+
+    def __init__(self, benchmark: Benchmark, prompts, plan, processor, plain_prompts=None):
+        self.benchmark, self.prompts, self.plan = benchmark, prompts, plan
+        self.processor, self.plain_prompts = processor, plain_prompts
+        self.tokenizer = tokenizer_of(processor)
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -95,75 +113,144 @@ class BatchEncoder(Dataset):
             return error
 
     def encode(self, i: int) -> EncodedBatch:
-        by_image: dict[str | None, list[int]] = {}
-        for j in self.plan[i]:
-            by_image.setdefault(self.benchmark.items[j].image_id, []).append(j)
-        if None in by_image and len(by_image) > 1:
+        order = self.plan[i]
+        image_ids = [self.benchmark.items[j].image_id for j in order]
+        with_image = [image_id is not None for image_id in image_ids]
+        if any(with_image) and not all(with_image):
             raise ValueError("a batch mixes questions with and without an image")
-        pixels, rows, questions, order, image_row = [], {}, [], [], []
-        for image_id, mine in by_image.items():
-            if image_id is None:
-                split = [self.split_at_question(self.prompts[j]) for j in mine]
-            else:
-                pixel_values, n_image = self.preprocess(image_id, self.prompts[mine[0]])
-                split = [self.split_prompt(self.prompts[j], n_image) for j in mine]
-            for j, (prefix, question) in zip(mine, split, strict=True):
-                if (image_id, tuple(prefix)) not in rows:  # a new prefix row
-                    rows[(image_id, tuple(prefix))] = len(rows)
-                    pixels += [] if image_id is None else [pixel_values]
-                image_row.append(rows[(image_id, tuple(prefix))])
-                questions.append(question)
-                order.append(j)
-        prefixes = [list(prefix) for _, prefix in rows]
-        if len({len(prefix) for prefix in prefixes}) > 1:
-            raise ValueError(
-                "prompt prefixes of different lengths in one batch: "
-                "every item needs the same system prompt and image size"
-            )
-        q_len = max(len(q) for q in questions)
-        # Right padding after the cached prefix: the id is never attended to, any will do.
-        pad = self.processor.tokenizer.pad_token_id or 0
-        text_only = self.without_images(order) if self.text_only else {}
+        images = {}
+        if all(with_image):
+            images = {k: self.benchmark.load_image(k) for k in dict.fromkeys(image_ids)}
+            splits = self.split_at_image(order, image_ids, images)
+        else:
+            splits = [self.split_at_question(j) for j in order]
+        rows: dict[tuple, int] = {}  # (image id, prefix ids) -> prefix row
+        representative = []  # per prefix row: an item whose prompt starts with it
+        for j, image_id, (prefix, _) in zip(order, image_ids, splits, strict=True):
+            if (image_id, tuple(prefix)) not in rows:
+                rows[(image_id, tuple(prefix))] = len(rows)
+                representative.append((j, image_id))
+        # Left padding before a prefix and right padding after a question are never
+        # attended to, so any id will do.
+        pad = self.tokenizer.pad_token_id or 0
+        prefix_ids, prefix_mask = left_pad([list(prefix) for _, prefix in rows], pad)
+        question_ids, question_mask = right_pad([question for _, question in splits], pad)
+        keys = zip(image_ids, [tuple(prefix) for prefix, _ in splits], strict=True)
+        image_row = [rows[key] for key in keys]
         return EncodedBatch(
-            **text_only,
             items=order,
-            pixel_values=torch.stack(pixels) if pixels else None,
-            prefix_ids=torch.tensor(prefixes),
-            question_ids=torch.tensor([q + [pad] * (q_len - len(q)) for q in questions]),
-            question_mask=torch.tensor([[1] * len(q) + [0] * (q_len - len(q)) for q in questions]),
+            prefix_ids=prefix_ids,
+            prefix_mask=prefix_mask,
+            question_ids=question_ids,
+            question_mask=question_mask,
             image_row=torch.tensor(image_row),
+            vision=self.vision_inputs(representative, images) if images else {},
+            **(self.without_images(order) if self.plain_prompts else {}),
         )
 
-    def preprocess(self, image_id: str, prompt: str) -> tuple[torch.Tensor, int]:
-        """The image's pixel values, and how many tokens the processor expands it to."""
-        image = self.benchmark.load_image(image_id)
-        inputs = self.processor(images=[image], text=[prompt], return_tensors="pt")
-        return inputs["pixel_values"][0], int(
-            (inputs["input_ids"] == self.processor.image_token_id).sum()
+    def split_at_image(self, order, image_ids, images) -> list[tuple[list[int], list[int]]]:
+        """Each prompt's token ids with its image expanded by the processor, split after
+        the last image token."""
+        image_token = self.tokenizer.convert_tokens_to_ids(str(self.processor.image_token))
+        splits = []
+        for j, image_id in zip(order, image_ids, strict=True):
+            prompt = self.prompts[j]
+            ids = self.processor(
+                images=[images[image_id]], text=[prompt], **text_kwargs(self.tokenizer, prompt)
+            )["input_ids"][0]
+            ids = list(ids)
+            image_positions = [i for i, t in enumerate(ids) if t == image_token]
+            if not image_positions:
+                raise ValueError(f"prompt {prompt!r} has no image placeholder")
+            last = image_positions[-1]
+            if last == len(ids) - 1:
+                raise ValueError(f"prompt {prompt!r} has no text after the image")
+            splits.append((ids[: last + 1], ids[last + 1 :]))
+        return splits
+
+    def split_at_question(self, j: int) -> tuple[list[int], list[int]]:
+        """Token ids of a prompt without an image, split before its question."""
+        prompt = self.prompts[j]
+        question = self.benchmark.question_text(self.benchmark.items[j])
+        ids = self.tokenizer(prompt, **text_kwargs(self.tokenizer, prompt)).input_ids
+        start = question_token_start(self.tokenizer, prompt, question)
+        return ids[:start], ids[start:]
+
+    def vision_inputs(self, representative, images) -> dict:
+        """The processor's per-image inputs for the prefix rows, batched (and padded where
+        images differ in size) the family's own way."""
+        prompts = [self.prompts[j] for j, _ in representative]
+        inputs = self.processor(
+            images=[images[image_id] for _, image_id in representative],
+            text=prompts,
+            padding=True,
+            return_tensors="pt",
+            **text_kwargs(self.tokenizer, prompts[0]),
         )
+        return {k: v for k, v in inputs.items() if k not in TOKEN_KEYS}
 
     def without_images(self, order: list[int]) -> dict:
-        """Each prompt with its image removed, left-padded: PAI's unconditional input."""
-        token = self.processor.image_token
-        plain = [self.prompts[j].replace(token + "\n", "").replace(token, "") for j in order]
-        encoded = self.processor.tokenizer(plain, padding=True, return_tensors="pt")
+        """Each prompt rendered without its image, left-padded: PAI's unconditional input."""
+        plain = [self.plain_prompts[j] for j in order]
+        encoded = self.tokenizer(
+            plain, padding=True, return_tensors="pt", **text_kwargs(self.tokenizer, plain[0])
+        )
         return {"text_only_ids": encoded["input_ids"], "text_only_mask": encoded["attention_mask"]}
 
-    def split_prompt(self, prompt: str, n_image: int) -> tuple[list[int], list[int]]:
-        """Token ids of `prompt` with its image expanded to `n_image` tokens (what the
-        processor does), split after the last image token."""
-        token = self.processor.image_token
-        ids = self.processor.tokenizer(prompt.replace(token, token * n_image)).input_ids
-        last = max(i for i, t in enumerate(ids) if t == self.processor.image_token_id)
-        if last == len(ids) - 1:
-            raise ValueError(f"prompt {prompt!r} has no text after the image")
-        return ids[: last + 1], ids[last + 1 :]
 
-    def split_at_question(self, prompt: str) -> tuple[list[int], list[int]]:
-        """Token ids of a prompt without an image, split before its question."""
-        ids = self.processor.tokenizer(prompt).input_ids
-        start = question_token_start(self.processor.tokenizer, prompt)
-        return ids[:start], ids[start:]
+def token_types(loaded: LoadedModel, input_ids: torch.Tensor) -> dict:
+    """What a family's forward needs to tell image tokens apart (Gemma 3: token_type_ids,
+    for the bidirectional image block; Qwen2-VL: mm_token_type_ids, for its positions)."""
+    parameters = inspect.signature(loaded.model.model.forward).parameters
+    is_image = (input_ids == loaded.image_token_id).long()
+    return {
+        name: is_image for name in ("token_type_ids", "mm_token_type_ids") if name in parameters
+    }
+
+
+def position_ids(loaded: LoadedModel, input_ids, attention_mask, vision: dict) -> torch.Tensor:
+    """Positions of left-padded rows, counted from each row's first real token (as
+    generate() does): (B, N), or Qwen2-VL's (3, B, N) multimodal RoPE positions, which
+    number an image by its grid."""
+    rope_index = getattr(loaded.model.model, "get_rope_index", None)
+    if rope_index is not None and "image_grid_thw" in vision:
+        positions, _ = rope_index(
+            input_ids,
+            mm_token_type_ids=(input_ids == loaded.image_token_id).int(),
+            image_grid_thw=vision["image_grid_thw"],
+            attention_mask=attention_mask,
+        )
+        return positions
+    positions = left_padded_position_ids(attention_mask)
+    if rope_index is not None:  # a text-only prompt: the same 1-D position on all 3 axes
+        return positions.expand(3, *positions.shape)
+    return positions
+
+
+def following_positions(positions: torch.Tensor, rows: torch.Tensor, q_len: int) -> torch.Tensor:
+    """Positions of q_len tokens after each prefix row `rows` picks: one past the prefix's
+    largest position (Qwen2-VL numbers text after an image that way too)."""
+    last = positions.amax(dim=-1)  # (U,) or (3, U)
+    if last.dim() == 2:
+        last = last.amax(dim=0)
+    following = last[rows, None] + 1 + torch.arange(q_len, device=positions.device)
+    return following.expand(3, *following.shape) if positions.dim() == 3 else following
+
+
+def answer_logits(loaded: LoadedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """Next-token logits from final hidden states, as the model's own head computes them
+    (Gemma 2's final soft-capping included)."""
+    logits = loaded.model.lm_head(hidden).float()
+    cap = getattr(loaded.text_config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def on_device(loaded: LoadedModel, inputs: dict) -> dict:
+    """Tensors to the model's device; floating ones (pixels) to its dtype."""
+    return {
+        k: v.to(loaded.device, loaded.dtype if v.is_floating_point() else None)
+        for k, v in inputs.items()
+    }
 
 
 @torch.inference_mode()
@@ -171,18 +258,20 @@ def score_batch(
     loaded: LoadedModel, batch: EncodedBatch, edit: Edit | None, yes_ids, no_ids, profile=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(yes_logit, no_logit, p_yes) per item (see answer_scores)."""
-    device, model = loaded.device, loaded.model
-    prefix_ids = batch.prefix_ids.to(device)
-    if batch.pixel_values is None:  # the system part of prompts without an image
-        prefix_modality, pixel_values = torch.full_like(prefix_ids, SYSTEM), None
-    else:
-        prefix_modality = modality_ids(
-            prefix_ids, torch.ones_like(prefix_ids), loaded.image_token_id, loaded.image_seq_length
-        )
-        pixel_values = batch.pixel_values.to(device, loaded.dtype)
-    prefix = model.model(
+    device, language_model = loaded.device, loaded.model.model
+    prefix_ids, prefix_mask = batch.prefix_ids.to(device), batch.prefix_mask.to(device)
+    vision = on_device(loaded, batch.vision)
+    if vision:
+        prefix_modality = modality_ids(prefix_ids, prefix_mask, loaded.image_token_id)
+    else:  # the system part of prompts without an image
+        prefix_modality = torch.where(prefix_mask.bool(), SYSTEM, PAD)
+    positions = position_ids(loaded, prefix_ids, prefix_mask, vision)
+    prefix = language_model(
         input_ids=prefix_ids,
-        pixel_values=pixel_values,
+        attention_mask=prefix_mask,
+        position_ids=positions,
+        **vision,
+        **(token_types(loaded, prefix_ids) if vision else {}),
         use_cache=True,
         key_modality=prefix_modality,
         attention_edit=edit,
@@ -191,11 +280,10 @@ def score_batch(
     cache, rows = getattr(prefix, CACHE_ARG), batch.image_row.to(device)
     cache.batch_select_indices(rows)
     question_ids, question_mask = batch.question_ids.to(device), batch.question_mask.to(device)
-    p_len, q_len = prefix_ids.shape[1], question_ids.shape[1]
-    hidden = model.model(
+    hidden = language_model(
         input_ids=question_ids,
-        attention_mask=torch.cat([torch.ones_like(prefix_ids[rows]), question_mask], dim=1),
-        position_ids=(p_len + torch.arange(q_len, device=device)).expand_as(question_ids),
+        attention_mask=torch.cat([prefix_mask[rows], question_mask], dim=1),
+        position_ids=following_positions(positions, rows, question_ids.shape[1]),
         **{CACHE_ARG: cache},
         use_cache=True,
         key_modality=torch.cat(
@@ -205,7 +293,7 @@ def score_batch(
         attention_profile=profile,
     ).last_hidden_state
     last_token = hidden[torch.arange(len(rows), device=device), question_mask.sum(1) - 1]
-    logits = model.lm_head(last_token).float()
+    logits = answer_logits(loaded, last_token)
     if edit is not None and edit.kind == "pai" and edit.cfg_gamma is not None:
         logits = guided(logits, text_only_logits(loaded, batch), edit.cfg_gamma)
     return answer_scores(logits, yes_ids, no_ids)
@@ -226,7 +314,7 @@ def text_only_logits(loaded: LoadedModel, batch: EncodedBatch) -> torch.Tensor:
         loaded.model(
             input_ids=ids,
             attention_mask=mask,
-            position_ids=left_padded_position_ids(mask),
+            position_ids=position_ids(loaded, ids, mask, {}),
             logits_to_keep=1,
         )
         .logits[:, -1]
@@ -249,26 +337,31 @@ def left_padded_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(dim=-1) - 1).clamp_min(0)
 
 
-def encode_full_prompts(loaded: LoadedModel, images: list, prompts: list[str]):
-    """Processor inputs for whole prompts (left-padded, on the model's device and dtype) and
-    their (B, N) modality ids. An image of None: the prompt has no image."""
+def encode_full_prompts(loaded: LoadedModel, images: list, prompts: list[str], questions=None):
+    """Model inputs for whole prompts (left-padded, on the model's device and dtype, with
+    their position ids) and their (B, N) modality ids. An image of None: the prompt has no
+    image, and `questions` must give its question (where its text starts)."""
     present = [image for image in images if image is not None]
-    inputs = loaded.processor(
-        images=present or None, text=prompts, padding=True, return_tensors="pt"
-    ).to(loaded.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
+    tokenizer = tokenizer_of(loaded.processor)
+    encode = loaded.processor if present else tokenizer
+    inputs = encode(
+        **({"images": present} if present else {}),
+        text=prompts,
+        padding=True,
+        return_tensors="pt",
+        **text_kwargs(tokenizer, prompts[0]),
+    )
+    inputs = on_device(loaded, dict(inputs))
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    tokenizer = loaded.processor.tokenizer
     starts = [
-        0 if image is not None else question_token_start(tokenizer, p)
-        for image, p in zip(images, prompts, strict=True)
+        0 if image is not None else question_token_start(tokenizer, prompt, questions[i])
+        for i, (image, prompt) in enumerate(zip(images, prompts, strict=True))
     ]
     # Left padding shifts each row's question start by its number of pad positions.
     text_start = torch.tensor(starts, device=ids.device) + (mask == 0).sum(dim=1)
-    key_modality = modality_ids(
-        ids, mask, loaded.image_token_id, loaded.image_seq_length, text_start=text_start
-    )
+    key_modality = modality_ids(ids, mask, loaded.image_token_id, text_start=text_start)
+    vision = {k: v for k, v in inputs.items() if k not in TOKEN_KEYS}
+    inputs["position_ids"] = position_ids(loaded, ids, mask, vision)
     return inputs, key_modality
 
 
@@ -280,14 +373,14 @@ def score_full_prompts(
     edit: Edit | None,
     yes_ids,
     no_ids,
+    questions=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same scores without prefix sharing: whole prompts, left-padded, one forward.
     Kept as the plain path that prefix sharing is checked and benchmarked against."""
-    inputs, key_modality = encode_full_prompts(loaded, images, prompts)
+    inputs, key_modality = encode_full_prompts(loaded, images, prompts, questions)
     logits = (
         loaded.model(
             **inputs,
-            position_ids=left_padded_position_ids(inputs["attention_mask"]),
             logits_to_keep=1,
             use_cache=False,
             key_modality=key_modality,
@@ -324,8 +417,10 @@ def score_items(
     desc: str,
     cache: ScoreCache | None = None,
     profile=None,
+    plain_prompts: list[str] | None = None,
 ) -> Scores:
-    """yes and no logits of every item. With a cache, batches whose items are all in it are
+    """yes and no logits of every item (`plain_prompts`, each prompt rendered without its
+    image, are needed by PAI's guidance only). With a cache, batches whose items are all in it are
     taken from it (a batch is always computed whole, so a resumed run scores every item in
     the same company as an uninterrupted one) and each new batch is saved as it is done.
     A profile (sysattn_exp.profile) records where attention goes; it needs every batch run."""
@@ -339,8 +434,12 @@ def score_items(
     plan = plan_batches([item.image_id for item in benchmark.items], batch_size)
     todo = [batch for batch in plan if not all(keys[j] in done for j in batch)]
     guidance = edit is not None and edit.kind == "pai" and edit.cfg_gamma is not None
+    if guidance and plain_prompts is None:
+        raise ValueError("PAI's guidance needs the prompts without their image")
     loader = DataLoader(
-        BatchEncoder(benchmark, prompts, todo, loaded.processor, text_only=guidance),
+        BatchEncoder(
+            benchmark, prompts, todo, loaded.processor, plain_prompts if guidance else None
+        ),
         batch_size=None,
         collate_fn=keep_batch,
         num_workers=num_workers if todo else 0,

@@ -19,7 +19,8 @@ import torch
 from conftest import make_image
 
 from sysattn_exp.intervention import Redistribution
-from sysattn_exp.models import LoadedModel, build_prompt, first_token_ids, use_sysattn
+from sysattn_exp.models import LoadedModel, first_token_ids, use_sysattn
+from sysattn_exp.prompts import build_prompt
 from sysattn_exp.scoring import encode_full_prompts, left_padded_position_ids, score_full_prompts
 from sysattn_exp.tiny import build_tiny_llava
 

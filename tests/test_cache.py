@@ -8,7 +8,8 @@ from test_scoring import WORDS
 from sysattn_exp.benchmarks.base import Benchmark, Item, open_image_file
 from sysattn_exp.cache import SCORES_VERSION, ScoreCache
 from sysattn_exp.intervention import Redistribution
-from sysattn_exp.models import LoadedModel, build_prompt, use_sysattn
+from sysattn_exp.models import LoadedModel, use_sysattn
+from sysattn_exp.prompts import build_prompt
 from sysattn_exp.scoring import score_items
 
 

@@ -9,7 +9,8 @@ from conftest import make_image
 from reference import REFERENCE_NAME, reference_setup
 
 from sysattn_exp.intervention import Redistribution
-from sysattn_exp.models import build_prompt, use_sysattn
+from sysattn_exp.models import use_sysattn
+from sysattn_exp.prompts import build_prompt
 from sysattn_exp.scoring import left_padded_position_ids
 
 SYSTEM_PROMPT = "A chat between a curious user and an artificial intelligence assistant."
@@ -64,7 +65,6 @@ def sysattn_logits(model, inputs, edit):
         inputs["input_ids"],
         inputs["attention_mask"],
         model.config.image_token_id,
-        model.config.image_seq_length,
     )
     return forward_logits(model, inputs, key_modality=key_modality, attention_edit=edit)
 

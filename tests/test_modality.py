@@ -3,9 +3,8 @@ import torch
 from conftest import make_image
 from reference import row_modalities
 
-from sysattn_exp.errors import UsageError
 from sysattn_exp.modality import IMAGE, PAD, SYSTEM, TEXT, modality_counts, modality_ids
-from sysattn_exp.models import build_prompt
+from sysattn_exp.prompts import build_prompt
 
 NAMES = {"pad": PAD, "system": SYSTEM, "image": IMAGE, "text": TEXT}
 
@@ -25,9 +24,7 @@ def test_partition_per_row_under_padding(gqa_llava, side):
     finally:
         processor.tokenizer.padding_side = "left"
     cfg = model.config
-    ids = modality_ids(
-        inputs["input_ids"], inputs["attention_mask"], cfg.image_token_id, cfg.image_seq_length
-    )
+    ids = modality_ids(inputs["input_ids"], inputs["attention_mask"], cfg.image_token_id)
     want = [
         [NAMES[n] for n in row]
         for row in row_modalities(inputs["input_ids"], inputs["attention_mask"], cfg.image_token_id)
@@ -44,25 +41,29 @@ def test_partition_per_row_under_padding(gqa_llava, side):
     assert ids[0, last_real] == TEXT
 
 
-def test_refuses_split_or_short_image_span():
+def test_image_runs_from_first_to_last_placeholder():
+    """Tiles with text markers between them (Idefics3's rows and columns) are one image span;
+    a wrapper before the first placeholder is system, one after the last is text."""
     image_token = 9
     ids = torch.tensor([[1, 5, 9, 9, 6, 9, 7]])
-    mask = torch.ones_like(ids)
-    with pytest.raises(UsageError, match="contiguous span of 3"):
-        modality_ids(ids, mask, image_token, 3)
-    with pytest.raises(UsageError, match="found 2 tokens"):
-        modality_ids(
-            torch.tensor([[1, 9, 9, 7]]), torch.ones(1, 4, dtype=torch.long), image_token, 3
-        )
-    with pytest.raises(UsageError, match="row 1"):
-        both = torch.tensor([[1, 9, 9, 9, 7], [1, 2, 3, 4, 7]])
-        modality_ids(both, torch.ones_like(both), image_token, 3)
+    got = modality_ids(ids, torch.ones_like(ids), image_token)
+    assert got.tolist() == [[SYSTEM, SYSTEM, IMAGE, IMAGE, IMAGE, IMAGE, TEXT]]
+
+
+def test_rows_without_image_need_the_question_start():
+    both = torch.tensor([[1, 9, 9, 9, 7], [1, 2, 3, 4, 7]])
+    with pytest.raises(ValueError, match="text_start"):
+        modality_ids(both, torch.ones_like(both), 9)
+    got = modality_ids(both, torch.ones_like(both), 9, text_start=torch.tensor([0, 3]))
+    assert got.tolist() == [[SYSTEM, IMAGE, IMAGE, IMAGE, TEXT], [SYSTEM] * 3 + [TEXT] * 2]
+    text_only = modality_ids(both[1:], torch.ones_like(both[1:]), None, torch.tensor([1]))
+    assert text_only.tolist() == [[SYSTEM] + [TEXT] * 4]
 
 
 def test_padding_is_never_a_modality():
     ids = torch.tensor([[0, 0, 1, 9, 9, 4], [1, 2, 9, 9, 4, 5]])
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
-    got = modality_ids(ids, mask, 9, 2)
+    got = modality_ids(ids, mask, 9)
     assert got.tolist() == [
         [PAD, PAD, SYSTEM, IMAGE, IMAGE, TEXT],
         [SYSTEM, SYSTEM, IMAGE, IMAGE, TEXT, TEXT],

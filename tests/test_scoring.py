@@ -6,7 +6,8 @@ from conftest import make_image
 
 from sysattn_exp.benchmarks.base import Benchmark, Item
 from sysattn_exp.intervention import Pai, Redistribution, Scale
-from sysattn_exp.models import LoadedModel, build_prompt, use_sysattn
+from sysattn_exp.models import LoadedModel, use_sysattn
+from sysattn_exp.prompts import build_prompt
 from sysattn_exp.scoring import (
     BatchEncoder,
     plan_batches,
@@ -62,7 +63,8 @@ def test_encoder_tokenizes_as_the_processor(loaded):
     bench = four_questions_per_image()
     prompts = [build_prompt(i.question, "A chat.") for i in bench.items]
     batch = BatchEncoder(bench, prompts, [list(range(len(prompts)))], loaded.processor)[0]
-    assert batch.prefix_ids.shape[0] == batch.pixel_values.shape[0] == len(COLOURS)
+    pixel_values = batch.vision["pixel_values"]
+    assert batch.prefix_ids.shape[0] == pixel_values.shape[0] == len(COLOURS)
     for row, j in enumerate(batch.items):
         item = bench.items[j]
         want = loaded.processor(
@@ -71,7 +73,7 @@ def test_encoder_tokenizes_as_the_processor(loaded):
         question = batch.question_ids[row][batch.question_mask[row].bool()]
         got = torch.cat([batch.prefix_ids[batch.image_row[row]], question])
         assert got.tolist() == want["input_ids"][0].tolist()
-        assert torch.equal(batch.pixel_values[batch.image_row[row]], want["pixel_values"][0])
+        assert torch.equal(pixel_values[batch.image_row[row]], want["pixel_values"][0])
 
 
 @pytest.mark.parametrize("edit", EDITS)
@@ -150,8 +152,9 @@ def test_pai_guidance_against_the_image_free_prompt(loaded):
     bench = four_questions_per_image()
     prompts = [build_prompt(i.question, "A chat.") for i in bench.items]
     layers = frozenset(range(1, 6))
+    plain_prompts = [build_prompt(i.question, "A chat.", with_image=False) for i in bench.items]
     batch = BatchEncoder(
-        bench, prompts, [list(range(len(prompts)))], loaded.processor, text_only=True
+        bench, prompts, [list(range(len(prompts)))], loaded.processor, plain_prompts
     )[0]
     model, processor = loaded.model, loaded.processor
     ordered = [prompts[j] for j in batch.items]
@@ -172,7 +175,6 @@ def test_pai_guidance_against_the_image_free_prompt(loaded):
                     inputs["input_ids"],
                     mask,
                     model.config.image_token_id,
-                    model.config.image_seq_length,
                 ),
             )
             .logits[:, -1]

@@ -1,5 +1,6 @@
 """The user's own paired yes/no data: one JSON record a line,
-{"id", "group", "image", "question", "answer"}, `image` relative to the file, answer yes|no."""
+{"id", "group", "image", "question", "answer"}, `image` relative to the file (a record
+without one is a text-only question, as for a text-only LM), answer yes|no."""
 
 import json
 from pathlib import Path
@@ -14,6 +15,7 @@ from sysattn_exp.benchmarks.base import (
 from sysattn_exp.errors import UsageError
 
 FIELDS = ("id", "group", "image", "question", "answer")
+REQUIRED = ("id", "group", "question", "answer")
 
 
 def parse_record(line: str, where: str, root: Path) -> Item:
@@ -23,16 +25,19 @@ def parse_record(line: str, where: str, root: Path) -> Item:
         raise UsageError(f"{where}: not valid JSON ({err.msg})") from None
     if not isinstance(record, dict):
         raise UsageError(f"{where}: must be a JSON object with fields {', '.join(FIELDS)}")
-    missing = [f for f in FIELDS if record.get(f) in (None, "")]
+    missing = [f for f in REQUIRED if record.get(f) in (None, "")]
     if missing:
-        raise UsageError(f"{where}: missing field {missing[0]!r} (required: {', '.join(FIELDS)})")
+        raise UsageError(
+            f"{where}: missing field {missing[0]!r} (required: {', '.join(REQUIRED)}; "
+            "optional: image)"
+        )
     answer = str(record["answer"]).strip().lower()
     if answer not in ("yes", "no"):
         raise UsageError(f"{where}: answer {record['answer']!r} must be yes or no")
     return Item(
         item_id=str(record["id"]),
         group_id=str(record["group"]),
-        image_id=str(root / str(record["image"])),
+        image_id=str(root / str(record["image"])) if record.get("image") else None,
         question=str(record["question"]),
         label=answer == "yes",
     )

@@ -1,8 +1,12 @@
 """Plain, loop-based reference attention written independently of sysattn_exp.intervention.
 
 For every real query row of every head it computes softmax attention over the visible keys
-(causal, padding excluded), applies the redistribution rule of DESIGN.md section 1 if the
-layer is selected, and takes the weighted sum of the values.
+(causal, padding excluded; within a sliding window on a layer that has one; image keys in
+both directions among image queries where the family does that, Gemma 3), with logits
+soft-capped where the family does that (Gemma 2), applies the redistribution rule of
+DESIGN.md section 1 if the layer is selected, and takes the weighted sum of the values.
+Layers the rule does not select (and all layers when there is no rule and no profile)
+compute the same plain attention vectorised over rows, to keep the tests fast.
 """
 
 import torch
@@ -38,10 +42,25 @@ def row_modalities(input_ids, attention_mask, image_token_id, text_starts=None):
     return rows
 
 
-def reference_setup(input_ids, attention_mask, image_token_id, rule, text_starts=None):
+def reference_setup(
+    input_ids, attention_mask, image_token_id, rule, text_starts=None, bidirectional_image=False
+):
     """rule: None, or dict(kind=..., layers=set, ...) as understood by `edit_row`."""
     STATE["modalities"] = row_modalities(input_ids, attention_mask, image_token_id, text_starts)
     STATE["rule"] = rule
+    STATE["bidirectional_image"] = bidirectional_image
+
+
+def visible_keys(names: list[str], pos: int, window: int | None) -> list[int]:
+    """Key positions the query at `pos` sees."""
+    both_image = STATE.get("bidirectional_image") and names[pos] == "image"
+    return [
+        j
+        for j in range(len(names))
+        if names[j] != "pad"
+        and (j <= pos or (both_image and names[j] == "image"))
+        and (window is None or pos - j < window)
+    ]
 
 
 def edit_row(weights: torch.Tensor, names: list[str], rule: dict) -> torch.Tensor:
@@ -83,12 +102,40 @@ def scale_row(weights: torch.Tensor, names: list[str], rule: dict) -> torch.Tens
     return scaled / scaled.sum()
 
 
+def capped(scores, softcap):
+    return scores if not softcap else torch.tanh(scores / softcap) * softcap
+
+
+def plain_attention(query, key, value, scaling, window, softcap):
+    """The same attention without a rule, vectorised over the rows of each sequence."""
+    batch, heads, q_len, dim = query.shape
+    group = heads // key.shape[1]
+    k_len = key.shape[2]
+    out = torch.zeros(batch, q_len, heads, dim, dtype=query.dtype)
+    for b in range(batch):
+        names = STATE["modalities"][b]
+        visible = torch.zeros(q_len, k_len, dtype=torch.bool)
+        for qi in range(q_len):
+            if names[k_len - q_len + qi] != "pad":
+                visible[qi, visible_keys(names, k_len - q_len + qi, window)] = True
+        keys = key[b].repeat_interleave(group, dim=0).double()
+        values = value[b].repeat_interleave(group, dim=0).double()
+        scores = capped(query[b].double() @ keys.transpose(1, 2) * scaling, softcap)
+        weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+        weights = weights.nan_to_num(0.0)
+        out[b] = (weights @ values).transpose(0, 1).to(query.dtype)
+    return out
+
+
 def reference_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kw):
     batch, heads, q_len, dim = query.shape
     group = heads // key.shape[1]
     k_len = key.shape[2]
     rule = STATE["rule"]
     edit_here = rule is not None and module.layer_idx in rule["layers"]
+    window, softcap = kw.get("sliding_window"), kw.get("softcap")
+    if not edit_here and "shares" not in STATE:
+        return plain_attention(query, key, value, scaling, window, softcap), None
     out = torch.zeros(batch, q_len, heads, dim, dtype=query.dtype)
     for b in range(batch):
         names = STATE["modalities"][b]
@@ -100,8 +147,8 @@ def reference_attention(module, query, key, value, attention_mask, scaling, drop
                 pos = offset + qi
                 if names[pos] == "pad":
                     continue
-                visible = [j for j in range(pos + 1) if names[j] != "pad"]
-                scores = keys[visible] @ query[b, h, qi] * scaling
+                visible = visible_keys(names, pos, window)
+                scores = capped(keys[visible] @ query[b, h, qi] * scaling, softcap)
                 # PAI: on the answer position only, image scores z -> z + alpha |z|.
                 if edit_here and "alpha" in rule and pos == last_real and names[pos] == "text":
                     for n, j in enumerate(visible):

@@ -6,9 +6,16 @@ torchvision, else an image-only stand-in (common.py) that expands images exactly
 real one does. A text-only family's "processor" is its tokenizer.
 """
 
+from sysattn_exp.tiny import build_tiny_llava
 from tiny_families.common import load_test_processor, save_checkpoint
 
-BUILDERS: dict = {}
+
+def build_llava(seed: int):
+    """LLaVA-1.5 (the paper's family), 4 decoder layers, 4 heads over 2 KV heads."""
+    return build_tiny_llava(seed, num_layers=4, hidden_size=32, image_size=28, init_std=0.05)
+
+
+BUILDERS: dict = {"llava": build_llava}
 try:  # filled in by the family modules as they land
     from tiny_families.llava_qwen import BUILDERS as _LLAVA_QWEN
 

@@ -1,0 +1,241 @@
+"""Every model family, on a tiny random checkpoint of it (tests/tiny_families): prompts from
+its chat template, the modality split, every rule on the fused and eager paths against the
+loop reference, the baseline against the model's own forward, and prefix-shared scoring
+against whole prompts. Each family brings its own attention quirks: sliding windows and
+bidirectional image blocks (Gemma 3), soft-capped logits (Gemma 2), multimodal RoPE
+(Qwen2-VL), any-res image token counts (LLaVA-NeXT), tiles with markers (Idefics3)."""
+
+import pytest
+import torch
+from conftest import make_image
+from reference import REFERENCE_NAME, STATE, reference_setup
+from tiny_families import BUILDERS
+
+from sysattn_exp.benchmarks.base import Benchmark, Item
+from sysattn_exp.intervention import Pai, Redistribution, Scale
+from sysattn_exp.modality import IMAGE, SYSTEM, TEXT
+from sysattn_exp.models import LoadedModel, tokenizer_of, use_sysattn
+from sysattn_exp.profile import AttentionProfile
+from sysattn_exp.prompts import PromptFormat, text_kwargs
+from sysattn_exp.scoring import encode_full_prompts, score_full_prompts, score_items
+
+FAMILIES = sorted(BUILDERS)
+QUESTIONS = ["Is there a red circle in the image?", "Is it blue?"]
+SYSTEMS = [None, "Answer briefly and exactly."]
+# Two sizes and aspect ratios: any-res and dynamic-resolution families give them different
+# numbers of image tokens, so the batch is padded differently per row.
+IMAGES = [("red", (40, 40)), ("blue", (64, 30))]
+MODALITY_NAMES = ["system", "image", "text"]
+
+
+def is_vlm(loaded) -> bool:
+    return loaded.image_token_id is not None
+
+
+def fmt(loaded, system) -> PromptFormat:
+    return PromptFormat(loaded.processor, system, vicuna=loaded.model.config.model_type == "llava")
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    """(loaded model, whole-prompt batch) of one family."""
+    model, processor = BUILDERS[request.param](3)
+    use_sysattn(model)
+    tokenizer_of(processor).padding_side = "left"
+    loaded = LoadedModel(model.eval(), processor, torch.device("cpu"), torch.float32)
+    vlm = is_vlm(loaded)
+    prompts = [fmt(loaded, s).render(q, vlm) for s, q in zip(SYSTEMS, QUESTIONS, strict=True)]
+    images = [make_image(c, size) if vlm else None for c, size in IMAGES]
+    inputs, key_modality = encode_full_prompts(loaded, images, prompts, QUESTIONS)
+    return loaded, prompts, inputs, key_modality
+
+
+def question_starts(loaded, prompts, inputs) -> list[int] | None:
+    """For prompts without an image: where each question starts, counted independently of
+    sysattn_exp (tokens of the text before it, plus the row's left padding)."""
+    if is_vlm(loaded):
+        return None
+    tokenizer = loaded.tokenizer
+    pads = (inputs["attention_mask"] == 0).sum(1).tolist()
+    return [
+        pad + len(tokenizer(p[: p.rindex(q)], **text_kwargs(tokenizer, p)).input_ids)
+        for pad, p, q in zip(pads, prompts, QUESTIONS, strict=True)
+    ]
+
+
+def with_attention(model, name):
+    """Switch the language model's attention implementation, leaving the vision tower's."""
+    if "text_config" in (getattr(model.config, "sub_configs", None) or {}):
+        model.set_attn_implementation({"text_config": name})
+    else:
+        model.set_attn_implementation(name)
+
+
+def logits(loaded, inputs, **extra) -> torch.Tensor:
+    with torch.no_grad():
+        return loaded.model(**inputs, **extra).logits
+
+
+def reference_logits(loaded, prompts, inputs, rule):
+    reference_setup(
+        inputs["input_ids"],
+        inputs["attention_mask"],
+        loaded.image_token_id,
+        rule,
+        question_starts(loaded, prompts, inputs),
+        bidirectional_image=loaded.model.config.model_type == "gemma3",
+    )
+    with_attention(loaded.model, REFERENCE_NAME)
+    try:
+        return logits(loaded, inputs)
+    finally:
+        use_sysattn(loaded.model)
+
+
+def late_layers(loaded) -> frozenset:
+    depth = loaded.num_layers
+    return frozenset(range(depth // 2, depth))
+
+
+def rules(layers) -> dict:
+    """Every redistribution, a dose, uniform, scale and PAI: name -> (edit kwargs, rule)."""
+    out = {}
+    for source in MODALITY_NAMES:
+        others = [m for m in MODALITY_NAMES if m != source]
+        for recipients in [(others[0],), (others[1],), tuple(others)]:
+            edit = {"kind": "redistribute", "source": source, "recipients": recipients}
+            rule = {"source": source, "recipients": set(recipients), "layers": layers}
+            out[f"{source}->{'+'.join(recipients)}"] = (edit, rule)
+    dose = {"kind": "redistribute", "source": "system", "recipients": ("image",)}
+    out["dose"] = (dose | {"fraction": 0.4}, out["system->image"][1] | {"fraction": 0.4})
+    uniform = {"kind": "redistribute", "source": "system", "recipients": ("text",)}
+    out["uniform"] = (uniform | {"mode": "uniform"}, out["system->text"][1] | {"mode": "uniform"})
+    out["scale"] = (
+        {"kind": "scale", "modality": "image", "factor": 2.0},
+        {"modality": "image", "factor": 2.0, "layers": layers},
+    )
+    out["pai"] = ({"kind": "pai", "alpha": 0.5}, {"alpha": 0.5, "layers": layers})
+    return out
+
+
+RULE_NAMES = list(rules(frozenset()))
+
+
+def build(kwargs: dict, layers, impl: str):
+    kwargs = dict(kwargs)
+    kind = kwargs.pop("kind")
+    if kind == "scale":
+        return Scale(kwargs["modality"], kwargs["factor"], layers, impl)
+    if kind == "pai":
+        return Pai(kwargs["alpha"], layers, impl)
+    source, recipients = kwargs.pop("source"), kwargs.pop("recipients")
+    return Redistribution(source, recipients, layers, impl, **kwargs)
+
+
+def test_modality_split_follows_the_rule(family):
+    """system before the first image placeholder, image up to the last, text after; without
+    an image, system ends where the question starts."""
+    loaded, prompts, inputs, key_modality = family
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    starts = question_starts(loaded, prompts, inputs)
+    for row in range(len(prompts)):
+        real = mask[row].bool()
+        got = key_modality[row][real].tolist()
+        if starts is None:
+            placeholder = (ids[row][real] == loaded.image_token_id).nonzero()[:, 0].tolist()
+            first, last = placeholder[0], placeholder[-1]
+        else:
+            first = last = starts[row] - int((~real).sum())
+            last -= 1
+        n = len(got)
+        assert got == [SYSTEM] * first + [IMAGE] * (last + 1 - first) + [TEXT] * (n - last - 1)
+        assert n - last - 1 >= 2, "the question and the generation prompt are text"
+
+
+def test_baseline_equals_the_models_own_forward(family):
+    loaded, _, inputs, key_modality = family
+    real = inputs["attention_mask"].bool()
+    got = logits(loaded, inputs, key_modality=key_modality, attention_edit=None)
+    with_attention(loaded.model, "eager")
+    try:
+        want = logits(loaded, inputs)
+    finally:
+        use_sysattn(loaded.model)
+    assert torch.allclose(got[real], want[real], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("rule_name", RULE_NAMES)
+def test_rule_matches_reference(family, rule_name):
+    loaded, prompts, inputs, key_modality = family
+    real = inputs["attention_mask"].bool()
+    layers = late_layers(loaded)
+    edit_kwargs, rule = rules(layers)[rule_name]
+    want = reference_logits(loaded, prompts, inputs, rule)
+    for impl in ("fused", "eager"):
+        edit = build(edit_kwargs, layers, impl)
+        got = logits(loaded, inputs, key_modality=key_modality, attention_edit=edit)
+        error = (got[real] - want[real]).abs().max()
+        assert error <= 1e-5, f"{impl}: {error}"
+    if rule_name in ("system->text", "image->text", "pai"):
+        baseline = logits(loaded, inputs, key_modality=key_modality, attention_edit=None)
+        assert (baseline[real] - got[real]).abs().max() > 1e-4, "the rule changed nothing"
+
+
+def test_profile_matches_reference(family):
+    """The fused path's recorded shares of the answer position equal the reference's."""
+    loaded, prompts, inputs, key_modality = family
+    layers = late_layers(loaded)
+    profile = AttentionProfile()
+    edit = Redistribution("system", ("text",), layers)
+    logits(
+        loaded, inputs, key_modality=key_modality, attention_edit=edit, attention_profile=profile
+    )
+    table = profile.table()
+    STATE["shares"] = {}
+    try:
+        rule = {"source": "system", "recipients": {"text"}, "layers": layers}
+        reference_logits(loaded, prompts, inputs, rule)
+        shares = STATE["shares"]
+    finally:
+        STATE.pop("shares", None)
+    answer = table[table["queries"] == "answer"].set_index("layer")
+    assert sorted(answer.index) == sorted(shares) == list(range(loaded.num_layers))
+    for layer, rows in shares.items():
+        for name in MODALITY_NAMES:
+            want = sum(row[name] for row in rows) / len(rows)
+            assert answer.loc[layer, name] == pytest.approx(want, abs=1e-5)
+
+
+def benchmark_of(loaded) -> Benchmark:
+    """Two questions about each of two images of different sizes (none for a text model)."""
+    vlm = is_vlm(loaded)
+    items = [
+        Item(f"{c}{q}", c, c if vlm else None, question, True)
+        for c, _ in IMAGES
+        for q, question in enumerate(QUESTIONS)
+    ]
+    sizes = dict(IMAGES)
+    return Benchmark("fam", items, "{question}", lambda c: make_image(c, sizes[c]))
+
+
+def test_prefix_sharing_equals_whole_prompts(family):
+    """Prefix-shared, batched scoring gives the scores of whole prompts scored one at a
+    time, for the baseline and rules. Each image is asked with two system prompts, so one
+    batch holds prefixes of different lengths (and any-res images differ too)."""
+    loaded, *_ = family
+    bench = benchmark_of(loaded)
+    vlm = is_vlm(loaded)
+    prompts = [
+        fmt(loaded, SYSTEMS[j % 2]).render(item.question, vlm) for j, item in enumerate(bench.items)
+    ]
+    layers = late_layers(loaded)
+    words = ([5, 6], [7])
+    for edit in (None, Redistribution("system", ("text",), layers), Pai(0.5, layers)):
+        shared = score_items(loaded, bench, prompts, edit, words, 4, 0, "test")
+        for j, item in enumerate(bench.items):
+            image = bench.load_image(item.image_id) if vlm else None
+            yes, no, _ = score_full_prompts(
+                loaded, [image], [prompts[j]], edit, *words, [item.question]
+            )
+            assert shared.yes[j] == pytest.approx(yes.item(), abs=1e-5)
+            assert shared.no[j] == pytest.approx(no.item(), abs=1e-5)

@@ -3,8 +3,12 @@
 template, batched left-padded processing of images of different sizes, a forward pass,
 the placeholder token, and a save/load round trip through the test boundary."""
 
+import json
+import pickle
+
 import pytest
 import torch
+import transformers
 from PIL import Image
 from tiny_families import load_test_processor, save_checkpoint
 from tiny_families.llava_qwen import BUILDERS
@@ -123,6 +127,16 @@ def test_placeholder_token_names_the_model_image_token(family):
         assert model.config.vision_end_token_id == ids("<|vision_end|>")
 
 
+def test_processor_is_the_real_class_or_its_image_only_subclass(family):
+    """The image-only stand-ins subclass the real processor, keep its name, have no video
+    processor, and expand placeholders with the real class's own method."""
+    _, _, processor, _ = family
+    real = getattr(transformers, type(processor).__name__)
+    assert isinstance(processor, real) and not hasattr(processor, "video_processor")
+    assert type(processor).replace_image_token is real.replace_image_token
+    assert type(pickle.loads(pickle.dumps(processor))) is type(processor)
+
+
 def test_image_expansion_follows_the_family_rule(family):
     """Qwen: prod(image_grid_thw) / merge_size**2 pads per image; LLaVA-NeXT/OneVision: as
     many placeholders as the model's any-res packing gives features for that image size.
@@ -151,6 +165,8 @@ def test_save_and_reload_through_the_test_boundary(family, tmp_path_factory):
     loaded = load_test_processor(path)
     loaded.tokenizer.padding_side = "left"
     assert type(loaded) is type(processor)
+    saved = json.loads((path / "processor_config.json").read_text())
+    assert saved["processor_class"] == type(processor).__name__  # the real class's name
     prompts = [
         loaded.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         for msgs in ([SYSTEM, USER], [USER])

@@ -2,15 +2,16 @@
 
 Each build(seed) gives a float32 eval model and the family's processor: the real
 LlavaNextProcessor, or for the three families whose real processor insists on a video
-processor (which needs torchvision) an image-only subclass of the real processor class
-(the ImageOnly* classes), so placeholder expansion runs the real class's own code. Tokenizers carry
-each family's real special tokens, BOS behaviour and the chat template of its main public
-checkpoint, copied verbatim (sources cited at each template).
+processor (which needs torchvision) an image-only subclass of the real processor class,
+so placeholder expansion runs the real class's own code. Tokenizers carry each family's
+real special tokens, BOS behaviour and the chat template of its main public checkpoint,
+copied verbatim (sources cited at each template).
 """
 
 from collections.abc import Callable
 
 import torch
+import transformers
 from transformers import (
     CLIPVisionConfig,
     LlavaNextConfig,
@@ -20,16 +21,13 @@ from transformers import (
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     LlavaOnevisionImageProcessorPil,
-    LlavaOnevisionProcessor,
     MistralConfig,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
-    Qwen2_5_VLProcessor,
     Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessorPil,
-    Qwen2VLProcessor,
     SiglipVisionConfig,
 )
 
@@ -115,22 +113,15 @@ ONEVISION_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "
 PINPOINTS_28 = [[28, 28], [28, 56], [56, 28], [56, 56]]
 
 
-def _real_name(cls: type) -> type:
-    """Give an image-only stand-in its base class's name, so the files it saves
-    (processor_config.json, tokenizer_config.json) name the real processor class and
-    AutoProcessor on a machine with torchvision would load the real one from them."""
-    cls.__name__ = cls.__qualname__ = cls.__bases__[0].__name__
-    return cls
-
-
 # Image-only stand-ins: the real processor classes minus the video processor (it needs
 # torchvision). ProcessorMixin takes its sub-processors from the __init__ signature, so a
 # subclass whose __init__ lacks `video_processor` needs, saves and loads only an image
 # processor and a tokenizer; every other method (placeholder expansion, chat template,
-# saving) is the real class's. The arguments are spelled out because from_pretrained
-# reads them from __init__.__code__.
-@_real_name
-class ImageOnlyLlavaOnevisionProcessor(LlavaOnevisionProcessor):
+# saving) is the real class's. They keep the real class names, so the files they save
+# (processor_config.json, tokenizer_config.json) name the real class and AutoProcessor on a
+# machine with torchvision would load the real processor from them. The arguments are
+# spelled out because from_pretrained reads them from __init__.__code__.
+class LlavaOnevisionProcessor(transformers.LlavaOnevisionProcessor):
     def __init__(
         self,
         image_processor=None,
@@ -157,22 +148,20 @@ class ImageOnlyLlavaOnevisionProcessor(LlavaOnevisionProcessor):
         )
 
 
-@_real_name
-class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+class Qwen2VLProcessor(transformers.Qwen2VLProcessor):
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
 
-@_real_name
-class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+class Qwen2_5_VLProcessor(transformers.Qwen2_5_VLProcessor):
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
 
 # The test boundary: rebuild the stand-in from a save_pretrained directory.
-IMAGE_ONLY_LOADERS["llava_onevision"] = ImageOnlyLlavaOnevisionProcessor.from_pretrained
-IMAGE_ONLY_LOADERS["qwen2_vl"] = ImageOnlyQwen2VLProcessor.from_pretrained
-IMAGE_ONLY_LOADERS["qwen2_5_vl"] = ImageOnlyQwen2_5_VLProcessor.from_pretrained
+IMAGE_ONLY_LOADERS["llava_onevision"] = LlavaOnevisionProcessor.from_pretrained
+IMAGE_ONLY_LOADERS["qwen2_vl"] = Qwen2VLProcessor.from_pretrained
+IMAGE_ONLY_LOADERS["qwen2_5_vl"] = Qwen2_5_VLProcessor.from_pretrained
 
 
 def _text(tokenizer, depth: int, hidden: int = 64, **kw) -> dict:
@@ -255,7 +244,7 @@ def build_llava_onevision(seed: int = 0):
     image_processor = LlavaOnevisionImageProcessorPil(
         size={"height": 42, "width": 42}, image_grid_pinpoints=pinpoints
     )
-    processor = ImageOnlyLlavaOnevisionProcessor(
+    processor = LlavaOnevisionProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         num_image_tokens=9,  # (42 / 14) ** 2 patches of the base image
@@ -322,7 +311,7 @@ _MROPE = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1000
 
 def build_qwen2_vl(seed: int = 0):
     """Qwen2-VL (8 layers, M-RoPE) with a 2-block vision tower of 7 px patches."""
-    processor = ImageOnlyQwen2VLProcessor(
+    processor = Qwen2VLProcessor(
         image_processor=_qwen_image_processor(),
         tokenizer=_qwen_tokenizer(QWEN2_VL_TEMPLATE),
         chat_template=QWEN2_VL_TEMPLATE,
@@ -349,7 +338,7 @@ def build_qwen2_vl(seed: int = 0):
 
 def build_qwen2_5_vl(seed: int = 0):
     """Qwen2.5-VL (6 layers, hidden 32, M-RoPE) with a 2-block windowed vision tower."""
-    processor = ImageOnlyQwen2_5_VLProcessor(
+    processor = Qwen2_5_VLProcessor(
         image_processor=_qwen_image_processor(),
         tokenizer=_qwen_tokenizer(QWEN2_VL_TEMPLATE),
         chat_template=QWEN2_VL_TEMPLATE,

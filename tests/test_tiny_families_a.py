@@ -105,6 +105,13 @@ def test_model_is_a_tiny_float32_gqa_decoder(family):
     assert model.config.model_type == name
 
 
+def test_same_seed_gives_the_same_weights(family):
+    name, model, _, _ = family
+    again, _ = BUILDERS[name](0)
+    pairs = zip(model.state_dict().values(), again.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+
+
 def test_batch_is_left_padded_and_runs_through_the_model(family):
     name, model, processor, batch = family
     assert set(batch) == {"input_ids", "attention_mask"} | VISION_INPUTS[name]

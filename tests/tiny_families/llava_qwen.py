@@ -37,12 +37,13 @@ from tiny_families.common import IMAGE_ONLY_LOADERS, train_tokenizer
 # llava-hf/llava-v1.6-mistral-7b-hf, chat_template.json. Source: openvinotoolkit/openvino.genai
 # src/cpp/src/tokenizer.cpp, chat_template_fallback_map entry "tiny-random-llava-next,
 # llava-v1.6-mistral (chat_template.json)" (the map keys on the exact published text).
-# `\\n` and `<\\\\s>` keep the JSON file's jinja escapes; it has no generation prompt.
+# As in the file, "\n" is a real newline inside jinja strings and the assistant turn ends
+# with the jinja string '<\\s> ' (a backslash, rendered `<\s> `). No generation prompt.
 LLAVA_NEXT_MISTRAL_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'system' %}{{ '<<SYS>>\\n' + "
-    "message['content'][0]['text'] + '\\n<</SYS>>\\n\\n' }}{% elif message['role'] == 'user' %}"
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{ '<<SYS>>\n' + "
+    "message['content'][0]['text'] + '\n<</SYS>>\n\n' }}{% elif message['role'] == 'user' %}"
     "{{ '[INST] ' }}{# Render all images first #}{% for content in message['content'] | "
-    "selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}{# Render all text "
+    "selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{# Render all text "
     "next #}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
     "{{ content['text'] }}{% endfor %}{{' [/INST]' }}{% elif message['role'] == 'assistant' %}"
     "{{ ' ' + message['content'][0]['text'] + '<\\\\s> '}}{% else %}{{ raise_exception('Only "
@@ -53,17 +54,18 @@ LLAVA_NEXT_MISTRAL_TEMPLATE = (
 # Source: the same-size file of its sibling llava-hf/llava-onevision-qwen2-7b-si-hf
 # (huggingface.co/llava-hf/llava-onevision-qwen2-7b-si-hf/blob/974bbb6c/chat_template.json),
 # which is also the template transformers' convert_llava_onevision_weights_to_hf.py writes.
+# Saved as {"chat_template": ...} with indent 2 this text gives exactly those 824 bytes.
 LLAVA_ONEVISION_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}{# Render all "
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{# Render all "
     "images first #}{% for content in message['content'] | selectattr('type', 'equalto', "
-    "'image') %}{{ '<image>\\n' }}{% endfor %}{# Render all video then #}{% for content in "
-    "message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\\n' }}"
+    "'image') %}{{ '<image>\n' }}{% endfor %}{# Render all video then #}{% for content in "
+    "message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}"
     "{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}{% for content "
     "in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}"
     "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', "
     "'text') %}{% generation %}{{ content['text'] }}{% endgeneration %}{% endfor %}{% endif %}"
-    "{{'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    "{{'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 # Qwen/Qwen2-VL-7B-Instruct, chat_template.json; Qwen/Qwen2.5-VL-7B-Instruct ships the same

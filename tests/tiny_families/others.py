@@ -47,10 +47,10 @@ from tiny_families.common import IMAGE_ONLY_LOADERS, train_tokenizer
 
 # ---------------------------------------------------------------- chat templates (verbatim)
 
-# google/gemma-3-4b-it (and gemma-3-1b-it, same template); copied from the copy in
-# hf-chat-template users, e.g. github.com/ggml-org/llama.cpp discussions; the same text with
-# the `is string` system branch as on the Hub. No system role: its text opens the first
-# user turn.
+# google/gemma-3-4b-it's chat template (gemma-3-1b-it has the same), as quoted verbatim in
+# public code that patches it into Gemma 3 tokenizers; transformers'
+# tests/models/gemma3/test_processing_gemma3.py carries the same text minus the `is string`
+# system branch. No system role: the system text opens the first user turn.
 GEMMA3_TEMPLATE = (
     "{{ bos_token }}\n"
     "{%- if messages[0]['role'] == 'system' -%}\n"
@@ -66,7 +66,7 @@ GEMMA3_TEMPLATE = (
     "{%- endif -%}\n"
     "{%- for message in loop_messages -%}\n"
     "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
-    '        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}\n'
+    '        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}\n'  # noqa: E501
     "    {%- endif -%}\n"
     "    {%- if (message['role'] == 'assistant') -%}\n"
     '        {%- set role = "model" -%}\n'
@@ -328,7 +328,10 @@ def build_gemma3(seed: int):
     model = _eval(Gemma3ForConditionalGeneration(config))
     image_processor = Gemma3ImageProcessorPil(size={"height": 42, "width": 42})
     processor = Gemma3Processor(
-        image_processor=image_processor, tokenizer=tok, chat_template=GEMMA3_TEMPLATE, image_seq_length=9
+        image_processor=image_processor,
+        tokenizer=tok,
+        chat_template=GEMMA3_TEMPLATE,
+        image_seq_length=9,
     )
     return model, processor
 
@@ -373,7 +376,14 @@ class InternVLImageOnlyProcessor(InternVLProcessor):
     sets what InternVLProcessor.__init__ sets; __call__ (the placeholder expansion) is the
     real class's, untouched."""
 
-    def __init__(self, image_processor=None, tokenizer=None, image_seq_length: int = 256, chat_template=None, **kw):
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        image_seq_length: int = 256,
+        chat_template=None,
+        **kw,
+    ):
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kw)
         self.video_processor = None
         self.image_seq_length = image_seq_length
@@ -423,7 +433,9 @@ def build_internvl(seed: int):
     image_processor = GotOcr2ImageProcessorPil(
         size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1, max_patches=4
     )
-    processor = InternVLImageOnlyProcessor(image_processor, tok, image_seq_length=16, chat_template=INTERNVL_TEMPLATE)
+    processor = InternVLImageOnlyProcessor(
+        image_processor, tok, image_seq_length=16, chat_template=INTERNVL_TEMPLATE
+    )
     return model, processor
 
 
@@ -445,7 +457,10 @@ def _idefics_parts(tok, layers: int, vision_cls, config_cls, image_processor_cls
     )
     text = _tiny_text(LlamaConfig, tok, layers)
     config = config_cls(
-        vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        scale_factor=2,
     )
     image_processor = image_processor_cls(
         size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, do_image_splitting=True
@@ -466,7 +481,9 @@ def build_idefics3(seed: int):
     )
     torch.manual_seed(seed)
     model = _eval(Idefics3ForConditionalGeneration(config))
-    processor = Idefics3Processor(image_processor, tok, image_seq_len=16, chat_template=IDEFICS3_TEMPLATE)
+    processor = Idefics3Processor(
+        image_processor, tok, image_seq_len=16, chat_template=IDEFICS3_TEMPLATE
+    )
     return model, processor
 
 
@@ -475,11 +492,15 @@ class SmolVLMImageOnlyProcessor(SmolVLMProcessor):
     num2words check (only video prompts use it). Its __init__ sets what
     SmolVLMProcessor.__init__ sets; __call__ (the placeholder expansion) is the real class's."""
 
-    def __init__(self, image_processor, tokenizer, image_seq_len: int = 169, chat_template=None, **kw):
+    def __init__(
+        self, image_processor, tokenizer, image_seq_len: int = 169, chat_template=None, **kw
+    ):
         self.fake_image_token = getattr(tokenizer, "fake_image_token", "<fake_token_around_image>")
         self.image_token = getattr(tokenizer, "image_token", "<image>")
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        self.end_of_utterance_token = getattr(tokenizer, "end_of_utterance_token", "<end_of_utterance>")
+        self.end_of_utterance_token = getattr(
+            tokenizer, "end_of_utterance_token", "<end_of_utterance>"
+        )
         self.global_image_token = getattr(tokenizer, "global_image_token", "<global-img>")
         self.image_seq_len = image_seq_len
         self.video_token = getattr(tokenizer, "video_token", "<video>")
@@ -507,7 +528,9 @@ def build_smolvlm(seed: int):
     )
     torch.manual_seed(seed)
     model = _eval(SmolVLMForConditionalGeneration(config))
-    processor = SmolVLMImageOnlyProcessor(image_processor, tok, image_seq_len=16, chat_template=SMOLVLM_TEMPLATE)
+    processor = SmolVLMImageOnlyProcessor(
+        image_processor, tok, image_seq_len=16, chat_template=SMOLVLM_TEMPLATE
+    )
     return model, processor
 
 

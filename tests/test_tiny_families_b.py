@@ -223,3 +223,20 @@ def test_save_and_reload(name, built, tmp_path):
     reloaded = auto.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert torch.allclose(model(**inputs).logits, reloaded(**inputs).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gemma3", "gemma3_text"])
+def test_gemma3_sliding_window_binds_and_image_tokens_see_each_other(name):
+    model, processor = BUILDERS[name](0)  # own copy: switched to eager to read the weights
+    model.set_attn_implementation("eager")
+    inputs = encode(name, processor, [render(name, processor, True)])
+    with torch.no_grad():
+        attentions = model(**inputs, output_attentions=True).attentions
+    types = model.config.get_text_config().layer_types
+    for kind, weights in zip(types, attentions, strict=True):
+        beyond_window = weights[0, :, -1, :-8].sum()  # last token -> keys 8+ back
+        assert (beyond_window == 0) == (kind == "sliding_attention")
+        if name == "gemma3":
+            image = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
+            assert (weights[0, :, image[0], image[-1]] > 0).all()  # first soft token sees last
+            assert (weights[0, :, image[0] - 1, image[0]] == 0).all()  # text stays causal

@@ -131,9 +131,10 @@ IDEFICS3_TEMPLATE = (
 # HuggingFaceTB/SmolVLM-Instruct (transformers tests/models/smolvlm/test_processing_smolvlm.py).
 SMOLVLM_TEMPLATE = IDEFICS3_TEMPLATE.replace("<|begin_of_text|>", "<|im_start|>", 1)
 
-# meta-llama/Llama-3.1-8B-Instruct: llama.cpp models/templates/
-# meta-llama-Llama-3.3-70B-Instruct.jinja (3.3 ships 3.1's template). Dropped: the tool
-# branches (custom_tools/builtin_tools/tools, tool_calls, ipython messages).
+# meta-llama/Llama-3.1-8B-Instruct: copied from llama.cpp's
+# models/templates/meta-llama-Llama-3.3-70B-Instruct.jinja (3.3 reuses 3.1's template; 3.1's
+# own file was not in the searchable index). Dropped: the tool branches (custom_tools,
+# builtin_tools, tools, tool_calls, ipython/tool messages); the rest is verbatim.
 LLAMA31_TEMPLATE = """{{- bos_token }}
 {%- if not date_string is defined %}
     {%- set date_string = "26 Jul 2024" %}
@@ -514,7 +515,8 @@ class SmolVLMImageOnlyProcessor(SmolVLMProcessor):
 
 
 def build_smolvlm(seed: int):
-    # SmolVLM-Instruct's tokenizer (SmolLM2): no BOS added, <|im_start|> opens the template.
+    # SmolVLM-Instruct's tokenizer (SmolLM2): no BOS added, <|im_start|> opens the template;
+    # the image tokens are named extra special tokens, as SmolVLMProcessor looks them up.
     tok = train_tokenizer(
         [*QWEN_SPECIALS, *IDEFICS_SPECIALS, "<video>", *ROW_COL],
         bos="<|im_start|>",
@@ -522,6 +524,12 @@ def build_smolvlm(seed: int):
         pad="<|im_end|>",
         chat_template=SMOLVLM_TEMPLATE,
         add_bos=False,
+        extra_special_tokens={
+            "image_token": "<image>",
+            "fake_image_token": "<fake_token_around_image>",
+            "end_of_utterance_token": "<end_of_utterance>",
+            "global_image_token": "<global-img>",
+        },
     )
     config, image_processor = _idefics_parts(
         tok, 6, SmolVLMVisionConfig, SmolVLMConfig, SmolVLMImageProcessorPil

@@ -285,9 +285,9 @@ def _gemma_tokenizer(template: str, extra: dict | None = None):
 
 
 def _gemma3_text_config(tok, layers: int):
-    # 5 sliding layers then a full one (Gemma 3's 5:1 pattern, cut short); sliding_window 8 so
-    # the window binds on test prompts; query_pre_attn_scalar 16 != head_dim 8, so the
-    # attention scale is not 1/sqrt(head_dim).
+    # Mostly sliding layers with a full one midway and last (Gemma 3's 5 sliding : 1 full,
+    # shortened); sliding_window 8 so the window binds on test prompts;
+    # query_pre_attn_scalar 16 != head_dim 8, so the attention scale is not 1/sqrt(head_dim).
     types = ["sliding_attention"] * layers
     types[layers // 2] = types[-1] = "full_attention"
     return _tiny_text(

@@ -8,14 +8,21 @@ One row per benchmark x model x intervention x layer range (and the baseline), w
 accuracy, yes-rate, yes-bias, accuracy, the change in paired accuracy against the
 baseline in points and in percent (as the paper reports it) and the benchmark's main
 native metric. Written as comparison.csv and comparison.md, with a heatmap per benchmark
-and model (layer range x intervention, colour = change in paired accuracy) and yes-rate
-bars; all of it is also logged to the sweep's parent run. paper_table.csv / .md pivot the
-change in paired accuracy (percent) to one row per condition and one column per benchmark,
-as the paper's table (with several models, each condition's label starts with its model).
+(layer range x intervention, colour = change in paired accuracy) and yes-rate bars; all of
+it is also logged to the sweep's parent run. paper_table.csv / .md pivot the change in
+paired accuracy (percent) to one row per condition and one column per benchmark, as the
+paper's table.
+
+The model is a readable label (the last part of its hub id or path, and its decoder depth
+where logged). With several models, each plot has a panel per model (heatmaps share their
+colour scale), the paper's table gets a model column, and layer ranges given in quarters
+of each model's own depth are labelled by quarter alone (q4, not q4 (24-31)), so a 4-layer
+and an 8-layer model's q4 land in the same row.
 """
 
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 import hydra
@@ -109,6 +116,28 @@ def layers_label(run: pd.Series) -> str:
     return span
 
 
+def aligned_layers(layers: str) -> str:
+    """'q4 (24-31)' -> 'q4', 'all (0-31)' -> 'all': the same for models of any depth."""
+    return re.sub(r"^(q\d|all) \(.*\)$", r"\1", layers)
+
+
+def model_labels(runs: pd.DataFrame) -> dict:
+    """params.model.name_or_path -> its label: the last part of the hub id or path (the full
+    name where two models would share it), with the decoder depth where logged."""
+    if "params.model.name_or_path" not in runs:
+        return {}
+    found = {}
+    for name, group in runs.groupby("params.model.name_or_path"):
+        depths = group.get("params.layers.depth", pd.Series(dtype=object))
+        depths = [d for d in depths.dropna() if d != "None"]
+        found[name] = (re.split(r"[\\/]", name.rstrip("/\\"))[-1] or name, depths[:1])
+    count = Counter(short for short, _ in found.values())
+    return {
+        name: (short if count[short] == 1 else name) + "".join(f" ({d} layers)" for d in depth)
+        for name, (short, depth) in found.items()
+    }
+
+
 # A condition is a benchmark, a model and a rule: runs of two models never merge.
 CONDITION = ["benchmark", "model", "intervention", "layers"]
 
@@ -156,7 +185,9 @@ def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
                     "native_value": metric(f"baseline_{native}") if native else None,
                 }
             )
-    table = pd.DataFrame(rows, columns=COLUMNS).drop_duplicates(CONDITION)
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    table["model"] = table["model"].map(model_labels(runs))
+    table = table.drop_duplicates(CONDITION)
     table["baseline_first"] = table["intervention"] != "baseline"
     table = table.sort_values(["benchmark", "model", "baseline_first", "intervention", "layers"])
     return table.drop(columns="baseline_first").reset_index(drop=True)
@@ -164,21 +195,25 @@ def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 def paper_table(table: pd.DataFrame, value: str) -> pd.DataFrame:
     """The paper's table: the change in paired accuracy against the baseline (`value`:
-    percent or points), one row per condition (rule and layers), one column per benchmark."""
+    percent or points), one row per condition (rule and layers), one column per benchmark;
+    with several models, one row per condition and model, with a model column."""
     edits = table[table["intervention"] != "baseline"]
-    condition = edits["intervention"] + " " + edits["layers"]
-    if table["model"].nunique(dropna=False) > 1:
-        condition = edits["model"].astype(str) + ": " + condition
-    grid = edits.assign(condition=condition).pivot_table(
-        index="condition", columns="benchmark", values=value, dropna=False
-    )
-    return grid.reset_index()
+    layers, index = edits["layers"], ["condition"]
+    if several_models(table):
+        layers, index = layers.map(aligned_layers), ["condition", "model"]
+    edits = edits.assign(condition=edits["intervention"] + " " + layers)
+    return edits.set_index([*index, "benchmark"])[value].unstack("benchmark").reset_index()
+
+
+def several_models(table: pd.DataFrame) -> bool:
+    return table["model"].nunique(dropna=False) > 1
 
 
 def paper_markdown(table: pd.DataFrame) -> str:
     """Cells '+12.5% (+2.1 pts)'; the percentage is blank where the baseline is 0."""
-    pct = paper_table(table, "paired_accuracy_change_pct").set_index("condition")
-    pts = paper_table(table, "paired_accuracy_change_points").set_index("condition")
+    index = ["condition", "model"] if several_models(table) else ["condition"]
+    pct = paper_table(table, "paired_accuracy_change_pct").set_index(index)
+    pts = paper_table(table, "paired_accuracy_change_points").set_index(index)
     cells = pct.copy().astype(object)
     for condition in pct.index:
         for benchmark in pct.columns:
@@ -202,51 +237,99 @@ def markdown(table: pd.DataFrame) -> str:
 
 
 def plots(table: pd.DataFrame, out: Path) -> list[Path]:
+    """A heatmap and yes-rate bars per benchmark, one panel per model."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     files = []
-    several_models = table["model"].nunique(dropna=False) > 1
-    for (benchmark, model), rows in table.groupby(["benchmark", "model"], dropna=False):
-        # One model keeps the plain file names; with several, each model gets its own.
-        name = f"{benchmark}_{slug(model)}" if several_models else benchmark
-        title = f"{benchmark} ({model})" if several_models else benchmark
+    several = several_models(table)
+    for benchmark, rows in table.groupby("benchmark"):
+        if several:
+            rows = rows.assign(layers=rows["layers"].map(aligned_layers))
         edits = rows[rows["intervention"] != "baseline"]
         if not edits.empty:
-            grid = edits.pivot_table(
-                index="layers", columns="intervention", values="paired_accuracy_change_points"
-            )
-            fig, ax = plt.subplots(figsize=(3.5 + 1.4 * grid.shape[1], 2 + 0.5 * grid.shape[0]))
-            limit = max(float(abs(grid).max().max()), 1e-9)
-            image = ax.imshow(grid.values, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
-            ax.set_xticks(range(grid.shape[1]), grid.columns, rotation=30, ha="right")
-            ax.set_yticks(range(grid.shape[0]), grid.index)
-            for (i, j), value in pd.DataFrame(grid.values).stack().items():
-                shade = "white" if abs(value) > limit / 2 else "black"
-                ax.text(j, i, f"{value:+.1f}", ha="center", va="center", fontsize=8, color=shade)
-            fig.colorbar(image, ax=ax, label="points vs baseline")
-            ax.set_title(f"{title}: paired accuracy vs baseline")
-            files.append(save(fig, out / f"heatmap_{name}.png"))
-        labels = [f"{r.intervention} {r.layers}".replace(" -", "") for r in rows.itertuples()]
-        fig, ax = plt.subplots(figsize=(2 + 0.5 * len(rows), 3.5))
-        ax.bar(range(len(rows)), rows["yes_rate"], color=["grey"] + ["tab:blue"] * (len(rows) - 1))
-        ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel("yes-rate")
-        ax.set_ylim(0, 1)
-        ax.set_title(f"{title}: yes-rate by condition")
-        files.append(save(fig, out / f"yes_rate_{name}.png"))
+            fig = heatmap(edits, benchmark, several)
+            files.append(save(fig, out / f"heatmap_{benchmark}.png"))
+        files.append(
+            save(yes_rate_bars(rows, benchmark, several), out / f"yes_rate_{benchmark}.png")
+        )
     return files
 
 
-def slug(model) -> str:
-    """A model's name (hub id, folder) as a file-name part."""
-    return re.sub(r"[^\w.-]+", "_", str(model)).strip("_")
+def panels(width: float, height: float, n: int):
+    import matplotlib.pyplot as plt
+
+    layout = "constrained" if n > 1 else None  # tight_layout cannot fit a shared colour bar
+    fig, axes = plt.subplots(
+        1, n, sharey=True, squeeze=False, figsize=(width, height), layout=layout
+    )
+    return fig, list(axes[0])
+
+
+def titles(fig, axes, models, title: str, several: bool) -> None:
+    """One model: the title as before; several: the title over the panels, a model each."""
+    if not several:
+        axes[0].set_title(title)
+        return
+    fig.suptitle(title)
+    for ax, model in zip(axes, models, strict=True):
+        ax.set_title(str(model), fontsize=9)
+
+
+def heatmap(edits: pd.DataFrame, benchmark: str, several: bool):
+    """Layer range x intervention, colour = change in paired accuracy; a panel per model on
+    the same rows, columns and colour scale."""
+    grids = {
+        model: rows.pivot_table(
+            index="layers", columns="intervention", values="paired_accuracy_change_points"
+        )
+        for model, rows in edits.groupby("model", dropna=False, sort=False)
+    }
+    index = sorted(set().union(*(grid.index for grid in grids.values())))
+    columns = sorted(set().union(*(grid.columns for grid in grids.values())))
+    grids = {model: grid.reindex(index=index, columns=columns) for model, grid in grids.items()}
+    limit = max(max(float(abs(grid).max().max()) for grid in grids.values()), 1e-9)
+    n = len(grids)
+    fig, axes = panels(2 + n * (1.5 + 1.4 * len(columns)), 2 + 0.5 * len(index), n)
+    for ax, grid in zip(axes, grids.values(), strict=True):
+        image = ax.imshow(grid.values, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
+        ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
+        ax.set_yticks(range(len(index)), index)
+        for (i, j), value in pd.DataFrame(grid.values).stack().dropna().items():
+            shade = "white" if abs(value) > limit / 2 else "black"
+            ax.text(j, i, f"{value:+.1f}", ha="center", va="center", fontsize=8, color=shade)
+    fig.colorbar(image, ax=axes if n > 1 else axes[0], label="points vs baseline")
+    titles(fig, axes, grids, f"{benchmark}: paired accuracy vs baseline", several)
+    return fig
+
+
+def yes_rate_bars(rows: pd.DataFrame, benchmark: str, several: bool):
+    """Yes-rate by condition, the baseline first; a panel per model on the same conditions."""
+    rows = rows.assign(
+        label=[f"{r.intervention} {r.layers}".replace(" -", "") for r in rows.itertuples()],
+        edit=rows["intervention"] != "baseline",
+    )
+    labels = list(rows.sort_values(["edit", "intervention", "layers"])["label"].unique())
+    colours = ["grey" if label == "baseline" else "tab:blue" for label in labels]
+    models = dict(list(rows.groupby("model", dropna=False, sort=False)))
+    fig, axes = panels(2 + 0.5 * len(labels) * len(models), 3.5, len(models))
+    for ax, model_rows in zip(axes, models.values(), strict=True):
+        ax.bar(
+            range(len(labels)),
+            model_rows.set_index("label")["yes_rate"].reindex(labels),
+            color=colours,
+        )
+        ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("yes-rate")
+    titles(fig, axes, models, f"{benchmark}: yes-rate by condition", several)
+    return fig
 
 
 def save(fig, path: Path) -> Path:
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     fig.savefig(path, dpi=120)
     fig.clf()
     return path

@@ -241,6 +241,7 @@ def run(cfg, out_dir: Path) -> dict:
     config = OmegaConf.to_container(cfg, resolve=True)
     config["layers"]["resolved"] = layers
     config["job"] = {"name": name, "key": job_key(config, condition(cfg, loaded, edit, words))}
+    config["layers"]["depth"] = loaded.num_layers  # for the report's model label; not in the key
     if profile is not None:  # before metrics.json, which marks the job complete
         table = profile.table()
         write_atomically(out_dir / PROFILE_TABLE, lambda p: table.to_csv(p, index=False))

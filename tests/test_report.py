@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
+import sysattn_exp.report
 from sysattn_exp.report import report
 
 JOBS = [  # (benchmark, recipients, quarter, layers, paired, yes_rate, native)
@@ -62,6 +63,21 @@ def log_known_runs(uri: str, artifacts) -> str:
     return parent.info.run_id
 
 
+def record_panels(monkeypatch) -> dict:
+    """{plot file name: [(panel title, row labels), ...]}, taken as report() saves each plot."""
+    panels, save = {}, sysattn_exp.report.save
+
+    def recording_save(fig, path):
+        axes = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+        # The row labels, also of panels that share the first one's and do not show them.
+        rows = [ax.yaxis.get_major_formatter().format_ticks(ax.get_yticks()) for ax in axes]
+        panels[path.name] = [(ax.get_title(), r) for ax, r in zip(axes, rows, strict=True)]
+        return save(fig, path)
+
+    monkeypatch.setattr(sysattn_exp.report, "save", recording_save)
+    return panels
+
+
 def test_report_table_plots_and_parent_artifacts(tmp_path):
     uri = f"sqlite:///{tmp_path}/store.db"
     parent = log_known_runs(uri, tmp_path / "artifacts")
@@ -111,9 +127,10 @@ def test_report_table_plots_and_parent_artifacts(tmp_path):
     assert {"report/comparison.csv", "report/heatmap_naturalbench.png"} <= artifacts
 
 
-def test_report_latest_sweep_and_bad_parent(tmp_path):
+def test_report_latest_sweep_and_bad_parent(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path}/store.db"
     log_known_runs(uri, tmp_path / "artifacts")
+    panels = record_panels(monkeypatch)
     # report.parent=latest is resolved by report() itself: in this process.
     tracking = {"uri": uri, "experiment": "study", "artifact_location": str(tmp_path)}
     report(
@@ -122,6 +139,15 @@ def test_report_latest_sweep_and_bad_parent(tmp_path):
         )
     )
     assert len(pd.read_csv(tmp_path / "r" / "comparison.csv")) == 6
+    # One model: one panel per plot, titled as before, and no model column in the paper's table.
+    assert panels["heatmap_naturalbench.png"] == [
+        ("naturalbench: paired accuracy vs baseline", ["q1 (0-7)", "q4 (24-31)"])
+    ]
+    assert set(panels) == {f"{p}_{b}.png" for p in ("heatmap", "yes_rate") for b in NATIVE}
+    assert all(len(axes) == 1 for axes in panels.values())
+    paper = pd.read_csv(tmp_path / "r" / "paper_table.csv")
+    assert list(paper.columns) == ["condition", "naturalbench", "winoground"]
+    assert "system->text q4 (24-31)" in set(paper.condition)
     # A bad parent through the CLI: one line and exit status 2.
     bad = subprocess.run(
         [
@@ -140,14 +166,20 @@ def test_report_latest_sweep_and_bad_parent(tmp_path):
     assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
 
 
-def test_report_all_keeps_each_models_rows(tmp_path):
-    """Two models, the same benchmark and condition, in one store without a sweep: neither
-    model's rows replace the other's."""
+def test_report_compares_models_side_by_side(tmp_path, monkeypatch):
+    """Two models of different depth (8 and 4 decoder layers), the same benchmark and
+    condition, in one store without a sweep: neither model's rows replace the other's, each
+    gets a readable label, and their q4 shares a row in the paper's table and the heatmap,
+    which has a panel per model."""
     uri = f"sqlite:///{tmp_path}/store.db"
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.create_experiment("models", artifact_location=tmp_path.as_uri())
-    models = {"llava-hf/llava-1.5-7b-hf": (0.30, 0.20), "llava-hf/llava-1.5-13b-hf": (0.45, 0.40)}
-    for model, (paired, base) in models.items():
+    jobs = [  # (name_or_path, depth logged, quarter, layers, paired, baseline paired)
+        ("llava-hf/llava-1.5-7b-hf", 8, 4, "6,7", 0.30, 0.20),
+        ("llava-hf/llava-1.5-7b-hf", 8, 1, "0,1", 0.10, 0.20),
+        ("/ckpt/tiny-qwen2-vl/", None, 4, "3", 0.45, 0.40),
+    ]
+    for model, depth, quarter, layers, paired, base in jobs:
         with mlflow.start_run(experiment_id=experiment, tags={"sysattn.kind": "job"}):
             mlflow.log_params(
                 {
@@ -156,9 +188,10 @@ def test_report_all_keeps_each_models_rows(tmp_path):
                     "intervention.name": "redistribute",
                     "intervention.source": "system",
                     "intervention.recipients": "text",
-                    "layers.quarter": 4,
-                    "layers.resolved": "24,25,26,27,28,29,30,31",
+                    "layers.quarter": quarter,
+                    "layers.resolved": layers,
                 }
+                | ({"layers.depth": depth} if depth else {})
             )
             mlflow.log_metrics(
                 {
@@ -170,6 +203,7 @@ def test_report_all_keeps_each_models_rows(tmp_path):
                     "baseline_paired_accuracy": base,
                 }
             )
+    panels = record_panels(monkeypatch)
     cfg = OmegaConf.create(
         {
             "tracking": {"uri": uri, "experiment": "models", "artifact_location": str(tmp_path)},
@@ -177,18 +211,32 @@ def test_report_all_keeps_each_models_rows(tmp_path):
         }
     )
     report(cfg)
+    big, small = "llava-1.5-7b-hf (8 layers)", "tiny-qwen2-vl"
     table = pd.read_csv(tmp_path / "report" / "comparison.csv")
-    got = {(r.model, r.intervention): r.paired_accuracy for r in table.itertuples()}
+    got = {(r.model, r.intervention, r.layers): r.paired_accuracy for r in table.itertuples()}
     assert got == pytest.approx(
         {
-            **{(m, "system->text"): paired for m, (paired, _) in models.items()},
-            **{(m, "baseline"): base for m, (_, base) in models.items()},
+            (big, "baseline", "-"): 0.20,
+            (big, "system->text", "q1 (0-1)"): 0.10,
+            (big, "system->text", "q4 (6-7)"): 0.30,
+            (small, "baseline", "-"): 0.40,
+            (small, "system->text", "q4 (3-3)"): 0.45,
         }
     )
-    paper = pd.read_csv(tmp_path / "report" / "paper_table.csv").set_index("condition")
-    assert paper["naturalbench"].to_dict() == pytest.approx(
-        {f"{m}: system->text q4 (24-31)": 100 * (p - b) / b for m, (p, b) in models.items()}
+    paper = pd.read_csv(tmp_path / "report" / "paper_table.csv")
+    assert list(paper.columns) == ["condition", "model", "naturalbench"]
+    assert paper.set_index(["condition", "model"])["naturalbench"].to_dict() == pytest.approx(
+        {
+            ("system->text q1", big): -50.0,
+            ("system->text q4", big): 50.0,
+            ("system->text q4", small): 12.5,
+        }
     )
-    for model in models:
-        slug = model.replace("/", "_")
-        assert (tmp_path / "report" / f"heatmap_naturalbench_{slug}.png").stat().st_size > 0
+    assert "| system->text q4 | tiny-qwen2-vl | +12.5% (+5.0 pts) |" in (
+        (tmp_path / "report" / "paper_table.md").read_text()
+    )
+    # A panel per model, on the same rows: the small model's q4 beside the big one's.
+    assert panels["heatmap_naturalbench.png"] == [(big, ["q1", "q4"]), (small, ["q1", "q4"])]
+    assert [title for title, _ in panels["yes_rate_naturalbench.png"]] == [big, small]
+    for name in ("heatmap_naturalbench.png", "yes_rate_naturalbench.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 0

@@ -68,6 +68,7 @@ def test_submitit_local_sweep_is_one_mlflow_tree(tmp_path):
     assert json.loads((sweep_dir / "mlflow_parent.json").read_text())["run_id"] == parent_id
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent_id}
     assert sorted(r.data.params["layers.resolved"] for r in children) == ["4,5", "6,7"]
+    assert {r.data.params["layers.depth"] for r in children} == {"8"}  # the report's label
 
 
 @pytest.fixture(scope="module")

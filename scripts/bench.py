@@ -206,6 +206,7 @@ def naive_scores(loaded: LoadedModel, bench: Benchmark, prompts, edit, words):
         for item, prompt in zip(bench.items, prompts, strict=True):
             image = bench.load_image(item.image_id)
             inputs, modality = encode_full_prompts(loaded, [image], [prompt])
+            inputs.pop("position_ids")  # generate() numbers the positions itself
             NAIVE.update(edit=edit, modality=modality)
             out = model.generate(
                 **inputs,

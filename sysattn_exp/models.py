@@ -144,10 +144,12 @@ def load_model(cfg) -> LoadedModel:
     return _LOADED[key]
 
 
-def model_type_of(cfg) -> str:
-    """The checkpoint's model_type, refused unless this tool handles its family."""
+def load_config(cfg):
+    """The checkpoint's config, refused unless this tool handles its family."""
     if cfg.name_or_path == BUILTIN_TINY:
-        return "llava"
+        from sysattn_exp.tiny import build_config
+
+        return build_config()
     try:
         config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision)
     except (OSError, ValueError) as err:
@@ -160,7 +162,7 @@ def model_type_of(cfg) -> str:
     if model_type in VLM_FAMILIES or (
         not is_vlm and model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     ):
-        return model_type
+        return config
     raise UsageError(
         f"model.name_or_path={cfg.name_or_path!r} is a {model_type!r} model, which is not "
         f"supported; supported: {', '.join(VLM_FAMILIES)} and text-only causal LMs"
@@ -172,7 +174,7 @@ def _load(cfg, dtype, device_map):
         from sysattn_exp.tiny import build_tiny_llava
 
         return build_tiny_llava(seed=cfg.seed)
-    model_type = model_type_of(cfg)
+    model_type = load_config(cfg).model_type
     model_class = (
         AutoModelForImageTextToText if model_type in VLM_FAMILIES else AutoModelForCausalLM
     )
@@ -195,7 +197,7 @@ def load_processor(cfg, model_type: str | None = None):
         from sysattn_exp.tiny import build_processor
 
         return build_processor()
-    model_type = model_type or model_type_of(cfg)
+    model_type = model_type or load_config(cfg).model_type
     loader = AutoProcessor if model_type in VLM_FAMILIES else AutoTokenizer
     try:
         return loader.from_pretrained(cfg.name_or_path, revision=cfg.revision)
@@ -205,7 +207,9 @@ def load_processor(cfg, model_type: str | None = None):
         ) from err
 
 
-def prompt_modalities(processor, image, prompt: str, question: str) -> dict[str, int]:
+def prompt_modalities(
+    processor, image_token_id, image, prompt: str, question: str
+) -> dict[str, int]:
     """How many tokens of `prompt` (with its image, if any, expanded) are system, image and
     text."""
     tokenizer = tokenizer_of(processor)
@@ -215,9 +219,9 @@ def prompt_modalities(processor, image, prompt: str, question: str) -> dict[str,
         image_token_id = None
     else:
         inputs = processor(
-            images=[image], text=[prompt], return_tensors="pt", **text_kwargs(tokenizer, prompt)
+            images=[[image]], text=[prompt], return_tensors="pt", **text_kwargs(tokenizer, prompt)
         )
-        start, image_token_id = None, tokenizer.convert_tokens_to_ids(processor.image_token)
+        start = None
     split = modality_ids(inputs["input_ids"], inputs["attention_mask"], image_token_id, start)
     return modality_counts(split[0])
 

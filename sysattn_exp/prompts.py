@@ -3,6 +3,8 @@ every other family, and where the user's question starts in a rendered prompt.""
 
 from dataclasses import dataclass, field
 
+from jinja2.exceptions import TemplateError
+
 from sysattn_exp.errors import UsageError
 
 USER = "USER: "
@@ -39,6 +41,16 @@ class PromptFormat:
         return min(renders, key=len)
 
     def apply(self, system: str | None, question: str, with_image: bool) -> str:
+        try:
+            return self.apply_template(system, question, with_image)
+        except TemplateError:
+            if not system:
+                raise
+        # A template with no system role (Gemma 2's raises): the system prompt opens the
+        # user's turn, as Gemma 3's own template does it.
+        return self.apply_template(None, f"{system}\n\n{question}", with_image)
+
+    def apply_template(self, system: str | None, question: str, with_image: bool) -> str:
         multimodal = hasattr(self.processor, "image_processor")
         if multimodal:  # processors' templates take a list of typed parts
             user = [{"type": "image"}] if with_image else []

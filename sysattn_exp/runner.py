@@ -20,9 +20,9 @@ from sysattn_exp.models import (
     BUILTIN_TINY,
     LoadedModel,
     first_token_ids,
+    load_config,
     load_model,
     load_processor,
-    model_type_of,
     prompt_format,
     prompt_modalities,
 )
@@ -196,13 +196,14 @@ def dry_run(cfg, benchmark: Benchmark) -> dict:
         "gt_yes_rate": sum(item.label for item in items) / len(items),
     } | benchmark.load_counts
     example = items[0]
-    model_type = model_type_of(cfg.model)
-    processor = load_processor(cfg.model, model_type)
+    config = load_config(cfg.model)
+    processor = load_processor(cfg.model, config.model_type)
     question = benchmark.question_text(example)
     with_image = example.image_id is not None
-    prompt = prompt_format(cfg.model, processor, model_type).render(question, with_image)
+    prompt = prompt_format(cfg.model, processor, config.model_type).render(question, with_image)
     image = benchmark.load_image(example.image_id) if with_image else None
-    split = prompt_modalities(processor, image, prompt, question)
+    image_token_id = getattr(config, "image_token_id", None)
+    split = prompt_modalities(processor, image_token_id, image, prompt, question)
     print(f"benchmark {benchmark.name}: " + ", ".join(f"{k}={v:g}" for k, v in summary.items()))
     print(f"example prompt (item {example.item_id}, image {example.image_id}):\n{prompt}")
     print(

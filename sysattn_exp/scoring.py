@@ -96,10 +96,13 @@ class BatchEncoder(Dataset):
     batch's items have one) before the first token of the question. `plain_prompts`, for
     PAI's guidance, are the prompts rendered without their image."""
 
-    def __init__(self, benchmark: Benchmark, prompts, plan, processor, plain_prompts=None):
+    def __init__(
+        self, benchmark: Benchmark, prompts, plan, loaded: LoadedModel, plain_prompts=None
+    ):
+        # Only the processor and the image token's id travel to the workers, not the model.
         self.benchmark, self.prompts, self.plan = benchmark, prompts, plan
-        self.processor, self.plain_prompts = processor, plain_prompts
-        self.tokenizer = tokenizer_of(processor)
+        self.processor, self.image_token_id = loaded.processor, loaded.image_token_id
+        self.tokenizer, self.plain_prompts = tokenizer_of(loaded.processor), plain_prompts
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -151,7 +154,6 @@ class BatchEncoder(Dataset):
     def split_at_image(self, order, image_ids, images) -> list[tuple[list[int], list[int]]]:
         """Each prompt's token ids with its image expanded by the processor, split after
         the last image token."""
-        image_token = self.tokenizer.convert_tokens_to_ids(str(self.processor.image_token))
         splits = []
         for j, image_id in zip(order, image_ids, strict=True):
             prompt = self.prompts[j]
@@ -159,7 +161,7 @@ class BatchEncoder(Dataset):
                 images=[images[image_id]], text=[prompt], **text_kwargs(self.tokenizer, prompt)
             )["input_ids"][0]
             ids = list(ids)
-            image_positions = [i for i, t in enumerate(ids) if t == image_token]
+            image_positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
             if not image_positions:
                 raise ValueError(f"prompt {prompt!r} has no image placeholder")
             last = image_positions[-1]
@@ -181,7 +183,7 @@ class BatchEncoder(Dataset):
         images differ in size) the family's own way."""
         prompts = [self.prompts[j] for j, _ in representative]
         inputs = self.processor(
-            images=[images[image_id] for _, image_id in representative],
+            images=[[images[image_id]] for _, image_id in representative],  # one per prompt
             text=prompts,
             padding=True,
             return_tensors="pt",
@@ -341,7 +343,7 @@ def encode_full_prompts(loaded: LoadedModel, images: list, prompts: list[str], q
     """Model inputs for whole prompts (left-padded, on the model's device and dtype, with
     their position ids) and their (B, N) modality ids. An image of None: the prompt has no
     image, and `questions` must give its question (where its text starts)."""
-    present = [image for image in images if image is not None]
+    present = [[image] for image in images if image is not None]  # one per prompt
     tokenizer = tokenizer_of(loaded.processor)
     encode = loaded.processor if present else tokenizer
     inputs = encode(
@@ -437,9 +439,7 @@ def score_items(
     if guidance and plain_prompts is None:
         raise ValueError("PAI's guidance needs the prompts without their image")
     loader = DataLoader(
-        BatchEncoder(
-            benchmark, prompts, todo, loaded.processor, plain_prompts if guidance else None
-        ),
+        BatchEncoder(benchmark, prompts, todo, loaded, plain_prompts if guidance else None),
         batch_size=None,
         collate_fn=keep_batch,
         num_workers=num_workers if todo else 0,

@@ -68,8 +68,8 @@ def build_processor(image_size: int = 56, patch_size: int = 14) -> LlavaProcesso
     )
 
 
-def build_tiny_llava(
-    seed: int = 0,
+def build_config(
+    tokenizer=None,
     *,
     num_layers: int = 8,
     hidden_size: int = 64,
@@ -79,11 +79,9 @@ def build_tiny_llava(
     patch_size: int = 14,
     init_std: float = 0.3,
     max_positions: int = 1024,
-) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """Random LLaVA and its processor; the same seed gives the same weights."""
-    processor = build_processor(image_size, patch_size)
-    tokenizer = processor.tokenizer
-    image_seq_length = (image_size // patch_size) ** 2
+) -> LlavaConfig:
+    """The tiny LLaVA's config (of the default sizes: the builtin model's)."""
+    tokenizer = tokenizer or build_tokenizer()
     vision = CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -108,14 +106,25 @@ def build_tiny_llava(
         # input and edits visibly change them.
         initializer_range=init_std,
     )
-    config = LlavaConfig(
+    return LlavaConfig(
         vision_config=vision,
         text_config=text,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=image_seq_length,
+        image_seq_length=(image_size // patch_size) ** 2,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
+    )
+
+
+def build_tiny_llava(
+    seed: int = 0, *, image_size: int = 56, patch_size: int = 14, **sizes
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """Random LLaVA and its processor; the same seed gives the same weights. `sizes` are
+    build_config's."""
+    processor = build_processor(image_size, patch_size)
+    config = build_config(
+        processor.tokenizer, image_size=image_size, patch_size=patch_size, **sizes
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()

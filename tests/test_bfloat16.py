@@ -21,7 +21,7 @@ from conftest import make_image
 from sysattn_exp.intervention import Redistribution
 from sysattn_exp.models import LoadedModel, first_token_ids, use_sysattn
 from sysattn_exp.prompts import build_prompt
-from sysattn_exp.scoring import encode_full_prompts, left_padded_position_ids, score_full_prompts
+from sysattn_exp.scoring import encode_full_prompts, score_full_prompts
 from sysattn_exp.tiny import build_tiny_llava
 
 LAYERS = 4
@@ -92,7 +92,6 @@ def set_yes_no_rows(model, loaded, images, prompts, yes, no) -> None:
         hidden = (
             model.model(
                 **inputs,
-                position_ids=left_padded_position_ids(inputs["attention_mask"]),
                 use_cache=False,
                 key_modality=key_modality,
                 attention_edit=edit("eager"),

@@ -49,7 +49,7 @@ def mixed(loaded):
     """Whole prompts, left-padded, and the reference's question starts."""
     prompts = [build_prompt(q, s, with_image=c is not None) for q, s, c in ROWS]
     images = [None if c is None else make_image(c) for _, _, c in ROWS]
-    inputs, key_modality = encode_full_prompts(loaded, images, prompts)
+    inputs, key_modality = encode_full_prompts(loaded, images, prompts, [q for q, _, _ in ROWS])
     pads = (inputs["attention_mask"] == 0).sum(1).tolist()
     starts = [
         pad + system_length(loaded.processor.tokenizer, p)
@@ -153,7 +153,8 @@ def test_shared_system_prefix_equals_whole_prompts(loaded, edit):
     prompts = prompts_of(bench, "A chat.")
     scores = score_items(loaded, bench, prompts, edit, WORDS, 3, 0, "test")
     images = [None if i.image_id is None else make_image(i.image_id) for i in bench.items]
-    yes, no, p_yes = score_full_prompts(loaded, images, prompts, edit, *WORDS)
+    questions = [i.question for i in bench.items]
+    yes, no, p_yes = score_full_prompts(loaded, images, prompts, edit, *WORDS, questions)
     assert torch.allclose(torch.tensor(scores.yes), yes, atol=1e-5, rtol=0)
     assert torch.allclose(torch.tensor(scores.no), no, atol=1e-5, rtol=0)
     assert torch.allclose(torch.tensor(scores.p_yes), p_yes, atol=1e-6, rtol=0)

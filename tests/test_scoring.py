@@ -62,7 +62,7 @@ def test_plan_keeps_images_together():
 def test_encoder_tokenizes_as_the_processor(loaded):
     bench = four_questions_per_image()
     prompts = [build_prompt(i.question, "A chat.") for i in bench.items]
-    batch = BatchEncoder(bench, prompts, [list(range(len(prompts)))], loaded.processor)[0]
+    batch = BatchEncoder(bench, prompts, [list(range(len(prompts)))], loaded)[0]
     pixel_values = batch.vision["pixel_values"]
     assert batch.prefix_ids.shape[0] == pixel_values.shape[0] == len(COLOURS)
     for row, j in enumerate(batch.items):
@@ -83,7 +83,7 @@ def test_shared_prefix_equals_full_prompts(loaded, edit):
     prompts = [
         build_prompt(i.question, "A chat between a user and an assistant.") for i in bench.items
     ]
-    batch = BatchEncoder(bench, prompts, [list(range(len(prompts)))], loaded.processor)[0]
+    batch = BatchEncoder(bench, prompts, [list(range(len(prompts)))], loaded)[0]
     yes, no, _ = score_batch(loaded, batch, edit, *WORDS)
     images = [make_image(bench.items[j].image_id) for j in batch.items]
     yes_full, no_full, _ = score_full_prompts(
@@ -153,9 +153,7 @@ def test_pai_guidance_against_the_image_free_prompt(loaded):
     prompts = [build_prompt(i.question, "A chat.") for i in bench.items]
     layers = frozenset(range(1, 6))
     plain_prompts = [build_prompt(i.question, "A chat.", with_image=False) for i in bench.items]
-    batch = BatchEncoder(
-        bench, prompts, [list(range(len(prompts)))], loaded.processor, plain_prompts
-    )[0]
+    batch = BatchEncoder(bench, prompts, [list(range(len(prompts)))], loaded, plain_prompts)[0]
     model, processor = loaded.model, loaded.processor
     ordered = [prompts[j] for j in batch.items]
     inputs = processor(

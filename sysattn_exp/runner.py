@@ -130,7 +130,7 @@ def num_workers(cfg) -> int:
 
 
 def scoring_words(loaded: LoadedModel, cfg) -> tuple[list[int], list[int]]:
-    tokenizer = loaded.processor.tokenizer
+    tokenizer = loaded.tokenizer
     yes = first_token_ids(tokenizer, cfg.yes_words, "scoring.yes_words")
     no = first_token_ids(tokenizer, cfg.no_words, "scoring.no_words")
     shared = sorted(set(yes) & set(no))

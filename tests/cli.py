@@ -1,4 +1,5 @@
-"""Running the real command line in a subprocess, as a user does."""
+"""Running the real command line: in a subprocess, as a user does, or in this process
+(where a test must patch what a machine without a GPU box's packages cannot run)."""
 
 import json
 import subprocess
@@ -29,3 +30,16 @@ def run_cli(*overrides: str, cwd: Path, timeout: int = 300) -> subprocess.Comple
 
 def read_metrics(job_dir: Path) -> dict:
     return json.loads((job_dir / "metrics.json").read_text())
+
+
+def run_main(tmp_path: Path, monkeypatch, *overrides: str) -> int:
+    """`python -m sysattn_exp ...` in this process, in tmp_path; its exit status."""
+    from sysattn_exp.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["sysattn_exp", *overrides])
+    try:
+        main()
+    except SystemExit as exit:
+        return exit.code or 0
+    return 0

@@ -4,7 +4,6 @@ Only the boundary is replaced: `datasets.load_dataset`, and the hub metadata cal
 skipped by HF_HUB_OFFLINE as it is for a user with a cached copy."""
 
 import json
-import sys
 from collections import Counter
 from types import SimpleNamespace
 
@@ -12,11 +11,10 @@ import mlflow
 import pandas as pd
 import pytest
 from benchmark_fixtures import BEAF_ORIGINAL, SHARED, needs_shared
-from cli import read_metrics
+from cli import read_metrics, run_main
 from hub_fixtures import MME_IMAGES, fake_load_dataset, hub, naturalbench
 from test_benchmark_loaders import benchmark_cfg, groups_of
 
-from sysattn_exp.__main__ import main
 from sysattn_exp.benchmarks import load_benchmark
 from sysattn_exp.errors import UsageError
 
@@ -43,17 +41,6 @@ def on_hub(repos, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset(repos))
     return repos
-
-
-def run_main(tmp_path, monkeypatch, *overrides: str) -> int:
-    """`python -m sysattn_exp ...` in this process, in tmp_path; its exit status."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["sysattn_exp", *overrides])
-    try:
-        main()
-    except SystemExit as exit:
-        return exit.code or 0
-    return 0
 
 
 def pair_key(r: dict) -> str:

@@ -36,9 +36,13 @@ class PromptFormat:
         if self.system_prompt:
             return self.apply(self.system_prompt, question, with_image)
         # "" means none: no system message, unless the template then inserts a default one
-        # (Qwen's "You are a helpful assistant."), where an empty one is the shorter prompt.
-        renders = [self.apply(s, question, with_image) for s in (None, "")]
-        return min(renders, key=len)
+        # (Qwen's "You are a helpful assistant."), where an empty one is the shorter prompt
+        # (and a template with no system role, Gemma 2's, refuses an empty one).
+        without = self.apply(None, question, with_image)
+        try:
+            return min(without, self.apply_template("", question, with_image), key=len)
+        except TemplateError:
+            return without
 
     def apply(self, system: str | None, question: str, with_image: bool) -> str:
         try:

@@ -125,3 +125,46 @@ def test_quarters_sweep_by_the_models_own_depth(workspace, tracking_uri, tmp_pat
         for job in sweep.glob("job*")
     )
     assert resolved == [(0,), (1, 2), (3,), (4, 5)]
+
+
+def last_error_line(capsys) -> str:
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    return [line for line in stderr.splitlines() if line.strip()][-1]
+
+
+def test_models_that_cannot_run_are_one_clear_line(tmp_path, monkeypatch, capsys):
+    from transformers import PaliGemmaConfig
+
+    PaliGemmaConfig().save_pretrained(tmp_path / "paligemma")  # a VLM family not handled
+    status = run_main(tmp_path, monkeypatch, f"model.name_or_path={tmp_path / 'paligemma'}")
+    line = last_error_line(capsys)
+    assert status == 2 and "'paligemma' model" in line and "qwen2_vl" in line, line
+    checkpoint = save_checkpoint(*BUILDERS["llama"](0), tmp_path / "llama")
+    status = run_main(tmp_path, monkeypatch, f"model.name_or_path={checkpoint}", "benchmark=toy")
+    line = last_error_line(capsys)
+    assert status == 2 and "text-only" in line and "without image" in line, line
+    assert not list(tmp_path.rglob("metrics.json"))
+
+
+@pytest.mark.parametrize("name", ["idefics3", "qwen3"])
+def test_dry_run_shows_the_split(workspace, tmp_path, monkeypatch, capsys, name):
+    """runtime.dry_run prints the configured model's token counts per modality, without
+    loading its weights; the counts are those of the real forward's key_modality."""
+    model, processor = BUILDERS[name](0)
+    checkpoint = save_checkpoint(model, processor, tmp_path / name)
+    monkeypatch.setattr(sysattn_exp.models, "AutoProcessor", ImageOnlyProcessors)
+    vlm = name != "qwen3"
+    status = run_main(
+        tmp_path,
+        monkeypatch,
+        f"model.name_or_path={checkpoint}",
+        "benchmark=jsonl",
+        f"benchmark.path={workspace / ('images.jsonl' if vlm else 'text.jsonl')}",
+        "runtime.dry_run=true",
+    )
+    assert status == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("tokens for"))
+    counts = dict(part.split("=") for part in line.split(": ")[1].split(", "))
+    assert int(counts["system"]) >= 2 and int(counts["text"]) >= 3
+    assert (int(counts["image"]) > 16) == vlm  # Idefics3's tiles and markers: one span

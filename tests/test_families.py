@@ -207,13 +207,16 @@ def test_profile_matches_reference(family):
 
 
 def benchmark_of(loaded) -> Benchmark:
-    """Two questions about each of two images of different sizes (none for a text model)."""
+    """Two questions about each of two images of different sizes (none for a text model),
+    and for a VLM two more without an image (as HallusionBench has)."""
     vlm = is_vlm(loaded)
     items = [
         Item(f"{c}{q}", c, c if vlm else None, question, True)
         for c, _ in IMAGES
         for q, question in enumerate(QUESTIONS)
     ]
+    if vlm:
+        items += [Item(f"none{q}", "none", None, text, False) for q, text in enumerate(QUESTIONS)]
     sizes = dict(IMAGES)
     return Benchmark("fam", items, "{question}", lambda c: make_image(c, sizes[c]))
 
@@ -224,16 +227,16 @@ def test_prefix_sharing_equals_whole_prompts(family):
     batch holds prefixes of different lengths (and any-res images differ too)."""
     loaded, *_ = family
     bench = benchmark_of(loaded)
-    vlm = is_vlm(loaded)
     prompts = [
-        fmt(loaded, SYSTEMS[j % 2]).render(item.question, vlm) for j, item in enumerate(bench.items)
+        fmt(loaded, SYSTEMS[j % 2]).render(item.question, item.image_id is not None)
+        for j, item in enumerate(bench.items)
     ]
     layers = late_layers(loaded)
     words = ([5, 6], [7])
     for edit in (None, Redistribution("system", ("text",), layers), Pai(0.5, layers)):
         shared = score_items(loaded, bench, prompts, edit, words, 4, 0, "test")
         for j, item in enumerate(bench.items):
-            image = bench.load_image(item.image_id) if vlm else None
+            image = bench.load_image(item.image_id) if item.image_id else None
             yes, no, _ = score_full_prompts(
                 loaded, [image], [prompts[j]], edit, *words, [item.question]
             )

@@ -242,3 +242,34 @@ def test_prefix_sharing_equals_whole_prompts(family):
             )
             assert shared.yes[j] == pytest.approx(yes.item(), abs=1e-5)
             assert shared.no[j] == pytest.approx(no.item(), abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    return {name: BUILDERS[name](0)[1] for name in ("qwen2", "gemma2", "llama")}
+
+
+def test_system_prompt_null_empty_and_text(tokenizers):
+    """null: the template's default (Qwen2.5 inserts its own); "": none (for Qwen an empty
+    system turn, the shortest it renders); text: that system message."""
+    qwen = tokenizers["qwen2"]
+    default = PromptFormat(qwen, None).render("Is it red?", False)
+    assert "You are Qwen" in default
+    empty = PromptFormat(qwen, "").render("Is it red?", False)
+    assert "You are Qwen" not in empty and empty.startswith("<|im_start|>system\n<|im_end|>")
+    assert "Be brief." in PromptFormat(qwen, "Be brief.").render("Is it red?", False)
+    llama = tokenizers["llama"]
+    assert PromptFormat(llama, "").render("Q?", False) == PromptFormat(llama, None).render(
+        "Q?", False
+    )
+
+
+def test_system_prompt_without_a_system_role(tokenizers):
+    """Gemma 2's template refuses a system message: the system prompt opens the user turn
+    (as Gemma 3's template does), and "" is simply none."""
+    gemma = tokenizers["gemma2"]
+    with_system = PromptFormat(gemma, "Be brief.").render("Is it red?", False)
+    assert "<start_of_turn>user\nBe brief.\n\nIs it red?<end_of_turn>" in with_system
+    assert PromptFormat(gemma, "").render("Q?", False) == PromptFormat(gemma, None).render(
+        "Q?", False
+    )

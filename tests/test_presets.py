@@ -1,0 +1,63 @@
+"""Every model preset composes with Hydra, names a checkpoint and has every key the code
+reads; LLaVA-1.5 keeps its vicuna system prompt, chat-template families the template's own."""
+
+from importlib.resources import files
+
+import pytest
+from hydra import compose, initialize_config_module
+
+PRESETS = sorted(
+    p.name.removesuffix(".yaml")
+    for p in files("sysattn_exp.conf").joinpath("model").iterdir()
+    if p.name.endswith(".yaml")
+)
+KEYS = {
+    "name_or_path",
+    "revision",
+    "seed",
+    "device",
+    "dtype",
+    "batch_size",
+    "system_prompt",
+    "device_map",
+    "chat_template_kwargs",
+}
+VICUNA = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant "
+    "gives helpful, detailed, and polite answers to the user's questions."
+)
+
+
+def model_config(name: str):
+    with initialize_config_module("sysattn_exp.conf", version_base="1.3"):
+        return compose("config", overrides=[f"model={name}"]).model
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_composes_with_every_key(name):
+    model = model_config(name)
+    assert set(model) >= KEYS, KEYS - set(model)
+    assert isinstance(model.name_or_path, str) and model.name_or_path
+    assert model.batch_size >= 1
+    assert model.device_map in (None, "auto")
+    assert isinstance(dict(model.chat_template_kwargs), dict)
+    if not name.startswith("llava15") and name != "tiny":
+        # Chat-template families: the template's own default system prompt.
+        assert model.system_prompt is None
+        assert "/" in model.name_or_path  # a hub id
+
+
+def test_llava15_keeps_the_vicuna_prompt_and_one_device():
+    for name in ("llava15_7b", "llava15_13b", "tiny"):
+        model = model_config(name)
+        assert model.system_prompt == VICUNA
+        assert model.device_map is None
+        assert dict(model.chat_template_kwargs) == {}
+
+
+def test_family_specific_settings():
+    assert dict(model_config("qwen3_8b").chat_template_kwargs) == {"enable_thinking": False}
+    assert model_config("qwen2_vl_7b").name_or_path == "Qwen/Qwen2-VL-7B-Instruct"
+    assert model_config("llava15_7b").name_or_path == "llava-hf/llava-1.5-7b-hf"
+    for name in ("qwen25_vl_72b", "gemma3_27b"):  # over ~20B: spread over the GPUs
+        assert model_config(name).device_map == "auto"

@@ -57,6 +57,8 @@ def test_family_through_the_cli(workspace, tracking_uri, tmp_path, monkeypatch, 
     monkeypatch.setattr(sysattn_exp.models, "AutoProcessor", ImageOnlyProcessors)
     vlm = getattr(model.config, "image_token_id", None) is not None
     data = workspace / ("images.jsonl" if vlm else "text.jsonl")
+    # One family loads as a model too large for one GPU would (here: all on the CPU).
+    device_map = ["model.device_map=auto"] if name == "llama" else []
     status = run_main(
         tmp_path,
         monkeypatch,
@@ -69,6 +71,7 @@ def test_family_through_the_cli(workspace, tracking_uri, tmp_path, monkeypatch, 
         "+task=profile",
         "runtime.num_workers=0",
         f"tracking.uri={tracking_uri}",
+        *device_map,
     )
     assert status == 0
     (job,) = (tmp_path / "outputs" / "runs").iterdir()

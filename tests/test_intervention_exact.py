@@ -8,7 +8,7 @@ import torch
 from conftest import make_image
 from reference import REFERENCE_NAME, reference_setup
 
-from sysattn_exp.intervention import Redistribution
+from sysattn_exp.intervention import Redistribution, Scale
 from sysattn_exp.models import use_sysattn
 from sysattn_exp.prompts import build_prompt
 from sysattn_exp.scoring import left_padded_position_ids
@@ -281,3 +281,58 @@ def test_pai_matches_reference(gqa_llava, padded_batch, alpha, impl):
     assert torch.allclose(
         baseline[:, :last][real[:, :last]], got[:, :last][real[:, :last]], atol=1e-5
     )
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        None,
+        {"source": "system", "recipients": {"text"}},
+        {"source": "image", "recipients": {"system", "text"}, "fraction": 0.5, "mode": "uniform"},
+        {"modality": "image", "factor": 2.0},
+    ],
+)
+def test_attention_sinks_take_mass_and_give_none(rule):
+    """GPT-OSS-style sinks (a learned per-head logit, s_aux, in the softmax with no value):
+    the rule moves mass between keys only, and the image x2 baseline is ln 2 added to the
+    image scores before the softmax over keys and sink, computed here row by row."""
+    from types import SimpleNamespace
+
+    from reference import edit_row
+
+    from sysattn_exp.intervention import sysattn_attention
+
+    torch.manual_seed(3)
+    key_modality = layout("right")
+    q, k, v = torch.randn(3, 4, 24, 8), torch.randn(3, 2, 24, 8), torch.randn(3, 2, 24, 8)
+    sinks = torch.randn(4)
+    real = key_modality != 0
+    mask = (torch.ones(24, 24, dtype=torch.bool).tril()[None] & real[:, None, :])[:, None]
+    if rule is None:
+        edit = None
+    elif "factor" in rule:
+        edit = Scale(rule["modality"], rule["factor"], frozenset({0}))
+    else:
+        extra = {key: rule[key] for key in ("fraction", "mode") if key in rule}
+        edit = Redistribution(rule["source"], tuple(rule["recipients"]), frozenset({0}), **extra)
+    module = SimpleNamespace(layer_idx=0)
+    got, _ = sysattn_attention(
+        module, q, k, v, mask, 0.3, attention_edit=edit, key_modality=key_modality, s_aux=sinks
+    )
+    names = {0: "pad", 1: "system", 2: "image", 3: "text"}
+    for b in range(3):
+        row_names = [names[int(m)] for m in key_modality[b]]
+        for h in range(4):
+            for i in range(24):
+                if row_names[i] == "pad":
+                    continue
+                seen = [j for j in range(i + 1) if row_names[j] != "pad"]
+                scores = (k[b, h // 2, seen] @ q[b, h, i]).double() * 0.3
+                if rule is not None and "factor" in rule:
+                    is_x = torch.tensor([row_names[j] == rule["modality"] for j in seen])
+                    scores = scores + is_x * torch.log(torch.tensor(rule["factor"]))
+                weights = torch.softmax(torch.cat([scores, sinks[h : h + 1].double()]), 0)[:-1]
+                if rule is not None and "factor" not in rule:
+                    weights = edit_row(weights, [row_names[j] for j in seen], rule)
+                want = (weights[:, None] * v[b, h // 2, seen].double()).sum(0)
+                assert torch.allclose(got[b, i, h].double(), want, atol=1e-5)

@@ -16,7 +16,12 @@ eager_overhead_ratio (the same with impl=eager), speedup_vs_naive
 (items/s of the runner's scoring path over a one-item-at-a-time generate() loop with eager
 attention everywhere, two questions per image), prefix_sharing_speedup (shared vs whole
 prompts, four questions per image), long_context_memory_ratio (peak memory of a forward
-whose recipients are a strict subset, at 4,096 tokens, over plain SDPA).
+whose recipients are a strict subset, at 4,096 tokens, over plain SDPA); on one
+LLaVA-NeXT-shaped prompt (672x672 any-res: 35 system, 2,928 image, 20 question tokens, as
+embeddings into the language model), long_sequence_overhead_ratio (a Q4 system->text
+forward over plain SDPA), long_sequence_padded_overhead_ratio (the same on a left-padded
+batch of it and a smaller any-res prompt) and long_sequence_memory_ratio (peak memory, own
+processes, like long_context_memory_ratio).
 """
 
 import argparse
@@ -41,6 +46,7 @@ from sysattn_exp.prompts import build_prompt
 from sysattn_exp.scoring import (
     encode_full_prompts,
     plan_batches,
+    position_ids,
     score_full_prompts,
     score_items,
 )
@@ -133,42 +139,110 @@ def median_seconds(variants: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def forward_runs(loaded: LoadedModel, inputs: dict, modality, edits: dict) -> dict:
+    """One timed run per named edit: a forward with logits at the last position only; an
+    edit of None is plain SDPA (the language model switched to it for the call)."""
+    model = loaded.model
+
+    def forward(edit):
+        def run():
+            with torch.inference_mode():
+                if edit is not None:
+                    model(**inputs, logits_to_keep=1, key_modality=modality, attention_edit=edit)
+                    return
+                model.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
+                try:
+                    model(**inputs, logits_to_keep=1)
+                finally:
+                    use_sysattn(model)
+
+        return run
+
+    return {name: forward(edit) for name, edit in edits.items()}
+
+
 def forward_overheads(loaded: LoadedModel, batch_size: int, repeats: int) -> dict:
     bench = bench_items(batch_size, 1)
     prompts = [build_prompt(bench.question_text(i), SYSTEM_PROMPT) for i in bench.items]
     images = [bench.load_image(i.image_id) for i in bench.items]
     inputs, modality = encode_full_prompts(loaded, images, prompts)
-    model = loaded.model
-
-    def forward(edit=None, plain=False):
-        def run():
-            with torch.inference_mode():
-                if plain:
-                    model(**inputs, logits_to_keep=1)
-                else:
-                    model(**inputs, logits_to_keep=1, key_modality=modality, attention_edit=edit)
-
-        return run
-
-    fused = Redistribution("system", ("text",), q4(loaded), "fused")
-    eager = Redistribution("system", ("text",), q4(loaded), "eager")
-    model.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
-    plain = forward(plain=True)
-
-    def plain_sdpa():
-        model.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
-        plain()
-        use_sysattn(model)
-
-    seconds = median_seconds(
-        {"plain": plain_sdpa, "fused": forward(fused), "eager": forward(eager)}, repeats
-    )
-    use_sysattn(model)
+    edits = {
+        "plain": None,
+        "fused": Redistribution("system", ("text",), q4(loaded), "fused"),
+        "eager": Redistribution("system", ("text",), q4(loaded), "eager"),
+    }
+    seconds = median_seconds(forward_runs(loaded, inputs, modality, edits), repeats)
     return {
         "overhead_ratio": seconds["fused"] / seconds["plain"],
         "eager_overhead_ratio": seconds["eager"] / seconds["plain"],
         "forward_seconds": seconds,
         "tokens_per_prompt": int(inputs["attention_mask"].sum(1).float().mean()),
+    }
+
+
+# LLaVA-NeXT's any-res prompt: the 576-token base image, then the crops' 24x24 features
+# unpadded into one (24 rows) x (24 cols) grid with a newline token closing each row.
+NEXT_SYSTEM_TOKENS, NEXT_QUESTION_TOKENS = 35, 20
+
+
+def anyres_image_tokens(rows: int, cols: int) -> int:
+    """Image tokens of a LLaVA-NeXT prompt whose image is `rows` x `cols` 336-pixel crops:
+    2,928 at 672x672 (2 x 2)."""
+    return 576 + 24 * rows * (24 * cols + 1)
+
+
+def long_sequence_inputs(loaded: LoadedModel, image_tokens: list[int], question_tokens: list[int]):
+    """Left-padded LLaVA-NeXT-shaped prompts as embeddings (the figure is about the language
+    model's attention, so the vision tower is left out): a 35-token system prompt, the
+    image tokens, a question; random token ids. Model inputs and (B, N) modality ids."""
+    vocab = loaded.model.get_input_embeddings().num_embeddings
+    image_id = loaded.image_token_id
+    lengths = [
+        NEXT_SYSTEM_TOKENS + i + q for i, q in zip(image_tokens, question_tokens, strict=True)
+    ]
+    ids = torch.randint(
+        vocab, (len(lengths), max(lengths)), generator=torch.Generator().manual_seed(0)
+    )
+    ids = torch.where(ids == image_id, (ids + 1) % vocab, ids)
+    mask = torch.zeros_like(ids)
+    for row, (n_image, length) in enumerate(zip(image_tokens, lengths, strict=True)):
+        start = ids.shape[1] - length
+        mask[row, start:] = 1
+        ids[row, start + NEXT_SYSTEM_TOKENS : start + NEXT_SYSTEM_TOKENS + n_image] = image_id
+    ids, mask = ids.to(loaded.device), mask.to(loaded.device)
+    with torch.inference_mode():
+        embeds = loaded.model.get_input_embeddings()(ids)
+    inputs = {
+        "inputs_embeds": embeds,
+        "attention_mask": mask,
+        "position_ids": position_ids(loaded, ids, mask, {}),
+    }
+    return inputs, modality_ids(ids, mask, image_id)
+
+
+def long_sequence_overheads(loaded: LoadedModel, grid: tuple[int, int], repeats: int) -> dict:
+    """A Q4 system->text forward over plain SDPA's on one LLaVA-NeXT-shaped prompt (`grid`
+    crops), and on a left-padded batch of it and a prompt half its crops and a shorter
+    question (any-res prompts of different sizes in one batch)."""
+    rows, cols = grid
+    one = long_sequence_inputs(loaded, [anyres_image_tokens(rows, cols)], [NEXT_QUESTION_TOKENS])
+    padded = long_sequence_inputs(
+        loaded,
+        [anyres_image_tokens(rows, cols), anyres_image_tokens(rows, max(1, cols // 2))],
+        [NEXT_QUESTION_TOKENS, NEXT_QUESTION_TOKENS - 8],
+    )
+    edits = {"plain": None, "fused": Redistribution("system", ("text",), q4(loaded))}
+    runs = {
+        f"{name}{suffix}": run
+        for suffix, (inputs, modality) in (("", one), ("_padded", padded))
+        for name, run in forward_runs(loaded, inputs, modality, edits).items()
+    }
+    seconds = median_seconds(runs, repeats)
+    return {
+        "long_sequence_overhead_ratio": seconds["fused"] / seconds["plain"],
+        "long_sequence_padded_overhead_ratio": seconds["fused_padded"] / seconds["plain_padded"],
+        "long_sequence_tokens": one[1].shape[1],
+        "long_sequence_seconds": seconds,
     }
 
 
@@ -295,20 +369,15 @@ def runner_overheads(
 
 
 def peak_memory_probe(args) -> None:
-    """In a fresh process: the peak memory one forward at `--tokens` adds (printed)."""
+    """In a fresh process: the peak memory one forward adds (printed), at `--tokens` of a
+    LLaVA-1.5 prompt or (`--shape next`) on a 672x672 LLaVA-NeXT-shaped prompt."""
     loaded = load(args)
-    image = Image.new("RGB", (400, 300), "red")
-    filler = " ".join(["the red circle is next to the square"] * args.tokens)
-    prompt = build_prompt(filler, SYSTEM_PROMPT)
-    inputs = loaded.processor(images=[image], text=[prompt], return_tensors="pt")
-    inputs = {k: v[:, : args.tokens] if k != "pixel_values" else v for k, v in inputs.items()}
-    inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
-    inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
-    modality = modality_ids(
-        inputs["input_ids"],
-        inputs["attention_mask"],
-        loaded.image_token_id,
-    )
+    if args.shape == "next":
+        inputs, modality = long_sequence_inputs(
+            loaded, [anyres_image_tokens(2, 2)], [NEXT_QUESTION_TOKENS]
+        )
+    else:
+        inputs, modality = llava15_probe_inputs(loaded, args.tokens)
     edit = Redistribution("system", ("text",), q4(loaded)) if args.memory_probe == "lse" else None
     if edit is None:
         loaded.model.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
@@ -317,6 +386,19 @@ def peak_memory_probe(args) -> None:
     with torch.inference_mode():
         loaded.model(**inputs, logits_to_keep=1, **kwargs)
     print(json.dumps({"peak_bytes": read_peak(loaded.device) - before}))
+
+
+def llava15_probe_inputs(loaded: LoadedModel, tokens: int):
+    """One LLaVA-1.5 prompt cut to `tokens`: its image, then a long filler question."""
+    image = Image.new("RGB", (400, 300), "red")
+    filler = " ".join(["the red circle is next to the square"] * tokens)
+    prompt = build_prompt(filler, SYSTEM_PROMPT)
+    inputs = loaded.processor(images=[image], text=[prompt], return_tensors="pt")
+    inputs = {k: v[:, :tokens] if k != "pixel_values" else v for k, v in inputs.items()}
+    inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
+    modality = modality_ids(inputs["input_ids"], inputs["attention_mask"], loaded.image_token_id)
+    return inputs, modality
 
 
 def reset_peak(device) -> int:
@@ -345,28 +427,33 @@ def proc_status_kb(field: str) -> int:
 PROBE_ENV = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
-def long_context_memory(args) -> dict:
+def probe_peaks(args, *shape: str) -> dict[str, int]:
+    """Peak bytes of a plain SDPA forward and of a fused-path one, each in its own process
+    (`--memory-probe`; `shape` adds the probe's shape options)."""
     peaks = {}
     for variant in ("plain", "lse"):
-        command = [
-            sys.executable,
-            __file__,
-            "--memory-probe",
-            variant,
-            "--tokens",
-            "4096",
-            "--device",
-            args.device,
-            "--model",
-            args.model,
-        ]
+        command = [sys.executable, __file__, "--memory-probe", variant, *shape]
+        command += ["--device", args.device, "--model", args.model]
         output = subprocess.run(
             command, capture_output=True, text=True, check=True, env=PROBE_ENV
         ).stdout
         peaks[variant] = json.loads(output.strip().splitlines()[-1])["peak_bytes"]
+    return peaks
+
+
+def long_context_memory(args) -> dict:
+    peaks = probe_peaks(args, "--tokens", "4096")
     return {
         "long_context_memory_ratio": peaks["lse"] / peaks["plain"],
         "long_context_peak_bytes": peaks,
+    }
+
+
+def long_sequence_memory(args) -> dict:
+    peaks = probe_peaks(args, "--shape", "next")
+    return {
+        "long_sequence_memory_ratio": peaks["lse"] / peaks["plain"],
+        "long_sequence_peak_bytes": peaks,
     }
 
 
@@ -380,6 +467,9 @@ def main() -> None:
     )
     parser.add_argument("--memory-probe", choices=["plain", "lse"], help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=int, default=4096, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--shape", choices=["llava15", "next"], default="llava15", help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.memory_probe:
         return peak_memory_probe(args)
@@ -399,6 +489,9 @@ def main() -> None:
     figures |= runner_overheads(loaded, runner_images, 8, repeats, workers)
     figures |= throughput(loaded, n_images, batch_size=8, repeats=repeats, workers=workers)
     figures |= long_context_memory(args)
+    # LLaVA-NeXT at 672x672 (2 x 2 crops, 2,983 tokens); --quick: no crops (631 tokens).
+    figures |= long_sequence_overheads(loaded, (0, 1) if args.quick else (2, 2), repeats)
+    figures |= long_sequence_memory(args)
     total_items = sum(BENCHMARK_ITEMS.values())
     for sweep, jobs in (("quarters", QUARTERS_JOBS), ("paper", PAPER_JOBS)):
         hours = jobs * total_items / figures["items_per_second"] / 3600

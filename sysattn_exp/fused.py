@@ -17,6 +17,10 @@ block by block of query rows so that it stays small at long context. So is a mas
 does more than causality: sliding windows (Gemma 3's local layers), bidirectional image
 blocks (Gemma 3's image tokens), whatever the model's mask function builds.
 
+Under plain causal masking, query rows before the first position the rule can change (the
+first source key, or the first recipient key, whichever comes later) keep plain attention
+and take one SDPA call: in a long any-res prompt under system -> text, nearly all rows.
+
 The scale baseline adds ln(factor) to one modality's LSE; PAI changes one score row per
 sequence (the answer's) and so is plain SDPA plus that row, materialised.
 """
@@ -57,8 +61,14 @@ def fused_edited_attention(
         for name, code in MODALITIES.items()
     }
     query_is_real = key_modality[:, k_len - q_len :] != PAD
+    unchanged = 0
+    if profile is None and causal_only:
+        unchanged = min(max(0, first_changed_position(edit, spans) - (k_len - q_len)), q_len)
+        out[:, :, :unchanged] = plain_attention(
+            query, key, value, attention_mask, scaling, unchanged
+        )
     block_rows = max(1, BLOCK_ENTRIES // k_len)
-    for start in range(0, q_len, block_rows):
+    for start in range(unchanged, q_len, block_rows):
         rows = slice(start, min(start + block_rows, q_len))
         first = k_len - q_len + start  # sequence position of the block's first query
         visible = LazyVisible(attention_mask, rows, q_len, k_len, query.device)
@@ -86,6 +96,40 @@ def fused_edited_attention(
                 shares = pai_shares(shares, pai_rows, rows, key_modality)
             profile.record(layer, shares, key_modality, rows, q_len)
     return out
+
+
+def first_changed_position(edit, spans: dict) -> int:
+    """Under causal attention, the first sequence position whose row the rule can change:
+    a row before the first key of the source, or of every recipient, sees none of them
+    (A_S = 0 or A_R = 0), and a scale changes nothing before its modality's first key."""
+    if edit is None or edit.kind == "pai":
+        return 0
+    start = {name: span.lo if span.present else math.inf for name, span in spans.items()}
+    if edit.kind == "scale":
+        first = start[edit.modality]
+    else:
+        first = max(start[edit.source], min(start[r] for r in edit.recipients))
+    return 0 if first == math.inf else first
+
+
+def plain_attention(query, key, value, attention_mask, scaling, rows: int):
+    """Plain attention of the first `rows` query rows, which see only the first
+    k_len - q_len + rows keys (transformers' mask is None only for a square causal call
+    or a single query row)."""
+    if rows == 0:
+        return query[:, :, :0]
+    q_len, k_len = query.shape[2], key.shape[2]
+    seen = k_len - q_len + rows
+    mask = None if attention_mask is None else attention_mask[:, :, :rows, :seen]
+    return torch.nn.functional.scaled_dot_product_attention(
+        query[:, :, :rows],
+        key[:, :, :seen],
+        value[:, :, :seen],
+        attn_mask=mask,
+        is_causal=mask is None and rows == seen and rows > 1,
+        scale=scaling,
+        enable_gqa=True,
+    )
 
 
 def masks_only_causally(attention_mask, key_modality, q_len: int, k_len: int) -> bool:

@@ -15,7 +15,6 @@ from sysattn_exp.profile import AttentionProfile
 from sysattn_exp.prompts import build_prompt
 from sysattn_exp.scoring import (
     encode_full_prompts,
-    left_padded_position_ids,
     plan_batches,
     score_full_prompts,
     score_items,
@@ -70,9 +69,7 @@ def test_modalities_of_a_prompt_without_image(mixed):
 
 def logits_with(loaded, inputs, **extra):
     with torch.no_grad():
-        return loaded.model(
-            **inputs, position_ids=left_padded_position_ids(inputs["attention_mask"]), **extra
-        ).logits
+        return loaded.model(**inputs, **extra).logits  # inputs carry left-padded position ids
 
 
 def reference(loaded, mixed, rule):

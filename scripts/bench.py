@@ -6,6 +6,7 @@ shape (576 image tokens, its system prompt, ~20-token questions) that a 2-core C
 
     python scripts/bench.py --json outputs/bench.json            # the figures to quote
     python scripts/bench.py --quick                              # under a minute
+    python scripts/bench.py --smoke                              # runs, numbers meaningless
     python scripts/bench.py --device cuda --model llava15_7b     # the real model on a GPU
 
 Figures (each a ratio): overhead_ratio (forward with a Q4 system->text redistribution over
@@ -373,8 +374,9 @@ def peak_memory_probe(args) -> None:
     LLaVA-1.5 prompt or (`--shape next`) on a 672x672 LLaVA-NeXT-shaped prompt."""
     loaded = load(args)
     if args.shape == "next":
+        rows, cols = args.next_grid
         inputs, modality = long_sequence_inputs(
-            loaded, [anyres_image_tokens(2, 2)], [NEXT_QUESTION_TOKENS]
+            loaded, [anyres_image_tokens(rows, cols)], [NEXT_QUESTION_TOKENS]
         )
     else:
         inputs, modality = llava15_probe_inputs(loaded, args.tokens)
@@ -433,7 +435,7 @@ def probe_peaks(args, *shape: str) -> dict[str, int]:
     peaks = {}
     for variant in ("plain", "lse"):
         command = [sys.executable, __file__, "--memory-probe", variant, *shape]
-        command += ["--device", args.device, "--model", args.model]
+        command += ["--device", args.device, "--model", args.model, "--next-grid", *grid(args)]
         output = subprocess.run(
             command, capture_output=True, text=True, check=True, env=PROBE_ENV
         ).stdout
@@ -441,8 +443,12 @@ def probe_peaks(args, *shape: str) -> dict[str, int]:
     return peaks
 
 
+def grid(args) -> list[str]:
+    return [str(n) for n in args.next_grid]
+
+
 def long_context_memory(args) -> dict:
-    peaks = probe_peaks(args, "--tokens", "4096")
+    peaks = probe_peaks(args, "--tokens", str(args.tokens))
     return {
         "long_context_memory_ratio": peaks["lse"] / peaks["plain"],
         "long_context_peak_bytes": peaks,
@@ -460,6 +466,9 @@ def long_sequence_memory(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and items (< 1 min)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="every figure once, on small inputs (a test)"
+    )
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -470,12 +479,15 @@ def main() -> None:
     parser.add_argument(
         "--shape", choices=["llava15", "next"], default="llava15", help=argparse.SUPPRESS
     )
+    parser.add_argument("--next-grid", type=int, nargs=2, default=[2, 2], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.smoke:  # LLaVA-NeXT with no crops (631 tokens); 1,024-token memory probe
+        args.quick, args.next_grid, args.tokens = True, [0, 1], 1024
     if args.memory_probe:
         return peak_memory_probe(args)
     torch.manual_seed(0)
     loaded = load(args)
-    repeats, n_images = (3, 4) if args.quick else (7, 8)
+    repeats, n_images = (1, 2) if args.smoke else (3, 4) if args.quick else (7, 8)
     workers = max(0, min(4, (os.cpu_count() or 1) - 1))
     figures = {
         "device": str(loaded.device),
@@ -490,7 +502,7 @@ def main() -> None:
     figures |= throughput(loaded, n_images, batch_size=8, repeats=repeats, workers=workers)
     figures |= long_context_memory(args)
     # LLaVA-NeXT at 672x672 (2 x 2 crops, 2,983 tokens); --quick: no crops (631 tokens).
-    figures |= long_sequence_overheads(loaded, (0, 1) if args.quick else (2, 2), repeats)
+    figures |= long_sequence_overheads(loaded, (0, 1) if args.quick else args.next_grid, repeats)
     figures |= long_sequence_memory(args)
     total_items = sum(BENCHMARK_ITEMS.values())
     for sweep, jobs in (("quarters", QUARTERS_JOBS), ("paper", PAPER_JOBS)):

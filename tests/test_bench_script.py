@@ -27,7 +27,7 @@ def test_bench_quick_writes_all_figures(tmp_path):
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, str(script), "--quick", "--json", str(out)],
+        [sys.executable, str(script), "--smoke", "--json", str(out)],
         capture_output=True,
         text=True,
         timeout=600,

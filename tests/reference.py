@@ -66,40 +66,39 @@ def visible_keys(names: list[str], pos: int, window: int | None) -> list[int]:
 def edit_row(weights: torch.Tensor, names: list[str], rule: dict) -> torch.Tensor:
     """Apply the rule to one row of post-softmax weights over keys named by `names`:
     redistribution (rule has source, recipients and optionally fraction and mode) or
-    scaling (modality, factor)."""
+    scaling (modality, factor). Python floats (double precision), key by key."""
     if "factor" in rule:
         return scale_row(weights, names, rule)
-    weights = weights.clone()
+    row = weights.tolist()
     fraction = rule.get("fraction", 1.0)
     uniform = rule.get("mode") == "uniform"
     source = [n == rule["source"] for n in names]
     recipient = [n in rule["recipients"] for n in names]
-    mass_source = sum(float(w) for w, s in zip(weights, source, strict=True) if s)
-    mass_recipient = sum(float(w) for w, r in zip(weights, recipient, strict=True) if r)
-    if mass_source == 0 or mass_recipient == 0:
+    total_source = sum(w for w, s in zip(row, source, strict=True) if s)
+    total_recipient = sum(w for w, r in zip(row, recipient, strict=True) if r)
+    if total_source == 0 or total_recipient == 0:
         return weights
-    total_source = weights[torch.tensor(source)].sum()
-    total_recipient = weights[torch.tensor(recipient)].sum()
     n_recipient = sum(recipient)
-    original = weights.clone()
-    for k in range(len(names)):
-        if source[k]:
-            weights[k] = (1 - fraction) * original[k]
-        elif recipient[k] and uniform:
-            weights[k] = original[k] + fraction * total_source / n_recipient
-        elif recipient[k]:
-            weights[k] = original[k] + fraction * total_source * original[k] / total_recipient
-    return weights
+    edited = []
+    for w, is_source, is_recipient in zip(row, source, recipient, strict=True):
+        if is_source:
+            edited.append((1 - fraction) * w)
+        elif is_recipient and uniform:
+            edited.append(w + fraction * total_source / n_recipient)
+        elif is_recipient:
+            edited.append(w + fraction * total_source * w / total_recipient)
+        else:
+            edited.append(w)
+    return torch.tensor(edited, dtype=weights.dtype)
 
 
 def scale_row(weights: torch.Tensor, names: list[str], rule: dict) -> torch.Tensor:
-    scaled = torch.stack(
-        [
-            w * rule["factor"] if n == rule["modality"] else w
-            for w, n in zip(weights, names, strict=True)
-        ]
-    )
-    return scaled / scaled.sum()
+    scaled = [
+        w * rule["factor"] if n == rule["modality"] else w
+        for w, n in zip(weights.tolist(), names, strict=True)
+    ]
+    total = sum(scaled)
+    return torch.tensor([w / total for w in scaled], dtype=weights.dtype)
 
 
 def capped(scores, softcap):
@@ -141,31 +140,32 @@ def reference_attention(module, query, key, value, attention_mask, scaling, drop
         names = STATE["modalities"][b]
         last_real = max(i for i, n in enumerate(names) if n != "pad")
         offset = k_len - q_len
-        for h in range(heads):
-            keys, values = key[b, h // group], value[b, h // group]
-            for qi in range(q_len):
-                pos = offset + qi
-                if names[pos] == "pad":
-                    continue
-                visible = visible_keys(names, pos, window)
-                scores = capped(keys[visible] @ query[b, h, qi] * scaling, softcap)
+        for qi in range(q_len):
+            pos = offset + qi
+            if names[pos] == "pad":
+                continue
+            visible = visible_keys(names, pos, window)
+            visible_names = [names[j] for j in visible]
+            index = torch.tensor(visible)
+            for h in range(heads):
+                keys, values = key[b, h // group, index], value[b, h // group, index]
+                scores = capped(keys @ query[b, h, qi] * scaling, softcap)
                 # PAI: on the answer position only, image scores z -> z + alpha |z|.
                 if edit_here and "alpha" in rule and pos == last_real and names[pos] == "text":
-                    for n, j in enumerate(visible):
-                        if names[j] == "image":
+                    for n, name in enumerate(visible_names):
+                        if name == "image":
                             scores[n] = scores[n] + rule["alpha"] * scores[n].abs()
                 weights = torch.softmax(scores.double(), dim=0)
                 if edit_here and "alpha" not in rule:
-                    weights = edit_row(weights, [names[j] for j in visible], rule)
+                    weights = edit_row(weights, visible_names, rule)
                 if pos == last_real and "shares" in STATE:  # the answer position's shares
+                    row = weights.tolist()
                     by_name = {
-                        m: float(
-                            sum(w for w, j in zip(weights, visible, strict=True) if names[j] == m)
-                        )
+                        m: sum(w for w, n in zip(row, visible_names, strict=True) if n == m)
                         for m in ("system", "image", "text")
                     }
                     STATE["shares"].setdefault(module.layer_idx, []).append(by_name)
-                out[b, qi, h] = (weights[:, None] * values[visible].double()).sum(0).to(query.dtype)
+                out[b, qi, h] = (weights[:, None] * values.double()).sum(0).to(query.dtype)
     return out, None
 
 

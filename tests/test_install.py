@@ -48,7 +48,7 @@ def test_wheel_installed_elsewhere_runs_from_its_own_files(tmp_path):
     assert where.stdout.strip() == str(target / "sysattn_exp" / "__init__.py"), where.stderr
     dry = run("-m", "sysattn_exp", "model=wheel_probe", "runtime.dry_run=true", cwd=work, env=env)
     assert dry.returncode == 0, dry.stderr[-3000:]
-    assert "benchmark toy: n_items=48, n_groups=24" in dry.stdout
+    assert "benchmark toy: n_items=72, n_groups=36" in dry.stdout
     assert "Installed wheel probe. USER: <image>" in dry.stdout
     report = run("-m", "sysattn_exp.report", "--help", cwd=work, env=env)
     assert report.returncode == 0, report.stderr[-3000:]

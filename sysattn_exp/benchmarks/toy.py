@@ -3,8 +3,9 @@
 Every question is "Is there a <colour> <shape> in the image?". `benchmark.split` picks the
 item set:
 
-- `demo` (the default): 24 groups, each one question asked of two images of one large
-  centred shape that differ only in colour (one answer yes, the other no);
+- `demo` (the default): 36 groups. 24 are one question asked of two images of one large
+  centred shape that differ only in colour (one answer yes, the other no); the last 12
+  are the first 12 groups of `hard` (below), where a yes-bias shows;
 - `test`: held-out scenes of one or two shapes (any position and size) that the toy
   model's training (scripts/train_toy.py) never sees; each group is one image asked one
   question whose answer is yes (a shape it shows) and one whose answer is no (a colour or
@@ -157,9 +158,12 @@ def demo_items() -> list[Item]:
     return items
 
 
+DEMO_HARD_GROUPS = 12
+
+
 def make_items(split: str = "demo") -> list[Item]:
     if split == "demo":
-        return demo_items()
+        return demo_items() + make_items("hard")[: 2 * DEMO_HARD_GROUPS]
     rng = random.Random(SPLIT_SEEDS[split])
     n_groups = TEST_GROUPS if split == "test" else HARD_GROUPS
     items, seen = [], set()

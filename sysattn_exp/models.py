@@ -41,6 +41,7 @@ VLM_FAMILIES = {
     "smolvlm": "SmolVLM",
 }
 BUILTIN_TINY = "builtin:tiny"
+BUILTIN_TOY = "builtin:toy"  # the trained toy LLaVA, weights shipped in the package
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -150,6 +151,10 @@ def load_config(cfg):
         from sysattn_exp.tiny import build_config
 
         return build_config()
+    if cfg.name_or_path == BUILTIN_TOY:
+        from sysattn_exp.toy_model import build_toy_config
+
+        return build_toy_config()
     try:
         config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision)
     except (OSError, ValueError) as err:
@@ -174,6 +179,10 @@ def _load(cfg, dtype, device_map):
         from sysattn_exp.tiny import build_tiny_llava
 
         return build_tiny_llava(seed=cfg.seed)
+    if cfg.name_or_path == BUILTIN_TOY:
+        from sysattn_exp.toy_model import build_toy_llava
+
+        return build_toy_llava()
     model_type = load_config(cfg).model_type
     model_class = (
         AutoModelForImageTextToText if model_type in VLM_FAMILIES else AutoModelForCausalLM
@@ -197,6 +206,10 @@ def load_processor(cfg, model_type: str | None = None):
         from sysattn_exp.tiny import build_processor
 
         return build_processor()
+    if cfg.name_or_path == BUILTIN_TOY:
+        from sysattn_exp.toy_model import build_toy_processor
+
+        return build_toy_processor()
     model_type = model_type or load_config(cfg).model_type
     loader = AutoProcessor if model_type in VLM_FAMILIES else AutoTokenizer
     try:

@@ -18,6 +18,7 @@ from sysattn_exp.intervention import Edit
 from sysattn_exp.metrics import compare_with_baseline, shared_metrics
 from sysattn_exp.models import (
     BUILTIN_TINY,
+    BUILTIN_TOY,
     LoadedModel,
     first_token_ids,
     load_config,
@@ -29,6 +30,7 @@ from sysattn_exp.models import (
 from sysattn_exp.profile import AttentionProfile, heatmap
 from sysattn_exp.prompts import PromptFormat
 from sysattn_exp.scoring import Scores, score_items
+from sysattn_exp.toy_model import weights_file_digest
 from sysattn_exp.tracking import PROFILE_PLOT, PROFILE_TABLE, log_job_dir
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,7 @@ def condition(cfg, loaded, edit: Edit | None, words) -> dict:
         "model": model.name_or_path,
         "revision": model.revision,
         "seed": model.seed if model.name_or_path == BUILTIN_TINY else None,
+        **({"weights": weights_file_digest()} if model.name_or_path == BUILTIN_TOY else {}),
         "device": loaded.device.type,
         "dtype": str(loaded.dtype),
         "yes_ids": words[0],

@@ -1,5 +1,5 @@
 """The demo: +sweep=quarters on the tiny model and the toy benchmark, through the real CLI
-(on 4 of its 24 groups: the grid, not the item count, is what is tested)."""
+(on 4 of its 36 groups: the grid, not the item count, is what is tested)."""
 
 import mlflow
 import pandas as pd

@@ -36,6 +36,7 @@ def test_wheel_installed_elsewhere_runs_from_its_own_files(tmp_path):
     assert installed.returncode == 0, installed.stderr[-3000:]
     assert (target / "sysattn_exp" / "conf" / "config.yaml").is_file()
     assert (target / "sysattn_exp" / "conf" / "model" / "tiny.yaml").is_file()
+    assert (target / "sysattn_exp" / "toy_weights.safetensors").is_file()
 
     # A config option that exists only in the installed copy: if the app composes it, the
     # configs came from TARGET and not from a checkout.
@@ -48,8 +49,11 @@ def test_wheel_installed_elsewhere_runs_from_its_own_files(tmp_path):
     assert where.stdout.strip() == str(target / "sysattn_exp" / "__init__.py"), where.stderr
     dry = run("-m", "sysattn_exp", "model=wheel_probe", "runtime.dry_run=true", cwd=work, env=env)
     assert dry.returncode == 0, dry.stderr[-3000:]
-    assert "benchmark toy: n_items=48, n_groups=24" in dry.stdout
+    assert "benchmark toy: n_items=72, n_groups=36" in dry.stdout
     assert "Installed wheel probe. USER: <image>" in dry.stdout
+    toy = run("-m", "sysattn_exp", "model=toy", "benchmark.limit=2", cwd=work, env=env)
+    assert toy.returncode == 0, toy.stderr[-3000:]
+    assert "toy baseline: paired_accuracy=1.0000" in toy.stdout + toy.stderr
     report = run("-m", "sysattn_exp.report", "--help", cwd=work, env=env)
     assert report.returncode == 0, report.stderr[-3000:]
     assert "wheel_probe" in report.stdout and "parent: latest" in report.stdout

@@ -1,0 +1,100 @@
+"""The shipped toy model (model=toy) is a real model: it answers held-out toy questions,
+its answers depend on the image, it says yes to hard compositional questions more than to
+easy ones, and its answer position attends to the system tokens. The training script is
+deterministic from its seed."""
+
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+from sysattn_exp import toy_model
+from sysattn_exp.benchmarks import load_benchmark
+from sysattn_exp.conditions import build_edit, intervention_rule, resolve_layers
+from sysattn_exp.models import load_model
+from sysattn_exp.profile import AttentionProfile
+from sysattn_exp.runner import item_prompts, scoring_words
+from sysattn_exp.scoring import score_items
+
+# sha256 of the shipped weights, as scripts/train_toy.py prints it (seed 0, defaults).
+SHIPPED_DIGEST = "1fa4d75c6ac5c43b029f1bdb911fce67b1c2b08ae0557ea356b07ac1178a1654"
+# sha256 of train(seed=0, vision_steps=3, steps=3, batch_size=4): the script's code path,
+# short (the full run takes about 4 minutes), recorded on the project's CPU with torch 2.13.
+SHORT_RUN_DIGEST = "14f3da79d6e8c92b4fe7e5c051a9492866e6e34b6cf84585691e32d6d0c22661"
+
+
+def config(*overrides: str):
+    with initialize_config_module("sysattn_exp.conf", version_base="1.3"):
+        return compose("config", overrides=["model=toy", "benchmark=toy", *overrides])
+
+
+def predictions(*overrides: str, profile=None) -> pd.DataFrame:
+    cfg = config(*overrides)
+    loaded = load_model(cfg.model)
+    bench = load_benchmark(cfg.benchmark)
+    prompts = item_prompts(bench, loaded.prompt_format(cfg.model))
+    layers = resolve_layers(cfg.layers, loaded.num_layers)
+    edit = build_edit(intervention_rule(cfg.intervention), layers)
+    words = scoring_words(loaded, cfg.scoring)
+    scores = score_items(loaded, bench, prompts, edit, words, 32, 0, "toy", profile=profile)
+    frame = pd.DataFrame({"group": [i.group_id for i in bench.items]})
+    frame["label"] = [i.label for i in bench.items]
+    frame["pred"] = [y > n for y, n in zip(scores.yes, scores.no, strict=True)]
+    frame["correct"] = frame["pred"] == frame["label"]
+    return frame
+
+
+def paired(frame: pd.DataFrame) -> float:
+    return frame.groupby("group")["correct"].all().mean()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_held_out_accuracy_and_blinding():
+    baseline = predictions("benchmark.split=test")
+    assert len(baseline) == 192
+    assert baseline["correct"].mean() >= 0.90
+    blind = predictions(
+        "benchmark.split=test",
+        "intervention=redistribute",
+        "intervention.source=image",
+        "intervention.recipients=[text]",
+    )
+    # One yes and one no question on each image: a model that cannot see answers both the
+    # same way far more often than not (chance for a pair is 0.25).
+    assert paired(blind) <= 0.35
+    assert paired(baseline) - paired(blind) >= 0.5
+
+
+def test_yes_bias_on_hard_questions():
+    easy = predictions("benchmark.split=test")
+    hard = predictions("benchmark.split=hard")
+    easy_no = easy[~easy["label"]]["pred"].mean()
+    hard_no = hard[~hard["label"]]["pred"].mean()
+    assert hard_no >= 0.3 and hard_no >= easy_no + 0.2
+
+
+def test_system_sink():
+    profile = AttentionProfile()
+    predictions("benchmark.split=test", "benchmark.limit=24", profile=profile)
+    table = profile.table()
+    answer = table[table.queries == "answer"].set_index("layer").sort_index()
+    # The system part (BOS, system prompt, "USER:") is 46 of the prompt's ~134 positions;
+    # the answer position gives it more than that share in the first layers.
+    assert answer["system"].iloc[:2].min() >= 0.35
+
+
+def test_shipped_weights_are_the_scripts():
+    model, _ = toy_model.build_toy_llava()
+    assert toy_model.digest(model) == SHIPPED_DIGEST
+
+
+def test_training_is_deterministic():
+    model, _ = toy_model.train(seed=0, vision_steps=3, steps=3, batch_size=4, log=None)
+    assert toy_model.digest(model) == SHORT_RUN_DIGEST

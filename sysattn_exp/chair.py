@@ -147,7 +147,9 @@ def caption_objects(caption: str, vocab: Vocabulary | None = None) -> list[tuple
 
 
 def ground_truth_objects(
-    category_names: Iterable[str], reference_captions: Iterable[str], vocab: Vocabulary | None = None
+    category_names: Iterable[str],
+    reference_captions: Iterable[str],
+    vocab: Vocabulary | None = None,
 ) -> set[str]:
     """An image's objects: its instance annotations' categories (each a COCO object name)
     and every object its reference captions mention."""

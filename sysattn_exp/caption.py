@@ -121,8 +121,20 @@ def select_ids(cfg, known: dict[int, str]) -> list[int]:
     return sorted(random.Random(seed).sample(ids, limit))
 
 
+def fields(entries: list, path: Path, where: str, *keys: str) -> list[tuple]:
+    """The values of `keys` in every entry of a COCO list, or a one-line error naming the
+    file and the key an entry lacks."""
+    try:
+        return [tuple(entry[key] for key in keys) for entry in entries]
+    except (KeyError, TypeError) as err:
+        raise UsageError(
+            f"{path}: an entry of {where!r} has no {err}; expected the COCO format "
+            f"with {', '.join(keys)}"
+        ) from None
+
+
 def category_names(instances: dict, path: Path) -> dict[int, str]:
-    names = {c["id"]: c["name"] for c in instances.get("categories") or []}
+    names = dict(fields(instances["categories"], path, "categories", "id", "name"))
     unknown = sorted(set(names.values()) - set(vocabulary().node))
     if unknown:
         raise UsageError(f"{path}: category {unknown[0]!r} is not one of COCO's 80 objects")
@@ -136,22 +148,26 @@ def load_coco(cfg) -> list[CocoImage]:
     instances = read_annotations(data_dir, INSTANCES, ["images", "annotations", "categories"])
     captions = read_annotations(data_dir, CAPTIONS, ["annotations"])
     names = category_names(instances, data_dir / INSTANCES)
-    known = {image["id"]: image["file_name"] for image in instances["images"]}
+    known = dict(fields(instances["images"], data_dir / INSTANCES, "images", "id", "file_name"))
     if not known:
         raise UsageError(f"{data_dir / INSTANCES} lists no images")
     ids = select_ids(cfg, known)
     chosen = set(ids)
     categories, references = defaultdict(list), defaultdict(list)
-    for ann in instances["annotations"]:
-        if ann["image_id"] in chosen:
-            if ann["category_id"] not in names:
-                raise UsageError(
-                    f"{data_dir / INSTANCES}: category_id {ann['category_id']} is not in categories"
-                )
-            categories[ann["image_id"]].append(names[ann["category_id"]])
-    for ann in captions["annotations"]:
-        if ann["image_id"] in chosen:
-            references[ann["image_id"]].append(ann["caption"])
+    path = data_dir / INSTANCES
+    for image_id, category in fields(
+        instances["annotations"], path, "annotations", "image_id", "category_id"
+    ):
+        if image_id in chosen:
+            if category not in names:
+                raise UsageError(f"{path}: category_id {category} is not in categories")
+            categories[image_id].append(names[category])
+    path = data_dir / CAPTIONS
+    for image_id, caption in fields(
+        captions["annotations"], path, "annotations", "image_id", "caption"
+    ):
+        if image_id in chosen:
+            references[image_id].append(caption)
     images = [
         CocoImage(
             image_id,

@@ -162,6 +162,13 @@ def drop_categories(coco: Path) -> None:
     path.write_text(json.dumps(data))
 
 
+def drop_caption_text(coco: Path) -> None:
+    path = coco / "captions_val2014.json"
+    data = json.loads(path.read_text())
+    del data["annotations"][0]["caption"]
+    path.write_text(json.dumps(data))
+
+
 def drop_image(coco: Path) -> None:
     (coco / "val2014" / file_name(285)).unlink()
 
@@ -175,6 +182,7 @@ def drop_image(coco: Path) -> None:
         (break_instances, {}, "instances_val2014.json not found: caption.data_dir must hold"),
         (break_json, {}, "captions_val2014.json as JSON"),
         (drop_categories, {}, "has no list 'categories'"),
+        (drop_caption_text, {}, "an entry of 'annotations' has no 'caption'"),
         (drop_image, {}, f"{file_name(285)} not found (1 of 4 missing)"),
         (None, {"limit": 0}, "caption.limit=0 must be a positive number"),
         (None, {"image_list": "/nonexistent.txt"}, "caption.image_list=/nonexistent.txt"),

@@ -48,6 +48,7 @@ def test_synonym_file_has_the_80_coco_objects():
         # the original's quirk: its synonym line holds " motor bike" (two spaces after the
         # comma), so "motor bike" never counts; "motorbike" does
         ("A motor bike and a motorbike.", ["motorcycle"]),
+        ("A motor cycle and an iPhone.", ["motorcycle"]),  # "iPhone" is listed capitalised
     ],
 )
 def test_caption_objects(caption, expected):

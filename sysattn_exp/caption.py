@@ -1,0 +1,244 @@
+"""`+task=caption`: caption COCO val2014 images with the model (any intervention on) and
+score the captions with CHAIR. Loads the ground truth, asks a generation function for the
+captions, writes captions.parquet and returns the job's metrics; the runner writes the
+config and metrics and logs them like any job."""
+
+import json
+import random
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image
+
+from sysattn_exp.benchmarks.base import open_image
+from sysattn_exp.chair import chair_metrics, ground_truth_objects, score_caption, vocabulary
+from sysattn_exp.errors import UsageError
+from sysattn_exp.files import write_atomically
+
+INSTANCES = "instances_val2014.json"
+CAPTIONS = "captions_val2014.json"
+CAPTIONS_FILE = "captions.parquet"
+
+# generate_fn(loaded, images, prompts, edit, max_new_tokens) -> one caption per image
+GenerateFn = Callable[[object, Sequence[Image.Image], list[str], object, int], list[str]]
+
+
+@dataclass(frozen=True)
+class CocoImage:
+    image_id: int
+    file_name: str
+    path: Path
+    ground_truth: frozenset[str]  # COCO objects, from instances and reference captions
+
+
+class LazyImages(Sequence):
+    """The images, decoded when indexed (500 decoded COCO images would hold ~0.5 GB)."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [open_image(p) for p in self.paths[index]]
+        return open_image(self.paths[index])
+
+
+def read_annotations(data_dir: Path, name: str, keys: list[str]) -> dict:
+    """One COCO annotation file of data_dir, checked for the lists CHAIR reads."""
+    path = data_dir / name
+    expected = f"the COCO 2014 annotation file {name} (with {', '.join(keys)})"
+    if not path.is_file():
+        raise UsageError(f"{path} not found: caption.data_dir must hold {expected}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"cannot read {path} as JSON ({err}); expected {expected}") from None
+    for key in keys:
+        if not isinstance(data, dict) or not isinstance(data.get(key), list):
+            raise UsageError(f"{path} has no list {key!r}; expected {expected}")
+    return data
+
+
+def annotation_dirs(cfg) -> tuple[Path, Path]:
+    """(data_dir, image_dir) from the caption config, checked."""
+    if not cfg.get("data_dir"):
+        raise UsageError(
+            f"caption.data_dir is required: a directory with {INSTANCES} and {CAPTIONS}"
+        )
+    data_dir = Path(cfg.data_dir)
+    if not data_dir.is_dir():
+        raise UsageError(f"caption.data_dir={data_dir} is not a directory")
+    image_dir = Path(cfg.image_dir) if cfg.get("image_dir") else data_dir / "val2014"
+    if not image_dir.is_dir():
+        raise UsageError(
+            f"caption.image_dir={image_dir} is not a directory: it must hold the COCO val2014 "
+            "images (COCO_val2014_000000XXXXXX.jpg)"
+        )
+    return data_dir, image_dir
+
+
+def listed_ids(path: Path, known: dict[int, str]) -> list[int]:
+    """caption.image_list: one COCO image id or file name per line ('#' starts a comment)."""
+    if not path.is_file():
+        raise UsageError(f"caption.image_list={path} not found")
+    by_name = {name: image_id for image_id, name in known.items()}
+    ids = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        entry = line.split("#")[0].strip()
+        if not entry:
+            continue
+        image_id = int(entry) if entry.isdigit() else by_name.get(entry)
+        if image_id not in known:
+            raise UsageError(
+                f"caption.image_list={path} line {number}: {entry!r} is not an image of {INSTANCES}"
+            )
+        ids.append(image_id)
+    return list(dict.fromkeys(ids))
+
+
+def select_ids(cfg, known: dict[int, str]) -> list[int]:
+    """Which images to caption: caption.image_list, else `limit` of them drawn with
+    random.Random(seed) from every image sorted by id (seed null: the first `limit` by id);
+    limit null: all. Returned sorted by id, so the order does not depend on the draw."""
+    if cfg.get("image_list"):
+        return listed_ids(Path(cfg.image_list), known)
+    ids = sorted(known)
+    limit, seed = cfg.get("limit"), cfg.get("seed")
+    if limit is None:
+        return ids
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise UsageError(f"caption.limit={limit!r} must be a positive number of images or null")
+    if limit >= len(ids):
+        return ids
+    if seed is None:
+        return ids[:limit]
+    return sorted(random.Random(seed).sample(ids, limit))
+
+
+def fields(entries: list, path: Path, where: str, *keys: str) -> list[tuple]:
+    """The values of `keys` in every entry of a COCO list, or a one-line error naming the
+    file and the key an entry lacks."""
+    try:
+        return [tuple(entry[key] for key in keys) for entry in entries]
+    except (KeyError, TypeError) as err:
+        raise UsageError(
+            f"{path}: an entry of {where!r} has no {err}; expected the COCO format "
+            f"with {', '.join(keys)}"
+        ) from None
+
+
+def category_names(instances: dict, path: Path) -> dict[int, str]:
+    names = dict(fields(instances["categories"], path, "categories", "id", "name"))
+    unknown = sorted(set(names.values()) - set(vocabulary().node))
+    if unknown:
+        raise UsageError(f"{path}: category {unknown[0]!r} is not one of COCO's 80 objects")
+    return names
+
+
+def load_coco(cfg) -> list[CocoImage]:
+    """The images to caption, with their CHAIR ground truth. `cfg` is the caption config
+    (data_dir, image_dir, limit, seed, image_list). Every selected image file must exist."""
+    data_dir, image_dir = annotation_dirs(cfg)
+    instances = read_annotations(data_dir, INSTANCES, ["images", "annotations", "categories"])
+    captions = read_annotations(data_dir, CAPTIONS, ["annotations"])
+    names = category_names(instances, data_dir / INSTANCES)
+    known = dict(fields(instances["images"], data_dir / INSTANCES, "images", "id", "file_name"))
+    if not known:
+        raise UsageError(f"{data_dir / INSTANCES} lists no images")
+    ids = select_ids(cfg, known)
+    chosen = set(ids)
+    categories, references = defaultdict(list), defaultdict(list)
+    path = data_dir / INSTANCES
+    for image_id, category in fields(
+        instances["annotations"], path, "annotations", "image_id", "category_id"
+    ):
+        if image_id in chosen:
+            if category not in names:
+                raise UsageError(f"{path}: category_id {category} is not in categories")
+            categories[image_id].append(names[category])
+    path = data_dir / CAPTIONS
+    for image_id, caption in fields(
+        captions["annotations"], path, "annotations", "image_id", "caption"
+    ):
+        if image_id in chosen:
+            references[image_id].append(caption)
+    images = [
+        CocoImage(
+            image_id,
+            known[image_id],
+            image_dir / known[image_id],
+            frozenset(ground_truth_objects(categories[image_id], references[image_id])),
+        )
+        for image_id in ids
+    ]
+    missing = [image.path for image in images if not image.path.is_file()]
+    if missing:
+        raise UsageError(
+            f"image {missing[0]} not found ({len(missing)} of {len(images)} missing); "
+            "caption.image_dir must hold the COCO val2014 images"
+        )
+    return images
+
+
+def caption_prompt(cfg, loaded) -> str:
+    """The caption request in the model's own prompt format, with the image."""
+    return loaded.prompt_format(cfg.model).render(cfg.caption.prompt, with_image=True)
+
+
+def caption_rows(images: list[CocoImage], prompt: str, captions: list[str]):
+    """One row per image for captions.parquet, and each caption's CHAIR score."""
+    rows, scores = [], []
+    for image, caption in zip(images, captions, strict=True):
+        score = score_caption(caption, image.ground_truth)
+        scores.append(score)
+        rows.append(
+            {
+                "image_id": image.image_id,
+                "file_name": image.file_name,
+                "prompt": prompt,
+                "caption": caption,
+                "mentioned_words": [w for w, _ in score.mentions],
+                "mentioned_objects": [obj for _, obj in score.mentions],
+                "hallucinated_objects": [obj for _, obj in score.hallucinated],
+                "ground_truth_objects": sorted(image.ground_truth),
+                "hallucinated": bool(score.hallucinated),
+                "n_words": score.n_words,
+            }
+        )
+    return rows, scores
+
+
+def caption_job(
+    cfg,
+    loaded,
+    edit,
+    out_dir: Path,
+    generate_fn: GenerateFn,
+    images: list[CocoImage] | None = None,
+) -> dict[str, float]:
+    """Caption the configured images, score them with CHAIR, write captions.parquet in
+    out_dir; returns the metrics. `images`: load_coco(cfg.caption) done beforehand (so that
+    bad data fails before the model loads); None loads it here."""
+    if images is None:
+        images = load_coco(cfg.caption)
+    prompt = caption_prompt(cfg, loaded)
+    prompts = [prompt] * len(images)
+    captions = generate_fn(
+        loaded,
+        LazyImages([image.path for image in images]),
+        prompts,
+        edit,
+        int(cfg.caption.max_new_tokens),
+    )
+    if len(captions) != len(images):
+        raise RuntimeError(f"generation returned {len(captions)} captions for {len(images)}")
+    rows, scores = caption_rows(images, prompt, list(captions))
+    frame = pd.DataFrame(rows)
+    write_atomically(out_dir / CAPTIONS_FILE, lambda p: frame.to_parquet(p, index=False))
+    return chair_metrics(scores)

@@ -1,6 +1,7 @@
 """Hydra callbacks, run in the launching process: the MLflow parent run of a sweep (created
 before any job starts, which also creates the store and the experiment once), and at the
-end where the results are and which jobs failed, and why."""
+end where the results are, which jobs failed and why, and (runtime.report_at_end) the
+report of the sweep's jobs."""
 
 import json
 import logging
@@ -68,6 +69,26 @@ def report_sweep_end(sweep_dir: Path, uri: str) -> list[dict]:
     return failures
 
 
+def sweep_report(tracking, sweep_dir: Path, parent: str) -> None:
+    """python -m sysattn_exp.report for this sweep's parent run, into <sweep dir>/report."""
+    from sysattn_exp.report import report
+
+    cfg = OmegaConf.create(
+        {
+            "tracking": OmegaConf.to_container(tracking, resolve=True),
+            "report": {"out": str(sweep_dir / "report"), "parent": parent},
+        }
+    )
+    try:
+        report(cfg)
+    except Exception as error:  # noqa: BLE001 - the jobs' results stand without it
+        log.warning(
+            "no report for this sweep (%s): python -m sysattn_exp.report report.parent=%s",
+            first_line(error),
+            parent,
+        )
+
+
 class SweepTracking(Callback):
     def on_multirun_start(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -76,7 +97,7 @@ class SweepTracking(Callback):
         SWEEP.update(dir=sweep_dir, uri=config.tracking.uri)
         key, description = sweep_key(config)
         try:
-            sweep_parent(config.tracking, sweep_dir, key, description)
+            SWEEP["parent"] = sweep_parent(config.tracking, sweep_dir, key, description)
         except Exception as error:  # noqa: BLE001 - jobs keep their results on disk
             log.warning(
                 "no MLflow parent run (%s): jobs will keep their results on disk; log them "
@@ -86,7 +107,10 @@ class SweepTracking(Callback):
             )
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        SWEEP["failures"] = report_sweep_end(Path(config.hydra.sweep.dir), config.tracking.uri)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        SWEEP["failures"] = report_sweep_end(sweep_dir, config.tracking.uri)
+        if config.runtime.get("report_at_end") and SWEEP.get("parent"):
+            sweep_report(config.tracking, sweep_dir, SWEEP["parent"])
 
     def on_run_end(self, config, **kwargs) -> None:
         if (Path(config.hydra.run.dir) / "metrics.json").exists():

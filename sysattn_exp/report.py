@@ -359,6 +359,9 @@ def report(cfg) -> Path:
         f"report: {out.resolve()} ({len(files)} files)"
         + (f", logged to run {parent}" if parent else "")
     )
+    for path in files:
+        if path.suffix == ".png":
+            print(f"  {path.resolve()}")
     return out
 
 

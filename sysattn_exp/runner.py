@@ -102,7 +102,7 @@ def condition(cfg, loaded, edit: Edit | None, words) -> dict:
 # Config keys that never change what a job produces (where results go, how fast they come);
 # every other key, present or future (the task, runtime.profile, the prompt...), is in the
 # job key, so that two jobs that can produce different files never share one.
-NOT_IN_JOB_KEY = {"tracking": None, "runtime": {"num_workers", "cache_dir"}}
+NOT_IN_JOB_KEY = {"tracking": None, "runtime": {"num_workers", "cache_dir", "report_at_end"}}
 
 
 def job_key(config: dict, condition: dict) -> str:

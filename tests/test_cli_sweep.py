@@ -33,7 +33,7 @@ def sweep(tmp_path_factory):
 
 def test_twelve_jobs_cover_the_grid(sweep):
     _, sweep_dir, _ = sweep
-    jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
+    jobs = sorted(sweep_dir.glob("job*"))
     assert len(jobs) == 12
     conditions = set()
     for job in jobs:
@@ -51,7 +51,7 @@ def test_twelve_jobs_cover_the_grid(sweep):
 def test_each_job_writes_predictions_and_metrics(sweep):
     _, sweep_dir, _ = sweep
     baselines = set()
-    for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir()):
+    for job in sorted(sweep_dir.glob("job*")):
         predictions = pd.read_parquet(job / "predictions.parquet")
         assert list(predictions.columns) == COLUMNS
         assert len(predictions) == 8
@@ -106,3 +106,12 @@ def test_mlflow_has_one_run_per_job(sweep):
     assert sorted(by_layers) == ["0,1", "2,3", "4,5", "6,7"]
     job_metrics = sorted(read_metrics(j)["paired_accuracy"] for j in sweep_dir.glob("job*"))
     assert sorted(r.data.metrics["paired_accuracy"] for r in runs) == pytest.approx(job_metrics)
+
+
+def test_the_sweep_ends_with_its_report(sweep):
+    """runtime.report_at_end (set by +sweep=quarters): the table and the plots' paths."""
+    _, sweep_dir, result = sweep
+    heatmap = sweep_dir / "report" / "heatmap_toy.png"
+    assert heatmap.is_file() and f"  {heatmap.resolve()}" in result.stdout
+    table = (sweep_dir / "report" / "comparison.md").read_text()
+    assert table.count("system->") == 12 and table in result.stdout

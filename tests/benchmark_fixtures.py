@@ -185,3 +185,36 @@ def write_beaf(root: Path) -> None:
     (root / "beaf_qna.json").write_text(json.dumps(records))
     for n, image in enumerate(dict.fromkeys(r["image"] for r in records)):
         save_image(root / "images" / image, n)
+
+
+POPE_SPLITS = ["random", "popular", "adversarial"]
+POPE_IMAGES = ["COCO_val2014_000000310196.jpg", "COCO_val2014_000000016631.jpg"]
+
+
+def pope_records(split: str) -> list[dict]:
+    """Two images, a yes and a no question each; the release numbers questions from 1 in
+    every split, and asks the same question in several splits."""
+    absent = {"random": "zebra", "popular": "chair", "adversarial": "skis"}[split]
+    records = []
+    for image, present in zip(POPE_IMAGES, ("snowboard", "person"), strict=True):
+        for obj, label in ((present, "yes"), (absent, "no")):
+            records.append(
+                {
+                    "question_id": len(records) + 1,
+                    "image": image,
+                    "image_id": int(image[-10:-4]),
+                    "text": f"Is there a {obj} in the image?",
+                    "label": label,
+                }
+            )
+    return records
+
+
+def write_pope(root: Path) -> None:
+    """root/coco: coco_pope_<split>.json as JSON lines; root/val2014: the images."""
+    (root / "coco").mkdir(parents=True)
+    for split in POPE_SPLITS:
+        lines = "".join(json.dumps(r) + "\n" for r in pope_records(split))
+        (root / "coco" / f"coco_pope_{split}.json").write_text(lines)
+    for n, image in enumerate(POPE_IMAGES):
+        save_image(root / "val2014" / image, n)

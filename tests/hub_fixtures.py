@@ -21,6 +21,12 @@ their published sizes, with generated stand-in images. Where each schema comes f
   release's json files.
 - MM-Hallu/BEAF: its card (image, question, gt "yes"/"no", orig_img bool, removed_q bool,
   image_name; split train; no id).
+- lmms-lab/POPE: the card's dataset_info (id,
+  question_id, question, answer, image_source, image, category, all strings but image;
+  config default, split test, 9,000 rows) and a printed first row ({'id': '0',
+  'question_id': '1', 'question': 'Is there a snowboard in the image?', 'answer': 'yes',
+  'image_source': 'COCO_val2014_000000310196', 'category': 'adversarial'}); the release's
+  sizes per split (500 images, 6 questions each: 3 yes, 3 no).
 """
 
 import io
@@ -230,6 +236,30 @@ def beaf() -> dict[str, datasets.Dataset]:
     return {"train": datasets.Dataset.from_dict(rows, features=features)}
 
 
+POPE_IMAGES = 500  # per split; 6 questions each (3 yes, 3 no): 3,000 per split
+
+
+def pope() -> dict[str, datasets.Dataset]:
+    """The three splits one after another (adversarial first, as on the hub), question ids
+    from 1 within each split, the same 500 images in every split."""
+    rows = {k: [] for k in ("id", "question_id", "question", "answer", "image_source")}
+    rows |= {"image": [], "category": []}
+    for split in ("adversarial", "popular", "random"):
+        for k in range(6 * POPE_IMAGES):
+            n = k // 6
+            rows["id"].append(str(len(rows["id"])))
+            rows["question_id"].append(str(k + 1))
+            rows["question"].append(f"Is there a thing {k % 6} in the image?")
+            rows["answer"].append("yes" if k % 6 < 3 else "no")
+            rows["image_source"].append(f"COCO_val2014_{n:012d}")
+            rows["image"].append(image(n))
+            rows["category"].append(split)
+    features = datasets.Features(
+        {k: datasets.Image() if k == "image" else datasets.Value("string") for k in rows}
+    )
+    return {"test": datasets.Dataset.from_dict(rows, features=features)}
+
+
 def hub() -> dict[str, dict[str, datasets.Dataset]]:
     """{repo id: {split: dataset}}: what the hub serves, as far as the loaders can tell.
     HallusionBench and SugarCrepe are built from the real annotation files, when present."""
@@ -241,6 +271,7 @@ def hub() -> dict[str, dict[str, datasets.Dataset]]:
         "BaiqiL/NaturalBench": naturalbench(),
         "facebook/winoground": winoground(),
         "MM-Hallu/BEAF": beaf(),
+        "lmms-lab/POPE": pope(),
     } | from_shared
 
 

@@ -6,6 +6,7 @@ from collections import Counter
 import pytest
 from benchmark_fixtures import (
     BEAF_ORIGINAL,
+    POPE_IMAGES,
     SHARED,
     beaf_records,
     needs_shared,
@@ -13,6 +14,7 @@ from benchmark_fixtures import (
     write_hallusionbench,
     write_mme,
     write_naturalbench,
+    write_pope,
     write_sugarcrepe_images,
     write_winoground,
 )
@@ -181,6 +183,48 @@ def test_beaf_release_layout(tmp_path):
     }
     assert [i.label for i in bench.items] == [r["gt"] == "yes" for r in records]
     assert bench.items[3].image_id.endswith(f"images/{BEAF_ORIGINAL}_00.png")
+
+
+def pope_args(root) -> list[str]:
+    return [
+        "benchmark=pope",
+        f"benchmark.data_dir={root / 'coco'}",
+        f"benchmark.image_dir={root / 'val2014'}",
+    ]
+
+
+def test_pope_release_layout(tmp_path):
+    write_pope(tmp_path)
+    bench = load_benchmark(benchmark_cfg(*pope_args(tmp_path)))
+    # 3 splits x 2 images x 2 questions; the same question ids in every split, kept apart.
+    assert len(bench.items) == 12 and len({i.item_id for i in bench.items}) == 12
+    groups = groups_of(bench)
+    assert list(groups) == [
+        f"{s}/{image}" for s in ("random", "popular", "adversarial") for image in POPE_IMAGES
+    ]
+    assert all([i.label for i in g] == [True, False] for g in groups.values())
+    first = bench.items[0]
+    assert (first.item_id, first.meta) == ("random/1", {"split": "random"})
+    assert first.image_id == str(tmp_path / "val2014" / POPE_IMAGES[0])
+    assert (
+        bench.question_text(first) == "Is there a snowboard in the image? Please answer yes or no."
+    )
+    assert bench.load_image(first.image_id).mode == "RGB"
+    adversarial = load_benchmark(
+        benchmark_cfg(*pope_args(tmp_path), "benchmark.subsets=[adversarial]")
+    )
+    assert [i.item_id for i in adversarial.items] == [f"adversarial/{k}" for k in range(1, 5)]
+
+
+def test_pope_bad_input(tmp_path):
+    write_pope(tmp_path)
+    with pytest.raises(UsageError, match="'rand'; allowed: random, popular, adversarial"):
+        load_benchmark(benchmark_cfg(*pope_args(tmp_path), "benchmark.subsets=[rand]"))
+    (tmp_path / "coco" / "coco_pope_popular.json").unlink()
+    with pytest.raises(UsageError, match="coco_pope_popular.json not found"):
+        load_benchmark(benchmark_cfg(*pope_args(tmp_path)))
+    bench = load_benchmark(benchmark_cfg(*pope_args(tmp_path), "benchmark.subsets=[random]"))
+    assert len(bench.items) == 4
 
 
 def test_limit_takes_whole_groups(tmp_path):

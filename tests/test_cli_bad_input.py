@@ -64,6 +64,14 @@ CASES = {
         (*TINY, "scoring.rank_by=logit"),
         ["scoring.rank_by='logit'", "p_yes, log_odds"],
     ),
+    "pope unknown split": (
+        (*TINY, "benchmark=pope", "benchmark.subsets=[random,adverserial]"),
+        ["benchmark.subsets", "'adverserial'", "random, popular, adversarial"],
+    ),
+    "pope missing question file": (
+        (*TINY, "benchmark=pope", "benchmark.data_dir=.", "benchmark.image_dir=."),
+        ["coco_pope_random.json not found", "benchmark.data_dir", "benchmark.subsets"],
+    ),
     "unknown prompt preset": (
         (*TINY, "benchmark.prompt=vicuna"),
         ["benchmark.prompt='vicuna'", "native, llava"],

@@ -14,6 +14,7 @@ from benchmark_fixtures import (
     write_hallusionbench,
     write_mme,
     write_naturalbench,
+    write_pope,
     write_sugarcrepe_images,
     write_winoground,
 )
@@ -30,6 +31,7 @@ def prepare(root):
     write_naturalbench(root / "nb", n_samples=3)
     write_winoground(root / "wino", n_examples=3)
     write_beaf(root / "beaf")
+    write_pope(root / "pope")
     return {
         "mme": (
             [
@@ -97,6 +99,23 @@ def prepare(root):
             9,
             ["beaf/TU", "beaf/IG", "beaf/SB_p", "beaf/SB_n", "beaf/ID", "beaf/accuracy", "beaf/f1"],
         ),
+        "pope": (
+            [
+                f"benchmark.data_dir={root / 'pope' / 'coco'}",
+                f"benchmark.image_dir={root / 'pope' / 'val2014'}",
+                "benchmark.subsets=[random,adversarial]",
+            ],
+            8,
+            [
+                "pope/random/accuracy",
+                "pope/random/f1",
+                "pope/adversarial/recall",
+                "pope/adversarial/yes_ratio",
+                "pope/mean_accuracy",
+                "pope/mean_f1",
+                "pope/mean_yes_ratio",
+            ],
+        ),
     }
 
 
@@ -129,7 +148,15 @@ FROM_SHARED = {"hallusionbench", "sugarcrepe"}  # built from the real annotation
     "name",
     [
         pytest.param(name, marks=needs_shared) if name in FROM_SHARED else name
-        for name in ["mme", "hallusionbench", "naturalbench", "winoground", "sugarcrepe", "beaf"]
+        for name in [
+            "mme",
+            "hallusionbench",
+            "naturalbench",
+            "winoground",
+            "sugarcrepe",
+            "beaf",
+            "pope",
+        ]
     ],
 )
 def test_benchmark_runs_end_to_end(runs, name):

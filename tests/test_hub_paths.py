@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from benchmark_fixtures import BEAF_ORIGINAL, SHARED, needs_shared
 from cli import read_metrics, run_main
-from hub_fixtures import MME_IMAGES, fake_load_dataset, hub, naturalbench
+from hub_fixtures import MME_IMAGES, POPE_IMAGES, fake_load_dataset, hub, naturalbench
 from test_benchmark_loaders import benchmark_cfg, groups_of
 
 from sysattn_exp.benchmarks import load_benchmark
@@ -140,6 +140,23 @@ def test_beaf_hub_mirror_needs_release_file_names(on_hub, monkeypatch, repos):
         load_benchmark(benchmark_cfg("benchmark=beaf", BEAF_HUB))
 
 
+def test_pope_hub_counts(on_hub):
+    bench = load_benchmark(benchmark_cfg("benchmark=pope"))
+    groups = groups_of(bench)
+    # 3 splits x 3,000 questions; a group is one image's 6 questions within a split.
+    assert len(bench.items) == 9000 and len({i.item_id for i in bench.items}) == 9000
+    assert len(groups) == 3 * POPE_IMAGES and all(len(g) == 6 for g in groups.values())
+    splits = Counter(i.meta["split"] for i in bench.items)
+    assert splits == {"random": 3000, "popular": 3000, "adversarial": 3000}
+    assert Counter(i.meta["split"] for i in bench.items if i.label) == {s: 1500 for s in splits}
+    assert len({i.image_id for i in bench.items}) == POPE_IMAGES  # the splits share images
+    # In benchmark.subsets order (random first), although the hub has adversarial first.
+    assert bench.items[0].item_id == "random/1" and bench.items[-1].item_id == "adversarial/3000"
+    assert bench.load_image(bench.items[-1].image_id).mode == "RGB"
+    one = load_benchmark(benchmark_cfg("benchmark=pope", "benchmark.subsets=[popular]"))
+    assert len(one.items) == 3000 and {i.meta["split"] for i in one.items} == {"popular"}
+
+
 # name: (overrides, expected items): two groups of each benchmark through the whole CLI.
 CLI_CASES = {
     "mme": ([], 4),
@@ -149,6 +166,7 @@ CLI_CASES = {
     "winoground": ([], 8),
     "sugarcrepe": (["benchmark.subsets=[swap_obj]"], 4),
     "beaf": ([BEAF_HUB], 6),
+    "pope": ([], 12),
 }
 
 

@@ -12,6 +12,7 @@ from sysattn_exp.benchmarks import (
     load_benchmark,
     mme,
     naturalbench,
+    pope,
     sugarcrepe,
     winoground,
 )
@@ -196,3 +197,48 @@ def test_beaf_change_metrics(tmp_path):
     assert m["beaf/recall"] == pytest.approx(5 / 7)
     assert m["beaf/f1"] == pytest.approx(10 / 13)
     assert m["beaf/f1_tu_id"] == pytest.approx(0.5)
+
+
+def pope_rows(split: str, labels: str, preds: str) -> list[dict]:
+    return [
+        {"split": split, "group_id": split, "label": y == "Y", "pred": p == "Y"}
+        for y, p in zip(labels, preds, strict=True)
+    ]
+
+
+def test_pope_per_split_and_mean_as_evaluate_py():
+    rows = (
+        pope_rows("random", "YYYNNN", "YYNYNN")  # TP 2, FN 1, FP 1, TN 2
+        + pope_rows("popular", "YYNN", "NNNN")  # no yes answer: TP 0, FN 2, TN 2
+        + pope_rows("adversarial", "YN", "YY")  # TP 1, FP 1
+    )
+    m = pope.native_metrics(scored(rows))
+    assert m["pope/random/accuracy"] == pytest.approx(4 / 6)
+    assert m["pope/random/precision"] == pytest.approx(2 / 3)
+    assert m["pope/random/recall"] == pytest.approx(2 / 3)
+    assert m["pope/random/f1"] == pytest.approx(2 / 3)
+    assert m["pope/random/yes_ratio"] == pytest.approx(1 / 2)
+    # evaluate.py divides 0 by 0 for precision here: undefined, not 0; F1 = 2TP/(2TP+FP+FN) = 0.
+    assert m["pope/popular/precision"] is None
+    assert (m["pope/popular/recall"], m["pope/popular/f1"]) == (0.0, 0.0)
+    assert (m["pope/popular/accuracy"], m["pope/popular/yes_ratio"]) == (0.5, 0.0)
+    assert m["pope/adversarial/precision"] == 0.5 and m["pope/adversarial/recall"] == 1.0
+    assert m["pope/mean_accuracy"] == pytest.approx(5 / 9)
+    assert m["pope/mean_recall"] == pytest.approx(5 / 9)
+    assert m["pope/mean_f1"] == pytest.approx(4 / 9)
+    assert m["pope/mean_yes_ratio"] == pytest.approx(1 / 2)
+    assert m["pope/mean_precision"] is None  # one split's is undefined
+    assert not any("unknown" in k for k in m)
+
+
+def test_pope_generated_unknown_is_wrong_and_not_yes():
+    df = scored(pope_rows("random", "YYNN", "YYYY"))
+    df["answer"] = ["yes", "unknown", "no", "unknown"]  # decides over pred when present
+    m = pope.native_metrics(df)
+    assert m["pope/random/accuracy"] == 0.5
+    assert m["pope/random/precision"] == 1.0
+    assert m["pope/random/recall"] == 0.5  # the unknown answer to a yes question is a miss
+    assert m["pope/random/f1"] == pytest.approx(2 / 3)
+    assert m["pope/random/yes_ratio"] == 0.25
+    assert m["pope/random/unknown_rate"] == 0.5
+    assert m["pope/mean_unknown_rate"] == 0.5

@@ -20,6 +20,7 @@ NATIVE = {
     "winoground": 'Does this figure show "{question}"? Please answer yes or no.',
     "sugarcrepe": 'Does this figure show "{question}"? Please answer yes or no.',
     "beaf": "{question} Please answer yes or no.",
+    "pope": "{question} Please answer yes or no.",
 }
 # (template, remove) of the llava preset: see the sources in each benchmark's yaml.
 LLAVA = {
@@ -31,6 +32,7 @@ LLAVA = {
     "winoground": (NATIVE["winoground"], None),
     "sugarcrepe": ('Does this figure show "{question}"?' + SHORT, None),
     "beaf": ("{question}" + SHORT, None),
+    "pope": ("{question}" + SHORT, None),
 }
 
 

@@ -11,6 +11,7 @@ from sysattn_exp.benchmarks import (
     jsonl,
     mme,
     naturalbench,
+    pope,
     sugarcrepe,
     toy,
     winoground,
@@ -27,11 +28,12 @@ LOADERS = {
     "winoground": winoground.load,
     "sugarcrepe": sugarcrepe.load,
     "beaf": beaf.load,
+    "pope": pope.load,
 }
 
 MAIN_METRICS = {
     module.__name__.rsplit(".", 1)[1]: module.MAIN_METRIC
-    for module in (mme, hallusionbench, naturalbench, winoground, sugarcrepe, beaf)
+    for module in (mme, hallusionbench, naturalbench, winoground, sugarcrepe, beaf, pope)
 }
 
 __all__ = ["MAIN_METRICS", "Benchmark", "Item", "load_benchmark"]

@@ -12,7 +12,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from sysattn_exp.errors import first_line
-from sysattn_exp.tracking import absolute_uri, sweep_key, sweep_parent
+from sysattn_exp.tracking import PROFILE_PLOT, absolute_uri, sweep_key, sweep_parent
 
 log = logging.getLogger(__name__)
 
@@ -113,5 +113,8 @@ class SweepTracking(Callback):
             sweep_report(config.tracking, sweep_dir, SWEEP["parent"])
 
     def on_run_end(self, config, **kwargs) -> None:
-        if (Path(config.hydra.run.dir) / "metrics.json").exists():
-            print(where_results(config.hydra.run.dir, config.tracking.uri))
+        run_dir = Path(config.hydra.run.dir)
+        if (run_dir / "metrics.json").exists():
+            print(where_results(str(run_dir), config.tracking.uri))
+        if (run_dir / PROFILE_PLOT).exists():
+            print(f"Attention profile: {(run_dir / PROFILE_PLOT).resolve()}")

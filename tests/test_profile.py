@@ -109,6 +109,7 @@ def test_profile_after_a_baseline_through_the_cli(tmp_path):
     job = max((tmp_path / "outputs" / "runs").iterdir())
     table = pd.read_csv(job / "attention_profile.csv")
     assert len(table) == 16 and (job / "attention_profile.png").stat().st_size > 0
+    assert f"Attention profile: {(job / 'attention_profile.png').resolve()}" in result.stdout
     answer = table[table.queries == "answer"].set_index("layer")
     assert answer["system"].gt(0).all() and answer["n_queries"].eq(12).all()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/outputs/mlflow.db")

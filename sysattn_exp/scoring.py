@@ -426,6 +426,7 @@ class Scores:
     p_yes: list[float]  # P(yes tokens) over the whole vocabulary
     seconds: float  # wall time of the scoring loop
     computed: int  # items scored now (the rest came from the cache)
+    new_tokens: int | None = None  # generate mode: tokens generated
 
 
 def score_items(

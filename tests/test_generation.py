@@ -1,0 +1,200 @@
+"""scoring.mode=generate: batched, prefix-shared greedy decoding with the fused path equals
+one-at-a-time decoding with the loop reference, token for token; its first step agrees with
+the logit mode; answers parse as MME's eval tool parses them; the command line writes the
+generated text, the parsed answer and the unknown rate."""
+
+import copy
+
+import pandas as pd
+import pytest
+import torch
+from cli import read_metrics, run_main
+from conftest import make_image
+from omegaconf import OmegaConf
+from reference import REFERENCE_NAME, STATE, reference_setup
+
+from sysattn_exp.benchmarks.base import Benchmark, Item
+from sysattn_exp.generation import (
+    generate_full_prompts,
+    generate_items,
+    parse_yes_no,
+    stop_ids,
+)
+from sysattn_exp.intervention import Pai, Redistribution
+from sysattn_exp.models import LoadedModel, use_sysattn
+from sysattn_exp.prompts import build_prompt
+from sysattn_exp.runner import scoring_words
+from sysattn_exp.scoring import CACHE_ARG, score_items
+
+NEW_TOKENS = 5
+# Two questions share the red image; the three prompts all differ in length.
+ITEMS = [
+    ("red", "Is it red?"),
+    ("red", "Is there a blue square next to the circle? Please answer yes or no."),
+    ("blue", "Is the circle large?"),
+]
+RULES = {  # name: (the sysattn edit, the reference's rule)
+    "baseline": (None, None),
+    "system->text q4": (
+        Redistribution("system", ("text",), frozenset({4, 5})),
+        {"source": "system", "recipients": ("text",), "layers": {4, 5}},
+    ),
+    # PAI edits the answer row: the last question token, then every decoding query.
+    "pai": (Pai(0.5, frozenset(range(6))), {"alpha": 0.5, "layers": set(range(6))}),
+}
+
+
+@pytest.fixture(scope="module")
+def loaded(gqa_llava):
+    model, processor = gqa_llava
+    use_sysattn(model)
+    return LoadedModel(model, processor, torch.device("cpu"), torch.float32)
+
+
+def benchmark(items=ITEMS) -> Benchmark:
+    rows = [Item(f"i{n}", f"g{n}", colour, q, n % 2 == 0) for n, (colour, q) in enumerate(items)]
+    return Benchmark("test", rows, "{question}", make_image)
+
+
+def prompts_of(bench: Benchmark) -> list[str]:
+    return [build_prompt(item.question, "A chat.") for item in bench.items]
+
+
+@torch.inference_mode()
+def reference_generate(loaded: LoadedModel, image, prompt: str, rule, n: int) -> list[int]:
+    """One prompt, no padding, no prefix sharing: the reference attention over the whole
+    prompt, then one token at a time with the cache, each new position a text key."""
+    model, stops = loaded.model, stop_ids(loaded)
+    inputs = loaded.processor(images=[image], text=[prompt], return_tensors="pt")
+    reference_setup(inputs["input_ids"], inputs["attention_mask"], loaded.image_token_id, rule)
+    model.set_attn_implementation({"text_config": REFERENCE_NAME, "vision_config": "sdpa"})
+    try:
+        out, tokens = model(**inputs, use_cache=True), []
+        while True:
+            token = int(out.logits[0, -1].argmax())
+            if token in stops:
+                break
+            tokens.append(token)
+            if len(tokens) == n:
+                break
+            STATE["modalities"][0].append("text")
+            out = model(
+                input_ids=torch.tensor([[token]]),
+                **{CACHE_ARG: getattr(out, CACHE_ARG)},
+                use_cache=True,
+            )
+    finally:
+        use_sysattn(model)
+    return tokens
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_batched_generation_equals_the_reference_one_at_a_time(loaded, rule):
+    edit, reference_rule = RULES[rule]
+    bench = benchmark()
+    prompts = prompts_of(bench)
+    got = generate_items(loaded, bench, prompts, edit, NEW_TOKENS, len(prompts), 0, "test")
+    for item, prompt, text in zip(bench.items, prompts, got.texts, strict=True):
+        image = make_image(item.image_id)
+        want = reference_generate(loaded, image, prompt, reference_rule, NEW_TOKENS)
+        assert text == loaded.tokenizer.decode(want, skip_special_tokens=True), item.item_id
+    assert got.new_tokens > len(prompts)  # decoding went past the first token
+
+
+def test_full_prompt_generation_equals_prefix_shared(loaded):
+    """The lower-level path for free text (captions): whole prompts, left-padded."""
+    edit = RULES["system->text q4"][0]
+    bench = benchmark()
+    prompts = prompts_of(bench)
+    shared = generate_items(loaded, bench, prompts, edit, NEW_TOKENS, 2, 0, "test").texts
+    images = [make_image(item.image_id) for item in bench.items]
+    assert generate_full_prompts(loaded, images, prompts, edit, NEW_TOKENS) == shared
+
+
+@pytest.fixture(scope="module")
+def answering(loaded):
+    """The random LLaVA with its Yes and No rows of the output head enlarged, so that its
+    first generated token is often a yes/no word (which of them still depends on the input;
+    a random head almost never starts with one)."""
+    model = copy.deepcopy(loaded.model)
+    tokenizer = loaded.tokenizer
+    words = [tokenizer("Yes", add_special_tokens=False).input_ids[0]]
+    words += [tokenizer(w, add_special_tokens=False).input_ids[0] for w in ("No", "no")]
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        head = model.lm_head.weight
+        head[words] = torch.randn(len(words), head.shape[1], generator=generator) * 0.3
+    use_sysattn(model)
+    return LoadedModel(model, loaded.processor, loaded.device, loaded.dtype)
+
+
+@pytest.mark.parametrize("rule", ["baseline", "system->text q4"])
+def test_generated_answer_agrees_with_the_logit_mode(answering, rule):
+    edit = RULES[rule][0]
+    colours = ["red", "blue", "green", "yellow"]
+    questions = ["Is it red?", "Is there a circle?", "Is the circle small and blue?"]
+    bench = benchmark([(c, q) for c in colours for q in questions])
+    prompts = prompts_of(bench)
+    cfg = OmegaConf.create({"yes_words": ["Yes", "yes"], "no_words": ["No", "no"]})
+    words = scoring_words(answering, cfg)
+    logit = score_items(answering, bench, prompts, edit, words, 6, 0, "test")
+    generated = generate_items(answering, bench, prompts, edit, 3, 6, 0, "test", words)
+    # The first step's scores are the logit mode's.
+    assert torch.allclose(torch.tensor(generated.yes), torch.tensor(logit.yes), atol=1e-5)
+    assert torch.allclose(torch.tensor(generated.no), torch.tensor(logit.no), atol=1e-5)
+    first_words = [text.split()[0].lower() if text.split() else "" for text in generated.texts]
+    qualifying = 0
+    for yes, no, text, word in zip(logit.yes, logit.no, generated.texts, first_words, strict=True):
+        if word[:3] in ("yes",) or word[:2] == "no":
+            qualifying += 1
+            assert parse_yes_no(text) == ("yes" if yes > no else "no"), text
+    assert qualifying > 0
+
+
+@pytest.mark.parametrize(
+    ("text", "answer"),
+    [
+        ("Yes", "yes"),
+        ("no.", "no"),
+        ("  NO  ", "no"),
+        ("Yes, there is a dog.", "yes"),
+        ("No, it is blue.", "no"),
+        ("Nope", "no"),  # "no" within the first 4 characters, as MME's tool reads it
+        ("I think yes", "unknown"),  # not within the first 4
+        ("There is a cat.", "unknown"),
+        ("", "unknown"),
+    ],
+)
+def test_parse_yes_no(text, answer):
+    assert parse_yes_no(text) == answer
+
+
+def test_cli_generate_mode(tmp_path, monkeypatch):
+    status = run_main(
+        tmp_path,
+        monkeypatch,
+        "model=tiny",
+        "scoring.mode=generate",
+        "scoring.max_new_tokens=3",
+        "intervention=redistribute",
+        "layers=q4",
+        "runtime.num_workers=0",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "hydra.run.dir=job",
+    )
+    assert status == 0
+    frame = pd.read_parquet(tmp_path / "job" / "predictions.parquet")
+    assert {"generated", "answer"} <= set(frame.columns)
+    assert set(frame["answer"]) <= {"yes", "no", "unknown"}
+    assert frame["pred"].tolist() == (frame["answer"] == "yes").tolist()
+    metrics = read_metrics(tmp_path / "job")
+    assert metrics["unknown_rate"] == (frame["answer"] == "unknown").mean()
+    assert "baseline_unknown_rate" in metrics and metrics["generated_tokens_per_second"] > 0
+
+
+def test_cli_bad_scoring_mode(tmp_path, monkeypatch, capsys):
+    status = run_main(tmp_path, monkeypatch, "model=tiny", "scoring.mode=sample")
+    assert status == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and "scoring.mode" in lines[-1]
+    assert "logit, generate" in lines[-1]

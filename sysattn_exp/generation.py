@@ -164,6 +164,7 @@ def generate_full_prompts(
 @dataclass
 class Generations:
     texts: list[str]  # per item, benchmark order: the generated text, special tokens skipped
+    tokens: list[list[int]]  # the generated token ids, without the stop token
     yes: list[float]  # the first step's yes_logit, no_logit and p_yes (as the logit mode's)
     no: list[float]
     p_yes: list[float]
@@ -198,7 +199,8 @@ def generate_items(
         num_workers=num_workers,
     )
     n = len(prompts)
-    texts, yes, no, p_yes = [""] * n, [float("nan")] * n, [float("nan")] * n, [float("nan")] * n
+    texts, tokens = [""] * n, [[] for _ in range(n)]
+    yes, no, p_yes = [float("nan")] * n, [float("nan")] * n, [float("nan")] * n
     new_tokens, started = 0, time.perf_counter()
     for batch in tqdm(loader, desc=desc, unit="batch", disable=None):
         if isinstance(batch, UsageError):
@@ -208,10 +210,11 @@ def generate_items(
         new_tokens += sum(len(row) for row in ids)
         scores = answer_scores(begun.logits, *words) if all(words) else None
         for row, (j, text) in enumerate(zip(batch.items, texts_of(loaded, ids), strict=True)):
-            texts[j] = text
+            texts[j], tokens[j] = text, ids[row]
             if scores is not None:
                 yes[j], no[j], p_yes[j] = (float(s[row]) for s in scores)
-    return Generations(texts, yes, no, p_yes, time.perf_counter() - started, new_tokens, n)
+    seconds = time.perf_counter() - started
+    return Generations(texts, tokens, yes, no, p_yes, seconds, new_tokens, n)
 
 
 def parse_yes_no(text: str) -> str:

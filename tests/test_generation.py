@@ -40,7 +40,8 @@ RULES = {  # name: (the sysattn edit, the reference's rule)
         {"source": "system", "recipients": ("text",), "layers": {4, 5}},
     ),
     # PAI edits the answer row: the last question token, then every decoding query.
-    "pai": (Pai(0.5, frozenset(range(6))), {"alpha": 0.5, "layers": set(range(6))}),
+    # (alpha 20: large enough to change what this random model generates)
+    "pai": (Pai(20.0, frozenset(range(6))), {"alpha": 20.0, "layers": set(range(6))}),
 }
 
 
@@ -113,17 +114,18 @@ def test_full_prompt_generation_equals_prefix_shared(loaded):
 
 @pytest.fixture(scope="module")
 def answering(loaded):
-    """The random LLaVA with its Yes and No rows of the output head enlarged, so that its
-    first generated token is often a yes/no word (which of them still depends on the input;
-    a random head almost never starts with one)."""
+    """The random LLaVA with its output head's Yes and No rows replaced by larger ones
+    (a shared direction plus noise, seed chosen so that both answers occur), so that its
+    first generated token is a yes/no word; which one still depends on the input. With the
+    random head the first token is almost never one of them."""
     model = copy.deepcopy(loaded.model)
     tokenizer = loaded.tokenizer
-    words = [tokenizer("Yes", add_special_tokens=False).input_ids[0]]
-    words += [tokenizer(w, add_special_tokens=False).input_ids[0] for w in ("No", "no")]
-    generator = torch.Generator().manual_seed(0)
+    words = [tokenizer(w, add_special_tokens=False).input_ids[0] for w in ("Yes", "No")]
+    generator = torch.Generator().manual_seed(5)
     with torch.no_grad():
         head = model.lm_head.weight
-        head[words] = torch.randn(len(words), head.shape[1], generator=generator) * 0.3
+        shared = torch.randn(head.shape[1], generator=generator)
+        head[words] = 0.1 * (shared + torch.randn(len(words), head.shape[1], generator=generator))
     use_sysattn(model)
     return LoadedModel(model, loaded.processor, loaded.device, loaded.dtype)
 
@@ -142,13 +144,14 @@ def test_generated_answer_agrees_with_the_logit_mode(answering, rule):
     # The first step's scores are the logit mode's.
     assert torch.allclose(torch.tensor(generated.yes), torch.tensor(logit.yes), atol=1e-5)
     assert torch.allclose(torch.tensor(generated.no), torch.tensor(logit.no), atol=1e-5)
-    first_words = [text.split()[0].lower() if text.split() else "" for text in generated.texts]
-    qualifying = 0
-    for yes, no, text, word in zip(logit.yes, logit.no, generated.texts, first_words, strict=True):
-        if word[:3] in ("yes",) or word[:2] == "no":
-            qualifying += 1
-            assert parse_yes_no(text) == ("yes" if yes > no else "no"), text
-    assert qualifying > 0
+    tokenizer = answering.tokenizer
+    first = [tokenizer.decode(ids[:1]).strip().lower() for ids in generated.tokens]
+    answers = []
+    for yes, no, text, word in zip(logit.yes, logit.no, generated.texts, first, strict=True):
+        if word in ("yes", "no"):  # the first generated token is a yes/no word
+            answers.append(parse_yes_no(text))
+            assert answers[-1] == ("yes" if yes > no else "no"), text
+    assert set(answers) == {"yes", "no"}  # some items qualify, with either answer
 
 
 @pytest.mark.parametrize(
@@ -170,16 +173,20 @@ def test_parse_yes_no(text, answer):
 
 
 def test_cli_generate_mode(tmp_path, monkeypatch):
+    import sysattn_exp.runner
+
+    # MLflow logging is tested elsewhere; here it would only add seconds of store setup.
+    monkeypatch.setattr(sysattn_exp.runner, "log_job_dir", lambda *args: None)
     status = run_main(
         tmp_path,
         monkeypatch,
         "model=tiny",
         "scoring.mode=generate",
         "scoring.max_new_tokens=3",
+        "benchmark.limit=2",
         "intervention=redistribute",
         "layers=q4",
         "runtime.num_workers=0",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "hydra.run.dir=job",
     )
     assert status == 0

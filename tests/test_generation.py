@@ -19,6 +19,7 @@ from sysattn_exp.generation import (
     generate_items,
     parse_yes_no,
     stop_ids,
+    until_stop,
 )
 from sysattn_exp.intervention import Pai, Redistribution
 from sysattn_exp.models import LoadedModel, use_sysattn
@@ -205,3 +206,53 @@ def test_cli_bad_scoring_mode(tmp_path, monkeypatch, capsys):
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert lines[-1].startswith("error: ") and "scoring.mode" in lines[-1]
     assert "logit, generate" in lines[-1]
+
+
+QWEN_PROMPT = (
+    "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+    "<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
+)
+QWEN_IMAGES = {"red": (28, 28), "blue": (56, 28)}  # 4 and 8 image tokens: unequal prefixes
+
+
+@pytest.fixture(scope="module")
+def qwen2_vl():
+    from tiny_families.llava_qwen import build_qwen2_vl
+
+    model, processor = build_qwen2_vl(0)
+    processor.tokenizer.padding_side = "left"
+    # At the builder's weight scale the random model repeats one token whatever it sees;
+    # larger projections make each step's token depend on attention, positions included.
+    with torch.no_grad():
+        for name, weight in model.model.language_model.named_parameters():
+            if weight.dim() == 2 and "embed" not in name:
+                weight.mul_(5)
+    use_sysattn(model)
+    return LoadedModel(model, processor, torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("rule", ["baseline", "system->text q4"])
+def test_qwen2_vl_generation_continues_3d_positions(qwen2_vl, rule):
+    """Qwen2-VL's multimodal RoPE: the prefix-shared batch equals whole prompts generated
+    one at a time (positions from the model's own get_rope_index), and, unedited, the
+    model's own generate()."""
+    edit = Redistribution("system", ("text",), frozenset({6, 7})) if rule != "baseline" else None
+    items = [
+        Item(f"i{n}", f"g{n}", colour, q, True)
+        for n, (colour, q) in enumerate(ITEMS + [("blue", "Is it red?")])
+    ]
+    bench = Benchmark("q", items, "{question}", lambda c: make_image(c, QWEN_IMAGES[c]))
+    prompts = [QWEN_PROMPT.format(question=item.question) for item in items]
+    got = generate_items(qwen2_vl, bench, prompts, edit, NEW_TOKENS, 4, 0, "test")
+    for item, prompt, text, ids in zip(items, prompts, got.texts, got.tokens, strict=True):
+        image = bench.load_image(item.image_id)
+        alone = generate_full_prompts(qwen2_vl, [image], [prompt], edit, NEW_TOKENS)
+        assert text == alone[0], item.item_id
+        if edit is None:
+            inputs = qwen2_vl.processor(images=[image], text=[prompt], return_tensors="pt")
+            with torch.inference_mode():
+                out = qwen2_vl.model.generate(
+                    **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, top_k=None, top_p=None
+                )
+            new = out[0, inputs["input_ids"].shape[1] :].tolist()
+            assert ids == until_stop(new, stop_ids(qwen2_vl)), item.item_id

@@ -71,8 +71,8 @@ def decode(
 ) -> list[list[int]]:
     """Greedy decoding from a started batch: each row's new token ids, up to and without
     its first stop token, at most max_new_tokens."""
-    if max_new_tokens < 1:
-        raise UsageError(f"scoring.max_new_tokens={max_new_tokens} must be at least 1")
+    if max_new_tokens < 1:  # the runner checks scoring.max_new_tokens before the model loads
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
     language_model, device = loaded.model.model, loaded.device
     stops = torch.tensor(sorted(stop_ids(loaded)), device=device)
     pad = loaded.tokenizer.pad_token_id or 0

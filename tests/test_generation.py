@@ -256,3 +256,20 @@ def test_qwen2_vl_generation_continues_3d_positions(qwen2_vl, rule):
                 )
             new = out[0, inputs["input_ids"].shape[1] :].tolist()
             assert ids == until_stop(new, stop_ids(qwen2_vl)), item.item_id
+
+
+def test_job_key_separates_the_modes():
+    from sysattn_exp.errors import UsageError
+    from sysattn_exp.runner import generation_condition, job_key, max_new_tokens
+
+    before = {"scoring": {"yes_words": ["Yes"]}, "model": {"name_or_path": "m"}}
+    logit = {**before, "scoring": {"yes_words": ["Yes"], "mode": "logit", "max_new_tokens": 8}}
+    generate = {**logit, "scoring": {**logit["scoring"], "mode": "generate"}}
+    longer = {**generate, "scoring": {**generate["scoring"], "max_new_tokens": 16}}
+    # Logit-mode jobs keep the key they had before the generation keys existed.
+    assert job_key(logit, {}) == job_key(before, {})
+    assert len({job_key(c, {}) for c in (logit, generate, longer)}) == 3
+    assert generation_condition(OmegaConf.create(logit["scoring"])) == {}
+    assert generation_condition(OmegaConf.create(longer["scoring"]))["max_new_tokens"] == 16
+    with pytest.raises(UsageError, match="scoring.max_new_tokens"):
+        max_new_tokens(OmegaConf.create({"max_new_tokens": 0}))

@@ -46,9 +46,21 @@ RULES = {  # name: (the sysattn edit, the reference's rule)
 }
 
 
+def sharpened(model):
+    """At trained-model init scale (0.02) a random model attends almost uniformly, so an
+    off-by-one position changes nothing it generates; with the language model's
+    projections 5 times larger each step's token depends on attention, positions included."""
+    with torch.no_grad():
+        for name, weight in model.model.language_model.named_parameters():
+            if weight.dim() == 2 and "embed" not in name:
+                weight.mul_(5)
+    return model
+
+
 @pytest.fixture(scope="module")
 def loaded(gqa_llava):
     model, processor = gqa_llava
+    model = sharpened(copy.deepcopy(model))
     use_sysattn(model)
     return LoadedModel(model, processor, torch.device("cpu"), torch.float32)
 
@@ -114,13 +126,13 @@ def test_full_prompt_generation_equals_prefix_shared(loaded):
 
 
 @pytest.fixture(scope="module")
-def answering(loaded):
+def answering(gqa_llava):
     """The random LLaVA with its output head's Yes and No rows replaced by larger ones
     (a shared direction plus noise, seed chosen so that both answers occur), so that its
     first generated token is a yes/no word; which one still depends on the input. With the
     random head the first token is almost never one of them."""
-    model = copy.deepcopy(loaded.model)
-    tokenizer = loaded.tokenizer
+    model, processor = copy.deepcopy(gqa_llava[0]), gqa_llava[1]
+    tokenizer = processor.tokenizer
     words = [tokenizer(w, add_special_tokens=False).input_ids[0] for w in ("Yes", "No")]
     generator = torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -128,7 +140,7 @@ def answering(loaded):
         shared = torch.randn(head.shape[1], generator=generator)
         head[words] = 0.1 * (shared + torch.randn(len(words), head.shape[1], generator=generator))
     use_sysattn(model)
-    return LoadedModel(model, loaded.processor, loaded.device, loaded.dtype)
+    return LoadedModel(model, processor, torch.device("cpu"), torch.float32)
 
 
 @pytest.mark.parametrize("rule", ["baseline", "system->text q4"])
@@ -221,12 +233,7 @@ def qwen2_vl():
 
     model, processor = build_qwen2_vl(0)
     processor.tokenizer.padding_side = "left"
-    # At the builder's weight scale the random model repeats one token whatever it sees;
-    # larger projections make each step's token depend on attention, positions included.
-    with torch.no_grad():
-        for name, weight in model.model.language_model.named_parameters():
-            if weight.dim() == 2 and "embed" not in name:
-                weight.mul_(5)
+    sharpened(model)  # at the builder's scale it repeats one token whatever it sees
     use_sysattn(model)
     return LoadedModel(model, processor, torch.device("cpu"), torch.float32)
 

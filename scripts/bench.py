@@ -22,7 +22,10 @@ LLaVA-NeXT-shaped prompt (672x672 any-res: 35 system, 2,928 image, 20 question t
 embeddings into the language model), long_sequence_overhead_ratio (a Q4 system->text
 forward over plain SDPA), long_sequence_padded_overhead_ratio (the same on a left-padded
 batch of it and a smaller any-res prompt) and long_sequence_memory_ratio (peak memory, own
-processes, like long_context_memory_ratio).
+processes, like long_context_memory_ratio); generated_tokens_per_second (scoring.mode=generate:
+the runner's generation path, generate_items, greedy with the shared image prefix, its
+prompt passes and data loading included, baseline) and generation_overhead_ratio (seconds
+per generated token with a Q4 system->text redistribution over the baseline's, same items).
 """
 
 import argparse
@@ -40,6 +43,7 @@ from transformers import AttentionInterface
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from sysattn_exp.benchmarks.base import Benchmark, Item
+from sysattn_exp.generation import generate_items
 from sysattn_exp.intervention import Redistribution, eager_edited_attention
 from sysattn_exp.modality import modality_ids
 from sysattn_exp.models import LoadedModel, first_token_ids, use_sysattn
@@ -369,6 +373,34 @@ def runner_overheads(
     }
 
 
+def generation_overheads(
+    loaded: LoadedModel, n_images: int, batch_size: int, repeats: int, workers: int, tokens: int
+) -> dict:
+    """Generated tokens per second of the runner's generation path (generate_items, up to
+    `tokens` new tokens per item, two questions per image), baseline; and the seconds per
+    generated token with a Q4 system->text redistribution over the baseline's. Per token,
+    because a random model may stop (EOS) after different numbers of tokens per variant."""
+    two = bench_items(n_images, 2)
+    prompts = [build_prompt(two.question_text(i), SYSTEM_PROMPT) for i in two.items]
+    edits = {"baseline": None, "system_text": Redistribution("system", ("text",), q4(loaded))}
+    generated = {}
+
+    def run(name):
+        generated[name] = generate_items(
+            loaded, two, prompts, edits[name], tokens, batch_size, workers, "generate"
+        ).new_tokens
+
+    seconds = median_seconds({name: lambda name=name: run(name) for name in edits}, repeats)
+    per_token = {name: seconds[name] / max(generated[name], 1) for name in edits}
+    return {
+        "generated_tokens_per_second": 1 / per_token["baseline"],
+        "generation_overhead_ratio": per_token["system_text"] / per_token["baseline"],
+        "generation_items": len(two.items),
+        "generation_new_tokens": generated,
+        "generation_seconds": seconds,
+    }
+
+
 def peak_memory_probe(args) -> None:
     """In a fresh process: the peak memory one forward adds (printed), at `--tokens` of a
     LLaVA-1.5 prompt or (`--shape next`) on a 672x672 LLaVA-NeXT-shaped prompt."""
@@ -500,6 +532,8 @@ def main() -> None:
     runner_images = n_images if args.quick else 32
     figures |= runner_overheads(loaded, runner_images, 8, repeats, workers)
     figures |= throughput(loaded, n_images, batch_size=8, repeats=repeats, workers=workers)
+    new_tokens = 4 if args.smoke else 8  # scoring.max_new_tokens' default: 8
+    figures |= generation_overheads(loaded, n_images, 8, repeats, workers, new_tokens)
     figures |= long_context_memory(args)
     # LLaVA-NeXT at 672x672 (2 x 2 crops, 2,983 tokens); --quick: no crops (631 tokens).
     figures |= long_sequence_overheads(loaded, (0, 1) if args.quick else args.next_grid, repeats)

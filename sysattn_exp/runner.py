@@ -14,6 +14,7 @@ from sysattn_exp.cache import SCORES_VERSION, ScoreCache, digest
 from sysattn_exp.conditions import build_edit, intervention_rule, resolve_layers
 from sysattn_exp.errors import UsageError, first_line
 from sysattn_exp.files import write_atomically, write_json
+from sysattn_exp.generation import generate_items, parse_yes_no
 from sysattn_exp.intervention import Edit
 from sysattn_exp.metrics import compare_with_baseline, shared_metrics
 from sysattn_exp.models import (
@@ -41,6 +42,8 @@ def predict(
 ) -> tuple[pd.DataFrame, Scores]:
     """Score every item (through the score cache, unless profiling): one row per item with
     the columns of predictions.parquet, and how the scoring went."""
+    if scoring_mode(cfg.scoring) == "generate":
+        return predict_by_generation(cfg, loaded, benchmark, prompts, edit, words, desc)
     plain = None
     if edit is not None and edit.kind == "pai" and edit.cfg_gamma is not None:
         plain = item_prompts(benchmark, loaded.prompt_format(cfg.model), with_image=False)
@@ -60,8 +63,50 @@ def predict(
         profile,
         plain,
     )
+    frame = item_columns(benchmark, prompts, scores)
+    frame["pred"] = frame["yes_logit"] > frame["no_logit"]
+    frame["correct"] = frame["pred"] == frame["label"]
+    return frame, scores
+
+
+def predict_by_generation(
+    cfg, loaded, benchmark, prompts, edit, words, desc
+) -> tuple[pd.DataFrame, Scores]:
+    """Greedy answers, parsed to yes/no/unknown (generation.parse_yes_no); the score columns
+    come from the first step's logits, the logit mode's. No score cache: a generated text is
+    not a score, and a run costs max_new_tokens forward passes per batch more than the
+    logit mode's one, which a cache would only save on a rerun of the same condition."""
+    generated = generate_items(
+        loaded,
+        benchmark,
+        prompts,
+        edit,
+        max_new_tokens(cfg.scoring),
+        cfg.model.batch_size,
+        num_workers(cfg),
+        desc,
+        words,
+    )
+    scores = Scores(
+        generated.yes,
+        generated.no,
+        generated.p_yes,
+        generated.seconds,
+        generated.computed,
+        generated.new_tokens,
+    )
+    frame = item_columns(benchmark, prompts, scores)
+    frame["generated"] = generated.texts
+    frame["answer"] = [parse_yes_no(text) for text in generated.texts]
+    frame["pred"] = frame["answer"] == "yes"
+    # An unknown answer is neither yes nor no: wrong whatever the label.
+    frame["correct"] = (frame["pred"] == frame["label"]) & (frame["answer"] != "unknown")
+    return frame, scores
+
+
+def item_columns(benchmark: Benchmark, prompts: list[str], scores: Scores) -> pd.DataFrame:
     items = benchmark.items
-    frame = pd.DataFrame(
+    return pd.DataFrame(
         {
             "item_id": [i.item_id for i in items],
             "group_id": [i.group_id for i in items],
@@ -74,9 +119,6 @@ def predict(
             "p_yes": scores.p_yes,
         }
     )
-    frame["pred"] = frame["yes_logit"] > frame["no_logit"]
-    frame["correct"] = frame["pred"] == frame["label"]
-    return frame, scores
 
 
 def condition(cfg, loaded, edit: Edit | None, words) -> dict:
@@ -96,7 +138,32 @@ def condition(cfg, loaded, edit: Edit | None, words) -> dict:
         "intervention": None
         if edit is None
         else {"rule": type(edit).__name__, **asdict(edit), "layers": sorted(edit.layers)},
-    }
+    } | generation_condition(cfg.scoring)
+
+
+SCORING_MODES = ("logit", "generate")
+
+
+def scoring_mode(scoring) -> str:
+    mode = scoring.get("mode", "logit")
+    if mode not in SCORING_MODES:
+        raise UsageError(f"scoring.mode={mode!r} is unknown; allowed: {', '.join(SCORING_MODES)}")
+    return mode
+
+
+def max_new_tokens(scoring) -> int:
+    value = scoring.get("max_new_tokens", 8)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"scoring.max_new_tokens={value!r} must be a whole number >= 1")
+    return value
+
+
+def generation_condition(scoring) -> dict:
+    """The generation settings, in the condition only in generate mode: logit-mode
+    conditions (and their cached scores and job keys) stay what they were before it."""
+    if scoring_mode(scoring) == "logit":
+        return {}
+    return {"scoring_mode": "generate", "max_new_tokens": max_new_tokens(scoring)}
 
 
 # Config keys that never change what a job produces (where results go, how fast they come);
@@ -111,17 +178,24 @@ def job_key(config: dict, condition: dict) -> str:
         dropped = NOT_IN_JOB_KEY.get(section, set())
         if dropped is None:
             continue
+        if section == "scoring" and value.get("mode", "logit") == "logit":
+            # The logit mode ignores the generation keys; without them, jobs keep the key
+            # they had before generation existed (the condition has them in generate mode).
+            dropped = {"mode", "max_new_tokens"}
         kept[section] = {k: v for k, v in value.items() if k not in dropped} if dropped else value
     return digest([condition, kept])
 
 
 def timing(scores: Scores, n_items: int) -> dict:
     per_second = scores.computed / scores.seconds if scores.computed else None
-    return {
+    out = {
         "scoring_seconds": scores.seconds,
         "items_per_second": per_second,
         "n_items_from_cache": n_items - scores.computed,
     }
+    if scores.new_tokens is not None:  # generate mode
+        out["generated_tokens_per_second"] = scores.new_tokens / scores.seconds
+    return out
 
 
 def num_workers(cfg) -> int:
@@ -179,7 +253,15 @@ def all_metrics(benchmark: Benchmark, predictions: pd.DataFrame, ranking: str) -
     loading."""
     scored = predictions.join(pd.DataFrame([item.meta for item in benchmark.items]))
     scored["rank_score"] = RANKINGS[ranking](scored)
-    return shared_metrics(predictions) | benchmark.native_metrics(scored) | benchmark.load_counts
+    generated = {}
+    if "answer" in predictions:  # generate mode: answers that are neither yes nor no
+        generated["unknown_rate"] = float((predictions["answer"] == "unknown").mean())
+    return (
+        shared_metrics(predictions)
+        | generated
+        | benchmark.native_metrics(scored)
+        | benchmark.load_counts
+    )
 
 
 def item_prompts(benchmark: Benchmark, fmt: PromptFormat, with_image=True) -> list[str]:
@@ -220,6 +302,12 @@ def run(cfg, out_dir: Path) -> dict:
     benchmark = load_benchmark(cfg.benchmark)
     rule = intervention_rule(cfg.intervention)  # checked before the (slow) model load
     ranking = rank_by(cfg.scoring)
+    if scoring_mode(cfg.scoring) == "generate":
+        max_new_tokens(cfg.scoring)  # checked before the model load too
+        if cfg.runtime.profile:
+            raise UsageError(
+                "runtime.profile records the logit mode's answer row; use scoring.mode=logit"
+            )
     if cfg.runtime.dry_run:
         return dry_run(cfg, benchmark)
     loaded = load_model(cfg.model)

@@ -257,9 +257,16 @@ def on_device(loaded: LoadedModel, inputs: dict) -> dict:
 
 @torch.inference_mode()
 def score_batch(
-    loaded: LoadedModel, batch: EncodedBatch, edit: Edit | None, yes_ids, no_ids, profile=None
+    loaded: LoadedModel,
+    batch: EncodedBatch,
+    edit: Edit | None,
+    yes_ids,
+    no_ids,
+    profile=None,
+    keep: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(yes_logit, no_logit, p_yes) per item (see answer_scores)."""
+    """(yes_logit, no_logit, p_yes) per item (see answer_scores). `keep`, a dict, receives
+    what decoding continues from (generation.Started's fields)."""
     device, language_model = loaded.device, loaded.model.model
     prefix_ids, prefix_mask = batch.prefix_ids.to(device), batch.prefix_mask.to(device)
     vision = on_device(loaded, batch.vision)
@@ -282,20 +289,33 @@ def score_batch(
     cache, rows = getattr(prefix, CACHE_ARG), batch.image_row.to(device)
     cache.batch_select_indices(rows)
     question_ids, question_mask = batch.question_ids.to(device), batch.question_mask.to(device)
+    attention_mask = torch.cat([prefix_mask[rows], question_mask], dim=1)
+    question_positions = following_positions(positions, rows, question_ids.shape[1])
+    key_modality = torch.cat(
+        [prefix_modality[rows], torch.where(question_mask.bool(), TEXT, PAD)], dim=1
+    )
     hidden = language_model(
         input_ids=question_ids,
-        attention_mask=torch.cat([prefix_mask[rows], question_mask], dim=1),
-        position_ids=following_positions(positions, rows, question_ids.shape[1]),
+        attention_mask=attention_mask,
+        position_ids=question_positions,
         **{CACHE_ARG: cache},
         use_cache=True,
-        key_modality=torch.cat(
-            [prefix_modality[rows], torch.where(question_mask.bool(), TEXT, PAD)], dim=1
-        ),
+        key_modality=key_modality,
         attention_edit=edit,
         attention_profile=profile,
     ).last_hidden_state
     last_token = hidden[torch.arange(len(rows), device=device), question_mask.sum(1) - 1]
     logits = answer_logits(loaded, last_token)
+    if keep is not None:  # decoding continues after each row's last real question token
+        first = question_positions[0] if question_positions.dim() == 3 else question_positions
+        keep.update(
+            cache=cache,
+            logits=logits,
+            attention_mask=attention_mask,
+            key_modality=key_modality,
+            next_position=first[:, 0] + question_mask.sum(1),
+            rope_axes=question_positions.shape[0] if question_positions.dim() == 3 else 0,
+        )
     if edit is not None and edit.kind == "pai" and edit.cfg_gamma is not None:
         logits = guided(logits, text_only_logits(loaded, batch), edit.cfg_gamma)
     return answer_scores(logits, yes_ids, no_ids)
@@ -406,6 +426,7 @@ class Scores:
     p_yes: list[float]  # P(yes tokens) over the whole vocabulary
     seconds: float  # wall time of the scoring loop
     computed: int  # items scored now (the rest came from the cache)
+    new_tokens: int | None = None  # generate mode: tokens generated
 
 
 def score_items(

@@ -18,6 +18,8 @@ FIGURES = [
     "long_sequence_padded_overhead_ratio",
     "long_sequence_memory_ratio",
     "items_per_second",
+    "generated_tokens_per_second",
+    "generation_overhead_ratio",
     "quarters_sweep_hours_all_six",
     "paper_sweep_hours_all_six",
 ]

@@ -1,0 +1,234 @@
+"""Answers by generation (scoring.mode=generate): greedy decoding with the intervention
+active at every step, over the same batches and shared image prefixes as scoring.py.
+
+A hand loop, not model.generate(): the attention rule needs every forward call's
+key_modality (B, K), which grows by one TEXT column per step, and generate() has no way
+to extend a custom keyword argument per step (it would pass the prompt's (B, P) ids to
+every step, and the rule would read the wrong modality for the new keys). The loop is
+short: prefix pass, question pass (both exactly as scoring.score_batch runs them, so the
+first step's logits are the logit mode's), then one forward per new token with the KV
+cache, which holds the edited prefix.
+
+Every decoding row is a text query, so the rules apply to it as to the question's rows.
+PAI: its "answer row" is the last real position of each sequence (modality.answer_rows),
+which during decoding is the new token's row. So PAI edits the last question token and
+then every decoding query, as the PAI paper applies it to every generated token; the
+prefix and question rows before the last are left alone.
+
+Rows that have finished (EOS, or max_new_tokens) keep stepping with the pad token, so
+the batch keeps one shape; what they produce after their end is dropped.
+"""
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from sysattn_exp.benchmarks import Benchmark
+from sysattn_exp.errors import UsageError
+from sysattn_exp.intervention import Edit
+from sysattn_exp.modality import TEXT
+from sysattn_exp.models import LoadedModel
+from sysattn_exp.scoring import (
+    CACHE_ARG,
+    BatchEncoder,
+    EncodedBatch,
+    answer_logits,
+    answer_scores,
+    encode_full_prompts,
+    keep_batch,
+    plan_batches,
+    score_batch,
+)
+
+
+def stop_ids(loaded: LoadedModel) -> set[int]:
+    """Token ids that end an answer: the tokenizer's EOS and the generation config's (an
+    int or a list; chat models such as Qwen2-VL list their end-of-turn token there)."""
+    ids = {loaded.tokenizer.eos_token_id}
+    config_ids = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
+    ids |= set(config_ids) if isinstance(config_ids, list) else {config_ids}
+    return {i for i in ids if i is not None}
+
+
+@dataclass
+class Started:
+    """A batch after its prompt pass: what the decoding steps continue from."""
+
+    cache: object  # the KV cache over prefix + question (edited where the rule applies)
+    logits: torch.Tensor  # (B, V) the next-token logits at each row's last real position
+    attention_mask: torch.Tensor  # (B, K)
+    key_modality: torch.Tensor  # (B, K)
+    next_position: torch.Tensor  # (B,): the position of each row's first new token
+    rope_axes: int  # 0: 1-D positions; 3: Qwen2-VL's (3, B, 1) multimodal positions
+
+
+@torch.inference_mode()
+def decode(
+    loaded: LoadedModel, start: Started, edit: Edit | None, max_new_tokens: int
+) -> list[list[int]]:
+    """Greedy decoding from a started batch: each row's new token ids, up to and without
+    its first stop token, at most max_new_tokens."""
+    if max_new_tokens < 1:  # the runner checks scoring.max_new_tokens before the model loads
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    language_model, device = loaded.model.model, loaded.device
+    stops = torch.tensor(sorted(stop_ids(loaded)), device=device)
+    pad = loaded.tokenizer.pad_token_id or 0
+    cache, logits = start.cache, start.logits
+    mask, modality, position = start.attention_mask, start.key_modality, start.next_position
+    rows = len(position)
+    tokens = torch.empty(rows, 0, dtype=torch.long, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        token = logits.argmax(dim=-1).masked_fill(finished, pad)
+        tokens = torch.cat([tokens, token[:, None]], dim=1)
+        finished |= torch.isin(token, stops)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        # The new token is a real text key for every row (a finished row's pad included:
+        # its outputs are dropped, and rows never see each other).
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        modality = torch.cat([modality, torch.full_like(modality[:, :1], TEXT)], dim=1)
+        positions = position[:, None]
+        if start.rope_axes:  # text continues all three axes alike (as after the image)
+            positions = positions.expand(start.rope_axes, rows, 1)
+        out = language_model(
+            input_ids=token[:, None],
+            attention_mask=mask,
+            position_ids=positions,
+            **{CACHE_ARG: cache},
+            use_cache=True,
+            key_modality=modality,
+            attention_edit=edit,
+        )
+        cache = getattr(out, CACHE_ARG)
+        logits = answer_logits(loaded, out.last_hidden_state[:, -1])
+        position = position + 1
+    return [until_stop(row, stop_ids(loaded)) for row in tokens.tolist()]
+
+
+def until_stop(ids: list[int], stops: set[int]) -> list[int]:
+    for i, token in enumerate(ids):
+        if token in stops:
+            return ids[:i]
+    return ids
+
+
+@torch.inference_mode()
+def start_batch(loaded: LoadedModel, batch: EncodedBatch, edit: Edit | None) -> Started:
+    """The prefix and question passes of scoring.score_batch (the shared image prefix run
+    once per image, its cache reused for every question), keeping what decoding needs."""
+    kept = {}
+    score_batch(loaded, batch, edit, [0], [0], keep=kept)
+    return Started(**kept)
+
+
+def texts_of(loaded: LoadedModel, ids: list[list[int]]) -> list[str]:
+    return loaded.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
+@torch.inference_mode()
+def generate_full_prompts(
+    loaded: LoadedModel,
+    images: list,
+    prompts: list[str],
+    edit: Edit | None,
+    max_new_tokens: int,
+    questions: list[str] | None = None,
+) -> list[str]:
+    """Greedy answers to whole prompts (left-padded together, no prefix sharing): the
+    plain path, e.g. for captions, where each prompt has its own image. An image of None:
+    the prompt has none, and `questions` gives its question (where its text starts)."""
+    inputs, key_modality = encode_full_prompts(loaded, images, prompts, questions)
+    out = loaded.model.model(
+        **inputs, use_cache=True, key_modality=key_modality, attention_edit=edit
+    )
+    positions = inputs["position_ids"]
+    last = positions.amax(dim=-1)
+    rope_axes = 0
+    if last.dim() == 2:
+        last, rope_axes = last.amax(dim=0), positions.shape[0]
+    start = Started(
+        cache=getattr(out, CACHE_ARG),
+        logits=answer_logits(loaded, out.last_hidden_state[:, -1]),
+        attention_mask=inputs["attention_mask"],
+        key_modality=key_modality,
+        next_position=last + 1,
+        rope_axes=rope_axes,
+    )
+    return texts_of(loaded, decode(loaded, start, edit, max_new_tokens))
+
+
+@dataclass
+class Generations:
+    texts: list[str]  # per item, benchmark order: the generated text, special tokens skipped
+    tokens: list[list[int]]  # the generated token ids, without the stop token
+    yes: list[float]  # the first step's yes_logit, no_logit and p_yes (as the logit mode's)
+    no: list[float]
+    p_yes: list[float]
+    seconds: float  # wall time of the loop
+    new_tokens: int  # tokens generated (up to and without each row's stop token)
+    computed: int  # items generated (all: generation bypasses the score cache)
+
+
+def generate_items(
+    loaded: LoadedModel,
+    benchmark: Benchmark,
+    prompts: list[str],
+    edit: Edit | None,
+    max_new_tokens: int,
+    batch_size: int,
+    num_workers: int,
+    desc: str,
+    words: tuple[list[int], list[int]] = ([], []),
+) -> Generations:
+    """Greedy answers to every item, batched and prefix-shared as score_items scores them
+    (images decoded in DataLoader workers). With `words` (yes and no first-token ids), the
+    first step's logits also give each item's yes/no scores; without, those are NaN."""
+    if edit is not None and edit.kind == "pai" and edit.cfg_gamma is not None:
+        raise UsageError(
+            "scoring.mode=generate does not support PAI's guidance (intervention.cfg_gamma)"
+        )
+    plan = plan_batches([item.image_id for item in benchmark.items], batch_size)
+    loader = DataLoader(
+        BatchEncoder(benchmark, prompts, plan, loaded),
+        batch_size=None,
+        collate_fn=keep_batch,
+        num_workers=num_workers,
+    )
+    n = len(prompts)
+    texts, tokens = [""] * n, [[] for _ in range(n)]
+    yes, no, p_yes = [float("nan")] * n, [float("nan")] * n, [float("nan")] * n
+    new_tokens, started = 0, time.perf_counter()
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=None):
+        if isinstance(batch, UsageError):
+            raise batch
+        begun = start_batch(loaded, batch, edit)
+        ids = decode(loaded, begun, edit, max_new_tokens)
+        new_tokens += sum(len(row) for row in ids)
+        scores = answer_scores(begun.logits, *words) if all(words) else None
+        for row, (j, text) in enumerate(zip(batch.items, texts_of(loaded, ids), strict=True)):
+            texts[j], tokens[j] = text, ids[row]
+            if scores is not None:
+                yes[j], no[j], p_yes[j] = (float(s[row]) for s in scores)
+    seconds = time.perf_counter() - started
+    return Generations(texts, tokens, yes, no, p_yes, seconds, new_tokens, n)
+
+
+def parse_yes_no(text: str) -> str:
+    """ "yes", "no" or "unknown", as the MME benchmark's eval tool parses an answer
+    (eval_tool/calculation.py, parse_pred_ans: exactly yes/no; else "yes" within the
+    first 4 characters -> yes, else "no" within them -> no, else "other"), after the
+    normalisation lmms-eval applies before it (tasks/mme/utils.py: lowercase, strip,
+    periods removed). "unknown" is our name for MME's "other": neither answer, counted
+    wrong."""
+    answer = text.lower().strip().replace(".", "")
+    if answer in ("yes", "no"):
+        return answer
+    if "yes" in answer[:4]:
+        return "yes"
+    if "no" in answer[:4]:
+        return "no"
+    return "unknown"

@@ -1,7 +1,8 @@
 """`+task=caption`: caption COCO val2014 images with the model (any intervention on) and
 score the captions with CHAIR. Loads the ground truth, asks a generation function for the
-captions, writes captions.parquet and returns the job's metrics; the runner writes the
-config and metrics and logs them like any job."""
+captions (and, with an intervention, for the baseline's), writes predictions.parquet (one
+row per image: its caption and objects) and returns the job's metrics; the runner writes
+the config and metrics and logs them like any job."""
 
 import json
 import random
@@ -20,7 +21,7 @@ from sysattn_exp.files import write_atomically
 
 INSTANCES = "instances_val2014.json"
 CAPTIONS = "captions_val2014.json"
-CAPTIONS_FILE = "captions.parquet"
+CAPTIONS_FILE = "predictions.parquet"  # the job file every job has: here, the captions
 
 # generate_fn(loaded, images, prompts, edit, max_new_tokens) -> one caption per image
 GenerateFn = Callable[[object, Sequence[Image.Image], list[str], object, int], list[str]]
@@ -192,7 +193,7 @@ def caption_prompt(cfg, loaded) -> str:
 
 
 def caption_rows(images: list[CocoImage], prompt: str, captions: list[str]):
-    """One row per image for captions.parquet, and each caption's CHAIR score."""
+    """One row per image for predictions.parquet, and each caption's CHAIR score."""
     rows, scores = [], []
     for image, caption in zip(images, captions, strict=True):
         score = score_caption(caption, image.ground_truth)
@@ -222,23 +223,37 @@ def caption_job(
     generate_fn: GenerateFn,
     images: list[CocoImage] | None = None,
 ) -> dict[str, float]:
-    """Caption the configured images, score them with CHAIR, write captions.parquet in
-    out_dir; returns the metrics. `images`: load_coco(cfg.caption) done beforehand (so that
-    bad data fails before the model loads); None loads it here."""
+    """Caption the configured images, score them with CHAIR, write predictions.parquet in
+    out_dir; returns the metrics. With an edit, the baseline's captions (edit None) give
+    baseline_<metric> and the change of CHAIR_s and CHAIR_i in points. `images`:
+    load_coco(cfg.caption) done beforehand (so that bad data fails before the model
+    loads); None loads it here."""
     if images is None:
         images = load_coco(cfg.caption)
     prompt = caption_prompt(cfg, loaded)
-    prompts = [prompt] * len(images)
+    rows, scores = caption_rows(
+        images, prompt, captions_of(cfg, loaded, edit, generate_fn, images, prompt)
+    )
+    metrics = chair_metrics(scores)
+    if edit is not None:
+        baseline_captions = captions_of(cfg, loaded, None, generate_fn, images, prompt)
+        baseline = chair_metrics(caption_rows(images, prompt, baseline_captions)[1])
+        metrics |= {f"baseline_{name}": value for name, value in baseline.items()}
+        for name in ("chair_s", "chair_i"):
+            metrics[f"{name}_change_points"] = 100.0 * (metrics[name] - baseline[name])
+    frame = pd.DataFrame(rows)
+    write_atomically(out_dir / CAPTIONS_FILE, lambda p: frame.to_parquet(p, index=False))
+    return metrics
+
+
+def captions_of(cfg, loaded, edit, generate_fn, images, prompt) -> list[str]:
     captions = generate_fn(
         loaded,
         LazyImages([image.path for image in images]),
-        prompts,
+        [prompt] * len(images),
         edit,
         int(cfg.caption.max_new_tokens),
     )
     if len(captions) != len(images):
         raise RuntimeError(f"generation returned {len(captions)} captions for {len(images)}")
-    rows, scores = caption_rows(images, prompt, list(captions))
-    frame = pd.DataFrame(rows)
-    write_atomically(out_dir / CAPTIONS_FILE, lambda p: frame.to_parquet(p, index=False))
-    return chair_metrics(scores)
+    return list(captions)

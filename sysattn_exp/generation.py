@@ -130,6 +130,20 @@ def texts_of(loaded: LoadedModel, ids: list[list[int]]) -> list[str]:
 
 
 @torch.inference_mode()
+def generate_in_batches(
+    loaded: LoadedModel, images, prompts: list[str], edit, max_new_tokens: int, batch_size: int
+) -> list[str]:
+    """generate_full_prompts over batches of `batch_size` prompts (images: any sequence that
+    can be sliced, decoded as it is)."""
+    texts = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch"):
+        chunk = slice(start, start + batch_size)
+        texts += generate_full_prompts(
+            loaded, list(images[chunk]), prompts[chunk], edit, max_new_tokens
+        )
+    return texts
+
+
 def generate_full_prompts(
     loaded: LoadedModel,
     images: list,

@@ -46,7 +46,10 @@ COLUMNS = [
     "paired_accuracy_change_pct",
     "native_metric",
     "native_value",
+    "native_change_points",
 ]
+# The main metric per benchmark; +task=caption jobs are filed under "chair".
+MAIN_METRIC = MAIN_METRICS | {"chair": "chair_s"}
 
 
 def job_runs(cfg) -> tuple[pd.DataFrame, str | None]:
@@ -150,7 +153,7 @@ def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
     for _, run in runs.iterrows():
         benchmark = run["params.benchmark.name"]
         model = run.get("params.model.name_or_path")
-        native = MAIN_METRICS.get(benchmark)
+        native = MAIN_METRIC.get(benchmark)
         metric = run.filter(like="metrics.").rename(lambda name: name[len("metrics.") :]).get
         rows.append(
             {
@@ -166,6 +169,7 @@ def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
                 "paired_accuracy_change_pct": metric("paired_accuracy_change_pct"),
                 "native_metric": native,
                 "native_value": metric(native) if native else None,
+                "native_change_points": metric(f"{native}_change_points") if native else None,
             }
         )
         if rows[-1]["intervention"] != "baseline":
@@ -183,6 +187,7 @@ def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
                     "paired_accuracy_change_pct": 0.0,
                     "native_metric": native,
                     "native_value": metric(f"baseline_{native}") if native else None,
+                    "native_change_points": 0.0 if native else None,
                 }
             )
     table = pd.DataFrame(rows, columns=COLUMNS)
@@ -251,9 +256,9 @@ def plots(table: pd.DataFrame, out: Path) -> list[Path]:
         if not edits.empty:
             fig = heatmap(edits, benchmark, several)
             files.append(save(fig, out / f"heatmap_{benchmark}.png"))
-        files.append(
-            save(yes_rate_bars(rows, benchmark, several), out / f"yes_rate_{benchmark}.png")
-        )
+        if rows["yes_rate"].notna().any():  # a yes/no benchmark, not captions
+            bars = yes_rate_bars(rows, benchmark, several)
+            files.append(save(bars, out / f"yes_rate_{benchmark}.png"))
     return files
 
 
@@ -280,10 +285,12 @@ def titles(fig, axes, models, title: str, several: bool) -> None:
 def heatmap(edits: pd.DataFrame, benchmark: str, several: bool):
     """Layer range x intervention, colour = change in paired accuracy; a panel per model on
     the same rows, columns and colour scale."""
+    # Yes/no benchmarks: paired accuracy; captions: their main metric (CHAIR_s).
+    value, what = "paired_accuracy_change_points", "paired accuracy"
+    if edits[value].isna().all():
+        value, what = "native_change_points", str(edits["native_metric"].iloc[0])
     grids = {
-        model: rows.pivot_table(
-            index="layers", columns="intervention", values="paired_accuracy_change_points"
-        )
+        model: rows.pivot_table(index="layers", columns="intervention", values=value)
         for model, rows in edits.groupby("model", dropna=False, sort=False)
     }
     index = sorted(set().union(*(grid.index for grid in grids.values())))
@@ -300,7 +307,7 @@ def heatmap(edits: pd.DataFrame, benchmark: str, several: bool):
             shade = "white" if abs(value) > limit / 2 else "black"
             ax.text(j, i, f"{value:+.1f}", ha="center", va="center", fontsize=8, color=shade)
     fig.colorbar(image, ax=axes if n > 1 else axes[0], label="points vs baseline")
-    titles(fig, axes, grids, f"{benchmark}: paired accuracy vs baseline", several)
+    titles(fig, axes, grids, f"{benchmark}: {what} vs baseline", several)
     return fig
 
 

@@ -11,10 +11,11 @@ from omegaconf import OmegaConf
 
 from sysattn_exp.benchmarks import Benchmark, load_benchmark
 from sysattn_exp.cache import SCORES_VERSION, ScoreCache, digest
+from sysattn_exp.caption import caption_job, load_coco
 from sysattn_exp.conditions import build_edit, intervention_rule, resolve_layers
 from sysattn_exp.errors import UsageError, first_line
 from sysattn_exp.files import write_atomically, write_json
-from sysattn_exp.generation import generate_items, parse_yes_no
+from sysattn_exp.generation import generate_in_batches, generate_items, parse_yes_no
 from sysattn_exp.intervention import Edit
 from sysattn_exp.metrics import compare_with_baseline, shared_metrics
 from sysattn_exp.models import (
@@ -216,10 +217,10 @@ def scoring_words(loaded: LoadedModel, cfg) -> tuple[list[int], list[int]]:
     return yes, no
 
 
-def run_name(benchmark: Benchmark, edit: Edit | None, layers: list[int]) -> str:
+def run_name(benchmark: str, edit: Edit | None, layers: list[int]) -> str:
     if edit is None:
-        return f"{benchmark.name} baseline"
-    return f"{benchmark.name} {edit.describe()} layers {layers[0]}-{layers[-1]}"
+        return f"{benchmark} baseline"
+    return f"{benchmark} {edit.describe()} layers {layers[0]}-{layers[-1]}"
 
 
 def write_results(
@@ -299,6 +300,8 @@ def dry_run(cfg, benchmark: Benchmark) -> dict:
 
 def run(cfg, out_dir: Path) -> dict:
     """Evaluate the configured condition; returns the job's metrics."""
+    if cfg.get("caption") is not None:
+        return run_caption(cfg, out_dir)
     benchmark = load_benchmark(cfg.benchmark)
     rule = intervention_rule(cfg.intervention)  # checked before the (slow) model load
     ranking = rank_by(cfg.scoring)
@@ -315,7 +318,7 @@ def run(cfg, out_dir: Path) -> dict:
     edit = build_edit(rule, layers)
     words = scoring_words(loaded, cfg.scoring)
     prompts = item_prompts(benchmark, loaded.prompt_format(cfg.model))
-    name = run_name(benchmark, edit, layers)
+    name = run_name(benchmark.name, edit, layers)
 
     # The baseline comes from the score cache once any job has computed it.
     baseline, scores = predict(cfg, loaded, benchmark, prompts, None, words, "baseline")
@@ -345,8 +348,71 @@ def run(cfg, out_dir: Path) -> dict:
         metrics["paired_accuracy"],
         metrics["yes_rate"],
     )
+    log_or_warn(out_dir, cfg.tracking)
+    return metrics
+
+
+def run_caption(cfg, out_dir: Path) -> dict:
+    """+task=caption: captions of COCO images under the configured condition, scored with
+    CHAIR (caption.py); the job's files and MLflow run as for any job."""
+    images = load_coco(cfg.caption)  # bad data fails before the model loads
+    rule = intervention_rule(cfg.intervention)
+    if cfg.runtime.dry_run:
+        print(f"caption: {len(images)} COCO images (first {images[0].file_name})")
+        return {"n_images": len(images)}
+    loaded = load_model(cfg.model)
+    layers = resolve_layers(cfg.layers, loaded.num_layers) if rule else []
+    edit = build_edit(rule, layers)
+    name = run_name(CAPTION_BENCHMARK, edit, layers)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    # The benchmark group is not used: the report files the job under "chair".
+    config["benchmark"] = {"name": CAPTION_BENCHMARK}
+    config["layers"]["resolved"] = layers
+    key = job_key(config, condition(cfg, loaded, edit, ([], [])))
+    config["job"] = {"name": name, "key": key}
+    config["layers"]["depth"] = loaded.num_layers
+    metrics = caption_job(cfg, loaded, edit, out_dir, CaptionGenerator(cfg, loaded), images)
+    write_atomically(out_dir / "config.yaml", lambda p: p.write_text(OmegaConf.to_yaml(config)))
+    write_json(out_dir / "metrics.json", metrics)
+    log.info("%s: chair_s=%.4f chair_i=%.4f", name, metrics["chair_s"], metrics["chair_i"])
+    log_or_warn(out_dir, cfg.tracking)
+    return metrics
+
+
+CAPTION_BENCHMARK = "chair"
+
+
+class CaptionGenerator:
+    """Captions in batches of model.batch_size; the baseline's (edit None) kept in
+    runtime.cache_dir, so that the jobs of a sweep caption the baseline once."""
+
+    def __init__(self, cfg, loaded):
+        self.cfg, self.loaded = cfg, loaded
+
+    def __call__(self, loaded, images, prompts, edit, max_new_tokens) -> list[str]:
+        path = self.baseline_file(images, prompts, max_new_tokens) if edit is None else None
+        if path is not None and path.exists():
+            return pd.read_parquet(path)["caption"].tolist()
+        batch_size = self.cfg.model.batch_size
+        captions = generate_in_batches(loaded, images, prompts, edit, max_new_tokens, batch_size)
+        if path is not None:
+            frame = pd.DataFrame({"caption": captions})
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(path, lambda p: frame.to_parquet(p, index=False))
+        return captions
+
+    def baseline_file(self, images, prompts, max_new_tokens) -> Path | None:
+        if not self.cfg.runtime.cache_dir:
+            return None
+        condition_ = condition(self.cfg, self.loaded, None, ([], []))
+        files = [str(path) for path in images.paths]
+        key = digest([condition_, files, prompts, max_new_tokens])
+        return Path(self.cfg.runtime.cache_dir) / "captions" / f"baseline-{key}.parquet"
+
+
+def log_or_warn(out_dir: Path, tracking) -> None:
     try:
-        log_job_dir(out_dir, cfg.tracking)
+        log_job_dir(out_dir, tracking)
     except Exception as error:  # noqa: BLE001 - the results are safe on disk either way
         log.warning(
             "could not log to MLflow (%s); the results are in %s: log them later with "
@@ -355,7 +421,6 @@ def run(cfg, out_dir: Path) -> dict:
             out_dir,
             out_dir.parent if is_sweep_job(out_dir) else out_dir,
         )
-    return metrics
 
 
 def is_sweep_job(job_dir: Path) -> bool:

@@ -1,5 +1,5 @@
 """The caption job's metric plumbing (ground truth -> prompts -> captions -> CHAIR ->
-captions.parquet), on a tiny COCO-format fixture, with a stub in place of generation that
+predictions.parquet), on a tiny COCO-format fixture, with a stub in place of generation that
 returns fixed captions; and its answers to bad input. Generation itself is tested where
 it is built."""
 
@@ -113,6 +113,7 @@ def test_caption_job_metric_plumbing_with_stub_generation(coco, tmp_path):
     calls = []
     metrics = caption_job(cfg, StubModel(), "EDIT", tmp_path, stub_generate(calls))
     (images, prompts, edit, max_new_tokens) = calls[0]
+    assert [call[2] for call in calls] == ["EDIT", None]  # with an edit, the baseline too
     assert prompts == ["USER: <image>\nPlease describe this image in detail. ASSISTANT:"] * 3
     assert (len(images), edit, max_new_tokens) == (3, "EDIT", 512)
     # mentions: dog couch cat dog | person pizza | bicycle car -> 1 of 8 hallucinated;
@@ -122,6 +123,8 @@ def test_caption_job_metric_plumbing_with_stub_generation(coco, tmp_path):
     assert metrics["recall"] == pytest.approx(1.0)
     assert metrics["caption_length"] == pytest.approx((11 + 4 + 5) / 3)
     assert metrics["n_images"] == 3
+    assert metrics["baseline_chair_s"] == metrics["chair_s"]  # the stub ignores the edit
+    assert metrics["chair_s_change_points"] == metrics["chair_i_change_points"] == 0
     rows = pd.read_parquet(tmp_path / CAPTIONS_FILE)
     assert list(rows["image_id"]) == [139, 285, 632]
     first = rows.iloc[0]

@@ -186,10 +186,6 @@ def test_parse_yes_no(text, answer):
 
 
 def test_cli_generate_mode(tmp_path, monkeypatch):
-    import sysattn_exp.runner
-
-    # MLflow logging is tested elsewhere; here it would only add seconds of store setup.
-    monkeypatch.setattr(sysattn_exp.runner, "log_job_dir", lambda *args: None)
     status = run_main(
         tmp_path,
         monkeypatch,

@@ -1,10 +1,18 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2` on a 2-core machine: one torch thread per worker, and per command-line
+    # run a worker starts, rather than four threads contending for two cores.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

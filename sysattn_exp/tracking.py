@@ -105,7 +105,7 @@ def results_digest(job_dir: Path) -> str:
 
     metrics = json.loads((job_dir / "metrics.json").read_text())
     predictions = pd.read_parquet(job_dir / "predictions.parquet")
-    for column in predictions.select_dtypes(object):  # list cells (captions' objects) as text
+    for column in predictions.columns[predictions.dtypes == object]:  # list cells as text
         predictions[column] = predictions[column].map(
             lambda cell: repr(cell.tolist()) if hasattr(cell, "tolist") else cell
         )

@@ -72,6 +72,14 @@ CASES = {
         (*TINY, "benchmark=pope", "benchmark.data_dir=.", "benchmark.image_dir=."),
         ["coco_pope_random.json not found", "benchmark.data_dir", "benchmark.subsets"],
     ),
+    "caption without annotations": (
+        (*TINY, "+task=caption"),
+        ["caption.data_dir is required", "instances_val2014.json", "captions_val2014.json"],
+    ),
+    "caption missing annotation file": (
+        (*TINY, "+task=caption", "caption.data_dir=."),
+        ["instances_val2014.json not found", "caption.data_dir"],
+    ),
     "unknown prompt preset": (
         (*TINY, "benchmark.prompt=vicuna"),
         ["benchmark.prompt='vicuna'", "native, llava"],

@@ -105,7 +105,8 @@ def results_digest(job_dir: Path) -> str:
 
     metrics = json.loads((job_dir / "metrics.json").read_text())
     predictions = pd.read_parquet(job_dir / "predictions.parquet")
-    for column in predictions.columns[predictions.dtypes == object]:  # list cells as text
+    lists = [c for c in predictions if str(predictions[c].dtype) == "object"]  # not str
+    for column in lists:  # list cells (a caption's objects) hashed as text
         predictions[column] = predictions[column].map(
             lambda cell: repr(cell.tolist()) if hasattr(cell, "tolist") else cell
         )

@@ -77,7 +77,7 @@ CASES = {
         ["caption.data_dir is required", "instances_val2014.json", "captions_val2014.json"],
     ),
     "caption missing annotation file": (
-        (*TINY, "+task=caption", "caption.data_dir=."),
+        (*TINY, "+task=caption", "caption.data_dir=.", "caption.image_dir=."),
         ["instances_val2014.json not found", "caption.data_dir"],
     ),
     "unknown prompt preset": (

@@ -283,14 +283,14 @@ def titles(fig, axes, models, title: str, several: bool) -> None:
 
 
 def heatmap(edits: pd.DataFrame, benchmark: str, several: bool):
-    """Layer range x intervention, colour = change in paired accuracy; a panel per model on
-    the same rows, columns and colour scale."""
+    """Layer range x intervention, colour = change in paired accuracy (captions: in CHAIR_s);
+    a panel per model on the same rows, columns and colour scale."""
     # Yes/no benchmarks: paired accuracy; captions: their main metric (CHAIR_s).
-    value, what = "paired_accuracy_change_points", "paired accuracy"
-    if edits[value].isna().all():
-        value, what = "native_change_points", str(edits["native_metric"].iloc[0])
+    column, what = "paired_accuracy_change_points", "paired accuracy"
+    if edits[column].isna().all():
+        column, what = "native_change_points", str(edits["native_metric"].iloc[0])
     grids = {
-        model: rows.pivot_table(index="layers", columns="intervention", values=value)
+        model: rows.pivot_table(index="layers", columns="intervention", values=column)
         for model, rows in edits.groupby("model", dropna=False, sort=False)
     }
     index = sorted(set().union(*(grid.index for grid in grids.values())))

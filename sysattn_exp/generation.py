@@ -74,7 +74,8 @@ def decode(
     if max_new_tokens < 1:  # the runner checks scoring.max_new_tokens before the model loads
         raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
     language_model, device = loaded.model.model, loaded.device
-    stops = torch.tensor(sorted(stop_ids(loaded)), device=device)
+    stop_set = stop_ids(loaded)
+    stops = torch.tensor(sorted(stop_set), device=device)
     pad = loaded.tokenizer.pad_token_id or 0
     cache, logits = start.cache, start.logits
     mask, modality, position = start.attention_mask, start.key_modality, start.next_position
@@ -106,7 +107,7 @@ def decode(
         cache = getattr(out, CACHE_ARG)
         logits = answer_logits(loaded, out.last_hidden_state[:, -1])
         position = position + 1
-    return [until_stop(row, stop_ids(loaded)) for row in tokens.tolist()]
+    return [until_stop(row, stop_set) for row in tokens.tolist()]
 
 
 def until_stop(ids: list[int], stops: set[int]) -> list[int]:

@@ -333,10 +333,7 @@ def run(cfg, out_dir: Path) -> dict:
     if edit is not None:
         metrics |= compare_with_baseline(metrics, all_metrics(benchmark, baseline, ranking))
 
-    config = OmegaConf.to_container(cfg, resolve=True)
-    config["layers"]["resolved"] = layers
-    config["job"] = {"name": name, "key": job_key(config, condition(cfg, loaded, edit, words))}
-    config["layers"]["depth"] = loaded.num_layers  # for the report's model label; not in the key
+    config = job_config(cfg, loaded, edit, words, layers, name)
     if profile is not None:  # before metrics.json, which marks the job complete
         table = profile.table()
         write_atomically(out_dir / PROFILE_TABLE, lambda p: table.to_csv(p, index=False))
@@ -352,6 +349,18 @@ def run(cfg, out_dir: Path) -> dict:
     return metrics
 
 
+def job_config(cfg, loaded, edit, words, layers, name, benchmark=None) -> dict:
+    """The job's config.yaml: the composed config (its benchmark section replaced where
+    given), the resolved layers, and the job's name and key."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if benchmark is not None:
+        config["benchmark"] = benchmark
+    config["layers"]["resolved"] = layers
+    config["job"] = {"name": name, "key": job_key(config, condition(cfg, loaded, edit, words))}
+    config["layers"]["depth"] = loaded.num_layers  # for the report's model label; not in the key
+    return config
+
+
 def run_caption(cfg, out_dir: Path) -> dict:
     """+task=caption: captions of COCO images under the configured condition, scored with
     CHAIR (caption.py); the job's files and MLflow run as for any job."""
@@ -364,13 +373,8 @@ def run_caption(cfg, out_dir: Path) -> dict:
     layers = resolve_layers(cfg.layers, loaded.num_layers) if rule else []
     edit = build_edit(rule, layers)
     name = run_name(CAPTION_BENCHMARK, edit, layers)
-    config = OmegaConf.to_container(cfg, resolve=True)
     # The benchmark group is not used: the report files the job under "chair".
-    config["benchmark"] = {"name": CAPTION_BENCHMARK}
-    config["layers"]["resolved"] = layers
-    key = job_key(config, condition(cfg, loaded, edit, ([], [])))
-    config["job"] = {"name": name, "key": key}
-    config["layers"]["depth"] = loaded.num_layers
+    config = job_config(cfg, loaded, edit, ([], []), layers, name, {"name": CAPTION_BENCHMARK})
     metrics = caption_job(cfg, loaded, edit, out_dir, CaptionGenerator(cfg, loaded), images)
     write_atomically(out_dir / "config.yaml", lambda p: p.write_text(OmegaConf.to_yaml(config)))
     write_json(out_dir / "metrics.json", metrics)

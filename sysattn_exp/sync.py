@@ -78,10 +78,10 @@ def sync(root: Path, uri: str | None = None) -> Counts:
     """Log every finished job folder under root; what happened to each, counted."""
     logged = already = failed = 0
     for job_dir in job_dirs(root):
-        if already_logged(job_dir, uri):
-            already += 1
-            continue
         try:
+            if already_logged(job_dir, uri):
+                already += 1
+                continue
             tracking = tracking_config(job_dir, uri)
             ensure_parent(job_dir.parent, tracking)
             _, new = log_job(job_dir, tracking)

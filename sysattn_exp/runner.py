@@ -18,6 +18,7 @@ from sysattn_exp.files import write_atomically, write_json
 from sysattn_exp.generation import generate_in_batches, generate_items, parse_yes_no
 from sysattn_exp.intervention import Edit
 from sysattn_exp.metrics import compare_with_baseline, shared_metrics
+from sysattn_exp.modality import MODALITIES
 from sysattn_exp.models import (
     BUILTIN_TINY,
     BUILTIN_TOY,
@@ -217,10 +218,13 @@ def scoring_words(loaded: LoadedModel, cfg) -> tuple[list[int], list[int]]:
     return yes, no
 
 
-def run_name(benchmark: str, edit: Edit | None, layers: list[int]) -> str:
+def run_name(benchmark: str, edit: Edit | None, layers: list[int], profile=False) -> str:
+    """'pope baseline', 'pope system->text layers 24-31'; a profile job (+task=profile):
+    'pope profile', 'pope profile system->text layers 24-31'."""
+    kind = " profile" if profile else ""
     if edit is None:
-        return f"{benchmark} baseline"
-    return f"{benchmark} {edit.describe()} layers {layers[0]}-{layers[-1]}"
+        return f"{benchmark}{kind}" if profile else f"{benchmark} baseline"
+    return f"{benchmark}{kind} {edit.describe()} layers {layers[0]}-{layers[-1]}"
 
 
 def write_results(
@@ -273,16 +277,58 @@ def item_prompts(benchmark: Benchmark, fmt: PromptFormat, with_image=True) -> li
     ]
 
 
-def dry_run(cfg, benchmark: Benchmark) -> dict:
-    """Print what a run would evaluate, without loading the model."""
+DRY_RUN_FILE = "dry_run.json"  # a dry-run job's summary: its config was checked
+
+
+def dry_run(cfg, benchmark: Benchmark, rule: dict | None, out_dir: Path) -> dict:
+    """Check what a run would evaluate without loading the model's weights: the data, the
+    model's config and processor, and the layer range against the model's depth (from its
+    config). Prints one line for the job; the counts, an example prompt and its token
+    split too, except in a sweep's jobs after the first. Writes nothing but the summary
+    (DRY_RUN_FILE) and logs nothing."""
     items = benchmark.items
     summary = {
         "n_items": len(items),
         "n_groups": len({item.group_id for item in items}),
         "gt_yes_rate": sum(item.label for item in items) / len(items),
     } | benchmark.load_counts
-    example = items[0]
     config = load_config(cfg.model)
+    depth = config.get_text_config().num_hidden_layers
+    layers = resolve_layers(cfg.layers, depth) if rule else checked_none(cfg.layers, depth)
+    name = run_name(benchmark.name, build_edit(rule, layers), layers, cfg.runtime.profile)
+    job = sweep_job()
+    if job in (None, 0):
+        summary |= dry_run_details(cfg, benchmark, config, summary)
+    where = "" if job is None else f" job{job}"
+    print(
+        f"dry run{where}: {name} on {cfg.model.name_or_path} ({depth} layers): "
+        f"{summary['n_items']} items, {summary['n_groups']} groups: config ok"
+    )
+    write_json(out_dir / DRY_RUN_FILE, summary | {"name": name, "layers": layers})
+    return summary
+
+
+def checked_none(layers_cfg, depth: int) -> list[int]:
+    """A baseline edits no layer, but a layer range outside the model is still refused:
+    the same config with an intervention would fail."""
+    resolve_layers(layers_cfg, depth)
+    return []
+
+
+def sweep_job() -> int | None:
+    """The number of this job in its sweep (None outside a sweep)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return HydraConfig.get().job.num
+
+
+def dry_run_details(cfg, benchmark: Benchmark, config, summary: dict) -> dict:
+    """Print the counts, an example prompt and its system / image / text token split;
+    returns the token counts."""
+    example = benchmark.items[0]
     processor = load_processor(cfg.model, config.model_type)
     question = benchmark.question_text(example)
     with_image = example.image_id is not None
@@ -295,7 +341,7 @@ def dry_run(cfg, benchmark: Benchmark) -> dict:
     print(
         f"tokens for {cfg.model.name_or_path}: " + ", ".join(f"{k}={v}" for k, v in split.items())
     )
-    return summary | {f"example_{k}_tokens": v for k, v in split.items()}
+    return {f"example_{k}_tokens": v for k, v in split.items()}
 
 
 def run(cfg, out_dir: Path) -> dict:
@@ -312,13 +358,17 @@ def run(cfg, out_dir: Path) -> dict:
                 "runtime.profile records the logit mode's answer row; use scoring.mode=logit"
             )
     if cfg.runtime.dry_run:
-        return dry_run(cfg, benchmark)
+        return dry_run(cfg, benchmark, rule, out_dir)
     loaded = load_model(cfg.model)
-    layers = resolve_layers(cfg.layers, loaded.num_layers) if rule else []
+    layers = (
+        resolve_layers(cfg.layers, loaded.num_layers)
+        if rule
+        else checked_none(cfg.layers, loaded.num_layers)
+    )
     edit = build_edit(rule, layers)
     words = scoring_words(loaded, cfg.scoring)
     prompts = item_prompts(benchmark, loaded.prompt_format(cfg.model))
-    name = run_name(benchmark.name, edit, layers)
+    name = run_name(benchmark.name, edit, layers, profile=bool(cfg.runtime.profile))
 
     # The baseline comes from the score cache once any job has computed it.
     baseline, scores = predict(cfg, loaded, benchmark, prompts, None, words, "baseline")
@@ -338,6 +388,7 @@ def run(cfg, out_dir: Path) -> dict:
         table = profile.table()
         write_atomically(out_dir / PROFILE_TABLE, lambda p: table.to_csv(p, index=False))
         heatmap(table, out_dir / PROFILE_PLOT, f"{name}: share of the answer's attention")
+        print(profile_shares(table, name))
     write_results(out_dir, predictions, metrics, config)
     log.info(
         "%s: paired_accuracy=%.4f yes_rate=%.4f",
@@ -347,6 +398,17 @@ def run(cfg, out_dir: Path) -> dict:
     )
     log_or_warn(out_dir, cfg.tracking)
     return metrics
+
+
+def profile_shares(table: pd.DataFrame, name: str) -> str:
+    """The profile's answer-position shares per decoder layer, in percent, as a short
+    table (the same numbers as attention_profile.csv's 'answer' rows and the heatmap)."""
+    shares = table[table["queries"] == "answer"].set_index("layer")[list(MODALITIES)]
+    percent = (100 * shares).round(1)
+    percent.columns = [f"{m} %" for m in MODALITIES]
+    return f"{name}: share of the answer position's attention per decoder layer\n" + (
+        percent.to_string()
+    )
 
 
 def job_config(cfg, loaded, edit, words, layers, name, benchmark=None) -> dict:
@@ -370,7 +432,11 @@ def run_caption(cfg, out_dir: Path) -> dict:
         print(f"caption: {len(images)} COCO images (first {images[0].file_name})")
         return {"n_images": len(images)}
     loaded = load_model(cfg.model)
-    layers = resolve_layers(cfg.layers, loaded.num_layers) if rule else []
+    layers = (
+        resolve_layers(cfg.layers, loaded.num_layers)
+        if rule
+        else checked_none(cfg.layers, loaded.num_layers)
+    )
     edit = build_edit(rule, layers)
     name = run_name(CAPTION_BENCHMARK, edit, layers)
     # The benchmark group is not used: the report files the job under "chair".

@@ -283,9 +283,8 @@ DRY_RUN_FILE = "dry_run.json"  # a dry-run job's summary: its config was checked
 def dry_run(cfg, benchmark: Benchmark, rule: dict | None, out_dir: Path) -> dict:
     """Check what a run would evaluate without loading the model's weights: the data, the
     model's config and processor, and the layer range against the model's depth (from its
-    config). Prints one line for the job; the counts, an example prompt and its token
-    split too, except in a sweep's jobs after the first. Writes nothing but the summary
-    (DRY_RUN_FILE) and logs nothing."""
+    config). Prints the counts, an example prompt and its token split (in a sweep, for its
+    first job only) and dry_run_job's line. Logs nothing."""
     items = benchmark.items
     summary = {
         "n_items": len(items),
@@ -293,16 +292,24 @@ def dry_run(cfg, benchmark: Benchmark, rule: dict | None, out_dir: Path) -> dict
         "gt_yes_rate": sum(item.label for item in items) / len(items),
     } | benchmark.load_counts
     config = load_config(cfg.model)
+    if sweep_job() in (None, 0):
+        summary |= dry_run_details(cfg, benchmark, config, summary)
+    counts = f"{summary['n_items']} items, {summary['n_groups']} groups"
+    return dry_run_job(cfg, config, benchmark.name, rule, out_dir, summary, counts)
+
+
+def dry_run_job(cfg, config, benchmark: str, rule, out_dir: Path, summary: dict, counts: str):
+    """The layers checked against the model's depth from its config (UsageError), one line
+    'dry run[ jobN]: <job name> on <model> (<depth> layers): <counts>: config ok', and the
+    summary in DRY_RUN_FILE, which tells the sweep's end that this job's config is valid."""
     depth = config.get_text_config().num_hidden_layers
     layers = resolve_layers(cfg.layers, depth) if rule else checked_none(cfg.layers, depth)
-    name = run_name(benchmark.name, build_edit(rule, layers), layers, cfg.runtime.profile)
+    profile = bool(cfg.runtime.get("profile"))
+    name = run_name(benchmark, build_edit(rule, layers), layers, profile)
     job = sweep_job()
-    if job in (None, 0):
-        summary |= dry_run_details(cfg, benchmark, config, summary)
     where = "" if job is None else f" job{job}"
     print(
-        f"dry run{where}: {name} on {cfg.model.name_or_path} ({depth} layers): "
-        f"{summary['n_items']} items, {summary['n_groups']} groups: config ok"
+        f"dry run{where}: {name} on {cfg.model.name_or_path} ({depth} layers): {counts}: config ok"
     )
     write_json(out_dir / DRY_RUN_FILE, summary | {"name": name, "layers": layers})
     return summary
@@ -430,7 +437,9 @@ def run_caption(cfg, out_dir: Path) -> dict:
     rule = intervention_rule(cfg.intervention)
     if cfg.runtime.dry_run:
         print(f"caption: {len(images)} COCO images (first {images[0].file_name})")
-        return {"n_images": len(images)}
+        summary, counts = {"n_images": len(images)}, f"{len(images)} images"
+        config = load_config(cfg.model)
+        return dry_run_job(cfg, config, CAPTION_BENCHMARK, rule, out_dir, summary, counts)
     loaded = load_model(cfg.model)
     layers = (
         resolve_layers(cfg.layers, loaded.num_layers)

@@ -185,3 +185,28 @@ def test_profile_job_is_named_a_profile_and_prints_its_shares(tmp_path):
     for row in answer.itertuples():
         expected = [100 * row.system, 100 * row.image, 100 * row.text]
         assert printed[row.layer] == pytest.approx(expected, abs=0.05 + 1e-9)
+
+
+def test_dry_run_of_a_caption_sweep_checks_every_job(tmp_path):
+    from test_caption_job import write_coco
+
+    coco = write_coco(tmp_path / "coco")
+    result = run_cli(
+        "-m",
+        *TOY,
+        "+task=caption",
+        f"caption.data_dir={coco}",
+        "intervention=redistribute",
+        "layers=q1,q4",
+        "runtime.dry_run=true",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("dry run job")]
+    assert lines == [
+        f"dry run job{n}: chair system->text layers {k}-{k} on builtin:toy (4 layers): "
+        "4 images: config ok"
+        for n, k in ((0, 0), (1, 3))
+    ]
+    assert "dry run: 2 of 2 jobs' configs are valid" in result.stdout
+    assert not runs_in(tmp_path)

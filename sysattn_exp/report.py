@@ -171,7 +171,7 @@ def in_setting(param: str) -> bool:
 
 def baseline_signature(run: pd.Series, native: str | None) -> tuple:
     """The baseline values a run compared with (a baseline run: its own values)."""
-    prefix = "" if run["params.intervention.name"] == "none" else "baseline_"
+    prefix = "" if run.get("params.intervention.name") == "none" else "baseline_"
     names = [*BASELINE_SIGNATURE, *([storable_name(native)] if native else [])]
     values = (run.get(f"metrics.{prefix}{name}") for name in names)
     return tuple(None if v is None or pd.isna(v) else round(float(v), 9) for v in values)

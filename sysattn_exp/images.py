@@ -20,7 +20,9 @@ What reaches the processor, by the mode Pillow opens the file in:
   there), otherwise an error, since such data has no agreed 8-bit scale; 32-bit float (F)
   v -> round(255 v) when every value is within 0..1 (the float image convention, also
   transformers' for float input), otherwise an error.
-- Other modes (LAB, ...): an error naming the file and the mode.
+- Other modes: an error naming the file and the mode. LAB (CIELab TIFFs) is one: Pillow's
+  LAB -> RGB conversion is not a colour conversion, and transformers' convert_to_rgb
+  would take its a* band for alpha.
 - EXIF orientation is NOT applied: the stored pixels are used as they are, as LLaVA-1.5's
   reference evaluation code does (llava/eval/model_vqa_loader.py and model_vqa.py open
   each image with `Image.open(path).convert('RGB')`, without `ImageOps.exif_transpose`),
@@ -45,6 +47,11 @@ from sysattn_exp.errors import UsageError, first_line
 
 WHITE = (255, 255, 255, 255)
 SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+DEEP_GREY = (*SIXTEEN_BIT, "I", "F")
+# Modes with an alpha band ("a": premultiplied). Not LAB, whose "A" band is the a* axis.
+ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
+# Modes whose conversion to RGB is the picture (Pillow's, as the processors use it).
+OPAQUE = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "HSV")
 # Pillow's errors for a file it cannot decode: a bad or cut-short file (OSError, its
 # SyntaxError for some headers, EOFError), a bad value, a decompression bomb.
 DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, Image.DecompressionBombError)
@@ -86,8 +93,10 @@ def decode_errors(load_image: Callable, image_ids: list) -> dict[str, str | None
 def to_rgb(image: Image.Image, name: str) -> Image.Image:
     """A decoded image as 8-bit RGB: transparency on white, deep grey scaled (module
     docstring). `name` names the image in errors."""
-    if image.mode in (*SIXTEEN_BIT, "I", "F"):
+    if image.mode in DEEP_GREY:
         image = deep_grey_to_8_bit(image, name)
+    if image.mode not in (*ALPHA, *OPAQUE):
+        raise unsupported(image, name)
     if has_transparency(image):
         try:
             rgba = image.convert("RGBA")
@@ -105,10 +114,8 @@ def to_rgb(image: Image.Image, name: str) -> Image.Image:
 
 
 def has_transparency(image: Image.Image) -> bool:
-    """As transformers' convert_to_rgb decides it (an alpha band or a transparency
-    entry); "a" is the alpha band of the premultiplied modes (RGBa, La)."""
-    bands = image.getbands()
-    return "A" in bands or "a" in bands or image.info.get("transparency") is not None
+    """As transformers' convert_to_rgb decides it: an alpha band or a transparency entry."""
+    return image.mode in ALPHA or image.info.get("transparency") is not None
 
 
 def deep_grey_to_8_bit(image: Image.Image, name: str) -> Image.Image:
@@ -142,5 +149,5 @@ def deep_grey_to_8_bit(image: Image.Image, name: str) -> Image.Image:
 def unsupported(image: Image.Image, name: str) -> UsageError:
     return UsageError(
         f"cannot read image {name}: mode {image.mode} has no defined conversion to RGB; "
-        "convert it to RGB (or RGBA, L, CMYK) first"
+        "save it as RGB (or RGBA, L, CMYK) first"
     )

@@ -114,7 +114,8 @@ def pair_problem(members: list[Item]) -> str | None:
     yes = sum(item.label for item in members)
     if len(members) != 2 or yes != 1:
         return (
-            f"has {len(members)} questions ({yes} Yes, {len(members) - yes} No); MME asks two "
+            f"has {len(members)} question{'s' * (len(members) != 1)} ({yes} Yes, "
+            f"{len(members) - yes} No); MME asks two "
             "about each image, one Yes and one No"
         )
     return None

@@ -4,28 +4,29 @@ every benchmark loader (local files and hub datasets) and the caption task.
 What reaches the processor, by the mode Pillow opens the file in:
 
 - RGB: as stored. 1, L, P (palette), CMYK, YCbCr, HSV: Pillow's own conversion to RGB,
-  the one the families' processors apply (transformers' `convert_to_rgb`,
-  image_transforms.py: `image.convert("RGB")` for an image without transparency); for
+  the one the families' processors apply (transformers 5's `convert_to_rgb`,
+  transformers/image_transforms.py: `image.convert("RGB")` without transparency); for
   CMYK that is R = (255 - C)(255 - K) / 255 (and likewise G, B), with no ICC profile.
   YCbCr JPEGs (the usual kind) are decoded to RGB by libjpeg already.
 - Transparency, in any mode that has it (RGBA, LA, PA, P or L or RGB with a `tRNS`
   transparency entry, 16-bit grey with one): composited onto white, as transformers'
-  `convert_to_rgb` does it (`"A" in image.getbands() or image.info.get("transparency")`:
+  `convert_to_rgb` does it (an alpha band or `image.info["transparency"]`:
   `Image.alpha_composite` over an opaque white RGBA, then RGB). A plain
   `convert("RGB")` would drop the alpha channel and show the colour stored under
   transparent pixels (often black).
 - Deeper grey, scaled to 8 bits (Pillow's conversion would clip at 255 instead): 16-bit
   (I;16, I;16B, I;16L) v -> round(v / 257), so 65535 -> 255; 32-bit integer (I) the
-  same when every value is within 0..65535 (what Pillow's PNG and PGM readers store
-  there), otherwise an error, since such data has no agreed 8-bit scale; 32-bit float (F)
-  v -> round(255 v) when every value is within 0..1 (the float image convention, also
-  transformers' for float input), otherwise an error.
+  same when every value is within 0..65535 (what Pillow's 16-bit PGM reader, and older
+  Pillows' 16-bit PNG reader, store there), otherwise an error, since such data has no
+  agreed 8-bit scale; 32-bit float (F) v -> round(255 v) when every value is within 0..1
+  (the float image convention, also transformers' for float input), otherwise an error.
 - Other modes: an error naming the file and the mode. LAB (CIELab TIFFs) is one: Pillow's
   LAB -> RGB conversion is not a colour conversion, and transformers' convert_to_rgb
   would take its a* band for alpha.
 - EXIF orientation is NOT applied: the stored pixels are used as they are, as LLaVA-1.5's
-  reference evaluation code does (llava/eval/model_vqa_loader.py and model_vqa.py open
-  each image with `Image.open(path).convert('RGB')`, without `ImageOps.exif_transpose`),
+  reference evaluation code does (haotian-liu/LLaVA, llava/eval/model_vqa_loader.py,
+  which its scripts/v1_5/eval scripts for MME, POPE, ... run: `CustomDataset.__getitem__`
+  opens each image with `Image.open(path).convert('RGB')`, no `ImageOps.exif_transpose`),
   so that published LLaVA-1.5 figures and these see the same picture. (transformers'
   `load_image` would rotate, but the processors themselves, given a PIL image, do not.)
 - Animated GIF / WebP / APNG and multi-page files: the first frame.

@@ -365,3 +365,25 @@ def test_hub_image_that_cannot_be_decoded(monkeypatch):
     bench = load_benchmark(benchmark_cfg("benchmark=mme", "benchmark.skip_missing_images=true"))
     assert list(groups_of(bench)) == ["existence/0000.png", "existence/0002.png"]
     assert bench.load_counts["n_skipped_items"] == 2
+
+
+def test_an_image_decodes_once_per_process_until_its_bytes_change(tmp_path):
+    """The jobs of a sweep share a process: the second load hashes the file instead of
+    decoding it again, and a changed file (new bytes) is decoded anew."""
+    from sysattn_exp.benchmarks.base import Benchmark, Item, decode_once, open_image_file
+
+    path = tmp_path / "x.png"
+    Image.new("RGB", (4, 4), "red").save(path)
+    decoded = []
+
+    def load(image_id):
+        decoded.append(image_id)
+        return open_image_file(image_id)
+
+    item = Item("1", "g", str(path), "Red?", True)
+    for _ in range(2):
+        decode_once(Benchmark("b", [item], "{question}", load), str(path))
+    assert decoded == [str(path)]
+    Image.new("RGB", (4, 4), "blue").save(path)
+    decode_once(Benchmark("b", [item], "{question}", load), str(path))
+    assert decoded == [str(path)] * 2

@@ -144,6 +144,24 @@ def one_each(members: list[Item], key: Callable[[Item], object], want: list, wha
     return None
 
 
+# Digests of the images that decoded in this process: the jobs of a sweep run one after
+# another in one process (Hydra's basic launcher) and need not decode them again.
+DECODED: set[str] = set()
+
+
+def decode_once(benchmark: Benchmark, image_id: str) -> None:
+    """Decode the image unless the same bytes decoded before (hashing them is ~10 times
+    cheaper than decoding; the digest is the score cache's, so it is computed anyway)."""
+    try:
+        digest = benchmark.image_digest(image_id)
+    except OSError:  # a stored path that is gone: load_image names it in one line
+        digest = None
+    if digest is None or digest not in DECODED:
+        benchmark.load_image(image_id)
+        if digest is not None:
+            DECODED.add(digest)
+
+
 def usable_groups(benchmark: Benchmark, limit: int | None, skip: bool) -> tuple[list[Item], int]:
     """The items of the first `limit` groups (all: None) whose images all decode, checked
     before the model loads by decoding them fully (a file cut short passes a header check).
@@ -165,9 +183,8 @@ def usable_groups(benchmark: Benchmark, limit: int | None, skip: bool) -> tuple[
         chunk = order[examined : examined + limit - len(kept_groups())]
         examined += len(chunk)
         ids = [i.image_id for g in chunk for i in by_group[g] if i.image_id is not None]
-        errors |= decode_errors(
-            benchmark.load_image, [k for k in dict.fromkeys(ids) if k not in errors]
-        )
+        todo = [k for k in dict.fromkeys(ids) if k not in errors]
+        errors |= decode_errors(lambda image_id: decode_once(benchmark, image_id), todo)
         bad = [k for k, err in errors.items() if err]
         if bad and not skip:
             raise UsageError(

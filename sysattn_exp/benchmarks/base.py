@@ -169,8 +169,8 @@ def usable_groups(benchmark: Benchmark, limit: int | None, skip: bool) -> tuple[
     need it are dropped whole (with every group sharing a drop unit, Benchmark.drop_unit)
     and the next groups taken in their place. Returns the items and how many were dropped."""
     items = benchmark.items
-    order = list(groups_of(items))
     by_group = groups_of(items)
+    order = list(by_group)
     limit = len(order) if limit is None else limit
     unit = benchmark.drop_unit or (lambda item: item.group_id)
     errors: dict[str, str | None] = {}

@@ -68,7 +68,7 @@ class Benchmark:
         if image_id is None:
             return None
         if image_id not in self._digests:
-            if isinstance(self.load_image, DatasetImages):
+            if isinstance(self.load_image, DatasetImages | DatasetsByPrefix):
                 data = self.load_image.stored_bytes(image_id)
             elif Path(image_id).is_file():
                 data = Path(image_id).read_bytes()
@@ -318,6 +318,20 @@ class DatasetImages:
         data = self.dataset[row][column]
         source = io.BytesIO(data["bytes"]) if data.get("bytes") else Path(data["path"])
         return open_image(source, f"{image_id} (row {row}, {column})")
+
+
+class DatasetsByPrefix:
+    """Benchmark.load_image over several hub datasets (one per split or subset): an image
+    id starts with its dataset's name, "<name>/..."."""
+
+    def __init__(self, sources: dict[str, DatasetImages]):
+        self.sources = sources
+
+    def stored_bytes(self, image_id: str) -> bytes:
+        return self.sources[image_id.split("/", 1)[0]].stored_bytes(image_id)
+
+    def __call__(self, image_id: str) -> Image.Image:
+        return self.sources[image_id.split("/", 1)[0]](image_id)
 
 
 def all_correct_rate(scored: pd.DataFrame, keys: list[str]) -> float:

@@ -23,7 +23,6 @@ forced yes/no choice is never unclear, so such a question is right only when the
 matches gt_answer."""
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -31,6 +30,7 @@ import pandas as pd
 from sysattn_exp.benchmarks.base import (
     Benchmark,
     DatasetImages,
+    DatasetsByPrefix,
     Item,
     all_correct_rate,
     check_groups,
@@ -110,7 +110,9 @@ def local_items(directory: Path, images: Path) -> list[Item]:
     return items
 
 
-def hub_items(repo_id: str, splits: list[str], revision: str | None) -> tuple[list[Item], Callable]:
+def hub_items(
+    repo_id: str, splits: list[str], revision: str | None
+) -> tuple[list[Item], DatasetsByPrefix]:
     """Items of every split, in split order. Only rows with a figure need the image column
     (the non_image split's is empty)."""
     items, images = [], {}
@@ -129,10 +131,7 @@ def hub_items(repo_id: str, splits: list[str], revision: str | None) -> tuple[li
             require_columns(dataset, ["image"], source)
             images[split] = DatasetImages(dataset, index)
 
-    def load_image(image_id: str):  # ids start with their split
-        return images[image_id.split("/", 1)[0]](image_id)
-
-    return items, load_image
+    return items, DatasetsByPrefix(images)  # ids start with their split
 
 
 def pair_problem(members: list[Item]) -> str | None:

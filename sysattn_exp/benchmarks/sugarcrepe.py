@@ -19,6 +19,7 @@ import pandas as pd
 from sysattn_exp.benchmarks.base import (
     Benchmark,
     DatasetImages,
+    DatasetsByPrefix,
     Item,
     check_groups,
     check_template,
@@ -151,9 +152,7 @@ def load(cfg) -> Benchmark:
     directory = data_dir(cfg)
     if directory is None:
         items, sources = hub_items(cfg)
-
-        def images(image_id: str):  # one hub dataset per subset; ids start with the subset
-            return sources[image_id.split("/")[0]](image_id)
+        images = DatasetsByPrefix(sources)  # one hub dataset per subset; ids start with it
 
         check_groups(items, f"{cfg.hub_id}_<subset>", pair_problem)
         return Benchmark("sugarcrepe", items, template, images, native_metrics)

@@ -3,6 +3,7 @@ with the picture built by hand (numpy) that a person sees; transparency on white
 families' processors (transformers' convert_to_rgb) composite it."""
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -268,13 +269,9 @@ def test_eight_bit_modes_match_transformers_convert_to_rgb(mode):
 
 
 def test_the_case_pictures_are_one_picture():
-    """shared/cases/02: an RGB, an RGBA and a palette PNG of one red circle on white (or on
-    transparency) reach the model as the same pixels."""
-    from benchmark_fixtures import SHARED
-
-    folder = SHARED.parent / "cases" / "02-rgba-transparency"
-    if not folder.is_dir():
-        pytest.skip(f"{folder} not found")
+    """The issue's case 02 (a copy in tests/data/cases): an RGB, an RGBA and a palette PNG of
+    one red circle on white (or on transparency) reach the model as the same pixels."""
+    folder = Path(__file__).parent / "data" / "cases" / "02-rgba-transparency"
     rgb = pixels(folder / "rgb.png")
     assert (pixels(folder / "rgba.png") == rgb).all()
     assert (pixels(folder / "p_trans.png") == rgb).all()

@@ -339,16 +339,13 @@ def test_hallusionbench_unreadable_figure_drops_its_whole_set(tmp_path):
     assert bench.load_counts["n_skipped_items"] == 4 and len(bench.items) == 2
 
 
-def test_hub_image_that_cannot_be_decoded(monkeypatch):
-    """The hub path decodes every stored image on load too."""
+def small_mme_hub(monkeypatch, images: list[bytes], answers=("Yes", "No")) -> None:
+    """lmms-lab-encoder/MME with the given images, each asked one question per answer."""
     from huggingface_hub import constants
 
-    good, cut = io.BytesIO(), io.BytesIO()
-    Image.new("RGB", (8, 8), "red").save(good, format="PNG")
-    Image.effect_noise((64, 64), 60).convert("RGB").save(cut, format="JPEG")
     rows = {"question_id": [], "image": [], "question": [], "answer": [], "category": []}
-    for n, data in enumerate((good.getvalue(), cut.getvalue()[:400], good.getvalue())):
-        for answer in ("Yes", "No"):
+    for n, data in enumerate(images):
+        for answer in answers:
             rows["question_id"].append(f"existence/{n:04d}.png")
             rows["image"].append({"bytes": data, "path": None})
             rows["question"].append(f"Is this {n} {answer}?")
@@ -360,11 +357,33 @@ def test_hub_image_that_cannot_be_decoded(monkeypatch):
     repos = {"lmms-lab-encoder/MME": {"test": datasets.Dataset.from_dict(rows, features=features)}}
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset(repos))
+
+
+def png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_hub_image_that_cannot_be_decoded(monkeypatch):
+    """The hub path decodes every stored image on load too."""
+    cut = io.BytesIO()
+    Image.effect_noise((64, 64), 60).convert("RGB").save(cut, format="JPEG")
+    small_mme_hub(monkeypatch, [png_bytes(), cut.getvalue()[:400], png_bytes()])
     with pytest.raises(UsageError, match=r"existence/0001.png \(row 2, image\)"):
         load_benchmark(benchmark_cfg("benchmark=mme"))
     bench = load_benchmark(benchmark_cfg("benchmark=mme", "benchmark.skip_missing_images=true"))
     assert list(groups_of(bench)) == ["existence/0000.png", "existence/0002.png"]
     assert bench.load_counts["n_skipped_items"] == 2
+
+
+def test_hub_mme_pair_with_a_third_question_stops(monkeypatch):
+    small_mme_hub(monkeypatch, [png_bytes()], answers=("Yes", "No", "No"))
+    with pytest.raises(
+        UsageError,
+        match=r"^lmms-lab-encoder/MME split test: group 'existence/0000.png' has 3 questions",
+    ):
+        load_benchmark(benchmark_cfg("benchmark=mme"))
 
 
 def test_an_image_decodes_once_per_process_until_its_bytes_change(tmp_path):

@@ -19,6 +19,8 @@ from importlib.resources import files
 
 from lemminflect import getLemma
 
+from sysattn_exp.files import read_text
+
 # Pairs of tokens (after singularising) read as one word, and what they count as.
 # The original's list, in its order; "stove top oven" has three words and, as in the
 # original, never matches (only pairs are looked up).
@@ -99,7 +101,7 @@ def double_word_rules() -> dict[str, str]:
 
 @cache
 def vocabulary() -> Vocabulary:
-    text = (files("sysattn_exp") / "data" / "coco_synonyms.txt").read_text(encoding="utf-8")
+    text = read_text(files("sysattn_exp") / "data" / "coco_synonyms.txt")
     return Vocabulary(parse_synonyms(text), double_word_rules())
 
 

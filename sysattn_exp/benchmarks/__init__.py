@@ -1,5 +1,7 @@
 """Benchmarks by name. Each module's `load(cfg) -> Benchmark` reads the data, checks it and
-forms the groups; `Benchmark.native_metrics` computes the benchmark's own metrics."""
+forms the groups (checking that each has the structure the metrics assume);
+load_benchmark then decodes every image the job will use, before any model loads;
+`Benchmark.native_metrics` computes the benchmark's own metrics."""
 
 import copy
 
@@ -16,7 +18,14 @@ from sysattn_exp.benchmarks import (
     toy,
     winoground,
 )
-from sysattn_exp.benchmarks.base import Benchmark, Item, first_groups, prompt_preset
+from sysattn_exp.benchmarks.base import (
+    Benchmark,
+    Item,
+    first_groups,
+    group_limit,
+    prompt_preset,
+    usable_groups,
+)
 from sysattn_exp.errors import UsageError
 
 LOADERS = {
@@ -49,7 +58,15 @@ def load_benchmark(cfg) -> Benchmark:
         cfg.template = template
     benchmark = LOADERS[cfg.name](cfg)
     benchmark.remove = remove
-    benchmark.items = first_groups(benchmark.items, cfg.get("limit"))
+    limit = group_limit(cfg.get("limit"))
+    if benchmark.image_files:
+        # Every image the job will use is decoded now, before the (slow) model load.
+        benchmark.items, skipped = usable_groups(
+            benchmark, limit, bool(cfg.get("skip_missing_images", False))
+        )
+        benchmark.load_counts["n_skipped_items"] = skipped
+    else:
+        benchmark.items = first_groups(benchmark.items, limit)
     if not benchmark.items:
         raise UsageError(f"benchmark={cfg.name} has no items to evaluate")
     no_image = sum(item.image_id is None for item in benchmark.items)

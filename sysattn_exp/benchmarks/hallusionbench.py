@@ -23,7 +23,6 @@ forced yes/no choice is never unclear, so such a question is right only when the
 matches gt_answer."""
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -31,11 +30,12 @@ import pandas as pd
 from sysattn_exp.benchmarks.base import (
     Benchmark,
     DatasetImages,
+    DatasetsByPrefix,
     Item,
     all_correct_rate,
+    check_groups,
     check_template,
     data_dir,
-    drop_unreadable,
     hub_dataset,
     image_dir,
     open_image_file,
@@ -43,6 +43,7 @@ from sysattn_exp.benchmarks.base import (
     required_file,
 )
 from sysattn_exp.errors import UsageError
+from sysattn_exp.files import read_text
 
 MAIN_METRIC = "hallusionbench/qAcc"  # the native metric the report shows
 FIELDS = (
@@ -81,6 +82,8 @@ def make_item(record: dict, image_id: str | None, where: str) -> Item:
         meta={
             "figure_key": None if no_figure else f"{cat}_{sub}_{set_id}_{figure}",
             "has_image": image_id is not None,
+            # A set's question pairs and figures overlap: an unreadable figure drops it whole.
+            "set_key": f"{cat}_{sub}_{set_id}",
         },
     )
 
@@ -88,9 +91,11 @@ def make_item(record: dict, image_id: str | None, where: str) -> Item:
 def local_items(directory: Path, images: Path) -> list[Item]:
     path = required_file(directory / "HallusionBench.json", "HallusionBench.json")
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        records = json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise UsageError(f"{path}: not valid JSON ({err.msg})") from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise UsageError(f"{path}: must be a JSON list of question records")
     items = []
     for i, record in enumerate(records):
         image = None
@@ -105,7 +110,9 @@ def local_items(directory: Path, images: Path) -> list[Item]:
     return items
 
 
-def hub_items(repo_id: str, splits: list[str], revision: str | None) -> tuple[list[Item], Callable]:
+def hub_items(
+    repo_id: str, splits: list[str], revision: str | None
+) -> tuple[list[Item], DatasetsByPrefix]:
     """Items of every split, in split order. Only rows with a figure need the image column
     (the non_image split's is empty)."""
     items, images = [], {}
@@ -124,10 +131,22 @@ def hub_items(repo_id: str, splits: list[str], revision: str | None) -> tuple[li
             require_columns(dataset, ["image"], source)
             images[split] = DatasetImages(dataset, index)
 
-    def load_image(image_id: str):  # ids start with their split
-        return images[image_id.split("/", 1)[0]](image_id)
+    return items, DatasetsByPrefix(images)  # ids start with their split
 
-    return items, load_image
+
+def pair_problem(members: list[Item]) -> str | None:
+    """qAcc and fAcc count each question on each figure once: a pair must not ask its
+    question twice on one figure (one record twice would count twice)."""
+    ids = [item.item_id for item in members]
+    twice = next((i for i in ids if ids.count(i) > 1), None)
+    if twice is not None:
+        figure = twice.rsplit("_", 2)[1]
+        return f"asks its question twice on figure {figure} ({twice})"
+    return None
+
+
+def set_of(item: Item) -> str:
+    return item.meta["set_key"]
 
 
 def rate(rows: pd.DataFrame, keys: list[str] | None = None) -> float | None:
@@ -162,9 +181,12 @@ def load(cfg) -> Benchmark:
     directory = data_dir(cfg)
     if directory is None:
         items, images = hub_items(cfg.hub_id, splits_of(cfg), cfg.get("revision"))
-        counts = {"n_no_image_items": 0}  # load_benchmark counts them after the limit
-        return Benchmark("hallusionbench", items, template, images, native_metrics, counts)
-    items = local_items(directory, image_dir(cfg, directory))
-    items, skipped = drop_unreadable(items, cfg.skip_missing_images)
-    counts = {"n_no_image_items": 0, "n_skipped_items": skipped}
-    return Benchmark("hallusionbench", items, template, open_image_file, native_metrics, counts)
+        source = f"{cfg.hub_id} splits {', '.join(splits_of(cfg))}"
+    else:
+        items, images = local_items(directory, image_dir(cfg, directory)), open_image_file
+        source = str(directory / "HallusionBench.json")
+    check_groups(items, source, pair_problem)
+    counts = {"n_no_image_items": 0}  # load_benchmark counts them after the limit
+    return Benchmark(
+        "hallusionbench", items, template, images, native_metrics, counts, drop_unit=set_of
+    )

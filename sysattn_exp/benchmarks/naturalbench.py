@@ -19,9 +19,11 @@ from sysattn_exp.benchmarks.base import (
     DatasetImages,
     Item,
     all_correct_rate,
+    check_groups,
     check_template,
     data_dir,
     hub_dataset,
+    one_each,
     require_columns,
 )
 from sysattn_exp.errors import UsageError
@@ -81,6 +83,17 @@ def items_of(dataset, source: str) -> tuple[list[Item], DatasetImages, int]:
     return items, DatasetImages(dataset, index), excluded
 
 
+def sample_problem(members: list[Item]) -> str | None:
+    """Q-Acc, I-Acc and G-Acc need each sample's 2 questions x 2 images, once each (an
+    Index on two rows would merge two samples)."""
+    return one_each(
+        members,
+        lambda item: (item.meta["question_index"], item.meta["image_index"]),
+        [(0, 0), (0, 1), (1, 0), (1, 1)],
+        "(question, image) pairs",
+    )
+
+
 def native_metrics(scored: pd.DataFrame) -> dict[str, float]:
     return {
         "naturalbench/yesno_acc": float(scored["correct"].mean()),
@@ -100,6 +113,7 @@ def load(cfg) -> Benchmark:
     else:
         dataset, source = parquet_dataset(directory), str(directory)
     items, images, excluded = items_of(dataset, source)
+    check_groups(items, source, sample_problem)
     counts = {"n_multiple_choice_excluded": excluded}
     return Benchmark(
         "naturalbench", items, check_template(cfg.template), images, native_metrics, counts

@@ -41,6 +41,7 @@ from sysattn_exp.scoring import (
     keep_batch,
     plan_batches,
     score_batch,
+    warn_if_unscored,
 )
 
 
@@ -217,10 +218,12 @@ def generate_items(
     texts, tokens = [""] * n, [[] for _ in range(n)]
     yes, no, p_yes = [float("nan")] * n, [float("nan")] * n, [float("nan")] * n
     new_tokens, started = 0, time.perf_counter()
-    for batch in tqdm(loader, desc=desc, unit="batch", disable=None):
+    for index, batch in enumerate(tqdm(loader, desc=desc, unit="batch", disable=None)):
         if isinstance(batch, UsageError):
             raise batch
         begun = start_batch(loaded, batch, edit)
+        if index == 0 and all(words):  # the first batch: the answer tokens' check
+            warn_if_unscored(loaded.tokenizer, begun.logits, *words)
         ids = decode(loaded, begun, edit, max_new_tokens)
         new_tokens += sum(len(row) for row in ids)
         scores = answer_scores(begun.logits, *words) if all(words) else None

@@ -239,13 +239,44 @@ def prompt_modalities(
     return modality_counts(split[0])
 
 
-def first_token_ids(tokenizer, words, key: str) -> list[int]:
-    """The first token id of each word, as the model would emit it after the prompt."""
+def first_token_ids(tokenizer, words, key: str, prompt: str) -> list[int]:
+    """The token ids a reply starting with one of `words` begins with, right after `prompt`
+    (a rendered prompt: it ends in the chat template's generation prompt, which is the same
+    for every item). Each word is read in both spellings a reply can start with, as it is
+    and after a space ("Yes", " Yes"): a template that ends in "ASSISTANT:" or
+    "Assistant:" is followed by " Yes" (Llama's SentencePiece "▁Yes", byte-level BPE's
+    "ĠYes"), one that ends in a newline by "Yes". Each spelling is tokenised after the
+    prompt and its first new token kept; a spelling whose tokens merge with the prompt's
+    last ones is skipped (the model, having read the prompt's tokens, cannot emit it).
+    Sorted, without repeats. UsageError names `key` if a word gives no token."""
     if not words:
         raise UsageError(f"{key} is empty; give at least one word, e.g. [Yes, yes]")
     if not all(isinstance(w, str) for w in words):
         raise UsageError(f"{key}={list(words)} must be strings (quote Yes/No in YAML)")
-    ids = [tokenizer(w, add_special_tokens=False).input_ids[:1] for w in words]
-    if not all(ids):
-        raise UsageError(f"{key}={list(words)} contains a word that tokenizes to nothing")
-    return sorted({i[0] for i in ids})
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    ids = set()
+    for word in words:
+        found = {first_new_token(tokenizer, prompt, prompt_ids, w) for w in spellings(word)}
+        found.discard(None)
+        if not found:
+            raise UsageError(
+                f"{key}={list(words)}: {word!r} gives no token of its own after the prompt "
+                "(it tokenizes to nothing, or merges with the prompt's last token)"
+            )
+        ids |= found
+    return sorted(ids)
+
+
+def spellings(word: str) -> list[str]:
+    """The word as given and after one space ("Yes" -> "Yes", " Yes")."""
+    return list(dict.fromkeys([word, " " + word.lstrip()])) if word.strip() else [word]
+
+
+def first_new_token(tokenizer, prompt: str, prompt_ids: list[int], text: str) -> int | None:
+    """The first token of `text` as it is tokenised after `prompt`; None where the prompt's
+    own tokens are not a prefix of the whole (a merge across the boundary) or `text` adds
+    no token."""
+    ids = tokenizer(prompt + text, add_special_tokens=False).input_ids
+    if len(ids) <= len(prompt_ids) or ids[: len(prompt_ids)] != prompt_ids:
+        return None
+    return ids[len(prompt_ids)]

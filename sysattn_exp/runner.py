@@ -28,6 +28,7 @@ from sysattn_exp.models import (
     load_processor,
     prompt_format,
     prompt_modalities,
+    tokenizer_of,
 )
 from sysattn_exp.profile import AttentionProfile, heatmap
 from sysattn_exp.prompts import PromptFormat
@@ -207,14 +208,29 @@ def num_workers(cfg) -> int:
     return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
-def scoring_words(loaded: LoadedModel, cfg) -> tuple[list[int], list[int]]:
-    tokenizer = loaded.tokenizer
-    yes = first_token_ids(tokenizer, cfg.yes_words, "scoring.yes_words")
-    no = first_token_ids(tokenizer, cfg.no_words, "scoring.no_words")
+def scoring_words(loaded: LoadedModel, cfg, prompt: str) -> tuple[list[int], list[int]]:
+    """The yes and no token ids (models.first_token_ids) as they follow `prompt`, a rendered
+    prompt of the job (every prompt ends in the template's same generation prompt)."""
+    return answer_token_ids(loaded.tokenizer, cfg, prompt)
+
+
+def answer_token_ids(tokenizer, cfg, prompt: str) -> tuple[list[int], list[int]]:
+    yes = first_token_ids(tokenizer, cfg.yes_words, "scoring.yes_words", prompt)
+    no = first_token_ids(tokenizer, cfg.no_words, "scoring.no_words", prompt)
     shared = sorted(set(yes) & set(no))
     if shared:
-        raise UsageError(f"scoring.yes_words and scoring.no_words share first tokens {shared}")
+        raise UsageError(
+            f"scoring.yes_words and scoring.no_words share first tokens {shared} "
+            f"({', '.join(token_strings(tokenizer, shared))}); give words that start differently"
+        )
     return yes, no
+
+
+def token_strings(tokenizer, ids: list[int]) -> list[str]:
+    """Each id with its token as the vocabulary spells it, e.g. "3869 '▁Yes'"."""
+    return [
+        f"{i} {token!r}" for i, token in zip(ids, tokenizer.convert_ids_to_tokens(ids), strict=True)
+    ]
 
 
 def run_name(benchmark: str, edit: Edit | None, layers: list[int]) -> str:
@@ -290,11 +306,15 @@ def dry_run(cfg, benchmark: Benchmark) -> dict:
     image = benchmark.load_image(example.image_id) if with_image else None
     image_token_id = getattr(config, "image_token_id", None)
     split = prompt_modalities(processor, image_token_id, image, prompt, question)
+    tokenizer = tokenizer_of(processor)
+    words = answer_token_ids(tokenizer, cfg.scoring, prompt)  # bad words fail before printing
     print(f"benchmark {benchmark.name}: " + ", ".join(f"{k}={v:g}" for k, v in summary.items()))
     print(f"example prompt (item {example.item_id}, image {example.image_id}):\n{prompt}")
     print(
         f"tokens for {cfg.model.name_or_path}: " + ", ".join(f"{k}={v}" for k, v in split.items())
     )
+    for name, ids in zip(("yes", "no"), words, strict=True):
+        print(f"scored {name} tokens after the prompt: {', '.join(token_strings(tokenizer, ids))}")
     return summary | {f"example_{k}_tokens": v for k, v in split.items()}
 
 
@@ -316,8 +336,8 @@ def run(cfg, out_dir: Path) -> dict:
     loaded = load_model(cfg.model)
     layers = resolve_layers(cfg.layers, loaded.num_layers) if rule else []
     edit = build_edit(rule, layers)
-    words = scoring_words(loaded, cfg.scoring)
     prompts = item_prompts(benchmark, loaded.prompt_format(cfg.model))
+    words = scoring_words(loaded, cfg.scoring, prompts[0])
     name = run_name(benchmark.name, edit, layers)
 
     # The baseline comes from the score cache once any job has computed it.

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from sysattn_exp.benchmarks import Benchmark
+from sysattn_exp.benchmarks.base import mme_answer
 from sysattn_exp.errors import UsageError
 from sysattn_exp.intervention import Edit
 from sysattn_exp.modality import TEXT
@@ -235,18 +236,5 @@ def generate_items(
     return Generations(texts, tokens, yes, no, p_yes, seconds, new_tokens, n)
 
 
-def parse_yes_no(text: str) -> str:
-    """ "yes", "no" or "unknown", as the MME benchmark's eval tool parses an answer
-    (eval_tool/calculation.py, parse_pred_ans: exactly yes/no; else "yes" within the
-    first 4 characters -> yes, else "no" within them -> no, else "other"), after the
-    normalisation lmms-eval applies before it (tasks/mme/utils.py: lowercase, strip,
-    periods removed). "unknown" is our name for MME's "other": neither answer, counted
-    wrong."""
-    answer = text.lower().strip().replace(".", "")
-    if answer in ("yes", "no"):
-        return answer
-    if "yes" in answer[:4]:
-        return "yes"
-    if "no" in answer[:4]:
-        return "no"
-    return "unknown"
+# MME's eval tool rule (benchmarks.base.mme_answer) under its older name here.
+parse_yes_no = mme_answer

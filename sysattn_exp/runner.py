@@ -9,13 +9,13 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-from sysattn_exp.benchmarks import Benchmark, load_benchmark
+from sysattn_exp.benchmarks import Benchmark, answer_parser, load_benchmark
 from sysattn_exp.cache import SCORES_VERSION, ScoreCache, digest
 from sysattn_exp.caption import caption_job, load_coco
 from sysattn_exp.conditions import build_edit, intervention_rule, resolve_layers
 from sysattn_exp.errors import UsageError, first_line
 from sysattn_exp.files import write_atomically, write_json
-from sysattn_exp.generation import generate_in_batches, generate_items, parse_yes_no
+from sysattn_exp.generation import generate_in_batches, generate_items
 from sysattn_exp.intervention import Edit
 from sysattn_exp.metrics import compare_with_baseline, shared_metrics
 from sysattn_exp.models import (
@@ -74,7 +74,8 @@ def predict(
 def predict_by_generation(
     cfg, loaded, benchmark, prompts, edit, words, desc
 ) -> tuple[pd.DataFrame, Scores]:
-    """Greedy answers, parsed to yes/no/unknown (generation.parse_yes_no); the score columns
+    """Greedy answers, parsed to yes/no/unknown by the benchmark's own rule or MME's
+    (scoring.parser; benchmarks.answer_parser); the score columns
     come from the first step's logits, the logit mode's. No score cache: a generated text is
     not a score, and a run costs max_new_tokens forward passes per batch more than the
     logit mode's one, which a cache would only save on a rerun of the same condition."""
@@ -99,7 +100,8 @@ def predict_by_generation(
     )
     frame = item_columns(benchmark, prompts, scores)
     frame["generated"] = generated.texts
-    frame["answer"] = [parse_yes_no(text) for text in generated.texts]
+    parse = answer_parser(benchmark.name, parser_name(cfg.scoring))
+    frame["answer"] = [parse(text) for text in generated.texts]
     frame["pred"] = frame["answer"] == "yes"
     # An unknown answer is neither yes nor no: wrong whatever the label.
     frame["correct"] = (frame["pred"] == frame["label"]) & (frame["answer"] != "unknown")
@@ -160,6 +162,12 @@ def max_new_tokens(scoring) -> int:
     return value
 
 
+def parser_name(scoring) -> str:
+    """scoring.parser: how generated answers are read (native: each benchmark's own rule;
+    mme: MME's eval tool rule for all)."""
+    return scoring.get("parser", "native")
+
+
 def generation_condition(scoring) -> dict:
     """The generation settings, in the condition only in generate mode: logit-mode
     conditions (and their cached scores and job keys) stay what they were before it."""
@@ -183,7 +191,7 @@ def job_key(config: dict, condition: dict) -> str:
         if section == "scoring" and value.get("mode", "logit") == "logit":
             # The logit mode ignores the generation keys; without them, jobs keep the key
             # they had before generation existed (the condition has them in generate mode).
-            dropped = {"mode", "max_new_tokens"}
+            dropped = {"mode", "max_new_tokens", "parser"}
         kept[section] = {k: v for k, v in value.items() if k not in dropped} if dropped else value
     return digest([condition, kept])
 
@@ -325,6 +333,7 @@ def run(cfg, out_dir: Path) -> dict:
     benchmark = load_benchmark(cfg.benchmark)
     rule = intervention_rule(cfg.intervention)  # checked before the (slow) model load
     ranking = rank_by(cfg.scoring)
+    answer_parser(benchmark.name, parser_name(cfg.scoring))  # a bad scoring.parser stops here
     if scoring_mode(cfg.scoring) == "generate":
         max_new_tokens(cfg.scoring)  # checked before the model load too
         if cfg.runtime.profile:

@@ -22,6 +22,7 @@ from sysattn_exp.benchmarks.base import (
     drop_unreadable,
     hub_dataset,
     image_dir,
+    mme_answer,
     open_image_file,
     require_columns,
 )
@@ -139,3 +140,7 @@ def load(cfg) -> Benchmark:
     return Benchmark(
         "mme", items, template, open_image_file, native_metrics, {"n_skipped_items": skipped}
     )
+
+
+# Generated answers (scoring.mode=generate) are parsed by MME's own eval tool's rule.
+parse_generated = mme_answer

@@ -25,6 +25,7 @@ from sysattn_exp.benchmarks.base import (
     drop_unreadable,
     hub_dataset,
     image_dir,
+    mme_answer,
     open_image_file,
     require_columns,
 )
@@ -144,3 +145,9 @@ def load(cfg) -> Benchmark:
     items, skipped = drop_unreadable(items, cfg.skip_missing_images)
     counts = {"n_skipped_items": skipped}
     return Benchmark("sugarcrepe", items, template, open_image_file, native_metrics, counts)
+
+
+# SugarCrepe's official evaluation scores image-text matching and parses no generated text
+# (VQAScore, whose yes/no prompt this uses, reads P("Yes")): generated answers are parsed
+# with MME's rule.
+parse_generated = mme_answer

@@ -24,6 +24,7 @@ from sysattn_exp.benchmarks.base import (
     data_dir,
     drop_unreadable,
     hub_dataset,
+    mme_answer,
     open_image_file,
     require_columns,
     required_file,
@@ -99,3 +100,9 @@ def load(cfg) -> Benchmark:
     items, skipped = drop_unreadable(local_items(directory), cfg.skip_missing_images)
     counts = {"n_skipped_items": skipped}
     return Benchmark("winoground", items, template, open_image_file, native_metrics, counts)
+
+
+# Winoground's official evaluation scores image-text matching and parses no generated text
+# (VQAScore, whose yes/no prompt this uses, reads P("Yes")): generated answers are parsed
+# with MME's rule.
+parse_generated = mme_answer

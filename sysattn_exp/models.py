@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+import transformers
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -19,6 +20,8 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+from transformers.utils import is_torchvision_available
 
 from sysattn_exp.errors import UsageError, first_line
 from sysattn_exp.intervention import ATTENTION_NAME
@@ -184,6 +187,9 @@ def _load(cfg, dtype, device_map):
 
         return build_toy_llava()
     model_type = load_config(cfg).model_type
+    # The processor first: one that cannot be built here (a missing optional dependency)
+    # stops the job before minutes of weight loading.
+    processor = load_processor(cfg, model_type)
     model_class = (
         AutoModelForImageTextToText if model_type in VLM_FAMILIES else AutoModelForCausalLM
     )
@@ -196,7 +202,7 @@ def _load(cfg, dtype, device_map):
             f"model.name_or_path={cfg.name_or_path!r} could not be loaded ({first_line(err)}); "
             "give a hub id you can download or a directory saved with save_pretrained"
         ) from err
-    return model, load_processor(cfg, model_type)
+    return model, processor
 
 
 def load_processor(cfg, model_type: str | None = None):
@@ -214,10 +220,32 @@ def load_processor(cfg, model_type: str | None = None):
     loader = AutoProcessor if model_type in VLM_FAMILIES else AutoTokenizer
     try:
         return loader.from_pretrained(cfg.name_or_path, revision=cfg.revision)
-    except OSError as err:
+    except (OSError, ValueError, ImportError) as err:
+        missing = missing_processor_dependency(model_type)
+        if missing:
+            raise UsageError(f"model.name_or_path={cfg.name_or_path!r}: {missing}") from err
         raise UsageError(
             f"model.name_or_path={cfg.name_or_path!r}: no processor ({first_line(err)})"
         ) from err
+
+
+def missing_processor_dependency(model_type: str) -> str | None:
+    """Why the family's processor cannot be built on this machine, if an optional
+    dependency is the reason; else None. In transformers 5 every video processor needs
+    torchvision, and the processors of Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, InternVL and
+    SmolVLM include one (their class lists a video_processor among its parts), even for
+    images only."""
+    if is_torchvision_available():
+        return None
+    name = PROCESSOR_MAPPING_NAMES.get(model_type)
+    processor_class = getattr(transformers, name, None) if name else None
+    if processor_class is None or "video_processor" not in processor_class.get_attributes():
+        return None
+    return (
+        f"the {VLM_FAMILIES.get(model_type, model_type)} processor ({name}) includes a video "
+        "processor, which transformers builds only with torchvision, not installed here: "
+        f"pip install torchvision (the build matching torch {torch.__version__})"
+    )
 
 
 def prompt_modalities(

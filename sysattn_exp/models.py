@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import transformers
+from jinja2.exceptions import TemplateError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -267,7 +268,7 @@ def prompt_modalities(
     return modality_counts(split[0])
 
 
-def first_token_ids(tokenizer, words, key: str, prompt: str) -> list[int]:
+def first_token_ids(tokenizer, words, key: str, prompt: str | None = None) -> list[int]:
     """The token ids a reply starting with one of `words` begins with, right after `prompt`
     (a rendered prompt: it ends in the chat template's generation prompt, which is the same
     for every item). Each word is read in both spellings a reply can start with, as it is
@@ -276,15 +277,20 @@ def first_token_ids(tokenizer, words, key: str, prompt: str) -> list[int]:
     "ĠYes"), one that ends in a newline by "Yes". Each spelling is tokenised after the
     prompt and its first new token kept; a spelling whose tokens merge with the prompt's
     last ones is skipped (the model, having read the prompt's tokens, cannot emit it).
-    Sorted, without repeats. UsageError names `key` if a word gives no token."""
+    `prompt` None: the tokenizer's own chat template's generation prompt, or, without a
+    template, each word tokenised alone. Sorted, without repeats. UsageError names `key`
+    if a word gives no token."""
     if not words:
         raise UsageError(f"{key} is empty; give at least one word, e.g. [Yes, yes]")
     if not all(isinstance(w, str) for w in words):
         raise UsageError(f"{key}={list(words)} must be strings (quote Yes/No in YAML)")
-    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    if prompt is None:
+        prompt = generation_prompt(tokenizer)
+    prompt_ids = tokenizer(prompt or "", add_special_tokens=False).input_ids
     ids = set()
     for word in words:
-        found = {first_new_token(tokenizer, prompt, prompt_ids, w) for w in spellings(word)}
+        forms = spellings(word) if prompt is not None else [word]
+        found = {first_new_token(tokenizer, prompt or "", prompt_ids, w) for w in forms}
         found.discard(None)
         if not found:
             raise UsageError(
@@ -293,6 +299,21 @@ def first_token_ids(tokenizer, words, key: str, prompt: str) -> list[int]:
             )
         ids |= found
     return sorted(ids)
+
+
+def generation_prompt(tokenizer) -> str | None:
+    """A one-question conversation rendered by the tokenizer's chat template, ending in its
+    generation prompt; None without a template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    for content in ([{"type": "text", "text": "?"}], "?"):  # processors' form, plain form
+        try:
+            return tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+            )
+        except TemplateError:
+            continue
+    return None
 
 
 def spellings(word: str) -> list[str]:

@@ -108,6 +108,19 @@ def test_case_04_idefics3_scores_the_space_prefixed_tokens():
     assert not set(yes) & set(no)
 
 
+def test_without_a_prompt_the_tokenizers_own_template_is_used():
+    """The case's check script calls first_token_ids without a prompt: the tokenizer's chat
+    template then gives one (Idefics3: "Assistant:"); without a template the words are
+    tokenised alone, as before."""
+    idefics3 = next(p for p in BUILDERS["idefics3"](0) if hasattr(p, "tokenizer")).tokenizer
+    yes = first_token_ids(idefics3, ["Yes", "yes"], "scoring.yes_words")
+    assert "ĠYes" in idefics3.convert_ids_to_tokens(yes)
+    llava = tokenizer_of(BUILDERS["llava"](0)[1])  # the vicuna format: no chat template
+    assert not llava.chat_template
+    alone = llava("Yes", add_special_tokens=False).input_ids[0]
+    assert first_token_ids(llava, ["Yes"], "scoring.yes_words") == [alone]
+
+
 def sentencepiece_tokenizer() -> PreTrainedTokenizerFast:
     """A small tokenizer of Llama's kind (SentencePiece BPE: spaces become "▁", one is
     prepended to the text), as LLaVA-1.5's."""

@@ -22,7 +22,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
-from transformers.utils import is_torchvision_available
+from transformers.utils import is_num2words_available, is_torchvision_available
 
 from sysattn_exp.errors import UsageError, first_line
 from sysattn_exp.intervention import ATTENTION_NAME
@@ -230,22 +230,38 @@ def load_processor(cfg, model_type: str | None = None):
         ) from err
 
 
+# Packages a family's processor checks for itself when it is built (transformers 5.x).
+PROCESSOR_PACKAGES = {"smolvlm": ("num2words", is_num2words_available)}
+
+
 def missing_processor_dependency(model_type: str) -> str | None:
-    """Why the family's processor cannot be built on this machine, if an optional
-    dependency is the reason; else None. In transformers 5 every video processor needs
-    torchvision, and the processors of Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, InternVL and
-    SmolVLM include one (their class lists a video_processor among its parts), even for
-    images only."""
-    if is_torchvision_available():
-        return None
+    """Why the family's processor cannot be built on this machine, if missing optional
+    packages are the reason (all of them named at once); else None. In transformers 5 every
+    video processor needs torchvision, and the processors of Qwen2-VL, Qwen2.5-VL,
+    LLaVA-OneVision, InternVL and SmolVLM include one (their class lists a video_processor
+    among its parts), even for images only; SmolVLM's also refuses to start without
+    num2words."""
     name = PROCESSOR_MAPPING_NAMES.get(model_type)
     processor_class = getattr(transformers, name, None) if name else None
-    if processor_class is None or "video_processor" not in processor_class.get_attributes():
+    if processor_class is None:
         return None
+    missing = {}
+    if "video_processor" in processor_class.get_attributes() and not is_torchvision_available():
+        missing["torchvision"] = "for its video processor"
+    package, available = PROCESSOR_PACKAGES.get(model_type, (None, None))
+    if package and not available():
+        missing[package] = "its own check"
+    if not missing:
+        return None
+    needs = " and ".join(f"{package} ({why})" for package, why in missing.items())
+    build = (
+        f"; torchvision: the build matching torch {torch.__version__}"
+        if "torchvision" in missing
+        else ""
+    )
     return (
-        f"the {VLM_FAMILIES.get(model_type, model_type)} processor ({name}) includes a video "
-        "processor, which transformers builds only with torchvision, not installed here: "
-        f"pip install torchvision (the build matching torch {torch.__version__})"
+        f"the {VLM_FAMILIES.get(model_type, model_type)} processor ({name}) needs {needs}, "
+        f"not installed here: pip install {' '.join(missing)}{build}"
     )
 
 

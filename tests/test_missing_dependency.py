@@ -1,13 +1,15 @@
 """A missing optional dependency is one line before the weights load, not a traceback after
 (issue 18, section 6). In transformers 5 every video processor needs torchvision, and the
-processors of Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, InternVL and SmolVLM include one.
+processors of Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, InternVL and SmolVLM include one;
+SmolVLM's also needs num2words.
 
-The command runs in a subprocess whose sitecustomize hides torchvision (fault injection:
-this project's CPU machines have none anyway, and a machine that has it gets the same
-test). The checkpoint is a tiny Qwen2-VL saved with its real processor files, loaded by
-the real AutoProcessor, and its weights file is garbage: had the weights been read first,
-the error would be about them."""
+The command runs in a subprocess whose sitecustomize hides torchvision and num2words
+(fault injection: this project's CPU machines have neither anyway, and a machine that has
+them gets the same test). The checkpoint is a tiny Qwen2-VL saved with its real processor
+files, loaded by the real AutoProcessor, and its weights file is garbage: had the weights
+been read first, the error would be about them."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +25,7 @@ import sys
 
 
 def _hidden(name):
-    return name == "torchvision" or name.startswith("torchvision.")
+    return name.split(".")[0] in ("torchvision", "num2words")
 
 
 class _HideTorchvision(importlib.abc.MetaPathFinder):
@@ -76,18 +78,24 @@ def qwen2_vl_garbage_weights(tmp_path_factory) -> Path:
 
 
 def test_families_whose_processor_needs_torchvision(tmp_path, hidden):
-    """With torchvision hidden, the families named are exactly those whose processor class
-    lists a video processor; the others' processors need nothing more."""
+    """With the packages hidden, the families named are exactly those whose processor class
+    lists a video processor; SmolVLM's message names num2words too; the others' processors
+    need nothing more."""
     code = (
+        "import json\n"
         "from transformers.utils import is_torchvision_available\n"
         "from sysattn_exp.models import VLM_FAMILIES, missing_processor_dependency as m\n"
-        "print(is_torchvision_available(), sorted(f for f in VLM_FAMILIES if m(f)))"
+        "print(json.dumps([is_torchvision_available(), {f: m(f) for f in VLM_FAMILIES}]))"
     )
     result = python(["-c", code], tmp_path, hidden)
     assert result.returncode == 0, result.stderr[-2000:]
-    available, families = result.stdout.strip().splitlines()[-1].split(" ", 1)
-    assert available == "False"  # the injection works
-    assert set(eval(families)) == VIDEO_FAMILIES
+    available, messages = json.loads(result.stdout.strip().splitlines()[-1])
+    assert available is False  # the injection works
+    assert {family for family, message in messages.items() if message} == VIDEO_FAMILIES
+    for family in VIDEO_FAMILIES:
+        assert "torchvision (for its video processor)" in messages[family]
+        assert ("num2words" in messages[family]) == (family == "smolvlm")
+    assert "not installed here: pip install torchvision num2words;" in messages["smolvlm"]
 
 
 def test_missing_torchvision_is_one_line_before_the_weights(

@@ -220,5 +220,8 @@ def test_parser_is_in_the_job_key_in_generate_mode_only():
                 )
             config = OmegaConf.to_container(cfg, resolve=True)
             keys[mode, parser] = job_key(config, generation_condition(cfg.scoring))
-    assert keys["logit", "native"] == keys["logit", "mme"]
+            if mode == "logit":  # as a config written before scoring.parser existed
+                del config["scoring"]["parser"]
+                keys["logit", "before"] = job_key(config, generation_condition(cfg.scoring))
+    assert keys["logit", "native"] == keys["logit", "mme"] == keys["logit", "before"]
     assert keys["generate", "native"] != keys["generate", "mme"]

@@ -146,6 +146,7 @@ def load_coco(cfg) -> list[CocoImage]:
     """The images to caption, with their CHAIR ground truth. `cfg` is the caption config
     (data_dir, image_dir, limit, seed, image_list). Every selected image file must exist
     and decode (images.open_image, the conversion every benchmark uses)."""
+    vocab = vocabulary(cfg.get("singularize", "original"))  # a bad name stops here
     data_dir, image_dir = annotation_dirs(cfg)
     instances = read_annotations(data_dir, INSTANCES, ["images", "annotations", "categories"])
     captions = read_annotations(data_dir, CAPTIONS, ["annotations"])
@@ -175,7 +176,7 @@ def load_coco(cfg) -> list[CocoImage]:
             image_id,
             known[image_id],
             image_dir / known[image_id],
-            frozenset(ground_truth_objects(categories[image_id], references[image_id])),
+            frozenset(ground_truth_objects(categories[image_id], references[image_id], vocab)),
         )
         for image_id in ids
     ]
@@ -197,11 +198,12 @@ def caption_prompt(cfg, loaded) -> str:
     return loaded.prompt_format(cfg.model).render(cfg.caption.prompt, with_image=True)
 
 
-def caption_rows(images: list[CocoImage], prompt: str, captions: list[str]):
-    """One row per image for predictions.parquet, and each caption's CHAIR score."""
+def caption_rows(images: list[CocoImage], prompt: str, captions: list[str], vocab=None):
+    """One row per image for predictions.parquet, and each caption's CHAIR score (`vocab`:
+    chair.vocabulary of the configured singulariser; None, the original's)."""
     rows, scores = [], []
     for image, caption in zip(images, captions, strict=True):
-        score = score_caption(caption, image.ground_truth)
+        score = score_caption(caption, image.ground_truth, vocab)
         scores.append(score)
         rows.append(
             {
@@ -236,13 +238,14 @@ def caption_job(
     if images is None:
         images = load_coco(cfg.caption)
     prompt = caption_prompt(cfg, loaded)
+    vocab = vocabulary(cfg.caption.get("singularize", "original"))
     rows, scores = caption_rows(
-        images, prompt, captions_of(cfg, loaded, edit, generate_fn, images, prompt)
+        images, prompt, captions_of(cfg, loaded, edit, generate_fn, images, prompt), vocab
     )
     metrics = chair_metrics(scores)
     if edit is not None:
         baseline_captions = captions_of(cfg, loaded, None, generate_fn, images, prompt)
-        baseline = chair_metrics(caption_rows(images, prompt, baseline_captions)[1])
+        baseline = chair_metrics(caption_rows(images, prompt, baseline_captions, vocab)[1])
         metrics |= {f"baseline_{name}": value for name, value in baseline.items()}
         for name in ("chair_s", "chair_i"):
             metrics[f"{name}_change_points"] = 100.0 * (metrics[name] - baseline[name])

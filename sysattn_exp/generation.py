@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from sysattn_exp.benchmarks import Benchmark
+from sysattn_exp.benchmarks.base import mme_answer
 from sysattn_exp.errors import UsageError
 from sysattn_exp.intervention import Edit
 from sysattn_exp.modality import TEXT
@@ -41,6 +42,7 @@ from sysattn_exp.scoring import (
     keep_batch,
     plan_batches,
     score_batch,
+    warn_if_unscored,
 )
 
 
@@ -217,10 +219,12 @@ def generate_items(
     texts, tokens = [""] * n, [[] for _ in range(n)]
     yes, no, p_yes = [float("nan")] * n, [float("nan")] * n, [float("nan")] * n
     new_tokens, started = 0, time.perf_counter()
-    for batch in tqdm(loader, desc=desc, unit="batch", disable=None):
+    for index, batch in enumerate(tqdm(loader, desc=desc, unit="batch", disable=None)):
         if isinstance(batch, UsageError):
             raise batch
         begun = start_batch(loaded, batch, edit)
+        if index == 0 and all(words):  # the first batch: the answer tokens' check
+            warn_if_unscored(loaded.tokenizer, begun.logits, *words)
         ids = decode(loaded, begun, edit, max_new_tokens)
         new_tokens += sum(len(row) for row in ids)
         scores = answer_scores(begun.logits, *words) if all(words) else None
@@ -232,18 +236,5 @@ def generate_items(
     return Generations(texts, tokens, yes, no, p_yes, seconds, new_tokens, n)
 
 
-def parse_yes_no(text: str) -> str:
-    """ "yes", "no" or "unknown", as the MME benchmark's eval tool parses an answer
-    (eval_tool/calculation.py, parse_pred_ans: exactly yes/no; else "yes" within the
-    first 4 characters -> yes, else "no" within them -> no, else "other"), after the
-    normalisation lmms-eval applies before it (tasks/mme/utils.py: lowercase, strip,
-    periods removed). "unknown" is our name for MME's "other": neither answer, counted
-    wrong."""
-    answer = text.lower().strip().replace(".", "")
-    if answer in ("yes", "no"):
-        return answer
-    if "yes" in answer[:4]:
-        return "yes"
-    if "no" in answer[:4]:
-        return "no"
-    return "unknown"
+# MME's eval tool rule (benchmarks.base.mme_answer) under its older name here.
+parse_yes_no = mme_answer

@@ -9,13 +9,13 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-from sysattn_exp.benchmarks import Benchmark, load_benchmark
+from sysattn_exp.benchmarks import Benchmark, answer_parser, load_benchmark
 from sysattn_exp.cache import SCORES_VERSION, ScoreCache, digest
 from sysattn_exp.caption import caption_job, load_coco
 from sysattn_exp.conditions import build_edit, intervention_rule, resolve_layers
 from sysattn_exp.errors import UsageError, first_line
 from sysattn_exp.files import write_atomically, write_json
-from sysattn_exp.generation import generate_in_batches, generate_items, parse_yes_no
+from sysattn_exp.generation import generate_in_batches, generate_items
 from sysattn_exp.intervention import Edit
 from sysattn_exp.metrics import compare_with_baseline, shared_metrics
 from sysattn_exp.models import (
@@ -28,6 +28,7 @@ from sysattn_exp.models import (
     load_processor,
     prompt_format,
     prompt_modalities,
+    tokenizer_of,
 )
 from sysattn_exp.profile import AttentionProfile, heatmap
 from sysattn_exp.prompts import PromptFormat
@@ -73,7 +74,8 @@ def predict(
 def predict_by_generation(
     cfg, loaded, benchmark, prompts, edit, words, desc
 ) -> tuple[pd.DataFrame, Scores]:
-    """Greedy answers, parsed to yes/no/unknown (generation.parse_yes_no); the score columns
+    """Greedy answers, parsed to yes/no/unknown by the benchmark's own rule or MME's
+    (scoring.parser; benchmarks.answer_parser); the score columns
     come from the first step's logits, the logit mode's. No score cache: a generated text is
     not a score, and a run costs max_new_tokens forward passes per batch more than the
     logit mode's one, which a cache would only save on a rerun of the same condition."""
@@ -98,7 +100,8 @@ def predict_by_generation(
     )
     frame = item_columns(benchmark, prompts, scores)
     frame["generated"] = generated.texts
-    frame["answer"] = [parse_yes_no(text) for text in generated.texts]
+    parse = answer_parser(benchmark.name, parser_name(cfg.scoring))
+    frame["answer"] = [parse(text) for text in generated.texts]
     frame["pred"] = frame["answer"] == "yes"
     # An unknown answer is neither yes nor no: wrong whatever the label.
     frame["correct"] = (frame["pred"] == frame["label"]) & (frame["answer"] != "unknown")
@@ -159,6 +162,12 @@ def max_new_tokens(scoring) -> int:
     return value
 
 
+def parser_name(scoring) -> str:
+    """scoring.parser: how generated answers are read (native: each benchmark's own rule;
+    mme: MME's eval tool rule for all)."""
+    return scoring.get("parser", "native")
+
+
 def generation_condition(scoring) -> dict:
     """The generation settings, in the condition only in generate mode: logit-mode
     conditions (and their cached scores and job keys) stay what they were before it."""
@@ -182,7 +191,7 @@ def job_key(config: dict, condition: dict) -> str:
         if section == "scoring" and value.get("mode", "logit") == "logit":
             # The logit mode ignores the generation keys; without them, jobs keep the key
             # they had before generation existed (the condition has them in generate mode).
-            dropped = {"mode", "max_new_tokens"}
+            dropped = {"mode", "max_new_tokens", "parser"}
         kept[section] = {k: v for k, v in value.items() if k not in dropped} if dropped else value
     return digest([condition, kept])
 
@@ -207,14 +216,29 @@ def num_workers(cfg) -> int:
     return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
-def scoring_words(loaded: LoadedModel, cfg) -> tuple[list[int], list[int]]:
-    tokenizer = loaded.tokenizer
-    yes = first_token_ids(tokenizer, cfg.yes_words, "scoring.yes_words")
-    no = first_token_ids(tokenizer, cfg.no_words, "scoring.no_words")
+def scoring_words(loaded: LoadedModel, cfg, prompt: str) -> tuple[list[int], list[int]]:
+    """The yes and no token ids (models.first_token_ids) as they follow `prompt`, a rendered
+    prompt of the job (every prompt ends in the template's same generation prompt)."""
+    return answer_token_ids(loaded.tokenizer, cfg, prompt)
+
+
+def answer_token_ids(tokenizer, cfg, prompt: str) -> tuple[list[int], list[int]]:
+    yes = first_token_ids(tokenizer, cfg.yes_words, "scoring.yes_words", prompt)
+    no = first_token_ids(tokenizer, cfg.no_words, "scoring.no_words", prompt)
     shared = sorted(set(yes) & set(no))
     if shared:
-        raise UsageError(f"scoring.yes_words and scoring.no_words share first tokens {shared}")
+        raise UsageError(
+            f"scoring.yes_words and scoring.no_words share first tokens {shared} "
+            f"({', '.join(token_strings(tokenizer, shared))}); give words that start differently"
+        )
     return yes, no
+
+
+def token_strings(tokenizer, ids: list[int]) -> list[str]:
+    """Each id with its token as the vocabulary spells it, e.g. "3869 '▁Yes'"."""
+    return [
+        f"{i} {token!r}" for i, token in zip(ids, tokenizer.convert_ids_to_tokens(ids), strict=True)
+    ]
 
 
 def run_name(benchmark: str, edit: Edit | None, layers: list[int]) -> str:
@@ -290,11 +314,15 @@ def dry_run(cfg, benchmark: Benchmark) -> dict:
     image = benchmark.load_image(example.image_id) if with_image else None
     image_token_id = getattr(config, "image_token_id", None)
     split = prompt_modalities(processor, image_token_id, image, prompt, question)
+    tokenizer = tokenizer_of(processor)
+    words = answer_token_ids(tokenizer, cfg.scoring, prompt)  # bad words fail before printing
     print(f"benchmark {benchmark.name}: " + ", ".join(f"{k}={v:g}" for k, v in summary.items()))
     print(f"example prompt (item {example.item_id}, image {example.image_id}):\n{prompt}")
     print(
         f"tokens for {cfg.model.name_or_path}: " + ", ".join(f"{k}={v}" for k, v in split.items())
     )
+    for name, ids in zip(("yes", "no"), words, strict=True):
+        print(f"scored {name} tokens after the prompt: {', '.join(token_strings(tokenizer, ids))}")
     return summary | {f"example_{k}_tokens": v for k, v in split.items()}
 
 
@@ -305,6 +333,7 @@ def run(cfg, out_dir: Path) -> dict:
     benchmark = load_benchmark(cfg.benchmark)
     rule = intervention_rule(cfg.intervention)  # checked before the (slow) model load
     ranking = rank_by(cfg.scoring)
+    answer_parser(benchmark.name, parser_name(cfg.scoring))  # a bad scoring.parser stops here
     if scoring_mode(cfg.scoring) == "generate":
         max_new_tokens(cfg.scoring)  # checked before the model load too
         if cfg.runtime.profile:
@@ -316,8 +345,8 @@ def run(cfg, out_dir: Path) -> dict:
     loaded = load_model(cfg.model)
     layers = resolve_layers(cfg.layers, loaded.num_layers) if rule else []
     edit = build_edit(rule, layers)
-    words = scoring_words(loaded, cfg.scoring)
     prompts = item_prompts(benchmark, loaded.prompt_format(cfg.model))
+    words = scoring_words(loaded, cfg.scoring, prompts[0])
     name = run_name(benchmark.name, edit, layers)
 
     # The baseline comes from the score cache once any job has computed it.

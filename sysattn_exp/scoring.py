@@ -12,8 +12,10 @@ Images are decoded and preprocessed in DataLoader workers while the model runs.
 """
 
 import inspect
+import logging
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +30,8 @@ from sysattn_exp.intervention import Edit
 from sysattn_exp.modality import PAD, SYSTEM, TEXT, modality_ids
 from sysattn_exp.models import LoadedModel, tokenizer_of
 from sysattn_exp.prompts import question_token_start, text_kwargs
+
+log = logging.getLogger(__name__)
 
 # transformers renamed the forward argument (and output) past_key_values to cache during
 # 5.x; use whichever this version has, so that neither a deprecation warning nor a silently
@@ -329,6 +333,31 @@ def answer_scores(logits: torch.Tensor, yes_ids, no_ids) -> tuple[torch.Tensor, 
     return logits[:, yes_ids].logsumexp(dim=-1), logits[:, no_ids].logsumexp(dim=-1), p_yes
 
 
+def warn_if_unscored(tokenizer, logits: torch.Tensor, yes_ids, no_ids) -> bool:
+    """One warning line when, in some rows of `logits` (B, V) at the answer position, the
+    most likely token is none of the scored yes/no ids: a sign that scoring.yes_words /
+    no_words or the chat template do not match how the model starts its answer (the
+    scores then compare tokens the model would not emit). True if it warned."""
+    top = logits.argmax(dim=-1).tolist()
+    scored = set(yes_ids) | set(no_ids)
+    missed = Counter(token for token in top if token not in scored)
+    if not missed:
+        return False
+    common = ", ".join(
+        f"{tokenizer.convert_ids_to_tokens(token)!r} x{count}"
+        for token, count in missed.most_common(3)
+    )
+    log.warning(
+        "the most likely answer token is none of the scored yes/no tokens in %d of %d rows "
+        "of the first batch (most often %s); check scoring.yes_words / no_words and the "
+        "prompt (runtime.dry_run=true prints both)",
+        sum(missed.values()),
+        len(top),
+        common,
+    )
+    return True
+
+
 def text_only_logits(loaded: LoadedModel, batch: EncodedBatch) -> torch.Tensor:
     """Last-position logits of the prompts without their image, with the model unchanged."""
     ids, mask = batch.text_only_ids.to(loaded.device), batch.text_only_mask.to(loaded.device)
@@ -466,10 +495,15 @@ def score_items(
         num_workers=num_workers if todo else 0,
     )
     started = time.perf_counter()
-    for batch in tqdm(loader, desc=desc, unit="batch", disable=None):
+    for index, batch in enumerate(tqdm(loader, desc=desc, unit="batch", disable=None)):
         if isinstance(batch, UsageError):
             raise batch
-        scores = [s.tolist() for s in score_batch(loaded, batch, edit, *words, profile=profile)]
+        kept = {} if index == 0 else None  # the first batch's logits, for one cheap check
+        scores = score_batch(loaded, batch, edit, *words, profile=profile, keep=kept)
+        if kept:
+            warn_if_unscored(loaded.tokenizer, kept.pop("logits"), *words)
+            kept.clear()  # drops the batch's KV cache before the next batch runs
+        scores = [s.tolist() for s in scores]
         batch_keys = [keys[j] for j in batch.items]
         if cache:
             cache.save(batch_keys, *scores)

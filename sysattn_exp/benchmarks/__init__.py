@@ -23,6 +23,7 @@ from sysattn_exp.benchmarks.base import (
     Item,
     first_groups,
     group_limit,
+    mme_answer,
     prompt_preset,
     usable_groups,
 )
@@ -45,7 +46,32 @@ MAIN_METRICS = {
     for module in (mme, hallusionbench, naturalbench, winoground, sugarcrepe, beaf, pope)
 }
 
-__all__ = ["MAIN_METRICS", "Benchmark", "Item", "load_benchmark"]
+# Each benchmark's own parser of generated answers (scoring.parser=native): text -> "yes",
+# "no" or "unknown", as its official evaluation code reads answers (README, "Answers by
+# generation"); a benchmark not listed here (toy, jsonl) has MME's rule.
+NATIVE_PARSERS = {
+    "mme": mme.parse_generated,
+    "hallusionbench": hallusionbench.parse_generated,
+    "naturalbench": naturalbench.parse_generated,
+    "winoground": winoground.parse_generated,
+    "sugarcrepe": sugarcrepe.parse_generated,
+    "beaf": beaf.parse_generated,
+    "pope": pope.parse_generated,
+}
+PARSERS = ("native", "mme")
+
+__all__ = ["MAIN_METRICS", "Benchmark", "Item", "answer_parser", "load_benchmark"]
+
+
+def answer_parser(benchmark_name: str, parser: str):
+    """The function that reads a generated answer as "yes", "no" or "unknown":
+    scoring.parser=native, the benchmark's own (NATIVE_PARSERS, else MME's rule); mme,
+    MME's eval tool rule for every benchmark. UsageError for any other value."""
+    if parser not in PARSERS:
+        raise UsageError(f"scoring.parser={parser!r} is unknown; allowed: {', '.join(PARSERS)}")
+    if parser == "mme":
+        return mme_answer
+    return NATIVE_PARSERS.get(benchmark_name, mme_answer)
 
 
 def load_benchmark(cfg) -> Benchmark:

@@ -192,3 +192,16 @@ def load(cfg) -> Benchmark:
     items = local_items(directory, image_dir(cfg, directory / "images"))
     check_groups(items, str(directory / "beaf_qna.json"), group_problem)
     return Benchmark("beaf", items, template, open_image_file, native_metrics)
+
+
+def parse_generated(text: str) -> str:
+    """A generated answer as BEAF's beaf_metric.py (answer_check) reads it: "yes" anywhere
+    in the lowercased text -> "yes", else "no" anywhere -> "no" (substrings: "not",
+    "nothing", "know" read as no). With neither, the official loop keeps the previous
+    answer's value (a leftover variable); here it is "unknown", counted wrong."""
+    lower = text.lower()
+    if "yes" in lower:
+        return "yes"
+    if "no" in lower:
+        return "no"
+    return "unknown"

@@ -23,6 +23,7 @@ forced yes/no choice is never unclear, so such a question is right only when the
 matches gt_answer."""
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -190,3 +191,39 @@ def load(cfg) -> Benchmark:
     return Benchmark(
         "hallusionbench", items, template, images, native_metrics, counts, drop_unit=set_of
     )
+
+
+# The official evaluation (utils.py, evaluate_by_chatgpt) asks GPT-4 whether the answer
+# agrees with gt_answer_details: not reproducible offline. The parser here is the
+# deterministic first stage of VLMEvalKit's HallusionBench evaluation (YOrN_Extraction,
+# vlmeval/dataset/utils/yorn.py; its GPT judge then reads only the "Unknown" answers).
+VQA_PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-"]
+VQA_PUNCTUATION += [">", "<", "@", "`", ",", "?", "!"]
+COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)")
+# VLMEvalKit's period pattern as written: "(?!<=" is a lookahead, not a lookbehind, so a
+# period is removed wherever no digit follows it.
+PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
+
+
+def vqa_punctuation(text: str) -> str:
+    """VLMEvalKit's process_punctuation (from the VQA evaluation): each mark is deleted
+    where the text has it beside a space (or has a comma between digits), else replaced by
+    a space; then periods not followed by a digit are deleted, at most 32 of them (it
+    passes re.UNICODE, 32, where re.sub takes its count)."""
+    out = text
+    for mark in VQA_PUNCTUATION:
+        beside_space = mark + " " in text or " " + mark in text
+        out = out.replace(mark, "" if beside_space or COMMA_IN_NUMBER.search(text) else " ")
+    return PERIOD.sub("", out, count=re.UNICODE)
+
+
+def parse_generated(text: str) -> str:
+    """ "yes" if "yes" is among the words (lowercased, punctuation normalised, split on
+    whitespace) and "no" is not, "no" the other way round, else "unknown" (VLMEvalKit's
+    YOrN_Extraction)."""
+    words = vqa_punctuation(text.lower()).split()
+    if "yes" in words and "no" not in words:
+        return "yes"
+    if "no" in words and "yes" not in words:
+        return "no"
+    return "unknown"

@@ -22,6 +22,7 @@ from sysattn_exp.benchmarks.base import (
     data_dir,
     hub_dataset,
     image_dir,
+    mme_answer,
     open_image_file,
     require_columns,
 )
@@ -153,3 +154,7 @@ def load(cfg) -> Benchmark:
     items = local_items(directory, image_dir(cfg, directory))
     check_groups(items, f"benchmark.data_dir={directory}", pair_problem)
     return Benchmark("mme", items, template, open_image_file, native_metrics)
+
+
+# Generated answers (scoring.mode=generate) are parsed by MME's own eval tool's rule.
+parse_generated = mme_answer

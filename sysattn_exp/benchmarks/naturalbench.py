@@ -12,6 +12,8 @@ per image (right on both questions), G-Acc per sample (all four). The official f
 cover all 1,900 samples, multiple-choice ones included; these cover only the yes/no ones,
 so they are named yesno_* to keep them from being compared with the leaderboard."""
 
+import re
+
 import pandas as pd
 
 from sysattn_exp.benchmarks.base import (
@@ -118,3 +120,17 @@ def load(cfg) -> Benchmark:
     return Benchmark(
         "naturalbench", items, check_template(cfg.template), images, native_metrics, counts
     )
+
+
+def parse_generated(text: str) -> str:
+    """A generated answer as NaturalBench's extract_answer reads a yes_no one (its README's
+    evaluation code; lmms-eval's naturalbench task copies it): the first whole word "yes"
+    or "no" (regex word boundaries, any case) decides; neither -> "unknown" (its -1)."""
+    positions = {
+        answer: match.start()
+        for answer in ("yes", "no")
+        if (match := re.search(rf"\b{answer}\b", text, re.IGNORECASE))
+    }
+    if not positions:
+        return "unknown"
+    return min(positions, key=positions.get)

@@ -218,3 +218,15 @@ def load(cfg) -> Benchmark:
         return Benchmark("pope", items, template, images, native_metrics)
     items = local_items(cfg, directory, image_dir(cfg, None))
     return Benchmark("pope", items, template, open_image_file, native_metrics)
+
+
+def parse_generated(text: str) -> str:
+    """A generated answer as POPE's evaluate.py reads it (github.com/AoiDragon/POPE; LLaVA's
+    llava/eval/eval_pope.py is the same): only the first sentence (the text before the
+    first "."), commas removed, split on single spaces; "No", "no" or "not" among the
+    words -> "no", anything else -> "yes" (an empty answer, a "NO", a "Nope" too). Never
+    "unknown"."""
+    if "." in text:
+        text = text.split(".")[0]
+    words = text.replace(",", "").split(" ")
+    return "no" if {"No", "no", "not"} & set(words) else "yes"

@@ -26,6 +26,7 @@ from sysattn_exp.benchmarks.base import (
     data_dir,
     hub_dataset,
     image_dir,
+    mme_answer,
     one_each,
     open_image_file,
     require_columns,
@@ -159,3 +160,9 @@ def load(cfg) -> Benchmark:
     items = local_items(cfg, directory, image_dir(cfg, None))
     check_groups(items, f"benchmark.data_dir={directory}", pair_problem)
     return Benchmark("sugarcrepe", items, template, open_image_file, native_metrics)
+
+
+# SugarCrepe's official evaluation scores image-text matching and parses no generated text
+# (VQAScore, whose yes/no prompt this uses, reads P("Yes")): generated answers are parsed
+# with MME's rule.
+parse_generated = mme_answer

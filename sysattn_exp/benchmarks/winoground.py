@@ -24,6 +24,7 @@ from sysattn_exp.benchmarks.base import (
     check_template,
     data_dir,
     hub_dataset,
+    mme_answer,
     one_each,
     open_image_file,
     require_columns,
@@ -119,3 +120,9 @@ def load(cfg) -> Benchmark:
     items = local_items(directory)
     check_groups(items, str(directory / "examples.jsonl"), example_problem)
     return Benchmark("winoground", items, template, open_image_file, native_metrics)
+
+
+# Winoground's official evaluation scores image-text matching and parses no generated text
+# (VQAScore, whose yes/no prompt this uses, reads P("Yes")): generated answers are parsed
+# with MME's rule.
+parse_generated = mme_answer

@@ -5,6 +5,7 @@ warning against a SQLite store with the SLURM launcher."""
 
 import json
 import logging
+import multiprocessing
 import os
 import re
 import signal
@@ -25,12 +26,12 @@ COMPUTED = re.compile(r"baseline: (\d+) of (\d+) items computed by this job")
 
 @pytest.fixture(scope="module")
 def slow_checkpoint(tmp_path_factory):
-    """A tiny LLaVA slow enough (256 image tokens, 8 layers of width 256) that jobs started
+    """A tiny LLaVA slow enough (64 image tokens, 4 layers of width 128) that jobs started
     together are still scoring the baseline when the others start."""
     from sysattn_exp.tiny import build_tiny_llava
 
     path = tmp_path_factory.mktemp("slow") / "ckpt"
-    model, processor = build_tiny_llava(hidden_size=256, image_size=224, num_layers=8)
+    model, processor = build_tiny_llava(hidden_size=128, image_size=112, num_layers=4)
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
@@ -51,28 +52,34 @@ def baseline_writes(cache_dir: Path) -> dict[str, list[str]]:
     }
 
 
-def test_concurrent_sweep_jobs_compute_each_baseline_item_once(tmp_path, slow_checkpoint):
-    """Four submitit_local jobs (a baseline and three interventions) start together and
-    share one baseline in parts of 2 items: every baseline item is computed by exactly one
-    job, the jobs' own counts add up to the baseline, and each job logged progress lines
-    (its output is not a terminal)."""
+def test_concurrent_sweep_jobs_compute_each_baseline_item_once(
+    tmp_path, monkeypatch, slow_checkpoint
+):
+    """Three submitit_local jobs (a baseline and two interventions), started together by
+    the real launcher, share one baseline in parts of 4 items: every baseline item is
+    computed by exactly one job, the jobs' own counts add up to the baseline, and each job
+    logged progress lines (its output is not a terminal). How much the jobs overlap depends
+    on this machine's timing; the next test makes them start scoring at the same instant."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # three jobs on a small machine
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # no store: fails at once
     result = run_cli(
         "-m",
         f"model.name_or_path={slow_checkpoint}",
-        "model.batch_size=1",
-        "benchmark.limit=6",  # 12 items: 6 parts
-        "+condition=baseline,system-text_q1,system-text_q4,system-image_q4",
+        "model.batch_size=2",
+        "benchmark.limit=6",  # 12 items: 3 parts
+        "+condition=baseline,system-text_q4,system-image_q4",
         "hydra/launcher=submitit_local",
         "runtime.num_workers=0",
-        "runtime.baseline_part_items=2",
+        "runtime.baseline_part_items=4",
         "runtime.progress_seconds=0",
+        "tracking.uri=http://127.0.0.1:9",  # not the subject here: results stay on disk
         cwd=tmp_path,
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep_dir,) = (tmp_path / "outputs" / "multiruns").iterdir()
     jobs = sorted(sweep_dir.glob("job*"))
-    assert len(jobs) == 4 and list((sweep_dir / ".submitit").iterdir())
+    assert len(jobs) == 3 and list((sweep_dir / ".submitit").iterdir())
     writes = baseline_writes(tmp_path / "outputs" / "cache")
     keys = [key for file_keys in writes.values() for key in file_keys]
     assert len(keys) == 12 and len(set(keys)) == 12, "each baseline item computed once"
@@ -80,43 +87,11 @@ def test_concurrent_sweep_jobs_compute_each_baseline_item_once(tmp_path, slow_ch
     counts = [COMPUTED.search(text).groups() for text in logs]
     assert sum(int(done) for done, _ in counts) == 12
     assert {total for _, total in counts} == {"12"}
-    assert all(re.search(r"\d+/\d+ items \(.*items/s, elapsed .*, ETA", t) for t in logs)
+    for text in logs[1:]:  # the interventions' jobs: progress lines for their own items
+        assert re.search(r"system->\w+ layers 3-3: \d+/12 items \(.*items/s, elapsed .*, ETA", text)
     assert all("items from the score cache" in t for t in logs)
     metrics = [read_metrics(job) for job in jobs]
     assert {m["baseline_paired_accuracy"] for m in metrics[1:]} == {metrics[0]["paired_accuracy"]}
-    print(f"baseline written by {len(writes)} processes: {sorted(map(len, writes.values()))}")
-
-
-def test_a_killed_job_s_claims_do_not_block_the_next_job(tmp_path, slow_checkpoint):
-    """A job killed (SIGKILL) while it holds a baseline part leaves its claim behind; the
-    next job on this host takes it over at once (a dead process), not after the lease."""
-    args = [
-        sys.executable,
-        "-m",
-        "sysattn_exp",
-        f"model.name_or_path={slow_checkpoint}",
-        "model.batch_size=1",
-        "benchmark.limit=4",
-        "runtime.num_workers=0",
-        "runtime.baseline_part_items=4",
-        "runtime.lease_seconds=3600",  # were it waited for, the test would time out
-    ]
-    cache = tmp_path / "outputs" / "cache"
-    job = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(cache.glob("*/scores-*.jsonl")):
-        time.sleep(0.05)
-    job.kill()
-    job.wait()
-    (claim,) = cache.glob("*/claims/*.claim")
-    assert json.loads(claim.read_text())["pid"] == job.pid
-    rerun = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "took over the stale claim" in rerun.stdout + rerun.stderr
-    (writes,) = [baseline_writes(cache)]
-    keys = [key for file_keys in writes.values() for key in file_keys]
-    assert len(set(keys)) == 8 and len(writes) == 2
-    assert not list(cache.glob("*/claims/*.claim")), "claims released once done"
 
 
 def test_progress_lines_without_a_terminal(caplog):
@@ -158,24 +133,76 @@ def test_stop_signal_is_logged_then_passed_to_the_previous_handler(caplog):
         signal.signal(signal.SIGUSR2, old)
 
 
-def test_sigterm_to_a_job_is_logged_and_still_ends_it(tmp_path, slow_checkpoint):
-    """Without submitit, SIGTERM's default stays: the job logs the stop, then ends by the
-    signal, and its finished batches stay in the cache."""
-    job = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sysattn_exp",
-            f"model.name_or_path={slow_checkpoint}",
-            "model.batch_size=1",
-            "benchmark.limit=6",
-            "runtime.num_workers=0",
-        ],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+def share_baseline(overrides: list[str], start, results) -> None:
+    """One job's baseline share (runner.shared_baseline), in a process of its own: model
+    loaded first, then scoring from the moment `start` is set."""
+    from hydra import compose, initialize_config_module
+
+    from sysattn_exp.benchmarks import load_benchmark
+    from sysattn_exp.models import load_model
+    from sysattn_exp.runner import item_prompts, scoring_words, shared_baseline
+
+    with initialize_config_module("sysattn_exp.conf", version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    loaded = load_model(cfg.model)
+    benchmark = load_benchmark(cfg.benchmark)
+    words = scoring_words(loaded, cfg.scoring)
+    prompts = item_prompts(benchmark, loaded.prompt_format(cfg.model))
+    shared = shared_baseline(cfg, loaded, benchmark, prompts, words)
+    start.wait()
+    shared.compute_free_parts()
+    shared.finish()
+    results.put(shared.computed)
+
+
+def test_jobs_scoring_at_the_same_moment_split_the_baseline(tmp_path):
+    """Three processes start scoring one baseline at the same instant (after each has loaded
+    its model): they split its 12 parts between them, and every item is computed once."""
+    overrides = [
+        "model=tiny",
+        "model.batch_size=1",
+        "benchmark.limit=12",  # 24 items
+        "runtime.num_workers=0",
+        "runtime.baseline_part_items=2",
+        f"runtime.cache_dir={tmp_path / 'cache'}",
+    ]
+    spawn = multiprocessing.get_context("spawn")
+    start, results = spawn.Event(), spawn.Queue()
+    jobs = [
+        spawn.Process(target=share_baseline, args=(overrides, start, results)) for _ in range(3)
+    ]
+    for job in jobs:
+        job.start()
+    computed = []
+    start.set()  # waited for by each job once its model is loaded
+    for _ in jobs:
+        computed.append(results.get(timeout=300))
+    for job in jobs:
+        job.join(timeout=60)
+        assert job.exitcode == 0
+    writes = baseline_writes(tmp_path / "cache")
+    keys = [key for file_keys in writes.values() for key in file_keys]
+    assert len(keys) == 24 and len(set(keys)) == 24, "each baseline item computed once"
+    assert sum(computed) == 24
+    assert sum(n > 0 for n in computed) >= 2, f"one process did it all: {computed}"
+
+
+def test_a_stopped_job_says_so_and_its_claim_does_not_block_the_next(tmp_path, slow_checkpoint):
+    """SIGTERM outside submitit: the job logs the stop, then ends by the signal (its
+    default action is kept), leaving its claim on a baseline part behind; the next job on
+    this host takes that claim over at once (its holder is a dead process), not after the
+    hour's lease, and computes the rest: every item once."""
+    args = [
+        sys.executable,
+        "-m",
+        "sysattn_exp",
+        f"model.name_or_path={slow_checkpoint}",
+        "model.batch_size=1",
+        "benchmark.limit=3",  # 6 items, one part
+        "runtime.num_workers=0",
+        "runtime.lease_seconds=3600",
+    ]
+    job = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     cache = tmp_path / "outputs" / "cache"
     deadline = time.time() + 120
     while time.time() < deadline and not list(cache.glob("*/scores-*.jsonl")):
@@ -183,7 +210,16 @@ def test_sigterm_to_a_job_is_logged_and_still_ends_it(tmp_path, slow_checkpoint)
     job.send_signal(signal.SIGTERM)
     out, _ = job.communicate(timeout=60)
     assert job.returncode == -signal.SIGTERM
-    assert "job stopped by SIGTERM; it resumes when requeued or run again: scores computed" in out
+    assert b"job stopped by SIGTERM; it resumes when requeued or run again: scores" in out
+    (claim,) = cache.glob("*/claims/*.claim")
+    assert json.loads(claim.read_text())["pid"] == job.pid
+    rerun = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "took over the stale claim" in rerun.stdout + rerun.stderr
+    writes = baseline_writes(cache)
+    keys = [key for file_keys in writes.values() for key in file_keys]
+    assert len(writes) == 2 and sorted(keys) == sorted(set(keys)) and len(keys) == 6
+    assert not list(cache.glob("*/claims/*.claim")), "claims released once done"
 
 
 @pytest.mark.parametrize(("cpus", "workers"), [("1", 0), ("3", 2), ("64", 4)])

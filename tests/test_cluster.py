@@ -156,12 +156,12 @@ def share_baseline(overrides: list[str], start, results) -> None:
 
 
 def test_jobs_scoring_at_the_same_moment_split_the_baseline(tmp_path):
-    """Three processes start scoring one baseline at the same instant (after each has loaded
-    its model): they split its 12 parts between them, and every item is computed once."""
+    """Two processes start scoring one baseline at the same instant (after each has loaded
+    its model): they split its 8 parts between them, and every item is computed once."""
     overrides = [
         "model=tiny",
         "model.batch_size=1",
-        "benchmark.limit=12",  # 24 items
+        "benchmark.limit=8",  # 16 items
         "runtime.num_workers=0",
         "runtime.baseline_part_items=2",
         f"runtime.cache_dir={tmp_path / 'cache'}",
@@ -182,9 +182,9 @@ def test_jobs_scoring_at_the_same_moment_split_the_baseline(tmp_path):
         assert job.exitcode == 0
     writes = baseline_writes(tmp_path / "cache")
     keys = [key for file_keys in writes.values() for key in file_keys]
-    assert len(keys) == 24 and len(set(keys)) == 24, "each baseline item computed once"
-    assert sum(computed) == 24
-    assert sum(n > 0 for n in computed) >= 2, f"one process did it all: {computed}"
+    assert len(keys) == 16 and len(set(keys)) == 16, "each baseline item computed once"
+    assert sum(computed) == 16
+    assert all(n > 0 for n in computed), f"one process did it all: {computed}"
 
 
 def test_a_stopped_job_says_so_and_its_claim_does_not_block_the_next(tmp_path, slow_checkpoint):

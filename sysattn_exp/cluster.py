@@ -119,7 +119,7 @@ def slurm_sqlite_warning(config) -> str | None:
     if not target.endswith("SlurmLauncher") or not uri.startswith("sqlite:"):
         return None
     return (
-        f"warning: SLURM jobs logging to the SQLite store {uri}: concurrent writers on a network file "
-        "system can lock up or corrupt it; start an MLflow server and pass "
+        f"warning: SLURM jobs logging to the SQLite store {uri}: concurrent writers on a "
+        "network file system can lock up or corrupt it; start an MLflow server and pass "
         "tracking.uri=http://HOST:5000 (README: Running on a cluster)"
     )

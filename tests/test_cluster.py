@@ -169,7 +169,7 @@ def test_jobs_scoring_at_the_same_moment_split_the_baseline(tmp_path):
     spawn = multiprocessing.get_context("spawn")
     start, results = spawn.Event(), spawn.Queue()
     jobs = [
-        spawn.Process(target=share_baseline, args=(overrides, start, results)) for _ in range(3)
+        spawn.Process(target=share_baseline, args=(overrides, start, results)) for _ in range(2)
     ]
     for job in jobs:
         job.start()

@@ -233,18 +233,22 @@ def progress_seconds(cfg) -> float:
     return runtime_number(cfg, "progress_seconds", 60.0)
 
 
+def sharing_settings(cfg) -> dict:
+    """How concurrent jobs share the baseline (shared_baseline.SharedBaseline)."""
+    return {
+        "batch_size": cfg.model.batch_size,
+        "part_items": int(runtime_number(cfg, "baseline_part_items", 256, minimum=1)),
+        "lease_seconds": runtime_number(cfg, "lease_seconds", 300.0, minimum=0.001),
+        "progress_seconds": progress_seconds(cfg),
+    }
+
+
 def shared_baseline(cfg, loaded, benchmark, prompts, words) -> SharedBaseline | None:
     """The baseline's parts, claimed through the score cache (None without a cache or in
     generate mode, which does not use it)."""
     if not cfg.runtime.cache_dir or scoring_mode(cfg.scoring) != "logit":
         return None
-    settings = {
-        "batch_size": cfg.model.batch_size,
-        "part_items": int(runtime_number(cfg, "baseline_part_items", 256, minimum=1)),
-        "lease_seconds": runtime_number(cfg, "lease_seconds", 300.0, minimum=0.001),
-        "num_workers": num_workers(cfg),
-        "progress_seconds": progress_seconds(cfg),
-    }
+    settings = sharing_settings(cfg) | {"num_workers": num_workers(cfg)}
     cache = ScoreCache(cfg.runtime.cache_dir, condition(cfg, loaded, None, words))
     return SharedBaseline(loaded, benchmark, prompts, words, cache, settings)
 
@@ -358,6 +362,7 @@ def run_yes_no(cfg, out_dir: Path) -> dict:
     benchmark = load_benchmark(cfg.benchmark)
     rule = intervention_rule(cfg.intervention)  # checked before the (slow) model load
     ranking = rank_by(cfg.scoring)
+    sharing_settings(cfg)  # checked before the model load too
     if scoring_mode(cfg.scoring) == "generate":
         max_new_tokens(cfg.scoring)  # checked before the model load too
         if cfg.runtime.profile:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli import read_metrics, run_cli
+from cli import read_metrics, run_cli, run_main
 from omegaconf import OmegaConf
 
 from sysattn_exp.cluster import Progress, available_cpus, log_when_stopped, slurm_sqlite_warning
@@ -266,3 +266,15 @@ def test_no_warning_with_a_server_or_a_local_launcher():
     assert slurm_sqlite_warning(composed("hydra/launcher=slurm", server)) is None
     assert slurm_sqlite_warning(composed("hydra/launcher=submitit_local")) is None
     assert slurm_sqlite_warning(composed()) is None
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["runtime.lease_seconds=0", "runtime.baseline_part_items=0", "runtime.progress_seconds=-1"],
+)
+def test_bad_cluster_settings_are_one_line_and_exit_2(tmp_path, monkeypatch, capsys, override):
+    assert run_main(tmp_path, monkeypatch, "model=tiny", override) == 2
+    err = capsys.readouterr().err
+    key = override.split("=")[0]
+    assert err.startswith(f"error: {key}=") and "must be a number >=" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "outputs" / "cache").exists()

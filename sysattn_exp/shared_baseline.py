@@ -108,6 +108,16 @@ class SharedBaseline:
     def compute_free_parts(self) -> None:
         """Every part that is neither done nor held by a live job: claimed and computed."""
         done = self.cache.load()
+        cached = sum(key in done for key in self.keys)
+        missing = sum(bool(self.missing(i, done)) for i in range(len(self.parts)))
+        log.info(
+            "baseline: %d of %d items from the score cache; %d of %d parts to compute, "
+            "shared with any job computing them too",
+            cached,
+            len(self.keys),
+            missing,
+            len(self.parts),
+        )
         self.pending = [i for i in range(len(self.parts)) if not self.work_on(i, done)]
         if self.pending:
             log.info(

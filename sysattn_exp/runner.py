@@ -2,8 +2,7 @@
 results to the job's folder, then log them to MLflow."""
 
 import logging
-import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pandas as pd
@@ -12,6 +11,7 @@ from omegaconf import OmegaConf
 from sysattn_exp.benchmarks import Benchmark, answer_parser, load_benchmark
 from sysattn_exp.cache import SCORES_VERSION, ScoreCache, digest
 from sysattn_exp.caption import caption_job, load_coco
+from sysattn_exp.cluster import available_cpus, log_when_stopped
 from sysattn_exp.conditions import build_edit, intervention_rule, resolve_layers
 from sysattn_exp.errors import UsageError, first_line
 from sysattn_exp.files import write_atomically, write_json
@@ -33,6 +33,7 @@ from sysattn_exp.models import (
 from sysattn_exp.profile import AttentionProfile, heatmap
 from sysattn_exp.prompts import PromptFormat
 from sysattn_exp.scoring import Scores, score_items
+from sysattn_exp.shared_baseline import SharedBaseline
 from sysattn_exp.toy_model import weights_file_digest
 from sysattn_exp.tracking import PROFILE_PLOT, PROFILE_TABLE, log_job_dir
 
@@ -64,6 +65,7 @@ def predict(
         cache,
         profile,
         plain,
+        progress_seconds(cfg),
     )
     frame = item_columns(benchmark, prompts, scores)
     frame["pred"] = frame["yes_logit"] > frame["no_logit"]
@@ -89,6 +91,7 @@ def predict_by_generation(
         num_workers(cfg),
         desc,
         words,
+        progress_seconds(cfg),
     )
     scores = Scores(
         generated.yes,
@@ -179,7 +182,17 @@ def generation_condition(scoring) -> dict:
 # Config keys that never change what a job produces (where results go, how fast they come);
 # every other key, present or future (the task, runtime.profile, the prompt...), is in the
 # job key, so that two jobs that can produce different files never share one.
-NOT_IN_JOB_KEY = {"tracking": None, "runtime": {"num_workers", "cache_dir", "report_at_end"}}
+NOT_IN_JOB_KEY = {
+    "tracking": None,
+    "runtime": {
+        "num_workers",
+        "cache_dir",
+        "report_at_end",
+        "progress_seconds",
+        "baseline_part_items",
+        "lease_seconds",
+    },
+}
 
 
 def job_key(config: dict, condition: dict) -> str:
@@ -210,10 +223,43 @@ def timing(scores: Scores, n_items: int) -> dict:
 
 def num_workers(cfg) -> int:
     """Image-decoding worker processes: runtime.num_workers, or by default up to 4 while
-    leaving a core to the model."""
+    leaving a core to the model, out of the CPUs of the job's allocation (SLURM's
+    cpus_per_task, else the process's CPU affinity: cluster.available_cpus)."""
     if cfg.runtime.num_workers != "auto":
         return int(cfg.runtime.num_workers)
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+    return max(0, min(4, available_cpus() - 1))
+
+
+def runtime_number(cfg, key: str, default: float, minimum: float = 0.0) -> float:
+    value = cfg.runtime.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+        raise UsageError(f"runtime.{key}={value!r} must be a number >= {minimum:g}")
+    return value
+
+
+def progress_seconds(cfg) -> float:
+    """runtime.progress_seconds: interval of the progress lines logged without a terminal."""
+    return runtime_number(cfg, "progress_seconds", 60.0)
+
+
+def sharing_settings(cfg) -> dict:
+    """How concurrent jobs share the baseline (shared_baseline.SharedBaseline)."""
+    return {
+        "batch_size": cfg.model.batch_size,
+        "part_items": int(runtime_number(cfg, "baseline_part_items", 256, minimum=1)),
+        "lease_seconds": runtime_number(cfg, "lease_seconds", 300.0, minimum=0.001),
+        "progress_seconds": progress_seconds(cfg),
+    }
+
+
+def shared_baseline(cfg, loaded, benchmark, prompts, words) -> SharedBaseline | None:
+    """The baseline's parts, claimed through the score cache (None without a cache or in
+    generate mode, which does not use it)."""
+    if not cfg.runtime.cache_dir or scoring_mode(cfg.scoring) != "logit":
+        return None
+    settings = sharing_settings(cfg) | {"num_workers": num_workers(cfg)}
+    cache = ScoreCache(cfg.runtime.cache_dir, condition(cfg, loaded, None, words))
+    return SharedBaseline(loaded, benchmark, prompts, words, cache, settings)
 
 
 def scoring_words(loaded: LoadedModel, cfg, prompt: str) -> tuple[list[int], list[int]]:
@@ -327,13 +373,25 @@ def dry_run(cfg, benchmark: Benchmark) -> dict:
 
 
 def run(cfg, out_dir: Path) -> dict:
-    """Evaluate the configured condition; returns the job's metrics."""
-    if cfg.get("caption") is not None:
-        return run_caption(cfg, out_dir)
+    """Evaluate the configured condition; returns the job's metrics. A stop signal (SLURM's
+    SIGTERM, submitit's preemption signal) is logged with how the job resumes."""
+    if cfg.runtime.cache_dir:
+        resume = f"scores computed so far are in the score cache {cfg.runtime.cache_dir}"
+    else:
+        resume = "without a score cache (runtime.cache_dir) it will start over"
+    with log_when_stopped(resume):
+        if cfg.get("caption") is not None:
+            return run_caption(cfg, out_dir)
+        return run_yes_no(cfg, out_dir)
+
+
+def run_yes_no(cfg, out_dir: Path) -> dict:
+    """A yes/no benchmark job: baseline and the configured condition."""
     benchmark = load_benchmark(cfg.benchmark)
     rule = intervention_rule(cfg.intervention)  # checked before the (slow) model load
     ranking = rank_by(cfg.scoring)
     answer_parser(benchmark.name, parser_name(cfg.scoring))  # a bad scoring.parser stops here
+    sharing_settings(cfg)  # checked before the model load too
     if scoring_mode(cfg.scoring) == "generate":
         max_new_tokens(cfg.scoring)  # checked before the model load too
         if cfg.runtime.profile:
@@ -349,15 +407,26 @@ def run(cfg, out_dir: Path) -> dict:
     words = scoring_words(loaded, cfg.scoring, prompts[0])
     name = run_name(benchmark.name, edit, layers)
 
-    # The baseline comes from the score cache once any job has computed it.
-    baseline, scores = predict(cfg, loaded, benchmark, prompts, None, words, "baseline")
-    log.info(
-        "baseline: %d of %d items computed, the rest from the cache", scores.computed, len(prompts)
-    )
+    # The baseline is shared through the score cache by concurrent jobs (shared_baseline):
+    # the parts nobody holds first, this job's own condition while others finish theirs.
+    shared = shared_baseline(cfg, loaded, benchmark, prompts, words)
+    if shared is not None:
+        shared.compute_free_parts()
     profile = AttentionProfile() if cfg.runtime.profile else None
-    predictions = baseline
     if edit is not None or profile is not None:
         predictions, scores = predict(cfg, loaded, benchmark, prompts, edit, words, name, profile)
+    if shared is not None:
+        shared.finish()
+    baseline, baseline_scores = predict(cfg, loaded, benchmark, prompts, None, words, "baseline")
+    if shared is not None:  # the parts this job computed
+        baseline_scores = replace(baseline_scores, computed=shared.computed, seconds=shared.seconds)
+    log.info(
+        "baseline: %d of %d items computed by this job, the rest from the cache",
+        baseline_scores.computed,
+        len(prompts),
+    )
+    if edit is None and profile is None:
+        predictions, scores = baseline, baseline_scores
     metrics = all_metrics(benchmark, predictions, ranking) | timing(scores, len(prompts))
     if edit is not None:
         metrics |= compare_with_baseline(metrics, all_metrics(benchmark, baseline, ranking))
@@ -427,7 +496,9 @@ class CaptionGenerator:
         if path is not None and path.exists():
             return pd.read_parquet(path)["caption"].tolist()
         batch_size = self.cfg.model.batch_size
-        captions = generate_in_batches(loaded, images, prompts, edit, max_new_tokens, batch_size)
+        captions = generate_in_batches(
+            loaded, images, prompts, edit, max_new_tokens, batch_size, progress_seconds(self.cfg)
+        )
         if path is not None:
             frame = pd.DataFrame({"caption": captions})
             path.parent.mkdir(parents=True, exist_ok=True)

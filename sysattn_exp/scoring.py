@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 from transformers import LlavaModel
 
 from sysattn_exp.benchmarks import Benchmark
 from sysattn_exp.cache import ScoreCache, item_key
+from sysattn_exp.cluster import Progress
 from sysattn_exp.errors import UsageError
 from sysattn_exp.intervention import Edit
 from sysattn_exp.modality import PAD, SYSTEM, TEXT, modality_ids
@@ -470,32 +470,92 @@ def score_items(
     cache: ScoreCache | None = None,
     profile=None,
     plain_prompts: list[str] | None = None,
+    progress_seconds: float = 60.0,
 ) -> Scores:
     """yes and no logits of every item (`plain_prompts`, each prompt rendered without its
     image, are needed by PAI's guidance only). With a cache, batches whose items are all in it are
     taken from it (a batch is always computed whole, so a resumed run scores every item in
     the same company as an uninterrupted one) and each new batch is saved as it is done.
-    A profile (sysattn_exp.profile) records where attention goes; it needs every batch run."""
-    # Cached scores are keyed by the image's content; without a cache its id will do.
-    image_key = benchmark.image_digest if cache else lambda image_id: image_id
-    keys = [
-        item_key(benchmark.name, item.item_id, image_key(item.image_id), prompt)
-        for item, prompt in zip(benchmark.items, prompts, strict=True)
-    ]
+    A profile (sysattn_exp.profile) records where attention goes; it needs every batch run.
+    Without a terminal, progress is logged every `progress_seconds` (cluster.Progress)."""
+    keys = item_keys(benchmark, prompts, cache)
     done = cache.load() if cache else {}
     plan = plan_batches([item.image_id for item in benchmark.items], batch_size)
     todo = [batch for batch in plan if not all(keys[j] in done for j in batch)]
+    computed = sum(len(batch) for batch in todo)
+    if cache:
+        log.info(
+            "%s: %d of %d items from the score cache, %d to compute",
+            desc,
+            len(keys) - computed,
+            len(keys),
+            computed,
+        )
+    started = time.perf_counter()
+    done |= score_batches(
+        loaded,
+        benchmark,
+        prompts,
+        todo,
+        keys,
+        edit,
+        words,
+        num_workers,
+        desc,
+        cache,
+        profile,
+        plain_prompts,
+        progress_seconds,
+    )
+    seconds = time.perf_counter() - started
+    return Scores(
+        yes=[done[k][0] for k in keys],
+        no=[done[k][1] for k in keys],
+        p_yes=[done[k][2] for k in keys],
+        seconds=seconds,
+        computed=computed,
+    )
+
+
+def item_keys(benchmark: Benchmark, prompts: list[str], cache: ScoreCache | None) -> list[str]:
+    """Each item's key in the score cache (cache.item_key)."""
+    # Cached scores are keyed by the image's content; without a cache its id will do.
+    image_key = benchmark.image_digest if cache else lambda image_id: image_id
+    return [
+        item_key(benchmark.name, item.item_id, image_key(item.image_id), prompt)
+        for item, prompt in zip(benchmark.items, prompts, strict=True)
+    ]
+
+
+def score_batches(
+    loaded: LoadedModel,
+    benchmark: Benchmark,
+    prompts: list[str],
+    batches: list[list[int]],
+    keys: list[str],
+    edit: Edit | None,
+    words: tuple[list[int], list[int]],
+    num_workers: int,
+    desc: str,
+    cache: ScoreCache | None = None,
+    profile=None,
+    plain_prompts: list[str] | None = None,
+    progress_seconds: float = 60.0,
+) -> dict[str, tuple[float, float, float]]:
+    """Score the given batches of item indices (each saved to the cache as it is done):
+    item key -> (yes_logit, no_logit, p_yes)."""
     guidance = edit is not None and edit.kind == "pai" and edit.cfg_gamma is not None
     if guidance and plain_prompts is None:
         raise ValueError("PAI's guidance needs the prompts without their image")
     loader = DataLoader(
-        BatchEncoder(benchmark, prompts, todo, loaded, plain_prompts if guidance else None),
+        BatchEncoder(benchmark, prompts, batches, loaded, plain_prompts if guidance else None),
         batch_size=None,
         collate_fn=keep_batch,
-        num_workers=num_workers if todo else 0,
+        num_workers=num_workers if batches else 0,
     )
-    started = time.perf_counter()
-    for index, batch in enumerate(tqdm(loader, desc=desc, unit="batch", disable=None)):
+    done = {}
+    progress = Progress(desc, sum(len(batch) for batch in batches), progress_seconds)
+    for index, batch in enumerate(loader):
         if isinstance(batch, UsageError):
             raise batch
         kept = {} if index == 0 else None  # the first batch's logits, for one cheap check
@@ -508,11 +568,6 @@ def score_items(
         if cache:
             cache.save(batch_keys, *scores)
         done.update(zip(batch_keys, zip(*scores, strict=True), strict=True))
-    seconds = time.perf_counter() - started
-    return Scores(
-        yes=[done[k][0] for k in keys],
-        no=[done[k][1] for k in keys],
-        p_yes=[done[k][2] for k in keys],
-        seconds=seconds,
-        computed=sum(len(batch) for batch in todo),
-    )
+        progress.update(len(batch.items))
+    progress.close()
+    return done

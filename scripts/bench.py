@@ -301,16 +301,22 @@ def naive_scores(loaded: LoadedModel, bench: Benchmark, prompts, edit, words):
         use_sysattn(model)
 
 
+def answer_words(loaded: LoadedModel, prompt: str) -> tuple[list[int], list[int]]:
+    """The yes and no token ids as they follow the vicuna prompt (models.first_token_ids)."""
+    tokenizer = loaded.processor.tokenizer
+    return (
+        first_token_ids(tokenizer, ["Yes", "yes"], "yes", prompt),
+        first_token_ids(tokenizer, ["No", "no"], "no", prompt),
+    )
+
+
 def throughput(
     loaded: LoadedModel, n_images: int, batch_size: int, repeats: int, workers: int
 ) -> dict:
     edit = Redistribution("system", ("text",), q4(loaded))
-    words = (
-        first_token_ids(loaded.processor.tokenizer, ["Yes", "yes"], "yes"),
-        first_token_ids(loaded.processor.tokenizer, ["No", "no"], "no"),
-    )
     two = bench_items(n_images, 2)
     two_prompts = [build_prompt(two.question_text(i), SYSTEM_PROMPT) for i in two.items]
+    words = answer_words(loaded, two_prompts[0])
     four = bench_items(n_images, 4)
     four_prompts = [build_prompt(four.question_text(i), SYSTEM_PROMPT) for i in four.items]
     plan = plan_batches([i.image_id for i in four.items], batch_size)
@@ -345,12 +351,9 @@ def runner_overheads(
     """Items per second of the runner's real scoring path (score_items: data loading, the
     shared image prefix, the question pass) with a Q4 intervention over the baseline's, on
     the same items, two questions per image: the cost a job really pays."""
-    words = (
-        first_token_ids(loaded.processor.tokenizer, ["Yes", "yes"], "yes"),
-        first_token_ids(loaded.processor.tokenizer, ["No", "no"], "no"),
-    )
     two = bench_items(n_images, 2)
     prompts = [build_prompt(two.question_text(i), SYSTEM_PROMPT) for i in two.items]
+    words = answer_words(loaded, prompts[0])
     edits = {
         "baseline": None,
         "system_text": Redistribution("system", ("text",), q4(loaded)),

@@ -22,7 +22,9 @@ from sysattn_exp.files import write_json
 
 # Bump whenever the scoring code changes what it computes for the same inputs (a new
 # column, another formula, a fixed bug): older cached scores are then never served.
-SCORES_VERSION = 2  # 2: p_yes; questions without an image
+SCORES_VERSION = (
+    3  # 2: p_yes; questions without an image. 3: images.open_image (transparency on white)
+)
 
 
 def digest(value) -> str:

@@ -1,7 +1,7 @@
 """Hydra callbacks, run in the launching process: the MLflow parent run of a sweep (created
 before any job starts, which also creates the store and the experiment once), and at the
 end where the results are, which jobs failed and why, and (runtime.report_at_end) the
-report of the sweep's jobs."""
+report of the sweep's jobs. A SLURM launcher with a SQLite store gets a warning first."""
 
 import json
 import logging
@@ -11,6 +11,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
+from sysattn_exp.cluster import slurm_sqlite_warning
 from sysattn_exp.errors import first_line
 from sysattn_exp.tracking import PROFILE_PLOT, absolute_uri, sweep_key, sweep_parent
 
@@ -107,6 +108,9 @@ def sweep_report(tracking, sweep_dir: Path, parent: str) -> None:
 
 class SweepTracking(Callback):
     def on_multirun_start(self, config, **kwargs) -> None:
+        warning = slurm_sqlite_warning(config)
+        if warning:
+            log.warning(warning)
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         SWEEP.clear()

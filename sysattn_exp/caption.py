@@ -14,10 +14,10 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from sysattn_exp.benchmarks.base import open_image
 from sysattn_exp.chair import chair_metrics, ground_truth_objects, score_caption, vocabulary
 from sysattn_exp.errors import UsageError
-from sysattn_exp.files import write_atomically
+from sysattn_exp.files import read_text, write_atomically
+from sysattn_exp.images import decode_errors, open_image
 
 INSTANCES = "instances_val2014.json"
 CAPTIONS = "captions_val2014.json"
@@ -57,7 +57,7 @@ def read_annotations(data_dir: Path, name: str, keys: list[str]) -> dict:
     if not path.is_file():
         raise UsageError(f"{path} not found: caption.data_dir must hold {expected}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UsageError(f"cannot read {path} as JSON ({err}); expected {expected}") from None
     for key in keys:
@@ -90,7 +90,7 @@ def listed_ids(path: Path, known: dict[int, str]) -> list[int]:
         raise UsageError(f"caption.image_list={path} not found")
     by_name = {name: image_id for image_id, name in known.items()}
     ids = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(read_text(path).splitlines(), 1):
         entry = line.split("#")[0].strip()
         if not entry:
             continue
@@ -144,7 +144,9 @@ def category_names(instances: dict, path: Path) -> dict[int, str]:
 
 def load_coco(cfg) -> list[CocoImage]:
     """The images to caption, with their CHAIR ground truth. `cfg` is the caption config
-    (data_dir, image_dir, limit, seed, image_list). Every selected image file must exist."""
+    (data_dir, image_dir, limit, seed, image_list). Every selected image file must exist
+    and decode (images.open_image, the conversion every benchmark uses)."""
+    vocab = vocabulary(cfg.get("singularize", "original"))  # a bad name stops here
     data_dir, image_dir = annotation_dirs(cfg)
     instances = read_annotations(data_dir, INSTANCES, ["images", "annotations", "categories"])
     captions = read_annotations(data_dir, CAPTIONS, ["annotations"])
@@ -174,7 +176,7 @@ def load_coco(cfg) -> list[CocoImage]:
             image_id,
             known[image_id],
             image_dir / known[image_id],
-            frozenset(ground_truth_objects(categories[image_id], references[image_id])),
+            frozenset(ground_truth_objects(categories[image_id], references[image_id], vocab)),
         )
         for image_id in ids
     ]
@@ -184,6 +186,10 @@ def load_coco(cfg) -> list[CocoImage]:
             f"image {missing[0]} not found ({len(missing)} of {len(images)} missing); "
             "caption.image_dir must hold the COCO val2014 images"
         )
+    # Decoded now, in full, so that a file cut short stops the job before the model loads.
+    errors = [err for err in decode_errors(open_image, [i.path for i in images]).values() if err]
+    if errors:
+        raise UsageError(f"{errors[0]} ({len(errors)} of {len(images)} images cannot be read)")
     return images
 
 
@@ -192,11 +198,12 @@ def caption_prompt(cfg, loaded) -> str:
     return loaded.prompt_format(cfg.model).render(cfg.caption.prompt, with_image=True)
 
 
-def caption_rows(images: list[CocoImage], prompt: str, captions: list[str]):
-    """One row per image for predictions.parquet, and each caption's CHAIR score."""
+def caption_rows(images: list[CocoImage], prompt: str, captions: list[str], vocab=None):
+    """One row per image for predictions.parquet, and each caption's CHAIR score (`vocab`:
+    chair.vocabulary of the configured singulariser; None, the original's)."""
     rows, scores = [], []
     for image, caption in zip(images, captions, strict=True):
-        score = score_caption(caption, image.ground_truth)
+        score = score_caption(caption, image.ground_truth, vocab)
         scores.append(score)
         rows.append(
             {
@@ -231,13 +238,14 @@ def caption_job(
     if images is None:
         images = load_coco(cfg.caption)
     prompt = caption_prompt(cfg, loaded)
+    vocab = vocabulary(cfg.caption.get("singularize", "original"))
     rows, scores = caption_rows(
-        images, prompt, captions_of(cfg, loaded, edit, generate_fn, images, prompt)
+        images, prompt, captions_of(cfg, loaded, edit, generate_fn, images, prompt), vocab
     )
     metrics = chair_metrics(scores)
     if edit is not None:
         baseline_captions = captions_of(cfg, loaded, None, generate_fn, images, prompt)
-        baseline = chair_metrics(caption_rows(images, prompt, baseline_captions)[1])
+        baseline = chair_metrics(caption_rows(images, prompt, baseline_captions, vocab)[1])
         metrics |= {f"baseline_{name}": value for name, value in baseline.items()}
         for name in ("chair_s", "chair_i"):
             metrics[f"{name}_change_points"] = 100.0 * (metrics[name] - baseline[name])

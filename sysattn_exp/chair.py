@@ -3,21 +3,28 @@ objects a caption mentions, which of them are not in the image, and the metrics 
 set of captions.
 
 Faithful to the authors' utils/chair.py (github.com/LisaAnne/Hallucination): the same
-synonym list (data/coco_synonyms.txt, copied unchanged), the same tokens-then-singularise-
-then-double-words pipeline with its hard-coded rules, ground truth from instances *and*
-reference captions, and the same counting (CHAIR_i counts every mention, repeats
-included). Recall follows the version in OPERA / VCD (unique objects per caption). Where
-this differs from the original (the tokeniser and the singulariser, which there need
-downloaded NLTK / pattern data) the README's CHAIR section lists it with examples.
+synonym list (data/coco_synonyms.txt, copied unchanged), the same pipeline (tokens, every
+word singularised, double words joined, "seat" dropped beside "toilet", synonyms kept)
+with its hard-coded rules, ground truth from instances *and* reference captions, and the
+same counting (CHAIR_i counts every mention, repeats included). Singularising is
+pattern.en's `singularize` as the original runs it (sysattn_exp/singular.py, quirks
+included: "bus" -> "bu" is never counted; caption.singularize=original, the default), or
+lemminflect's noun lemma (caption.singularize=lemminflect: corrected, not comparable with
+published numbers). Recall follows the version in OPERA / VCD (unique objects per
+caption). The tokeniser differs from the original's NLTK one (README, CHAIR section).
 """
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
 
 from lemminflect import getLemma
+
+from sysattn_exp import singular
+from sysattn_exp.errors import UsageError
+from sysattn_exp.files import read_text
 
 # Pairs of tokens (after singularising) read as one word, and what they count as.
 # The original's list, in its order; "stove top oven" has three words and, as in the
@@ -64,6 +71,8 @@ class Vocabulary:
 
     node: dict[str, str]  # every synonym -> its COCO object (the first word of its line)
     double_words: dict[str, str]  # "teddy bear" -> "teddy bear", "baby cat" -> "cat", ...
+    # word -> its singular, applied to every caption word (SINGULARIZERS)
+    singularize: Callable[[str], str] = singular.singularize
 
     def __contains__(self, word: str) -> bool:
         return word in self.node
@@ -98,9 +107,14 @@ def double_word_rules() -> dict[str, str]:
 
 
 @cache
-def vocabulary() -> Vocabulary:
-    text = (files("sysattn_exp") / "data" / "coco_synonyms.txt").read_text(encoding="utf-8")
-    return Vocabulary(parse_synonyms(text), double_word_rules())
+def vocabulary(singularizer: str = "original") -> Vocabulary:
+    """The synonym list and double words, with the named singulariser (SINGULARIZERS)."""
+    if singularizer not in SINGULARIZERS:
+        raise UsageError(
+            f"caption.singularize={singularizer!r} is unknown; allowed: {', '.join(SINGULARIZERS)}"
+        )
+    text = read_text(files("sysattn_exp") / "data" / "coco_synonyms.txt")
+    return Vocabulary(parse_synonyms(text), double_word_rules(), SINGULARIZERS[singularizer])
 
 
 # Runs of letters and digits, hyphenated ones kept whole ("t-shirt"), as NLTK's word
@@ -112,13 +126,19 @@ def tokenize(caption: str) -> list[str]:
     return TOKEN.findall(caption.lower())
 
 
-def singularize(word: str, vocab: Vocabulary) -> str:
-    """A word's singular (every word is treated as a noun, as pattern's singularize does).
-    A word that already names a COCO object is kept: lemminflect would turn "corgi" into
-    "corgus"; every other listed word has the same object either way ("skis" -> "ski")."""
-    if word in vocab:
+def lemminflect_singular(word: str) -> str:
+    """lemminflect's noun lemma (every word treated as a noun, as pattern's singularize
+    does), except that a word already in the synonym list is kept: lemminflect would turn
+    "corgi" into "corgus"; every other listed word has the same object either way."""
+    if word in vocabulary("original").node:
         return word
     return getLemma(word, upos="NOUN")[0]
+
+
+# caption.singularize: "original" = pattern's singularize as CHAIR's code runs it (the
+# published figures); "lemminflect" = corrected ("bus", "ties", "canoes" counted), not
+# comparable with published numbers. README, CHAIR section, lists where they differ.
+SINGULARIZERS = {"original": singular.singularize, "lemminflect": lemminflect_singular}
 
 
 def join_double_words(words: list[str], vocab: Vocabulary) -> list[str]:
@@ -139,7 +159,7 @@ def caption_objects(caption: str, vocab: Vocabulary | None = None) -> list[tuple
     """Every mention of a COCO object in the caption, in order, repeats kept:
     (the word as matched, singularised, the COCO object it names)."""
     vocab = vocab or vocabulary()
-    words = join_double_words([singularize(w, vocab) for w in tokenize(caption)], vocab)
+    words = join_double_words([vocab.singularize(w) for w in tokenize(caption)], vocab)
     # The original's rule: with a toilet in the caption, "seat" is the toilet's, not a chair.
     if "toilet" in words and "seat" in words:
         words = [w for w in words if w != "seat"]

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from sysattn_exp.benchmarks import Benchmark
+from sysattn_exp.benchmarks.base import mme_answer
+from sysattn_exp.cluster import Progress
 from sysattn_exp.errors import UsageError
 from sysattn_exp.intervention import Edit
 from sysattn_exp.modality import TEXT
@@ -41,6 +42,7 @@ from sysattn_exp.scoring import (
     keep_batch,
     plan_batches,
     score_batch,
+    warn_if_unscored,
 )
 
 
@@ -132,16 +134,25 @@ def texts_of(loaded: LoadedModel, ids: list[list[int]]) -> list[str]:
 
 @torch.inference_mode()
 def generate_in_batches(
-    loaded: LoadedModel, images, prompts: list[str], edit, max_new_tokens: int, batch_size: int
+    loaded: LoadedModel,
+    images,
+    prompts: list[str],
+    edit,
+    max_new_tokens: int,
+    batch_size: int,
+    progress_seconds: float = 60.0,
 ) -> list[str]:
     """generate_full_prompts over batches of `batch_size` prompts (images: any sequence that
     can be sliced, decoded as it is)."""
     texts = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch"):
+    progress = Progress("generate", len(prompts), progress_seconds)
+    for start in range(0, len(prompts), batch_size):
         chunk = slice(start, start + batch_size)
         texts += generate_full_prompts(
             loaded, list(images[chunk]), prompts[chunk], edit, max_new_tokens
         )
+        progress.update(len(prompts[chunk]))
+    progress.close()
     return texts
 
 
@@ -198,10 +209,12 @@ def generate_items(
     num_workers: int,
     desc: str,
     words: tuple[list[int], list[int]] = ([], []),
+    progress_seconds: float = 60.0,
 ) -> Generations:
     """Greedy answers to every item, batched and prefix-shared as score_items scores them
     (images decoded in DataLoader workers). With `words` (yes and no first-token ids), the
-    first step's logits also give each item's yes/no scores; without, those are NaN."""
+    first step's logits also give each item's yes/no scores; without, those are NaN.
+    Without a terminal, progress is logged every `progress_seconds` (cluster.Progress)."""
     if edit is not None and edit.kind == "pai" and edit.cfg_gamma is not None:
         raise UsageError(
             "scoring.mode=generate does not support PAI's guidance (intervention.cfg_gamma)"
@@ -217,10 +230,13 @@ def generate_items(
     texts, tokens = [""] * n, [[] for _ in range(n)]
     yes, no, p_yes = [float("nan")] * n, [float("nan")] * n, [float("nan")] * n
     new_tokens, started = 0, time.perf_counter()
-    for batch in tqdm(loader, desc=desc, unit="batch", disable=None):
+    progress = Progress(desc, n, progress_seconds)
+    for index, batch in enumerate(loader):
         if isinstance(batch, UsageError):
             raise batch
         begun = start_batch(loaded, batch, edit)
+        if index == 0 and all(words):  # the first batch: the answer tokens' check
+            warn_if_unscored(loaded.tokenizer, begun.logits, *words)
         ids = decode(loaded, begun, edit, max_new_tokens)
         new_tokens += sum(len(row) for row in ids)
         scores = answer_scores(begun.logits, *words) if all(words) else None
@@ -228,22 +244,11 @@ def generate_items(
             texts[j], tokens[j] = text, ids[row]
             if scores is not None:
                 yes[j], no[j], p_yes[j] = (float(s[row]) for s in scores)
+        progress.update(len(batch.items))
+    progress.close()
     seconds = time.perf_counter() - started
     return Generations(texts, tokens, yes, no, p_yes, seconds, new_tokens, n)
 
 
-def parse_yes_no(text: str) -> str:
-    """ "yes", "no" or "unknown", as the MME benchmark's eval tool parses an answer
-    (eval_tool/calculation.py, parse_pred_ans: exactly yes/no; else "yes" within the
-    first 4 characters -> yes, else "no" within them -> no, else "other"), after the
-    normalisation lmms-eval applies before it (tasks/mme/utils.py: lowercase, strip,
-    periods removed). "unknown" is our name for MME's "other": neither answer, counted
-    wrong."""
-    answer = text.lower().strip().replace(".", "")
-    if answer in ("yes", "no"):
-        return answer
-    if "yes" in answer[:4]:
-        return "yes"
-    if "no" in answer[:4]:
-        return "no"
-    return "unknown"
+# MME's eval tool rule (benchmarks.base.mme_answer) under its older name here.
+parse_yes_no = mme_answer

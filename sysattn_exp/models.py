@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 
 import torch
+import transformers
+from jinja2.exceptions import TemplateError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -20,6 +22,8 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+from transformers.utils import is_num2words_available, is_torchvision_available
 
 from sysattn_exp.errors import UsageError, first_line
 from sysattn_exp.intervention import ATTENTION_NAME
@@ -231,6 +235,9 @@ def _load(cfg, dtype, device_map):
 
         return build_toy_llava()
     model_type = load_config(cfg).model_type
+    # The processor first: one that cannot be built here (a missing optional dependency)
+    # stops the job before minutes of weight loading.
+    processor = load_processor(cfg, model_type)
     model_class = (
         AutoModelForImageTextToText if model_type in VLM_FAMILIES else AutoModelForCausalLM
     )
@@ -247,7 +254,7 @@ def _load(cfg, dtype, device_map):
             f"model.name_or_path={cfg.name_or_path!r} could not be loaded ({first_line(err)}); "
             "give a hub id you can download or a directory saved with save_pretrained"
         ) from err
-    return model, load_processor(cfg, model_type)
+    return model, processor
 
 
 def load_processor(cfg, model_type: str | None = None):
@@ -265,10 +272,48 @@ def load_processor(cfg, model_type: str | None = None):
     loader = AutoProcessor if model_type in VLM_FAMILIES else AutoTokenizer
     try:
         return loader.from_pretrained(cfg.name_or_path, revision=cfg.revision, **hub_access(cfg))
-    except OSError as err:
+    except (OSError, ValueError, ImportError) as err:
+        missing = missing_processor_dependency(model_type)
+        if missing:
+            raise UsageError(f"model.name_or_path={cfg.name_or_path!r}: {missing}") from err
         raise UsageError(
             f"model.name_or_path={cfg.name_or_path!r}: no processor ({first_line(err)})"
         ) from err
+
+
+# Packages a family's processor checks for itself when it is built (transformers 5.x).
+PROCESSOR_PACKAGES = {"smolvlm": ("num2words", is_num2words_available)}
+
+
+def missing_processor_dependency(model_type: str) -> str | None:
+    """Why the family's processor cannot be built on this machine, if missing optional
+    packages are the reason (all of them named at once); else None. In transformers 5 every
+    video processor needs torchvision, and the processors of Qwen2-VL, Qwen2.5-VL,
+    LLaVA-OneVision, InternVL and SmolVLM include one (their class lists a video_processor
+    among its parts), even for images only; SmolVLM's also refuses to start without
+    num2words."""
+    name = PROCESSOR_MAPPING_NAMES.get(model_type)
+    processor_class = getattr(transformers, name, None) if name else None
+    if processor_class is None:
+        return None
+    missing = {}
+    if "video_processor" in processor_class.get_attributes() and not is_torchvision_available():
+        missing["torchvision"] = "for its video processor"
+    package, available = PROCESSOR_PACKAGES.get(model_type, (None, None))
+    if package and not available():
+        missing[package] = "its own check"
+    if not missing:
+        return None
+    needs = " and ".join(f"{package} ({why})" for package, why in missing.items())
+    build = (
+        f"; torchvision: the build matching torch {torch.__version__}"
+        if "torchvision" in missing
+        else ""
+    )
+    return (
+        f"the {VLM_FAMILIES.get(model_type, model_type)} processor ({name}) needs {needs}, "
+        f"not installed here: pip install {' '.join(missing)}{build}"
+    )
 
 
 def prompt_modalities(
@@ -290,13 +335,64 @@ def prompt_modalities(
     return modality_counts(split[0])
 
 
-def first_token_ids(tokenizer, words, key: str) -> list[int]:
-    """The first token id of each word, as the model would emit it after the prompt."""
+def first_token_ids(tokenizer, words, key: str, prompt: str | None = None) -> list[int]:
+    """The token ids a reply starting with one of `words` begins with, right after `prompt`
+    (a rendered prompt: it ends in the chat template's generation prompt, which is the same
+    for every item). Each word is read in both spellings a reply can start with, as it is
+    and after a space ("Yes", " Yes"): a template that ends in "ASSISTANT:" or
+    "Assistant:" is followed by " Yes" (Llama's SentencePiece "▁Yes", byte-level BPE's
+    "ĠYes"), one that ends in a newline by "Yes". Each spelling is tokenised after the
+    prompt and its first new token kept; a spelling whose tokens merge with the prompt's
+    last ones is skipped (the model, having read the prompt's tokens, cannot emit it).
+    `prompt` None: the tokenizer's own chat template's generation prompt, or, without a
+    template, each word tokenised alone. Sorted, without repeats. UsageError names `key`
+    if a word gives no token."""
     if not words:
         raise UsageError(f"{key} is empty; give at least one word, e.g. [Yes, yes]")
     if not all(isinstance(w, str) for w in words):
         raise UsageError(f"{key}={list(words)} must be strings (quote Yes/No in YAML)")
-    ids = [tokenizer(w, add_special_tokens=False).input_ids[:1] for w in words]
-    if not all(ids):
-        raise UsageError(f"{key}={list(words)} contains a word that tokenizes to nothing")
-    return sorted({i[0] for i in ids})
+    if prompt is None:
+        prompt = generation_prompt(tokenizer)
+    prompt_ids = tokenizer(prompt or "", add_special_tokens=False).input_ids
+    ids = set()
+    for word in words:
+        forms = spellings(word) if prompt is not None else [word]
+        found = {first_new_token(tokenizer, prompt or "", prompt_ids, w) for w in forms}
+        found.discard(None)
+        if not found:
+            raise UsageError(
+                f"{key}={list(words)}: {word!r} gives no token of its own after the prompt "
+                "(it tokenizes to nothing, or merges with the prompt's last token)"
+            )
+        ids |= found
+    return sorted(ids)
+
+
+def generation_prompt(tokenizer) -> str | None:
+    """A one-question conversation rendered by the tokenizer's chat template, ending in its
+    generation prompt; None without a template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    for content in ([{"type": "text", "text": "?"}], "?"):  # processors' form, plain form
+        try:
+            return tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+            )
+        except TemplateError:
+            continue
+    return None
+
+
+def spellings(word: str) -> list[str]:
+    """The word as given and after one space ("Yes" -> "Yes", " Yes")."""
+    return list(dict.fromkeys([word, " " + word.lstrip()])) if word.strip() else [word]
+
+
+def first_new_token(tokenizer, prompt: str, prompt_ids: list[int], text: str) -> int | None:
+    """The first token of `text` as it is tokenised after `prompt`; None where the prompt's
+    own tokens are not a prefix of the whole (a merge across the boundary) or `text` adds
+    no token."""
+    ids = tokenizer(prompt + text, add_special_tokens=False).input_ids
+    if len(ids) <= len(prompt_ids) or ids[: len(prompt_ids)] != prompt_ids:
+        return None
+    return ids[len(prompt_ids)]

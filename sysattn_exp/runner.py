@@ -2,20 +2,20 @@
 results to the job's folder, then log them to MLflow."""
 
 import logging
-import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pandas as pd
 from omegaconf import OmegaConf
 
-from sysattn_exp.benchmarks import Benchmark, load_benchmark
+from sysattn_exp.benchmarks import Benchmark, answer_parser, load_benchmark
 from sysattn_exp.cache import SCORES_VERSION, ScoreCache, digest
 from sysattn_exp.caption import caption_job, load_coco
+from sysattn_exp.cluster import available_cpus, log_when_stopped
 from sysattn_exp.conditions import build_edit, intervention_rule, resolve_layers
 from sysattn_exp.errors import UsageError, first_line
 from sysattn_exp.files import write_atomically, write_json
-from sysattn_exp.generation import generate_in_batches, generate_items, parse_yes_no
+from sysattn_exp.generation import generate_in_batches, generate_items
 from sysattn_exp.intervention import Edit
 from sysattn_exp.metrics import compare_with_baseline, shared_metrics
 from sysattn_exp.modality import MODALITIES
@@ -29,10 +29,12 @@ from sysattn_exp.models import (
     load_processor,
     prompt_format,
     prompt_modalities,
+    tokenizer_of,
 )
 from sysattn_exp.profile import AttentionProfile, heatmap
 from sysattn_exp.prompts import PromptFormat
 from sysattn_exp.scoring import Scores, score_items
+from sysattn_exp.shared_baseline import SharedBaseline
 from sysattn_exp.toy_model import weights_file_digest
 from sysattn_exp.tracking import PROFILE_PLOT, PROFILE_TABLE, log_job_dir
 
@@ -64,6 +66,7 @@ def predict(
         cache,
         profile,
         plain,
+        progress_seconds(cfg),
     )
     frame = item_columns(benchmark, prompts, scores)
     frame["pred"] = frame["yes_logit"] > frame["no_logit"]
@@ -74,7 +77,8 @@ def predict(
 def predict_by_generation(
     cfg, loaded, benchmark, prompts, edit, words, desc
 ) -> tuple[pd.DataFrame, Scores]:
-    """Greedy answers, parsed to yes/no/unknown (generation.parse_yes_no); the score columns
+    """Greedy answers, parsed to yes/no/unknown by the benchmark's own rule or MME's
+    (scoring.parser; benchmarks.answer_parser); the score columns
     come from the first step's logits, the logit mode's. No score cache: a generated text is
     not a score, and a run costs max_new_tokens forward passes per batch more than the
     logit mode's one, which a cache would only save on a rerun of the same condition."""
@@ -88,6 +92,7 @@ def predict_by_generation(
         num_workers(cfg),
         desc,
         words,
+        progress_seconds(cfg),
     )
     scores = Scores(
         generated.yes,
@@ -99,7 +104,8 @@ def predict_by_generation(
     )
     frame = item_columns(benchmark, prompts, scores)
     frame["generated"] = generated.texts
-    frame["answer"] = [parse_yes_no(text) for text in generated.texts]
+    parse = answer_parser(benchmark.name, parser_name(cfg.scoring))
+    frame["answer"] = [parse(text) for text in generated.texts]
     frame["pred"] = frame["answer"] == "yes"
     # An unknown answer is neither yes nor no: wrong whatever the label.
     frame["correct"] = (frame["pred"] == frame["label"]) & (frame["answer"] != "unknown")
@@ -160,6 +166,12 @@ def max_new_tokens(scoring) -> int:
     return value
 
 
+def parser_name(scoring) -> str:
+    """scoring.parser: how generated answers are read (native: each benchmark's own rule;
+    mme: MME's eval tool rule for all)."""
+    return scoring.get("parser", "native")
+
+
 def generation_condition(scoring) -> dict:
     """The generation settings, in the condition only in generate mode: logit-mode
     conditions (and their cached scores and job keys) stay what they were before it."""
@@ -171,7 +183,17 @@ def generation_condition(scoring) -> dict:
 # Config keys that never change what a job produces (where results go, how fast they come);
 # every other key, present or future (the task, runtime.profile, the prompt...), is in the
 # job key, so that two jobs that can produce different files never share one.
-NOT_IN_JOB_KEY = {"tracking": None, "runtime": {"num_workers", "cache_dir", "report_at_end"}}
+NOT_IN_JOB_KEY = {
+    "tracking": None,
+    "runtime": {
+        "num_workers",
+        "cache_dir",
+        "report_at_end",
+        "progress_seconds",
+        "baseline_part_items",
+        "lease_seconds",
+    },
+}
 
 
 def job_key(config: dict, condition: dict) -> str:
@@ -183,7 +205,7 @@ def job_key(config: dict, condition: dict) -> str:
         if section == "scoring" and value.get("mode", "logit") == "logit":
             # The logit mode ignores the generation keys; without them, jobs keep the key
             # they had before generation existed (the condition has them in generate mode).
-            dropped = {"mode", "max_new_tokens"}
+            dropped = {"mode", "max_new_tokens", "parser"}
         kept[section] = {k: v for k, v in value.items() if k not in dropped} if dropped else value
     return digest([condition, kept])
 
@@ -202,20 +224,68 @@ def timing(scores: Scores, n_items: int) -> dict:
 
 def num_workers(cfg) -> int:
     """Image-decoding worker processes: runtime.num_workers, or by default up to 4 while
-    leaving a core to the model."""
+    leaving a core to the model, out of the CPUs of the job's allocation (SLURM's
+    cpus_per_task, else the process's CPU affinity: cluster.available_cpus)."""
     if cfg.runtime.num_workers != "auto":
         return int(cfg.runtime.num_workers)
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+    return max(0, min(4, available_cpus() - 1))
 
 
-def scoring_words(loaded: LoadedModel, cfg) -> tuple[list[int], list[int]]:
-    tokenizer = loaded.tokenizer
-    yes = first_token_ids(tokenizer, cfg.yes_words, "scoring.yes_words")
-    no = first_token_ids(tokenizer, cfg.no_words, "scoring.no_words")
+def runtime_number(cfg, key: str, default: float, minimum: float = 0.0) -> float:
+    value = cfg.runtime.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+        raise UsageError(f"runtime.{key}={value!r} must be a number >= {minimum:g}")
+    return value
+
+
+def progress_seconds(cfg) -> float:
+    """runtime.progress_seconds: interval of the progress lines logged without a terminal."""
+    return runtime_number(cfg, "progress_seconds", 60.0)
+
+
+def sharing_settings(cfg) -> dict:
+    """How concurrent jobs share the baseline (shared_baseline.SharedBaseline)."""
+    return {
+        "batch_size": cfg.model.batch_size,
+        "part_items": int(runtime_number(cfg, "baseline_part_items", 256, minimum=1)),
+        "lease_seconds": runtime_number(cfg, "lease_seconds", 300.0, minimum=0.001),
+        "progress_seconds": progress_seconds(cfg),
+    }
+
+
+def shared_baseline(cfg, loaded, benchmark, prompts, words) -> SharedBaseline | None:
+    """The baseline's parts, claimed through the score cache (None without a cache or in
+    generate mode, which does not use it)."""
+    if not cfg.runtime.cache_dir or scoring_mode(cfg.scoring) != "logit":
+        return None
+    settings = sharing_settings(cfg) | {"num_workers": num_workers(cfg)}
+    cache = ScoreCache(cfg.runtime.cache_dir, condition(cfg, loaded, None, words))
+    return SharedBaseline(loaded, benchmark, prompts, words, cache, settings)
+
+
+def scoring_words(loaded: LoadedModel, cfg, prompt: str) -> tuple[list[int], list[int]]:
+    """The yes and no token ids (models.first_token_ids) as they follow `prompt`, a rendered
+    prompt of the job (every prompt ends in the template's same generation prompt)."""
+    return answer_token_ids(loaded.tokenizer, cfg, prompt)
+
+
+def answer_token_ids(tokenizer, cfg, prompt: str) -> tuple[list[int], list[int]]:
+    yes = first_token_ids(tokenizer, cfg.yes_words, "scoring.yes_words", prompt)
+    no = first_token_ids(tokenizer, cfg.no_words, "scoring.no_words", prompt)
     shared = sorted(set(yes) & set(no))
     if shared:
-        raise UsageError(f"scoring.yes_words and scoring.no_words share first tokens {shared}")
+        raise UsageError(
+            f"scoring.yes_words and scoring.no_words share first tokens {shared} "
+            f"({', '.join(token_strings(tokenizer, shared))}); give words that start differently"
+        )
     return yes, no
+
+
+def token_strings(tokenizer, ids: list[int]) -> list[str]:
+    """Each id with its token as the vocabulary spells it, e.g. "3869 '▁Yes'"."""
+    return [
+        f"{i} {token!r}" for i, token in zip(ids, tokenizer.convert_ids_to_tokens(ids), strict=True)
+    ]
 
 
 def run_name(benchmark: str, edit: Edit | None, layers: list[int], profile=False) -> str:
@@ -282,9 +352,10 @@ DRY_RUN_FILE = "dry_run.json"  # a dry-run job's summary: its config was checked
 
 def dry_run(cfg, benchmark: Benchmark, rule: dict | None, out_dir: Path) -> dict:
     """Check what a run would evaluate without loading the model's weights: the data, the
-    model's config and processor, and the layer range against the model's depth (from its
-    config). Prints the counts, an example prompt and its token split (in a sweep, for its
-    first job only) and dry_run_job's line. Logs nothing."""
+    model's config and processor, the scored answer tokens, and the layer range against
+    the model's depth (from its config). Prints the counts, an example prompt, its token
+    split and the scored tokens (in a sweep, for its first job only) and dry_run_job's
+    line. Logs nothing."""
     items = benchmark.items
     summary = {
         "n_items": len(items),
@@ -292,8 +363,7 @@ def dry_run(cfg, benchmark: Benchmark, rule: dict | None, out_dir: Path) -> dict
         "gt_yes_rate": sum(item.label for item in items) / len(items),
     } | benchmark.load_counts
     config = load_config(cfg.model)
-    if sweep_job() in (None, 0):
-        summary |= dry_run_details(cfg, benchmark, config, summary)
+    summary |= dry_run_details(cfg, benchmark, config, summary, show=sweep_job() in (None, 0))
     counts = f"{summary['n_items']} items, {summary['n_groups']} groups"
     return dry_run_job(cfg, config, benchmark.name, rule, out_dir, summary, counts)
 
@@ -332,9 +402,10 @@ def sweep_job() -> int | None:
     return HydraConfig.get().job.num
 
 
-def dry_run_details(cfg, benchmark: Benchmark, config, summary: dict) -> dict:
-    """Print the counts, an example prompt and its system / image / text token split;
-    returns the token counts."""
+def dry_run_details(cfg, benchmark: Benchmark, config, summary: dict, show: bool) -> dict:
+    """The example prompt, its system / image / text token split and the scored answer
+    tokens (bad scoring words fail here), printed with the counts where `show`; returns
+    the token counts."""
     example = benchmark.items[0]
     processor = load_processor(cfg.model, config.model_type)
     question = benchmark.question_text(example)
@@ -343,21 +414,39 @@ def dry_run_details(cfg, benchmark: Benchmark, config, summary: dict) -> dict:
     image = benchmark.load_image(example.image_id) if with_image else None
     image_token_id = getattr(config, "image_token_id", None)
     split = prompt_modalities(processor, image_token_id, image, prompt, question)
-    print(f"benchmark {benchmark.name}: " + ", ".join(f"{k}={v:g}" for k, v in summary.items()))
-    print(f"example prompt (item {example.item_id}, image {example.image_id}):\n{prompt}")
-    print(
-        f"tokens for {cfg.model.name_or_path}: " + ", ".join(f"{k}={v}" for k, v in split.items())
-    )
+    tokenizer = tokenizer_of(processor)
+    words = answer_token_ids(tokenizer, cfg.scoring, prompt)  # bad words fail before printing
+    if show:
+        print(f"benchmark {benchmark.name}: " + ", ".join(f"{k}={v:g}" for k, v in summary.items()))
+        print(f"example prompt (item {example.item_id}, image {example.image_id}):\n{prompt}")
+        tokens = ", ".join(f"{k}={v}" for k, v in split.items())
+        print(f"tokens for {cfg.model.name_or_path}: {tokens}")
+        for name, ids in zip(("yes", "no"), words, strict=True):
+            strings = ", ".join(token_strings(tokenizer, ids))
+            print(f"scored {name} tokens after the prompt: {strings}")
     return {f"example_{k}_tokens": v for k, v in split.items()}
 
 
 def run(cfg, out_dir: Path) -> dict:
-    """Evaluate the configured condition; returns the job's metrics."""
-    if cfg.get("caption") is not None:
-        return run_caption(cfg, out_dir)
+    """Evaluate the configured condition; returns the job's metrics. A stop signal (SLURM's
+    SIGTERM, submitit's preemption signal) is logged with how the job resumes."""
+    if cfg.runtime.cache_dir:
+        resume = f"scores computed so far are in the score cache {cfg.runtime.cache_dir}"
+    else:
+        resume = "without a score cache (runtime.cache_dir) it will start over"
+    with log_when_stopped(resume):
+        if cfg.get("caption") is not None:
+            return run_caption(cfg, out_dir)
+        return run_yes_no(cfg, out_dir)
+
+
+def run_yes_no(cfg, out_dir: Path) -> dict:
+    """A yes/no benchmark job: baseline and the configured condition."""
     benchmark = load_benchmark(cfg.benchmark)
     rule = intervention_rule(cfg.intervention)  # checked before the (slow) model load
     ranking = rank_by(cfg.scoring)
+    answer_parser(benchmark.name, parser_name(cfg.scoring))  # a bad scoring.parser stops here
+    sharing_settings(cfg)  # checked before the model load too
     if scoring_mode(cfg.scoring) == "generate":
         max_new_tokens(cfg.scoring)  # checked before the model load too
         if cfg.runtime.profile:
@@ -373,19 +462,30 @@ def run(cfg, out_dir: Path) -> dict:
         else checked_none(cfg.layers, loaded.num_layers)
     )
     edit = build_edit(rule, layers)
-    words = scoring_words(loaded, cfg.scoring)
     prompts = item_prompts(benchmark, loaded.prompt_format(cfg.model))
+    words = scoring_words(loaded, cfg.scoring, prompts[0])
     name = run_name(benchmark.name, edit, layers, profile=bool(cfg.runtime.profile))
 
-    # The baseline comes from the score cache once any job has computed it.
-    baseline, scores = predict(cfg, loaded, benchmark, prompts, None, words, "baseline")
-    log.info(
-        "baseline: %d of %d items computed, the rest from the cache", scores.computed, len(prompts)
-    )
+    # The baseline is shared through the score cache by concurrent jobs (shared_baseline):
+    # the parts nobody holds first, this job's own condition while others finish theirs.
+    shared = shared_baseline(cfg, loaded, benchmark, prompts, words)
+    if shared is not None:
+        shared.compute_free_parts()
     profile = AttentionProfile() if cfg.runtime.profile else None
-    predictions = baseline
     if edit is not None or profile is not None:
         predictions, scores = predict(cfg, loaded, benchmark, prompts, edit, words, name, profile)
+    if shared is not None:
+        shared.finish()
+    baseline, baseline_scores = predict(cfg, loaded, benchmark, prompts, None, words, "baseline")
+    if shared is not None:  # the parts this job computed
+        baseline_scores = replace(baseline_scores, computed=shared.computed, seconds=shared.seconds)
+    log.info(
+        "baseline: %d of %d items computed by this job, the rest from the cache",
+        baseline_scores.computed,
+        len(prompts),
+    )
+    if edit is None and profile is None:
+        predictions, scores = baseline, baseline_scores
     metrics = all_metrics(benchmark, predictions, ranking) | timing(scores, len(prompts))
     if edit is not None:
         metrics |= compare_with_baseline(metrics, all_metrics(benchmark, baseline, ranking))
@@ -473,7 +573,9 @@ class CaptionGenerator:
         if path is not None and path.exists():
             return pd.read_parquet(path)["caption"].tolist()
         batch_size = self.cfg.model.batch_size
-        captions = generate_in_batches(loaded, images, prompts, edit, max_new_tokens, batch_size)
+        captions = generate_in_batches(
+            loaded, images, prompts, edit, max_new_tokens, batch_size, progress_seconds(self.cfg)
+        )
         if path is not None:
             frame = pd.DataFrame({"caption": captions})
             path.parent.mkdir(parents=True, exist_ok=True)

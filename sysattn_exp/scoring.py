@@ -12,22 +12,26 @@ Images are decoded and preprocessed in DataLoader workers while the model runs.
 """
 
 import inspect
+import logging
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 from transformers import LlavaModel
 
 from sysattn_exp.benchmarks import Benchmark
 from sysattn_exp.cache import ScoreCache, item_key
+from sysattn_exp.cluster import Progress
 from sysattn_exp.errors import UsageError
 from sysattn_exp.intervention import Edit
 from sysattn_exp.modality import PAD, SYSTEM, TEXT, modality_ids
 from sysattn_exp.models import LoadedModel, tokenizer_of
 from sysattn_exp.prompts import question_token_start, text_kwargs
+
+log = logging.getLogger(__name__)
 
 # transformers renamed the forward argument (and output) past_key_values to cache during
 # 5.x; use whichever this version has, so that neither a deprecation warning nor a silently
@@ -329,6 +333,31 @@ def answer_scores(logits: torch.Tensor, yes_ids, no_ids) -> tuple[torch.Tensor, 
     return logits[:, yes_ids].logsumexp(dim=-1), logits[:, no_ids].logsumexp(dim=-1), p_yes
 
 
+def warn_if_unscored(tokenizer, logits: torch.Tensor, yes_ids, no_ids) -> bool:
+    """One warning line when, in some rows of `logits` (B, V) at the answer position, the
+    most likely token is none of the scored yes/no ids: a sign that scoring.yes_words /
+    no_words or the chat template do not match how the model starts its answer (the
+    scores then compare tokens the model would not emit). True if it warned."""
+    top = logits.argmax(dim=-1).tolist()
+    scored = set(yes_ids) | set(no_ids)
+    missed = Counter(token for token in top if token not in scored)
+    if not missed:
+        return False
+    common = ", ".join(
+        f"{tokenizer.convert_ids_to_tokens(token)!r} x{count}"
+        for token, count in missed.most_common(3)
+    )
+    log.warning(
+        "the most likely answer token is none of the scored yes/no tokens in %d of %d rows "
+        "of the first batch (most often %s); check scoring.yes_words / no_words and the "
+        "prompt (runtime.dry_run=true prints both)",
+        sum(missed.values()),
+        len(top),
+        common,
+    )
+    return True
+
+
 def text_only_logits(loaded: LoadedModel, batch: EncodedBatch) -> torch.Tensor:
     """Last-position logits of the prompts without their image, with the model unchanged."""
     ids, mask = batch.text_only_ids.to(loaded.device), batch.text_only_mask.to(loaded.device)
@@ -441,44 +470,104 @@ def score_items(
     cache: ScoreCache | None = None,
     profile=None,
     plain_prompts: list[str] | None = None,
+    progress_seconds: float = 60.0,
 ) -> Scores:
     """yes and no logits of every item (`plain_prompts`, each prompt rendered without its
     image, are needed by PAI's guidance only). With a cache, batches whose items are all in it are
     taken from it (a batch is always computed whole, so a resumed run scores every item in
     the same company as an uninterrupted one) and each new batch is saved as it is done.
-    A profile (sysattn_exp.profile) records where attention goes; it needs every batch run."""
-    # Cached scores are keyed by the image's content; without a cache its id will do.
-    image_key = benchmark.image_digest if cache else lambda image_id: image_id
-    keys = [
-        item_key(benchmark.name, item.item_id, image_key(item.image_id), prompt)
-        for item, prompt in zip(benchmark.items, prompts, strict=True)
-    ]
+    A profile (sysattn_exp.profile) records where attention goes; it needs every batch run.
+    Without a terminal, progress is logged every `progress_seconds` (cluster.Progress)."""
+    keys = item_keys(benchmark, prompts, cache)
     done = cache.load() if cache else {}
     plan = plan_batches([item.image_id for item in benchmark.items], batch_size)
     todo = [batch for batch in plan if not all(keys[j] in done for j in batch)]
-    guidance = edit is not None and edit.kind == "pai" and edit.cfg_gamma is not None
-    if guidance and plain_prompts is None:
-        raise ValueError("PAI's guidance needs the prompts without their image")
-    loader = DataLoader(
-        BatchEncoder(benchmark, prompts, todo, loaded, plain_prompts if guidance else None),
-        batch_size=None,
-        collate_fn=keep_batch,
-        num_workers=num_workers if todo else 0,
-    )
+    computed = sum(len(batch) for batch in todo)
+    if cache:
+        log.info(
+            "%s: %d of %d items from the score cache, %d to compute",
+            desc,
+            len(keys) - computed,
+            len(keys),
+            computed,
+        )
     started = time.perf_counter()
-    for batch in tqdm(loader, desc=desc, unit="batch", disable=None):
-        if isinstance(batch, UsageError):
-            raise batch
-        scores = [s.tolist() for s in score_batch(loaded, batch, edit, *words, profile=profile)]
-        batch_keys = [keys[j] for j in batch.items]
-        if cache:
-            cache.save(batch_keys, *scores)
-        done.update(zip(batch_keys, zip(*scores, strict=True), strict=True))
+    done |= score_batches(
+        loaded,
+        benchmark,
+        prompts,
+        todo,
+        keys,
+        edit,
+        words,
+        num_workers,
+        desc,
+        cache,
+        profile,
+        plain_prompts,
+        progress_seconds,
+    )
     seconds = time.perf_counter() - started
     return Scores(
         yes=[done[k][0] for k in keys],
         no=[done[k][1] for k in keys],
         p_yes=[done[k][2] for k in keys],
         seconds=seconds,
-        computed=sum(len(batch) for batch in todo),
+        computed=computed,
     )
+
+
+def item_keys(benchmark: Benchmark, prompts: list[str], cache: ScoreCache | None) -> list[str]:
+    """Each item's key in the score cache (cache.item_key)."""
+    # Cached scores are keyed by the image's content; without a cache its id will do.
+    image_key = benchmark.image_digest if cache else lambda image_id: image_id
+    return [
+        item_key(benchmark.name, item.item_id, image_key(item.image_id), prompt)
+        for item, prompt in zip(benchmark.items, prompts, strict=True)
+    ]
+
+
+def score_batches(
+    loaded: LoadedModel,
+    benchmark: Benchmark,
+    prompts: list[str],
+    batches: list[list[int]],
+    keys: list[str],
+    edit: Edit | None,
+    words: tuple[list[int], list[int]],
+    num_workers: int,
+    desc: str,
+    cache: ScoreCache | None = None,
+    profile=None,
+    plain_prompts: list[str] | None = None,
+    progress_seconds: float = 60.0,
+) -> dict[str, tuple[float, float, float]]:
+    """Score the given batches of item indices (each saved to the cache as it is done):
+    item key -> (yes_logit, no_logit, p_yes)."""
+    guidance = edit is not None and edit.kind == "pai" and edit.cfg_gamma is not None
+    if guidance and plain_prompts is None:
+        raise ValueError("PAI's guidance needs the prompts without their image")
+    loader = DataLoader(
+        BatchEncoder(benchmark, prompts, batches, loaded, plain_prompts if guidance else None),
+        batch_size=None,
+        collate_fn=keep_batch,
+        num_workers=num_workers if batches else 0,
+    )
+    done = {}
+    progress = Progress(desc, sum(len(batch) for batch in batches), progress_seconds)
+    for index, batch in enumerate(loader):
+        if isinstance(batch, UsageError):
+            raise batch
+        kept = {} if index == 0 else None  # the first batch's logits, for one cheap check
+        scores = score_batch(loaded, batch, edit, *words, profile=profile, keep=kept)
+        if kept:
+            warn_if_unscored(loaded.tokenizer, kept.pop("logits"), *words)
+            kept.clear()  # drops the batch's KV cache before the next batch runs
+        scores = [s.tolist() for s in scores]
+        batch_keys = [keys[j] for j in batch.items]
+        if cache:
+            cache.save(batch_keys, *scores)
+        done.update(zip(batch_keys, zip(*scores, strict=True), strict=True))
+        progress.update(len(batch.items))
+    progress.close()
+    return done

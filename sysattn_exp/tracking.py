@@ -103,10 +103,16 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+SERVER_SCHEMES = ("http://", "https://")
+
+
 def connect(cfg):
     """mlflow pointed at cfg.uri, and the experiment's id (created on first use: the
     schema of a new SQLite store and the experiment come into being here, one process at
-    a time: store_lock)."""
+    a time: store_lock). With a tracking server (http, https) the server chooses where
+    artifacts go: with `mlflow server --artifacts-destination`, runs upload through it
+    (proxied artifacts, `mlflow-artifacts:/...`), so the nodes need no shared path;
+    cfg.artifact_location, a local folder, applies to local stores only."""
     with store_lock(cfg.uri):
         return _connect(cfg)
 
@@ -118,7 +124,9 @@ def _connect(cfg):
     experiment = mlflow.get_experiment_by_name(cfg.experiment)
     if experiment is not None:
         return mlflow, experiment.experiment_id
-    location = Path(cfg.artifact_location).resolve().as_uri()
+    location = None
+    if not str(cfg.uri).startswith(SERVER_SCHEMES):
+        location = Path(cfg.artifact_location).resolve().as_uri()
     try:
         return mlflow, mlflow.create_experiment(cfg.experiment, artifact_location=location)
     except Exception:  # noqa: BLE001 - another process created it first

@@ -67,10 +67,10 @@ def compute_margins() -> dict:
     )
     use_sysattn(model)
     processor.tokenizer.padding_side = "left"
-    yes = first_token_ids(processor.tokenizer, ["Yes", "yes"], "yes")
-    no = first_token_ids(processor.tokenizer, ["No", "no"], "no")
     images = [make_image(color, (28, 28)) for color, _ in ITEMS]
     prompts = [prompt for _, prompt in ITEMS]
+    yes = first_token_ids(processor.tokenizer, ["Yes", "yes"], "yes", prompts[0])
+    no = first_token_ids(processor.tokenizer, ["No", "no"], "no", prompts[0])
 
     fp32 = LoadedModel(model, processor, torch.device("cpu"), torch.float32)
     set_yes_no_rows(model, fp32, images, prompts, yes, no)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from cli import run_cli
 from conftest import make_image
+from PIL import Image
 
 from sysattn_exp.__main__ import main
 
@@ -55,6 +56,19 @@ CASES = {
         (*TINY, "benchmark=jsonl", "benchmark.path=corrupt.jsonl"),
         ["broken.png"],
     ),
+    # Decoded in full when the data loads (before the model), not only its header read.
+    "truncated image": (
+        (*TINY, "benchmark=jsonl", "benchmark.path=cut.jsonl"),
+        ["cut.jpg: image file is truncated", "benchmark.skip_missing_images=true"],
+    ),
+    "mme image with one question": (
+        (*TINY, "benchmark=mme", "benchmark.data_dir=mme", "benchmark.image_dir=mme"),
+        ["group 'existence/1.jpg'", "has 1 question", "one Yes and one No"],
+    ),
+    "winoground example twice": (
+        (*TINY, "benchmark=winoground", "benchmark.data_dir=wino"),
+        ["examples.jsonl: group '0'", "(caption, image) pairs", "once each"],
+    ),
     "template without question": (
         (*TINY, "benchmark.template=hello"),
         ["benchmark.template", "{question}"],
@@ -96,8 +110,17 @@ def write_data(root):
         "maybe.jsonl": [good | {"answer": "maybe"}],
         "corrupt.jsonl": [good, good | {"id": "2", "image": "broken.png", "answer": "no"}],
     }
+    # A JPEG whose header is whole and whose data stops halfway.
+    Image.effect_noise((64, 64), 60).convert("RGB").save(root / "cut.jpg", quality=95)
+    (root / "cut.jpg").write_bytes((root / "cut.jpg").read_bytes()[:1500])
+    files["cut.jsonl"] = [good, good | {"id": "2", "group": "h", "image": "cut.jpg"}]
     for name, records in files.items():
         (root / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+    (root / "mme").mkdir()
+    (root / "mme" / "existence.txt").write_text("1.jpg\tIs there a cat?\tYes\n")
+    (root / "wino" / "images").mkdir(parents=True)
+    example = {"id": 0, "caption_0": "a", "caption_1": "b", "image_0": "x", "image_1": "y"}
+    (root / "wino" / "examples.jsonl").write_text(2 * (json.dumps(example) + "\n"))
 
 
 # Through a real process, for the exit-status contract: a Hydra composition error, a config

@@ -151,7 +151,7 @@ def test_generated_answer_agrees_with_the_logit_mode(answering, rule):
     bench = benchmark([(c, q) for c in colours for q in questions])
     prompts = prompts_of(bench)
     cfg = OmegaConf.create({"yes_words": ["Yes", "yes"], "no_words": ["No", "no"]})
-    words = scoring_words(answering, cfg)
+    words = scoring_words(answering, cfg, prompts[0])
     logit = score_items(answering, bench, prompts, edit, words, 6, 0, "test")
     generated = generate_items(answering, bench, prompts, edit, 3, 6, 0, "test", words)
     # The first step's scores are the logit mode's.

@@ -35,7 +35,7 @@ def predictions(*overrides: str, profile=None) -> pd.DataFrame:
     prompts = item_prompts(bench, loaded.prompt_format(cfg.model))
     layers = resolve_layers(cfg.layers, loaded.num_layers)
     edit = build_edit(intervention_rule(cfg.intervention), layers)
-    words = scoring_words(loaded, cfg.scoring)
+    words = scoring_words(loaded, cfg.scoring, prompts[0])
     scores = score_items(loaded, bench, prompts, edit, words, 32, 0, "toy", profile=profile)
     frame = pd.DataFrame({"group": [i.group_id for i in bench.items]})
     frame["label"] = [i.label for i in bench.items]

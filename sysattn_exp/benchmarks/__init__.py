@@ -1,5 +1,7 @@
 """Benchmarks by name. Each module's `load(cfg) -> Benchmark` reads the data, checks it and
-forms the groups; `Benchmark.native_metrics` computes the benchmark's own metrics."""
+forms the groups (checking that each has the structure the metrics assume);
+load_benchmark then decodes every image the job will use, before any model loads;
+`Benchmark.native_metrics` computes the benchmark's own metrics."""
 
 import copy
 
@@ -16,7 +18,15 @@ from sysattn_exp.benchmarks import (
     toy,
     winoground,
 )
-from sysattn_exp.benchmarks.base import Benchmark, Item, first_groups, prompt_preset
+from sysattn_exp.benchmarks.base import (
+    Benchmark,
+    Item,
+    first_groups,
+    group_limit,
+    mme_answer,
+    prompt_preset,
+    usable_groups,
+)
 from sysattn_exp.errors import UsageError
 
 LOADERS = {
@@ -36,7 +46,32 @@ MAIN_METRICS = {
     for module in (mme, hallusionbench, naturalbench, winoground, sugarcrepe, beaf, pope)
 }
 
-__all__ = ["MAIN_METRICS", "Benchmark", "Item", "load_benchmark"]
+# Each benchmark's own parser of generated answers (scoring.parser=native): text -> "yes",
+# "no" or "unknown", as its official evaluation code reads answers (README, "Answers by
+# generation"); a benchmark not listed here (toy, jsonl) has MME's rule.
+NATIVE_PARSERS = {
+    "mme": mme.parse_generated,
+    "hallusionbench": hallusionbench.parse_generated,
+    "naturalbench": naturalbench.parse_generated,
+    "winoground": winoground.parse_generated,
+    "sugarcrepe": sugarcrepe.parse_generated,
+    "beaf": beaf.parse_generated,
+    "pope": pope.parse_generated,
+}
+PARSERS = ("native", "mme")
+
+__all__ = ["MAIN_METRICS", "Benchmark", "Item", "answer_parser", "load_benchmark"]
+
+
+def answer_parser(benchmark_name: str, parser: str):
+    """The function that reads a generated answer as "yes", "no" or "unknown":
+    scoring.parser=native, the benchmark's own (NATIVE_PARSERS, else MME's rule); mme,
+    MME's eval tool rule for every benchmark. UsageError for any other value."""
+    if parser not in PARSERS:
+        raise UsageError(f"scoring.parser={parser!r} is unknown; allowed: {', '.join(PARSERS)}")
+    if parser == "mme":
+        return mme_answer
+    return NATIVE_PARSERS.get(benchmark_name, mme_answer)
 
 
 def load_benchmark(cfg) -> Benchmark:
@@ -49,7 +84,15 @@ def load_benchmark(cfg) -> Benchmark:
         cfg.template = template
     benchmark = LOADERS[cfg.name](cfg)
     benchmark.remove = remove
-    benchmark.items = first_groups(benchmark.items, cfg.get("limit"))
+    limit = group_limit(cfg.get("limit"))
+    if benchmark.image_files:
+        # Every image the job will use is decoded now, before the (slow) model load.
+        benchmark.items, skipped = usable_groups(
+            benchmark, limit, bool(cfg.get("skip_missing_images", False))
+        )
+        benchmark.load_counts["n_skipped_items"] = skipped
+    else:
+        benchmark.items = first_groups(benchmark.items, limit)
     if not benchmark.items:
         raise UsageError(f"benchmark={cfg.name} has no items to evaluate")
     no_image = sum(item.image_id is None for item in benchmark.items)

@@ -12,6 +12,7 @@ import pandas as pd
 from PIL import Image
 
 from sysattn_exp.errors import UsageError, first_line
+from sysattn_exp.images import decode_errors, open_image
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,12 @@ class Benchmark:
     # Taken out of each question before the template is applied (the prompt preset's
     # `remove`): e.g. MME's own "Please answer yes or no.", which LLaVA-1.5's prompt replaces.
     remove: str | None = None
+    # What is dropped whole with a group whose image cannot be read (skip_missing_images):
+    # by default the group; a benchmark whose metrics also group items otherwise (e.g.
+    # HallusionBench's figures) names a wider unit, so no such group is left incomplete.
+    drop_unit: Callable[[Item], str] | None = None
+    # False where the images are drawn in code: there is no file to check before the run.
+    image_files: bool = True
     _digests: dict[str, str] = field(default_factory=dict, repr=False)  # image_digest's memo
 
     def question_text(self, item: Item) -> str:
@@ -61,7 +68,7 @@ class Benchmark:
         if image_id is None:
             return None
         if image_id not in self._digests:
-            if isinstance(self.load_image, DatasetImages):
+            if isinstance(self.load_image, DatasetImages | DatasetsByPrefix):
                 data = self.load_image.stored_bytes(image_id)
             elif Path(image_id).is_file():
                 data = Path(image_id).read_bytes()
@@ -105,61 +112,114 @@ def prompt_preset(cfg) -> tuple[str, str | None]:
     return check_template(str(template), key), str(remove) if remove else None
 
 
-def open_image(path: Path) -> Image.Image:
-    """Decode an image file to RGB, or a one-line error naming the file."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError) as err:
-        raise UsageError(f"cannot read image {path}: {err}") from None
-
-
 def open_image_file(image_id: str) -> Image.Image:
     """Benchmark.load_image for benchmarks whose image ids are file paths."""
     return open_image(Path(image_id))
 
 
-def readable(path: Path) -> bool:
-    """Whether PIL recognises the file (reads the header only, not the pixels)."""
+def groups_of(items: list[Item]) -> dict[str, list[Item]]:
+    """Items by group, groups in order of first appearance."""
+    groups: dict[str, list[Item]] = {}
+    for item in items:
+        groups.setdefault(item.group_id, []).append(item)
+    return groups
+
+
+def check_groups(items: list[Item], source: str, problem: Callable[[list[Item]], str | None]):
+    """Every group must have the structure the benchmark's metrics assume: `problem(members)`
+    says what is wrong with one (None: nothing). The first that fails stops the run with
+    one line naming it; a pair metric is never computed from an incomplete pair."""
+    for group, members in groups_of(items).items():
+        what = problem(members)
+        if what:
+            raise UsageError(f"{source}: group {group!r} {what}")
+    return items
+
+
+def one_each(members: list[Item], key: Callable[[Item], object], want: list, what: str):
+    """A `problem` for check_groups: the members' keys must be exactly `want`, once each."""
+    got = sorted(key(item) for item in members)
+    if got != sorted(want):
+        return f"has {what} {got}; want {sorted(want)}, once each"
+    return None
+
+
+# Digests of the images that decoded in this process: the jobs of a sweep run one after
+# another in one process (Hydra's basic launcher) and need not decode them again.
+DECODED: set[str] = set()
+
+
+def decode_once(benchmark: Benchmark, image_id: str) -> None:
+    """Decode the image unless the same bytes decoded before (hashing them is ~10 times
+    cheaper than decoding; the digest is the score cache's, so it is computed anyway)."""
     try:
-        with Image.open(path):
-            return True
-    except (OSError, ValueError):
-        return False
+        digest = benchmark.image_digest(image_id)
+    except OSError:  # a stored path that is gone: load_image names it in one line
+        digest = None
+    if digest is None or digest not in DECODED:
+        benchmark.load_image(image_id)
+        if digest is not None:
+            DECODED.add(digest)
 
 
-def drop_unreadable(items: list[Item], skip: bool) -> tuple[list[Item], int]:
-    """Check every image file of `items` (ids are paths). An unreadable one is an error naming
-    it, or with `skip` its whole group is dropped (a partial group would distort paired
-    accuracy). Returns the kept items and how many were skipped."""
-    paths = dict.fromkeys(item.image_id for item in items if item.image_id is not None)
-    bad = [p for p in paths if not readable(Path(p))]
-    if not bad:
-        return items, 0
-    if not skip:
-        raise UsageError(
-            f"cannot read image {bad[0]} ({len(bad)} of {len(paths)} images unreadable); check "
-            "benchmark.data_dir / benchmark.image_dir, or set benchmark.skip_missing_images=true"
+def usable_groups(benchmark: Benchmark, limit: int | None, skip: bool) -> tuple[list[Item], int]:
+    """The items of the first `limit` groups (all: None) whose images all decode, checked
+    before the model loads by decoding them fully (a file cut short passes a header check).
+    An image that does not decode is an error naming it, or with `skip` the groups that
+    need it are dropped whole (with every group sharing a drop unit, Benchmark.drop_unit)
+    and the next groups taken in their place. Returns the items and how many were dropped."""
+    items = benchmark.items
+    by_group = groups_of(items)
+    order = list(by_group)
+    limit = len(order) if limit is None else limit
+    unit = benchmark.drop_unit or (lambda item: item.group_id)
+    errors: dict[str, str | None] = {}
+    examined, bad_units = 0, set()
+
+    def kept_groups():
+        return [g for g in order[:examined] if not any(unit(i) in bad_units for i in by_group[g])]
+
+    while len(kept_groups()) < limit and examined < len(order):
+        chunk = order[examined : examined + limit - len(kept_groups())]
+        examined += len(chunk)
+        ids = [i.image_id for g in chunk for i in by_group[g] if i.image_id is not None]
+        todo = [k for k in dict.fromkeys(ids) if k not in errors]
+        errors |= decode_errors(lambda image_id: decode_once(benchmark, image_id), todo)
+        bad = [k for k, err in errors.items() if err]
+        if bad and not skip:
+            raise UsageError(
+                f"{errors[bad[0]]} ({len(bad)} of {len(errors)} images checked cannot be read); "
+                "check benchmark.data_dir / benchmark.image_dir, or set "
+                "benchmark.skip_missing_images=true to drop their groups"
+            )
+        bad_units |= {unit(i) for g in chunk for i in by_group[g] if errors.get(i.image_id)}
+    groups = kept_groups()
+    keep = set(groups)
+    kept = [item for item in items if item.group_id in keep]
+    dropped = sum(len(by_group[g]) for g in order[:examined]) - len(kept)
+    if dropped:
+        bad = [k for k, err in errors.items() if err]
+        log.warning(
+            "skipped %d items in %d groups: %d images cannot be read (first: %s)",
+            dropped,
+            examined - len(groups),
+            len(bad),
+            errors[bad[0]],
         )
-    bad_set = set(bad)
-    bad_groups = {item.group_id for item in items if item.image_id in bad_set}
-    kept = [item for item in items if item.group_id not in bad_groups]
-    log.warning(
-        "skipped %d items in %d groups: %d unreadable images (first: %s)",
-        len(items) - len(kept),
-        len(bad_groups),
-        len(bad),
-        bad[0],
-    )
-    return kept, len(items) - len(kept)
+    return kept, dropped
+
+
+def group_limit(limit) -> int | None:
+    """benchmark.limit, checked: a positive number of groups, or None for all."""
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise UsageError(f"benchmark.limit={limit!r} must be a positive number of groups or null")
+    return limit
 
 
 def first_groups(items: list[Item], limit: int | None) -> list[Item]:
     """The items of the first `limit` groups, in order of first appearance; never splits a group."""
-    if limit is None:
+    if group_limit(limit) is None:
         return items
-    if not isinstance(limit, int) or limit < 1:
-        raise UsageError(f"benchmark.limit={limit!r} must be a positive number of groups or null")
     keep = set(list(dict.fromkeys(item.group_id for item in items))[:limit])
     return [item for item in items if item.group_id in keep]
 
@@ -256,16 +316,42 @@ class DatasetImages:
     def __call__(self, image_id: str) -> Image.Image:
         row, column = self.index[image_id]
         data = self.dataset[row][column]
-        source = io.BytesIO(data["bytes"]) if data.get("bytes") else data["path"]
-        try:
-            with Image.open(source) as image:
-                return image.convert("RGB")
-        except (OSError, ValueError) as err:
-            raise UsageError(
-                f"cannot decode image {image_id} (row {row}, {column}): {err}"
-            ) from None
+        source = io.BytesIO(data["bytes"]) if data.get("bytes") else Path(data["path"])
+        return open_image(source, f"{image_id} (row {row}, {column})")
+
+
+class DatasetsByPrefix:
+    """Benchmark.load_image over several hub datasets (one per split or subset): an image
+    id starts with its dataset's name, "<name>/..."."""
+
+    def __init__(self, sources: dict[str, DatasetImages]):
+        self.sources = sources
+
+    def stored_bytes(self, image_id: str) -> bytes:
+        return self.sources[image_id.split("/", 1)[0]].stored_bytes(image_id)
+
+    def __call__(self, image_id: str) -> Image.Image:
+        return self.sources[image_id.split("/", 1)[0]](image_id)
 
 
 def all_correct_rate(scored: pd.DataFrame, keys: list[str]) -> float:
     """Share of the groups formed by `keys` whose items are all correct."""
     return float(scored.groupby(keys)["correct"].all().mean())
+
+
+def mme_answer(text: str) -> str:
+    """ "yes", "no" or "unknown", as the MME benchmark's eval tool parses a generated answer
+    (eval_tool/calculation.py, parse_pred_ans: exactly yes/no; else "yes" within the first
+    4 characters -> yes, else "no" within them -> no, else "other"), after the
+    normalisation lmms-eval applies before it (tasks/mme/utils.py: lowercase, strip,
+    periods removed). "unknown" is our name for MME's "other": neither answer, counted
+    wrong. The parser of every benchmark without one of its own (scoring.parser=mme: of
+    all)."""
+    answer = text.lower().strip().replace(".", "")
+    if answer in ("yes", "no"):
+        return answer
+    if "yes" in answer[:4]:
+        return "yes"
+    if "no" in answer[:4]:
+        return "no"
+    return "unknown"

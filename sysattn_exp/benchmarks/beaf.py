@@ -34,9 +34,9 @@ from sysattn_exp.benchmarks.base import (
     Benchmark,
     DatasetImages,
     Item,
+    check_groups,
     check_template,
     data_dir,
-    drop_unreadable,
     hub_dataset,
     image_dir,
     open_image_file,
@@ -44,6 +44,7 @@ from sysattn_exp.benchmarks.base import (
     required_file,
 )
 from sysattn_exp.errors import UsageError
+from sysattn_exp.files import read_text
 
 MAIN_METRIC = "beaf/f1_tu_id"  # the native metric the report shows
 FIELDS = ("id", "image", "question", "orig_img", "removed_q", "gt")
@@ -83,7 +84,7 @@ def make_item(record: dict, image_id: str, where: str, fields=FIELDS) -> Item:
 def local_items(directory: Path, images: Path) -> list[Item]:
     path = required_file(directory / "beaf_qna.json", "beaf_qna.json")
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        records = json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise UsageError(f"{path}: not valid JSON ({err.msg})") from None
     if not isinstance(records, list):
@@ -113,6 +114,22 @@ def hub_items(dataset, source: str) -> tuple[list[Item], DatasetImages]:
                 "data (image_name must be the release's file name, <original stem>_NN.png)"
             )
     return items, DatasetImages(dataset, index)
+
+
+def group_problem(members: list[Item]) -> str | None:
+    """The metrics compare each edit's answer with the same question's on its original:
+    a group needs exactly one question on the original image, and each image once."""
+    originals = sum(item.meta["orig_img"] for item in members)
+    if originals != 1:
+        return (
+            f"has {originals} questions on the original image; BEAF compares each edited "
+            "image's answer with the same question's on its original, so want exactly one"
+        )
+    images = [item.image_id for item in members]
+    twice = next((image for image in images if images.count(image) > 1), None)
+    if twice is not None:
+        return f"asks its question twice about image {twice}"
+    return None
 
 
 def ratio(numerator: int, denominator: int) -> float | None:
@@ -168,9 +185,23 @@ def load(cfg) -> Benchmark:
                 "benchmark.hub_id=MM-Hallu/BEAF reads an unofficial, incomplete mirror)"
             )
         dataset = hub_dataset(cfg.hub_id, cfg.split, LOCAL_HINT, cfg.get("revision"))
-        items, images = hub_items(dataset, f"{cfg.hub_id} split {cfg.split}")
+        source = f"{cfg.hub_id} split {cfg.split}"
+        items, images = hub_items(dataset, source)
+        check_groups(items, source, group_problem)
         return Benchmark("beaf", items, template, images, native_metrics)
     items = local_items(directory, image_dir(cfg, directory / "images"))
-    items, skipped = drop_unreadable(items, cfg.skip_missing_images)
-    counts = {"n_skipped_items": skipped}
-    return Benchmark("beaf", items, template, open_image_file, native_metrics, counts)
+    check_groups(items, str(directory / "beaf_qna.json"), group_problem)
+    return Benchmark("beaf", items, template, open_image_file, native_metrics)
+
+
+def parse_generated(text: str) -> str:
+    """A generated answer as BEAF's beaf_metric.py (answer_check) reads it: "yes" anywhere
+    in the lowercased text -> "yes", else "no" anywhere -> "no" (substrings: "not",
+    "nothing", "know" read as no). With neither, the official loop keeps the previous
+    answer's value (a leftover variable); here it is "unknown", counted wrong."""
+    lower = text.lower()
+    if "yes" in lower:
+        return "yes"
+    if "no" in lower:
+        return "no"
+    return "unknown"

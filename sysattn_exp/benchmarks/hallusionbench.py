@@ -23,7 +23,7 @@ forced yes/no choice is never unclear, so such a question is right only when the
 matches gt_answer."""
 
 import json
-from collections.abc import Callable
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -31,11 +31,12 @@ import pandas as pd
 from sysattn_exp.benchmarks.base import (
     Benchmark,
     DatasetImages,
+    DatasetsByPrefix,
     Item,
     all_correct_rate,
+    check_groups,
     check_template,
     data_dir,
-    drop_unreadable,
     hub_dataset,
     image_dir,
     open_image_file,
@@ -43,6 +44,7 @@ from sysattn_exp.benchmarks.base import (
     required_file,
 )
 from sysattn_exp.errors import UsageError
+from sysattn_exp.files import read_text
 
 MAIN_METRIC = "hallusionbench/qAcc"  # the native metric the report shows
 FIELDS = (
@@ -81,6 +83,8 @@ def make_item(record: dict, image_id: str | None, where: str) -> Item:
         meta={
             "figure_key": None if no_figure else f"{cat}_{sub}_{set_id}_{figure}",
             "has_image": image_id is not None,
+            # A set's question pairs and figures overlap: an unreadable figure drops it whole.
+            "set_key": f"{cat}_{sub}_{set_id}",
         },
     )
 
@@ -88,9 +92,11 @@ def make_item(record: dict, image_id: str | None, where: str) -> Item:
 def local_items(directory: Path, images: Path) -> list[Item]:
     path = required_file(directory / "HallusionBench.json", "HallusionBench.json")
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        records = json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise UsageError(f"{path}: not valid JSON ({err.msg})") from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise UsageError(f"{path}: must be a JSON list of question records")
     items = []
     for i, record in enumerate(records):
         image = None
@@ -105,7 +111,9 @@ def local_items(directory: Path, images: Path) -> list[Item]:
     return items
 
 
-def hub_items(repo_id: str, splits: list[str], revision: str | None) -> tuple[list[Item], Callable]:
+def hub_items(
+    repo_id: str, splits: list[str], revision: str | None
+) -> tuple[list[Item], DatasetsByPrefix]:
     """Items of every split, in split order. Only rows with a figure need the image column
     (the non_image split's is empty)."""
     items, images = [], {}
@@ -124,10 +132,22 @@ def hub_items(repo_id: str, splits: list[str], revision: str | None) -> tuple[li
             require_columns(dataset, ["image"], source)
             images[split] = DatasetImages(dataset, index)
 
-    def load_image(image_id: str):  # ids start with their split
-        return images[image_id.split("/", 1)[0]](image_id)
+    return items, DatasetsByPrefix(images)  # ids start with their split
 
-    return items, load_image
+
+def pair_problem(members: list[Item]) -> str | None:
+    """qAcc and fAcc count each question on each figure once: a pair must not ask its
+    question twice on one figure (one record twice would count twice)."""
+    ids = [item.item_id for item in members]
+    twice = next((i for i in ids if ids.count(i) > 1), None)
+    if twice is not None:
+        figure = twice.rsplit("_", 2)[1]
+        return f"asks its question twice on figure {figure} ({twice})"
+    return None
+
+
+def set_of(item: Item) -> str:
+    return item.meta["set_key"]
 
 
 def rate(rows: pd.DataFrame, keys: list[str] | None = None) -> float | None:
@@ -162,9 +182,48 @@ def load(cfg) -> Benchmark:
     directory = data_dir(cfg)
     if directory is None:
         items, images = hub_items(cfg.hub_id, splits_of(cfg), cfg.get("revision"))
-        counts = {"n_no_image_items": 0}  # load_benchmark counts them after the limit
-        return Benchmark("hallusionbench", items, template, images, native_metrics, counts)
-    items = local_items(directory, image_dir(cfg, directory))
-    items, skipped = drop_unreadable(items, cfg.skip_missing_images)
-    counts = {"n_no_image_items": 0, "n_skipped_items": skipped}
-    return Benchmark("hallusionbench", items, template, open_image_file, native_metrics, counts)
+        source = f"{cfg.hub_id} splits {', '.join(splits_of(cfg))}"
+    else:
+        items, images = local_items(directory, image_dir(cfg, directory)), open_image_file
+        source = str(directory / "HallusionBench.json")
+    check_groups(items, source, pair_problem)
+    counts = {"n_no_image_items": 0}  # load_benchmark counts them after the limit
+    return Benchmark(
+        "hallusionbench", items, template, images, native_metrics, counts, drop_unit=set_of
+    )
+
+
+# The official evaluation (utils.py, evaluate_by_chatgpt) asks GPT-4 whether the answer
+# agrees with gt_answer_details: not reproducible offline. The parser here is the
+# deterministic first stage of VLMEvalKit's HallusionBench evaluation (YOrN_Extraction,
+# vlmeval/dataset/utils/yorn.py; its GPT judge then reads only the "Unknown" answers).
+VQA_PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-"]
+VQA_PUNCTUATION += [">", "<", "@", "`", ",", "?", "!"]
+COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)")
+# VLMEvalKit's period pattern as written: "(?!<=" is a lookahead, not a lookbehind, so a
+# period is removed wherever no digit follows it.
+PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
+
+
+def vqa_punctuation(text: str) -> str:
+    """VLMEvalKit's process_punctuation (from the VQA evaluation): each mark is deleted
+    where the text has it beside a space (or has a comma between digits), else replaced by
+    a space; then periods not followed by a digit are deleted, at most 32 of them (it
+    passes re.UNICODE, 32, where re.sub takes its count)."""
+    out = text
+    for mark in VQA_PUNCTUATION:
+        beside_space = mark + " " in text or " " + mark in text
+        out = out.replace(mark, "" if beside_space or COMMA_IN_NUMBER.search(text) else " ")
+    return PERIOD.sub("", out, count=re.UNICODE)
+
+
+def parse_generated(text: str) -> str:
+    """ "yes" if "yes" is among the words (lowercased, punctuation normalised, split on
+    whitespace) and "no" is not, "no" the other way round, else "unknown" (VLMEvalKit's
+    YOrN_Extraction)."""
+    words = vqa_punctuation(text.lower()).split()
+    if "yes" in words and "no" not in words:
+        return "yes"
+    if "no" in words and "yes" not in words:
+        return "no"
+    return "unknown"

@@ -17,15 +17,17 @@ from sysattn_exp.benchmarks.base import (
     Benchmark,
     DatasetImages,
     Item,
+    check_groups,
     check_template,
     data_dir,
-    drop_unreadable,
     hub_dataset,
     image_dir,
+    mme_answer,
     open_image_file,
     require_columns,
 )
 from sysattn_exp.errors import UsageError
+from sysattn_exp.files import read_text
 
 MAIN_METRIC = "mme/perception_score"  # the native metric the report shows
 PERCEPTION = [
@@ -76,7 +78,7 @@ def local_items(directory: Path, images: Path) -> list[Item]:
     items, seen = [], {}
     for file in files:
         category = file.stem
-        for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(read_text(file).splitlines(), start=1):
             if not line.strip():
                 continue
             fields = line.split("\t")
@@ -107,6 +109,19 @@ def hub_items(dataset, source: str) -> tuple[list[Item], DatasetImages]:
     return items, DatasetImages(dataset, index)
 
 
+def pair_problem(members: list[Item]) -> str | None:
+    """acc_plus counts an image right when both its questions are: MME asks exactly two
+    about each image, one answered Yes and one No."""
+    yes = sum(item.label for item in members)
+    if len(members) != 2 or yes != 1:
+        return (
+            f"has {len(members)} question{'s' * (len(members) != 1)} ({yes} Yes, "
+            f"{len(members) - yes} No); MME asks two "
+            "about each image, one Yes and one No"
+        )
+    return None
+
+
 def native_metrics(scored: pd.DataFrame) -> dict[str, float]:
     out, totals = {}, {"perception": 0.0, "cognition": 0.0}
     for category, rows in scored.groupby("category", sort=True):
@@ -132,10 +147,14 @@ def load(cfg) -> Benchmark:
     directory = data_dir(cfg)
     if directory is None:
         dataset = hub_dataset(cfg.hub_id, cfg.split, LOCAL_HINT, cfg.get("revision"))
-        items, images = hub_items(dataset, f"{cfg.hub_id} split {cfg.split}")
+        source = f"{cfg.hub_id} split {cfg.split}"
+        items, images = hub_items(dataset, source)
+        check_groups(items, source, pair_problem)
         return Benchmark("mme", items, template, images, native_metrics)
     items = local_items(directory, image_dir(cfg, directory))
-    items, skipped = drop_unreadable(items, cfg.skip_missing_images)
-    return Benchmark(
-        "mme", items, template, open_image_file, native_metrics, {"n_skipped_items": skipped}
-    )
+    check_groups(items, f"benchmark.data_dir={directory}", pair_problem)
+    return Benchmark("mme", items, template, open_image_file, native_metrics)
+
+
+# Generated answers (scoring.mode=generate) are parsed by MME's own eval tool's rule.
+parse_generated = mme_answer

@@ -12,6 +12,8 @@ per image (right on both questions), G-Acc per sample (all four). The official f
 cover all 1,900 samples, multiple-choice ones included; these cover only the yes/no ones,
 so they are named yesno_* to keep them from being compared with the leaderboard."""
 
+import re
+
 import pandas as pd
 
 from sysattn_exp.benchmarks.base import (
@@ -19,9 +21,11 @@ from sysattn_exp.benchmarks.base import (
     DatasetImages,
     Item,
     all_correct_rate,
+    check_groups,
     check_template,
     data_dir,
     hub_dataset,
+    one_each,
     require_columns,
 )
 from sysattn_exp.errors import UsageError
@@ -81,6 +85,17 @@ def items_of(dataset, source: str) -> tuple[list[Item], DatasetImages, int]:
     return items, DatasetImages(dataset, index), excluded
 
 
+def sample_problem(members: list[Item]) -> str | None:
+    """Q-Acc, I-Acc and G-Acc need each sample's 2 questions x 2 images, once each (an
+    Index on two rows would merge two samples)."""
+    return one_each(
+        members,
+        lambda item: (item.meta["question_index"], item.meta["image_index"]),
+        [(0, 0), (0, 1), (1, 0), (1, 1)],
+        "(question, image) pairs",
+    )
+
+
 def native_metrics(scored: pd.DataFrame) -> dict[str, float]:
     return {
         "naturalbench/yesno_acc": float(scored["correct"].mean()),
@@ -100,7 +115,22 @@ def load(cfg) -> Benchmark:
     else:
         dataset, source = parquet_dataset(directory), str(directory)
     items, images, excluded = items_of(dataset, source)
+    check_groups(items, source, sample_problem)
     counts = {"n_multiple_choice_excluded": excluded}
     return Benchmark(
         "naturalbench", items, check_template(cfg.template), images, native_metrics, counts
     )
+
+
+def parse_generated(text: str) -> str:
+    """A generated answer as NaturalBench's extract_answer reads a yes_no one (its README's
+    evaluation code; lmms-eval's naturalbench task copies it): the first whole word "yes"
+    or "no" (regex word boundaries, any case) decides; neither -> "unknown" (its -1)."""
+    positions = {
+        answer: match.start()
+        for answer in ("yes", "no")
+        if (match := re.search(rf"\b{answer}\b", text, re.IGNORECASE))
+    }
+    if not positions:
+        return "unknown"
+    return min(positions, key=positions.get)

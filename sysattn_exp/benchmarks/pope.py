@@ -15,7 +15,9 @@ folder.
 
 benchmark.subsets picks splits (default all three). The same question on the same image
 is asked in several splits, so an item is <split>/<question_id>, and a group, the
-questions about one image within one split (<split>/<image>).
+questions about one image within one split (<split>/<image>: by this key a group never
+mixes images or splits, the structure POPE's per-split figures and the paired accuracy
+assume).
 
 Native metrics per split, as POPE's evaluate.py computes them with yes as the positive
 class: accuracy, precision = TP / (TP + FP), recall = TP / (TP + FN), F1 = 2PR / (P + R),
@@ -38,7 +40,6 @@ from sysattn_exp.benchmarks.base import (
     Item,
     check_template,
     data_dir,
-    drop_unreadable,
     hub_dataset,
     image_dir,
     open_image_file,
@@ -46,6 +47,7 @@ from sysattn_exp.benchmarks.base import (
     required_file,
 )
 from sysattn_exp.errors import UsageError
+from sysattn_exp.files import read_text
 
 # Mean F1 over the splits: the figure POPE's paper leads with and the OpenCompass VLM
 # leaderboard's overall POPE score; unlike accuracy it falls when a model answers yes to
@@ -100,7 +102,7 @@ def unique_ids(items: list[Item], source: str) -> list[Item]:
 
 def read_lines(path: Path) -> list[dict]:
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -215,6 +217,16 @@ def load(cfg) -> Benchmark:
         items, images = hub_items(dataset, splits, f"{cfg.hub_id} split {cfg.split}")
         return Benchmark("pope", items, template, images, native_metrics)
     items = local_items(cfg, directory, image_dir(cfg, None))
-    items, skipped = drop_unreadable(items, cfg.skip_missing_images)
-    counts = {"n_skipped_items": skipped}
-    return Benchmark("pope", items, template, open_image_file, native_metrics, counts)
+    return Benchmark("pope", items, template, open_image_file, native_metrics)
+
+
+def parse_generated(text: str) -> str:
+    """A generated answer as POPE's evaluate.py reads it (github.com/AoiDragon/POPE; LLaVA's
+    llava/eval/eval_pope.py is the same): only the first sentence (the text before the
+    first "."), commas removed, split on single spaces; "No", "no" or "not" among the
+    words -> "no", anything else -> "yes" (an empty answer, a "NO", a "Nope" too). Never
+    "unknown"."""
+    if "." in text:
+        text = text.split(".")[0]
+    words = text.replace(",", "").split(" ")
+    return "no" if {"No", "no", "not"} & set(words) else "yes"

@@ -19,16 +19,20 @@ import pandas as pd
 from sysattn_exp.benchmarks.base import (
     Benchmark,
     DatasetImages,
+    DatasetsByPrefix,
     Item,
+    check_groups,
     check_template,
     data_dir,
-    drop_unreadable,
     hub_dataset,
     image_dir,
+    mme_answer,
+    one_each,
     open_image_file,
     require_columns,
 )
 from sysattn_exp.errors import UsageError
+from sysattn_exp.files import read_text
 
 MAIN_METRIC = "sugarcrepe/mean_pyes_acc"  # the native metric the report shows
 SUBSETS = [
@@ -80,7 +84,13 @@ def local_items(cfg, directory: Path, images: Path) -> list[Item]:
     items = []
     for subset in chosen_subsets(cfg, available):
         path = directory / f"{subset}.json"
-        for key, record in json.loads(path.read_text(encoding="utf-8")).items():
+        try:
+            records = json.loads(read_text(path))
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{path}: not valid JSON ({err.msg})") from None
+        if not isinstance(records, dict) or not all(isinstance(r, dict) for r in records.values()):
+            raise UsageError(f"{path}: must be a JSON object {{id: {{filename, caption, ...}}}}")
+        for key, record in records.items():
             missing = [f for f in ("filename", "caption", "negative_caption") if not record.get(f)]
             if missing:
                 raise UsageError(f"{path} id {key}: missing field {missing[0]!r}")
@@ -114,6 +124,14 @@ def hub_items(cfg) -> tuple[list[Item], dict]:
     return items, sources
 
 
+def pair_problem(members: list[Item]) -> str | None:
+    """pyes_acc compares a caption's score with its negative's on the same image: a group
+    is one caption and one negative."""
+    return one_each(
+        members, lambda item: item.meta["polarity"], ["negative", "positive"], "captions"
+    )
+
+
 def native_metrics(scored: pd.DataFrame) -> dict[str, float]:
     out = {}
     for subset, rows in scored.groupby("subset", sort=True):
@@ -135,12 +153,16 @@ def load(cfg) -> Benchmark:
     directory = data_dir(cfg)
     if directory is None:
         items, sources = hub_items(cfg)
+        images = DatasetsByPrefix(sources)  # one hub dataset per subset; ids start with it
 
-        def images(image_id: str):  # one hub dataset per subset; ids start with the subset
-            return sources[image_id.split("/")[0]](image_id)
-
+        check_groups(items, f"{cfg.hub_id}_<subset>", pair_problem)
         return Benchmark("sugarcrepe", items, template, images, native_metrics)
     items = local_items(cfg, directory, image_dir(cfg, None))
-    items, skipped = drop_unreadable(items, cfg.skip_missing_images)
-    counts = {"n_skipped_items": skipped}
-    return Benchmark("sugarcrepe", items, template, open_image_file, native_metrics, counts)
+    check_groups(items, f"benchmark.data_dir={directory}", pair_problem)
+    return Benchmark("sugarcrepe", items, template, open_image_file, native_metrics)
+
+
+# SugarCrepe's official evaluation scores image-text matching and parses no generated text
+# (VQAScore, whose yes/no prompt this uses, reads P("Yes")): generated answers are parsed
+# with MME's rule.
+parse_generated = mme_answer

@@ -20,15 +20,18 @@ from sysattn_exp.benchmarks.base import (
     Benchmark,
     DatasetImages,
     Item,
+    check_groups,
     check_template,
     data_dir,
-    drop_unreadable,
     hub_dataset,
+    mme_answer,
+    one_each,
     open_image_file,
     require_columns,
     required_file,
 )
 from sysattn_exp.errors import UsageError
+from sysattn_exp.files import read_text
 
 MAIN_METRIC = "winoground/group_score"  # the native metric the report shows
 FIELDS = ("id", "caption_0", "caption_1", "image_0", "image_1")
@@ -53,10 +56,15 @@ def items_of_example(record: dict, image_ids: tuple[str, str]) -> list[Item]:
 def local_items(directory: Path) -> list[Item]:
     path = required_file(directory / "examples.jsonl", LOCAL_HINT)
     items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{path} line {number}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise UsageError(f"{path} line {number}: must be a JSON object")
         missing = [f for f in FIELDS if record.get(f) is None]
         if missing:
             raise UsageError(f"{path} line {number}: missing field {missing[0]!r}")
@@ -73,6 +81,17 @@ def hub_items(dataset, source: str) -> tuple[list[Item], DatasetImages]:
         index |= {ids[0]: (row, "image_0"), ids[1]: (row, "image_1")}
         items += items_of_example(record, ids)
     return items, DatasetImages(dataset, index)
+
+
+def example_problem(members: list[Item]) -> str | None:
+    """The text, image and group scores compare each example's 2 captions x 2 images, once
+    each (an id on two lines would merge two examples)."""
+    return one_each(
+        members,
+        lambda item: (item.meta["caption_index"], item.meta["image_index"]),
+        [(0, 0), (0, 1), (1, 0), (1, 1)],
+        "(caption, image) pairs",
+    )
 
 
 def native_metrics(scored: pd.DataFrame) -> dict[str, float]:
@@ -94,8 +113,16 @@ def load(cfg) -> Benchmark:
     directory = data_dir(cfg)
     if directory is None:
         dataset = hub_dataset(cfg.hub_id, cfg.split, LOCAL_HINT, cfg.get("revision"))
-        items, images = hub_items(dataset, f"{cfg.hub_id} split {cfg.split}")
+        source = f"{cfg.hub_id} split {cfg.split}"
+        items, images = hub_items(dataset, source)
+        check_groups(items, source, example_problem)
         return Benchmark("winoground", items, template, images, native_metrics)
-    items, skipped = drop_unreadable(local_items(directory), cfg.skip_missing_images)
-    counts = {"n_skipped_items": skipped}
-    return Benchmark("winoground", items, template, open_image_file, native_metrics, counts)
+    items = local_items(directory)
+    check_groups(items, str(directory / "examples.jsonl"), example_problem)
+    return Benchmark("winoground", items, template, open_image_file, native_metrics)
+
+
+# Winoground's official evaluation scores image-text matching and parses no generated text
+# (VQAScore, whose yes/no prompt this uses, reads P("Yes")): generated answers are parsed
+# with MME's rule.
+parse_generated = mme_answer

@@ -97,9 +97,36 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def auto_dtype(device: torch.device, capability: tuple[int, int] | None) -> tuple[torch.dtype, str]:
+    """model.dtype=auto: (dtype, why). bfloat16 on CUDA devices of compute capability >= 8.0
+    (Ampere and later: bf16 tensor cores, and what torch.cuda.is_bf16_supported checks);
+    float16 on older ones (V100 7.0, T4 7.5), where bf16 is emulated or absent and the
+    attention kernels run fp16 (kernels.py's first-use check bound, 4 bf16 units, is 32
+    fp16 units: a right fp16 kernel passes with room, a wrong one is still O(1) off);
+    float32 elsewhere. `capability`: the lowest (major, minor) of the devices used."""
+    if device.type != "cuda":
+        return torch.float32, f"{device.type} device"
+    major, minor = capability
+    if (major, minor) >= (8, 0):
+        return torch.bfloat16, f"CUDA compute capability {major}.{minor} >= 8.0"
+    return torch.float16, f"CUDA compute capability {major}.{minor} < 8.0: no native bfloat16"
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    """The lowest compute capability among the GPUs a model on `device` may use: that
+    device, or every visible one for plain "cuda" (a device_map may spread over them)."""
+    if device.type != "cuda":
+        return None
+    if device.index is not None:
+        return torch.cuda.get_device_capability(device)
+    return min(torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count()))
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype, why = auto_dtype(device, cuda_capability(device))
+        log.info("model.dtype=auto: %s (%s)", str(dtype).removeprefix("torch."), why)
+        return dtype
     if name not in DTYPES:
         raise UsageError(
             f"model.dtype={name!r} is not allowed; use auto or one of {sorted(DTYPES)}"

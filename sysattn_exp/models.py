@@ -160,10 +160,13 @@ def load_model(cfg) -> LoadedModel:
     key = (cfg.name_or_path, cfg.revision, cfg.seed, str(device), str(dtype), device_map)
     if key not in _LOADED:
         log.info("loading %s on %s as %s", cfg.name_or_path, device_map or device, dtype)
+        # Loaded in its dtype (from_pretrained keeps the rotary frequencies in float32: a
+        # later model.to(dtype) would round them to bf16, shifting every rotary angle by up
+        # to 2^-9 of it, 0.8 rad at position 640) and moved, never cast, after.
         model, processor = _load(cfg, dtype, device_map)
         use_sysattn(model)
         if device_map is None:
-            model.to(device=device, dtype=dtype)
+            model.to(device)
         else:  # inputs go where the embeddings are
             device = model.get_input_embeddings().weight.device
         model.eval()
@@ -205,11 +208,11 @@ def _load(cfg, dtype, device_map):
     if cfg.name_or_path == BUILTIN_TINY:
         from sysattn_exp.tiny import build_tiny_llava
 
-        return build_tiny_llava(seed=cfg.seed)
+        return build_tiny_llava(seed=cfg.seed, dtype=dtype)
     if cfg.name_or_path == BUILTIN_TOY:
         from sysattn_exp.toy_model import build_toy_llava
 
-        return build_toy_llava()
+        return build_toy_llava(dtype=dtype)
     model_type = load_config(cfg).model_type
     model_class = (
         AutoModelForImageTextToText if model_type in VLM_FAMILIES else AutoModelForCausalLM

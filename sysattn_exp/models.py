@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -156,8 +157,8 @@ def load_model(cfg) -> LoadedModel:
     """Load (once per process: sweep jobs share it) the model and processor `cfg` names."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    device_map = cfg.get("device_map")
-    key = (cfg.name_or_path, cfg.revision, cfg.seed, str(device), str(dtype), device_map)
+    device_map = device_map_of(cfg)
+    key = (cfg.name_or_path, cfg.revision, cfg.seed, str(device), str(dtype), repr(device_map))
     if key not in _LOADED:
         log.info("loading %s on %s as %s", cfg.name_or_path, device_map or device, dtype)
         # Loaded in its dtype (from_pretrained keeps the rotary frequencies in float32: a
@@ -173,6 +174,16 @@ def load_model(cfg) -> LoadedModel:
         tokenizer_of(processor).padding_side = "left"
         _LOADED[key] = LoadedModel(model, processor, device, dtype)
     return _LOADED[key]
+
+
+def device_map_of(cfg) -> str | dict | None:
+    """model.device_map as from_pretrained takes it: null, a strategy name (auto,
+    balanced...), or a mapping of module names to devices (e.g. the decoder's first layers
+    on cuda:0, the rest on cpu)."""
+    device_map = cfg.get("device_map")
+    if isinstance(device_map, DictConfig):
+        return OmegaConf.to_container(device_map)
+    return device_map
 
 
 def load_config(cfg):

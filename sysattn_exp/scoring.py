@@ -264,7 +264,8 @@ def answer_reader(loaded: LoadedModel):
     norm, captured = final_norm(loaded), {}
 
     def keep_input(module, args, output):
-        captured["states"] = args[0]
+        if args[0].dim() == 3:  # a forward's (B, N, H), not read's own (B, H) rows
+            captured["states"] = args[0]
 
     handle = norm.register_forward_hook(keep_input) if norm is not None else None
 

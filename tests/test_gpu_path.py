@@ -12,8 +12,11 @@ fail; the split below runs the same code through accelerate's hooks."""
 import logging
 import math
 
+import pandas as pd
 import pytest
 import torch
+import yaml
+from cli import run_main
 from omegaconf import OmegaConf
 from test_families import FAMILIES, SYSTEMS, benchmark_of, fmt
 from tiny_families import BUILDERS, load_test_processor, save_checkpoint
@@ -26,6 +29,17 @@ from sysattn_exp.models import LoadedModel, auto_dtype, load_model, resolve_dtyp
 from sysattn_exp.scoring import encode_full_prompts, score_full_prompts, score_items
 
 BF16_UNIT = 2.0**-8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tensors this small run faster on one thread (and the suite shares two cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 YES, NO = [5, 6], [7]  # any ids: the scores are compared, not interpreted
 
 
@@ -114,7 +128,11 @@ def test_bfloat16_load_keeps_the_float32_buffers(checkpoint, name):
 
 
 def items_of(loaded):
+    """A few items: two questions about one image (a shared prefix) and one without an
+    image for a VLM; two questions for a text-only model."""
     bench = benchmark_of(loaded)
+    keep = [0, 1, len(bench.items) - 1] if loaded.image_token_id is not None else [0, 1]
+    bench.items = [bench.items[j] for j in keep]
     prompts = [
         fmt(loaded, SYSTEMS[j % 2]).render(item.question, item.image_id is not None)
         for j, item in enumerate(bench.items)
@@ -240,7 +258,7 @@ def split_map(model) -> dict:
     return entries | {f"{parent}layers.{i}": "cpu" for i in range(len(decoder.layers))}
 
 
-@pytest.mark.parametrize("name", ["llava", "qwen2_vl", "gemma3"])
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl"])
 def test_split_over_accelerate_hooks_gives_the_same_scores(name):
     """The decoder's layers, final norm and head dispatched as separate device_map pieces
     with accelerate's hooks (forced: all on the CPU): scoring (prefix-shared, Q4
@@ -259,7 +277,7 @@ def test_split_over_accelerate_hooks_gives_the_same_scores(name):
         layers = frozenset(range(3 * loaded.num_layers // 4, loaded.num_layers))
         edit = Redistribution("system", ("text",), layers)
         scores = score_items(loaded, bench, prompts, edit, (YES, NO), 4, 0, "test")
-        generated = generate_items(loaded, bench, prompts, edit, 3, 4, 0, "test", (YES, NO))
+        generated = generate_items(loaded, bench, prompts, edit, 2, 4, 0, "test", (YES, NO))
         return scores, generated
 
     (scores, generated), (split_scores, split_generated) = run(False), run(True)
@@ -268,6 +286,37 @@ def test_split_over_accelerate_hooks_gives_the_same_scores(name):
     assert split_generated.tokens == generated.tokens
     assert split_generated.no == pytest.approx(generated.no, abs=1e-6)
     assert all(math.isfinite(x) for x in split_generated.yes)
+
+
+def test_device_map_mapping_through_the_cli(tmp_path, monkeypatch, checkpoint):
+    """model.device_map given as a mapping that splits the decoder layer by layer (all cpu:
+    transformers attaches no hooks on one device, so this checks the mapping's way in, and
+    the scores) gives the scores of the unsplit model."""
+    path = checkpoint("llava")
+    entries = split_map(BUILDERS["llava"](3)[0])
+    device_map = "{" + ",".join(f"{k}:{v}" for k, v in entries.items()) + "}"
+    scores = {}
+    for name, extra in (("one", []), ("split", [f"model.device_map={device_map}"])):
+        (tmp_path / name).mkdir()
+        status = run_main(
+            tmp_path / name,
+            monkeypatch,
+            f"model.name_or_path={path}",
+            "benchmark=toy",
+            "benchmark.limit=4",
+            "runtime.num_workers=0",
+            *extra,
+        )
+        assert status == 0
+        (job,) = (tmp_path / name / "outputs" / "runs").iterdir()
+        scores[name] = pd.read_parquet(job / "predictions.parquet")
+        config = yaml.safe_load((job / "config.yaml").read_text())
+        assert config["model"]["device_map"] == (entries if extra else None)
+    assert len(scores["one"]) == 8
+    for column in ("yes_logit", "no_logit"):
+        assert scores["split"][column].tolist() == pytest.approx(
+            scores["one"][column].tolist(), abs=1e-6
+        )
 
 
 def test_builtin_tiny_in_bfloat16_keeps_its_rotary_float32():

@@ -163,7 +163,7 @@ def load_model(cfg) -> LoadedModel:
         log.info("loading %s on %s as %s", cfg.name_or_path, device_map or device, dtype)
         # Loaded in its dtype (from_pretrained keeps the rotary frequencies in float32: a
         # later model.to(dtype) would round them to bf16, shifting every rotary angle by up
-        # to 2^-9 of it, 0.8 rad at position 640) and moved, never cast, after.
+        # to 2^-9 of it: 0.78 rad at position 640 for head dim 128) and moved, never cast.
         model, processor = _load(cfg, dtype, device_map)
         use_sysattn(model)
         if device_map is None:

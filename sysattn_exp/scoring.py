@@ -299,7 +299,7 @@ def answer_logits(loaded: LoadedModel, hidden: torch.Tensor) -> torch.Tensor:
     (B, H), as the model's own head computes them (Gemma 2's final soft-capping included),
     but in float32: the head's weight cast a chunk of rows at a time (a few rows times the
     vocabulary: cheap), so that neither the logits nor the softmax over the vocabulary are
-    rounded to bf16 steps (0.06-0.125 at the usual logit sizes). In float32 this is exactly
+    rounded to bf16 steps (0.0625-0.125 at logits of 8-32). In float32 this is exactly
     the head's own product."""
     head = loaded.model.get_output_embeddings()
     weight, bias = head.weight, head.bias

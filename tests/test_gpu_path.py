@@ -17,15 +17,18 @@ import pytest
 import torch
 import yaml
 from cli import run_main
+from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from test_families import FAMILIES, SYSTEMS, benchmark_of, fmt
 from tiny_families import BUILDERS, load_test_processor, save_checkpoint
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 import sysattn_exp.models as models
+from sysattn_exp.benchmarks import load_benchmark
 from sysattn_exp.generation import generate_items
 from sysattn_exp.intervention import Redistribution
 from sysattn_exp.models import LoadedModel, auto_dtype, load_model, resolve_dtype, use_sysattn
+from sysattn_exp.runner import item_prompts, scoring_words
 from sysattn_exp.scoring import encode_full_prompts, score_full_prompts, score_items
 
 BF16_UNIT = 2.0**-8
@@ -65,6 +68,29 @@ def test_auto_dtype_is_float32_off_cuda(caplog):
     with caplog.at_level(logging.INFO, logger="sysattn_exp.models"):
         assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert "model.dtype=auto: float32 (cpu device)" in caplog.messages
+
+
+def test_float16_answers_as_float32_on_the_toy_model():
+    """float16 (auto's choice on V100 and T4) through the runner's scoring path, the kernels'
+    first-use check included: the toy model's held-out decisions under Q4 system->text are
+    float32's, and its margins closer to float32's than bf16's (3 more significant bits)."""
+    with initialize_config_module("sysattn_exp.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["model=toy", "benchmark=toy", "benchmark.split=test"])
+    margins = {}
+    for dtype in ("float32", "float16", "bfloat16"):
+        cfg.model.dtype = dtype
+        loaded = load_model(cfg.model)
+        bench = load_benchmark(cfg.benchmark)
+        prompts = item_prompts(bench, loaded.prompt_format(cfg.model))
+        edit = Redistribution("system", ("text",), frozenset({3}))
+        words = scoring_words(loaded, cfg.scoring)
+        scores = score_items(loaded, bench, prompts, edit, words, 32, 0, "test")
+        margins[dtype] = torch.tensor(scores.yes) - torch.tensor(scores.no)
+    exact = margins["float32"]
+    assert len(exact) == 192 and exact.abs().min() > 0.05, "no knife-edge items to flip"
+    assert torch.equal(margins["float16"] > 0, exact > 0)
+    fp16_error = (margins["float16"] - exact).abs().max()
+    assert 0 < fp16_error < (margins["bfloat16"] - exact).abs().max()
 
 
 class ImageOnlyProcessors:

@@ -95,7 +95,10 @@ def prompt_format(cfg, processor, model_type: str) -> PromptFormat:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"model.device={name} but no CUDA device is visible; use auto or cpu")
+    return device
 
 
 def auto_dtype(device: torch.device, capability: tuple[int, int] | None) -> tuple[torch.dtype, str]:

@@ -25,9 +25,17 @@ from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 import sysattn_exp.models as models
 from sysattn_exp.benchmarks import load_benchmark
+from sysattn_exp.errors import UsageError
 from sysattn_exp.generation import generate_items
 from sysattn_exp.intervention import Redistribution
-from sysattn_exp.models import LoadedModel, auto_dtype, load_model, resolve_dtype, use_sysattn
+from sysattn_exp.models import (
+    LoadedModel,
+    auto_dtype,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+    use_sysattn,
+)
 from sysattn_exp.runner import item_prompts, scoring_words
 from sysattn_exp.scoring import encode_full_prompts, score_full_prompts, score_items
 
@@ -91,6 +99,12 @@ def test_float16_answers_as_float32_on_the_toy_model():
     assert torch.equal(margins["float16"] > 0, exact > 0)
     fp16_error = (margins["float16"] - exact).abs().max()
     assert 0 < fp16_error < (margins["bfloat16"] - exact).abs().max()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_usage_error():
+    with pytest.raises(UsageError, match="model.device=cuda but no CUDA device"):
+        resolve_device("cuda")
 
 
 class ImageOnlyProcessors:

@@ -1,8 +1,8 @@
 """What a GPU run does differently from the CPU suite's float32 runs, checked here as far as
-a CPU can show it: the dtype `auto` picks; a bf16 load that keeps the rotary frequencies
-(and every other float32 buffer transformers keeps) in float32 and equals the model's own
-bf16 forward; the answer read in float32; and a device_map's accelerate hooks on the
-scoring and generation paths.
+a CPU can show it: the dtype `auto` picks, and float16 scoring; a bf16 load that keeps the
+rotary frequencies (and every other float32 buffer transformers keeps) in float32 and
+equals the model's own bf16 forward; the answer read in float32; and a device_map's
+accelerate hooks on the scoring and generation paths.
 
 What only a multi-device machine shows (scripts/device_check.py): that every index lands
 on the device of the tensor it indexes when the layers, the final norm and the output head
@@ -40,6 +40,7 @@ from sysattn_exp.runner import item_prompts, scoring_words
 from sysattn_exp.scoring import encode_full_prompts, score_full_prompts, score_items
 
 BF16_UNIT = 2.0**-8
+YES, NO = [5, 6], [7]  # any ids: the scores are compared, not interpreted
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -49,9 +50,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-YES, NO = [5, 6], [7]  # any ids: the scores are compared, not interpreted
 
 
 @pytest.mark.parametrize(

@@ -239,3 +239,16 @@ QWEN3_TEMPLATE = """{%- if messages[0].role == 'system' %}
         {{- '<think>\\n\\n</think>\\n\\n' }}
     {%- endif %}
 {%- endif %}"""  # noqa: E501
+
+# llava-hf/llava-v1.6-vicuna-7b-hf: NOT copied from the hub file (no hub access when this was
+# written); the vicuna layout of llava-hf's LLaVA chat templates ("USER: <image>\n... ASSISTANT:"),
+# a system message's text first. Only model.weights=random uses it; with real weights the
+# checkpoint's own template applies.
+LLAVA_NEXT_VICUNA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{ message['content'][0]['text'] + ' ' }}{% else %}{{ message['role'].upper() + ': ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{% for content in message['content'] | selectattr('type', "
+    "'equalto', 'text') %}{{ content['text'] + ' ' }}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)

@@ -69,6 +69,19 @@ def is_random(cfg) -> bool:
     return weights == "random"
 
 
+def cache_condition(cfg) -> dict:
+    """What the score cache's condition adds for a random-weight model (its scores are not
+    the checkpoint's): nothing for pretrained weights, so their keys stay as they were."""
+    if not is_random(cfg):
+        return {}
+    return {
+        "random_weights": {
+            "seed": cfg.seed,
+            "config_overrides": to_plain(cfg.get("config_overrides") or {}),
+        }
+    }
+
+
 def preset_of(cfg) -> str:
     """The preset whose shipped config mirrors model.name_or_path."""
     for name, preset in PRESETS.items():

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
+from sysattn_exp import random_weights
 from sysattn_exp.benchmarks import Benchmark, load_benchmark
 from sysattn_exp.cache import SCORES_VERSION, ScoreCache, digest
 from sysattn_exp.caption import caption_job, load_coco
@@ -130,6 +131,7 @@ def condition(cfg, loaded, edit: Edit | None, words) -> dict:
         "revision": model.revision,
         "seed": model.seed if model.name_or_path == BUILTIN_TINY else None,
         **({"weights": weights_file_digest()} if model.name_or_path == BUILTIN_TOY else {}),
+        **random_weights.cache_condition(model),
         "device": loaded.device.type,
         "dtype": str(loaded.dtype),
         "yes_ids": words[0],

@@ -306,7 +306,9 @@ def internvl(config):
     # OpenGVLab/InternVL3-8B-hf: 448-px tiles (ImageNet mean/std), 1..12 tiles plus a
     # thumbnail; 256 <IMG_CONTEXT> tokens per tile inside <img>...</img>.
     names = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>"]
-    specials = QWEN2 | {name: 151665 + i for i, name in enumerate([*names, "</box>", "<video>"])}
+    specials = QWEN2 | {name: 151665 + i for i, name in enumerate([*names, "</box>"])}
+    # Placed, not published: a free id below the vocabulary size (only video prompts use it).
+    specials["<video>"] = 151664
     tok = build_tokenizer(
         vocab_size(config),
         specials,

@@ -116,25 +116,36 @@ def build_config(preset: str, overrides: Mapping | None = None) -> PretrainedCon
     overrides = to_plain(overrides or {})
     if not isinstance(overrides, dict):
         raise UsageError(f"model.config_overrides={overrides!r} must be a mapping")
-    data = merged(shipped_config_dict(preset), overrides)
+    shipped = shipped_config_dict(preset)
+    data = merged(shipped, overrides)
     try:
         config = CONFIG_MAPPING[data["model_type"]].from_dict(data)
     except (ValueError, TypeError, KeyError) as err:
         raise UsageError(f"model.config_overrides: {first_line(err)}") from err
-    check_overrides(config, overrides, "model.config_overrides")
+    check_overrides(config, overrides, "model.config_overrides", shipped)
     return config
 
 
-def check_overrides(config, overrides: dict, where: str) -> None:
+def check_overrides(config, overrides: dict, where: str, shipped: dict) -> None:
+    """UsageError for an override key that neither the shipped config.json (`shipped`, at
+    this level) nor the config class defines (a config accepts any keyword and would keep a
+    misspelt one without effect)."""
     for key, value in overrides.items():
         sub = getattr(config, key, None)
         if isinstance(value, dict) and isinstance(sub, PretrainedConfig):
-            check_overrides(sub, value, f"{where}.{key}")
-        elif not hasattr(config, key):
+            check_overrides(sub, value, f"{where}.{key}", shipped.get(key) or {})
+        elif key not in shipped and not any(key in keys for keys in known_keys(config)):
             raise UsageError(
                 f"{where}.{key} is not a key of the {type(config).__name__}; "
                 "use the config.json's own key names"
             )
+
+
+def known_keys(config) -> list[set]:
+    """The keys a default instance of the config's class has, and of its text config's
+    (a flat config.json, Qwen2-VL's, keeps the text model's keys at the top)."""
+    classes = {type(config), type(config.get_text_config())}
+    return [set(vars(cls())) | set(cls().to_dict()) for cls in classes]
 
 
 def to_plain(value):

@@ -15,19 +15,22 @@ import inspect
 import math
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 from transformers import LlavaModel
 
-from sysattn_exp.benchmarks import Benchmark
 from sysattn_exp.cache import ScoreCache, item_key
 from sysattn_exp.errors import UsageError
 from sysattn_exp.intervention import Edit
 from sysattn_exp.modality import PAD, SYSTEM, TEXT, modality_ids
 from sysattn_exp.models import LoadedModel, tokenizer_of
 from sysattn_exp.prompts import question_token_start, text_kwargs
+
+if TYPE_CHECKING:  # the benchmarks package needs omegaconf and pandas; scoring does not
+    from sysattn_exp.benchmarks import Benchmark
 
 # transformers renamed the forward argument (and output) past_key_values to cache during
 # 5.x; use whichever this version has, so that neither a deprecation warning nor a silently
@@ -97,7 +100,7 @@ class BatchEncoder(Dataset):
     PAI's guidance, are the prompts rendered without their image."""
 
     def __init__(
-        self, benchmark: Benchmark, prompts, plan, loaded: LoadedModel, plain_prompts=None
+        self, benchmark: "Benchmark", prompts, plan, loaded: LoadedModel, plain_prompts=None
     ):
         # Only the processor and the image token's id travel to the workers, not the model.
         self.benchmark, self.prompts, self.plan = benchmark, prompts, plan
@@ -431,7 +434,7 @@ class Scores:
 
 def score_items(
     loaded: LoadedModel,
-    benchmark: Benchmark,
+    benchmark: "Benchmark",
     prompts: list[str],
     edit: Edit | None,
     words: tuple[list[int], list[int]],

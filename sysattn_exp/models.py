@@ -131,13 +131,13 @@ def load_model(cfg) -> LoadedModel:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     device_map = cfg.get("device_map")
-    key = (cfg.name_or_path, cfg.revision, cfg.seed, str(device), str(dtype), device_map)
+    key = (cfg.name_or_path, cfg.revision, cfg.seed, str(device), str(dtype), str(device_map))
     key += (cfg.get("weights"), str(cfg.get("config_overrides")))  # random weights
     if key not in _LOADED:
         log.info("loading %s on %s as %s", cfg.name_or_path, device_map or device, dtype)
         model, processor = _load(cfg, dtype, device_map)
         use_sysattn(model)
-        if device_map is None:
+        if device_map is None and not random_weights.is_random(cfg):  # random: built there
             model.to(device=device, dtype=dtype)
         else:  # inputs go where the embeddings are
             device = model.get_input_embeddings().weight.device

@@ -66,6 +66,11 @@ def is_random(cfg) -> bool:
     weights = cfg.get("weights", "pretrained")
     if weights not in WEIGHTS:
         raise UsageError(f"model.weights={weights!r} is unknown; allowed: {', '.join(WEIGHTS)}")
+    if weights == "random" and str(cfg.name_or_path).startswith("builtin:"):
+        raise UsageError(
+            f"model.weights=random is for the hub presets; {cfg.name_or_path} is built in code "
+            "(use model.weights=pretrained, or a preset such as model=llava15_7b)"
+        )
     return weights == "random"
 
 

@@ -108,7 +108,11 @@ SMALL_OVERRIDES = {
 class Settings(dict):
     """A model config as load_model reads it (attribute access and .get), from plain YAML."""
 
-    __getattr__ = dict.__getitem__
+    def __getattr__(self, key: str):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
 
 
 def preset_settings(preset: str, **changes) -> Settings:

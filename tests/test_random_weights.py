@@ -224,3 +224,37 @@ def test_bad_random_weight_settings_are_one_line(
     assert status == 2
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("device_map", ["auto", "split"])
+def test_device_map_materialises_each_module_where_the_map_says(device_map):
+    """With a device_map (auto, or a dict naming modules, as from_pretrained takes) every
+    tensor is allocated where its module is mapped, with the same seeded weights as
+    without one (here every device is the CPU: the placement code path, not the devices)."""
+    config = build_config("llava15_7b", SMALL_LLAVA)
+    lm = "model.language_model"
+    if device_map == "split":
+        device_map = {
+            "model.vision_tower": "cpu",
+            "model.multi_modal_projector": "cpu",
+            f"{lm}.embed_tokens": "cpu",
+            f"{lm}.rotary_emb": "cpu",
+            f"{lm}.layers.0": "cpu",
+            f"{lm}.layers.1": "cpu",
+            f"{lm}.norm": "cpu",
+            "lm_head": "cpu",
+        }
+    cpu = torch.device("cpu")
+    mapped = build_model(config, torch.float32, cpu, seed=3, device_map=device_map)
+    plain = build_model(config, torch.float32, cpu, seed=3)
+    want = dict(plain.named_parameters())
+    for name, param in mapped.named_parameters():
+        assert param.device == cpu and torch.equal(param, want[name]), name
+    for name, buffer in mapped.named_buffers():
+        assert torch.equal(buffer, dict(plain.named_buffers())[name]), name
+
+
+def test_a_map_to_disk_is_refused():
+    config = build_config("llava15_7b", SMALL_LLAVA)
+    with pytest.raises(UsageError, match="disk offload is not supported"):
+        build_model(config, torch.float32, torch.device("cpu"), 0, device_map={"": "disk"})

@@ -214,10 +214,14 @@ def resolve_device_map(model, device_map) -> dict:
         raise UsageError(f"model.device_map={device_map!r}: {first_line(err)}") from err
 
 
-def build_model(config, dtype: torch.dtype, device: torch.device, seed: int, device_map=None):
+def build_model(
+    config, dtype: torch.dtype, device: torch.device, seed: int, device_map=None, dispatch=True
+):
     """The model `config` describes with seeded random weights, built on the meta device and
-    materialised on `device` (or per `device_map`, dispatched with accelerate's hooks as
-    from_pretrained does) in `dtype`; eval mode."""
+    materialised on `device` (or per `device_map`, and with `dispatch` given accelerate's
+    hooks as from_pretrained does: modules mapped to the CPU beside a GPU are offloaded, run
+    on the GPU) in `dtype`; eval mode. The weights depend on the seed and on which device
+    each tensor is initialised on (each device type has its own generator)."""
     model = build_on_meta(config, dtype)
     if device_map is None:
         materialise(model, lambda name: device)
@@ -231,7 +235,7 @@ def build_model(config, dtype: torch.dtype, device: torch.device, seed: int, dev
         where = expand_device_map(device_map, names)
         materialise(model, lambda name: torch.device(where.get(name, "cpu")))
     initialise(model, seed)
-    if device_map is not None and len(set(device_map.values())) > 1:
+    if dispatch and device_map is not None and len(set(device_map.values())) > 1:
         from accelerate import dispatch_model
 
         dispatch_model(model, device_map)

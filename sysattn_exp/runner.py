@@ -7,6 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
+import torch
 from omegaconf import OmegaConf
 
 from sysattn_exp import random_weights
@@ -172,7 +173,10 @@ def generation_condition(scoring) -> dict:
 # Config keys that never change what a job produces (where results go, how fast they come);
 # every other key, present or future (the task, runtime.profile, the prompt...), is in the
 # job key, so that two jobs that can produce different files never share one.
-NOT_IN_JOB_KEY = {"tracking": None, "runtime": {"num_workers", "cache_dir", "report_at_end"}}
+NOT_IN_JOB_KEY = {
+    "tracking": None,
+    "runtime": {"num_workers", "cache_dir", "report_at_end", "deterministic"},
+}
 
 
 def job_key(config: dict, condition: dict) -> str:
@@ -302,6 +306,7 @@ def dry_run(cfg, benchmark: Benchmark) -> dict:
 
 def run(cfg, out_dir: Path) -> dict:
     """Evaluate the configured condition; returns the job's metrics."""
+    deterministic(cfg.runtime.get("deterministic", False))
     if cfg.get("caption") is not None:
         return run_caption(cfg, out_dir)
     benchmark = load_benchmark(cfg.benchmark)
@@ -349,6 +354,15 @@ def run(cfg, out_dir: Path) -> dict:
     )
     log_or_warn(out_dir, cfg.tracking)
     return metrics
+
+
+def deterministic(on: bool) -> None:
+    """runtime.deterministic: torch's deterministic algorithms on or (as each job of a sweep
+    in one process decides for itself) off. cuBLAS needs its workspace fixed before CUDA
+    starts: set here unless the environment already sets it."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(bool(on))
 
 
 def job_config(cfg, loaded, edit, words, layers, name, benchmark=None) -> dict:

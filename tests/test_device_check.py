@@ -100,3 +100,21 @@ def test_sweep_sizes_are_bench_scripts():
         bench.QUARTERS_JOBS,
         bench.PAPER_JOBS,
     )
+
+
+def test_runtime_deterministic_turns_torchs_deterministic_algorithms_on_per_job(
+    tmp_path, monkeypatch
+):
+    import torch
+    from cli import run_main
+
+    common = ("model=tiny", "benchmark.limit=1", "runtime.num_workers=0")
+    uri = f"tracking.uri=sqlite:///{tmp_path}/mlruns.db"
+    try:
+        assert run_main(tmp_path, monkeypatch, *common, uri, "runtime.deterministic=true") == 0
+        assert torch.are_deterministic_algorithms_enabled()
+        # the next job in the same process decides for itself
+        assert run_main(tmp_path, monkeypatch, *common, uri) == 0
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -25,47 +25,54 @@ from sysattn_exp.random_weights import (
 CONF_MODEL = Path(__file__).parents[1] / "sysattn_exp" / "conf" / "model"
 
 # Reduced widths and depths (the rest, vocabulary and image resolution included, as shipped).
-SMALL_LLAVA = {
-    "text_config": {
-        "num_hidden_layers": 2,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-    },
-    "vision_config": {
-        "num_hidden_layers": 1,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_attention_heads": 2,
-    },
-}
-SMALL_QWEN2_VL = {  # the published config is flat: text keys at the top
+TEXT = {
     "num_hidden_layers": 2,
     "hidden_size": 64,
     "intermediate_size": 128,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
-    "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},  # head dim 16: 8 pairs
+}
+VISION = {
+    "num_hidden_layers": 1,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_attention_heads": 2,
+}
+SMALL_LLAVA = {"text_config": TEXT, "vision_config": VISION}
+MROPE = {"type": "mrope", "mrope_section": [2, 3, 3]}  # head dim 16: 8 frequency pairs
+SMALL_QWEN2_VL = {  # the published config is flat: text keys at the top
+    **TEXT,
+    "rope_scaling": MROPE,
     "vision_config": {"depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 2},
 }
-SMALL_GEMMA3 = {
-    "text_config": {
-        "num_hidden_layers": 2,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
+# One preset of every family (model_type), text-only ones included.
+SMALL = {
+    "llava15_7b": SMALL_LLAVA,
+    "llava_next_7b": SMALL_LLAVA,
+    "llava_onevision_7b": SMALL_LLAVA,
+    "qwen2_vl_7b": SMALL_QWEN2_VL,
+    "qwen25_vl_7b": {
+        **TEXT,
+        "rope_scaling": MROPE,
+        "vision_config": {
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "fullatt_block_indexes": [1],
+        },
     },
-    "vision_config": {
-        "num_hidden_layers": 1,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_attention_heads": 2,
-    },
+    "gemma3_4b": {"text_config": TEXT | {"head_dim": 16}, "vision_config": VISION},
+    "gemma3_1b": TEXT | {"head_dim": 16},
+    "internvl3_8b": SMALL_LLAVA,
+    "idefics3_8b": SMALL_LLAVA,
+    "smolvlm2_2b": SMALL_LLAVA,
+    "llama31_8b": TEXT,
+    "qwen25_7b": TEXT,
+    "qwen3_8b": TEXT | {"head_dim": 16},
+    "gemma2_2b": TEXT | {"head_dim": 16},
 }
-SMALL = {"llava15_7b": SMALL_LLAVA, "qwen2_vl_7b": SMALL_QWEN2_VL, "gemma3_4b": SMALL_GEMMA3}
 
 
 def hydra_dict(value) -> str:
@@ -165,14 +172,26 @@ def test_prompts_have_the_real_image_spans(preset, photo_records, tmp_path, monk
     assert f"image={IMAGE_TOKENS[preset]}," in out
 
 
-@pytest.mark.parametrize("preset", sorted(p for p in PRESETS if "vl" in p or "llava" in p))
-def test_processor_special_ids_are_the_shipped_configs(preset):
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_processor_ids_are_the_shipped_configs(preset):
+    """The tokenizer has the config's vocabulary size and pad id; a VLM's processor expands
+    an image into the token the config calls the image token."""
+    from sysattn_exp.models import prompt_format
     from sysattn_exp.offline_processors import build_processor
 
     config = build_config(preset)
     processor = build_processor(preset, config)
-    assert processor.image_token_id == config.image_token_id
-    assert len(processor.tokenizer) == config.get_text_config().vocab_size
+    tokenizer = getattr(processor, "tokenizer", processor)
+    text = config.get_text_config()
+    assert len(tokenizer) == text.vocab_size
+    if getattr(text, "pad_token_id", None) is not None:
+        assert tokenizer.pad_token_id == text.pad_token_id
+    if hasattr(config, "vision_config"):
+        cfg = {"name_or_path": preset, "system_prompt": None}
+        prompt = prompt_format(cfg, processor, config.model_type).render("Red?")
+        image = Image.new("RGB", (64, 48), "red")
+        ids = processor(images=[[image]], text=[prompt], return_tensors="pt")["input_ids"]
+        assert (ids == config.image_token_id).sum() > 0
 
 
 @pytest.mark.parametrize(

@@ -688,12 +688,7 @@ def summary(report: dict) -> str:
             f"kernels: candidates {ker['candidates']}, accepted by the first-use check in "
             f"some case: {ker['accepted_somewhere'] or 'none'}"
         )
-        for case in ker["cases"]:
-            verdicts = ", ".join(
-                f"{k} {'-' if not v['supported'] else 'ok' if v.get('agrees') else 'NO'}"
-                for k, v in case["kernels"].items()
-            )
-            lines.append(f"  {case['name']}: {verdicts or 'math path only'}")
+        lines += [f"  {line}" for line in kernel_lines(ker["cases"])]
     ex = report.get("exactness")
     if ex:
         checks = ex["checks"]
@@ -748,6 +743,26 @@ def summary(report: dict) -> str:
     failed = report["failures"]
     lines.append("PASSED" if not failed else f"FAILED: {'; '.join(failed[:5])}")
     return "\n".join(lines)
+
+
+def kernel_lines(cases: list[dict]) -> list[str]:
+    """Per dtype and kernel: in how many cases it was supported, agreed with the math path
+    on the whole inputs, and was accepted by its first-use check."""
+    lines = []
+    for dtype in ("bfloat16", "float16", "float32"):
+        mine = [c for c in cases if c["name"].startswith(dtype)]
+        parts = []
+        for kernel in dict.fromkeys(k for c in mine for k in c["kernels"]):
+            results = [c["kernels"][kernel] for c in mine]
+            supported = [r for r in results if r["supported"]]
+            agree = sum(bool(r.get("agrees")) for r in supported)
+            accepted = sum(bool(r.get("first_use_accepts")) for r in supported)
+            parts.append(
+                f"{kernel} supported {len(supported)}/{len(results)}, agrees {agree}, "
+                f"accepted {accepted}"
+            )
+        lines.append(f"{dtype}: {'; '.join(parts) or 'math path only'}")
+    return lines
 
 
 def main() -> int:

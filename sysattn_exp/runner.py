@@ -189,6 +189,9 @@ def job_key(config: dict, condition: dict) -> str:
             # The logit mode ignores the generation keys; without them, jobs keep the key
             # they had before generation existed (the condition has them in generate mode).
             dropped = {"mode", "max_new_tokens"}
+        if section == "model" and value.get("weights", "pretrained") == "pretrained":
+            # Likewise pretrained weights keep the key jobs had before model.weights existed.
+            dropped = {"weights", "config_overrides"}
         kept[section] = {k: v for k, v in value.items() if k not in dropped} if dropped else value
     return digest([condition, kept])
 

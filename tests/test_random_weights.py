@@ -277,3 +277,13 @@ def test_a_map_to_disk_is_refused():
     config = build_config("llava15_7b", SMALL_LLAVA)
     with pytest.raises(UsageError, match="disk offload is not supported"):
         build_model(config, torch.float32, torch.device("cpu"), 0, device_map={"": "disk"})
+
+
+def test_job_key_of_pretrained_weights_is_what_it_was_before_the_weights_key():
+    from sysattn_exp.runner import job_key
+
+    before = {"model": {"name_or_path": "llava-hf/llava-1.5-7b-hf", "seed": 0}}
+    pretrained = {"model": before["model"] | {"weights": "pretrained", "config_overrides": None}}
+    random = {"model": before["model"] | {"weights": "random", "config_overrides": None}}
+    assert job_key(pretrained, {}) == job_key(before, {})
+    assert job_key(random, {}) != job_key(pretrained, {})

@@ -21,12 +21,12 @@ the batch keeps one shape; what they produce after their end is dropped.
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader
 
-from sysattn_exp.benchmarks import Benchmark
-from sysattn_exp.benchmarks.base import mme_answer
+from sysattn_exp.answers import mme_answer
 from sysattn_exp.cluster import Progress
 from sysattn_exp.errors import UsageError
 from sysattn_exp.intervention import Edit
@@ -44,6 +44,9 @@ from sysattn_exp.scoring import (
     score_batch,
     warn_if_unscored,
 )
+
+if TYPE_CHECKING:  # the benchmarks package needs omegaconf and pandas; scoring does not
+    from sysattn_exp.benchmarks import Benchmark
 
 
 def stop_ids(loaded: LoadedModel) -> set[int]:
@@ -207,7 +210,7 @@ class Generations:
 
 def generate_items(
     loaded: LoadedModel,
-    benchmark: Benchmark,
+    benchmark: "Benchmark",
     prompts: list[str],
     edit: Edit | None,
     max_new_tokens: int,

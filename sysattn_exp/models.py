@@ -25,6 +25,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 from transformers.utils import is_num2words_available, is_torchvision_available
 
+from sysattn_exp import random_weights
 from sysattn_exp.errors import UsageError, first_line
 from sysattn_exp.intervention import ATTENTION_NAME
 from sysattn_exp.modality import modality_counts, modality_ids
@@ -166,6 +167,7 @@ def load_model(cfg) -> LoadedModel:
     dtype = resolve_dtype(cfg.dtype, device)
     device_map = device_map_of(cfg)
     key = (cfg.name_or_path, cfg.revision, cfg.seed, str(device), str(dtype), repr(device_map))
+    key += (cfg.get("weights"), str(cfg.get("config_overrides")))  # random weights
     if key not in _LOADED:
         log.info("loading %s on %s as %s", cfg.name_or_path, device_map or device, dtype)
         # Loaded in its dtype (from_pretrained keeps the rotary frequencies in float32: a
@@ -203,6 +205,9 @@ def load_config(cfg):
         from sysattn_exp.toy_model import build_toy_config
 
         return build_toy_config()
+    if random_weights.is_random(cfg):
+        preset = random_weights.preset_of(cfg)
+        return random_weights.build_config(preset, cfg.get("config_overrides"))
     try:
         config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision)
     except (OSError, ValueError) as err:
@@ -231,6 +236,8 @@ def _load(cfg, dtype, device_map):
         from sysattn_exp.toy_model import build_toy_llava
 
         return build_toy_llava(dtype=dtype)
+    if random_weights.is_random(cfg):
+        return random_weights.build(cfg, dtype, resolve_device(cfg.device), device_map)
     model_type = load_config(cfg).model_type
     # The processor first: one that cannot be built here (a missing optional dependency)
     # stops the job before minutes of weight loading.
@@ -261,6 +268,10 @@ def load_processor(cfg, model_type: str | None = None):
         from sysattn_exp.toy_model import build_toy_processor
 
         return build_toy_processor()
+    if random_weights.is_random(cfg):
+        from sysattn_exp.offline_processors import build_processor
+
+        return build_processor(random_weights.preset_of(cfg), load_config(cfg))
     model_type = model_type or load_config(cfg).model_type
     loader = AutoProcessor if model_type in VLM_FAMILIES else AutoTokenizer
     try:

@@ -18,13 +18,13 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from transformers import LlavaModel
 
-from sysattn_exp.benchmarks import Benchmark
 from sysattn_exp.cache import ScoreCache, item_key
 from sysattn_exp.cluster import Progress
 from sysattn_exp.errors import UsageError
@@ -32,6 +32,9 @@ from sysattn_exp.intervention import Edit
 from sysattn_exp.modality import PAD, SYSTEM, TEXT, modality_ids
 from sysattn_exp.models import LoadedModel, tokenizer_of
 from sysattn_exp.prompts import question_token_start, text_kwargs
+
+if TYPE_CHECKING:  # the benchmarks package needs omegaconf and pandas; scoring does not
+    from sysattn_exp.benchmarks import Benchmark
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +109,7 @@ class BatchEncoder(Dataset):
     PAI's guidance, are the prompts rendered without their image."""
 
     def __init__(
-        self, benchmark: Benchmark, prompts, plan, loaded: LoadedModel, plain_prompts=None
+        self, benchmark: "Benchmark", prompts, plan, loaded: LoadedModel, plain_prompts=None
     ):
         # Only the processor and the image token's id travel to the workers, not the model.
         self.benchmark, self.prompts, self.plan = benchmark, prompts, plan
@@ -535,7 +538,7 @@ class Scores:
 
 def score_items(
     loaded: LoadedModel,
-    benchmark: Benchmark,
+    benchmark: "Benchmark",
     prompts: list[str],
     edit: Edit | None,
     words: tuple[list[int], list[int]],

@@ -83,7 +83,9 @@ def load(args) -> LoadedModel:
     if args.model == "bench":
         from sysattn_exp.tiny import build_tiny_llava
 
-        model, processor = build_tiny_llava(
+        device = torch.device(args.device)
+        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+        model, processor = build_tiny_llava(  # rotary frequencies stay float32
             num_layers=8,
             hidden_size=256,
             num_heads=8,
@@ -91,12 +93,11 @@ def load(args) -> LoadedModel:
             image_size=336,
             init_std=0.02,
             max_positions=8192,
+            dtype=dtype,
         )
         use_sysattn(model)
         processor.tokenizer.padding_side = "left"
-        device = torch.device(args.device)
-        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-        model.to(device, dtype)
+        model.to(device)
         return LoadedModel(model, processor, device, dtype)
     from hydra import compose, initialize_config_module
 

@@ -21,12 +21,12 @@ the batch keeps one shape; what they produce after their end is dropped.
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader
 
-from sysattn_exp.benchmarks import Benchmark
-from sysattn_exp.benchmarks.base import mme_answer
+from sysattn_exp.answers import mme_answer
 from sysattn_exp.cluster import Progress
 from sysattn_exp.errors import UsageError
 from sysattn_exp.intervention import Edit
@@ -36,7 +36,7 @@ from sysattn_exp.scoring import (
     CACHE_ARG,
     BatchEncoder,
     EncodedBatch,
-    answer_logits,
+    answer_reader,
     answer_scores,
     encode_full_prompts,
     keep_batch,
@@ -44,6 +44,9 @@ from sysattn_exp.scoring import (
     score_batch,
     warn_if_unscored,
 )
+
+if TYPE_CHECKING:  # the benchmarks package needs omegaconf and pandas; scoring does not
+    from sysattn_exp.benchmarks import Benchmark
 
 
 def stop_ids(loaded: LoadedModel) -> set[int]:
@@ -77,13 +80,16 @@ def decode(
         raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
     language_model, device = loaded.model.model, loaded.device
     stop_set = stop_ids(loaded)
-    stops = torch.tensor(sorted(stop_set), device=device)
-    pad = loaded.tokenizer.pad_token_id or 0
     cache, logits = start.cache, start.logits
+    # The tokens and stop flags live with the logits, on the output head's device (under a
+    # device_map not the inputs' device); each new token goes back to the inputs' device.
+    head_device = logits.device
+    stops = torch.tensor(sorted(stop_set), device=head_device)
+    pad = loaded.tokenizer.pad_token_id or 0
     mask, modality, position = start.attention_mask, start.key_modality, start.next_position
     rows = len(position)
-    tokens = torch.empty(rows, 0, dtype=torch.long, device=device)
-    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    tokens = torch.empty(rows, 0, dtype=torch.long, device=head_device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=head_device)
     for step in range(max_new_tokens):
         token = logits.argmax(dim=-1).masked_fill(finished, pad)
         tokens = torch.cat([tokens, token[:, None]], dim=1)
@@ -97,17 +103,18 @@ def decode(
         positions = position[:, None]
         if start.rope_axes:  # text continues all three axes alike (as after the image)
             positions = positions.expand(start.rope_axes, rows, 1)
-        out = language_model(
-            input_ids=token[:, None],
-            attention_mask=mask,
-            position_ids=positions,
-            **{CACHE_ARG: cache},
-            use_cache=True,
-            key_modality=modality,
-            attention_edit=edit,
-        )
+        with answer_reader(loaded) as read:
+            out = language_model(
+                input_ids=token[:, None].to(device),
+                attention_mask=mask,
+                position_ids=positions,
+                **{CACHE_ARG: cache},
+                use_cache=True,
+                key_modality=modality,
+                attention_edit=edit,
+            )
+            logits = read(out.last_hidden_state)
         cache = getattr(out, CACHE_ARG)
-        logits = answer_logits(loaded, out.last_hidden_state[:, -1])
         position = position + 1
     return [until_stop(row, stop_set) for row in tokens.tolist()]
 
@@ -168,9 +175,11 @@ def generate_full_prompts(
     plain path, e.g. for captions, where each prompt has its own image. An image of None:
     the prompt has none, and `questions` gives its question (where its text starts)."""
     inputs, key_modality = encode_full_prompts(loaded, images, prompts, questions)
-    out = loaded.model.model(
-        **inputs, use_cache=True, key_modality=key_modality, attention_edit=edit
-    )
+    with answer_reader(loaded) as read:
+        out = loaded.model.model(
+            **inputs, use_cache=True, key_modality=key_modality, attention_edit=edit
+        )
+        logits = read(out.last_hidden_state)
     positions = inputs["position_ids"]
     last = positions.amax(dim=-1)
     rope_axes = 0
@@ -178,7 +187,7 @@ def generate_full_prompts(
         last, rope_axes = last.amax(dim=0), positions.shape[0]
     start = Started(
         cache=getattr(out, CACHE_ARG),
-        logits=answer_logits(loaded, out.last_hidden_state[:, -1]),
+        logits=logits,
         attention_mask=inputs["attention_mask"],
         key_modality=key_modality,
         next_position=last + 1,
@@ -201,7 +210,7 @@ class Generations:
 
 def generate_items(
     loaded: LoadedModel,
-    benchmark: Benchmark,
+    benchmark: "Benchmark",
     prompts: list[str],
     edit: Edit | None,
     max_new_tokens: int,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import transformers
 from jinja2.exceptions import TemplateError
+from omegaconf import DictConfig, OmegaConf
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -25,6 +26,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 from transformers.utils import is_num2words_available, is_torchvision_available
 
+from sysattn_exp import random_weights
 from sysattn_exp.errors import UsageError, first_line
 from sysattn_exp.intervention import ATTENTION_NAME
 from sysattn_exp.modality import modality_counts, modality_ids
@@ -99,12 +101,42 @@ def prompt_format(cfg, processor, model_type: str) -> PromptFormat:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"model.device={name} but no CUDA device is visible; use auto or cpu")
+    return device
+
+
+def auto_dtype(device: torch.device, capability: tuple[int, int] | None) -> tuple[torch.dtype, str]:
+    """model.dtype=auto: (dtype, why). bfloat16 on CUDA devices of compute capability >= 8.0
+    (Ampere and later: bf16 tensor cores, and what torch.cuda.is_bf16_supported checks);
+    float16 on older ones (V100 7.0, T4 7.5), where bf16 is emulated or absent and the
+    attention kernels run fp16 (kernels.py's first-use check bound, 4 bf16 units, is 32
+    fp16 units: a right fp16 kernel passes with room, a wrong one is still O(1) off);
+    float32 elsewhere. `capability`: the lowest (major, minor) of the devices used."""
+    if device.type != "cuda":
+        return torch.float32, f"{device.type} device"
+    major, minor = capability
+    if (major, minor) >= (8, 0):
+        return torch.bfloat16, f"CUDA compute capability {major}.{minor} >= 8.0"
+    return torch.float16, f"CUDA compute capability {major}.{minor} < 8.0: no native bfloat16"
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    """The lowest compute capability among the GPUs a model on `device` may use: that
+    device, or every visible one for plain "cuda" (a device_map may spread over them)."""
+    if device.type != "cuda":
+        return None
+    if device.index is not None:
+        return torch.cuda.get_device_capability(device)
+    return min(torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count()))
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype, why = auto_dtype(device, cuda_capability(device))
+        log.info("model.dtype=auto: %s (%s)", str(dtype).removeprefix("torch."), why)
+        return dtype
     if name not in DTYPES:
         raise UsageError(
             f"model.dtype={name!r} is not allowed; use auto or one of {sorted(DTYPES)}"
@@ -134,20 +166,34 @@ def load_model(cfg) -> LoadedModel:
     """Load (once per process: sweep jobs share it) the model and processor `cfg` names."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    device_map = cfg.get("device_map")
-    key = (cfg.name_or_path, cfg.revision, cfg.seed, str(device), str(dtype), device_map)
+    device_map = device_map_of(cfg)
+    key = (cfg.name_or_path, cfg.revision, cfg.seed, str(device), str(dtype), repr(device_map))
+    key += (cfg.get("weights"), str(cfg.get("config_overrides")))  # random weights
     if key not in _LOADED:
         log.info("loading %s on %s as %s", cfg.name_or_path, device_map or device, dtype)
+        # Loaded in its dtype (from_pretrained keeps the rotary frequencies in float32: a
+        # later model.to(dtype) would round them to bf16, shifting every rotary angle by up
+        # to 2^-9 of it: 0.78 rad at position 640 for head dim 128) and moved, never cast.
         model, processor = _load(cfg, dtype, device_map)
         use_sysattn(model)
         if device_map is None:
-            model.to(device=device, dtype=dtype)
+            model.to(device)
         else:  # inputs go where the embeddings are
             device = model.get_input_embeddings().weight.device
         model.eval()
         tokenizer_of(processor).padding_side = "left"
         _LOADED[key] = LoadedModel(model, processor, device, dtype)
     return _LOADED[key]
+
+
+def device_map_of(cfg) -> str | dict | None:
+    """model.device_map as from_pretrained takes it: null, a strategy name (auto,
+    balanced...), or a mapping of module names to devices (e.g. the decoder's first layers
+    on cuda:0, the rest on cpu)."""
+    device_map = cfg.get("device_map")
+    if isinstance(device_map, DictConfig):
+        return OmegaConf.to_container(device_map)
+    return device_map
 
 
 def load_config(cfg):
@@ -160,6 +206,9 @@ def load_config(cfg):
         from sysattn_exp.toy_model import build_toy_config
 
         return build_toy_config()
+    if random_weights.is_random(cfg):
+        preset = random_weights.preset_of(cfg)
+        return random_weights.build_config(preset, cfg.get("config_overrides"))
     try:
         config = AutoConfig.from_pretrained(
             cfg.name_or_path, revision=cfg.revision, **hub_access(cfg)
@@ -229,11 +278,13 @@ def _load(cfg, dtype, device_map):
     if cfg.name_or_path == BUILTIN_TINY:
         from sysattn_exp.tiny import build_tiny_llava
 
-        return build_tiny_llava(seed=cfg.seed)
+        return build_tiny_llava(seed=cfg.seed, dtype=dtype)
     if cfg.name_or_path == BUILTIN_TOY:
         from sysattn_exp.toy_model import build_toy_llava
 
-        return build_toy_llava()
+        return build_toy_llava(dtype=dtype)
+    if random_weights.is_random(cfg):
+        return random_weights.build(cfg, dtype, resolve_device(cfg.device), device_map)
     model_type = load_config(cfg).model_type
     # The processor first: one that cannot be built here (a missing optional dependency)
     # stops the job before minutes of weight loading.
@@ -268,6 +319,10 @@ def load_processor(cfg, model_type: str | None = None):
         from sysattn_exp.toy_model import build_toy_processor
 
         return build_toy_processor()
+    if random_weights.is_random(cfg):
+        from sysattn_exp.offline_processors import build_processor
+
+        return build_processor(random_weights.preset_of(cfg), load_config(cfg))
     model_type = model_type or load_config(cfg).model_type
     loader = AutoProcessor if model_type in VLM_FAMILIES else AutoTokenizer
     try:

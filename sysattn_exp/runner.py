@@ -2,12 +2,15 @@
 results to the job's folder, then log them to MLflow."""
 
 import logging
+import os
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import pandas as pd
+import torch
 from omegaconf import OmegaConf
 
+from sysattn_exp import random_weights
 from sysattn_exp.benchmarks import Benchmark, answer_parser, load_benchmark
 from sysattn_exp.cache import SCORES_VERSION, ScoreCache, digest
 from sysattn_exp.caption import caption_job, load_coco
@@ -137,6 +140,7 @@ def condition(cfg, loaded, edit: Edit | None, words) -> dict:
         "revision": model.revision,
         "seed": model.seed if model.name_or_path == BUILTIN_TINY else None,
         **({"weights": weights_file_digest()} if model.name_or_path == BUILTIN_TOY else {}),
+        **random_weights.cache_condition(model),
         "device": loaded.device.type,
         "dtype": str(loaded.dtype),
         "yes_ids": words[0],
@@ -192,6 +196,7 @@ NOT_IN_JOB_KEY = {
         "progress_seconds",
         "baseline_part_items",
         "lease_seconds",
+        "deterministic",
     },
 }
 
@@ -206,6 +211,9 @@ def job_key(config: dict, condition: dict) -> str:
             # The logit mode ignores the generation keys; without them, jobs keep the key
             # they had before generation existed (the condition has them in generate mode).
             dropped = {"mode", "max_new_tokens", "parser"}
+        if section == "model" and value.get("weights", "pretrained") == "pretrained":
+            # Likewise pretrained weights keep the key jobs had before model.weights existed.
+            dropped = {"weights", "config_overrides"}
         kept[section] = {k: v for k, v in value.items() if k not in dropped} if dropped else value
     return digest([condition, kept])
 
@@ -434,6 +442,7 @@ def run(cfg, out_dir: Path) -> dict:
         resume = f"scores computed so far are in the score cache {cfg.runtime.cache_dir}"
     else:
         resume = "without a score cache (runtime.cache_dir) it will start over"
+    deterministic(cfg.runtime.get("deterministic", False))
     with log_when_stopped(resume):
         if cfg.get("caption") is not None:
             return run_caption(cfg, out_dir)
@@ -516,6 +525,15 @@ def profile_shares(table: pd.DataFrame, name: str) -> str:
     return f"{name}: share of the answer position's attention per decoder layer\n" + (
         percent.to_string()
     )
+
+
+def deterministic(on: bool) -> None:
+    """runtime.deterministic: torch's deterministic algorithms on or (as each job of a sweep
+    in one process decides for itself) off. cuBLAS needs its workspace fixed before CUDA
+    starts: set here unless the environment already sets it."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(bool(on))
 
 
 def job_config(cfg, loaded, edit, words, layers, name, benchmark=None) -> dict:

@@ -16,13 +16,15 @@ import logging
 import math
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from transformers import LlavaModel
 
-from sysattn_exp.benchmarks import Benchmark
 from sysattn_exp.cache import ScoreCache, item_key
 from sysattn_exp.cluster import Progress
 from sysattn_exp.errors import UsageError
@@ -30,6 +32,9 @@ from sysattn_exp.intervention import Edit
 from sysattn_exp.modality import PAD, SYSTEM, TEXT, modality_ids
 from sysattn_exp.models import LoadedModel, tokenizer_of
 from sysattn_exp.prompts import question_token_start, text_kwargs
+
+if TYPE_CHECKING:  # the benchmarks package needs omegaconf and pandas; scoring does not
+    from sysattn_exp.benchmarks import Benchmark
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,9 @@ CACHE_ARG = (
 )
 # Processor outputs that are per token, not per image: rebuilt for whatever ids are run.
 TOKEN_KEYS = {"input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids"}
+# Rows of the output head cast to float32 at a time: 8,192 x 8,192 x 4 bytes = 256 MiB at
+# most (a 72B model's hidden size), for any vocabulary.
+HEAD_CHUNK = 8192
 
 
 def plan_batches(image_ids: list[str | None], batch_size: int) -> list[list[int]]:
@@ -101,7 +109,7 @@ class BatchEncoder(Dataset):
     PAI's guidance, are the prompts rendered without their image."""
 
     def __init__(
-        self, benchmark: Benchmark, prompts, plan, loaded: LoadedModel, plain_prompts=None
+        self, benchmark: "Benchmark", prompts, plan, loaded: LoadedModel, plain_prompts=None
     ):
         # Only the processor and the image token's id travel to the workers, not the model.
         self.benchmark, self.prompts, self.plan = benchmark, prompts, plan
@@ -243,10 +251,80 @@ def following_positions(positions: torch.Tensor, rows: torch.Tensor, q_len: int)
     return following.expand(3, *following.shape) if positions.dim() == 3 else following
 
 
+def final_norm(loaded: LoadedModel) -> torch.nn.Module | None:
+    """The language model's final norm, whose output is its last_hidden_state (every
+    supported family names it `norm`); None for a text-only model that names it otherwise."""
+    return getattr(loaded.model.get_decoder(), "norm", None)
+
+
+@contextmanager
+def answer_reader(loaded: LoadedModel):
+    """For the language model forwards run inside: yields read(hidden, last) -> (B, V)
+    float32 logits at positions `last` (B,) (None: the last) of `hidden`, the forward's
+    last_hidden_state (B, N, H).
+
+    The answer is read in float32 (answer_logits) from the final norm's input, captured by
+    a hook: the residual stream before the norm, in the model's dtype. Without a final
+    norm found, it is read from last_hidden_state (the norm's output, already rounded to
+    the model's dtype). Indices are made on the indexed tensor's device (under a
+    device_map the last layer, norm and head may sit on other devices than the inputs)."""
+    norm, captured = final_norm(loaded), {}
+
+    def keep_input(module, args, output):
+        if args[0].dim() == 3:  # a forward's (B, N, H), not read's own (B, H) rows
+            captured["states"] = args[0]
+
+    handle = norm.register_forward_hook(keep_input) if norm is not None else None
+
+    def read(hidden: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+        states = captured.pop("states", hidden)
+        if last is None:
+            rows = states[:, -1]
+        else:
+            rows = states[torch.arange(len(last), device=states.device), last.to(states.device)]
+        if states is not hidden:
+            rows = float32_module(norm, rows)
+        return answer_logits(loaded, rows)
+
+    try:
+        yield read
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def float32_module(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`module` (a norm: a few parameters) applied in float32 to x, on its device: its own
+    code, its parameters cast for this call only."""
+    parameters = {name: p.float() for name, p in module.named_parameters()}
+    device = next(iter(parameters.values())).device if parameters else x.device
+    return torch.func.functional_call(module, parameters, (x.to(device, torch.float32),))
+
+
 def answer_logits(loaded: LoadedModel, hidden: torch.Tensor) -> torch.Tensor:
-    """Next-token logits from final hidden states, as the model's own head computes them
-    (Gemma 2's final soft-capping included)."""
-    logits = loaded.model.lm_head(hidden).float()
+    """Next-token logits (B, V) in float32 from the final norm's output at the answer rows
+    (B, H), as the model's own head computes them (Gemma 2's final soft-capping included),
+    but in float32: the head's weight cast a chunk of rows at a time (a few rows times the
+    vocabulary: cheap), so that neither the logits nor the softmax over the vocabulary are
+    rounded to bf16 steps (0.0625-0.125 at logits of 8-32). In float32 this is exactly
+    the head's own product."""
+    head = loaded.model.get_output_embeddings()
+    weight, bias = head.weight, head.bias
+    x = hidden.to(weight.device, torch.float32)
+    if weight.dtype == torch.float32:
+        logits = F.linear(x, weight, bias)
+    else:
+        logits = torch.cat(
+            [
+                F.linear(
+                    x,
+                    weight[i : i + HEAD_CHUNK].float(),
+                    None if bias is None else bias[i : i + HEAD_CHUNK].float(),
+                )
+                for i in range(0, weight.shape[0], HEAD_CHUNK)
+            ],
+            dim=-1,
+        )
     cap = getattr(loaded.text_config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
 
@@ -291,25 +369,25 @@ def score_batch(
         attention_profile=profile,
     )
     cache, rows = getattr(prefix, CACHE_ARG), batch.image_row.to(device)
-    cache.batch_select_indices(rows)
+    select_cache_rows(cache, rows)
     question_ids, question_mask = batch.question_ids.to(device), batch.question_mask.to(device)
     attention_mask = torch.cat([prefix_mask[rows], question_mask], dim=1)
     question_positions = following_positions(positions, rows, question_ids.shape[1])
     key_modality = torch.cat(
         [prefix_modality[rows], torch.where(question_mask.bool(), TEXT, PAD)], dim=1
     )
-    hidden = language_model(
-        input_ids=question_ids,
-        attention_mask=attention_mask,
-        position_ids=question_positions,
-        **{CACHE_ARG: cache},
-        use_cache=True,
-        key_modality=key_modality,
-        attention_edit=edit,
-        attention_profile=profile,
-    ).last_hidden_state
-    last_token = hidden[torch.arange(len(rows), device=device), question_mask.sum(1) - 1]
-    logits = answer_logits(loaded, last_token)
+    with answer_reader(loaded) as read:
+        hidden = language_model(
+            input_ids=question_ids,
+            attention_mask=attention_mask,
+            position_ids=question_positions,
+            **{CACHE_ARG: cache},
+            use_cache=True,
+            key_modality=key_modality,
+            attention_edit=edit,
+            attention_profile=profile,
+        ).last_hidden_state
+        logits = read(hidden, question_mask.sum(1) - 1)
     if keep is not None:  # decoding continues after each row's last real question token
         first = question_positions[0] if question_positions.dim() == 3 else question_positions
         keep.update(
@@ -323,6 +401,14 @@ def score_batch(
     if edit is not None and edit.kind == "pai" and edit.cfg_gamma is not None:
         logits = guided(logits, text_only_logits(loaded, batch), edit.cfg_gamma)
     return answer_scores(logits, yes_ids, no_ids)
+
+
+def select_cache_rows(cache, rows: torch.Tensor) -> None:
+    """cache.batch_select_indices(rows), with each layer's index on that layer's device (a
+    device_map spreads the layers, and their caches, over devices)."""
+    for layer in cache.layers:
+        keys = getattr(layer, "keys", None)
+        layer.batch_select_indices(rows.to(keys.device) if torch.is_tensor(keys) else rows)
 
 
 def answer_scores(logits: torch.Tensor, yes_ids, no_ids) -> tuple[torch.Tensor, ...]:
@@ -361,16 +447,14 @@ def warn_if_unscored(tokenizer, logits: torch.Tensor, yes_ids, no_ids) -> bool:
 def text_only_logits(loaded: LoadedModel, batch: EncodedBatch) -> torch.Tensor:
     """Last-position logits of the prompts without their image, with the model unchanged."""
     ids, mask = batch.text_only_ids.to(loaded.device), batch.text_only_mask.to(loaded.device)
-    return (
-        loaded.model(
+    with answer_reader(loaded) as read:
+        hidden = loaded.model.model(
             input_ids=ids,
             attention_mask=mask,
             position_ids=position_ids(loaded, ids, mask, {}),
-            logits_to_keep=1,
-        )
-        .logits[:, -1]
-        .float()
-    )
+            use_cache=False,
+        ).last_hidden_state
+        return read(hidden)
 
 
 def guided(conditional: torch.Tensor, unconditional: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -429,17 +513,11 @@ def score_full_prompts(
     """The same scores without prefix sharing: whole prompts, left-padded, one forward.
     Kept as the plain path that prefix sharing is checked and benchmarked against."""
     inputs, key_modality = encode_full_prompts(loaded, images, prompts, questions)
-    logits = (
-        loaded.model(
-            **inputs,
-            logits_to_keep=1,
-            use_cache=False,
-            key_modality=key_modality,
-            attention_edit=edit,
-        )
-        .logits[:, -1]
-        .float()
-    )
+    with answer_reader(loaded) as read:
+        hidden = loaded.model.model(
+            **inputs, use_cache=False, key_modality=key_modality, attention_edit=edit
+        ).last_hidden_state
+        logits = read(hidden)
     return answer_scores(logits, yes_ids, no_ids)
 
 
@@ -460,7 +538,7 @@ class Scores:
 
 def score_items(
     loaded: LoadedModel,
-    benchmark: Benchmark,
+    benchmark: "Benchmark",
     prompts: list[str],
     edit: Edit | None,
     words: tuple[list[int], list[int]],

@@ -118,14 +118,28 @@ def build_config(
 
 
 def build_tiny_llava(
-    seed: int = 0, *, image_size: int = 56, patch_size: int = 14, **sizes
+    seed: int = 0,
+    *,
+    image_size: int = 56,
+    patch_size: int = 14,
+    dtype: torch.dtype = torch.float32,
+    **sizes,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """Random LLaVA and its processor; the same seed gives the same weights. `sizes` are
-    build_config's."""
+    """Random LLaVA and its processor; the same seed gives the same weights (drawn in
+    float32, then rounded to `dtype`). `sizes` are build_config's."""
     processor = build_processor(image_size, patch_size)
     config = build_config(
         processor.tokenizer, image_size=image_size, patch_size=patch_size, **sizes
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
-    return model, processor
+    return cast_parameters(model, dtype), processor
+
+
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """The parameters in `dtype`, the buffers as they are: a LLaVA as
+    from_pretrained(dtype=...) loads it (its only float buffers are the rotary
+    frequencies, which transformers keeps in float32; model.to(dtype) would round them)."""
+    for parameter in model.parameters():
+        parameter.data = parameter.data.to(dtype)
+    return model

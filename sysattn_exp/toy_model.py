@@ -38,7 +38,7 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from sysattn_exp.benchmarks import toy as world
 from sysattn_exp.prompts import build_prompt
-from sysattn_exp.tiny import build_config, build_processor
+from sysattn_exp.tiny import build_config, build_processor, cast_parameters
 
 WEIGHTS = Path(__file__).parent / "toy_weights.safetensors"
 IMAGE_SIZE = 64
@@ -69,15 +69,16 @@ def build_toy_config(tokenizer=None):
     return config
 
 
-def build_toy_llava(weights: Path | None = WEIGHTS):
-    """The toy LLaVA and its processor, with the shipped weights (None: untrained)."""
+def build_toy_llava(weights: Path | None = WEIGHTS, dtype: torch.dtype = torch.float32):
+    """The toy LLaVA and its processor, with the shipped weights (None: untrained), its
+    parameters in `dtype` (buffers, the rotary frequencies, stay float32)."""
     from safetensors.torch import load_file
 
     processor = build_toy_processor()
     model = LlavaForConditionalGeneration(build_toy_config(processor.tokenizer))
     if weights is not None:
         model.load_state_dict(load_file(str(weights)), strict=True)
-    return model.eval(), processor
+    return cast_parameters(model.eval(), dtype), processor
 
 
 def patch_labels(objects) -> tuple[np.ndarray, np.ndarray]:

@@ -22,7 +22,7 @@ from sysattn_exp.intervention import Redistribution
 from sysattn_exp.models import LoadedModel, first_token_ids, use_sysattn
 from sysattn_exp.prompts import build_prompt
 from sysattn_exp.scoring import encode_full_prompts, score_full_prompts
-from sysattn_exp.tiny import build_tiny_llava
+from sysattn_exp.tiny import build_tiny_llava, cast_parameters
 
 LAYERS = 4
 COLORS = ["red", "blue", "green", "yellow", "black", "purple", "orange", "gray"]
@@ -80,7 +80,9 @@ def compute_margins() -> dict:
         return y - n
 
     result = {"fp32": score(fp32, edit("eager")), "fp32 unedited": score(fp32, None)}
-    bf16 = LoadedModel(model.to(torch.bfloat16), processor, torch.device("cpu"), torch.bfloat16)
+    # As the runner loads bf16: parameters rounded, rotary frequencies kept in float32.
+    model = cast_parameters(model, torch.bfloat16)
+    bf16 = LoadedModel(model, processor, torch.device("cpu"), torch.bfloat16)
     result["bf16 eager"] = score(bf16, edit("eager"))
     result["bf16 fused"] = score(bf16, edit("fused"))
     return result

@@ -37,6 +37,7 @@ def test_wheel_installed_elsewhere_runs_from_its_own_files(tmp_path):
     assert (target / "sysattn_exp" / "conf" / "config.yaml").is_file()
     assert (target / "sysattn_exp" / "conf" / "model" / "tiny.yaml").is_file()
     assert (target / "sysattn_exp" / "toy_weights.safetensors").is_file()
+    assert (target / "sysattn_exp" / "model_configs" / "llava15_7b.json").is_file()
 
     # A config option that exists only in the installed copy: if the app composes it, the
     # configs came from TARGET and not from a checkout.
@@ -51,6 +52,11 @@ def test_wheel_installed_elsewhere_runs_from_its_own_files(tmp_path):
     assert dry.returncode == 0, dry.stderr[-3000:]
     assert "benchmark toy: n_items=72, n_groups=36" in dry.stdout
     assert "Installed wheel probe. USER: <image>" in dry.stdout
+    # model.weights=random reads its config.json from the installed package data.
+    shapes = ("model=llava15_7b", "model.weights=random", "runtime.dry_run=true")
+    dry = run("-m", "sysattn_exp", *shapes, cwd=work, env=env)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert "image=576," in dry.stdout
     toy = run("-m", "sysattn_exp", "model=toy", "benchmark.limit=2", cwd=work, env=env)
     assert toy.returncode == 0, toy.stderr[-3000:]
     assert "toy baseline: paired_accuracy=1.0000" in toy.stdout + toy.stderr

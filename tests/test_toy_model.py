@@ -1,12 +1,16 @@
 """The shipped toy model (model=toy) is a real model: it answers held-out toy questions,
 its answers depend on the image, it says yes to hard compositional questions more than to
 easy ones, and its answer position attends to the system tokens. The training script is
-deterministic from its seed."""
+deterministic from its seed: the same code twice in one process gives the same weights.
+(Not the same bits on another machine: the CPU's instruction set and thread count change
+the last bits of float32 sums, so no test compares a fresh run with a recorded digest. The
+shipped file's digest is its bytes, and the accuracy tests check what those weights do.)"""
 
 import pandas as pd
 import pytest
 import torch
 from hydra import compose, initialize_config_module
+from transformers import LlavaForConditionalGeneration
 
 from sysattn_exp import toy_model
 from sysattn_exp.benchmarks import load_benchmark
@@ -18,9 +22,6 @@ from sysattn_exp.scoring import score_items
 
 # sha256 of the shipped weights, as scripts/train_toy.py prints it (seed 0, defaults).
 SHIPPED_DIGEST = "1fa4d75c6ac5c43b029f1bdb911fce67b1c2b08ae0557ea356b07ac1178a1654"
-# sha256 of train(seed=0, vision_steps=3, steps=3, batch_size=4): the script's code path,
-# short (the full run takes about 4 minutes), recorded on the project's CPU with torch 2.13.
-SHORT_RUN_DIGEST = "14f3da79d6e8c92b4fe7e5c051a9492866e6e34b6cf84585691e32d6d0c22661"
 
 
 def config(*overrides: str):
@@ -59,7 +60,10 @@ def one_thread():
 def test_held_out_accuracy_and_blinding():
     baseline = predictions("benchmark.split=test")
     assert len(baseline) == 192
+    # README's recorded figures (accuracy 0.922, paired 0.854), less a few knife-edge items
+    # that another machine's float32 rounding may tip.
     assert baseline["correct"].mean() >= 0.90
+    assert paired(baseline) >= 0.82
     blind = predictions(
         "benchmark.split=test",
         "intervention=redistribute",
@@ -96,5 +100,15 @@ def test_shipped_weights_are_the_scripts():
 
 
 def test_training_is_deterministic():
-    model, _ = toy_model.train(seed=0, vision_steps=3, steps=3, batch_size=4, log=None)
-    assert toy_model.digest(model) == SHORT_RUN_DIGEST
+    """The script's code path, short (the full run takes about 4 minutes), twice: equal
+    weights, and weights that training moved from the seed's initial ones."""
+    short = dict(seed=0, vision_steps=3, steps=3, batch_size=4, log=None)
+    first = toy_model.train(**short)[0].state_dict()
+    second = toy_model.train(**short)[0].state_dict()
+    assert first.keys() == second.keys()
+    different = [name for name in first if not torch.equal(first[name], second[name])]
+    assert not different, f"differ between two runs: {different[:5]}"
+    torch.manual_seed(0)  # train() builds its model right after seeding
+    initial = LlavaForConditionalGeneration(toy_model.build_toy_config()).state_dict()
+    moved = [name for name in first if not torch.equal(first[name], initial[name])]
+    assert "lm_head.weight" in moved and len(moved) >= len(first) // 2

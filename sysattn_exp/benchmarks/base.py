@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
+from sysattn_exp.answers import mme_answer  # noqa: F401 - the loaders' default parser
 from sysattn_exp.errors import UsageError, first_line
 from sysattn_exp.images import decode_errors, open_image
 
@@ -337,21 +338,3 @@ class DatasetsByPrefix:
 def all_correct_rate(scored: pd.DataFrame, keys: list[str]) -> float:
     """Share of the groups formed by `keys` whose items are all correct."""
     return float(scored.groupby(keys)["correct"].all().mean())
-
-
-def mme_answer(text: str) -> str:
-    """ "yes", "no" or "unknown", as the MME benchmark's eval tool parses a generated answer
-    (eval_tool/calculation.py, parse_pred_ans: exactly yes/no; else "yes" within the first
-    4 characters -> yes, else "no" within them -> no, else "other"), after the
-    normalisation lmms-eval applies before it (tasks/mme/utils.py: lowercase, strip,
-    periods removed). "unknown" is our name for MME's "other": neither answer, counted
-    wrong. The parser of every benchmark without one of its own (scoring.parser=mme: of
-    all)."""
-    answer = text.lower().strip().replace(".", "")
-    if answer in ("yes", "no"):
-        return answer
-    if "yes" in answer[:4]:
-        return "yes"
-    if "no" in answer[:4]:
-        return "no"
-    return "unknown"

@@ -11,7 +11,6 @@ copied verbatim (sources cited at each template).
 from collections.abc import Callable
 
 import torch
-import transformers
 from transformers import (
     CLIPVisionConfig,
     LlavaNextConfig,
@@ -31,63 +30,17 @@ from transformers import (
     SiglipVisionConfig,
 )
 
+from sysattn_exp.chat_templates import (  # noqa: F401 (re-exported)
+    LLAVA_NEXT_MISTRAL_TEMPLATE,
+    LLAVA_ONEVISION_TEMPLATE,
+    QWEN2_VL_TEMPLATE,
+)
+from sysattn_exp.image_only_processors import (
+    LlavaOnevisionProcessor,
+    Qwen2_5_VLProcessor,
+    Qwen2VLProcessor,
+)
 from tiny_families.common import IMAGE_ONLY_LOADERS, train_tokenizer
-
-# --- chat templates, verbatim ------------------------------------------------------------
-# llava-hf/llava-v1.6-mistral-7b-hf, chat_template.json. Source: openvinotoolkit/openvino.genai
-# src/cpp/src/tokenizer.cpp, chat_template_fallback_map entry "tiny-random-llava-next,
-# llava-v1.6-mistral (chat_template.json)" (the map keys on the exact published text).
-# As in the file, "\n" is a real newline inside jinja strings and the assistant turn ends
-# with the jinja string '<\\s> ' (a backslash, rendered `<\s> `). No generation prompt.
-LLAVA_NEXT_MISTRAL_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'system' %}{{ '<<SYS>>\n' + "
-    "message['content'][0]['text'] + '\n<</SYS>>\n\n' }}{% elif message['role'] == 'user' %}"
-    "{{ '[INST] ' }}{# Render all images first #}{% for content in message['content'] | "
-    "selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{# Render all text "
-    "next #}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ content['text'] }}{% endfor %}{{' [/INST]' }}{% elif message['role'] == 'assistant' %}"
-    "{{ ' ' + message['content'][0]['text'] + '<\\\\s> '}}{% else %}{{ raise_exception('Only "
-    "user and assistant roles are supported!') }}{% endif %}{% endfor %}"
-)
-
-# llava-hf/llava-onevision-qwen2-7b-ov-hf, chat_template.json (824 bytes, "Upload processor").
-# Source: the same-size file of its sibling llava-hf/llava-onevision-qwen2-7b-si-hf
-# (huggingface.co/llava-hf/llava-onevision-qwen2-7b-si-hf/blob/974bbb6c/chat_template.json),
-# which is also the template transformers' convert_llava_onevision_weights_to_hf.py writes.
-# Saved as {"chat_template": ...} with indent 2 this text gives exactly those 824 bytes.
-LLAVA_ONEVISION_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{# Render all "
-    "images first #}{% for content in message['content'] | selectattr('type', 'equalto', "
-    "'image') %}{{ '<image>\n' }}{% endfor %}{# Render all video then #}{% for content in "
-    "message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}"
-    "{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}{% for content "
-    "in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}"
-    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', "
-    "'text') %}{% generation %}{{ content['text'] }}{% endgeneration %}{% endfor %}{% endif %}"
-    "{{'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-# Qwen/Qwen2-VL-7B-Instruct, chat_template.json; Qwen/Qwen2.5-VL-7B-Instruct ships the same
-# text. Sources: openvinotoolkit/openvino.genai src/cpp/src/tokenizer.cpp (entry
-# "Qwen2-VL-2B-Instruct (tokenizer_config.json)") and the Qwen2.5-VL mirror
-# huggingface.co/optimum-intel-internal-testing/tiny-random-qwen2.5-vl chat_template.json.
-# Its newlines are literal template text, hence real "\n" here.
-QWEN2_VL_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
-    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture "
-    "{{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video "
-    "{{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 # --- special tokens (in the real vocabularies' order) -------------------------------------
 # Mistral-7B's first ids, then what llava-hf appended: <image> (32000) and a <pad>.
@@ -113,51 +66,6 @@ QWEN_SPECIAL = [
 ONEVISION_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
 
 PINPOINTS_28 = [[28, 28], [28, 56], [56, 28], [56, 56]]
-
-
-# Image-only stand-ins: the real processor classes minus the video processor (it needs
-# torchvision). ProcessorMixin takes its sub-processors from the __init__ signature, so a
-# subclass whose __init__ lacks `video_processor` needs, saves and loads only an image
-# processor and a tokenizer; every other method (placeholder expansion, chat template,
-# saving) is the real class's. They keep the real class names, so the files they save
-# (processor_config.json, tokenizer_config.json) name the real class and AutoProcessor on a
-# machine with torchvision would load the real processor from them. The arguments are
-# spelled out because from_pretrained reads them from __init__.__code__.
-class LlavaOnevisionProcessor(transformers.LlavaOnevisionProcessor):
-    def __init__(
-        self,
-        image_processor=None,
-        tokenizer=None,
-        num_image_tokens=None,
-        vision_feature_select_strategy=None,
-        chat_template=None,
-        image_token="<image>",
-        video_token="<video>",
-        vision_aspect_ratio="anyres_max_9",
-        **kwargs,
-    ):
-        super().__init__(
-            image_processor,
-            tokenizer,
-            None,  # video_processor
-            num_image_tokens=num_image_tokens,
-            vision_feature_select_strategy=vision_feature_select_strategy,
-            chat_template=chat_template,
-            image_token=image_token,
-            video_token=video_token,
-            vision_aspect_ratio=vision_aspect_ratio,
-            **kwargs,
-        )
-
-
-class Qwen2VLProcessor(transformers.Qwen2VLProcessor):
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-
-class Qwen2_5_VLProcessor(transformers.Qwen2_5_VLProcessor):
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
 
 # The test boundary: rebuild the stand-in from a save_pretrained directory.

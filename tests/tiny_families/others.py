@@ -6,8 +6,6 @@ branches that our prompts never reach are dropped where said). Model configs tak
 token ids from the tokenizer, so config and processor agree.
 """
 
-import re
-
 import torch
 from transformers import (
     Gemma2Config,
@@ -26,7 +24,6 @@ from transformers import (
     Idefics3VisionConfig,
     InternVLConfig,
     InternVLForConditionalGeneration,
-    InternVLProcessor,
     InternVLVisionConfig,
     LlamaConfig,
     LlamaForCausalLM,
@@ -38,193 +35,21 @@ from transformers import (
     SmolVLMConfig,
     SmolVLMForConditionalGeneration,
     SmolVLMImageProcessorPil,
-    SmolVLMProcessor,
     SmolVLMVisionConfig,
 )
-from transformers.processing_utils import ProcessorMixin
 
+from sysattn_exp.chat_templates import (  # noqa: F401 (re-exported)
+    GEMMA2_TEMPLATE,
+    GEMMA3_TEMPLATE,
+    IDEFICS3_TEMPLATE,
+    INTERNVL_TEMPLATE,
+    LLAMA31_TEMPLATE,
+    QWEN3_TEMPLATE,
+    QWEN25_TEMPLATE,
+    SMOLVLM_TEMPLATE,
+)
+from sysattn_exp.image_only_processors import InternVLImageOnlyProcessor, SmolVLMImageOnlyProcessor
 from tiny_families.common import IMAGE_ONLY_LOADERS, train_tokenizer
-
-# ---------------------------------------------------------------- chat templates (verbatim)
-
-# google/gemma-3-4b-it's chat template (gemma-3-1b-it has the same), as quoted verbatim in
-# public code that patches it into Gemma 3 tokenizers; transformers'
-# tests/models/gemma3/test_processing_gemma3.py carries the same text minus the `is string`
-# system branch. No system role: the system text opens the first user turn.
-GEMMA3_TEMPLATE = (
-    "{{ bos_token }}\n"
-    "{%- if messages[0]['role'] == 'system' -%}\n"
-    "    {%- if messages[0]['content'] is string -%}\n"
-    "        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}\n"
-    "    {%- else -%}\n"
-    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}\n"
-    "    {%- endif -%}\n"
-    "    {%- set loop_messages = messages[1:] -%}\n"
-    "{%- else -%}\n"
-    '    {%- set first_user_prefix = "" -%}\n'
-    "    {%- set loop_messages = messages -%}\n"
-    "{%- endif -%}\n"
-    "{%- for message in loop_messages -%}\n"
-    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
-    '        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}\n'  # noqa: E501
-    "    {%- endif -%}\n"
-    "    {%- if (message['role'] == 'assistant') -%}\n"
-    '        {%- set role = "model" -%}\n'
-    "    {%- else -%}\n"
-    "        {%- set role = message['role'] -%}\n"
-    "    {%- endif -%}\n"
-    "    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else \"\") }}\n"
-    "    {%- if message['content'] is string -%}\n"
-    "        {{ message['content'] | trim }}\n"
-    "    {%- elif message['content'] is iterable -%}\n"
-    "        {%- for item in message['content'] -%}\n"
-    "            {%- if item['type'] == 'image' -%}\n"
-    "                {{ '<start_of_image>' }}\n"
-    "            {%- elif item['type'] == 'text' -%}\n"
-    "                {{ item['text'] | trim }}\n"
-    "            {%- endif -%}\n"
-    "        {%- endfor -%}\n"
-    "    {%- else -%}\n"
-    '        {{ raise_exception("Invalid content type") }}\n'
-    "    {%- endif -%}\n"
-    "    {{ '<end_of_turn>\\n' }}\n"
-    "{%- endfor -%}\n"
-    "{%- if add_generation_prompt -%}\n"
-    "    {{'<start_of_turn>model\\n'}}\n"
-    "{%- endif -%}\n"
-)
-
-# google/gemma-2-2b-it; llama.cpp models/templates/google-gemma-2-2b-it.jinja. It RAISES on a
-# system message ("System role not supported"): that is the real checkpoint's behaviour.
-GEMMA2_TEMPLATE = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
-    "supported') }}{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != "
-    "(loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate "
-    "user/assistant/user/assistant/...') }}{% endif %}{% if (message['role'] == 'assistant') %}"
-    "{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
-    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
-)
-
-# OpenGVLab/InternVL3-*-hf: the template transformers' convert_internvl_weights_to_hf.py
-# writes into the -hf checkpoints (no default system prompt).
-INTERNVL_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for content in message['content'] %}{% if content['type'] == 'image' %}"
-    "{{ '<IMG_CONTEXT>\n' }}{% elif content['type'] == 'video' %}{{ '<video>\n' }}"
-    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{{'<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}"
-    "{% endif %}"
-)
-
-# HuggingFaceM4/Idefics3-8B-Llama3 (as quoted in transformers' modernvbert DEFAULT_CHAT_TEMPLATE
-# and Idefics3 fine-tuning code).
-IDEFICS3_TEMPLATE = (
-    "<|begin_of_text|>{% for message in messages %}{{message['role'] | capitalize}}"
-    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
-    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
-    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
-    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
-
-# HuggingFaceTB/SmolVLM-Instruct (transformers tests/models/smolvlm/test_processing_smolvlm.py).
-SMOLVLM_TEMPLATE = IDEFICS3_TEMPLATE.replace("<|begin_of_text|>", "<|im_start|>", 1)
-
-# meta-llama/Llama-3.1-8B-Instruct: copied from llama.cpp's
-# models/templates/meta-llama-Llama-3.3-70B-Instruct.jinja (3.3 reuses 3.1's template; 3.1's
-# own file was not in the searchable index). Dropped: the tool branches (custom_tools,
-# builtin_tools, tools, tool_calls, ipython/tool messages); the rest is verbatim.
-LLAMA31_TEMPLATE = """{{- bos_token }}
-{%- if not date_string is defined %}
-    {%- set date_string = "26 Jul 2024" %}
-{%- endif %}
-
-{#- This block extracts the system message, so we can slot it into the right place. #}
-{%- if messages[0]['role'] == 'system' %}
-    {%- set system_message = messages[0]['content']|trim %}
-    {%- set messages = messages[1:] %}
-{%- else %}
-    {%- set system_message = "" %}
-{%- endif %}
-
-{#- System message + builtin tools #}
-{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}
-{{- "Cutting Knowledge Date: December 2023\\n" }}
-{{- "Today Date: " + date_string + "\\n\\n" }}
-{{- system_message }}
-{{- "<|eot_id|>" }}
-
-{%- for message in messages %}
-    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
-{%- endif %}
-"""  # noqa: E501
-
-# Qwen/Qwen2.5-7B-Instruct (its chat_template.jinja as quoted in many repos). Dropped: the
-# `tools` branch, assistant tool_calls and tool messages. Inserts Qwen's default system prompt.
-QWEN25_TEMPLATE = """{%- if messages[0]['role'] == 'system' %}
-    {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
-{%- else %}
-    {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}
-{%- endif %}
-{%- for message in messages %}
-    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
-        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant\\n' }}
-{%- endif %}
-"""  # noqa: E501
-
-# Qwen/Qwen3-8B (same as Qwen3-0.6B): llama.cpp models/templates/Qwen-Qwen3-0.6B.jinja.
-# Dropped: the `tools` system branch, assistant tool_calls and tool messages.
-QWEN3_TEMPLATE = """{%- if messages[0].role == 'system' %}
-    {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
-{%- endif %}
-{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
-{%- for message in messages[::-1] %}
-    {%- set index = (messages|length - 1) - loop.index0 %}
-    {%- if ns.multi_step_tool and message.role == "user" and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
-        {%- set ns.multi_step_tool = false %}
-        {%- set ns.last_query_index = index %}
-    {%- endif %}
-{%- endfor %}
-{%- for message in messages %}
-    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
-        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
-    {%- elif message.role == "assistant" %}
-        {%- set content = message.content %}
-        {%- set reasoning_content = '' %}
-        {%- if message.reasoning_content is defined and message.reasoning_content is not none %}
-            {%- set reasoning_content = message.reasoning_content %}
-        {%- else %}
-            {%- if '</think>' in message.content %}
-                {%- set content = message.content.split('</think>')[-1].lstrip('\\n') %}
-                {%- set reasoning_content = message.content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}
-            {%- endif %}
-        {%- endif %}
-        {%- if loop.index0 > ns.last_query_index %}
-            {%- if loop.last or (not loop.last and reasoning_content) %}
-                {{- '<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}
-            {%- else %}
-                {{- '<|im_start|>' + message.role + '\\n' + content }}
-            {%- endif %}
-        {%- else %}
-            {{- '<|im_start|>' + message.role + '\\n' + content }}
-        {%- endif %}
-        {{- '<|im_end|>\\n' }}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant\\n' }}
-    {%- if enable_thinking is defined and enable_thinking is false %}
-        {{- '<think>\\n\\n</think>\\n\\n' }}
-    {%- endif %}
-{%- endif %}"""  # noqa: E501
 
 # ---------------------------------------------------------------- special tokens
 
@@ -372,34 +197,6 @@ INTERNVL_IMAGE_TOKENS = {
 }
 
 
-class InternVLImageOnlyProcessor(InternVLProcessor):
-    """InternVLProcessor without its video processor (which needs torchvision). Its __init__
-    sets what InternVLProcessor.__init__ sets; __call__ (the placeholder expansion) is the
-    real class's, untouched."""
-
-    def __init__(
-        self,
-        image_processor=None,
-        tokenizer=None,
-        image_seq_length: int = 256,
-        chat_template=None,
-        **kw,
-    ):
-        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kw)
-        self.video_processor = None
-        self.image_seq_length = image_seq_length
-        self.start_image_token = tokenizer.start_image_token
-        self.end_image_token = tokenizer.end_image_token
-        self.start_image_token_id = tokenizer.start_image_token_id
-        self.end_image_token_id = tokenizer.end_image_token_id
-        self.image_token = tokenizer.context_image_token
-        self.video_token = tokenizer.video_token
-        self.image_token_id = tokenizer.context_image_token_id
-        self.multimodal_pattern = re.compile(
-            f"(?P<image>{re.escape(self.image_token)})|(?P<video>{re.escape(self.video_token)})"
-        )
-
-
 def build_internvl(seed: int):
     tok = train_tokenizer(
         [*QWEN_SPECIALS, "<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>",
@@ -486,32 +283,6 @@ def build_idefics3(seed: int):
         image_processor, tok, image_seq_len=16, chat_template=IDEFICS3_TEMPLATE
     )
     return model, processor
-
-
-class SmolVLMImageOnlyProcessor(SmolVLMProcessor):
-    """SmolVLMProcessor without its video processor (which needs torchvision) and without the
-    num2words check (only video prompts use it). Its __init__ sets what
-    SmolVLMProcessor.__init__ sets; __call__ (the placeholder expansion) is the real class's."""
-
-    def __init__(
-        self, image_processor, tokenizer, image_seq_len: int = 169, chat_template=None, **kw
-    ):
-        self.fake_image_token = getattr(tokenizer, "fake_image_token", "<fake_token_around_image>")
-        self.image_token = getattr(tokenizer, "image_token", "<image>")
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        self.end_of_utterance_token = getattr(
-            tokenizer, "end_of_utterance_token", "<end_of_utterance>"
-        )
-        self.global_image_token = getattr(tokenizer, "global_image_token", "<global-img>")
-        self.image_seq_len = image_seq_len
-        self.video_token = getattr(tokenizer, "video_token", "<video>")
-        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kw)
-        self.video_processor = None
-
-    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
-        # SmolVLMProcessor's override only adds the video processor's frame defaults (and a
-        # video template); with no video the base rendering is what it would run.
-        return ProcessorMixin.apply_chat_template(self, conversation, chat_template, **kwargs)
 
 
 def build_smolvlm(seed: int):

@@ -337,8 +337,12 @@ def record_paths() -> Iterator[set[str]]:
 
 
 def verdicts() -> list[str]:
-    """The first-use verdicts of this process, one line each, for the job's environment."""
-    return [
-        f"{where[2]} on {describe_kind(where)}: {'used' if used else 'rejected'}"
-        for where, used in sorted(_verdicts.items(), key=str)
-    ]
+    """The first-use verdicts of this process, one line each (no commas: MLflow params
+    join lists with them), e.g. "cuda_flash cuda:0 bfloat16 causal head_dim=128: used"."""
+    lines = []
+    for (device, dtype, name, causal, head_dim, masked), used in sorted(_verdicts.items(), key=str):
+        kind = f"{'causal' if causal else 'full'} head_dim={head_dim}{' masked' * masked}"
+        lines.append(
+            f"{name} {device} {dtype_name(dtype)} {kind}: {'used' if used else 'rejected'}"
+        )
+    return lines

@@ -7,16 +7,20 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
+import torch
+import transformers
 from omegaconf import OmegaConf
 
+from sysattn_exp import kernels
 from sysattn_exp.benchmarks import Benchmark, load_benchmark
-from sysattn_exp.cache import SCORES_VERSION, ScoreCache, digest
+from sysattn_exp.cache import SCORES_VERSION, ScoreCache, digest, scores_code_digest
 from sysattn_exp.caption import caption_job, load_coco
 from sysattn_exp.conditions import build_edit, intervention_rule, resolve_layers
+from sysattn_exp.environment import device_names, environment
 from sysattn_exp.errors import UsageError, first_line
 from sysattn_exp.files import write_atomically, write_json
 from sysattn_exp.generation import generate_in_batches, generate_items, parse_yes_no
-from sysattn_exp.intervention import Edit
+from sysattn_exp.intervention import Edit, EditTally, watch_edits
 from sysattn_exp.metrics import compare_with_baseline, shared_metrics
 from sysattn_exp.models import (
     BUILTIN_TINY,
@@ -123,7 +127,11 @@ def item_columns(benchmark: Benchmark, prompts: list[str], scores: Scores) -> pd
 
 
 def condition(cfg, loaded, edit: Edit | None, words) -> dict:
-    """Everything that determines an item's scores besides the item and its prompt."""
+    """Everything that determines an item's scores besides the item and its prompt: the
+    model and data, the environment that computes them (torch and transformers versions,
+    device names, the planned attention kernels, the batch size: bf16 results depend on
+    how a batch is padded and reduced) and the code (cache.py). The same in every process
+    of one environment and checkout."""
     model = cfg.model
     return {
         "model": model.name_or_path,
@@ -131,15 +139,39 @@ def condition(cfg, loaded, edit: Edit | None, words) -> dict:
         "seed": model.seed if model.name_or_path == BUILTIN_TINY else None,
         **({"weights": weights_file_digest()} if model.name_or_path == BUILTIN_TOY else {}),
         "device": loaded.device.type,
+        "device_name": device_names(loaded.model),
         "dtype": str(loaded.dtype),
+        "batch_size": model.batch_size,
+        "torch": str(torch.__version__),  # a TorchVersion, which YAML cannot write
+        "transformers": transformers.__version__,
+        "kernel_path": planned_kernel_path(loaded, edit),
         "yes_ids": words[0],
         "no_ids": words[1],
         "scores_version": SCORES_VERSION,
+        "scores_code": scores_code_digest(),
         "dataset_revision": cfg.benchmark.get("revision"),
         "intervention": None
         if edit is None
         else {"rule": type(edit).__name__, **asdict(edit), "layers": sorted(edit.layers)},
     } | generation_condition(cfg.scoring)
+
+
+def head_dim(text_config) -> int:
+    return getattr(text_config, "head_dim", None) or (
+        text_config.hidden_size // text_config.num_attention_heads
+    )
+
+
+def planned_kernel_path(loaded, edit: Edit | None, profiled: bool = False) -> str:
+    """The attention paths that scoring `edit` is planned to take (kernels.planned_path):
+    "sdpa" for the unchanged model, "eager" for the eager implementation, else the fused
+    path's kernels for the model's device, dtype and head dim (a profile takes the fused
+    path too)."""
+    if edit is None and not profiled:
+        return "sdpa"
+    if edit is not None and edit.impl == "eager":
+        return "eager"
+    return kernels.planned_path(loaded.device, loaded.dtype, head_dim(loaded.text_config))
 
 
 SCORING_MODES = ("logit", "generate")
@@ -170,7 +202,13 @@ def generation_condition(scoring) -> dict:
 # Config keys that never change what a job produces (where results go, how fast they come);
 # every other key, present or future (the task, runtime.profile, the prompt...), is in the
 # job key, so that two jobs that can produce different files never share one.
-NOT_IN_JOB_KEY = {"tracking": None, "runtime": {"num_workers", "cache_dir", "report_at_end"}}
+# The environment section is recorded, not keyed: what in it changes scores (versions,
+# device names) is in the condition, which the key includes.
+NOT_IN_JOB_KEY = {
+    "tracking": None,
+    "environment": None,
+    "runtime": {"num_workers", "cache_dir", "report_at_end"},
+}
 
 
 def job_key(config: dict, condition: dict) -> str:
@@ -197,6 +235,38 @@ def timing(scores: Scores, n_items: int) -> dict:
     if scores.new_tokens is not None:  # generate mode
         out["generated_tokens_per_second"] = scores.new_tokens / scores.seconds
     return out
+
+
+def scoring_checks(loaded, edit, profiled: bool, tally: EditTally, paths: set, scores) -> dict:
+    """kernel_path: the attention paths that computed the items scored now (kernels.
+    path_label), or the planned ones when every item came from the cache (cached under
+    that plan); a path outside the plan (a kernel rejected at first use) is warned about.
+    edited_layers: the decoder layers each checked forward pass applied the edit in
+    (intervention.guard_edits stops a job where that is not the resolved layers); for
+    cached scores, the resolved count (they were saved only after their passes' check);
+    0 without an edit."""
+    planned = planned_kernel_path(loaded, edit, profiled)
+    used = kernels.path_label(paths) if scores.computed else planned
+    unplanned = set(paths) - set(planned.split("+")) - {"eager"}
+    if scores.computed and unplanned:
+        log.warning(
+            "attention computed by %s, not the planned %s (the score cache's condition): "
+            "a kernel was rejected, see above",
+            used,
+            planned,
+        )
+    if edit is None:
+        edited = 0
+    elif tally.passes:
+        edited = tally.edited_layers
+        log.info(
+            "the intervention was applied in %d decoder layers in each of %d forward passes",
+            edited,
+            tally.passes,
+        )
+    else:
+        edited = len(edit.layers)
+    return {"kernel_path": used, "edited_layers": edited}
 
 
 def num_workers(cfg) -> int:
@@ -321,15 +391,20 @@ def run(cfg, out_dir: Path) -> dict:
     name = run_name(benchmark.name, edit, layers)
 
     # The baseline comes from the score cache once any job has computed it.
-    baseline, scores = predict(cfg, loaded, benchmark, prompts, None, words, "baseline")
+    with kernels.record_paths() as paths:
+        baseline, scores = predict(cfg, loaded, benchmark, prompts, None, words, "baseline")
     log.info(
         "baseline: %d of %d items computed, the rest from the cache", scores.computed, len(prompts)
     )
     profile = AttentionProfile() if cfg.runtime.profile else None
-    predictions = baseline
+    predictions, tally = baseline, EditTally()
     if edit is not None or profile is not None:
-        predictions, scores = predict(cfg, loaded, benchmark, prompts, edit, words, name, profile)
+        with watch_edits() as tally, kernels.record_paths() as paths:
+            predictions, scores = predict(
+                cfg, loaded, benchmark, prompts, edit, words, name, profile
+            )
     metrics = all_metrics(benchmark, predictions, ranking) | timing(scores, len(prompts))
+    metrics |= scoring_checks(loaded, edit, profile is not None, tally, paths, scores)
     if edit is not None:
         metrics |= compare_with_baseline(metrics, all_metrics(benchmark, baseline, ranking))
 
@@ -351,13 +426,15 @@ def run(cfg, out_dir: Path) -> dict:
 
 def job_config(cfg, loaded, edit, words, layers, name, benchmark=None) -> dict:
     """The job's config.yaml: the composed config (its benchmark section replaced where
-    given), the resolved layers, and the job's name and key."""
+    given), the resolved layers, the job's name and key, and the environment it ran in
+    (environment.environment: not in the key)."""
     config = OmegaConf.to_container(cfg, resolve=True)
     if benchmark is not None:
         config["benchmark"] = benchmark
     config["layers"]["resolved"] = layers
     config["job"] = {"name": name, "key": job_key(config, condition(cfg, loaded, edit, words))}
     config["layers"]["depth"] = loaded.num_layers  # for the report's model label; not in the key
+    config["environment"] = environment(loaded.model)
     return config
 
 

@@ -405,7 +405,13 @@ def test_planned_path_names_what_the_candidates_give():
 
 
 def test_verdicts_are_listed_in_words(monkeypatch):
-    use_kernels(monkeypatch, kernels.cpu_flash, scaled_output)
+    use_kernels(monkeypatch, kernels.cpu_flash, accepts_mask=True)
     q, k, v = inputs(0, dtype=torch.bfloat16)
     attention_with_lse(q, k, v, None, 0.3, True)
-    assert kernels.verdicts() == ["k0 on cpu bfloat16 (causal, head dim 16): used"]
+    q, k, v = inputs(0, head_dim=32)
+    mask = torch.ones(1, 1, 9, 9, dtype=torch.bool)
+    attention_with_lse(q, k, v, mask, 0.3, False)
+    assert kernels.verdicts() == [
+        "k0 cpu bfloat16 causal head_dim=16: used",
+        "k0 cpu float32 full head_dim=32 masked: used",
+    ]

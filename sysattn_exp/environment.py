@@ -12,11 +12,15 @@ import transformers
 from sysattn_exp import kernels
 
 
+def model_devices(model: torch.nn.Module) -> list[torch.device]:
+    """The devices the model's weights are on (several under a device_map), sorted."""
+    return sorted({parameter.device for parameter in model.parameters()}, key=str)
+
+
 def device_names(model: torch.nn.Module) -> str:
     """The devices the model's weights are on, by name ("NVIDIA H100 80GB HBM3", "cpu"),
     sorted and joined by " + " when a device_map spreads it over several."""
-    devices = {parameter.device for parameter in model.parameters()}
-    return " + ".join(sorted({device_name(device) for device in devices}))
+    return " + ".join(sorted({device_name(device) for device in model_devices(model)}))
 
 
 def device_name(device: torch.device) -> str:
@@ -27,7 +31,7 @@ def device_name(device: torch.device) -> str:
 
 def cuda_capabilities(model: torch.nn.Module) -> str | None:
     """The compute capability of each CUDA device the weights are on ("8.0"), or None."""
-    devices = sorted({p.device for p in model.parameters() if p.device.type == "cuda"}, key=str)
+    devices = [device for device in model_devices(model) if device.type == "cuda"]
     found = [".".join(map(str, torch.cuda.get_device_capability(d))) for d in devices]
     return " + ".join(found) if found else None
 

@@ -16,7 +16,7 @@ from sysattn_exp.benchmarks import Benchmark, load_benchmark
 from sysattn_exp.cache import SCORES_VERSION, ScoreCache, digest, scores_code_digest
 from sysattn_exp.caption import caption_job, load_coco
 from sysattn_exp.conditions import build_edit, intervention_rule, resolve_layers
-from sysattn_exp.environment import device_names, environment
+from sysattn_exp.environment import device_names, environment, model_devices
 from sysattn_exp.errors import UsageError, first_line
 from sysattn_exp.files import write_atomically, write_json
 from sysattn_exp.generation import generate_in_batches, generate_items, parse_yes_no
@@ -165,13 +165,15 @@ def head_dim(text_config) -> int:
 def planned_kernel_path(loaded, edit: Edit | None, profiled: bool = False) -> str:
     """The attention paths that scoring `edit` is planned to take (kernels.planned_path):
     "sdpa" for the unchanged model, "eager" for the eager implementation, else the fused
-    path's kernels for the model's device, dtype and head dim (a profile takes the fused
-    path too)."""
+    path's kernels for the devices the weights are on (several under a device_map), the
+    dtype and the head dim (a profile takes the fused path too)."""
     if edit is None and not profiled:
         return "sdpa"
     if edit is not None and edit.impl == "eager":
         return "eager"
-    return kernels.planned_path(loaded.device, loaded.dtype, head_dim(loaded.text_config))
+    size = head_dim(loaded.text_config)
+    plans = [kernels.planned_path(d, loaded.dtype, size) for d in model_devices(loaded.model)]
+    return kernels.path_label({path for plan in plans for path in plan.split("+")})
 
 
 SCORING_MODES = ("logit", "generate")

@@ -99,6 +99,21 @@ def test_the_condition_changes_with_what_changes_scores(gqa_llava, composed, mon
         assert job_key({}, after) != job_key({}, before), what
 
 
+def test_a_model_split_over_devices_names_them_all(gqa_llava, composed):
+    """Under a device_map the weights are on several devices: the condition names each,
+    and the planned kernel path covers the kernels of each (here the CPU's flash kernel
+    and, for the layers on `meta`, which has no kernel, the math path)."""
+    model, processor = gqa_llava
+    with torch.device("meta"):
+        split = type(model)(model.config)
+    split.model.language_model.layers[0].to_empty(device="cpu")
+    loaded = LoadedModel(split, processor, torch.device("cpu"), torch.float32)
+    edit = Redistribution("system", ("text",), frozenset({4, 5}))
+    split_condition = condition(composed, loaded, edit, WORDS)
+    assert split_condition["device_name"] == "cpu + meta"
+    assert split_condition["kernel_path"] == "cpu_flash+math"
+
+
 def test_the_environment_is_recorded_but_not_in_the_job_key(gqa_llava, composed):
     model, processor = gqa_llava
     loaded = LoadedModel(model, processor, torch.device("cpu"), torch.float32)

@@ -239,8 +239,8 @@ def timing(scores: Scores, n_items: int) -> dict:
     return out
 
 
-def scoring_checks(loaded, edit, profiled: bool, tally: EditTally, paths: set, scores) -> dict:
-    """kernel_path: the attention paths that computed the items scored now (kernels.
+def scoring_checks(loaded, edit, profiled: bool, tally: EditTally, paths: set, computed: int):
+    """kernel_path: the attention paths that computed the `computed` items scored now (kernels.
     path_label), or the planned ones when every item came from the cache (cached under
     that plan); a path outside the plan (a kernel rejected at first use) is warned about.
     edited_layers: the decoder layers each checked forward pass applied the edit in
@@ -248,9 +248,9 @@ def scoring_checks(loaded, edit, profiled: bool, tally: EditTally, paths: set, s
     cached scores, the resolved count (they were saved only after their passes' check);
     0 without an edit."""
     planned = planned_kernel_path(loaded, edit, profiled)
-    used = kernels.path_label(paths) if scores.computed else planned
+    used = kernels.path_label(paths) if computed else planned
     unplanned = set(paths) - set(planned.split("+")) - {"eager"}
-    if scores.computed and unplanned:
+    if computed and unplanned:
         log.warning(
             "attention computed by %s, not the planned %s (the score cache's condition): "
             "a kernel was rejected, see above",
@@ -406,7 +406,7 @@ def run(cfg, out_dir: Path) -> dict:
                 cfg, loaded, benchmark, prompts, edit, words, name, profile
             )
     metrics = all_metrics(benchmark, predictions, ranking) | timing(scores, len(prompts))
-    metrics |= scoring_checks(loaded, edit, profile is not None, tally, paths, scores)
+    metrics |= scoring_checks(loaded, edit, profile is not None, tally, paths, scores.computed)
     if edit is not None:
         metrics |= compare_with_baseline(metrics, all_metrics(benchmark, baseline, ranking))
 
@@ -454,7 +454,9 @@ def run_caption(cfg, out_dir: Path) -> dict:
     name = run_name(CAPTION_BENCHMARK, edit, layers)
     # The benchmark group is not used: the report files the job under "chair".
     config = job_config(cfg, loaded, edit, ([], []), layers, name, {"name": CAPTION_BENCHMARK})
-    metrics = caption_job(cfg, loaded, edit, out_dir, CaptionGenerator(cfg, loaded), images)
+    with watch_edits() as tally, kernels.record_paths() as paths:
+        metrics = caption_job(cfg, loaded, edit, out_dir, CaptionGenerator(cfg, loaded), images)
+    metrics |= scoring_checks(loaded, edit, False, tally, paths, len(images))
     write_atomically(out_dir / "config.yaml", lambda p: p.write_text(OmegaConf.to_yaml(config)))
     write_json(out_dir / "metrics.json", metrics)
     log.info("%s: chair_s=%.4f chair_i=%.4f", name, metrics["chair_s"], metrics["chair_i"])

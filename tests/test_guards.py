@@ -11,6 +11,7 @@ import mlflow
 import pytest
 import torch
 import yaml
+from test_caption_job import write_coco
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from sysattn_exp import kernels
@@ -166,3 +167,30 @@ def test_the_count_is_per_pass_and_per_thread(gqa_llava):
     with watch_edits() as tally:
         text_pass(model, edit)
     assert tally.passes == 1
+
+
+def test_a_caption_job_is_guarded_and_reports_its_layers(tmp_path, monkeypatch, capsys):
+    """+task=caption generates through the same guard: the count in its metrics, and a
+    decoder layer that drops the edit stops it with one line."""
+    data = write_coco(tmp_path / "coco")
+    job = (
+        "+task=caption",
+        f"caption.data_dir={data}",
+        "caption.limit=2",
+        "caption.max_new_tokens=2",
+        "model=tiny",
+        "intervention=redistribute",
+        "layers=q4",
+        f"runtime.cache_dir={tmp_path / 'cache'}",
+    )
+    code, stderr = run_main(job, tmp_path, monkeypatch, capsys)
+    assert code == 0, stderr[-2000:]
+    (done,) = (tmp_path / "outputs" / "runs").iterdir()
+    metrics = json.loads((done / "metrics.json").read_text())
+    assert metrics["edited_layers"] == 2 and metrics["kernel_path"] == "cpu_flash"
+    assert "environment" in yaml.safe_load((done / "config.yaml").read_text())
+    drop_the_edit(monkeypatch, lambda layer, h: True)
+    code, stderr = run_main(job, tmp_path, monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in stderr
+    last = [line for line in stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("error: intervention system->text: applied in decoder layers []")

@@ -194,3 +194,29 @@ def test_a_caption_job_is_guarded_and_reports_its_layers(tmp_path, monkeypatch, 
     assert code == 2 and "Traceback" not in stderr
     last = [line for line in stderr.splitlines() if line.strip()][-1]
     assert last.startswith("error: intervention system->text: applied in decoder layers []")
+
+
+def test_a_rejected_kernel_shows_in_kernel_path(tmp_path, monkeypatch, capsys):
+    """A CPU kernel that disagrees with the math path: the job's scores come from the math
+    path, kernel_path says so, and the job's log warns that this is not the planned path
+    (the one the score cache's condition names)."""
+
+    def scaled(q, k, v, bias, scaling, is_causal):
+        out, lse = kernels.cpu_flash(q, k, v, bias, scaling, is_causal)
+        return out * 1.1, lse
+
+    kernel = kernels.Kernel("k0", scaled, frozenset({torch.float32}), accepts_mask=True)
+    monkeypatch.setitem(kernels.KERNELS, "cpu", [kernel])
+    monkeypatch.setattr(kernels, "_verdicts", {})
+    code, stderr = run_main(
+        (*JOB, f"runtime.cache_dir={tmp_path / 'cache'}"), tmp_path, monkeypatch, capsys
+    )
+    assert code == 0, stderr[-2000:]
+    (job,) = (tmp_path / "outputs" / "runs").iterdir()
+    assert json.loads((job / "metrics.json").read_text())["kernel_path"] == "math"
+    conditions = (tmp_path / "cache").glob("*/condition.json")
+    assert {json.loads(c.read_text())["kernel_path"] for c in conditions} == {"sdpa", "k0"}
+    log = "".join(path.read_text() for path in job.glob("*.log"))
+    assert "attention computed by math, not the planned k0" in log
+    environment = yaml.safe_load((job / "config.yaml").read_text())["environment"]
+    assert "k0 cpu float32 causal head_dim=16: rejected" in environment["kernel_verdicts"]

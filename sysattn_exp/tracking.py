@@ -105,6 +105,9 @@ def sweep_parent(cfg, sweep_dir: Path, sweep_key: str, description: str) -> str:
 
 
 TIMING_METRICS = ("scoring_seconds", "items_per_second", "n_items_from_cache")
+# How the scores were computed, not what they are: a rerun served from the cache reports
+# the planned kernel path (runner.scoring_checks) and must still find its logged run.
+HOW_METRICS = ("kernel_path",)
 
 
 def results_digest(job_dir: Path) -> str:
@@ -123,7 +126,7 @@ def results_digest(job_dir: Path) -> str:
     profile = job_dir / PROFILE_TABLE
     return digest(
         [
-            {k: v for k, v in metrics.items() if k not in TIMING_METRICS},
+            {k: v for k, v in metrics.items() if k not in TIMING_METRICS + HOW_METRICS},
             hashlib.sha256(rows.tobytes()).hexdigest(),
             hashlib.sha256(profile.read_bytes()).hexdigest() if profile.exists() else None,
         ]
@@ -177,8 +180,12 @@ def log_job_dir(job_dir: Path, cfg) -> str:
             parent_run_id=parent,
             tags=tags | {"sysattn.kind": "job", "sysattn.job_dir": str(job_dir.resolve())},
         ) as run:
-            mlflow.log_params(flatten(config))
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
+            # Text metrics (kernel_path) are params: MLflow metrics are numbers.
+            texts = {k: v for k, v in metrics.items() if isinstance(v, str)}
+            mlflow.log_params(flatten(config) | texts)
+            mlflow.log_metrics(
+                {k: float(v) for k, v in metrics.items() if v is not None and k not in texts}
+            )
             if (job_dir / PROFILE_TABLE).exists():
                 log_profile(mlflow, job_dir / PROFILE_TABLE)
             for name in (*JOB_FILES, PROFILE_TABLE, PROFILE_PLOT):

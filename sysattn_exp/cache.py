@@ -2,16 +2,31 @@
 where it stopped and a finished one recomputes nothing.
 
 One directory per condition (a hash of everything that determines the scores: model and
-revision, dtype, scoring words, intervention and resolved layers, the dataset's revision
-and SCORES_VERSION) holds `condition.json` and append-only JSON-lines files, one per
-writing process: each line is one scored batch, written whole and flushed to disk before
-the next batch starts. Processes never write the same file, so concurrent jobs cannot
-corrupt each other; a line cut short by a kill is ignored when read. Items are keyed by
-benchmark, item id, the image's content (a hash of its bytes or pixels, so a replaced
-picture is scored anew) and the exact prompt.
+revision, dtype, batch size, scoring words, intervention and resolved layers, the
+dataset's revision, the environment that computes them (torch and transformers versions,
+device name, planned attention kernels: runner.condition) and the code: SCORES_VERSION
+and scores_code_digest()) holds `condition.json` and append-only JSON-lines files, one
+per writing process: each line is one scored batch, written whole and flushed to disk
+before the next batch starts. Processes never write the same file, so concurrent jobs
+cannot corrupt each other; a line cut short by a kill is ignored when read. Items are
+keyed by benchmark, item id, the image's content (a hash of its bytes or pixels, so a
+replaced picture is scored anew) and the exact prompt.
+
+Why the code is in the key twice. A version number bumped by hand is forgotten as often
+as not, and then stale scores are served silently. So the condition also holds a digest
+of the code that computes scores (SCORING_MODULES), taken from each module's syntax tree
+with docstrings removed and unparsed: a change to what the code does gives a new digest,
+while comments, docstrings and formatting do not, so that editing documentation keeps
+the cache (and the job keys, which include the condition) as they were. The digest is
+the same in every process of one checkout and Python minor version. SCORES_VERSION
+stays for what the digest cannot see: a change of meaning outside these modules (a
+benchmark loader's question text is in the prompt and so in the item key already).
 """
 
+import ast
+import functools
 import hashlib
+import importlib.util
 import json
 import os
 import socket
@@ -20,11 +35,60 @@ from pathlib import Path
 
 from sysattn_exp.files import write_json
 
-# Bump whenever the scoring code changes what it computes for the same inputs (a new
-# column, another formula, a fixed bug): older cached scores are then never served.
+# Bump whenever scores change for a reason outside SCORING_MODULES (see above).
 SCORES_VERSION = (
     3  # 2: p_yes; questions without an image. 3: images.open_image (transparency on white)
 )
+
+# The modules whose code computes an item's scores from its prompt and image: loading
+# (dtype, placement), the forward passes, the attention rules and kernels, the built-in
+# models' construction, and this cache's own format.
+SCORING_MODULES = (
+    "sysattn_exp.cache",
+    "sysattn_exp.fused",
+    "sysattn_exp.generation",
+    "sysattn_exp.images",
+    "sysattn_exp.intervention",
+    "sysattn_exp.kernels",
+    "sysattn_exp.modality",
+    "sysattn_exp.models",
+    "sysattn_exp.prompts",
+    "sysattn_exp.random_weights",
+    "sysattn_exp.scoring",
+    "sysattn_exp.tiny",
+    "sysattn_exp.toy_model",
+)
+
+
+@functools.cache
+def scores_code_digest() -> str:
+    """code_digest of SCORING_MODULES (once per process)."""
+    return code_digest([module_source(name) for name in SCORING_MODULES])
+
+
+def code_digest(sources: list[str]) -> str:
+    """A digest of Python sources' code without docstrings, comments and formatting."""
+    return digest([ast.unparse(without_docstrings(ast.parse(source))) for source in sources])
+
+
+def module_source(name: str) -> str:
+    """The source text of module `name` (read, not imported)."""
+    return Path(importlib.util.find_spec(name).origin).read_text(encoding="utf-8")
+
+
+def without_docstrings(tree: ast.Module) -> ast.Module:
+    """`tree` with the docstring of every module, class and function removed."""
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(body, list)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            node.body = body[1:] or [ast.Pass()]
+    return tree
 
 
 def digest(value) -> str:

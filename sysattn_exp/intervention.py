@@ -13,16 +13,31 @@ a profile is being recorded).
 Two implementations, equal to float32 rounding:
   eager: materialise the (Q, K) weights and apply the rule to them (the reference, here);
   fused: no weight matrix; per-modality attention merged by log-sum-exps (fused.py).
+
+The guard (guard_edits). A missing `attention_edit` keyword means "no edit", so a
+transformers release or a family that stopped passing keyword arguments down to attention
+would turn every intervention into the baseline under the intervention's name. So every
+forward pass of a guarded model that is given an edit is checked when it ends: each
+decoder layer 0..n-1 of the language model must have received the edit, and exactly the
+rule's layers must have selected it (a layer counts even where no row of the call can
+change, e.g. the image-prefix pass of a system -> text rule); else the job stops with
+EditNotApplied. The count is kept per thread (watch_edits) for the job's metrics.
 """
 
-from dataclasses import dataclass
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+import transformers
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from sysattn_exp import kernels
+from sysattn_exp.errors import UsageError
 from sysattn_exp.fused import fused_edited_attention
 from sysattn_exp.modality import MODALITIES, PAD, TEXT, answer_rows
 
@@ -214,6 +229,8 @@ def sysattn_attention(
     **kwargs,
 ):
     selected = attention_edit is not None and module.layer_idx in attention_edit.layers
+    if attention_edit is not None:
+        note_layer(module.layer_idx, selected)
     edit = attention_edit if selected else None
     if key_modality is not None and key_modality.shape[1] > key.shape[2]:
         # A sliding-window layer's cache holds only the last keys of the sequence.
@@ -233,6 +250,7 @@ def sysattn_attention(
         scaling = query.shape[-1] ** -0.5
     layer = module.layer_idx
     if not plain_softmax:
+        kernels.note_path("eager")
         out = eager_edited_attention(
             query, key, value, attention_mask, scaling, key_modality, edit,
             softcap, sinks, attention_profile, layer,
@@ -243,9 +261,126 @@ def sysattn_attention(
             attention_profile, layer,
         )  # fmt: skip
     else:
+        if edit.impl == "eager":
+            kernels.note_path("eager")
         implementation = IMPLEMENTATIONS[edit.impl]
         out = implementation(query, key, value, attention_mask, scaling, key_modality, edit)
     return out.transpose(1, 2).contiguous(), None
+
+
+class EditNotApplied(UsageError):
+    """A forward pass given an edit did not apply it in exactly the rule's layers."""
+
+
+@dataclass
+class EditTally:
+    """The forward passes given an edit while watched (watch_edits): how many were checked,
+    and in how many decoder layers each applied the edit (the same in every pass: a pass
+    that differs stops the job); None until a pass ends."""
+
+    passes: int = 0
+    edited_layers: int | None = None
+
+
+@dataclass
+class _Pass:
+    owner: torch.nn.Module  # the guarded module whose forward call opened the pass
+    edit: Edit
+    received: set[int] = field(default_factory=set)  # layer_idx of calls given the edit
+    applied: set[int] = field(default_factory=set)  # ... that selected it
+
+
+# Per thread: the pass being checked (`open`) and the active tallies. Hooks run in the
+# thread that calls the model, so concurrent jobs in threads never see each other's pass.
+_state = threading.local()
+
+
+def guard_edits(model: torch.nn.Module) -> None:
+    """Check every forward call of `model`, and of its inner model (`model.model`, which
+    scoring calls directly), that is given an attention_edit while its language model runs
+    sysattn (tests swap in reference implementations). Idempotent. Raises EditNotApplied
+    at the end of a pass where some decoder layer did not receive the edit or the layers
+    that applied it are not the rule's."""
+    for module in (model, getattr(model, "model", None)):
+        if isinstance(module, torch.nn.Module) and not getattr(module, "_sysattn_guard", False):
+            module.register_forward_pre_hook(_open_pass, with_kwargs=True)
+            module.register_forward_hook(_close_pass, with_kwargs=True, always_call=True)
+            module._sysattn_guard = True
+
+
+@contextmanager
+def watch_edits() -> Iterator[EditTally]:
+    """Count, in this thread, the checked forward passes and the layers they edited."""
+    tally = EditTally()
+    tallies = _tallies()
+    tallies.append(tally)
+    try:
+        yield tally
+    finally:
+        tallies[:] = [t for t in tallies if t is not tally]  # by identity, not equality
+
+
+def _tallies() -> list[EditTally]:
+    if not hasattr(_state, "tallies"):
+        _state.tallies = []
+    return _state.tallies
+
+
+def note_layer(layer: int, applied: bool) -> None:
+    """Called by the attention function for every call that is given an edit."""
+    current = getattr(_state, "open", None)
+    if current is not None:
+        current.received.add(layer)
+        if applied:
+            current.applied.add(layer)
+
+
+def _text_config(module):
+    return module.config.get_text_config()
+
+
+def _open_pass(module, args, kwargs):
+    edit = kwargs.get("attention_edit")
+    if edit is None or getattr(_state, "open", None) is not None:
+        return  # no edit, or an inner call of a pass already open
+    if _text_config(module)._attn_implementation == ATTENTION_NAME:
+        _state.open = _Pass(module, edit)
+
+
+def _close_pass(module, args, kwargs, output):
+    current = getattr(_state, "open", None)
+    if current is None or current.owner is not module:
+        return
+    _state.open = None
+    if output is None:  # the forward raised: its own error is the one to see
+        return
+    problem = pass_problem(current, _text_config(module).num_hidden_layers)
+    if problem:
+        raise EditNotApplied(
+            f"intervention {current.edit.describe()}: {problem} in a forward pass of this "
+            f"{module.config.model_type} model (transformers {transformers.__version__}), "
+            "so its scores would be the baseline's or another rule's; the model does not "
+            "pass attention_edit to its attention as this tool expects (sysattn_exp/"
+            "intervention.py)"
+        )
+    for tally in _tallies():
+        tally.passes += 1
+        tally.edited_layers = len(current.applied)
+
+
+def pass_problem(current: _Pass, num_layers: int) -> str | None:
+    """What is wrong with a finished pass, or None: every decoder layer 0..n-1 received the
+    edit and exactly the rule's layers applied it."""
+    want = sorted(current.edit.layers)
+    missing = sorted(set(range(num_layers)) - current.received)
+    if current.applied != current.edit.layers:
+        return f"applied in decoder layers {sorted(current.applied)}, not the resolved {want}"
+    if missing or not current.received <= set(range(num_layers)):
+        return (
+            f"decoder layers {missing} of 0-{num_layers - 1} never received it (it came to "
+            f"layers {sorted(current.received)})"
+        )
+    return None
 
 
 AttentionInterface.register(ATTENTION_NAME, sysattn_attention)

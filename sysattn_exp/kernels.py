@@ -10,11 +10,20 @@ passed its first-use check, else to the math path.
 
 The first-use check. These kernels cannot be run by the CPU test suite (CUDA), and their
 private signatures and LSE conventions change between torch versions. So the first time
-a kernel would be used on a device with a dtype (per process), it runs on a small slice
-of the real inputs beside the math path; if the two differ beyond bf16 tolerance (or the
-kernel fails) it is not used again for that device and dtype, and one warning line says
-so. Later calls reuse the verdict without checking again. (A slice in which no row sees
-a key, all left padding, decides nothing: that call takes the math path.)
+a kernel would be used for a kind of call (per process; the kind is everything that
+selects different code inside a kernel: device, dtype, causal or not, head dim, masked or
+not), it runs on a small slice of the real inputs beside the math path; if the two differ
+beyond bf16 tolerance (or the kernel fails) it is not used again for that kind of call,
+and one warning line says so. Later calls reuse the verdict without checking again. (A
+slice in which no row sees a key, all left padding, decides nothing: that call takes the
+math path.) Running out of memory is no verdict: it is raised as OutOfMemory (one line,
+with the hint to lower model.batch_size) and leaves the kernel choice as it was; a
+fallback to the math path, which materialises the scores, would only need more memory.
+
+Which paths computed a job's attention (kernel names, "math", and "eager" for the eager
+implementation) is recorded per thread while record_paths() is active: the runner's
+`kernel_path` metric. planned_path() is what the candidate lists give for a device,
+dtype and head dim before anything runs: the score cache's condition.
 
 Tolerance, with u = 2^-8 the unit roundoff of bfloat16 and checked where the math path's
 row sees some key:
@@ -32,12 +41,14 @@ bf16: output 0.6 u max|V|, LSE 1e-6 |lse|).
 
 import logging
 import math
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from sysattn_exp.errors import first_line
+from sysattn_exp.errors import UsageError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +74,20 @@ class Kernel:
     head_dim_multiple: int = 1
     accepts_mask: bool = False
 
+    def accepts(self, dtype: torch.dtype, head_dim: int, masked: bool) -> bool:
+        return (
+            dtype in self.dtypes
+            and (self.max_head_dim is None or head_dim <= self.max_head_dim)
+            and head_dim % self.head_dim_multiple == 0
+            and (not masked or self.accepts_mask)
+        )
+
     def supports(self, query, key, value, mask, is_causal: bool) -> bool:
         head_dim = query.shape[-1]
         return (
-            query.dtype in self.dtypes
+            self.accepts(query.dtype, head_dim, mask is not None)
             and key.dtype == value.dtype == query.dtype
             and key.shape[-1] == value.shape[-1] == head_dim
-            and (self.max_head_dim is None or head_dim <= self.max_head_dim)
-            and head_dim % self.head_dim_multiple == 0
-            and (mask is None or self.accepts_mask)
             # The math path's causal mask is top-left, flash's is bottom-right when Q != K:
             # they agree on square blocks, the only causal calls fused.py makes.
             and (not is_causal or query.shape[2] == key.shape[2])
@@ -111,8 +127,8 @@ def cpu_flash(query, key, value, bias, scaling, is_causal):
 # mask as an additive bias.
 KERNELS: dict[str, list[Kernel]] = {
     "cuda": [
-        Kernel("flash", cuda_flash, HALF, max_head_dim=256, head_dim_multiple=8),
-        Kernel("efficient", cuda_efficient, HALF, head_dim_multiple=8),
+        Kernel("cuda_flash", cuda_flash, HALF, max_head_dim=256, head_dim_multiple=8),
+        Kernel("cuda_efficient", cuda_efficient, HALF, head_dim_multiple=8),
     ],
     "cpu": [
         Kernel(
@@ -124,13 +140,42 @@ KERNELS: dict[str, list[Kernel]] = {
     ],
 }
 
-# (device, dtype, kernel name) -> whether that kernel is used: set by its first-use check.
+MATH = "math"  # the float32 math path's name in kernel paths
+
+# (device, dtype, kernel name, causal, head dim, masked) -> whether that kernel is used for
+# such calls: set by its first-use check.
 _verdicts: dict[tuple, bool] = {}
+
+
+class OutOfMemory(UsageError):
+    """The attention of a batch did not fit in memory (one line, with what to lower)."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    text = str(error).lower()
+    return isinstance(error, torch.OutOfMemoryError) or any(
+        words in text for words in ("out of memory", "can't allocate memory")
+    )
 
 
 def attention_with_lse(query, key, value, mask, scaling, is_causal: bool):
     """Attention output (B, H, Q, D) and log-sum-exp of the scores (B, H, Q). `mask`: None
-    or a boolean (B|1, 1, Q, K) mask of visible keys; `is_causal`: top-left causal."""
+    or a boolean (B|1, 1, Q, K) mask of visible keys; `is_causal`: top-left causal. Raises
+    OutOfMemory (a UsageError: lower model.batch_size) where the memory runs out."""
+    try:
+        return dispatch(query, key, value, mask, scaling, is_causal)
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        batch, heads, rows, _ = query.shape
+        raise OutOfMemory(
+            f"out of memory in attention on {query.device} {dtype_name(query.dtype)} ({batch} "
+            f"sequences x {heads} heads x {rows} query rows x {key.shape[2]} keys): lower "
+            f"model.batch_size ({first_line(error)})"
+        ) from error
+
+
+def dispatch(query, key, value, mask, scaling, is_causal: bool):
     bias = None
     if mask is not None:
         bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
@@ -140,18 +185,25 @@ def attention_with_lse(query, key, value, mask, scaling, is_causal: bool):
     for kernel in KERNELS.get(query.device.type, ()):
         if not kernel.supports(query, key, value, mask, is_causal):
             continue
-        where = (str(query.device), query.dtype, kernel.name)
+        where = (str(query.device), query.dtype, kernel.name, is_causal, query.shape[-1])
+        where += (mask is not None,)
         if where not in _verdicts:
-            verdict = first_use_check(kernel, *args)
+            verdict = first_use_check(kernel, where, *args)
             if verdict is None:  # nothing to compare yet: this call takes the math path
                 break
             _verdicts[where] = verdict
         if _verdicts[where]:
             try:
-                return kernel.run(*args)
+                out = kernel.run(*args)
             except Exception as error:  # inputs the check did not see: stop using it
+                if is_out_of_memory(error):
+                    raise  # a smaller batch fits: no verdict
                 _verdicts[where] = False
-                warn(kernel, query, f"failed ({first_line(error)})")
+                warn(kernel, where, f"failed ({first_line(error)})")
+                continue
+            note_path(kernel.name)
+            return out
+    note_path(MATH)
     return attention_with_lse_math(*args)
 
 
@@ -170,7 +222,9 @@ def attention_with_lse_math(query, key, value, bias, scaling, is_causal: bool = 
     return torch.matmul(weights, value.float()), lse
 
 
-def first_use_check(kernel: Kernel, query, key, value, bias, scaling, is_causal) -> bool | None:
+def first_use_check(
+    kernel: Kernel, where: tuple, query, key, value, bias, scaling, is_causal
+) -> bool | None:
     """Whether `kernel` agrees with the math path on a slice of these inputs (if not, one
     warning line); None if no row of the slice sees a key (left padding): undecided."""
     n = min(query.shape[2], CHECK_ROWS)
@@ -185,11 +239,13 @@ def first_use_check(kernel: Kernel, query, key, value, bias, scaling, is_causal)
     try:
         got = kernel.run(q, k, v, b, scaling, is_causal)
     except Exception as error:  # e.g. a signature that changed, a build without it
-        warn(kernel, query, f"failed ({first_line(error)})")
+        if is_out_of_memory(error):
+            raise  # no verdict: attention_with_lse says to lower the batch size
+        warn(kernel, where, f"failed ({first_line(error)})")
         return False
     problem = disagreement(got, want, v)
     if problem:
-        warn(kernel, query, f"differs from the math path ({problem})")
+        warn(kernel, where, f"differs from the math path ({problem})")
     return not problem
 
 
@@ -215,12 +271,78 @@ def disagreement(got, want, value) -> str | None:
     )
 
 
-def warn(kernel: Kernel, query, what: str) -> None:
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def warn(kernel: Kernel, where: tuple, what: str) -> None:
     log.warning(
-        "attention kernel %s %s on %s %s: not used there again in this process (the next "
+        "attention kernel %s %s on %s: not used there again in this process (the next "
         "candidate kernel or the float32 math path is)",
         kernel.name,
         what,
-        query.device,
-        str(query.dtype).removeprefix("torch."),
+        describe_kind(where),
     )
+
+
+def describe_kind(where: tuple) -> str:
+    """A verdict's key as words: 'cuda:0 bfloat16 (causal, head dim 128)'."""
+    device, dtype, _, causal, head_dim, masked = where
+    kind = f"{'causal' if causal else 'full'}, head dim {head_dim}" + (", masked" if masked else "")
+    return f"{device} {dtype_name(dtype)} ({kind})"
+
+
+def planned_path(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """The paths the candidate lists give for this device, dtype and head dim, masked and
+    unmasked calls together (e.g. "cuda_flash+math": CUDA kernels take no mask). It ignores
+    first-use verdicts, so that it is the same before and after a job and in every process
+    of one environment; a kernel rejected by its check shows in the job's kernel_path."""
+    paths = set()
+    for masked in (False, True):
+        kernel = next(
+            (k for k in KERNELS.get(device.type, ()) if k.accepts(dtype, head_dim, masked)), None
+        )
+        paths.add(MATH if kernel is None else kernel.name)
+    return path_label(paths)
+
+
+def path_label(paths) -> str:
+    """Kernel names (sorted), then "math" and "eager", joined by "+"; "sdpa" when none ran
+    (every attention call was plain SDPA: the unchanged model)."""
+    last = [name for name in (MATH, "eager") if name in paths]
+    return "+".join(sorted(set(paths) - {MATH, "eager"}) + last) or "sdpa"
+
+
+_usage = threading.local()  # .recorders: the sets record_paths() gave out, in this thread
+
+
+def note_path(name: str) -> None:
+    """Record that `name` (a kernel, "math" or "eager") computed some attention."""
+    for paths in getattr(_usage, "recorders", ()):
+        paths.add(name)
+
+
+@contextmanager
+def record_paths() -> Iterator[set[str]]:
+    """The set of paths that compute attention in this thread while the block runs."""
+    if not hasattr(_usage, "recorders"):
+        _usage.recorders = []
+    paths: set[str] = set()
+    _usage.recorders.append(paths)
+    try:
+        yield paths
+    finally:
+        # by identity: an outer recorder may hold the same names
+        _usage.recorders[:] = [r for r in _usage.recorders if r is not paths]
+
+
+def verdicts() -> list[str]:
+    """The first-use verdicts of this process, one line each (no commas: MLflow params
+    join lists with them), e.g. "cuda_flash cuda:0 bfloat16 causal head_dim=128: used"."""
+    lines = []
+    for (device, dtype, name, causal, head_dim, masked), used in sorted(_verdicts.items(), key=str):
+        kind = f"{'causal' if causal else 'full'} head_dim={head_dim}{' masked' * masked}"
+        lines.append(
+            f"{name} {device} {dtype_name(dtype)} {kind}: {'used' if used else 'rejected'}"
+        )
+    return lines

@@ -28,7 +28,7 @@ from transformers.utils import is_num2words_available, is_torchvision_available
 
 from sysattn_exp import random_weights
 from sysattn_exp.errors import UsageError, first_line
-from sysattn_exp.intervention import ATTENTION_NAME
+from sysattn_exp.intervention import ATTENTION_NAME, guard_edits
 from sysattn_exp.modality import modality_counts, modality_ids
 from sysattn_exp.prompts import PromptFormat, question_token_start, text_kwargs
 
@@ -146,7 +146,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def use_sysattn(model: PreTrainedModel) -> None:
     """Route the language model's attention through sysattn. A VLM's other sub-models (the
-    vision tower) keep their own implementation: a plain string would swap theirs too."""
+    vision tower) keep their own implementation: a plain string would swap theirs too.
+    Every forward pass given an edit is then checked (intervention.guard_edits)."""
+    guard_edits(model)
     sub_configs = getattr(model.config, "sub_configs", {}) or {}
     if "text_config" not in sub_configs:
         model.set_attn_implementation(ATTENTION_NAME)

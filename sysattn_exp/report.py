@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 
 from sysattn_exp.benchmarks import MAIN_METRICS
 from sysattn_exp.errors import UsageError
-from sysattn_exp.tracking import COMPLETE, connect, storable_name
+from sysattn_exp.tracking import COMPLETE, HOW_METRICS, connect, storable_name
 
 COLUMNS = [
     "benchmark",
@@ -160,8 +160,11 @@ CONDITION = ["benchmark", "model", "setting", "intervention", "layers"]
 # Params that do not change a job's baseline: its rule and layers, its own bookkeeping,
 # where its results go and how fast they come. Every other param (the benchmark's split,
 # subsets, prompt, limit, data; the model's revision and prompt; the scoring) does.
-NOT_SETTING = ("intervention.", "layers.", "job.", "runtime.", "tracking.")
-NOT_SETTING_KEYS = {"model.batch_size", "model.device", "model.device_map"}
+# The environment (versions, devices, the kernel verdicts a process reached) and how a
+# job computed (HOW_METRICS, logged as params) are left out too: where they change the
+# baseline, its values (baseline_signature) tell the settings apart.
+NOT_SETTING = ("intervention.", "layers.", "job.", "runtime.", "tracking.", "environment.")
+NOT_SETTING_KEYS = {"model.batch_size", "model.device", "model.device_map", *HOW_METRICS}
 BASELINE_SIGNATURE = ("paired_accuracy", "yes_rate", "accuracy")
 
 

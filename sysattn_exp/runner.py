@@ -8,18 +8,20 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+import transformers
 from omegaconf import OmegaConf
 
-from sysattn_exp import random_weights
+from sysattn_exp import kernels, random_weights
 from sysattn_exp.benchmarks import Benchmark, answer_parser, load_benchmark
-from sysattn_exp.cache import SCORES_VERSION, ScoreCache, digest
+from sysattn_exp.cache import SCORES_VERSION, ScoreCache, digest, scores_code_digest
 from sysattn_exp.caption import caption_job, load_coco
 from sysattn_exp.cluster import available_cpus, log_when_stopped
 from sysattn_exp.conditions import build_edit, intervention_rule, resolve_layers
+from sysattn_exp.environment import device_names, environment, model_devices
 from sysattn_exp.errors import UsageError, first_line
 from sysattn_exp.files import write_atomically, write_json
 from sysattn_exp.generation import generate_in_batches, generate_items
-from sysattn_exp.intervention import Edit
+from sysattn_exp.intervention import Edit, EditTally, watch_edits
 from sysattn_exp.metrics import compare_with_baseline, shared_metrics
 from sysattn_exp.modality import MODALITIES
 from sysattn_exp.models import (
@@ -133,7 +135,11 @@ def item_columns(benchmark: Benchmark, prompts: list[str], scores: Scores) -> pd
 
 
 def condition(cfg, loaded, edit: Edit | None, words) -> dict:
-    """Everything that determines an item's scores besides the item and its prompt."""
+    """Everything that determines an item's scores besides the item and its prompt: the
+    model and data, the environment that computes them (torch and transformers versions,
+    device names, the planned attention kernels, the batch size: bf16 results depend on
+    how a batch is padded and reduced) and the code (cache.py). The same in every process
+    of one environment and checkout."""
     model = cfg.model
     return {
         "model": model.name_or_path,
@@ -142,15 +148,41 @@ def condition(cfg, loaded, edit: Edit | None, words) -> dict:
         **({"weights": weights_file_digest()} if model.name_or_path == BUILTIN_TOY else {}),
         **random_weights.cache_condition(model),
         "device": loaded.device.type,
+        "device_name": device_names(loaded.model),
         "dtype": str(loaded.dtype),
+        "batch_size": model.batch_size,
+        "torch": str(torch.__version__),  # a TorchVersion, which YAML cannot write
+        "transformers": transformers.__version__,
+        "kernel_path": planned_kernel_path(loaded, edit),
         "yes_ids": words[0],
         "no_ids": words[1],
         "scores_version": SCORES_VERSION,
+        "scores_code": scores_code_digest(),
         "dataset_revision": cfg.benchmark.get("revision"),
         "intervention": None
         if edit is None
         else {"rule": type(edit).__name__, **asdict(edit), "layers": sorted(edit.layers)},
     } | generation_condition(cfg.scoring)
+
+
+def head_dim(text_config) -> int:
+    return getattr(text_config, "head_dim", None) or (
+        text_config.hidden_size // text_config.num_attention_heads
+    )
+
+
+def planned_kernel_path(loaded, edit: Edit | None, profiled: bool = False) -> str:
+    """The attention paths that scoring `edit` is planned to take (kernels.planned_path):
+    "sdpa" for the unchanged model, "eager" for the eager implementation, else the fused
+    path's kernels for the devices the weights are on (several under a device_map), the
+    dtype and the head dim (a profile takes the fused path too)."""
+    if edit is None and not profiled:
+        return "sdpa"
+    if edit is not None and edit.impl == "eager":
+        return "eager"
+    size = head_dim(loaded.text_config)
+    plans = [kernels.planned_path(d, loaded.dtype, size) for d in model_devices(loaded.model)]
+    return kernels.path_label({path for plan in plans for path in plan.split("+")})
 
 
 SCORING_MODES = ("logit", "generate")
@@ -187,8 +219,11 @@ def generation_condition(scoring) -> dict:
 # Config keys that never change what a job produces (where results go, how fast they come);
 # every other key, present or future (the task, runtime.profile, the prompt...), is in the
 # job key, so that two jobs that can produce different files never share one.
+# The environment section is recorded, not keyed: what in it changes scores (versions,
+# device names) is in the condition, which the key includes.
 NOT_IN_JOB_KEY = {
     "tracking": None,
+    "environment": None,
     "runtime": {
         "num_workers",
         "cache_dir",
@@ -228,6 +263,38 @@ def timing(scores: Scores, n_items: int) -> dict:
     if scores.new_tokens is not None:  # generate mode
         out["generated_tokens_per_second"] = scores.new_tokens / scores.seconds
     return out
+
+
+def scoring_checks(loaded, edit, profiled: bool, tally: EditTally, paths: set, computed: int):
+    """kernel_path: the attention paths that computed the `computed` items scored now (kernels.
+    path_label), or the planned ones when every item came from the cache (cached under
+    that plan); a path outside the plan (a kernel rejected at first use) is warned about.
+    edited_layers: the decoder layers each checked forward pass applied the edit in
+    (intervention.guard_edits stops a job where that is not the resolved layers); for
+    cached scores, the resolved count (they were saved only after their passes' check);
+    0 without an edit."""
+    planned = planned_kernel_path(loaded, edit, profiled)
+    used = kernels.path_label(paths) if computed else planned
+    unplanned = set(paths) - set(planned.split("+")) - {"eager"}
+    if computed and unplanned:
+        log.warning(
+            "attention computed by %s, not the planned %s (the score cache's condition): "
+            "a kernel was rejected, see above",
+            used,
+            planned,
+        )
+    if edit is None:
+        edited = 0
+    elif tally.passes:
+        edited = tally.edited_layers
+        log.info(
+            "the intervention was applied in %d decoder layers in each of %d forward passes",
+            edited,
+            tally.passes,
+        )
+    else:
+        edited = len(edit.layers)
+    return {"kernel_path": used, "edited_layers": edited}
 
 
 def num_workers(cfg) -> int:
@@ -478,14 +545,21 @@ def run_yes_no(cfg, out_dir: Path) -> dict:
     # The baseline is shared through the score cache by concurrent jobs (shared_baseline):
     # the parts nobody holds first, this job's own condition while others finish theirs.
     shared = shared_baseline(cfg, loaded, benchmark, prompts, words)
-    if shared is not None:
-        shared.compute_free_parts()
     profile = AttentionProfile() if cfg.runtime.profile else None
-    if edit is not None or profile is not None:
-        predictions, scores = predict(cfg, loaded, benchmark, prompts, edit, words, name, profile)
-    if shared is not None:
-        shared.finish()
-    baseline, baseline_scores = predict(cfg, loaded, benchmark, prompts, None, words, "baseline")
+    with kernels.record_paths() as paths:  # a baseline job's: every attention call
+        if shared is not None:
+            shared.compute_free_parts()
+        tally = EditTally()
+        if edit is not None or profile is not None:
+            with watch_edits() as tally, kernels.record_paths() as paths:
+                predictions, scores = predict(
+                    cfg, loaded, benchmark, prompts, edit, words, name, profile
+                )
+        if shared is not None:
+            shared.finish()
+        baseline, baseline_scores = predict(
+            cfg, loaded, benchmark, prompts, None, words, "baseline"
+        )
     if shared is not None:  # the parts this job computed
         baseline_scores = replace(baseline_scores, computed=shared.computed, seconds=shared.seconds)
     log.info(
@@ -496,6 +570,7 @@ def run_yes_no(cfg, out_dir: Path) -> dict:
     if edit is None and profile is None:
         predictions, scores = baseline, baseline_scores
     metrics = all_metrics(benchmark, predictions, ranking) | timing(scores, len(prompts))
+    metrics |= scoring_checks(loaded, edit, profile is not None, tally, paths, scores.computed)
     if edit is not None:
         metrics |= compare_with_baseline(metrics, all_metrics(benchmark, baseline, ranking))
 
@@ -538,13 +613,15 @@ def deterministic(on: bool) -> None:
 
 def job_config(cfg, loaded, edit, words, layers, name, benchmark=None) -> dict:
     """The job's config.yaml: the composed config (its benchmark section replaced where
-    given), the resolved layers, and the job's name and key."""
+    given), the resolved layers, the job's name and key, and the environment it ran in
+    (environment.environment: not in the key)."""
     config = OmegaConf.to_container(cfg, resolve=True)
     if benchmark is not None:
         config["benchmark"] = benchmark
     config["layers"]["resolved"] = layers
     config["job"] = {"name": name, "key": job_key(config, condition(cfg, loaded, edit, words))}
     config["layers"]["depth"] = loaded.num_layers  # for the report's model label; not in the key
+    config["environment"] = environment(loaded.model)
     return config
 
 
@@ -568,7 +645,9 @@ def run_caption(cfg, out_dir: Path) -> dict:
     name = run_name(CAPTION_BENCHMARK, edit, layers)
     # The benchmark group is not used: the report files the job under "chair".
     config = job_config(cfg, loaded, edit, ([], []), layers, name, {"name": CAPTION_BENCHMARK})
-    metrics = caption_job(cfg, loaded, edit, out_dir, CaptionGenerator(cfg, loaded), images)
+    with watch_edits() as tally, kernels.record_paths() as paths:
+        metrics = caption_job(cfg, loaded, edit, out_dir, CaptionGenerator(cfg, loaded), images)
+    metrics |= scoring_checks(loaded, edit, False, tally, paths, len(images))
     write_atomically(out_dir / "config.yaml", lambda p: p.write_text(OmegaConf.to_yaml(config)))
     write_json(out_dir / "metrics.json", metrics)
     log.info("%s: chair_s=%.4f chair_i=%.4f", name, metrics["chair_s"], metrics["chair_i"])

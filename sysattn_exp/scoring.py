@@ -595,7 +595,7 @@ def score_items(
     )
 
 
-def item_keys(benchmark: Benchmark, prompts: list[str], cache: ScoreCache | None) -> list[str]:
+def item_keys(benchmark: "Benchmark", prompts: list[str], cache: ScoreCache | None) -> list[str]:
     """Each item's key in the score cache (cache.item_key)."""
     # Cached scores are keyed by the image's content; without a cache its id will do.
     image_key = benchmark.image_digest if cache else lambda image_id: image_id
@@ -607,7 +607,7 @@ def item_keys(benchmark: Benchmark, prompts: list[str], cache: ScoreCache | None
 
 def score_batches(
     loaded: LoadedModel,
-    benchmark: Benchmark,
+    benchmark: "Benchmark",
     prompts: list[str],
     batches: list[list[int]],
     keys: list[str],

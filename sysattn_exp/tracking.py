@@ -210,6 +210,9 @@ def _sweep_parent(cfg, sweep_dir: Path, sweep_key: str, description: str) -> str
 
 
 TIMING_METRICS = ("scoring_seconds", "items_per_second", "n_items_from_cache")
+# How the scores were computed, not what they are: a rerun served from the cache reports
+# the planned kernel path (runner.scoring_checks) and must still find its logged run.
+HOW_METRICS = ("kernel_path",)
 
 
 def results_digest(job_dir: Path) -> str:
@@ -228,7 +231,7 @@ def results_digest(job_dir: Path) -> str:
     profile = job_dir / PROFILE_TABLE
     return digest(
         [
-            {k: v for k, v in metrics.items() if k not in TIMING_METRICS},
+            {k: v for k, v in metrics.items() if k not in TIMING_METRICS + HOW_METRICS},
             hashlib.sha256(rows.tobytes()).hexdigest(),
             hashlib.sha256(profile.read_bytes()).hexdigest() if profile.exists() else None,
         ]
@@ -280,8 +283,10 @@ def log_job(job_dir: Path, cfg) -> tuple[str, bool]:
 def _log_job(job_dir: Path, cfg) -> tuple[str, bool]:
     config = yaml.safe_load((job_dir / "config.yaml").read_text())
     metrics = json.loads((job_dir / "metrics.json").read_text())
-    metrics = {k: float(v) for k, v in metrics.items() if v is not None}
-    params = flatten(config)
+    # Text metrics (kernel_path) are params: MLflow metrics are numbers.
+    texts = {k: v for k, v in metrics.items() if isinstance(v, str)}
+    metrics = {k: float(v) for k, v in metrics.items() if v is not None and k not in texts}
+    params = flatten(config) | texts
     metric_names = storable_names(metrics, "metrics")
     param_names = storable_names(params, "config keys")
     parent = job_parent(cfg, job_dir.parent)

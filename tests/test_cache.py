@@ -1,15 +1,23 @@
-"""The score cache never serves stale scores: it is keyed by the image's content and the
-scores version, not by file names."""
+"""The score cache never serves stale scores: it is keyed by the image's content, the
+scores version and code, and the environment that computes scores, not by file names."""
 
+import copy
+import dataclasses
+
+import pytest
 import torch
+import transformers
 from conftest import make_image
+from hydra import compose, initialize_config_module
 from test_scoring import WORDS
 
+from sysattn_exp import runner
 from sysattn_exp.benchmarks.base import Benchmark, Item, open_image_file
-from sysattn_exp.cache import SCORES_VERSION, ScoreCache
+from sysattn_exp.cache import SCORES_VERSION, ScoreCache, code_digest, digest, scores_code_digest
 from sysattn_exp.intervention import Redistribution
 from sysattn_exp.models import LoadedModel, use_sysattn
 from sysattn_exp.prompts import build_prompt
+from sysattn_exp.runner import condition, job_config, job_key
 from sysattn_exp.scoring import score_items
 
 
@@ -47,3 +55,92 @@ def test_a_replaced_image_is_scored_again(gqa_llava, tmp_path):
     assert again.yes[:2] != first.yes[:2] and again.yes[2:] == first.yes[2:]
     changed = ScoreCache(tmp_path / "cache", condition | {"scores_version": SCORES_VERSION + 1})
     assert changed.load() == {}, "a new scores version starts an empty cache"
+
+
+@pytest.fixture(scope="module")
+def composed():
+    with initialize_config_module("sysattn_exp.conf", version_base="1.3"):
+        return compose("config", overrides=["model=tiny", "intervention=redistribute"])
+
+
+def test_the_condition_changes_with_what_changes_scores(gqa_llava, composed, monkeypatch):
+    """The score cache's key (and the job key) changes with the torch and transformers
+    versions, the device's name, the batch size and the planned kernel path; it is the
+    same when computed again in one environment."""
+    model, processor = gqa_llava
+    loaded = LoadedModel(model, processor, torch.device("cpu"), torch.float32)
+    edit = Redistribution("system", ("text",), frozenset({4, 5}))
+    before = condition(composed, loaded, edit, WORDS)
+    assert before == condition(composed, loaded, edit, WORDS), "deterministic"
+    assert before["device_name"] == "cpu" and before["kernel_path"] == "cpu_flash"
+    assert before["batch_size"] == composed.model.batch_size
+    assert before["scores_code"] == scores_code_digest()
+    changed = {}
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "__version__", "9.1.0+cu130")
+        changed["torch"] = condition(composed, loaded, edit, WORDS)
+    with monkeypatch.context() as patch:
+        # the library as the runner imported it (a lazy module that may be replaced in
+        # sys.modules after import)
+        patch.setattr(runner.transformers, "__version__", "6.0.0")
+        changed["transformers"] = condition(composed, loaded, edit, WORDS)
+    smaller = copy.deepcopy(composed)
+    smaller.model.batch_size = 4
+    changed["batch_size"] = condition(smaller, loaded, edit, WORDS)
+    eager = dataclasses.replace(edit, impl="eager")
+    changed["kernel_path"] = condition(composed, loaded, eager, WORDS)
+    with torch.device("meta"):  # the same architecture on another device
+        elsewhere = type(model)(model.config)
+    moved = LoadedModel(elsewhere, processor, torch.device("cpu"), torch.float32)
+    changed["device_name"] = condition(composed, moved, edit, WORDS)
+    for what, after in changed.items():
+        assert after[what] != before[what], what
+        assert digest(after) != digest(before), what
+        assert job_key({}, after) != job_key({}, before), what
+
+
+def test_a_model_split_over_devices_names_them_all(gqa_llava, composed):
+    """Under a device_map the weights are on several devices: the condition names each,
+    and the planned kernel path covers the kernels of each (here the CPU's flash kernel
+    and, for the layers on `meta`, which has no kernel, the math path)."""
+    model, processor = gqa_llava
+    with torch.device("meta"):
+        split = type(model)(model.config)
+    split.model.language_model.layers[0].to_empty(device="cpu")
+    loaded = LoadedModel(split, processor, torch.device("cpu"), torch.float32)
+    edit = Redistribution("system", ("text",), frozenset({4, 5}))
+    split_condition = condition(composed, loaded, edit, WORDS)
+    assert split_condition["device_name"] == "cpu + meta"
+    assert split_condition["kernel_path"] == "cpu_flash+math"
+
+
+def test_the_environment_is_recorded_but_not_in_the_job_key(gqa_llava, composed):
+    model, processor = gqa_llava
+    loaded = LoadedModel(model, processor, torch.device("cpu"), torch.float32)
+    edit = Redistribution("system", ("text",), frozenset({4, 5}))
+    config = job_config(composed, loaded, edit, WORDS, [4, 5], "name")
+    assert config["environment"]["torch"] == str(torch.__version__)
+    assert config["environment"]["transformers"] == transformers.__version__ != ""
+    cond = condition(composed, loaded, edit, WORDS)
+    other = copy.deepcopy(config) | {"environment": {"torch": "0.1", "device_name": "x"}}
+    assert job_key(config, cond) == job_key(other, cond)
+    assert job_key(config, cond) != job_key(config | {"model": {"batch_size": 1}}, cond)
+    again = job_config(composed, loaded, edit, WORDS, [4, 5], "name")
+    assert again["job"]["key"] == config["job"]["key"], "deterministic in one environment"
+
+
+CODE = '''"""A module."""
+
+
+def f(x):
+    """Twice x."""
+    return 2 * x  # a comment
+'''
+
+
+def test_the_code_digest_sees_code_not_comments_docstrings_or_formatting():
+    same = CODE.replace("# a comment", "# another").replace("Twice x.", "2x.")
+    reformatted = same.replace("return 2 * x", "return (2*x)").replace('"""A module."""', "")
+    assert code_digest([CODE]) == code_digest([same]) == code_digest([reformatted])
+    assert code_digest([CODE]) != code_digest([CODE.replace("2 * x", "3 * x")])
+    assert code_digest([CODE]) != code_digest([CODE, "y = 1"])

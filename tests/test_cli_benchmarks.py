@@ -176,8 +176,9 @@ def test_benchmark_runs_end_to_end(runs, name):
     assert (predictions["prompt"].str.endswith(" ASSISTANT:")).all()
     mlflow.set_tracking_uri(f"sqlite:///{cwd}/outputs/mlflow.db")
     (run,) = mlflow.search_runs(experiment_names=["sysattn"], output_format="list")
-    logged = {k: v for k, v in metrics.items() if v is not None}
+    logged = {k: v for k, v in metrics.items() if v is not None and not isinstance(v, str)}
     assert run.data.metrics.keys() == logged.keys()
+    assert run.data.params["kernel_path"] == metrics["kernel_path"]  # text: a param
     assert run.data.params["benchmark.name"] == name
 
 

@@ -1,5 +1,5 @@
 """Kernel dispatch and its first-use check (sysattn_exp/kernels.py), on CPU: the CPU
-candidate list is replaced by kernels made to agree, disagree or fail."""
+candidate list is replaced by kernels made to agree, disagree, fail or run out of memory."""
 
 import logging
 import math
@@ -99,30 +99,37 @@ def raises(q, k, v, bias, scaling, is_causal):
 def test_a_disagreeing_kernel_falls_back_once_with_one_warning(monkeypatch, caplog, bad):
     (spy,) = use_kernels(monkeypatch, bad)
     caplog.set_level(logging.WARNING)
-    for seed, causal, q_len, k_len, batch in CALLS:
-        q, k, v = inputs(seed, batch, q_len=q_len, k_len=k_len)
-        got = attention_with_lse(q, k, v, None, 0.3, causal)
-        want = math_path(q, k, v, None, 0.3, causal)
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    assert len(spy.calls) == 1, "checked once, never used"
-    assert spy.calls[0][:2] == (2, 4) and spy.calls[0][2] <= kernels.CHECK_ROWS
-    (message,) = kernel_warnings(caplog)
-    assert "k0" in message and "cpu float32" in message and "\n" not in message
+    with kernels.record_paths() as paths:
+        for seed, causal, q_len, k_len, batch in CALLS:
+            q, k, v = inputs(seed, batch, q_len=q_len, k_len=k_len)
+            got = attention_with_lse(q, k, v, None, 0.3, causal)
+            want = math_path(q, k, v, None, 0.3, causal)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert len(spy.calls) == 2, "checked once per kind of call (causal, full), never used"
+    assert all(c[:2] == (2, 4) and c[2] <= kernels.CHECK_ROWS for c in spy.calls)
+    causal, full = kernel_warnings(caplog)
+    for message in (causal, full):
+        assert "k0" in message and "cpu float32" in message and "\n" not in message
+    assert "(causal, head dim 16)" in causal and "(full, head dim 16)" in full
+    assert kernels.path_label(paths) == "math"
 
 
 def test_an_agreeing_kernel_is_checked_once_then_used(monkeypatch, caplog):
     (spy,) = use_kernels(monkeypatch, kernels.cpu_flash)
     caplog.set_level(logging.WARNING)
-    for seed, causal, q_len, k_len, batch in CALLS:
-        q, k, v = inputs(seed, batch, q_len=q_len, k_len=k_len)
-        got = attention_with_lse(q, k, v, None, 0.3, causal)
-        want = kernels.cpu_flash(q, k, v, None, 0.3, causal)
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-        exact = math_path(q, k, v, None, 0.3, causal)
-        assert torch.allclose(got[0], exact[0], atol=1e-5) and torch.allclose(got[1], exact[1])
-    assert len(spy.calls) == 1 + len(CALLS)
-    assert spy.calls[1:] == [(b, 4, n, 16) for _, _, n, _, b in CALLS]
-    assert kernel_warnings(caplog) == []
+    with kernels.record_paths() as paths:
+        for seed, causal, q_len, k_len, batch in CALLS:
+            q, k, v = inputs(seed, batch, q_len=q_len, k_len=k_len)
+            got = attention_with_lse(q, k, v, None, 0.3, causal)
+            want = kernels.cpu_flash(q, k, v, None, 0.3, causal)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+            exact = math_path(q, k, v, None, 0.3, causal)
+            assert torch.allclose(got[0], exact[0], atol=1e-5)
+            assert torch.allclose(got[1], exact[1])
+    checks = [spy.calls[0], spy.calls[2]]  # the first causal and the first full call
+    assert checks == [(2, 4, 9, 16), (2, 4, 5, 16)]
+    assert [spy.calls[1], *spy.calls[3:]] == [(b, 4, n, 16) for _, _, n, _, b in CALLS]
+    assert kernel_warnings(caplog) == [] and paths == {"k0"}
 
 
 def test_a_kernel_that_fails_later_is_dropped_with_one_warning(monkeypatch, caplog):
@@ -158,7 +165,7 @@ def test_the_next_candidate_serves_after_a_fallback(monkeypatch, caplog):
 
 def test_one_verdict_per_device_and_dtype(monkeypatch, caplog):
     """A kernel wrong in bfloat16 only: float32 keeps it, bfloat16 falls back; each dtype
-    is checked once."""
+    is checked once (the key: device, dtype, kernel, causal, head dim, masked)."""
 
     def wrong_in_bf16(q, k, v, bias, scaling, is_causal):
         out, lse = kernels.cpu_flash(q, k, v, bias, scaling, is_causal)
@@ -172,8 +179,8 @@ def test_one_verdict_per_device_and_dtype(monkeypatch, caplog):
             attention_with_lse(q, k, v, None, 0.3, False)
     assert len(spy.calls) == 2 + 2  # a check per dtype, float32 used twice
     assert kernels._verdicts == {
-        ("cpu", torch.float32, "k0"): True,
-        ("cpu", torch.bfloat16, "k0"): False,
+        ("cpu", torch.float32, "k0", False, 16, False): True,
+        ("cpu", torch.bfloat16, "k0", False, 16, False): False,
     }
     (message,) = kernel_warnings(caplog)
     assert "cpu bfloat16" in message
@@ -192,7 +199,8 @@ def test_a_slice_that_sees_no_key_decides_nothing(monkeypatch, caplog):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert spy.calls == [] and kernels._verdicts == {}
     attention_with_lse(q, k, v, torch.ones_like(mask), 0.3, False)
-    assert len(spy.calls) == 2 and kernels._verdicts == {("cpu", torch.float32, "k0"): True}
+    assert len(spy.calls) == 2
+    assert kernels._verdicts == {("cpu", torch.float32, "k0", False, 16, True): True}
     assert kernel_warnings(caplog) == []
 
 
@@ -235,7 +243,7 @@ def test_the_cpu_kernel_passes_its_check_masked_or_not(caplog):
         mask = torch.rand(2, 1, 40, 70, generator=torch.Generator().manual_seed(1)) > 0.5
         mask[:, :, :3] = False
         out, lse = attention_with_lse(q, k, v, mask, 32**-0.5, False)
-        assert kernels._verdicts[("cpu", dtype, "cpu_flash")] is True
+        assert kernels._verdicts[("cpu", dtype, "cpu_flash", False, 32, True)] is True
         seen = mask.any(-1).expand(2, 4, 40)
         want_out, want_lse = math_path(q, k, v, mask, 32**-0.5, False)
         scale = v.float().abs().max()
@@ -285,3 +293,125 @@ def test_cuda_candidates_take_llava_spans_and_leave_the_rest_to_math():
     assert not flash.supports(*wide, None, False) and efficient.supports(*wide, None, False)
     odd = inputs(0, head_dim=20, dtype=torch.bfloat16)
     assert not flash.supports(*odd, None, False) and not efficient.supports(*odd, None, False)
+
+
+KINDS = {  # a kernel wrong for one kind of call only: (wrong when, the call that is it)
+    "causal": (lambda q, causal, bias: causal, {"causal": True}),
+    "head dim 32": (lambda q, causal, bias: q.shape[-1] == 32, {"head_dim": 32}),
+    "masked": (lambda q, causal, bias: bias is not None, {"mask": True}),
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_verdict_covers_only_its_kind_of_call(monkeypatch, caplog, kind):
+    """A kernel wrong only for causal calls (or head dim 32, or masked calls) is rejected
+    there and still serves the other kind, each kind checked once."""
+    wrong_when, call = KINDS[kind]
+
+    def wrong_for_one_kind(q, k, v, bias, scaling, is_causal):
+        out, lse = kernels.cpu_flash(q, k, v, bias, scaling, is_causal)
+        return (out * 1.1 if wrong_when(q, is_causal, bias) else out), lse
+
+    (spy,) = use_kernels(monkeypatch, wrong_for_one_kind, accepts_mask=True)
+    caplog.set_level(logging.WARNING)
+    odd = dict(q_len=9, head_dim=call.get("head_dim", 16))
+    mask = torch.ones(1, 1, 9, 9, dtype=torch.bool).tril() if call.get("mask") else None
+    for _ in range(2):
+        with kernels.record_paths() as plain_paths:
+            q, k, v = inputs(0)
+            got = attention_with_lse(q, k, v, None, 0.3, False)
+        assert torch.equal(got[0], kernels.cpu_flash(q, k, v, None, 0.3, False)[0])
+        with kernels.record_paths() as odd_paths:
+            q, k, v = inputs(1, **odd)
+            got = attention_with_lse(q, k, v, mask, 0.3, call.get("causal", False))
+        want = math_path(q, k, v, mask, 0.3, call.get("causal", False))
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert plain_paths == {"k0"} and odd_paths == {"math"}
+    assert len(spy.calls) == 1 + 2 + 1, "plain: checked, used twice; the odd kind checked once"
+    assert sorted(kernels._verdicts.values()) == [False, True]
+    (message,) = kernel_warnings(caplog)
+    assert "k0 differs" in message
+
+
+def out_of_memory(q, k, v, bias, scaling, is_causal):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore")
+
+
+def out_of_memory_text(q, k, v, bias, scaling, is_causal):  # a RuntimeError, older builds
+    raise RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be reported")
+
+
+@pytest.mark.parametrize("oom", [out_of_memory, out_of_memory_text], ids=lambda f: f.__name__)
+def test_out_of_memory_in_the_check_is_raised_and_decides_nothing(monkeypatch, caplog, oom):
+    """Out of memory at the first-use check: one line saying to lower model.batch_size,
+    no verdict, no warning; the next call is checked again and uses the kernel."""
+    (spy,) = use_kernels(monkeypatch, oom)
+    caplog.set_level(logging.WARNING)
+    q, k, v = inputs(0)
+    with pytest.raises(kernels.OutOfMemory) as raised:
+        attention_with_lse(q, k, v, None, 0.3, True)
+    message = str(raised.value)
+    assert "lower model.batch_size" in message and "out of memory" in message
+    assert "\n" not in message and "2 sequences x 4 heads x 9 query rows x 9 keys" in message
+    assert kernels._verdicts == {} and kernel_warnings(caplog) == []
+    spy.run = kernels.cpu_flash  # memory is free again
+    with kernels.record_paths() as paths:
+        got = attention_with_lse(q, k, v, None, 0.3, True)
+    assert torch.equal(got[0], kernels.cpu_flash(q, k, v, None, 0.3, True)[0])
+    assert paths == {"k0"} and list(kernels._verdicts.values()) == [True]
+
+
+def test_out_of_memory_in_use_is_raised_and_keeps_the_kernel(monkeypatch, caplog):
+    """A kernel that passed its check runs out of memory on a larger batch: OutOfMemory,
+    and the verdict stays (no fallback to the math path, which needs more memory)."""
+
+    def fits_two_sequences(q, k, v, bias, scaling, is_causal):
+        if q.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return kernels.cpu_flash(q, k, v, bias, scaling, is_causal)
+
+    (spy,) = use_kernels(monkeypatch, fits_two_sequences)
+    caplog.set_level(logging.WARNING)
+    q, k, v = inputs(0, batch=3)
+    with pytest.raises(kernels.OutOfMemory, match="3 sequences .* lower model.batch_size"):
+        attention_with_lse(q, k, v, None, 0.3, False)
+    assert [c[0] for c in spy.calls] == [2, 3], "checked on two sequences, then run on three"
+    assert list(kernels._verdicts.values()) == [True] and kernel_warnings(caplog) == []
+    q, k, v = inputs(1, batch=2)
+    attention_with_lse(q, k, v, None, 0.3, False)
+    assert len(spy.calls) == 3, "the kernel still serves"
+
+
+def test_out_of_memory_is_a_usage_error():
+    """The runner's entry point prints a UsageError as one line and exits with 2."""
+    from sysattn_exp.errors import UsageError
+
+    assert issubclass(kernels.OutOfMemory, UsageError)
+
+
+def test_planned_path_names_what_the_candidates_give():
+    """planned_path: per device, dtype and head dim, the kernel for unmasked calls and the
+    one (or the math path) for masked calls; verdicts do not change it."""
+    cuda, cpu = torch.device("cuda:0"), torch.device("cpu")
+    assert kernels.planned_path(cuda, torch.bfloat16, 128) == "cuda_flash+math"
+    assert kernels.planned_path(cuda, torch.float16, 264) == "cuda_efficient+math"
+    assert kernels.planned_path(cuda, torch.float32, 128) == "math"
+    assert kernels.planned_path(cuda, torch.bfloat16, 20) == "math"
+    assert kernels.planned_path(cpu, torch.float32, 16) == "cpu_flash"
+    kernels._verdicts[("cpu", torch.float32, "cpu_flash", False, 16, False)] = False
+    assert kernels.planned_path(cpu, torch.float32, 16) == "cpu_flash"
+    assert kernels.path_label({"math", "eager", "cuda_flash"}) == "cuda_flash+math+eager"
+    assert kernels.path_label(set()) == "sdpa"
+
+
+def test_verdicts_are_listed_in_words(monkeypatch):
+    use_kernels(monkeypatch, kernels.cpu_flash, accepts_mask=True)
+    q, k, v = inputs(0, dtype=torch.bfloat16)
+    attention_with_lse(q, k, v, None, 0.3, True)
+    q, k, v = inputs(0, head_dim=32)
+    mask = torch.ones(1, 1, 9, 9, dtype=torch.bool)
+    attention_with_lse(q, k, v, mask, 0.3, False)
+    assert kernels.verdicts() == [
+        "k0 cpu bfloat16 causal head_dim=16: used",
+        "k0 cpu float32 full head_dim=32 masked: used",
+    ]

@@ -30,11 +30,12 @@ def where_results(folder: str, uri: str) -> str:
     )
 
 
-def failed_jobs(sweep_dir: Path) -> list[dict]:
-    """Every job folder of the sweep without a metrics.json: its overrides and error."""
+def failed_jobs(sweep_dir: Path, done_file: str = "metrics.json") -> list[dict]:
+    """Every job folder of the sweep without its done_file (metrics.json; a dry run's
+    DRY_RUN_FILE): its overrides and error."""
     failures = []
     for job_dir in sorted(p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()):
-        if (job_dir / "metrics.json").exists():
+        if (job_dir / done_file).exists():
             continue
         overrides = " ".join(OmegaConf.load(job_dir / ".hydra" / "overrides.yaml"))
         failure = job_dir / FAILURE_FILE
@@ -70,6 +71,21 @@ def report_sweep_end(sweep_dir: Path, uri: str) -> list[dict]:
     return failures
 
 
+def report_dry_run_end(sweep_dir: Path) -> list[dict]:
+    """A dry run of a sweep: how many jobs' configs were checked, and which failed."""
+    from sysattn_exp.runner import DRY_RUN_FILE
+
+    jobs = [p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()]
+    failures = failed_jobs(sweep_dir, DRY_RUN_FILE)
+    print(
+        f"dry run: {len(jobs) - len(failures)} of {len(jobs)} jobs' configs are valid; "
+        "nothing was run or logged"
+    )
+    if failures:
+        print(failure_summary(failures, len(jobs)), file=sys.stderr)
+    return failures
+
+
 def sweep_report(tracking, sweep_dir: Path, parent: str) -> None:
     """python -m sysattn_exp.report for this sweep's parent run, into <sweep dir>/report."""
     from sysattn_exp.report import report
@@ -100,6 +116,8 @@ class SweepTracking(Callback):
         SWEEP.clear()
         SWEEP.update(dir=sweep_dir, uri=config.tracking.uri)
         key, description = sweep_key(config)
+        if config.runtime.get("dry_run"):
+            return  # a dry run checks every job's config and logs nothing: no parent run
         try:
             SWEEP["parent"] = sweep_parent(config.tracking, sweep_dir, key, description)
         except Exception as error:  # noqa: BLE001 - jobs keep their results on disk
@@ -112,6 +130,9 @@ class SweepTracking(Callback):
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        if config.runtime.get("dry_run"):
+            SWEEP["failures"] = report_dry_run_end(sweep_dir)
+            return
         SWEEP["failures"] = report_sweep_end(sweep_dir, config.tracking.uri)
         if config.runtime.get("report_at_end") and SWEEP.get("parent"):
             sweep_report(config.tracking, sweep_dir, SWEEP["parent"])

@@ -7,6 +7,7 @@ modalities). Only the language model's attention is rerouted; vision towers keep
 """
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -211,7 +212,9 @@ def load_config(cfg):
         preset = random_weights.preset_of(cfg)
         return random_weights.build_config(preset, cfg.get("config_overrides"))
     try:
-        config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision)
+        config = AutoConfig.from_pretrained(
+            cfg.name_or_path, revision=cfg.revision, **hub_access(cfg)
+        )
     except (OSError, ValueError) as err:
         raise UsageError(
             f"model.name_or_path={cfg.name_or_path!r} could not be loaded ({first_line(err)}); "
@@ -227,6 +230,50 @@ def load_config(cfg):
         f"model.name_or_path={cfg.name_or_path!r} is a {model_type!r} model, which is not "
         f"supported; supported: {', '.join(VLM_FAMILIES)} and text-only causal LMs"
     )
+
+
+_HUB_ACCESS: dict[tuple, dict] = {}
+HUB_PROBE_SECONDS = 10
+
+
+def hub_access(cfg) -> dict:
+    """from_pretrained's extra arguments for cfg's hub checkpoint, decided once per process
+    by one quick request to the hub (transformers would otherwise spend about a minute in
+    retries before failing or falling back to the cache): {} when the hub answers (even
+    with an error, which from_pretrained then reports), for a local directory, or with
+    HF_HUB_OFFLINE set; {"local_files_only": True} when the hub cannot be reached but the
+    local cache holds the checkpoint (as HF_HUB_OFFLINE=1 would). Without network or cache:
+    UsageError at once, naming what to do."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError
+
+    name = cfg.name_or_path
+    if constants.HF_HUB_OFFLINE or os.path.isdir(name):
+        return {}
+    key = (name, cfg.revision)
+    if key not in _HUB_ACCESS:
+        try:
+            HfApi().model_info(name, revision=cfg.revision, timeout=HUB_PROBE_SECONDS)
+            _HUB_ACCESS[key] = {}
+        except (HfHubHTTPError, ValueError):  # the hub answered, or the id is malformed
+            _HUB_ACCESS[key] = {}
+        except Exception as err:  # noqa: BLE001 - no answer at all: the hub is unreachable
+            cached = try_to_load_from_cache(name, "config.json", revision=cfg.revision)
+            if not isinstance(cached, str):
+                raise UsageError(
+                    f"model.name_or_path={name!r}: cannot reach the Hugging Face hub "
+                    f"({first_line(err)}) and the local cache has no copy; download it where "
+                    f"there is a network (hf download {name}) or give a directory saved with "
+                    "save_pretrained"
+                ) from None
+            log.warning(
+                "cannot reach the Hugging Face hub (%s): using the copy of %s in the local "
+                "cache (set HF_HUB_OFFLINE=1 to skip this check)",
+                first_line(err),
+                name,
+            )
+            _HUB_ACCESS[key] = {"local_files_only": True}
+    return _HUB_ACCESS[key]
 
 
 def _load(cfg, dtype, device_map):
@@ -249,7 +296,11 @@ def _load(cfg, dtype, device_map):
     )
     try:
         model = model_class.from_pretrained(
-            cfg.name_or_path, revision=cfg.revision, dtype=dtype, device_map=device_map
+            cfg.name_or_path,
+            revision=cfg.revision,
+            dtype=dtype,
+            device_map=device_map,
+            **hub_access(cfg),
         )
     except OSError as err:
         raise UsageError(
@@ -277,7 +328,7 @@ def load_processor(cfg, model_type: str | None = None):
     model_type = model_type or load_config(cfg).model_type
     loader = AutoProcessor if model_type in VLM_FAMILIES else AutoTokenizer
     try:
-        return loader.from_pretrained(cfg.name_or_path, revision=cfg.revision)
+        return loader.from_pretrained(cfg.name_or_path, revision=cfg.revision, **hub_access(cfg))
     except (OSError, ValueError, ImportError) as err:
         missing = missing_processor_dependency(model_type)
         if missing:

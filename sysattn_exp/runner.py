@@ -23,6 +23,7 @@ from sysattn_exp.files import write_atomically, write_json
 from sysattn_exp.generation import generate_in_batches, generate_items
 from sysattn_exp.intervention import Edit, EditTally, watch_edits
 from sysattn_exp.metrics import compare_with_baseline, shared_metrics
+from sysattn_exp.modality import MODALITIES
 from sysattn_exp.models import (
     BUILTIN_TINY,
     BUILTIN_TOY,
@@ -362,10 +363,13 @@ def token_strings(tokenizer, ids: list[int]) -> list[str]:
     ]
 
 
-def run_name(benchmark: str, edit: Edit | None, layers: list[int]) -> str:
+def run_name(benchmark: str, edit: Edit | None, layers: list[int], profile=False) -> str:
+    """'pope baseline', 'pope system->text layers 24-31'; a profile job (+task=profile):
+    'pope profile', 'pope profile system->text layers 24-31'."""
+    kind = " profile" if profile else ""
     if edit is None:
-        return f"{benchmark} baseline"
-    return f"{benchmark} {edit.describe()} layers {layers[0]}-{layers[-1]}"
+        return f"{benchmark}{kind}" if profile else f"{benchmark} baseline"
+    return f"{benchmark}{kind} {edit.describe()} layers {layers[0]}-{layers[-1]}"
 
 
 def write_results(
@@ -418,16 +422,66 @@ def item_prompts(benchmark: Benchmark, fmt: PromptFormat, with_image=True) -> li
     ]
 
 
-def dry_run(cfg, benchmark: Benchmark) -> dict:
-    """Print what a run would evaluate, without loading the model."""
+DRY_RUN_FILE = "dry_run.json"  # a dry-run job's summary: its config was checked
+
+
+def dry_run(cfg, benchmark: Benchmark, rule: dict | None, out_dir: Path) -> dict:
+    """Check what a run would evaluate without loading the model's weights: the data, the
+    model's config and processor, the scored answer tokens, and the layer range against
+    the model's depth (from its config). Prints the counts, an example prompt, its token
+    split and the scored tokens (in a sweep, for its first job only) and dry_run_job's
+    line. Logs nothing."""
     items = benchmark.items
     summary = {
         "n_items": len(items),
         "n_groups": len({item.group_id for item in items}),
         "gt_yes_rate": sum(item.label for item in items) / len(items),
     } | benchmark.load_counts
-    example = items[0]
     config = load_config(cfg.model)
+    summary |= dry_run_details(cfg, benchmark, config, summary, show=sweep_job() in (None, 0))
+    counts = f"{summary['n_items']} items, {summary['n_groups']} groups"
+    return dry_run_job(cfg, config, benchmark.name, rule, out_dir, summary, counts)
+
+
+def dry_run_job(cfg, config, benchmark: str, rule, out_dir: Path, summary: dict, counts: str):
+    """The layers checked against the model's depth from its config (UsageError), one line
+    'dry run[ jobN]: <job name> on <model> (<depth> layers): <counts>: config ok', and the
+    summary in DRY_RUN_FILE, which tells the sweep's end that this job's config is valid."""
+    depth = config.get_text_config().num_hidden_layers
+    layers = resolve_layers(cfg.layers, depth) if rule else checked_none(cfg.layers, depth)
+    profile = bool(cfg.runtime.get("profile"))
+    name = run_name(benchmark, build_edit(rule, layers), layers, profile)
+    job = sweep_job()
+    where = "" if job is None else f" job{job}"
+    print(
+        f"dry run{where}: {name} on {cfg.model.name_or_path} ({depth} layers): {counts}: config ok"
+    )
+    write_json(out_dir / DRY_RUN_FILE, summary | {"name": name, "layers": layers})
+    return summary
+
+
+def checked_none(layers_cfg, depth: int) -> list[int]:
+    """A baseline edits no layer, but a layer range outside the model is still refused:
+    the same config with an intervention would fail."""
+    resolve_layers(layers_cfg, depth)
+    return []
+
+
+def sweep_job() -> int | None:
+    """The number of this job in its sweep (None outside a sweep)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return HydraConfig.get().job.num
+
+
+def dry_run_details(cfg, benchmark: Benchmark, config, summary: dict, show: bool) -> dict:
+    """The example prompt, its system / image / text token split and the scored answer
+    tokens (bad scoring words fail here), printed with the counts where `show`; returns
+    the token counts."""
+    example = benchmark.items[0]
     processor = load_processor(cfg.model, config.model_type)
     question = benchmark.question_text(example)
     with_image = example.image_id is not None
@@ -437,14 +491,15 @@ def dry_run(cfg, benchmark: Benchmark) -> dict:
     split = prompt_modalities(processor, image_token_id, image, prompt, question)
     tokenizer = tokenizer_of(processor)
     words = answer_token_ids(tokenizer, cfg.scoring, prompt)  # bad words fail before printing
-    print(f"benchmark {benchmark.name}: " + ", ".join(f"{k}={v:g}" for k, v in summary.items()))
-    print(f"example prompt (item {example.item_id}, image {example.image_id}):\n{prompt}")
-    print(
-        f"tokens for {cfg.model.name_or_path}: " + ", ".join(f"{k}={v}" for k, v in split.items())
-    )
-    for name, ids in zip(("yes", "no"), words, strict=True):
-        print(f"scored {name} tokens after the prompt: {', '.join(token_strings(tokenizer, ids))}")
-    return summary | {f"example_{k}_tokens": v for k, v in split.items()}
+    if show:
+        print(f"benchmark {benchmark.name}: " + ", ".join(f"{k}={v:g}" for k, v in summary.items()))
+        print(f"example prompt (item {example.item_id}, image {example.image_id}):\n{prompt}")
+        tokens = ", ".join(f"{k}={v}" for k, v in split.items())
+        print(f"tokens for {cfg.model.name_or_path}: {tokens}")
+        for name, ids in zip(("yes", "no"), words, strict=True):
+            strings = ", ".join(token_strings(tokenizer, ids))
+            print(f"scored {name} tokens after the prompt: {strings}")
+    return {f"example_{k}_tokens": v for k, v in split.items()}
 
 
 def run(cfg, out_dir: Path) -> dict:
@@ -475,13 +530,17 @@ def run_yes_no(cfg, out_dir: Path) -> dict:
                 "runtime.profile records the logit mode's answer row; use scoring.mode=logit"
             )
     if cfg.runtime.dry_run:
-        return dry_run(cfg, benchmark)
+        return dry_run(cfg, benchmark, rule, out_dir)
     loaded = load_model(cfg.model)
-    layers = resolve_layers(cfg.layers, loaded.num_layers) if rule else []
+    layers = (
+        resolve_layers(cfg.layers, loaded.num_layers)
+        if rule
+        else checked_none(cfg.layers, loaded.num_layers)
+    )
     edit = build_edit(rule, layers)
     prompts = item_prompts(benchmark, loaded.prompt_format(cfg.model))
     words = scoring_words(loaded, cfg.scoring, prompts[0])
-    name = run_name(benchmark.name, edit, layers)
+    name = run_name(benchmark.name, edit, layers, profile=bool(cfg.runtime.profile))
 
     # The baseline is shared through the score cache by concurrent jobs (shared_baseline):
     # the parts nobody holds first, this job's own condition while others finish theirs.
@@ -520,6 +579,7 @@ def run_yes_no(cfg, out_dir: Path) -> dict:
         table = profile.table()
         write_atomically(out_dir / PROFILE_TABLE, lambda p: table.to_csv(p, index=False))
         heatmap(table, out_dir / PROFILE_PLOT, f"{name}: share of the answer's attention")
+        print(profile_shares(table, name))
     write_results(out_dir, predictions, metrics, config)
     log.info(
         "%s: paired_accuracy=%.4f yes_rate=%.4f",
@@ -529,6 +589,17 @@ def run_yes_no(cfg, out_dir: Path) -> dict:
     )
     log_or_warn(out_dir, cfg.tracking)
     return metrics
+
+
+def profile_shares(table: pd.DataFrame, name: str) -> str:
+    """The profile's answer-position shares per decoder layer, in percent, as a short
+    table (the same numbers as attention_profile.csv's 'answer' rows and the heatmap)."""
+    shares = table[table["queries"] == "answer"].set_index("layer")[list(MODALITIES)]
+    percent = (100 * shares).round(1)
+    percent.columns = [f"{m} %" for m in MODALITIES]
+    return f"{name}: share of the answer position's attention per decoder layer\n" + (
+        percent.to_string()
+    )
 
 
 def deterministic(on: bool) -> None:
@@ -561,9 +632,15 @@ def run_caption(cfg, out_dir: Path) -> dict:
     rule = intervention_rule(cfg.intervention)
     if cfg.runtime.dry_run:
         print(f"caption: {len(images)} COCO images (first {images[0].file_name})")
-        return {"n_images": len(images)}
+        summary, counts = {"n_images": len(images)}, f"{len(images)} images"
+        config = load_config(cfg.model)
+        return dry_run_job(cfg, config, CAPTION_BENCHMARK, rule, out_dir, summary, counts)
     loaded = load_model(cfg.model)
-    layers = resolve_layers(cfg.layers, loaded.num_layers) if rule else []
+    layers = (
+        resolve_layers(cfg.layers, loaded.num_layers)
+        if rule
+        else checked_none(cfg.layers, loaded.num_layers)
+    )
     edit = build_edit(rule, layers)
     name = run_name(CAPTION_BENCHMARK, edit, layers)
     # The benchmark group is not used: the report files the job under "chair".

@@ -8,6 +8,10 @@ Each job is logged to the tracking store its config names, unless --tracking-uri
 jobs of a sweep go under the sweep's parent run (created if it is missing). A job already
 in the store is not logged twice. A sweep already logged to one store can be logged to
 another with --tracking-uri: its parent there is found by the sweep's key, or created.
+
+A job that cannot be logged is reported in one line and the others are still logged; the
+summary counts the jobs logged now, those already logged and those that failed, and the
+exit status is 1 when any failed.
 """
 
 import argparse
@@ -15,14 +19,16 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from omegaconf import OmegaConf
 
+from sysattn_exp.errors import first_line
 from sysattn_exp.tracking import (
     JOB_MARKER,
     SWEEP_MARKER,
     absolute_uri,
-    log_job_dir,
+    log_job,
     sweep_key,
     sweep_parent,
 )
@@ -62,18 +68,30 @@ def already_logged(job_dir: Path, uri: str | None) -> bool:
     return uri is None or json.loads(marker.read_text())["uri"] == absolute_uri(uri)
 
 
-def sync(root: Path, uri: str | None = None) -> tuple[int, int]:
-    """(jobs logged now, jobs already logged)."""
-    logged = skipped = 0
+class Counts(NamedTuple):
+    logged: int  # logged now
+    already_logged: int  # by the job folder's marker, or a complete run found in the store
+    failed: int  # could not be logged (said on stderr, one line each)
+
+
+def sync(root: Path, uri: str | None = None) -> Counts:
+    """Log every finished job folder under root; what happened to each, counted."""
+    logged = already = failed = 0
     for job_dir in job_dirs(root):
-        if already_logged(job_dir, uri):
-            skipped += 1
+        try:
+            if already_logged(job_dir, uri):
+                already += 1
+                continue
+            tracking = tracking_config(job_dir, uri)
+            ensure_parent(job_dir.parent, tracking)
+            _, new = log_job(job_dir, tracking)
+        except Exception as error:  # noqa: BLE001 - one job's failure must not stop the rest
+            print(f"error: could not log {job_dir}: {first_line(error)}", file=sys.stderr)
+            failed += 1
             continue
-        tracking = tracking_config(job_dir, uri)
-        ensure_parent(job_dir.parent, tracking)
-        log_job_dir(job_dir, tracking)
-        logged += 1
-    return logged, skipped
+        logged += new
+        already += not new
+    return Counts(logged, already, failed)
 
 
 def main() -> None:
@@ -87,8 +105,12 @@ def main() -> None:
         print(f"error: {args.dir} is not a directory", file=sys.stderr)
         sys.exit(2)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logged, skipped = sync(args.dir, args.tracking_uri)
-    print(f"logged {logged} job(s); {skipped} were already logged")
+    counts = sync(args.dir, args.tracking_uri)
+    print(
+        f"logged {counts.logged} job(s); {counts.already_logged} were already logged; "
+        f"{counts.failed} could not be logged"
+    )
+    sys.exit(1 if counts.failed else 0)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 failed can be logged later by `python -m sysattn_exp.sync`), under one parent run per
 sweep. A job already logged (same job key under the same parent) is not logged again."""
 
+import contextlib
 import hashlib
 import json
 import logging
+import re
 from pathlib import Path
 
 import yaml
@@ -30,6 +32,66 @@ def absolute_uri(uri: str) -> str:
     return uri
 
 
+# How long a process waits for another one to finish with a SQLite store before giving up.
+STORE_LOCK_SECONDS = 600
+_LOCKS: dict = {}  # one lock object per store file: nested uses in a process are re-entrant
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI (None for other stores and in-memory ones)."""
+    prefix = "sqlite:///"
+    path = uri[len(prefix) :].split("?")[0] if uri.startswith(prefix) else ""
+    return Path(path) if path and path != ":memory:" else None
+
+
+def store_lock(uri: str):
+    """An exclusive lock on a SQLite store, held by one process at a time: a file lock
+    beside the database file (<file>.lock). MLflow creates and migrates a new store's
+    schema on first use, and concurrent first uses race (alembic errors, "database is
+    locked"); writes from several processes can also find the database locked. Every
+    access of this tool to a SQLite store (connect, creating an experiment or a sweep's
+    parent run, logging a job) holds it. Other stores (an MLflow server) need none."""
+    from filelock import FileLock
+
+    path = sqlite_file(absolute_uri(uri))
+    if path is None:
+        return contextlib.nullcontext()
+    lock_path = str(path) + ".lock"
+    if lock_path not in _LOCKS:
+        _LOCKS[lock_path] = FileLock(lock_path, timeout=STORE_LOCK_SECONDS)
+    return _LOCKS[lock_path]
+
+
+# MLflow's metric and parameter names: letters, digits and _ - . / and space (and ':',
+# but not on Windows); a name that would resolve to another path (a//b, ./a, a/..) is
+# refused too.
+STORABLE = re.compile(r"[^A-Za-z0-9_\-. /]")
+
+
+def storable_name(name: str) -> str:
+    """The name under which a metric (or parameter) is logged to MLflow: every character
+    outside [A-Za-z0-9_-. /] becomes '_' ('mme/code (v2)/acc' -> 'mme/code _v2_/acc'), and
+    every empty, '.' or '..' part between slashes becomes '_'. Names that MLflow accepts
+    are unchanged. The report looks metrics up through the same mapping."""
+    parts = STORABLE.sub("_", name).split("/")
+    return "/".join("_" if part in ("", ".", "..") else part for part in parts)
+
+
+def storable_names(names, what: str) -> dict[str, str]:
+    """{name: storable name}; refuses (ValueError, one line) two names that map to one."""
+    mapped: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for name in names:
+        new = storable_name(name)
+        if new in seen and seen[new] != name:
+            raise ValueError(
+                f"{what} {seen[new]!r} and {name!r} would both be logged to MLflow as "
+                f"{new!r}; rename one (characters outside [A-Za-z0-9_-. /] become '_')"
+            )
+        seen[new], mapped[name] = name, new
+    return mapped
+
+
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
     flat = {}
     for key, value in tree.items():
@@ -46,11 +108,16 @@ SERVER_SCHEMES = ("http://", "https://")
 
 def connect(cfg):
     """mlflow pointed at cfg.uri, and the experiment's id (created on first use: the
-    schema of a new SQLite store and the experiment come into being here). With a tracking
-    server (http, https) the server chooses where artifacts go: with
-    `mlflow server --artifacts-destination`, runs upload through it (proxied artifacts,
-    `mlflow-artifacts:/...`), so the nodes need no shared path; cfg.artifact_location, a
-    local folder, applies to local stores only."""
+    schema of a new SQLite store and the experiment come into being here, one process at
+    a time: store_lock). With a tracking server (http, https) the server chooses where
+    artifacts go: with `mlflow server --artifacts-destination`, runs upload through it
+    (proxied artifacts, `mlflow-artifacts:/...`), so the nodes need no shared path;
+    cfg.artifact_location, a local folder, applies to local stores only."""
+    with store_lock(cfg.uri):
+        return _connect(cfg)
+
+
+def _connect(cfg):
     import mlflow
 
     mlflow.set_tracking_uri(absolute_uri(cfg.uri))
@@ -66,12 +133,45 @@ def connect(cfg):
         return mlflow, mlflow.get_experiment_by_name(cfg.experiment).experiment_id
 
 
+def tags_query(tags: dict) -> str:
+    return " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+
+
+# A run is complete once MLflow ended it FINISHED, which it does last, when the logging
+# block ended without an error. A run whose logging failed part-way (FAILED) or was killed
+# (left RUNNING) never counts as logged.
+COMPLETE = "attributes.status = 'FINISHED'"
+
+
 def find_run(mlflow, experiment_id: str, tags: dict) -> str | None:
-    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    """The complete run with these tags, if any."""
     runs = mlflow.search_runs(
-        [experiment_id], filter_string=query, output_format="list", max_results=1
+        [experiment_id],
+        filter_string=f"{tags_query(tags)} and {COMPLETE}",
+        output_format="list",
+        max_results=1,
     )
     return runs[0].info.run_id if runs else None
+
+
+def delete_incomplete(mlflow, experiment_id: str, tags: dict, uri: str) -> int:
+    """Delete the runs with these tags whose logging did not finish (FAILED or KILLED; and
+    RUNNING in a SQLite store, where the store lock shows that no process is logging one
+    now), so that the store holds each job once, complete. Returns how many."""
+    runs = mlflow.search_runs(
+        [experiment_id],
+        filter_string=f"{tags_query(tags)} and attributes.status != 'FINISHED'",
+        output_format="list",
+    )
+    stale = [
+        run
+        for run in runs
+        if run.info.status != "RUNNING" or sqlite_file(absolute_uri(uri)) is not None
+    ]
+    for run in stale:
+        mlflow.MlflowClient().delete_run(run.info.run_id)
+        log.info("deleted MLflow run %s: its logging had not finished", run.info.run_id)
+    return len(stale)
 
 
 def sweep_key(sweep_config) -> tuple[str, str]:
@@ -89,6 +189,11 @@ def sweep_key(sweep_config) -> tuple[str, str]:
 def sweep_parent(cfg, sweep_dir: Path, sweep_key: str, description: str) -> str:
     """The parent run of a sweep: found by its key (a re-run of the same sweep reuses it)
     or created, and recorded in the sweep folder for its jobs."""
+    with store_lock(cfg.uri):
+        return _sweep_parent(cfg, sweep_dir, sweep_key, description)
+
+
+def _sweep_parent(cfg, sweep_dir: Path, sweep_key: str, description: str) -> str:
     mlflow, experiment_id = connect(cfg)
     run_id = find_run(mlflow, experiment_id, {"sysattn.sweep_key": sweep_key})
     if run_id is None:
@@ -163,8 +268,27 @@ def log_profile(mlflow, table_path: Path) -> None:
 def log_job_dir(job_dir: Path, cfg) -> str:
     """Log a finished job folder (config.yaml, metrics.json, predictions.parquet) as one
     run, under its sweep's parent run if it has one; returns the run id."""
+    return log_job(job_dir, cfg)[0]
+
+
+def log_job(job_dir: Path, cfg) -> tuple[str, bool]:
+    """log_job_dir, and whether the job was logged now (False: a complete run of the same
+    job and results was already in the store). Metric and parameter names go through
+    storable_name; two names that would collide are refused (ValueError) before any run
+    is created. A run whose logging fails is deleted, so that none is left half-logged."""
+    with store_lock(cfg.uri):
+        return _log_job(job_dir, cfg)
+
+
+def _log_job(job_dir: Path, cfg) -> tuple[str, bool]:
     config = yaml.safe_load((job_dir / "config.yaml").read_text())
     metrics = json.loads((job_dir / "metrics.json").read_text())
+    # Text metrics (kernel_path) are params: MLflow metrics are numbers.
+    texts = {k: v for k, v in metrics.items() if isinstance(v, str)}
+    metrics = {k: float(v) for k, v in metrics.items() if v is not None and k not in texts}
+    params = flatten(config) | texts
+    metric_names = storable_names(metrics, "metrics")
+    param_names = storable_names(params, "config keys")
     parent = job_parent(cfg, job_dir.parent)
     mlflow, experiment_id = connect(cfg)
     tags = {
@@ -173,29 +297,33 @@ def log_job_dir(job_dir: Path, cfg) -> str:
         "sysattn.parent": parent or "none",
     }
     run_id = find_run(mlflow, experiment_id, tags)
-    if run_id is None:
-        with mlflow.start_run(
-            experiment_id=experiment_id,
-            run_name=config["job"]["name"],
-            parent_run_id=parent,
-            tags=tags | {"sysattn.kind": "job", "sysattn.job_dir": str(job_dir.resolve())},
-        ) as run:
-            # Text metrics (kernel_path) are params: MLflow metrics are numbers.
-            texts = {k: v for k, v in metrics.items() if isinstance(v, str)}
-            mlflow.log_params(flatten(config) | texts)
-            mlflow.log_metrics(
-                {k: float(v) for k, v in metrics.items() if v is not None and k not in texts}
-            )
-            if (job_dir / PROFILE_TABLE).exists():
-                log_profile(mlflow, job_dir / PROFILE_TABLE)
-            for name in (*JOB_FILES, PROFILE_TABLE, PROFILE_PLOT):
-                if (job_dir / name).exists():
-                    mlflow.log_artifact(str(job_dir / name))
-            run_id = run.info.run_id
+    new = run_id is None
+    if new:
+        delete_incomplete(mlflow, experiment_id, tags, cfg.uri)
+        try:
+            with mlflow.start_run(
+                experiment_id=experiment_id,
+                run_name=config["job"]["name"],
+                parent_run_id=parent,
+                tags=tags | {"sysattn.kind": "job", "sysattn.job_dir": str(job_dir.resolve())},
+            ) as run:
+                run_id = run.info.run_id
+                mlflow.log_params({param_names[k]: v for k, v in params.items()})
+                mlflow.log_metrics({metric_names[k]: v for k, v in metrics.items()})
+                if (job_dir / PROFILE_TABLE).exists():
+                    log_profile(mlflow, job_dir / PROFILE_TABLE)
+                for name in (*JOB_FILES, PROFILE_TABLE, PROFILE_PLOT):
+                    if (job_dir / name).exists():
+                        mlflow.log_artifact(str(job_dir / name))
+        except Exception:
+            if run_id is not None:  # ended FAILED by MLflow: not left half-logged
+                with contextlib.suppress(Exception):
+                    mlflow.MlflowClient().delete_run(run_id)
+            raise
         log.info("logged MLflow run %s (%s)", run_id, config["job"]["name"])
     else:
         log.info(
             "already logged as MLflow run %s (same job, same results): not logged again", run_id
         )
     write_json(job_dir / JOB_MARKER, {"run_id": run_id, "uri": absolute_uri(cfg.uri)})
-    return run_id
+    return run_id, new

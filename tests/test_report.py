@@ -141,7 +141,7 @@ def test_report_latest_sweep_and_bad_parent(tmp_path, monkeypatch):
     assert len(pd.read_csv(tmp_path / "r" / "comparison.csv")) == 6
     # One model: one panel per plot, titled as before, and no model column in the paper's table.
     assert panels["heatmap_naturalbench.png"] == [
-        ("naturalbench: paired accuracy vs baseline", ["q1 (0-7)", "q4 (24-31)"])
+        ("naturalbench: paired accuracy vs baseline (points)", ["q1 (0-7)", "q4 (24-31)"])
     ]
     assert set(panels) == {f"{p}_{b}.png" for p in ("heatmap", "yes_rate") for b in NATIVE}
     assert all(len(axes) == 1 for axes in panels.values())

@@ -121,7 +121,7 @@ def test_sync_a_logged_sweep_to_another_store(rerun, tmp_path):
         for r in children
     } == metrics
     assert len(runs_of(cwd)) == len(store_a), "store A is left as it was"
-    assert sync_dir(sweep_dir, other) == (0, 2)
+    assert sync_dir(sweep_dir, other) == (0, 2, 0)  # logged, already logged, failed
     assert len(mlflow.search_runs(experiment_names=["sysattn"], output_format="list")) == len(runs)
 
 

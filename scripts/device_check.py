@@ -352,7 +352,7 @@ def kernel_case(setup, candidates, dtype, keys, causal, padded, shape, gen) -> d
             raise
         except Exception as error:  # a build without it, a changed signature
             entry |= {"agrees": False, "problem": f"failed: {str(error).splitlines()[0]}"}
-        verdict = kernels.first_use_check(kernel, *args)
+        verdict = kernels.first_use_check(kernel, kernels.call_kind(kernel, q, mask, causal), *args)
         entry["first_use_accepts"] = verdict
         results[kernel.name] = entry
     return {"name": name, "kernels": results}

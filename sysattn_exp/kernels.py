@@ -185,8 +185,7 @@ def dispatch(query, key, value, mask, scaling, is_causal: bool):
     for kernel in KERNELS.get(query.device.type, ()):
         if not kernel.supports(query, key, value, mask, is_causal):
             continue
-        where = (str(query.device), query.dtype, kernel.name, is_causal, query.shape[-1])
-        where += (mask is not None,)
+        where = call_kind(kernel, query, mask, is_causal)
         if where not in _verdicts:
             verdict = first_use_check(kernel, where, *args)
             if verdict is None:  # nothing to compare yet: this call takes the math path
@@ -220,6 +219,19 @@ def attention_with_lse_math(query, key, value, bias, scaling, is_causal: bool = 
     lse = scores.logsumexp(-1)
     weights = (scores - lse[..., None]).exp().nan_to_num(0.0)
     return torch.matmul(weights, value.float()), lse
+
+
+def call_kind(kernel: Kernel, query, mask, is_causal: bool) -> tuple:
+    """What a verdict is kept for: everything that changes a kernel's behaviour (device,
+    dtype, the kernel, causal or not, head dim, masked or not)."""
+    return (
+        str(query.device),
+        query.dtype,
+        kernel.name,
+        is_causal,
+        query.shape[-1],
+        mask is not None,
+    )
 
 
 def first_use_check(

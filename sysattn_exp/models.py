@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 import transformers
 from jinja2.exceptions import TemplateError
-from omegaconf import DictConfig, OmegaConf
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -193,8 +192,8 @@ def device_map_of(cfg) -> str | dict | None:
     balanced...), or a mapping of module names to devices (e.g. the decoder's first layers
     on cuda:0, the rest on cpu)."""
     device_map = cfg.get("device_map")
-    if isinstance(device_map, DictConfig):
-        return OmegaConf.to_container(device_map)
+    if hasattr(device_map, "items"):  # a DictConfig (or dict): module name -> device
+        return {str(name): device for name, device in device_map.items()}
     return device_map
 
 

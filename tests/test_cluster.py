@@ -135,7 +135,7 @@ def test_stop_signal_is_logged_then_passed_to_the_previous_handler(caplog):
 
 def share_baseline(overrides: list[str], start, results) -> None:
     """One job's baseline share (runner.shared_baseline), in a process of its own: model
-    loaded first, then scoring from the moment `start` is set."""
+    loaded first, then scoring from the moment every job is ready (`start`, a barrier)."""
     from hydra import compose, initialize_config_module
 
     from sysattn_exp.benchmarks import load_benchmark
@@ -149,17 +149,17 @@ def share_baseline(overrides: list[str], start, results) -> None:
     prompts = item_prompts(benchmark, loaded.prompt_format(cfg.model))
     words = scoring_words(loaded, cfg.scoring, prompts[0])
     shared = shared_baseline(cfg, loaded, benchmark, prompts, words)
-    start.wait()
+    start.wait(timeout=300)
     shared.compute_free_parts()
     shared.finish()
     results.put(shared.computed)
 
 
-def test_jobs_scoring_at_the_same_moment_split_the_baseline(tmp_path):
+def test_jobs_scoring_at_the_same_moment_split_the_baseline(tmp_path, slow_checkpoint):
     """Two processes start scoring one baseline at the same instant (after each has loaded
     its model): they split its 8 parts between them, and every item is computed once."""
     overrides = [
-        "model=tiny",
+        f"model.name_or_path={slow_checkpoint}",
         "model.batch_size=1",
         "benchmark.limit=8",  # 16 items
         "runtime.num_workers=0",
@@ -167,14 +167,13 @@ def test_jobs_scoring_at_the_same_moment_split_the_baseline(tmp_path):
         f"runtime.cache_dir={tmp_path / 'cache'}",
     ]
     spawn = multiprocessing.get_context("spawn")
-    start, results = spawn.Event(), spawn.Queue()
+    start, results = spawn.Barrier(2), spawn.Queue()
     jobs = [
         spawn.Process(target=share_baseline, args=(overrides, start, results)) for _ in range(2)
     ]
     for job in jobs:
         job.start()
     computed = []
-    start.set()  # waited for by each job once its model is loaded
     for _ in jobs:
         computed.append(results.get(timeout=300))
     for job in jobs:

@@ -89,7 +89,7 @@ def test_float16_answers_as_float32_on_the_toy_model():
         bench = load_benchmark(cfg.benchmark)
         prompts = item_prompts(bench, loaded.prompt_format(cfg.model))
         edit = Redistribution("system", ("text",), frozenset({3}))
-        words = scoring_words(loaded, cfg.scoring)
+        words = scoring_words(loaded, cfg.scoring, prompts[0])
         scores = score_items(loaded, bench, prompts, edit, words, 32, 0, "test")
         margins[dtype] = torch.tensor(scores.yes) - torch.tensor(scores.no)
     exact = margins["float32"]

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -125,10 +126,23 @@ def build_config(preset: str, overrides: Mapping | None = None) -> PretrainedCon
     data = merged(shipped, overrides)
     try:
         config = CONFIG_MAPPING[data["model_type"]].from_dict(data)
-    except (ValueError, TypeError, KeyError) as err:
+    except (ValueError, TypeError, KeyError, AttributeError, StrictDataclassError) as err:
         raise UsageError(f"model.config_overrides: {first_line(err)}") from err
     check_overrides(config, overrides, "model.config_overrides", shipped)
+    check_heads(config.get_text_config())
     return config
+
+
+def check_heads(text_config) -> None:
+    """UsageError where the query heads do not split evenly over the key/value heads (the
+    attention's grouped-query layout); transformers would fail only in the first forward."""
+    heads = getattr(text_config, "num_attention_heads", None)
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    if isinstance(heads, int) and isinstance(kv_heads, int) and heads % kv_heads:
+        raise UsageError(
+            f"model.config_overrides: num_attention_heads={heads} is not a multiple of "
+            f"num_key_value_heads={kv_heads}"
+        )
 
 
 def check_overrides(config, overrides: dict, where: str, shipped: dict) -> None:

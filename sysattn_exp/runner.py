@@ -110,7 +110,9 @@ def predict_by_generation(
     frame = item_columns(benchmark, prompts, scores)
     frame["generated"] = generated.texts
     parse = answer_parser(benchmark.name, parser_name(cfg.scoring))
-    frame["answer"] = [parse(text) for text in generated.texts]
+    # Stripped first, as LLaVA's evaluation scripts strip outputs before POPE's and MME's
+    # rules read them (a leading newline would otherwise make POPE's first word "").
+    frame["answer"] = [parse(text.strip()) for text in generated.texts]
     frame["pred"] = frame["answer"] == "yes"
     # An unknown answer is neither yes nor no: wrong whatever the label.
     frame["correct"] = (frame["pred"] == frame["label"]) & (frame["answer"] != "unknown")
@@ -320,6 +322,9 @@ def progress_seconds(cfg) -> float:
 
 def sharing_settings(cfg) -> dict:
     """How concurrent jobs share the baseline (shared_baseline.SharedBaseline)."""
+    batch_size = cfg.model.batch_size
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"model.batch_size={batch_size!r} must be a whole number >= 1")
     return {
         "batch_size": cfg.model.batch_size,
         "part_items": int(runtime_number(cfg, "baseline_part_items", 256, minimum=1)),

@@ -17,6 +17,7 @@ exit status is 1 when any failed.
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -33,12 +34,23 @@ from sysattn_exp.tracking import (
     sweep_parent,
 )
 
+RUN_ID = re.compile(r"[0-9a-f]{32}")  # MLflow's run ids
+
 
 def job_dirs(root: Path) -> list[Path]:
-    """Finished job folders (metrics.json is written last) under root, root included."""
+    """Finished job folders (metrics.json is written last) under root, root included; not
+    the copies MLflow keeps of logged jobs (an outputs folder holds the default artifact
+    store, outputs/mlartifacts/<experiment>/<run id>/artifacts)."""
     return sorted(
-        p.parent for p in root.rglob("metrics.json") if (p.parent / "config.yaml").exists()
+        p.parent
+        for p in root.rglob("metrics.json")
+        if (p.parent / "config.yaml").exists() and not is_run_artifacts(p.parent)
     )
+
+
+def is_run_artifacts(folder: Path) -> bool:
+    """Whether `folder` is an MLflow run's artifact folder (<run id>/artifacts)."""
+    return folder.name == "artifacts" and RUN_ID.fullmatch(folder.parent.name) is not None
 
 
 def tracking_config(job_dir: Path, uri: str | None):

@@ -18,6 +18,19 @@ TINY = ("model=tiny",)
 REDIS = ("model=tiny", "intervention=redistribute")
 CASES = {
     "unknown model": (("model=gpt5",), ["model/gpt5", "Available options", "tiny"]),
+    "zero batch size": (("model=tiny", "model.batch_size=0"), ["model.batch_size=0", ">= 1"]),
+    "random weights: uneven heads": (
+        (
+            "model=llava15_7b",
+            "model.weights=random",
+            "model.config_overrides={text_config:{num_attention_heads:4,num_key_value_heads:3}}",
+        ),
+        ["model.config_overrides", "num_key_value_heads=3"],
+    ),
+    "random weights: a value of the wrong type": (
+        ("model=llava15_7b", "model.weights=random", "model.config_overrides={text_config:7}"),
+        ["model.config_overrides"],
+    ),
     "unknown benchmark": (("benchmark=imagenet",), ["benchmark/imagenet", "toy"]),
     "unknown intervention": (("intervention=swap",), ["intervention/swap", "redistribute"]),
     "unknown layer option": (("layers=q5",), ["layers/q5", "q4"]),

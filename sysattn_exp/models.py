@@ -168,6 +168,11 @@ def load_model(cfg) -> LoadedModel:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     device_map = device_map_of(cfg)
+    if device_map is not None and cfg.name_or_path in (BUILTIN_TINY, BUILTIN_TOY):
+        raise UsageError(
+            f"model.device_map={device_map!r} does not apply to {cfg.name_or_path} (built in "
+            "code on one device); use model.device"
+        )
     key = (cfg.name_or_path, cfg.revision, cfg.seed, str(device), str(dtype), repr(device_map))
     key += (cfg.get("weights"), str(cfg.get("config_overrides")))  # random weights
     if key not in _LOADED:

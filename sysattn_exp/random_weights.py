@@ -246,8 +246,9 @@ def build_model(
         if "disk" in device_map.values():
             raise UsageError("model.device_map: disk offload is not supported with random weights")
         names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+        check_covered(device_map, names)
         where = expand_device_map(device_map, names)
-        materialise(model, lambda name: torch.device(where.get(name, "cpu")))
+        materialise(model, lambda name: torch.device(where[name]))
     initialise(model, seed)
     if dispatch and device_map is not None and len(set(device_map.values())) > 1:
         from accelerate import dispatch_model
@@ -255,6 +256,27 @@ def build_model(
         dispatch_model(model, device_map)
         model.hf_device_map = device_map
     return model.eval()
+
+
+def check_covered(device_map: dict, names: list[str]) -> None:
+    """UsageError for a device_map that names no module of the model, or leaves a
+    parameter or buffer without a device (from_pretrained refuses both too; transformers'
+    expand_device_map would put such tensors on the CPU without a word)."""
+
+    def under(name: str, key: str) -> bool:
+        return key == "" or name == key or name.startswith(key + ".")
+
+    unknown = [key for key in device_map if not any(under(name, key) for name in names)]
+    if unknown:
+        raise UsageError(
+            f"model.device_map names {unknown[0]!r}, which is not a module of the model"
+        )
+    missing = [name for name in names if not any(under(name, key) for key in device_map)]
+    if missing:
+        raise UsageError(
+            f"model.device_map gives no device for {missing[0]!r} ({len(missing)} tensors in "
+            "all); map every module, e.g. with a '' entry for the rest"
+        )
 
 
 def build(cfg, dtype: torch.dtype, device: torch.device, device_map=None):

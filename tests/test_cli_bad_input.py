@@ -19,6 +19,10 @@ REDIS = ("model=tiny", "intervention=redistribute")
 CASES = {
     "unknown model": (("model=gpt5",), ["model/gpt5", "Available options", "tiny"]),
     "zero batch size": (("model=tiny", "model.batch_size=0"), ["model.batch_size=0", ">= 1"]),
+    "device map on a builtin model": (
+        ("model=toy", "model.device_map={foo:cpu}"),
+        ["model.device_map", "builtin:toy", "model.device"],
+    ),
     "random weights: uneven heads": (
         (
             "model=llava15_7b",

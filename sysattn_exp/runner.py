@@ -41,7 +41,7 @@ from sysattn_exp.prompts import PromptFormat
 from sysattn_exp.scoring import Scores, score_items
 from sysattn_exp.shared_baseline import SharedBaseline
 from sysattn_exp.toy_model import weights_file_digest
-from sysattn_exp.tracking import PROFILE_PLOT, PROFILE_TABLE, log_job_dir
+from sysattn_exp.tracking import PROFILE_PLOT, PROFILE_TABLE, log_job_dir, storable_names
 
 log = logging.getLogger(__name__)
 
@@ -419,6 +419,27 @@ def all_metrics(benchmark: Benchmark, predictions: pd.DataFrame, ranking: str) -
     )
 
 
+def check_metric_names(benchmark: Benchmark, ranking: str) -> None:
+    """UsageError, before the model loads, where two of the job's metric names would be
+    logged to MLflow under one name (tracking.storable_names: e.g. MME categories "a:b"
+    and "a_b"); found at logging time, after scoring, they could never be logged. The
+    names are those of the metrics computed on answers equal to the labels."""
+    labels = [item.label for item in benchmark.items]
+    n = len(labels)
+    scores = Scores([float(label) for label in labels], [0.5] * n, [0.5] * n, 0.0, 0)
+    frame = item_columns(benchmark, [""] * n, scores)
+    frame["pred"], frame["correct"] = frame["label"], True
+    try:
+        names = all_metrics(benchmark, frame, ranking)
+    except Exception:  # noqa: BLE001 - a check only: the job computes its own metrics anyway
+        log.debug("metric names not checked before scoring", exc_info=True)
+        return
+    try:
+        storable_names(names, "metrics")
+    except ValueError as error:
+        raise UsageError(f"benchmark {benchmark.name}: {error}") from error
+
+
 def item_prompts(benchmark: Benchmark, fmt: PromptFormat, with_image=True) -> list[str]:
     """Every item's prompt (`with_image` False: each rendered without its image)."""
     return [
@@ -526,6 +547,7 @@ def run_yes_no(cfg, out_dir: Path) -> dict:
     benchmark = load_benchmark(cfg.benchmark)
     rule = intervention_rule(cfg.intervention)  # checked before the (slow) model load
     ranking = rank_by(cfg.scoring)
+    check_metric_names(benchmark, ranking)
     answer_parser(benchmark.name, parser_name(cfg.scoring))  # a bad scoring.parser stops here
     sharing_settings(cfg)  # checked before the model load too
     if scoring_mode(cfg.scoring) == "generate":

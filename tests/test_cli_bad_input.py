@@ -19,6 +19,10 @@ REDIS = ("model=tiny", "intervention=redistribute")
 CASES = {
     "unknown model": (("model=gpt5",), ["model/gpt5", "Available options", "tiny"]),
     "zero batch size": (("model=tiny", "model.batch_size=0"), ["model.batch_size=0", ">= 1"]),
+    "metric names MLflow cannot keep apart": (
+        (*TINY, "benchmark=mme", "benchmark.data_dir=mme_names", "benchmark.image_dir=mme_names"),
+        ["'mme/a:b/acc' and 'mme/a_b/acc'", "mme/a_b/acc"],
+    ),
     "device map on a builtin model": (
         ("model=toy", "model.device_map={foo:cpu}"),
         ["model.device_map", "builtin:toy", "model.device"],
@@ -135,6 +139,11 @@ def write_data(root):
         (root / name).write_text("".join(json.dumps(r) + "\n" for r in records))
     (root / "mme").mkdir()
     (root / "mme" / "existence.txt").write_text("1.jpg\tIs there a cat?\tYes\n")
+    pair = "1.png\tIs it red?\tYes\n1.png\tIs it blue?\tNo\n"
+    for category in ("a:b", "a_b"):  # two categories, one name in MLflow
+        (root / "mme_names" / category).mkdir(parents=True)
+        make_image("red").save(root / "mme_names" / category / "1.png")
+        (root / "mme_names" / f"{category}.txt").write_text(pair)
     (root / "wino" / "images").mkdir(parents=True)
     example = {"id": 0, "caption_0": "a", "caption_1": "b", "image_0": "x", "image_1": "y"}
     (root / "wino" / "examples.jsonl").write_text(2 * (json.dumps(example) + "\n"))

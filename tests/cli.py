@@ -2,6 +2,7 @@
 (where a test must patch what a machine without a GPU box's packages cannot run)."""
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +44,22 @@ def run_main(tmp_path: Path, monkeypatch, *overrides: str) -> int:
     except SystemExit as exit:
         return exit.code or 0
     return 0
+
+
+def run_main_stderr(overrides, cwd: Path, monkeypatch, capsys) -> tuple[int, str]:
+    """`python -m sysattn_exp OVERRIDES` as main() in this process, in `cwd`: (exit status,
+    stderr)."""
+    from sysattn_exp.__main__ import main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["sysattn_exp", *overrides])
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # main() sets it for its own process
+    handlers = logging.root.handlers[:]  # Hydra configures logging for each job
+    try:
+        main()
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    finally:
+        logging.root.handlers[:] = handlers
+    return code, capsys.readouterr().err

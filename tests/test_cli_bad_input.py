@@ -2,17 +2,13 @@
 traceback, and no results that look complete."""
 
 import json
-import logging
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from cli import run_cli
+from cli import run_cli, run_main_stderr
 from conftest import make_image
 from PIL import Image
-
-from sysattn_exp.__main__ import main
 
 TINY = ("model=tiny",)
 REDIS = ("model=tiny", "intervention=redistribute")
@@ -175,20 +171,9 @@ def processes(tmp_path_factory):
 
 
 def run_main(overrides, cwd: Path, monkeypatch, capsys) -> tuple[int, str]:
-    """`python -m sysattn_exp OVERRIDES` as main() in this process: (exit status, stderr)."""
+    """A case's command line in this process, beside its data files."""
     write_data(cwd)
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", ["sysattn_exp", *overrides])
-    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # main() sets it for its own process
-    handlers = logging.root.handlers[:]  # Hydra configures logging for each job
-    try:
-        main()
-        code = 0
-    except SystemExit as exit:
-        code = exit.code
-    finally:
-        logging.root.handlers[:] = handlers
-    return code, capsys.readouterr().err
+    return run_main_stderr(overrides, cwd, monkeypatch, capsys)
 
 
 @pytest.mark.parametrize("case", list(CASES))

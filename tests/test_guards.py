@@ -3,40 +3,22 @@ transformers release that stops passing keyword arguments can be simulated by wr
 its decoder layer), and the guard's count per forward pass."""
 
 import json
-import logging
-import sys
 import threading
 
 import mlflow
 import pytest
 import torch
 import yaml
+from cli import run_main_stderr
 from test_caption_job import write_coco
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from sysattn_exp import kernels
-from sysattn_exp.__main__ import main
 from sysattn_exp.intervention import EditNotApplied, Redistribution, watch_edits
 from sysattn_exp.modality import SYSTEM, TEXT
 from sysattn_exp.models import use_sysattn
 
 JOB = ("model=tiny", "intervention=redistribute", "layers=q4", "benchmark.limit=2")
-
-
-def run_main(overrides, cwd, monkeypatch, capsys) -> tuple[int, str]:
-    """`python -m sysattn_exp OVERRIDES` as main() in this process: (exit status, stderr)."""
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", ["sysattn_exp", *overrides])
-    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # main() sets it for its own process
-    handlers = logging.root.handlers[:]  # Hydra configures logging for each job
-    try:
-        main()
-        code = 0
-    except SystemExit as exit:
-        code = exit.code
-    finally:
-        logging.root.handlers[:] = handlers
-    return code, capsys.readouterr().err
 
 
 def drop_the_edit(monkeypatch, when) -> None:
@@ -71,7 +53,7 @@ FAULTS = {  # a release that drops the keyword: (where, scoring mode, what the l
 def test_an_edit_that_does_not_reach_the_layers_stops_the_job(fault, tmp_path, monkeypatch, capsys):
     when, mode, said = FAULTS[fault]
     drop_the_edit(monkeypatch, when)
-    code, stderr = run_main(
+    code, stderr = run_main_stderr(
         (
             *JOB,
             f"scoring.mode={mode}",
@@ -96,7 +78,7 @@ def test_the_guarded_job_reports_its_layers_kernels_and_environment(tmp_path, mo
     config.yaml and the MLflow run (a real SQLite store) hold the environment."""
     cache = f"runtime.cache_dir={tmp_path / 'cache'}"
     for _ in range(2):
-        code, stderr = run_main((*JOB, cache), tmp_path, monkeypatch, capsys)
+        code, stderr = run_main_stderr((*JOB, cache), tmp_path, monkeypatch, capsys)
         assert code == 0, stderr[-2000:]
     first, again = sorted((tmp_path / "outputs" / "runs").iterdir())
     for job, from_cache in ((first, 0), (again, 4)):
@@ -128,7 +110,7 @@ def test_out_of_memory_in_attention_is_one_line(tmp_path, monkeypatch, capsys):
     kernel = kernels.Kernel("oom", out_of_memory, frozenset({torch.float32}), accepts_mask=True)
     monkeypatch.setitem(kernels.KERNELS, "cpu", [kernel])
     monkeypatch.setattr(kernels, "_verdicts", {})
-    code, stderr = run_main(
+    code, stderr = run_main_stderr(
         (*JOB, f"runtime.cache_dir={tmp_path / 'cache'}"), tmp_path, monkeypatch, capsys
     )
     assert code == 2, stderr[-2000:]
@@ -183,14 +165,14 @@ def test_a_caption_job_is_guarded_and_reports_its_layers(tmp_path, monkeypatch, 
         "layers=q4",
         f"runtime.cache_dir={tmp_path / 'cache'}",
     )
-    code, stderr = run_main(job, tmp_path, monkeypatch, capsys)
+    code, stderr = run_main_stderr(job, tmp_path, monkeypatch, capsys)
     assert code == 0, stderr[-2000:]
     (done,) = (tmp_path / "outputs" / "runs").iterdir()
     metrics = json.loads((done / "metrics.json").read_text())
     assert metrics["edited_layers"] == 2 and metrics["kernel_path"] == "cpu_flash"
     assert "environment" in yaml.safe_load((done / "config.yaml").read_text())
     drop_the_edit(monkeypatch, lambda layer, h: True)
-    code, stderr = run_main(job, tmp_path, monkeypatch, capsys)
+    code, stderr = run_main_stderr(job, tmp_path, monkeypatch, capsys)
     assert code == 2 and "Traceback" not in stderr
     last = [line for line in stderr.splitlines() if line.strip()][-1]
     assert last.startswith("error: intervention system->text: applied in decoder layers []")
@@ -208,7 +190,7 @@ def test_a_rejected_kernel_shows_in_kernel_path(tmp_path, monkeypatch, capsys):
     kernel = kernels.Kernel("k0", scaled, frozenset({torch.float32}), accepts_mask=True)
     monkeypatch.setitem(kernels.KERNELS, "cpu", [kernel])
     monkeypatch.setattr(kernels, "_verdicts", {})
-    code, stderr = run_main(
+    code, stderr = run_main_stderr(
         (*JOB, f"runtime.cache_dir={tmp_path / 'cache'}"), tmp_path, monkeypatch, capsys
     )
     assert code == 0, stderr[-2000:]

@@ -17,13 +17,14 @@ import torch
 import transformers
 from hydra import compose, initialize_config_module
 
+import sysattn_exp
 from sysattn_exp import runner
 from sysattn_exp.conditions import build_edit, intervention_rule, resolve_layers
 from sysattn_exp.models import load_model
 
 KEYS_FILE = Path(__file__).parent / "data" / "paper_job_keys.json"
 CONDITIONS = sorted(
-    p.stem for p in (Path(runner.__file__).parent / "conf" / "condition").glob("*.yaml")
+    p.stem for p in (Path(sysattn_exp.__file__).parent / "conf" / "condition").glob("*.yaml")
 )
 BENCHMARKS = ["mme", "hallusionbench", "naturalbench", "winoground", "sugarcrepe", "beaf"]
 # Beyond the grid: the other settings a researcher keys jobs by.

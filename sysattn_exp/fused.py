@@ -2,7 +2,7 @@
 
 With o_X the attention output over the keys of modality X alone and A_X = exp(LSE_X -
 LSE_all) the share of the row's mass those keys hold, plain attention is sum_X A_X o_X and
-the redistribution is (DESIGN.md section 1)
+the redistribution is (docs/design.md, section 1.4)
 
     out' = (1 + A_S / A_R) sum_{X in R} A_X o_X + A_O o_O,
 

@@ -1,4 +1,4 @@
-"""The attention rules (DESIGN.md section 1) and the attention function that applies them,
+"""The attention rules (docs/design.md, section 1.2) and the attention function that applies them,
 registered with transformers' AttentionInterface.
 
 The model runs with `attn_implementation={"text_config": "sysattn", "vision_config": "sdpa"}`.

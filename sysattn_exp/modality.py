@@ -1,4 +1,4 @@
-"""Token positions -> modality ids (DESIGN.md section 2): one rule for every family.
+"""Token positions -> modality ids (docs/design.md, section 2): one rule for every family.
 
 Every position of a prompt is one of: padding (0), system (1), image (2) or text (3).
 With an image: image is every position from the first to the last image-placeholder token

@@ -4,7 +4,7 @@ For every real query row of every head it computes softmax attention over the vi
 (causal, padding excluded; within a sliding window on a layer that has one; image keys in
 both directions among image queries where the family does that, Gemma 3), with logits
 soft-capped where the family does that (Gemma 2), applies the redistribution rule of
-DESIGN.md section 1 if the layer is selected, and takes the weighted sum of the values.
+docs/design.md section 1.2 if the layer is selected, and takes the weighted sum of the values.
 Layers the rule does not select (and all layers when there is no rule and no profile)
 compute the same plain attention vectorised over rows, to keep the tests fast.
 """

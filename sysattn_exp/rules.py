@@ -182,12 +182,7 @@ class Redistribution(Rule):
 
     @classmethod
     def settings(cls, section) -> dict:
-        source = section.get("source")
-        if source not in MODALITIES:
-            raise UsageError(
-                f"intervention.source={source!r} is not a modality; allowed: "
-                + ", ".join(MODALITIES)
-            )
+        source = checked_modality(section, "source")
         recipients = section.get("recipients")
         recipients = [recipients] if isinstance(recipients, str) else list(recipients or [])
         others = [m for m in MODALITIES if m != source]
@@ -306,12 +301,7 @@ class Scale(Rule):
 
     @classmethod
     def settings(cls, section) -> dict:
-        modality = section.get("modality")
-        if modality not in MODALITIES:
-            raise UsageError(
-                f"intervention.modality={modality!r} is not a modality; allowed: "
-                + ", ".join(MODALITIES)
-            )
+        modality = checked_modality(section, "modality")
         factor = section.get("factor")
         if not is_number(factor) or factor <= 0:
             raise UsageError(f"intervention.factor={factor!r} must be a positive number")
@@ -459,6 +449,14 @@ class AnswerRowShares:
                 share = (weights[:, :, 0] * is_x).sum(-1)  # (b, H)
                 shares[name][batch[in_block], :, answer[in_block] - rows.start] = share[in_block]
         self.profile.record(layer, shares, key_modality, rows, q_len)
+
+
+def checked_modality(section, key: str) -> str:
+    value = section.get(key)
+    if value not in MODALITIES:
+        allowed = ", ".join(MODALITIES)
+        raise UsageError(f"intervention.{key}={value!r} is not a modality; allowed: {allowed}")
+    return value
 
 
 def checked_impl(section) -> str:

@@ -18,11 +18,10 @@ import yaml
 from cli import run_main_stderr
 from omegaconf import OmegaConf
 
-from sysattn_exp.errors import UsageError
 from sysattn_exp.fused import plain_merge
 from sysattn_exp.modality import MODALITIES
 from sysattn_exp.report import report
-from sysattn_exp.rules import Rule, checked_impl, register_rule
+from sysattn_exp.rules import Rule, checked_impl, checked_modality, register_rule
 
 
 @register_rule("mute")
@@ -37,11 +36,7 @@ class Mute(Rule):
 
     @classmethod
     def settings(cls, section) -> dict:
-        modality = section.get("modality")
-        if modality not in MODALITIES:
-            allowed = ", ".join(MODALITIES)
-            raise UsageError(f"intervention.modality={modality!r} is unknown; allowed: {allowed}")
-        return {"modality": modality, "impl": checked_impl(section)}
+        return {"modality": checked_modality(section, "modality"), "impl": checked_impl(section)}
 
     def describe(self) -> str:
         return f"mute {self.modality}"

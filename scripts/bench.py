@@ -44,10 +44,11 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from sysattn_exp.benchmarks.base import Benchmark, Item
 from sysattn_exp.generation import generate_items
-from sysattn_exp.intervention import Redistribution, eager_edited_attention
+from sysattn_exp.intervention import eager_edited_attention
 from sysattn_exp.modality import modality_ids
 from sysattn_exp.models import LoadedModel, first_token_ids, use_sysattn
 from sysattn_exp.prompts import build_prompt
+from sysattn_exp.rules import Redistribution
 from sysattn_exp.scoring import (
     encode_full_prompts,
     plan_batches,

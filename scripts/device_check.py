@@ -68,7 +68,7 @@ from transformers.integrations.sdpa_attention import repeat_kv  # noqa: E402
 from sysattn_exp import kernels, models, random_weights  # noqa: E402
 from sysattn_exp.conditions import build_edit, intervention_rule, resolve_layers  # noqa: E402
 from sysattn_exp.generation import generate_items  # noqa: E402
-from sysattn_exp.intervention import Redistribution  # noqa: E402
+from sysattn_exp.rules import Redistribution  # noqa: E402
 from sysattn_exp.scoring import plan_batches, score_full_prompts, score_items  # noqa: E402
 
 CONF = ROOT / "sysattn_exp" / "conf"

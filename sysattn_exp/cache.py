@@ -54,6 +54,7 @@ SCORING_MODULES = (
     "sysattn_exp.models",
     "sysattn_exp.prompts",
     "sysattn_exp.random_weights",
+    "sysattn_exp.rules",
     "sysattn_exp.scoring",
     "sysattn_exp.tiny",
     "sysattn_exp.toy_model",

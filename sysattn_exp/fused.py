@@ -1,4 +1,6 @@
-"""The redistribution without an attention matrix (the default implementation).
+"""Attention without an attention matrix, by modality (the rules' default implementation,
+impl=fused): the machinery every rule's fused application uses (rules.py), which knows no
+rule but calls the one it is given (merge, first_changed_position).
 
 With o_X the attention output over the keys of modality X alone and A_X = exp(LSE_X -
 LSE_all) the share of the row's mass those keys hold, plain attention is sum_X A_X o_X and
@@ -21,17 +23,19 @@ Under plain causal masking, query rows before the first position the rule can ch
 first source key, or the first recipient key, whichever comes later) keep plain attention
 and take one SDPA call: in a long any-res prompt under system -> text, nearly all rows.
 
-The scale baseline adds ln(factor) to one modality's LSE; PAI changes one score row per
-sequence (the answer's) and so is plain SDPA plus that row, materialised.
+The rules' merges (rules.py): the redistribution as above; the scale baseline adds
+ln(factor) to one modality's LSE; PAI changes one score row per sequence (the answer's)
+and so is plain SDPA plus that row, materialised (its own `fused`).
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 from transformers.integrations.sdpa_attention import repeat_kv
 
 from sysattn_exp import kernels
-from sysattn_exp.modality import MODALITIES, PAD, answer_rows
+from sysattn_exp.modality import MODALITIES, PAD
 
 # Query rows are taken in blocks of about this many (row, key) entries, so that masks and
 # per-modality outputs stay small at long context: a prompt of ~650 tokens is one block,
@@ -42,17 +46,39 @@ BLOCK_ENTRIES = 1 << 20
 def fused_edited_attention(
     query, key, value, attention_mask, scaling, key_modality, edit, profile=None, layer=None
 ):
-    """The rule's attention output (edit None: plain attention). With a `profile`, each
-    block's per-modality shares of attention after the rule are recorded for `layer`."""
-    pai = edit is not None and edit.kind == "pai"
-    if pai:
-        out, pai_rows = pai_attention(
-            query, key, value, attention_mask, scaling, key_modality, edit
-        )
-        if profile is None:
-            return out
-    else:
-        out = torch.empty_like(query)
+    """The rule's attention output (B, H, Q, D) without an attention matrix: the rule's own
+    fused application (rules.Rule.fused: for most rules modality_attention with the rule's
+    merge); edit None: plain attention, by modality (for a profile). With a `profile`,
+    each block's per-modality shares of attention after the rule are recorded for `layer`."""
+    if edit is not None:
+        return edit.fused(query, key, value, attention_mask, scaling, key_modality, profile, layer)
+    return modality_attention(
+        query, key, value, attention_mask, scaling, key_modality, None, profile, layer
+    )
+
+
+@dataclass
+class Block:
+    """A block of query rows: their queries (B, H, n, D), the sequence position of the
+    first, the keys they may see, the scaling, which rows are real (B, 1, n, 1), and every
+    modality's span of keys (for a rule that attends to a span again, e.g. uniformly)."""
+
+    query: torch.Tensor
+    first: int
+    visible: "LazyVisible"
+    scaling: float
+    query_is_real: torch.Tensor
+    spans: dict
+
+
+def modality_attention(
+    query, key, value, attention_mask, scaling, key_modality, rule, profile=None, layer=None
+):
+    """Attention as each modality's (o_X, LSE_X), merged per block of query rows by
+    `rule.merge` (rule None: plain attention, sum_X A_X o_X). Under plain causal masking
+    the rows before rule.first_changed_position take one plain SDPA call (not where a
+    profile records every row's shares)."""
+    out = torch.empty_like(query)
     q_len, k_len = query.shape[2], key.shape[2]
     n_rep = query.shape[1] // key.shape[1]
     causal_only = masks_only_causally(attention_mask, key_modality, q_len, k_len)
@@ -62,8 +88,8 @@ def fused_edited_attention(
     }
     query_is_real = key_modality[:, k_len - q_len :] != PAD
     unchanged = 0
-    if profile is None and causal_only:
-        unchanged = min(max(0, first_changed_position(edit, spans) - (k_len - q_len)), q_len)
+    if profile is None and causal_only and rule is not None:
+        unchanged = min(max(0, rule.first_changed_position(spans) - (k_len - q_len)), q_len)
         out[:, :, :unchanged] = plain_attention(
             query, key, value, attention_mask, scaling, unchanged
         )
@@ -72,44 +98,25 @@ def fused_edited_attention(
         rows = slice(start, min(start + block_rows, q_len))
         first = k_len - q_len + start  # sequence position of the block's first query
         visible = LazyVisible(attention_mask, rows, q_len, k_len, query.device)
+        block = Block(
+            query[:, :, rows], first, visible, scaling, query_is_real[:, None, rows, None], spans
+        )
         parts = {
-            name: span.attend(query[:, :, rows], first, visible, scaling)
-            for name, span in spans.items()
+            name: span.attend(block.query, first, visible, scaling) for name, span in spans.items()
         }
-        if edit is not None and edit.kind == "scale":  # ln(factor) added to its scores
-            o_x, lse_x = parts[edit.modality]
-            parts[edit.modality] = (o_x, lse_x + math.log(edit.factor))
-        if edit is None or edit.kind == "scale" or pai:
-            shares = masses(parts)
-            merged = sum(a * o for o, a in shares.values())
-        else:
-            uniform = None
-            if edit.mode == "uniform":  # a zero query attends equally: (mean of V, log count)
-                zeros = torch.zeros_like(query[:, :, rows])
-                uniform = [spans[r].attend(zeros, first, visible, scaling) for r in edit.recipients]
-            merged, shares = merge(masses(parts), edit, query_is_real[:, None, rows, None], uniform)
-        if not pai:  # PAI's output is already in `out`
-            out[:, :, rows] = merged.to(query.dtype)
+        merged, shares = plain_merge(parts) if rule is None else rule.merge(parts, block)
+        out[:, :, rows] = merged.to(query.dtype)
         if profile is not None:
             shares = {name: a[..., 0] for name, (_, a) in shares.items()}
-            if pai:
-                shares = pai_shares(shares, pai_rows, rows, key_modality)
             profile.record(layer, shares, key_modality, rows, q_len)
     return out
 
 
-def first_changed_position(edit, spans: dict) -> int:
-    """Under causal attention, the first sequence position whose row the rule can change:
-    a row before the first key of the source, or of every recipient, sees none of them
-    (A_S = 0 or A_R = 0), and a scale changes nothing before its modality's first key."""
-    if edit is None or edit.kind == "pai":
-        return 0
-    start = {name: span.lo if span.present else math.inf for name, span in spans.items()}
-    if edit.kind == "scale":
-        first = start[edit.modality]
-    else:
-        first = max(start[edit.source], min(start[r] for r in edit.recipients))
-    return 0 if first == math.inf else first
+def plain_merge(parts: dict) -> tuple[torch.Tensor, dict]:
+    """Plain attention from parts, modality -> (o_X, LSE_X): (sum_X A_X o_X, modality ->
+    (o_X, A_X))."""
+    shares = masses(parts)
+    return sum(a * o for o, a in shares.values()), shares
 
 
 def plain_attention(query, key, value, attention_mask, scaling, rows: int):
@@ -148,87 +155,6 @@ def masks_only_causally(attention_mask, key_modality, q_len: int, k_len: int) ->
         if not bool(agree.all()):
             return False
     return True
-
-
-def pai_shares(shares: dict, pai_rows, rows: slice, key_modality) -> dict:
-    """Shares of a block with each answer row's replaced by those of its PAI weights."""
-    batch, answer, weights = pai_rows
-    for name, code in MODALITIES.items():
-        in_block = (answer >= rows.start) & (answer < rows.stop)
-        if in_block.any():
-            is_x = (key_modality[batch] == code)[:, None, :]  # (b, 1, K)
-            share = (weights[:, :, 0] * is_x).sum(-1)  # (b, H)
-            shares[name][batch[in_block], :, answer[in_block] - rows.start] = share[in_block]
-    return shares
-
-
-def pai_attention(query, key, value, attention_mask, scaling, key_modality, edit):
-    """Plain SDPA for every row, then the answer row of each sequence again with its image
-    scores raised: one (1 x K) score row per sequence is all PAI needs materialised."""
-    from sysattn_exp.intervention import pai_scores
-
-    q_len, k_len = query.shape[2], key.shape[2]
-    # transformers passes no mask only when Q == K (a plain causal prefill) or Q == 1.
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query,
-        key,
-        value,
-        attn_mask=attention_mask,
-        is_causal=attention_mask is None and q_len > 1,
-        scale=scaling,
-        enable_gqa=True,
-    )
-    answer = answer_rows(key_modality, q_len)
-    batch = answer.any(dim=1).nonzero()[:, 0]
-    if len(batch) == 0:
-        return out, (batch, batch, None)
-    rows = answer[batch].int().argmax(dim=1)
-    n_rep = query.shape[1] // key.shape[1]
-    k, v = repeat_kv(key[batch], n_rep).float(), repeat_kv(value[batch], n_rep).float()
-    q = query[batch, :, rows][:, :, None].float()  # (b, H, 1, D)
-    scores = torch.matmul(q, k.transpose(2, 3)) * scaling
-    every = torch.ones(len(batch), 1, dtype=torch.bool, device=query.device)
-    scores = pai_scores(scores, key_modality[batch], edit.alpha, every)
-    if attention_mask is None:
-        visible = torch.arange(k_len, device=query.device)[None] <= (k_len - q_len + rows)[:, None]
-    else:
-        visible = attention_mask.expand(len(key_modality), -1, -1, -1)[batch, 0, rows]
-    weights = torch.softmax(scores.masked_fill(~visible[:, None, None, :], -math.inf), dim=-1)
-    out[batch, :, rows] = torch.matmul(weights, v)[:, :, 0].to(out.dtype)
-    return out, (batch, rows, weights)
-
-
-def merge(parts: dict, edit, query_is_real, uniform=None) -> tuple[torch.Tensor, dict]:
-    """parts: modality -> (o_X, A_X). The redistribution in closed form: the source keeps
-    (1 - f) A_S; f A_S goes to the recipients in proportion to A_X o_X, or (uniform, with
-    (mean of V, log count) per recipient span) equally over their visible keys. Returns
-    the output and each modality's (o_X, share after the rule)."""
-    o_s, a_s = parts[edit.source]
-    a_r = sum(parts[r][1] for r in edit.recipients)
-    to_recipients = sum(parts[r][1] * parts[r][0] for r in edit.recipients)
-    others = sum(
-        a * o
-        for name, (o, a) in parts.items()
-        if name != edit.source and name not in edit.recipients
-    )
-    change = (a_s > 0) & (a_r > 0) & query_is_real
-    moved = torch.where(change, edit.fraction * a_s, 0.0)
-    shares = dict(parts)
-    if uniform is None:
-        gained = to_recipients * (moved / torch.where(change, a_r, 1.0))
-        for r in edit.recipients:  # each recipient gains in proportion to its mass
-            o, a = parts[r]
-            shares[r] = (o, a + moved * a / torch.where(change, a_r, 1.0))
-    else:
-        counts = [lse.exp()[..., None] for _, lse in uniform]
-        total = sum(counts).clamp_min(1)
-        mean_value = sum(n * o for n, (o, _) in zip(counts, uniform, strict=True)) / total
-        gained = moved * mean_value
-        for r, n in zip(edit.recipients, counts, strict=True):  # in proportion to its keys
-            o, a = parts[r]
-            shares[r] = (o, a + moved * n / total)
-    shares[edit.source] = (o_s, a_s - moved)
-    return to_recipients + gained + others + (a_s - moved) * o_s, shares
 
 
 class LazyVisible:

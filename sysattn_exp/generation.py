@@ -29,9 +29,9 @@ from torch.utils.data import DataLoader
 from sysattn_exp.answers import mme_answer
 from sysattn_exp.cluster import Progress
 from sysattn_exp.errors import UsageError
-from sysattn_exp.intervention import Edit
 from sysattn_exp.modality import TEXT
 from sysattn_exp.models import LoadedModel
+from sysattn_exp.rules import Rule
 from sysattn_exp.scoring import (
     CACHE_ARG,
     BatchEncoder,
@@ -72,7 +72,7 @@ class Started:
 
 @torch.inference_mode()
 def decode(
-    loaded: LoadedModel, start: Started, edit: Edit | None, max_new_tokens: int
+    loaded: LoadedModel, start: Started, edit: Rule | None, max_new_tokens: int
 ) -> list[list[int]]:
     """Greedy decoding from a started batch: each row's new token ids, up to and without
     its first stop token, at most max_new_tokens."""
@@ -127,7 +127,7 @@ def until_stop(ids: list[int], stops: set[int]) -> list[int]:
 
 
 @torch.inference_mode()
-def start_batch(loaded: LoadedModel, batch: EncodedBatch, edit: Edit | None) -> Started:
+def start_batch(loaded: LoadedModel, batch: EncodedBatch, edit: Rule | None) -> Started:
     """The prefix and question passes of scoring.score_batch (the shared image prefix run
     once per image, its cache reused for every question), keeping what decoding needs."""
     kept = {}
@@ -167,7 +167,7 @@ def generate_full_prompts(
     loaded: LoadedModel,
     images: list,
     prompts: list[str],
-    edit: Edit | None,
+    edit: Rule | None,
     max_new_tokens: int,
     questions: list[str] | None = None,
 ) -> list[str]:
@@ -212,7 +212,7 @@ def generate_items(
     loaded: LoadedModel,
     benchmark: "Benchmark",
     prompts: list[str],
-    edit: Edit | None,
+    edit: Rule | None,
     max_new_tokens: int,
     batch_size: int,
     num_workers: int,
@@ -224,9 +224,10 @@ def generate_items(
     (images decoded in DataLoader workers). With `words` (yes and no first-token ids), the
     first step's logits also give each item's yes/no scores; without, those are NaN.
     Without a terminal, progress is logged every `progress_seconds` (cluster.Progress)."""
-    if edit is not None and edit.kind == "pai" and edit.cfg_gamma is not None:
+    if edit is not None and edit.guidance is not None:
         raise UsageError(
-            "scoring.mode=generate does not support PAI's guidance (intervention.cfg_gamma)"
+            f"scoring.mode=generate does not support the guidance of {edit.describe()} (a "
+            "second pass over the prompt without its image); use scoring.mode=logit"
         )
     plan = plan_batches([item.image_id for item in benchmark.items], batch_size)
     loader = DataLoader(

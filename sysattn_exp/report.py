@@ -95,26 +95,16 @@ def latest_sweep(mlflow, experiment_id: str, experiment: str) -> str:
 
 
 def intervention_label(run: pd.Series) -> str:
-    """The label the runner gives the rule (Redistribution.describe, Scale.describe)."""
-    name = run["params.intervention.name"]
-    if name == "none":
-        return "baseline"
-    if name == "scale":
-        factor = float(run["params.intervention.factor"])
-        return f"{run['params.intervention.modality']}x{factor:g}"
-    if name == "pai":
-        gamma = run.get("params.intervention.cfg_gamma")
-        guidance = "" if gamma in (None, "None") else f" cfg={float(gamma):g}"
-        return f"PAI a={float(run['params.intervention.alpha']):g}{guidance}"
-    recipients = run["params.intervention.recipients"].replace(",", "+")
-    label = f"{run['params.intervention.source']}->{recipients}"
-    fraction = float(run.get("params.intervention.fraction") or 1)
-    mode = run.get("params.intervention.mode") or "proportional"
-    return (
-        label
-        + ("" if fraction == 1 else f" f={fraction:g}")
-        + ("" if mode == "proportional" else f" {mode}")
-    )
+    """The rule's label as the job logged it: job.label (rules.label, the string in the run
+    name). A run logged before job.label was: the rule part of its run name (runner.run_name:
+    '<benchmark>[ profile] <label> layers <first>-<last>'; a baseline's has no layers)."""
+    logged = run.get("params.job.label")
+    if isinstance(logged, str):
+        return logged
+    benchmark = re.escape(str(run.get("params.benchmark.name")))
+    name = str(run.get("tags.mlflow.runName"))
+    found = re.fullmatch(rf"{benchmark}(?: profile)? (.+) layers \d+-\d+", name)
+    return found.group(1) if found else "baseline"
 
 
 def layers_label(run: pd.Series) -> str:

@@ -21,7 +21,7 @@ from sysattn_exp.environment import device_names, environment, model_devices
 from sysattn_exp.errors import UsageError, first_line
 from sysattn_exp.files import write_atomically, write_json
 from sysattn_exp.generation import generate_in_batches, generate_items
-from sysattn_exp.intervention import Edit, EditTally, watch_edits
+from sysattn_exp.intervention import EditTally, watch_edits
 from sysattn_exp.metrics import compare_with_baseline, shared_metrics
 from sysattn_exp.modality import MODALITIES
 from sysattn_exp.models import (
@@ -38,6 +38,7 @@ from sysattn_exp.models import (
 )
 from sysattn_exp.profile import AttentionProfile, heatmap
 from sysattn_exp.prompts import PromptFormat
+from sysattn_exp.rules import Rule, label
 from sysattn_exp.scoring import Scores, score_items
 from sysattn_exp.shared_baseline import SharedBaseline
 from sysattn_exp.toy_model import weights_file_digest
@@ -54,7 +55,7 @@ def predict(
     if scoring_mode(cfg.scoring) == "generate":
         return predict_by_generation(cfg, loaded, benchmark, prompts, edit, words, desc)
     plain = None
-    if edit is not None and edit.kind == "pai" and edit.cfg_gamma is not None:
+    if edit is not None and edit.guidance is not None:
         plain = item_prompts(benchmark, loaded.prompt_format(cfg.model), with_image=False)
     cache = None
     if cfg.runtime.cache_dir and profile is None:
@@ -136,7 +137,7 @@ def item_columns(benchmark: Benchmark, prompts: list[str], scores: Scores) -> pd
     )
 
 
-def condition(cfg, loaded, edit: Edit | None, words) -> dict:
+def condition(cfg, loaded, edit: Rule | None, words) -> dict:
     """Everything that determines an item's scores besides the item and its prompt: the
     model and data, the environment that computes them (torch and transformers versions,
     device names, the planned attention kernels, the batch size: bf16 results depend on
@@ -173,7 +174,7 @@ def head_dim(text_config) -> int:
     )
 
 
-def planned_kernel_path(loaded, edit: Edit | None, profiled: bool = False) -> str:
+def planned_kernel_path(loaded, edit: Rule | None, profiled: bool = False) -> str:
     """The attention paths that scoring `edit` is planned to take (kernels.planned_path):
     "sdpa" for the unchanged model, "eager" for the eager implementation, else the fused
     path's kernels for the devices the weights are on (several under a device_map), the
@@ -368,7 +369,7 @@ def token_strings(tokenizer, ids: list[int]) -> list[str]:
     ]
 
 
-def run_name(benchmark: str, edit: Edit | None, layers: list[int], profile=False) -> str:
+def run_name(benchmark: str, edit: Rule | None, layers: list[int], profile=False) -> str:
     """'pope baseline', 'pope system->text layers 24-31'; a profile job (+task=profile):
     'pope profile', 'pope profile system->text layers 24-31'."""
     kind = " profile" if profile else ""
@@ -640,13 +641,14 @@ def deterministic(on: bool) -> None:
 
 def job_config(cfg, loaded, edit, words, layers, name, benchmark=None) -> dict:
     """The job's config.yaml: the composed config (its benchmark section replaced where
-    given), the resolved layers, the job's name and key, and the environment it ran in
-    (environment.environment: not in the key)."""
+    given), the resolved layers, the job's name, key and rule label (rules.label), and the
+    environment it ran in (environment.environment: not in the key)."""
     config = OmegaConf.to_container(cfg, resolve=True)
     if benchmark is not None:
         config["benchmark"] = benchmark
     config["layers"]["resolved"] = layers
-    config["job"] = {"name": name, "key": job_key(config, condition(cfg, loaded, edit, words))}
+    key = job_key(config, condition(cfg, loaded, edit, words))
+    config["job"] = {"name": name, "key": key, "label": label(edit)}  # label: the report's
     config["layers"]["depth"] = loaded.num_layers  # for the report's model label; not in the key
     config["environment"] = environment(loaded.model)
     return config

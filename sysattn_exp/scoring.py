@@ -28,10 +28,10 @@ from transformers import LlavaModel
 from sysattn_exp.cache import ScoreCache, item_key
 from sysattn_exp.cluster import Progress
 from sysattn_exp.errors import UsageError
-from sysattn_exp.intervention import Edit
 from sysattn_exp.modality import PAD, SYSTEM, TEXT, modality_ids
 from sysattn_exp.models import LoadedModel, tokenizer_of
 from sysattn_exp.prompts import question_token_start, text_kwargs
+from sysattn_exp.rules import Rule
 
 if TYPE_CHECKING:  # the benchmarks package needs omegaconf and pandas; scoring does not
     from sysattn_exp.benchmarks import Benchmark
@@ -341,7 +341,7 @@ def on_device(loaded: LoadedModel, inputs: dict) -> dict:
 def score_batch(
     loaded: LoadedModel,
     batch: EncodedBatch,
-    edit: Edit | None,
+    edit: Rule | None,
     yes_ids,
     no_ids,
     profile=None,
@@ -398,8 +398,8 @@ def score_batch(
             next_position=first[:, 0] + question_mask.sum(1),
             rope_axes=question_positions.shape[0] if question_positions.dim() == 3 else 0,
         )
-    if edit is not None and edit.kind == "pai" and edit.cfg_gamma is not None:
-        logits = guided(logits, text_only_logits(loaded, batch), edit.cfg_gamma)
+    if edit is not None and edit.guidance is not None:
+        logits = guided(logits, text_only_logits(loaded, batch), edit.guidance)
     return answer_scores(logits, yes_ids, no_ids)
 
 
@@ -505,7 +505,7 @@ def score_full_prompts(
     loaded: LoadedModel,
     images: list,
     prompts: list[str],
-    edit: Edit | None,
+    edit: Rule | None,
     yes_ids,
     no_ids,
     questions=None,
@@ -540,7 +540,7 @@ def score_items(
     loaded: LoadedModel,
     benchmark: "Benchmark",
     prompts: list[str],
-    edit: Edit | None,
+    edit: Rule | None,
     words: tuple[list[int], list[int]],
     batch_size: int,
     num_workers: int,
@@ -611,7 +611,7 @@ def score_batches(
     prompts: list[str],
     batches: list[list[int]],
     keys: list[str],
-    edit: Edit | None,
+    edit: Rule | None,
     words: tuple[list[int], list[int]],
     num_workers: int,
     desc: str,
@@ -622,7 +622,7 @@ def score_batches(
 ) -> dict[str, tuple[float, float, float]]:
     """Score the given batches of item indices (each saved to the cache as it is done):
     item key -> (yes_logit, no_logit, p_yes)."""
-    guidance = edit is not None and edit.kind == "pai" and edit.cfg_gamma is not None
+    guidance = edit is not None and edit.guidance is not None
     if guidance and plain_prompts is None:
         raise ValueError("PAI's guidance needs the prompts without their image")
     loader = DataLoader(

@@ -18,9 +18,9 @@ import pytest
 import torch
 from conftest import make_image
 
-from sysattn_exp.intervention import Redistribution
 from sysattn_exp.models import LoadedModel, first_token_ids, use_sysattn
 from sysattn_exp.prompts import build_prompt
+from sysattn_exp.rules import Redistribution
 from sysattn_exp.scoring import encode_full_prompts, score_full_prompts
 from sysattn_exp.tiny import build_tiny_llava, cast_parameters
 

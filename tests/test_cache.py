@@ -14,9 +14,9 @@ from test_scoring import WORDS
 from sysattn_exp import runner
 from sysattn_exp.benchmarks.base import Benchmark, Item, open_image_file
 from sysattn_exp.cache import SCORES_VERSION, ScoreCache, code_digest, digest, scores_code_digest
-from sysattn_exp.intervention import Redistribution
 from sysattn_exp.models import LoadedModel, use_sysattn
 from sysattn_exp.prompts import build_prompt
+from sysattn_exp.rules import Redistribution
 from sysattn_exp.runner import condition, job_config, job_key
 from sysattn_exp.scoring import score_items
 

@@ -56,6 +56,13 @@ CASES = {
         ["8 decoder layers", "layers.end"],
     ),
     "quarter and range": ((*REDIS, "layers=q4", "layers.start=1"), ["not both"]),
+    "misspelt rule key added with +": (  # Hydra's own error message suggests the +
+        (*REDIS, "+intervention.sourse=image"),
+        [
+            "intervention.sourse is not a key of the redistribute rule",
+            "allowed: name, source, recipients, impl, fraction, mode",
+        ],
+    ),
     "missing jsonl path": ((*TINY, "benchmark=jsonl"), ["benchmark.path is required"]),
     "jsonl path not a file": (
         (*TINY, "benchmark=jsonl", "benchmark.path=nowhere.jsonl"),

@@ -1,8 +1,9 @@
 import pytest
 from omegaconf import OmegaConf
 
-from sysattn_exp.conditions import intervention_rule, resolve_layers
+from sysattn_exp.conditions import build_edit, intervention_rule, resolve_layers
 from sysattn_exp.errors import UsageError
+from sysattn_exp.rules import Pai, Redistribution, Scale
 
 
 def layers(**kw):
@@ -69,13 +70,49 @@ def test_rules_are_canonical():
         "mode": "proportional",
         "impl": "fused",
     }
-    assert rule() == base
-    assert rule(recipients=["text", "image"]) == base | {"recipients": ("image", "text")}
-    assert rule(
-        source="image", recipients="text", impl="eager", fraction=0.25, mode="uniform"
-    ) == base | {"source": "image", "fraction": 0.25, "mode": "uniform", "impl": "eager"}
+    layers = frozenset({1, 2})
+
+    def edit(rule):
+        return build_edit(rule, [2, 1])
+
+    assert edit(rule()) == Redistribution(layers=layers, **base)
+    assert edit(rule(recipients=["text", "image"])) == Redistribution(
+        layers=layers, **base | {"recipients": ("image", "text")}
+    )
+    assert edit(
+        rule(source="image", recipients="text", impl="eager", fraction=0.25, mode="uniform")
+    ) == Redistribution(
+        layers=layers,
+        **base | {"source": "image", "fraction": 0.25, "mode": "uniform", "impl": "eager"},
+    )
     scale = OmegaConf.create({"name": "scale", "modality": "image", "factor": 2})
-    assert intervention_rule(scale) == {"modality": "image", "factor": 2.0, "impl": "fused"}
+    assert edit(intervention_rule(scale)) == Scale("image", 2.0, layers, impl="fused")
+    assert type(edit(intervention_rule(scale)).factor) is float  # as the job key writes it
+    pai = OmegaConf.create({"name": "pai", "alpha": 1, "cfg_gamma": 2})
+    assert edit(intervention_rule(pai)) == Pai(1.0, layers, "fused", 2.0)
+
+
+@pytest.mark.parametrize(
+    "section,key,allowed",
+    [
+        ({"name": "none", "source": "system"}, "source", "name"),
+        (
+            {"name": "redistribute", "source": "system", "recipients": ["text"], "sourse": "x"},
+            "sourse",
+            "name, source, recipients, impl, fraction, mode",
+        ),
+        ({"name": "scale", "modality": "image", "factor": 2, "fraction": 1}, "fraction",
+         "name, modality, factor, impl"),
+        ({"name": "pai", "alpha": 0.2, "gamma": 1.1}, "gamma", "name, alpha, impl, cfg_gamma"),
+    ],
+)  # fmt: skip
+def test_a_key_the_rule_does_not_have_is_refused(section, key, allowed):
+    name = section["name"]
+    with pytest.raises(UsageError) as error:
+        intervention_rule(OmegaConf.create(section))
+    assert str(error.value) == (
+        f"intervention.{key} is not a key of the {name} rule; allowed: {allowed}"
+    )
 
 
 @pytest.mark.parametrize(
@@ -94,8 +131,14 @@ def test_rules_are_canonical():
             {"name": "scale", "modality": "image", "factor": 0},
             "intervention.factor=0 must be a positive",
         ),
+        ({"name": "pai", "alpha": -1}, "intervention.alpha=-1 must be a number >= 0"),
+        ({"name": "pai", "alpha": 0.2, "cfg_gamma": 0.5}, "intervention.cfg_gamma=0.5 must be"),
     ],
 )
 def test_bad_rules(kw, message):
+    """Redistribution settings over a valid redistribute section; other rules as given."""
     with pytest.raises(UsageError, match=message):
-        rule(**kw)
+        if kw.get("name") in ("scale", "pai"):
+            intervention_rule(OmegaConf.create(kw))
+        else:
+            rule(**kw)

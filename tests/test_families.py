@@ -12,11 +12,11 @@ from reference import REFERENCE_NAME, STATE, reference_setup
 from tiny_families import BUILDERS
 
 from sysattn_exp.benchmarks.base import Benchmark, Item
-from sysattn_exp.intervention import Pai, Redistribution, Scale
 from sysattn_exp.modality import IMAGE, SYSTEM, TEXT
 from sysattn_exp.models import LoadedModel, tokenizer_of, use_sysattn
 from sysattn_exp.profile import AttentionProfile
 from sysattn_exp.prompts import PromptFormat, text_kwargs
+from sysattn_exp.rules import Pai, Redistribution, Scale
 from sysattn_exp.scoring import encode_full_prompts, score_full_prompts, score_items
 
 FAMILIES = sorted(BUILDERS)

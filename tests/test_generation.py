@@ -21,9 +21,9 @@ from sysattn_exp.generation import (
     stop_ids,
     until_stop,
 )
-from sysattn_exp.intervention import Pai, Redistribution
 from sysattn_exp.models import LoadedModel, use_sysattn
 from sysattn_exp.prompts import build_prompt
+from sysattn_exp.rules import Pai, Redistribution
 from sysattn_exp.runner import scoring_words
 from sysattn_exp.scoring import CACHE_ARG, score_items
 

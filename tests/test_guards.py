@@ -14,9 +14,10 @@ from test_caption_job import write_coco
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from sysattn_exp import kernels
-from sysattn_exp.intervention import EditNotApplied, Redistribution, watch_edits
+from sysattn_exp.intervention import EditNotApplied, watch_edits
 from sysattn_exp.modality import SYSTEM, TEXT
 from sysattn_exp.models import use_sysattn
+from sysattn_exp.rules import Redistribution
 
 JOB = ("model=tiny", "intervention=redistribute", "layers=q4", "benchmark.limit=2")
 

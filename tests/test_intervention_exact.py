@@ -8,9 +8,9 @@ import torch
 from conftest import make_image
 from reference import REFERENCE_NAME, reference_setup
 
-from sysattn_exp.intervention import Redistribution, Scale
 from sysattn_exp.models import use_sysattn
 from sysattn_exp.prompts import build_prompt
+from sysattn_exp.rules import Redistribution, Scale
 from sysattn_exp.scoring import left_padded_position_ids
 
 SYSTEM_PROMPT = "A chat between a curious user and an artificial intelligence assistant."
@@ -234,7 +234,7 @@ def test_dose_and_uniform_match_reference(
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("modality,factor", [("image", 2.0), ("system", 0.5), ("text", 3.0)])
 def test_scale_matches_reference(gqa_llava, padded_batch, modality, factor, impl):
-    from sysattn_exp.intervention import Scale
+    from sysattn_exp.rules import Scale
 
     model, _ = gqa_llava
     layers = frozenset({3, 4, 5})
@@ -266,7 +266,7 @@ def test_fraction_zero_is_the_baseline_and_one_is_the_full_rule(gqa_llava, padde
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("alpha", [0.2, 20.0])
 def test_pai_matches_reference(gqa_llava, padded_batch, alpha, impl):
-    from sysattn_exp.intervention import Pai
+    from sysattn_exp.rules import Pai
 
     model, _ = gqa_llava
     layers = frozenset(range(1, 6))

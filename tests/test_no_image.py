@@ -8,11 +8,11 @@ from conftest import make_image
 from reference import REFERENCE_NAME, reference_setup
 
 from sysattn_exp.benchmarks.base import Benchmark, Item
-from sysattn_exp.intervention import Pai, Redistribution, Scale
 from sysattn_exp.modality import IMAGE, SYSTEM, TEXT
 from sysattn_exp.models import LoadedModel, use_sysattn
 from sysattn_exp.profile import AttentionProfile
 from sysattn_exp.prompts import build_prompt
+from sysattn_exp.rules import Pai, Redistribution, Scale
 from sysattn_exp.scoring import (
     encode_full_prompts,
     plan_batches,

@@ -10,10 +10,10 @@ from cli import run_cli
 from conftest import make_image
 from test_scoring import four_questions_per_image
 
-from sysattn_exp.intervention import Redistribution
 from sysattn_exp.models import LoadedModel, use_sysattn
 from sysattn_exp.profile import AttentionProfile
 from sysattn_exp.prompts import build_prompt
+from sysattn_exp.rules import Redistribution
 from sysattn_exp.scoring import left_padded_position_ids, score_items
 
 MODALITIES = ["system", "image", "text"]

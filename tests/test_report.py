@@ -37,6 +37,7 @@ def log_known_runs(uri: str, artifacts) -> str:
                     "intervention.name": "redistribute",
                     "intervention.source": "system",
                     "intervention.recipients": recipients,
+                    "job.label": f"system->{recipients.replace(',', '+')}",
                     "layers.quarter": quarter,
                     "layers.resolved": layers,
                 }
@@ -188,6 +189,7 @@ def test_report_compares_models_side_by_side(tmp_path, monkeypatch):
                     "intervention.name": "redistribute",
                     "intervention.source": "system",
                     "intervention.recipients": "text",
+                    "job.label": "system->text",
                     "layers.quarter": quarter,
                     "layers.resolved": layers,
                 }
@@ -240,3 +242,42 @@ def test_report_compares_models_side_by_side(tmp_path, monkeypatch):
     assert [title for title, _ in panels["yes_rate_naturalbench.png"]] == [big, small]
     for name in ("heatmap_naturalbench.png", "yes_rate_naturalbench.png"):
         assert (tmp_path / "report" / name).stat().st_size > 0
+
+
+def test_runs_logged_before_the_label_take_it_from_their_run_name(tmp_path):
+    """Runs logged by versions that did not log job.label: the rule's label is the rule
+    part of the run name they were logged under (runner.run_name), whatever their params."""
+    uri = f"sqlite:///{tmp_path}/store.db"
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.create_experiment("old", artifact_location=tmp_path.as_uri())
+    jobs = [  # (run name, quarter, layers, paired)
+        ("pope system->image+text f=0.5 uniform layers 6-7", 4, "6,7", 0.30),
+        ("pope profile PAI a=0.2 cfg=1.1 layers 2-7", None, "2,3,4,5,6,7", 0.25),
+        ("pope imagex2 layers 0-7", None, "0,1,2,3,4,5,6,7", 0.22),
+    ]
+    for name, quarter, layers, paired in jobs:
+        with mlflow.start_run(
+            experiment_id=experiment, run_name=name, tags={"sysattn.kind": "job"}
+        ):
+            params = {"intervention.name": "redistribute", "intervention.source": "text"}
+            mlflow.log_params(
+                {"benchmark.name": "pope", "layers.quarter": quarter, "layers.resolved": layers}
+                | params
+            )
+            mlflow.log_metrics({"paired_accuracy": paired, "baseline_paired_accuracy": 0.2})
+    cfg = OmegaConf.create(
+        {
+            "tracking": {"uri": uri, "experiment": "old", "artifact_location": str(tmp_path)},
+            "report": {"parent": "all", "out": str(tmp_path / "report")},
+        }
+    )
+    report(cfg)
+    table = pd.read_csv(tmp_path / "report" / "comparison.csv")
+    assert dict(zip(table.intervention, table.paired_accuracy, strict=True)) == pytest.approx(
+        {
+            "baseline": 0.2,
+            "system->image+text f=0.5 uniform": 0.30,
+            "PAI a=0.2 cfg=1.1": 0.25,
+            "imagex2": 0.22,
+        }
+    )

@@ -23,6 +23,7 @@ def log_job(experiment, parent, split, rule, metrics, status="FINISHED", limit=N
         "model.batch_size": 8,
         "runtime.num_workers": 0,
         "intervention.name": "none" if rule is None else "redistribute",
+        "job.label": "baseline" if rule is None else f"system->{rule[0].replace(',', '+')}",
     }
     if rule is not None:
         params |= {

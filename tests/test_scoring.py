@@ -5,9 +5,9 @@ import torch
 from conftest import make_image
 
 from sysattn_exp.benchmarks.base import Benchmark, Item
-from sysattn_exp.intervention import Pai, Redistribution, Scale
 from sysattn_exp.models import LoadedModel, use_sysattn
 from sysattn_exp.prompts import build_prompt
+from sysattn_exp.rules import Pai, Redistribution, Scale
 from sysattn_exp.scoring import (
     BatchEncoder,
     plan_batches,

@@ -1,0 +1,488 @@
+"""The attention rules (docs/design.md, section 1), one class each, registered by the name their
+config gives (`intervention.name`, conf/intervention/<name>.yaml), in the manner of
+transformers' AttentionInterface: `RULES[name]` is the class, `register_rule(name)` adds
+one. A rule class owns everything about its rule:
+
+  configure(section)     its config section checked (unknown keys, types, ranges: one
+                         UsageError line naming the key and what is allowed), returned as
+                         the class with its settings, waiting for its layers;
+  describe()             its label: in the run name, and logged as `job.label` for the report;
+  guidance               whether scoring needs a second pass over the prompt without its
+                         image (PAI's classifier-free guidance), and with what weight;
+  can_change(key_modality), first_changed_position(spans)
+                         which calls and query rows it can change (elsewhere plain SDPA runs);
+  eager_scores, eager_weights
+                         its eager application: on the (B, H, Q, K) scores before the softmax
+                         and on the weights after it (intervention.eager_edited_attention);
+  merge(parts, block), fused(...)
+                         its fused application: from each modality's attention output and
+                         log-sum-exp over a block of query rows (fused.modality_attention),
+                         or, where that is not the rule's shape, the whole call (PAI).
+
+A rule object is the rule at its decoder layers (0-based `layers`): a frozen dataclass
+whose class name and fields are the job key's `intervention` entry (runner.condition), so
+they must not change for the rules below. The baseline (`none`) has a class for its config
+and label, but no object: a job without a rule passes `attention_edit=None`.
+
+Dependencies: this module uses fused.py's per-modality attention and modality.py; the
+attention function (intervention.py) and the config (conditions.py) use this module.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from functools import partial
+from typing import ClassVar
+
+import torch
+from transformers.integrations.sdpa_attention import repeat_kv
+
+from sysattn_exp.errors import UsageError
+from sysattn_exp.fused import Block, masses, modality_attention, plain_merge
+from sysattn_exp.modality import MODALITIES, TEXT, answer_rows
+
+RULES: dict[str, type["Rule"]] = {}
+IMPLEMENTATIONS = ("fused", "eager")
+
+
+def register_rule(name: str):
+    """Class decorator: the rule for `intervention.name=<name>` (a name given again is the
+    new class's, as with transformers' registries)."""
+
+    def register(cls):
+        cls.name = name
+        RULES[name] = cls
+        return cls
+
+    return register
+
+
+def configure(section) -> Callable[..., "Rule"] | None:
+    """The `intervention` config section checked by its rule (RULES[section.name]): the
+    rule class with its settings, to be called with `layers=` once they are resolved
+    against the model's depth; None for the baseline. Raises UsageError."""
+    name = section.get("name")
+    if name not in RULES:
+        raise UsageError(f"intervention.name={name!r} is unknown; allowed: {', '.join(RULES)}")
+    return RULES[name].configure(section)
+
+
+def label(edit: "Rule | None") -> str:
+    """The job's rule label (logged as job.label; the report's intervention column)."""
+    return Baseline.LABEL if edit is None else edit.describe()
+
+
+class Rule:
+    """Base of the rules; subclasses are frozen dataclasses with a `layers` field
+    (frozenset of 0-based decoder layers) and `impl` ("fused" or "eager"). Defaults here:
+    no guidance, any call and row may change, no change before or after the softmax."""
+
+    name: ClassVar[str]  # set by register_rule
+    layers: frozenset[int]
+    impl: str
+
+    @classmethod
+    def config_keys(cls) -> tuple[str, ...]:
+        """The keys its config section may have: name and the fields but layers."""
+        return ("name", *(f.name for f in fields(cls) if f.name != "layers"))
+
+    @classmethod
+    def configure(cls, section) -> Callable[..., "Rule"] | None:
+        """The section checked: the class with its settings, waiting for `layers=`."""
+        cls.check_keys(section)
+        return partial(cls, **cls.settings(section))
+
+    @classmethod
+    def check_keys(cls, section) -> None:
+        """Refuse a key the rule does not have (a misspelling added with +)."""
+        for key in section:
+            if key not in cls.config_keys():
+                raise UsageError(
+                    f"intervention.{key} is not a key of the {cls.name} rule; allowed: "
+                    + ", ".join(cls.config_keys())
+                )
+
+    @classmethod
+    def settings(cls, section) -> dict:
+        """The checked, canonical values of every field but `layers` (UsageError)."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def guidance(self) -> float | None:
+        """The weight gamma of guidance against the prompt without its image (scoring's
+        `guided`), or None: no second pass."""
+        return None
+
+    def can_change(self, key_modality: torch.Tensor) -> bool:
+        """Whether the rule can change any row of a call whose keys have these modality ids
+        (B, K); where it cannot, plain SDPA gives the same output faster."""
+        return True
+
+    def first_changed_position(self, spans: dict) -> int:
+        """Under plain causal masking, the first sequence position whose row the rule can
+        change (rows before it take one plain SDPA call); spans: fused.ModalitySpan by name."""
+        return 0
+
+    def eager_scores(self, scores: torch.Tensor, key_modality: torch.Tensor) -> torch.Tensor:
+        """The rule on the scores (B, H, Q, K) before masking and the softmax."""
+        return scores
+
+    def eager_weights(self, weights, visible, key_modality, query_is_real) -> torch.Tensor:
+        """The rule on the post-softmax weights (B, H, Q, K); visible (B|1, 1, Q, K);
+        key_modality (B, K); query_is_real (B, Q)."""
+        return weights
+
+    def merge(self, parts: dict, block: Block) -> tuple[torch.Tensor, dict]:
+        """A block's output from parts, modality -> (o_X (B, H, n, D), LSE_X (B, H, n)):
+        (output, modality -> (o_X, share after the rule (B, H, n, 1)))."""
+        return plain_merge(parts)
+
+    def fused(
+        self, query, key, value, attention_mask, scaling, key_modality, profile=None, layer=None
+    ) -> torch.Tensor:
+        """The rule's attention output (B, H, Q, D) without a (Q, K) weight matrix."""
+        return modality_attention(
+            query, key, value, attention_mask, scaling, key_modality, self, profile, layer
+        )
+
+
+@register_rule("none")
+class Baseline(Rule):
+    """The unchanged model (intervention=none): its section has a name only."""
+
+    LABEL: ClassVar[str] = "baseline"
+
+    @classmethod
+    def config_keys(cls) -> tuple[str, ...]:
+        return ("name",)
+
+    @classmethod
+    def configure(cls, section) -> None:
+        cls.check_keys(section)
+
+
+@register_rule("redistribute")
+@dataclass(frozen=True)
+class Redistribution(Rule):
+    """Move `fraction` of the post-softmax mass of the `source` modality onto `recipients`
+    in the decoder layers `layers` (0-based): in proportion to the weights they already
+    have (mode proportional, the paper's) or equally over their visible keys (uniform)."""
+
+    source: str
+    recipients: tuple[str, ...]
+    layers: frozenset[int]
+    impl: str = "fused"  # or "eager", the reference
+    fraction: float = 1.0
+    mode: str = "proportional"
+
+    MODES: ClassVar[tuple[str, ...]] = ("proportional", "uniform")
+
+    @classmethod
+    def settings(cls, section) -> dict:
+        source = checked_modality(section, "source")
+        recipients = section.get("recipients")
+        recipients = [recipients] if isinstance(recipients, str) else list(recipients or [])
+        others = [m for m in MODALITIES if m != source]
+        if not recipients:
+            raise UsageError(
+                f"intervention.recipients is empty; give one or more of {others} "
+                f"(e.g. [{others[-1]}])"
+            )
+        for name in recipients:
+            if name not in others:
+                raise UsageError(
+                    f"intervention.recipients contains {name!r}; with source {source} allowed "
+                    f"recipients are {', '.join(others)}"
+                )
+        fraction = section.get("fraction", 1.0)
+        if not is_number(fraction) or not 0 <= fraction <= 1:
+            raise UsageError(f"intervention.fraction={fraction!r} must be a number in [0, 1]")
+        mode = checked_choice(section, "mode", "proportional", cls.MODES)
+        return {
+            "source": source,
+            "recipients": tuple(m for m in MODALITIES if m in recipients),
+            "fraction": float(fraction),
+            "mode": mode,
+            "impl": checked_impl(section),
+        }
+
+    def describe(self) -> str:
+        dose = "" if self.fraction == 1 else f" f={self.fraction:g}"
+        mode = "" if self.mode == "proportional" else f" {self.mode}"
+        return f"{self.source}->{'+'.join(self.recipients)}{dose}{mode}"
+
+    def can_change(self, key_modality) -> bool:
+        """A row changes only where it sees source and recipient keys."""
+        present = present_codes(key_modality)
+        recipients = {MODALITIES[r] for r in self.recipients}
+        return MODALITIES[self.source] in present and bool(recipients & present)
+
+    def first_changed_position(self, spans: dict) -> int:
+        """A row before the first key of the source, or of every recipient, sees none of
+        them (A_S = 0 or A_R = 0)."""
+        start = span_starts(spans)
+        first = max(start[self.source], min(start[r] for r in self.recipients))
+        return 0 if first == math.inf else first
+
+    def eager_weights(self, weights, visible, key_modality, query_is_real) -> torch.Tensor:
+        """a'_s = (1 - f) a_s; the recipients gain f A_S, as a_r f A_S / A_R (proportional)
+        or f A_S / n_R over their n_R visible keys (uniform); others unchanged. A row with
+        A_S == 0 or A_R == 0, or whose query is padding, is left as it is."""
+        is_source = (key_modality == MODALITIES[self.source])[:, None, None, :]
+        is_recipient = torch.isin(key_modality, modality_codes(self.recipients, weights.device))
+        is_recipient = is_recipient[:, None, None, :]
+        mass_source = (weights * is_source).sum(dim=-1, keepdim=True)
+        mass_recipient = (weights * is_recipient).sum(dim=-1, keepdim=True)
+        change = (mass_source > 0) & (mass_recipient > 0) & query_is_real[:, None, :, None]
+        moved = self.fraction * mass_source
+        if self.mode == "uniform":
+            receiving = visible & is_recipient
+            share = receiving / receiving.sum(dim=-1, keepdim=True).clamp_min(1)
+        else:
+            share = weights * is_recipient / mass_recipient.clamp_min(1e-30)
+        edited = torch.where(is_source, (1 - self.fraction) * weights, weights + moved * share)
+        return torch.where(change, edited, weights)
+
+    def merge(self, parts: dict, block: Block) -> tuple[torch.Tensor, dict]:
+        """In closed form (fused.py's docstring): the source keeps (1 - f) A_S; f A_S goes
+        to the recipients in proportion to A_X o_X, or (uniform) equally over their visible
+        keys, from each recipient span's (mean of V, log count): a zero query's attention."""
+        uniform = None
+        if self.mode == "uniform":
+            zeros = torch.zeros_like(block.query)
+            uniform = [block.spans[r].attend(zeros, block.first, block.visible, block.scaling)
+                       for r in self.recipients]  # fmt: skip
+        return self.redistribute(masses(parts), block.query_is_real, uniform)
+
+    def redistribute(self, shares: dict, query_is_real, uniform=None):
+        """shares: modality -> (o_X, A_X); query_is_real (B, 1, n, 1). Returns the output
+        and each modality's (o_X, share after the rule)."""
+        o_s, a_s = shares[self.source]
+        a_r = sum(shares[r][1] for r in self.recipients)
+        to_recipients = sum(shares[r][1] * shares[r][0] for r in self.recipients)
+        others = sum(
+            a * o
+            for name, (o, a) in shares.items()
+            if name != self.source and name not in self.recipients
+        )
+        change = (a_s > 0) & (a_r > 0) & query_is_real
+        moved = torch.where(change, self.fraction * a_s, 0.0)
+        after = dict(shares)
+        if uniform is None:
+            gained = to_recipients * (moved / torch.where(change, a_r, 1.0))
+            for r in self.recipients:  # each recipient gains in proportion to its mass
+                o, a = shares[r]
+                after[r] = (o, a + moved * a / torch.where(change, a_r, 1.0))
+        else:
+            counts = [lse.exp()[..., None] for _, lse in uniform]
+            total = sum(counts).clamp_min(1)
+            mean_value = sum(n * o for n, (o, _) in zip(counts, uniform, strict=True)) / total
+            gained = moved * mean_value
+            for r, n in zip(self.recipients, counts, strict=True):  # in proportion to its keys
+                o, a = shares[r]
+                after[r] = (o, a + moved * n / total)
+        after[self.source] = (o_s, a_s - moved)
+        return to_recipients + gained + others + (a_s - moved) * o_s, after
+
+
+@register_rule("scale")
+@dataclass(frozen=True)
+class Scale(Rule):
+    """Multiply the post-softmax mass of `modality` by `factor` and renormalise each row
+    (the paper's "Image x2.0" baseline): the same as adding ln(factor) to its scores."""
+
+    modality: str
+    factor: float
+    layers: frozenset[int]
+    impl: str = "fused"
+
+    @classmethod
+    def settings(cls, section) -> dict:
+        modality = checked_modality(section, "modality")
+        factor = section.get("factor")
+        if not is_number(factor) or factor <= 0:
+            raise UsageError(f"intervention.factor={factor!r} must be a positive number")
+        return {"modality": modality, "factor": float(factor), "impl": checked_impl(section)}
+
+    def describe(self) -> str:
+        return f"{self.modality}x{self.factor:g}"
+
+    def can_change(self, key_modality) -> bool:
+        return MODALITIES[self.modality] in present_codes(key_modality)
+
+    def first_changed_position(self, spans: dict) -> int:
+        """Nothing changes before the modality's first key."""
+        first = span_starts(spans)[self.modality]
+        return 0 if first == math.inf else first
+
+    def eager_weights(self, weights, visible, key_modality, query_is_real) -> torch.Tensor:
+        """a'_x = c a_x / (1 + (c - 1) A_X), a'_y = a_y / (1 + (c - 1) A_X). With attention
+        sinks the weights sum to less than 1: the sink's mass stays in the denominator."""
+        is_x = (key_modality == MODALITIES[self.modality])[:, None, None, :]
+        scaled = weights * torch.where(is_x, self.factor, 1.0)
+        sink = (1 - weights.sum(dim=-1, keepdim=True)).clamp_min(0)
+        return scaled / (scaled.sum(dim=-1, keepdim=True) + sink).clamp_min(1e-30)
+
+    def merge(self, parts: dict, block: Block) -> tuple[torch.Tensor, dict]:
+        """ln(factor) added to the modality's log-sum-exp."""
+        o_x, lse_x = parts[self.modality]
+        return plain_merge(parts | {self.modality: (o_x, lse_x + math.log(self.factor))})
+
+
+@register_rule("pai")
+@dataclass(frozen=True)
+class Pai(Rule):
+    """PAI (Liu et al., ECCV 2024; code github.com/LALBJ/PAI): on the answer position's
+    query row only, the pre-softmax image scores z become z + alpha |z|; optionally
+    (cfg_gamma) the answer's log-probs are then refined by classifier-free guidance against
+    the prompt without the image."""
+
+    alpha: float
+    layers: frozenset[int]
+    impl: str = "fused"
+    cfg_gamma: float | None = None
+
+    @classmethod
+    def settings(cls, section) -> dict:
+        alpha, gamma = section.get("alpha"), section.get("cfg_gamma")
+        if not is_number(alpha) or alpha < 0:
+            raise UsageError(f"intervention.alpha={alpha!r} must be a number >= 0")
+        if gamma is not None and (not is_number(gamma) or gamma < 1):
+            raise UsageError(
+                f"intervention.cfg_gamma={gamma!r} must be null (off) or a number >= 1"
+            )
+        return {
+            "alpha": float(alpha),
+            "cfg_gamma": None if gamma is None else float(gamma),
+            "impl": checked_impl(section),
+        }
+
+    def describe(self) -> str:
+        cfg = "" if self.cfg_gamma is None else f" cfg={self.cfg_gamma:g}"
+        return f"PAI a={self.alpha:g}{cfg}"
+
+    @property
+    def guidance(self) -> float | None:
+        return self.cfg_gamma
+
+    def can_change(self, key_modality) -> bool:
+        """It needs image keys and an answer (text) row."""
+        present = present_codes(key_modality)
+        return MODALITIES["image"] in present and TEXT in present
+
+    def eager_scores(self, scores, key_modality) -> torch.Tensor:
+        return self.raised(scores, key_modality, answer_rows(key_modality, scores.shape[2]))
+
+    def raised(self, scores, key_modality, answer: torch.Tensor) -> torch.Tensor:
+        """scores (B, H, Q, K) before masking: z + alpha |z| on the image keys of the rows
+        that `answer` (B, Q) marks."""
+        is_image = (key_modality == MODALITIES["image"])[:, None, None, :]
+        return scores + self.alpha * scores.abs() * (answer[:, None, :, None] & is_image)
+
+    def fused(
+        self, query, key, value, attention_mask, scaling, key_modality, profile=None, layer=None
+    ) -> torch.Tensor:
+        """Plain SDPA for every row, then the answer row of each sequence again with its
+        image scores raised: one (1 x K) score row per sequence is all PAI materialises.
+        A profile gets plain attention's shares, the answer rows' from PAI's weights."""
+        out, answer = self.answer_row_attention(
+            query, key, value, attention_mask, scaling, key_modality
+        )
+        if profile is not None:
+            modality_attention(
+                query, key, value, attention_mask, scaling, key_modality, None,
+                AnswerRowShares(profile, answer), layer,
+            )  # fmt: skip
+        return out
+
+    def answer_row_attention(self, query, key, value, attention_mask, scaling, key_modality):
+        """(output (B, H, Q, D), (batch, row, weights)): the sequences with an answer row,
+        that row, and its PAI weights (b, H, 1, K)."""
+        q_len, k_len = query.shape[2], key.shape[2]
+        # transformers passes no mask only when Q == K (a plain causal prefill) or Q == 1.
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            is_causal=attention_mask is None and q_len > 1,
+            scale=scaling,
+            enable_gqa=True,
+        )
+        answer = answer_rows(key_modality, q_len)
+        batch = answer.any(dim=1).nonzero()[:, 0]
+        if len(batch) == 0:
+            return out, (batch, batch, None)
+        rows = answer[batch].int().argmax(dim=1)
+        n_rep = query.shape[1] // key.shape[1]
+        k, v = repeat_kv(key[batch], n_rep).float(), repeat_kv(value[batch], n_rep).float()
+        q = query[batch, :, rows][:, :, None].float()  # (b, H, 1, D)
+        scores = torch.matmul(q, k.transpose(2, 3)) * scaling
+        every = torch.ones(len(batch), 1, dtype=torch.bool, device=query.device)
+        scores = self.raised(scores, key_modality[batch], every)
+        if attention_mask is None:
+            last = (k_len - q_len + rows)[:, None]
+            visible = torch.arange(k_len, device=query.device)[None] <= last
+        else:
+            visible = attention_mask.expand(len(key_modality), -1, -1, -1)[batch, 0, rows]
+        weights = torch.softmax(scores.masked_fill(~visible[:, None, None, :], -math.inf), -1)
+        out[batch, :, rows] = torch.matmul(weights, v)[:, :, 0].to(out.dtype)
+        return out, (batch, rows, weights)
+
+
+class AnswerRowShares:
+    """An AttentionProfile's stand-in that records each block's shares with the answer
+    rows' replaced by those of their PAI weights (Pai.answer_row_attention)."""
+
+    def __init__(self, profile, answer):
+        self.profile, self.answer = profile, answer
+
+    def record(self, layer: int, shares: dict, key_modality, rows: slice, q_len: int) -> None:
+        batch, answer, weights = self.answer
+        in_block = (answer >= rows.start) & (answer < rows.stop)
+        if in_block.any():
+            for name, code in MODALITIES.items():
+                is_x = (key_modality[batch] == code)[:, None, :]  # (b, 1, K)
+                share = (weights[:, :, 0] * is_x).sum(-1)  # (b, H)
+                shares[name][batch[in_block], :, answer[in_block] - rows.start] = share[in_block]
+        self.profile.record(layer, shares, key_modality, rows, q_len)
+
+
+def checked_modality(section, key: str) -> str:
+    value = section.get(key)
+    if value not in MODALITIES:
+        allowed = ", ".join(MODALITIES)
+        raise UsageError(f"intervention.{key}={value!r} is not a modality; allowed: {allowed}")
+    return value
+
+
+def checked_impl(section) -> str:
+    return checked_choice(section, "impl", "fused", IMPLEMENTATIONS)
+
+
+def checked_choice(section, key: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = section.get(key, default)
+    if value not in allowed:
+        raise UsageError(f"intervention.{key}={value!r} is unknown; allowed: {', '.join(allowed)}")
+    return value
+
+
+def is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def present_codes(key_modality: torch.Tensor) -> set[int]:
+    """The modality ids among a call's keys (B, K)."""
+    return set(torch.unique(key_modality).tolist())
+
+
+def span_starts(spans: dict) -> dict:
+    """Modality -> its first key position (math.inf where it has no key)."""
+    return {name: span.lo if span.present else math.inf for name, span in spans.items()}
+
+
+def modality_codes(names, device) -> torch.Tensor:
+    return torch.tensor([MODALITIES[n] for n in names], device=device)

@@ -120,7 +120,14 @@ class YesNoJob(Job):
         if edit is not None:
             comparison = compare_with_baseline(metrics, all_metrics(benchmark, baseline, ranking))
         artifacts = [] if profile is None else [profile_files(profile, name)]
-        return Evaluation(predictions, metrics, scores.computed, comparison, words, artifacts)
+        return Evaluation(
+            predictions,
+            metrics,
+            scores.computed,
+            comparison=comparison,
+            words=words,
+            artifacts=artifacts,
+        )
 
 
 def profile_files(profile: AttentionProfile, name: str):

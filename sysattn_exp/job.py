@@ -16,6 +16,7 @@ A new job kind is a subclass of Job implementing load, dry_run and evaluate (and
 if it reads keys of its own); runner.job_kind picks it from the config."""
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -71,7 +72,7 @@ class Evaluation:
     artifacts: list[Callable[[Path], None]] = field(default_factory=list)
 
 
-class Job:
+class Job(ABC):
     """One kind of job: its data, its checks and its evaluation; run_job does the rest.
     Subclasses set `logged` and implement load, dry_run and evaluate; check is optional."""
 
@@ -89,22 +90,24 @@ class Job:
         """Whether the job records an attention profile (+task=profile: its run name says so)."""
         return False
 
+    @abstractmethod
     def load(self) -> None:
         """Load and check the job's data (UsageError), before the model loads."""
-        raise NotImplementedError
 
     def check(self) -> None:
-        """Check the config keys the evaluation reads (UsageError), before the model loads."""
+        """Check the config keys the evaluation reads (UsageError), before the model loads;
+        none by default."""
+        return
 
+    @abstractmethod
     def dry_run(self, config) -> tuple[dict, str]:
         """What a dry run checks and prints beyond the skeleton's line, given the model's
         config (no weights): the summary for DRY_RUN_FILE and the counts for the line."""
-        raise NotImplementedError
 
+    @abstractmethod
     def evaluate(self, loaded: LoadedModel, edit: Edit | None, name: str, watch: Watch):
         """Evaluate the condition `edit` (None: the baseline) of the job named `name`;
         returns an Evaluation."""
-        raise NotImplementedError
 
 
 def run_job(job: Job, out_dir: Path) -> dict:

@@ -62,9 +62,9 @@ def stop_ids(loaded: LoadedModel) -> set[int]:
 def decode(
     loaded: LoadedModel, start: Prefill, edit: Edit | None, max_new_tokens: int
 ) -> list[list[int]]:
-    """Greedy decoding from a started batch: each row's new token ids, up to and without
-    its first stop token, at most max_new_tokens."""
-    if max_new_tokens < 1:  # the runner checks scoring.max_new_tokens before the model loads
+    """Greedy decoding from a prefilled batch (scoring.prefill): each row's new token ids,
+    up to and without its first stop token, at most max_new_tokens."""
+    if max_new_tokens < 1:  # the job checks scoring.max_new_tokens before the model loads
         raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
     language_model, device = loaded.model.model, loaded.device
     stop_set = stop_ids(loaded)

@@ -4,7 +4,7 @@ where it stopped and a finished one recomputes nothing.
 One directory per condition (a hash of everything that determines the scores: model and
 revision, dtype, batch size, scoring words, intervention and resolved layers, the
 dataset's revision, the environment that computes them (torch and transformers versions,
-device name, planned attention kernels: runner.condition) and the code: SCORES_VERSION
+device name, planned attention kernels: identity.condition) and the code: SCORES_VERSION
 and scores_code_digest()) holds `condition.json` and append-only JSON-lines files, one
 per writing process: each line is one scored batch, written whole and flushed to disk
 before the next batch starts. Processes never write the same file, so concurrent jobs

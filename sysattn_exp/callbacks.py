@@ -73,7 +73,7 @@ def report_sweep_end(sweep_dir: Path, uri: str) -> list[dict]:
 
 def report_dry_run_end(sweep_dir: Path) -> list[dict]:
     """A dry run of a sweep: how many jobs' configs were checked, and which failed."""
-    from sysattn_exp.runner import DRY_RUN_FILE
+    from sysattn_exp.job import DRY_RUN_FILE
 
     jobs = [p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()]
     failures = failed_jobs(sweep_dir, DRY_RUN_FILE)

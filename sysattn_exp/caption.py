@@ -1,8 +1,8 @@
 """`+task=caption`: caption COCO val2014 images with the model (any intervention on) and
 score the captions with CHAIR. Loads the ground truth, asks a generation function for the
-captions (and, with an intervention, for the baseline's), writes predictions.parquet (one
-row per image: its caption and objects) and returns the job's metrics; the runner writes
-the config and metrics and logs them like any job."""
+captions (and, with an intervention, for the baseline's) and gives predictions.parquet's
+rows (one per image: its caption and objects) and the job's metrics; the job skeleton
+(job.run_job, through job_caption.CaptionJob) writes and logs them like any job's."""
 
 import json
 import random
@@ -230,13 +230,23 @@ def caption_job(
     generate_fn: GenerateFn,
     images: list[CocoImage] | None = None,
 ) -> dict[str, float]:
-    """Caption the configured images, score them with CHAIR, write predictions.parquet in
-    out_dir; returns the metrics. With an edit, the baseline's captions (edit None) give
-    baseline_<metric> and the change of CHAIR_s and CHAIR_i in points. `images`:
-    load_coco(cfg.caption) done beforehand (so that bad data fails before the model
-    loads); None loads it here."""
+    """caption_predictions, with predictions.parquet written in out_dir; returns the
+    metrics. `images`: load_coco(cfg.caption) done beforehand; None loads it here."""
     if images is None:
         images = load_coco(cfg.caption)
+    frame, metrics = caption_predictions(cfg, loaded, edit, generate_fn, images)
+    write_atomically(out_dir / CAPTIONS_FILE, lambda p: frame.to_parquet(p, index=False))
+    return metrics
+
+
+def caption_predictions(
+    cfg, loaded, edit, generate_fn: GenerateFn, images: list[CocoImage]
+) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Caption the images (load_coco(cfg.caption), loaded beforehand so that bad data
+    fails before the model loads) and score them with CHAIR: one row per image for
+    predictions.parquet (caption_rows), and the metrics. With an edit, the baseline's
+    captions (edit None) give baseline_<metric> and the change of CHAIR_s and CHAIR_i in
+    points."""
     prompt = caption_prompt(cfg, loaded)
     vocab = vocabulary(cfg.caption.get("singularize", "original"))
     rows, scores = caption_rows(
@@ -249,9 +259,7 @@ def caption_job(
         metrics |= {f"baseline_{name}": value for name, value in baseline.items()}
         for name in ("chair_s", "chair_i"):
             metrics[f"{name}_change_points"] = 100.0 * (metrics[name] - baseline[name])
-    frame = pd.DataFrame(rows)
-    write_atomically(out_dir / CAPTIONS_FILE, lambda p: frame.to_parquet(p, index=False))
-    return metrics
+    return pd.DataFrame(rows), metrics
 
 
 def captions_of(cfg, loaded, edit, generate_fn, images, prompt) -> list[str]:

@@ -2,7 +2,7 @@
 
 Recorded in every job's config.yaml (section `environment`, not in the job key) and so in
 its MLflow params; the parts that change scores (versions, device names) are also in the
-score cache's condition (runner.condition)."""
+score cache's condition (identity.condition)."""
 
 import platform
 

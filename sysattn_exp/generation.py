@@ -5,8 +5,8 @@ A hand loop, not model.generate(): the attention rule needs every forward call's
 key_modality (B, K), which grows by one TEXT column per step, and generate() has no way
 to extend a custom keyword argument per step (it would pass the prompt's (B, P) ids to
 every step, and the rule would read the wrong modality for the new keys). The loop is
-short: prefix pass, question pass (both exactly as scoring.score_batch runs them, so the
-first step's logits are the logit mode's), then one forward per new token with the KV
+short: prefix pass, question pass (scoring.prefill, which scoring runs too, so the first
+step's logits are the logit mode's), then one forward per new token with the KV
 cache, which holds the edited prefix.
 
 Every decoding row is a text query, so the rules apply to it as to the question's rows.
@@ -35,13 +35,13 @@ from sysattn_exp.rules import Rule
 from sysattn_exp.scoring import (
     CACHE_ARG,
     BatchEncoder,
-    EncodedBatch,
+    Prefill,
     answer_reader,
     answer_scores,
     encode_full_prompts,
     keep_batch,
     plan_batches,
-    score_batch,
+    prefill,
     warn_if_unscored,
 )
 
@@ -58,25 +58,13 @@ def stop_ids(loaded: LoadedModel) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-@dataclass
-class Started:
-    """A batch after its prompt pass: what the decoding steps continue from."""
-
-    cache: object  # the KV cache over prefix + question (edited where the rule applies)
-    logits: torch.Tensor  # (B, V) the next-token logits at each row's last real position
-    attention_mask: torch.Tensor  # (B, K)
-    key_modality: torch.Tensor  # (B, K)
-    next_position: torch.Tensor  # (B,): the position of each row's first new token
-    rope_axes: int  # 0: 1-D positions; 3: Qwen2-VL's (3, B, 1) multimodal positions
-
-
 @torch.inference_mode()
 def decode(
-    loaded: LoadedModel, start: Started, edit: Rule | None, max_new_tokens: int
+    loaded: LoadedModel, start: Prefill, edit: Rule | None, max_new_tokens: int
 ) -> list[list[int]]:
-    """Greedy decoding from a started batch: each row's new token ids, up to and without
-    its first stop token, at most max_new_tokens."""
-    if max_new_tokens < 1:  # the runner checks scoring.max_new_tokens before the model loads
+    """Greedy decoding from a prefilled batch (scoring.prefill): each row's new token ids,
+    up to and without its first stop token, at most max_new_tokens."""
+    if max_new_tokens < 1:  # the job checks scoring.max_new_tokens before the model loads
         raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
     language_model, device = loaded.model.model, loaded.device
     stop_set = stop_ids(loaded)
@@ -124,15 +112,6 @@ def until_stop(ids: list[int], stops: set[int]) -> list[int]:
         if token in stops:
             return ids[:i]
     return ids
-
-
-@torch.inference_mode()
-def start_batch(loaded: LoadedModel, batch: EncodedBatch, edit: Rule | None) -> Started:
-    """The prefix and question passes of scoring.score_batch (the shared image prefix run
-    once per image, its cache reused for every question), keeping what decoding needs."""
-    kept = {}
-    score_batch(loaded, batch, edit, [0], [0], keep=kept)
-    return Started(**kept)
 
 
 def texts_of(loaded: LoadedModel, ids: list[list[int]]) -> list[str]:
@@ -185,7 +164,7 @@ def generate_full_prompts(
     rope_axes = 0
     if last.dim() == 2:
         last, rope_axes = last.amax(dim=0), positions.shape[0]
-    start = Started(
+    start = Prefill(
         cache=getattr(out, CACHE_ARG),
         logits=logits,
         attention_mask=inputs["attention_mask"],
@@ -244,7 +223,7 @@ def generate_items(
     for index, batch in enumerate(loader):
         if isinstance(batch, UsageError):
             raise batch
-        begun = start_batch(loaded, batch, edit)
+        begun = prefill(loaded, batch, edit)
         if index == 0 and all(words):  # the first batch: the answer tokens' check
             warn_if_unscored(loaded.tokenizer, begun.logits, *words)
         ids = decode(loaded, begun, edit, max_new_tokens)

@@ -337,18 +337,25 @@ def on_device(loaded: LoadedModel, inputs: dict) -> dict:
     }
 
 
+@dataclass
+class Prefill:
+    """A batch after its prompt passes: the answer position's logits, and what decoding
+    (generation.decode) continues from."""
+
+    cache: object  # the KV cache over prefix + question (edited where the rule applies)
+    logits: torch.Tensor  # (B, V) float32 next-token logits at each row's last real position
+    attention_mask: torch.Tensor  # (B, K)
+    key_modality: torch.Tensor  # (B, K)
+    next_position: torch.Tensor  # (B,): the position of each row's first new token
+    rope_axes: int  # 0: 1-D positions; 3: Qwen2-VL's (3, B, 1) multimodal positions
+
+
 @torch.inference_mode()
-def score_batch(
-    loaded: LoadedModel,
-    batch: EncodedBatch,
-    edit: Rule | None,
-    yes_ids,
-    no_ids,
-    profile=None,
-    keep: dict | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(yes_logit, no_logit, p_yes) per item (see answer_scores). `keep`, a dict, receives
-    what decoding continues from (generation.Started's fields)."""
+def prefill(loaded: LoadedModel, batch: EncodedBatch, edit: Rule | None, profile=None) -> Prefill:
+    """The prompt passes of a batch, the rule applied in both: the prefix pass, run once
+    per distinct prefix, then the question pass over each item's question tokens with the
+    prefix's KV cache; the logits are read (answer_reader) after each row's last real
+    question token. What scoring and generation both start from."""
     device, language_model = loaded.device, loaded.model.model
     prefix_ids, prefix_mask = batch.prefix_ids.to(device), batch.prefix_mask.to(device)
     vision = on_device(loaded, batch.vision)
@@ -388,16 +395,35 @@ def score_batch(
             attention_profile=profile,
         ).last_hidden_state
         logits = read(hidden, question_mask.sum(1) - 1)
-    if keep is not None:  # decoding continues after each row's last real question token
-        first = question_positions[0] if question_positions.dim() == 3 else question_positions
-        keep.update(
-            cache=cache,
-            logits=logits,
-            attention_mask=attention_mask,
-            key_modality=key_modality,
-            next_position=first[:, 0] + question_mask.sum(1),
-            rope_axes=question_positions.shape[0] if question_positions.dim() == 3 else 0,
-        )
+    # Decoding continues after each row's last real question token.
+    first = question_positions[0] if question_positions.dim() == 3 else question_positions
+    return Prefill(
+        cache=cache,
+        logits=logits,
+        attention_mask=attention_mask,
+        key_modality=key_modality,
+        next_position=first[:, 0] + question_mask.sum(1),
+        rope_axes=question_positions.shape[0] if question_positions.dim() == 3 else 0,
+    )
+
+
+@torch.inference_mode()
+def score_batch(
+    loaded: LoadedModel,
+    batch: EncodedBatch,
+    edit: Rule | None,
+    yes_ids,
+    no_ids,
+    profile=None,
+    check_answers: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(yes_logit, no_logit, p_yes) per item (see answer_scores), from the prompt passes
+    (prefill) and, for PAI's guidance, the prompts without their image. `check_answers`:
+    warn (warn_if_unscored) where the model's most likely answer token, before any
+    guidance, is none of the scored ones."""
+    logits = prefill(loaded, batch, edit, profile).logits
+    if check_answers:
+        warn_if_unscored(loaded.tokenizer, logits, yes_ids, no_ids)
     if edit is not None and edit.guidance is not None:
         logits = guided(logits, text_only_logits(loaded, batch), edit.guidance)
     return answer_scores(logits, yes_ids, no_ids)
@@ -636,11 +662,8 @@ def score_batches(
     for index, batch in enumerate(loader):
         if isinstance(batch, UsageError):
             raise batch
-        kept = {} if index == 0 else None  # the first batch's logits, for one cheap check
-        scores = score_batch(loaded, batch, edit, *words, profile=profile, keep=kept)
-        if kept:
-            warn_if_unscored(loaded.tokenizer, kept.pop("logits"), *words)
-            kept.clear()  # drops the batch's KV cache before the next batch runs
+        # The first batch's logits get one cheap check of the scored answer tokens.
+        scores = score_batch(loaded, batch, edit, *words, profile=profile, check_answers=index == 0)
         scores = [s.tolist() for s in scores]
         batch_keys = [keys[j] for j in batch.items]
         if cache:

@@ -211,7 +211,7 @@ def _sweep_parent(cfg, sweep_dir: Path, sweep_key: str, description: str) -> str
 
 TIMING_METRICS = ("scoring_seconds", "items_per_second", "n_items_from_cache")
 # How the scores were computed, not what they are: a rerun served from the cache reports
-# the planned kernel path (runner.scoring_checks) and must still find its logged run.
+# the planned kernel path (job.scoring_checks) and must still find its logged run.
 HOW_METRICS = ("kernel_path",)
 
 

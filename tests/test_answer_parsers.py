@@ -22,7 +22,7 @@ from sysattn_exp.benchmarks import (
 )
 from sysattn_exp.benchmarks.base import mme_answer
 from sysattn_exp.errors import UsageError
-from sysattn_exp.runner import generation_condition, job_key
+from sysattn_exp.identity import generation_condition, job_key
 
 # POPE evaluate.py: keep the text before the first ".", drop commas, split on " "; "No",
 # "not" or "no" among the words -> no, else yes.

@@ -15,9 +15,9 @@ from transformers import PreTrainedTokenizerFast
 
 from sysattn_exp.benchmarks import load_benchmark
 from sysattn_exp.errors import UsageError
+from sysattn_exp.job_yes_no import item_prompts, scoring_words
 from sysattn_exp.models import first_token_ids, load_model, tokenizer_of
 from sysattn_exp.prompts import PromptFormat, build_prompt
-from sysattn_exp.runner import item_prompts, scoring_words
 from sysattn_exp.scoring import score_items, warn_if_unscored
 
 WORDS = {"yes": ["Yes", "yes"], "no": ["No", "no"]}

@@ -11,13 +11,13 @@ from conftest import make_image
 from hydra import compose, initialize_config_module
 from test_scoring import WORDS
 
-from sysattn_exp import runner
+from sysattn_exp import identity
 from sysattn_exp.benchmarks.base import Benchmark, Item, open_image_file
 from sysattn_exp.cache import SCORES_VERSION, ScoreCache, code_digest, digest, scores_code_digest
+from sysattn_exp.identity import condition, job_config, job_key
 from sysattn_exp.models import LoadedModel, use_sysattn
 from sysattn_exp.prompts import build_prompt
 from sysattn_exp.rules import Redistribution
-from sysattn_exp.runner import condition, job_config, job_key
 from sysattn_exp.scoring import score_items
 
 
@@ -80,9 +80,9 @@ def test_the_condition_changes_with_what_changes_scores(gqa_llava, composed, mon
         patch.setattr(torch, "__version__", "9.1.0+cu130")
         changed["torch"] = condition(composed, loaded, edit, WORDS)
     with monkeypatch.context() as patch:
-        # the library as the runner imported it (a lazy module that may be replaced in
+        # the library as identity imported it (a lazy module that may be replaced in
         # sys.modules after import)
-        patch.setattr(runner.transformers, "__version__", "6.0.0")
+        patch.setattr(identity.transformers, "__version__", "6.0.0")
         changed["transformers"] = condition(composed, loaded, edit, WORDS)
     smaller = copy.deepcopy(composed)
     smaller.model.batch_size = 4

@@ -19,7 +19,7 @@ from cli import read_metrics, run_cli, run_main
 from omegaconf import OmegaConf
 
 from sysattn_exp.cluster import Progress, available_cpus, log_when_stopped, slurm_sqlite_warning
-from sysattn_exp.runner import num_workers
+from sysattn_exp.job import num_workers
 
 COMPUTED = re.compile(r"baseline: (\d+) of (\d+) items computed by this job")
 
@@ -134,13 +134,13 @@ def test_stop_signal_is_logged_then_passed_to_the_previous_handler(caplog):
 
 
 def share_baseline(overrides: list[str], start, results) -> None:
-    """One job's baseline share (runner.shared_baseline), in a process of its own: model
+    """One job's baseline share (job_yes_no.shared_baseline), in a process of its own: model
     loaded first, then scoring from the moment every job is ready (`start`, a barrier)."""
     from hydra import compose, initialize_config_module
 
     from sysattn_exp.benchmarks import load_benchmark
+    from sysattn_exp.job_yes_no import item_prompts, scoring_words, shared_baseline
     from sysattn_exp.models import load_model
-    from sysattn_exp.runner import item_prompts, scoring_words, shared_baseline
 
     with initialize_config_module("sysattn_exp.conf", version_base="1.3"):
         cfg = compose("config", overrides=overrides)

@@ -21,10 +21,10 @@ from sysattn_exp.generation import (
     stop_ids,
     until_stop,
 )
+from sysattn_exp.job_yes_no import scoring_words
 from sysattn_exp.models import LoadedModel, use_sysattn
 from sysattn_exp.prompts import build_prompt
 from sysattn_exp.rules import Pai, Redistribution
-from sysattn_exp.runner import scoring_words
 from sysattn_exp.scoring import CACHE_ARG, score_items
 
 NEW_TOKENS = 5
@@ -262,8 +262,9 @@ def test_qwen2_vl_generation_continues_3d_positions(qwen2_vl, rule):
 
 
 def test_job_key_separates_the_modes():
+    from sysattn_exp.checks import max_new_tokens
     from sysattn_exp.errors import UsageError
-    from sysattn_exp.runner import generation_condition, job_key, max_new_tokens
+    from sysattn_exp.identity import generation_condition, job_key
 
     before = {"scoring": {"yes_words": ["Yes"]}, "model": {"name_or_path": "m"}}
     logit = {**before, "scoring": {"yes_words": ["Yes"], "mode": "logit", "max_new_tokens": 8}}

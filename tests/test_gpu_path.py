@@ -27,6 +27,7 @@ import sysattn_exp.models as models
 from sysattn_exp.benchmarks import load_benchmark
 from sysattn_exp.errors import UsageError
 from sysattn_exp.generation import generate_items
+from sysattn_exp.job_yes_no import item_prompts, scoring_words
 from sysattn_exp.models import (
     LoadedModel,
     auto_dtype,
@@ -36,7 +37,6 @@ from sysattn_exp.models import (
     use_sysattn,
 )
 from sysattn_exp.rules import Redistribution
-from sysattn_exp.runner import item_prompts, scoring_words
 from sysattn_exp.scoring import encode_full_prompts, score_full_prompts, score_items
 
 BF16_UNIT = 2.0**-8

@@ -1,6 +1,6 @@
 """Job keys of the paper grid stay what they were (issue 17: a redesign changes no key).
 
-A job key digests the job's condition and its composed config (runner.job_key). What a
+A job key digests the job's condition and its composed config (identity.job_key). What a
 refactor may legitimately change (the scoring code's digest, the torch and transformers
 versions, the device's name) is held fixed here, so that the keys recorded in
 data/paper_job_keys.json check the rest: the config's sections and keys as composed, the
@@ -18,8 +18,9 @@ import transformers
 from hydra import compose, initialize_config_module
 
 import sysattn_exp
-from sysattn_exp import runner
+from sysattn_exp import identity
 from sysattn_exp.conditions import build_edit, intervention_rule, resolve_layers
+from sysattn_exp.job import checked_none
 from sysattn_exp.models import load_model
 
 KEYS_FILE = Path(__file__).parent / "data" / "paper_job_keys.json"
@@ -55,16 +56,16 @@ def key_of(cfg, loaded, benchmark: str) -> dict:
     if rule:
         layers = resolve_layers(cfg.layers, loaded.num_layers)
     else:
-        layers = runner.checked_none(cfg.layers, loaded.num_layers)
+        layers = checked_none(cfg.layers, loaded.num_layers)
     edit = build_edit(rule, layers)
-    job_name = runner.run_name(benchmark, edit, layers)
-    config = runner.job_config(cfg, loaded, edit, WORDS, layers, job_name)
+    job_name = identity.run_name(benchmark, edit, layers)
+    config = identity.job_config(cfg, loaded, edit, WORDS, layers, job_name)
     return {"name": job_name, "key": config["job"]["key"]}
 
 
 def paper_keys(monkeypatch) -> dict:
-    monkeypatch.setattr(runner, "scores_code_digest", lambda: "code")
-    monkeypatch.setattr(runner, "device_names", lambda model: ["cpu"])
+    monkeypatch.setattr(identity, "scores_code_digest", lambda: "code")
+    monkeypatch.setattr(identity, "device_names", lambda model: ["cpu"])
     monkeypatch.setattr(torch, "__version__", "torch")
     monkeypatch.setattr(transformers, "__version__", "transformers")
     loaded = load_model(compose_job("baseline", "mme").model)
@@ -95,10 +96,10 @@ def test_the_key_holds_the_environment_and_code(monkeypatch, field):
     loaded = load_model(cfg.model)
     layers = resolve_layers(cfg.layers, loaded.num_layers)
     edit = build_edit(intervention_rule(cfg.intervention), layers)
-    condition = runner.condition(cfg, loaded, edit, WORDS)
-    config = runner.job_config(cfg, loaded, edit, WORDS, layers, "x")
+    condition = identity.condition(cfg, loaded, edit, WORDS)
+    config = identity.job_config(cfg, loaded, edit, WORDS, layers, "x")
     # The key is computed before job_config adds "job", "environment" and layers.depth.
     before = {k: v for k, v in config.items() if k not in ("job", "environment")}
     before["layers"] = {k: v for k, v in before["layers"].items() if k != "depth"}
-    assert runner.job_key(before, condition) == config["job"]["key"]
-    assert runner.job_key(before, condition | {field: "other"}) != config["job"]["key"]
+    assert identity.job_key(before, condition) == config["job"]["key"]
+    assert identity.job_key(before, condition | {field: "other"}) != config["job"]["key"]

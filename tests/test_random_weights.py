@@ -280,7 +280,7 @@ def test_a_map_to_disk_is_refused():
 
 
 def test_job_key_of_pretrained_weights_is_what_it_was_before_the_weights_key():
-    from sysattn_exp.runner import job_key
+    from sysattn_exp.identity import job_key
 
     before = {"model": {"name_or_path": "llava-hf/llava-1.5-7b-hf", "seed": 0}}
     pretrained = {"model": before["model"] | {"weights": "pretrained", "config_overrides": None}}

@@ -246,7 +246,7 @@ def test_report_compares_models_side_by_side(tmp_path, monkeypatch):
 
 def test_runs_logged_before_the_label_take_it_from_their_run_name(tmp_path):
     """Runs logged by versions that did not log job.label: the rule's label is the rule
-    part of the run name they were logged under (runner.run_name), whatever their params."""
+    part of the run name they were logged under (identity.run_name), whatever their params."""
     uri = f"sqlite:///{tmp_path}/store.db"
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.create_experiment("old", artifact_location=tmp_path.as_uri())

@@ -15,9 +15,9 @@ from transformers import LlavaForConditionalGeneration
 from sysattn_exp import toy_model
 from sysattn_exp.benchmarks import load_benchmark
 from sysattn_exp.conditions import build_edit, intervention_rule, resolve_layers
+from sysattn_exp.job_yes_no import item_prompts, scoring_words
 from sysattn_exp.models import load_model
 from sysattn_exp.profile import AttentionProfile
-from sysattn_exp.runner import item_prompts, scoring_words
 from sysattn_exp.scoring import score_items
 
 # sha256 of the shipped weights, as scripts/train_toy.py prints it (seed 0, defaults).

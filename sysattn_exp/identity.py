@@ -1,0 +1,154 @@
+"""Job identity: what a job's results depend on, and the names and keys derived from it.
+
+- condition: everything besides an item and its prompt that determines the item's scores
+  (model, data revision, environment, planned attention kernels, code, the rule); the
+  score cache's condition (cache.ScoreCache) and part of every key below.
+- job_key: the condition and the composed config less the keys that never change what a
+  job produces (NOT_IN_JOB_KEY); two jobs that can produce different files never share it.
+- job_config: config.yaml, which records the job's name and key.
+- run_name: the job's MLflow run name ('pope baseline', 'pope system->text layers 24-31').
+- caption_baseline_key: the key of a caption job's cached baseline captions.
+
+Every value here is part of the results' identity on disk and in MLflow: a change of one
+changes every job's key (tests/test_job_keys.py holds the paper grid's keys fixed)."""
+
+from dataclasses import asdict
+
+import torch
+import transformers
+from omegaconf import OmegaConf
+
+from sysattn_exp import kernels, random_weights
+from sysattn_exp.cache import SCORES_VERSION, digest, scores_code_digest
+from sysattn_exp.checks import max_new_tokens, scoring_mode
+from sysattn_exp.environment import device_names, environment, model_devices
+from sysattn_exp.models import BUILTIN_TINY, BUILTIN_TOY
+from sysattn_exp.rules import Rule, label
+from sysattn_exp.toy_model import weights_file_digest
+
+
+def condition(cfg, loaded, edit: Rule | None, words) -> dict:
+    """Everything that determines an item's scores besides the item and its prompt: the
+    model and data, the environment that computes them (torch and transformers versions,
+    device names, the planned attention kernels, the batch size: bf16 results depend on
+    how a batch is padded and reduced) and the code (cache.py). The same in every process
+    of one environment and checkout."""
+    model = cfg.model
+    return {
+        "model": model.name_or_path,
+        "revision": model.revision,
+        "seed": model.seed if model.name_or_path == BUILTIN_TINY else None,
+        **({"weights": weights_file_digest()} if model.name_or_path == BUILTIN_TOY else {}),
+        **random_weights.cache_condition(model),
+        "device": loaded.device.type,
+        "device_name": device_names(loaded.model),
+        "dtype": str(loaded.dtype),
+        "batch_size": model.batch_size,
+        "torch": str(torch.__version__),  # a TorchVersion, which YAML cannot write
+        "transformers": transformers.__version__,
+        "kernel_path": planned_kernel_path(loaded, edit),
+        "yes_ids": words[0],
+        "no_ids": words[1],
+        "scores_version": SCORES_VERSION,
+        "scores_code": scores_code_digest(),
+        "dataset_revision": cfg.benchmark.get("revision"),
+        "intervention": None
+        if edit is None
+        else {"rule": type(edit).__name__, **asdict(edit), "layers": sorted(edit.layers)},
+    } | generation_condition(cfg.scoring)
+
+
+def head_dim(text_config) -> int:
+    return getattr(text_config, "head_dim", None) or (
+        text_config.hidden_size // text_config.num_attention_heads
+    )
+
+
+def planned_kernel_path(loaded, edit: Rule | None, profiled: bool = False) -> str:
+    """The attention paths that scoring `edit` is planned to take (kernels.planned_path):
+    "sdpa" for the unchanged model, "eager" for the eager implementation, else the fused
+    path's kernels for the devices the weights are on (several under a device_map), the
+    dtype and the head dim (a profile takes the fused path too)."""
+    if edit is None and not profiled:
+        return "sdpa"
+    if edit is not None and edit.impl == "eager":
+        return "eager"
+    size = head_dim(loaded.text_config)
+    plans = [kernels.planned_path(d, loaded.dtype, size) for d in model_devices(loaded.model)]
+    return kernels.path_label({path for plan in plans for path in plan.split("+")})
+
+
+def generation_condition(scoring) -> dict:
+    """The generation settings, in the condition only in generate mode: logit-mode
+    conditions (and their cached scores and job keys) stay what they were before it."""
+    if scoring_mode(scoring) == "logit":
+        return {}
+    return {"scoring_mode": "generate", "max_new_tokens": max_new_tokens(scoring)}
+
+
+# Config keys that never change what a job produces (where results go, how fast they come);
+# every other key, present or future (the task, runtime.profile, the prompt...), is in the
+# job key, so that two jobs that can produce different files never share one.
+# The environment section is recorded, not keyed: what in it changes scores (versions,
+# device names) is in the condition, which the key includes.
+NOT_IN_JOB_KEY = {
+    "tracking": None,
+    "environment": None,
+    "runtime": {
+        "num_workers",
+        "cache_dir",
+        "report_at_end",
+        "progress_seconds",
+        "baseline_part_items",
+        "lease_seconds",
+        "deterministic",
+    },
+}
+
+
+def job_key(config: dict, condition: dict) -> str:
+    kept = {}
+    for section, value in config.items():
+        dropped = NOT_IN_JOB_KEY.get(section, set())
+        if dropped is None:
+            continue
+        if section == "scoring" and value.get("mode", "logit") == "logit":
+            # The logit mode ignores the generation keys; without them, jobs keep the key
+            # they had before generation existed (the condition has them in generate mode).
+            dropped = {"mode", "max_new_tokens", "parser"}
+        if section == "model" and value.get("weights", "pretrained") == "pretrained":
+            # Likewise pretrained weights keep the key jobs had before model.weights existed.
+            dropped = {"weights", "config_overrides"}
+        kept[section] = {k: v for k, v in value.items() if k not in dropped} if dropped else value
+    return digest([condition, kept])
+
+
+def job_config(cfg, loaded, edit, words, layers, name, benchmark=None) -> dict:
+    """The job's config.yaml: the composed config (its benchmark section replaced where
+    given), the resolved layers, the job's name, key and rule label (rules.label), and the
+    environment it ran in (environment.environment: not in the key)."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if benchmark is not None:
+        config["benchmark"] = benchmark
+    config["layers"]["resolved"] = layers
+    key = job_key(config, condition(cfg, loaded, edit, words))
+    config["job"] = {"name": name, "key": key, "label": label(edit)}  # label: the report's
+    config["layers"]["depth"] = loaded.num_layers  # for the report's model label; not in the key
+    config["environment"] = environment(loaded.model)
+    return config
+
+
+def run_name(benchmark: str, edit: Rule | None, layers: list[int], profile=False) -> str:
+    """'pope baseline', 'pope system->text layers 24-31'; a profile job (+task=profile):
+    'pope profile', 'pope profile system->text layers 24-31'."""
+    kind = " profile" if profile else ""
+    if edit is None:
+        return f"{benchmark}{kind}" if profile else f"{benchmark} baseline"
+    return f"{benchmark}{kind} {edit.describe()} layers {layers[0]}-{layers[-1]}"
+
+
+def caption_baseline_key(cfg, loaded, files: list[str], prompts: list[str], new_tokens) -> str:
+    """The key of a caption job's baseline captions (the unchanged model's, kept in
+    runtime.cache_dir): the baseline's condition (no answer words), the image files, the
+    prompts and caption.max_new_tokens."""
+    return digest([condition(cfg, loaded, None, ([], [])), files, prompts, new_tokens])

@@ -1,0 +1,375 @@
+"""The yes/no benchmark job: every item scored under the baseline and the configured
+condition (by the answer position's logits, or by generated answers with
+scoring.mode=generate), optionally with an attention profile (+task=profile). The job
+skeleton (job.run_job) checks, loads, writes and logs; this module scores and computes
+the metrics."""
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+
+from sysattn_exp.benchmarks import Benchmark, answer_parser, load_benchmark
+from sysattn_exp.cache import ScoreCache
+from sysattn_exp.checks import (
+    max_new_tokens,
+    parser_name,
+    progress_seconds,
+    scoring_mode,
+    sharing_settings,
+)
+from sysattn_exp.errors import UsageError
+from sysattn_exp.files import write_atomically
+from sysattn_exp.generation import generate_items
+from sysattn_exp.identity import condition
+from sysattn_exp.job import Evaluation, Job, Watch, num_workers, sweep_job
+from sysattn_exp.metrics import compare_with_baseline, shared_metrics
+from sysattn_exp.modality import MODALITIES
+from sysattn_exp.models import (
+    LoadedModel,
+    first_token_ids,
+    load_processor,
+    prompt_format,
+    prompt_modalities,
+    tokenizer_of,
+)
+from sysattn_exp.profile import AttentionProfile, heatmap
+from sysattn_exp.prompts import PromptFormat
+from sysattn_exp.rules import Rule
+from sysattn_exp.scoring import Scores, score_items
+from sysattn_exp.shared_baseline import SharedBaseline
+from sysattn_exp.tracking import PROFILE_PLOT, PROFILE_TABLE, storable_names
+
+log = logging.getLogger(__name__)
+
+
+class YesNoJob(Job):
+    """A yes/no benchmark job: baseline and the configured condition."""
+
+    logged = ("paired_accuracy", "yes_rate")
+
+    @property
+    def profiled(self) -> bool:
+        return bool(self.cfg.runtime.get("profile"))
+
+    def load(self) -> None:
+        self.benchmark = load_benchmark(self.cfg.benchmark)
+        self.benchmark_name = self.benchmark.name
+
+    def check(self) -> None:
+        cfg = self.cfg
+        self.ranking = rank_by(cfg.scoring)
+        check_metric_names(self.benchmark, self.ranking)
+        answer_parser(self.benchmark.name, parser_name(cfg.scoring))  # a bad scoring.parser
+        sharing_settings(cfg)
+        if scoring_mode(cfg.scoring) == "generate":
+            max_new_tokens(cfg.scoring)
+            if cfg.runtime.profile:
+                raise UsageError(
+                    "runtime.profile records the logit mode's answer row; use scoring.mode=logit"
+                )
+
+    def dry_run(self, config) -> tuple[dict, str]:
+        """The data, the model's processor, the scored answer tokens: prints the counts, an
+        example prompt, its token split and the scored tokens (in a sweep, for its first
+        job only)."""
+        items = self.benchmark.items
+        summary = {
+            "n_items": len(items),
+            "n_groups": len({item.group_id for item in items}),
+            "gt_yes_rate": sum(item.label for item in items) / len(items),
+        } | self.benchmark.load_counts
+        show = sweep_job() in (None, 0)
+        summary |= dry_run_details(self.cfg, self.benchmark, config, summary, show)
+        return summary, f"{summary['n_items']} items, {summary['n_groups']} groups"
+
+    def evaluate(self, loaded: LoadedModel, edit: Rule | None, name: str, watch: Watch):
+        cfg, benchmark, ranking = self.cfg, self.benchmark, self.ranking
+        prompts = item_prompts(benchmark, loaded.prompt_format(cfg.model))
+        words = scoring_words(loaded, cfg.scoring, prompts[0])
+        # The baseline is shared through the score cache by concurrent jobs (shared_baseline):
+        # the parts nobody holds first, this job's own condition while others finish theirs.
+        shared = shared_baseline(cfg, loaded, benchmark, prompts, words)
+        profile = AttentionProfile() if self.profiled else None
+        if shared is not None:
+            shared.compute_free_parts()
+        if edit is not None or profile is not None:
+            with watch.passes():  # the job's metrics describe the condition's passes
+                predictions, scores = predict(
+                    cfg, loaded, benchmark, prompts, edit, words, name, profile
+                )
+        if shared is not None:
+            shared.finish()
+        baseline, baseline_scores = predict(
+            cfg, loaded, benchmark, prompts, None, words, "baseline"
+        )
+        if shared is not None:  # the parts this job computed
+            baseline_scores = replace(
+                baseline_scores, computed=shared.computed, seconds=shared.seconds
+            )
+        log.info(
+            "baseline: %d of %d items computed by this job, the rest from the cache",
+            baseline_scores.computed,
+            len(prompts),
+        )
+        if edit is None and profile is None:
+            predictions, scores = baseline, baseline_scores
+        metrics = all_metrics(benchmark, predictions, ranking) | timing(scores, len(prompts))
+        comparison = {}
+        if edit is not None:
+            comparison = compare_with_baseline(metrics, all_metrics(benchmark, baseline, ranking))
+        artifacts = [] if profile is None else [profile_files(profile, name)]
+        return Evaluation(
+            predictions,
+            metrics,
+            scores.computed,
+            comparison=comparison,
+            words=words,
+            artifacts=artifacts,
+        )
+
+
+def profile_files(profile: AttentionProfile, name: str):
+    """write(out_dir): the profile's table (PROFILE_TABLE) and heatmap (PROFILE_PLOT), and
+    its answer-position shares printed (profile_shares)."""
+
+    def write(out_dir: Path) -> None:
+        table = profile.table()
+        write_atomically(out_dir / PROFILE_TABLE, lambda p: table.to_csv(p, index=False))
+        heatmap(table, out_dir / PROFILE_PLOT, f"{name}: share of the answer's attention")
+        print(profile_shares(table, name))
+
+    return write
+
+
+def predict(
+    cfg, loaded, benchmark, prompts, edit, words, desc, profile=None
+) -> tuple[pd.DataFrame, Scores]:
+    """Score every item (through the score cache, unless profiling): one row per item with
+    the columns of predictions.parquet, and how the scoring went."""
+    if scoring_mode(cfg.scoring) == "generate":
+        return predict_by_generation(cfg, loaded, benchmark, prompts, edit, words, desc)
+    plain = None
+    if edit is not None and edit.guidance is not None:
+        plain = item_prompts(benchmark, loaded.prompt_format(cfg.model), with_image=False)
+    cache = None
+    if cfg.runtime.cache_dir and profile is None:
+        cache = ScoreCache(cfg.runtime.cache_dir, condition(cfg, loaded, edit, words))
+    scores = score_items(
+        loaded,
+        benchmark,
+        prompts,
+        edit,
+        words,
+        cfg.model.batch_size,
+        num_workers(cfg),
+        desc,
+        cache,
+        profile,
+        plain,
+        progress_seconds(cfg),
+    )
+    frame = item_columns(benchmark, prompts, scores)
+    frame["pred"] = frame["yes_logit"] > frame["no_logit"]
+    frame["correct"] = frame["pred"] == frame["label"]
+    return frame, scores
+
+
+def predict_by_generation(
+    cfg, loaded, benchmark, prompts, edit, words, desc
+) -> tuple[pd.DataFrame, Scores]:
+    """Greedy answers, parsed to yes/no/unknown by the benchmark's own rule or MME's
+    (scoring.parser; benchmarks.answer_parser); the score columns
+    come from the first step's logits, the logit mode's. No score cache: a generated text is
+    not a score, and a run costs max_new_tokens forward passes per batch more than the
+    logit mode's one, which a cache would only save on a rerun of the same condition."""
+    generated = generate_items(
+        loaded,
+        benchmark,
+        prompts,
+        edit,
+        max_new_tokens(cfg.scoring),
+        cfg.model.batch_size,
+        num_workers(cfg),
+        desc,
+        words,
+        progress_seconds(cfg),
+    )
+    scores = Scores(
+        generated.yes,
+        generated.no,
+        generated.p_yes,
+        generated.seconds,
+        generated.computed,
+        generated.new_tokens,
+    )
+    frame = item_columns(benchmark, prompts, scores)
+    frame["generated"] = generated.texts
+    parse = answer_parser(benchmark.name, parser_name(cfg.scoring))
+    # Stripped first, as LLaVA's evaluation scripts strip outputs before POPE's and MME's
+    # rules read them (a leading newline would otherwise make POPE's first word "").
+    frame["answer"] = [parse(text.strip()) for text in generated.texts]
+    frame["pred"] = frame["answer"] == "yes"
+    # An unknown answer is neither yes nor no: wrong whatever the label.
+    frame["correct"] = (frame["pred"] == frame["label"]) & (frame["answer"] != "unknown")
+    return frame, scores
+
+
+def item_columns(benchmark: Benchmark, prompts: list[str], scores: Scores) -> pd.DataFrame:
+    items = benchmark.items
+    return pd.DataFrame(
+        {
+            "item_id": [i.item_id for i in items],
+            "group_id": [i.group_id for i in items],
+            "image_id": [i.image_id for i in items],
+            "question": [i.question for i in items],
+            "prompt": prompts,
+            "label": [i.label for i in items],
+            "yes_logit": scores.yes,
+            "no_logit": scores.no,
+            "p_yes": scores.p_yes,
+        }
+    )
+
+
+def timing(scores: Scores, n_items: int) -> dict:
+    per_second = scores.computed / scores.seconds if scores.computed else None
+    out = {
+        "scoring_seconds": scores.seconds,
+        "items_per_second": per_second,
+        "n_items_from_cache": n_items - scores.computed,
+    }
+    if scores.new_tokens is not None:  # generate mode
+        out["generated_tokens_per_second"] = scores.new_tokens / scores.seconds
+    return out
+
+
+def shared_baseline(cfg, loaded, benchmark, prompts, words) -> SharedBaseline | None:
+    """The baseline's parts, claimed through the score cache (None without a cache or in
+    generate mode, which does not use it)."""
+    if not cfg.runtime.cache_dir or scoring_mode(cfg.scoring) != "logit":
+        return None
+    settings = sharing_settings(cfg) | {"num_workers": num_workers(cfg)}
+    cache = ScoreCache(cfg.runtime.cache_dir, condition(cfg, loaded, None, words))
+    return SharedBaseline(loaded, benchmark, prompts, words, cache, settings)
+
+
+def scoring_words(loaded: LoadedModel, cfg, prompt: str) -> tuple[list[int], list[int]]:
+    """The yes and no token ids (models.first_token_ids) as they follow `prompt`, a rendered
+    prompt of the job (every prompt ends in the template's same generation prompt)."""
+    return answer_token_ids(loaded.tokenizer, cfg, prompt)
+
+
+def answer_token_ids(tokenizer, cfg, prompt: str) -> tuple[list[int], list[int]]:
+    yes = first_token_ids(tokenizer, cfg.yes_words, "scoring.yes_words", prompt)
+    no = first_token_ids(tokenizer, cfg.no_words, "scoring.no_words", prompt)
+    shared = sorted(set(yes) & set(no))
+    if shared:
+        raise UsageError(
+            f"scoring.yes_words and scoring.no_words share first tokens {shared} "
+            f"({', '.join(token_strings(tokenizer, shared))}); give words that start differently"
+        )
+    return yes, no
+
+
+def token_strings(tokenizer, ids: list[int]) -> list[str]:
+    """Each id with its token as the vocabulary spells it, e.g. "3869 '▁Yes'"."""
+    return [
+        f"{i} {token!r}" for i, token in zip(ids, tokenizer.convert_ids_to_tokens(ids), strict=True)
+    ]
+
+
+RANKINGS = {  # scoring.rank_by: the score that metrics comparing two items rank by
+    "p_yes": lambda frame: frame["p_yes"],  # VQAScore's P("Yes") over the whole vocabulary
+    "log_odds": lambda frame: frame["yes_logit"] - frame["no_logit"],
+}
+
+
+def rank_by(cfg) -> str:
+    name = cfg.get("rank_by", "p_yes")
+    if name not in RANKINGS:
+        raise UsageError(f"scoring.rank_by={name!r} is unknown; allowed: {', '.join(RANKINGS)}")
+    return name
+
+
+def all_metrics(benchmark: Benchmark, predictions: pd.DataFrame, ranking: str) -> dict:
+    """Shared metrics, the benchmark's native ones (which see each item's meta as columns,
+    and `rank_score`, the score that metrics comparing items rank by), and the counts from
+    loading."""
+    scored = predictions.join(pd.DataFrame([item.meta for item in benchmark.items]))
+    scored["rank_score"] = RANKINGS[ranking](scored)
+    generated = {}
+    if "answer" in predictions:  # generate mode: answers that are neither yes nor no
+        generated["unknown_rate"] = float((predictions["answer"] == "unknown").mean())
+    return (
+        shared_metrics(predictions)
+        | generated
+        | benchmark.native_metrics(scored)
+        | benchmark.load_counts
+    )
+
+
+def check_metric_names(benchmark: Benchmark, ranking: str) -> None:
+    """UsageError, before the model loads, where two of the job's metric names would be
+    logged to MLflow under one name (tracking.storable_names: e.g. MME categories "a:b"
+    and "a_b"); found at logging time, after scoring, they could never be logged. The
+    names are those of the metrics computed on answers equal to the labels."""
+    labels = [item.label for item in benchmark.items]
+    n = len(labels)
+    scores = Scores([float(label) for label in labels], [0.5] * n, [0.5] * n, 0.0, 0)
+    frame = item_columns(benchmark, [""] * n, scores)
+    frame["pred"], frame["correct"] = frame["label"], True
+    try:
+        names = all_metrics(benchmark, frame, ranking)
+    except Exception:  # noqa: BLE001 - a check only: the job computes its own metrics anyway
+        log.debug("metric names not checked before scoring", exc_info=True)
+        return
+    try:
+        storable_names(names, "metrics")
+    except ValueError as error:
+        raise UsageError(f"benchmark {benchmark.name}: {error}") from error
+
+
+def item_prompts(benchmark: Benchmark, fmt: PromptFormat, with_image=True) -> list[str]:
+    """Every item's prompt (`with_image` False: each rendered without its image)."""
+    return [
+        fmt.render(benchmark.question_text(item), with_image and item.image_id is not None)
+        for item in benchmark.items
+    ]
+
+
+def dry_run_details(cfg, benchmark: Benchmark, config, summary: dict, show: bool) -> dict:
+    """The example prompt, its system / image / text token split and the scored answer
+    tokens (bad scoring words fail here), printed with the counts where `show`; returns
+    the token counts."""
+    example = benchmark.items[0]
+    processor = load_processor(cfg.model, config.model_type)
+    question = benchmark.question_text(example)
+    with_image = example.image_id is not None
+    prompt = prompt_format(cfg.model, processor, config.model_type).render(question, with_image)
+    image = benchmark.load_image(example.image_id) if with_image else None
+    image_token_id = getattr(config, "image_token_id", None)
+    split = prompt_modalities(processor, image_token_id, image, prompt, question)
+    tokenizer = tokenizer_of(processor)
+    words = answer_token_ids(tokenizer, cfg.scoring, prompt)  # bad words fail before printing
+    if show:
+        print(f"benchmark {benchmark.name}: " + ", ".join(f"{k}={v:g}" for k, v in summary.items()))
+        print(f"example prompt (item {example.item_id}, image {example.image_id}):\n{prompt}")
+        tokens = ", ".join(f"{k}={v}" for k, v in split.items())
+        print(f"tokens for {cfg.model.name_or_path}: {tokens}")
+        for name, ids in zip(("yes", "no"), words, strict=True):
+            strings = ", ".join(token_strings(tokenizer, ids))
+            print(f"scored {name} tokens after the prompt: {strings}")
+    return {f"example_{k}_tokens": v for k, v in split.items()}
+
+
+def profile_shares(table: pd.DataFrame, name: str) -> str:
+    """The profile's answer-position shares per decoder layer, in percent, as a short
+    table (the same numbers as attention_profile.csv's 'answer' rows and the heatmap)."""
+    shares = table[table["queries"] == "answer"].set_index("layer")[list(MODALITIES)]
+    percent = (100 * shares).round(1)
+    percent.columns = [f"{m} %" for m in MODALITIES]
+    return f"{name}: share of the answer position's attention per decoder layer\n" + (
+        percent.to_string()
+    )

@@ -96,7 +96,7 @@ def latest_sweep(mlflow, experiment_id: str, experiment: str) -> str:
 
 def intervention_label(run: pd.Series) -> str:
     """The rule's label as the job logged it: job.label (rules.label, the string in the run
-    name). A run logged before job.label was: the rule part of its run name (runner.run_name:
+    name). A run logged before job.label was: the rule part of its run name (identity.run_name:
     '<benchmark>[ profile] <label> layers <first>-<last>'; a baseline's has no layers)."""
     logged = run.get("params.job.label")
     if isinstance(logged, str):

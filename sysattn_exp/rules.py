@@ -20,7 +20,7 @@ one. A rule class owns everything about its rule:
                          or, where that is not the rule's shape, the whole call (PAI).
 
 A rule object is the rule at its decoder layers (0-based `layers`): a frozen dataclass
-whose class name and fields are the job key's `intervention` entry (runner.condition), so
+whose class name and fields are the job key's `intervention` entry (identity.condition), so
 they must not change for the rules below. The baseline (`none`) has a class for its config
 and label, but no object: a job without a rule passes `attention_edit=None`.
 

@@ -51,7 +51,7 @@ def predict(
 ) -> tuple[pd.DataFrame, Scores]:
     """Score every item (through the score cache, unless profiling): one row per item with
     the columns of predictions.parquet, and how the scoring went."""
-    if scoring_mode(cfg.scoring) == "generate":
+    if cfg.scoring.mode == "generate":
         return predict_by_generation(cfg, loaded, benchmark, prompts, edit, words, desc)
     plain = None
     if edit is not None and edit.kind == "pai" and edit.cfg_gamma is not None:
@@ -71,7 +71,7 @@ def predict(
         cache,
         profile,
         plain,
-        progress_seconds(cfg),
+        cfg.runtime.progress_seconds,
     )
     frame = item_columns(benchmark, prompts, scores)
     frame["pred"] = frame["yes_logit"] > frame["no_logit"]
@@ -92,12 +92,12 @@ def predict_by_generation(
         benchmark,
         prompts,
         edit,
-        max_new_tokens(cfg.scoring),
+        cfg.scoring.max_new_tokens,
         cfg.model.batch_size,
         num_workers(cfg),
         desc,
         words,
-        progress_seconds(cfg),
+        cfg.runtime.progress_seconds,
     )
     scores = Scores(
         generated.yes,
@@ -109,7 +109,7 @@ def predict_by_generation(
     )
     frame = item_columns(benchmark, prompts, scores)
     frame["generated"] = generated.texts
-    parse = answer_parser(benchmark.name, parser_name(cfg.scoring))
+    parse = answer_parser(benchmark.name, cfg.scoring.parser)
     # Stripped first, as LLaVA's evaluation scripts strip outputs before POPE's and MME's
     # rules read them (a leading newline would otherwise make POPE's first word "").
     frame["answer"] = [parse(text.strip()) for text in generated.texts]
@@ -187,35 +187,12 @@ def planned_kernel_path(loaded, edit: Edit | None, profiled: bool = False) -> st
     return kernels.path_label({path for plan in plans for path in plan.split("+")})
 
 
-SCORING_MODES = ("logit", "generate")
-
-
-def scoring_mode(scoring) -> str:
-    mode = scoring.get("mode", "logit")
-    if mode not in SCORING_MODES:
-        raise UsageError(f"scoring.mode={mode!r} is unknown; allowed: {', '.join(SCORING_MODES)}")
-    return mode
-
-
-def max_new_tokens(scoring) -> int:
-    value = scoring.get("max_new_tokens", 8)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UsageError(f"scoring.max_new_tokens={value!r} must be a whole number >= 1")
-    return value
-
-
-def parser_name(scoring) -> str:
-    """scoring.parser: how generated answers are read (native: each benchmark's own rule;
-    mme: MME's eval tool rule for all)."""
-    return scoring.get("parser", "native")
-
-
 def generation_condition(scoring) -> dict:
     """The generation settings, in the condition only in generate mode: logit-mode
     conditions (and their cached scores and job keys) stay what they were before it."""
-    if scoring_mode(scoring) == "logit":
+    if scoring.mode == "logit":
         return {}
-    return {"scoring_mode": "generate", "max_new_tokens": max_new_tokens(scoring)}
+    return {"scoring_mode": "generate", "max_new_tokens": scoring.max_new_tokens}
 
 
 # Config keys that never change what a job produces (where results go, how fast they come);
@@ -308,35 +285,20 @@ def num_workers(cfg) -> int:
     return max(0, min(4, available_cpus() - 1))
 
 
-def runtime_number(cfg, key: str, default: float, minimum: float = 0.0) -> float:
-    value = cfg.runtime.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-        raise UsageError(f"runtime.{key}={value!r} must be a number >= {minimum:g}")
-    return value
-
-
-def progress_seconds(cfg) -> float:
-    """runtime.progress_seconds: interval of the progress lines logged without a terminal."""
-    return runtime_number(cfg, "progress_seconds", 60.0)
-
-
 def sharing_settings(cfg) -> dict:
     """How concurrent jobs share the baseline (shared_baseline.SharedBaseline)."""
-    batch_size = cfg.model.batch_size
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UsageError(f"model.batch_size={batch_size!r} must be a whole number >= 1")
     return {
         "batch_size": cfg.model.batch_size,
-        "part_items": int(runtime_number(cfg, "baseline_part_items", 256, minimum=1)),
-        "lease_seconds": runtime_number(cfg, "lease_seconds", 300.0, minimum=0.001),
-        "progress_seconds": progress_seconds(cfg),
+        "part_items": cfg.runtime.baseline_part_items,
+        "lease_seconds": cfg.runtime.lease_seconds,
+        "progress_seconds": cfg.runtime.progress_seconds,
     }
 
 
 def shared_baseline(cfg, loaded, benchmark, prompts, words) -> SharedBaseline | None:
     """The baseline's parts, claimed through the score cache (None without a cache or in
     generate mode, which does not use it)."""
-    if not cfg.runtime.cache_dir or scoring_mode(cfg.scoring) != "logit":
+    if not cfg.runtime.cache_dir or cfg.scoring.mode != "logit":
         return None
     settings = sharing_settings(cfg) | {"num_workers": num_workers(cfg)}
     cache = ScoreCache(cfg.runtime.cache_dir, condition(cfg, loaded, None, words))
@@ -393,13 +355,6 @@ RANKINGS = {  # scoring.rank_by: the score that metrics comparing two items rank
     "p_yes": lambda frame: frame["p_yes"],  # VQAScore's P("Yes") over the whole vocabulary
     "log_odds": lambda frame: frame["yes_logit"] - frame["no_logit"],
 }
-
-
-def rank_by(cfg) -> str:
-    name = cfg.get("rank_by", "p_yes")
-    if name not in RANKINGS:
-        raise UsageError(f"scoring.rank_by={name!r} is unknown; allowed: {', '.join(RANKINGS)}")
-    return name
 
 
 def all_metrics(benchmark: Benchmark, predictions: pd.DataFrame, ranking: str) -> dict:
@@ -544,18 +499,14 @@ def run(cfg, out_dir: Path) -> dict:
 
 def run_yes_no(cfg, out_dir: Path) -> dict:
     """A yes/no benchmark job: baseline and the configured condition."""
+    rule = intervention_rule(cfg.intervention)  # checked before the data and model load
     benchmark = load_benchmark(cfg.benchmark)
-    rule = intervention_rule(cfg.intervention)  # checked before the (slow) model load
-    ranking = rank_by(cfg.scoring)
+    ranking = cfg.scoring.rank_by
     check_metric_names(benchmark, ranking)
-    answer_parser(benchmark.name, parser_name(cfg.scoring))  # a bad scoring.parser stops here
-    sharing_settings(cfg)  # checked before the model load too
-    if scoring_mode(cfg.scoring) == "generate":
-        max_new_tokens(cfg.scoring)  # checked before the model load too
-        if cfg.runtime.profile:
-            raise UsageError(
-                "runtime.profile records the logit mode's answer row; use scoring.mode=logit"
-            )
+    if cfg.scoring.mode == "generate" and cfg.runtime.profile:
+        raise UsageError(
+            "runtime.profile records the logit mode's answer row; use scoring.mode=logit"
+        )
     if cfg.runtime.dry_run:
         return dry_run(cfg, benchmark, rule, out_dir)
     loaded = load_model(cfg.model)
@@ -655,8 +606,8 @@ def job_config(cfg, loaded, edit, words, layers, name, benchmark=None) -> dict:
 def run_caption(cfg, out_dir: Path) -> dict:
     """+task=caption: captions of COCO images under the configured condition, scored with
     CHAIR (caption.py); the job's files and MLflow run as for any job."""
-    images = load_coco(cfg.caption)  # bad data fails before the model loads
     rule = intervention_rule(cfg.intervention)
+    images = load_coco(cfg.caption)  # bad data fails before the model loads
     if cfg.runtime.dry_run:
         print(f"caption: {len(images)} COCO images (first {images[0].file_name})")
         summary, counts = {"n_images": len(images)}, f"{len(images)} images"
@@ -698,7 +649,13 @@ class CaptionGenerator:
             return pd.read_parquet(path)["caption"].tolist()
         batch_size = self.cfg.model.batch_size
         captions = generate_in_batches(
-            loaded, images, prompts, edit, max_new_tokens, batch_size, progress_seconds(self.cfg)
+            loaded,
+            images,
+            prompts,
+            edit,
+            max_new_tokens,
+            batch_size,
+            self.cfg.runtime.progress_seconds,
         )
         if path is not None:
             frame = pd.DataFrame({"caption": captions})

@@ -34,7 +34,7 @@ Open on purpose (typed Any or Dict[str, Any]; checked where they are used, or no
 
 import difflib
 import enum
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
@@ -330,7 +330,7 @@ def check_config(cfg) -> None:
     name = benchmark.get("name") if isinstance(benchmark, dict) else None
     if name not in BENCHMARKS:
         raise UsageError(f"benchmark.name={name!r} is unknown; allowed: {', '.join(BENCHMARKS)}")
-    typed = checked(Config(benchmark=BENCHMARKS[name]()), plain)
+    checked(Config(benchmark=BENCHMARKS[name]()), plain)
     check_values(OmegaConf.create(plain))
 
 
@@ -345,8 +345,9 @@ def plain_config(cfg) -> dict:
     return plain
 
 
-def checked(schema, plain: dict) -> DictConfig:
-    """`plain` merged into the structured config `schema`: the typed copy, or UsageError."""
+def checked(schema, plain: dict) -> None:
+    """UsageError unless `plain` merges into the structured config `schema` (an instance
+    of one of the dataclasses above) with every required key set and nothing converted."""
     try:
         typed = OmegaConf.merge(OmegaConf.structured(schema), plain)
     except OmegaConfBaseException as error:
@@ -355,7 +356,6 @@ def checked(schema, plain: dict) -> DictConfig:
     if missing:
         raise UsageError(f"{missing[0]} is required (it was removed or never set)")
     check_kinds(typed, plain, "")
-    return typed
 
 
 def message(error: OmegaConfBaseException) -> str:

@@ -115,7 +115,35 @@ CASES = {
         (*TINY, "benchmark.prompt=vicuna"),
         ["benchmark.prompt='vicuna'", "native, llava"],
     ),
+    # The schema (schema.py): keys Hydra adds unchecked with +, types, sets, removed keys.
+    "new top-level key": (
+        (*TINY, "+layer=q4"),
+        ["layer is not a key of the config", "layers", "did you mean layers?"],
+    ),
+    "misspelt scoring key": (
+        (*TINY, "+scoring.moode=generate"),
+        ["scoring.moode is not a key of scoring", "mode"],
+    ),
+    "misspelt runtime key": (
+        (*TINY, "+runtime.cache_dri=x"),
+        ["runtime.cache_dri", "did you mean cache_dir?"],
+    ),
+    "misspelt model key": ((*TINY, "+model.batchsize=2"), ["model.batchsize", "batch_size"]),
+    "misspelt benchmark key": ((*TINY, "+benchmark.limt=2"), ["benchmark.limt", "limit"]),
+    "misspelt intervention key": (
+        (*REDIS, "+intervention.sourse=image", "runtime.dry_run=true"),
+        ["intervention.sourse", "source"],
+    ),
+    "wrong type": ((*TINY, "model.batch_size=two"), ["model.batch_size='two'", "whole number"]),
+    "quarter outside 1..4": (
+        (*REDIS, "layers=q4", "layers.quarter=5"),
+        ["layers.quarter=5", "1 to 4"],
+    ),
+    "removed key": ((*TINY, "~scoring.mode"), ["scoring.mode is required"]),
 }
+# The intervention section is each rule's to check (schema.py leaves it open): the rules'
+# own check of their keys comes with the rule classes (issue 17 point 1).
+CHECKED_BY_THE_RULES = {"misspelt intervention key"}
 
 
 def write_data(root):
@@ -176,7 +204,18 @@ def run_main(overrides, cwd: Path, monkeypatch, capsys) -> tuple[int, str]:
     return run_main_stderr(overrides, cwd, monkeypatch, capsys)
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(
+            case,
+            marks=pytest.mark.xfail(strict=True, reason="the rules check their own keys"),
+        )
+        if case in CHECKED_BY_THE_RULES
+        else case
+        for case in CASES
+    ],
+)
 def test_bad_input_is_one_clear_line(processes, case, tmp_path, monkeypatch, capsys):
     if case in IN_A_PROCESS:
         cwd, code, stderr = processes[case]

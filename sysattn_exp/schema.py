@@ -449,9 +449,9 @@ def check_values(cfg: DictConfig) -> None:
         if value is None:
             continue
         if high is not None and not low <= value <= high:
-            raise UsageError(f"{key}={value!r} must be from {low} to {high}")
+            raise UsageError(f"{key}={value!r} must be a number from {low} to {high}")
         if value < low:
-            raise UsageError(f"{key}={value!r} must be >= {low}")
+            raise UsageError(f"{key}={value!r} must be a number >= {low}")
     workers = cfg.runtime.num_workers
     whole = isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0
     if workers != "auto" and not whole:

@@ -94,11 +94,11 @@ BAD = {
     "benchmark.split=easy": "benchmark.split='easy' is not allowed; allowed: demo, test, hard",
     "benchmark.name=imagenet": "benchmark.name='imagenet' is unknown; allowed: toy, jsonl",
     # numbers out of range
-    "model.batch_size=0": "model.batch_size=0 must be >= 1",
-    "layers.quarter=5": "layers.quarter=5 must be from 1 to 4",
-    "benchmark.limit=0": "benchmark.limit=0 must be >= 1",
-    "scoring.max_new_tokens=0": "scoring.max_new_tokens=0 must be >= 1",
-    "runtime.lease_seconds=0": "runtime.lease_seconds=0 must be >= 0.001",
+    "model.batch_size=0": "model.batch_size=0 must be a number >= 1",
+    "layers.quarter=5": "layers.quarter=5 must be a number from 1 to 4",
+    "benchmark.limit=0": "benchmark.limit=0 must be a number >= 1",
+    "scoring.max_new_tokens=0": "scoring.max_new_tokens=0 must be a number >= 1",
+    "runtime.lease_seconds=0": "runtime.lease_seconds=0 must be a number >= 0.001",
     "runtime.num_workers=-1": "runtime.num_workers=-1 must be auto or a whole number >= 0",
     # a required key removed
     "~scoring.mode": "scoring.mode is required",
@@ -113,7 +113,7 @@ BAD_WITH = {
     ("+task=caption", "caption.singularize=pattern"): (
         "caption.singularize='pattern' is not allowed; allowed: original, lemminflect"
     ),
-    ("+task=caption", "caption.limit=0"): "caption.limit=0 must be >= 1",
+    ("+task=caption", "caption.limit=0"): "caption.limit=0 must be a number >= 1",
     ("+task=caption", "+caption.max_new_token=9"): "did you mean max_new_tokens?",
 }
 

@@ -130,10 +130,6 @@ CASES = {
     ),
     "misspelt model key": ((*TINY, "+model.batchsize=2"), ["model.batchsize", "batch_size"]),
     "misspelt benchmark key": ((*TINY, "+benchmark.limt=2"), ["benchmark.limt", "limit"]),
-    "misspelt intervention key": (
-        (*REDIS, "+intervention.sourse=image", "runtime.dry_run=true"),
-        ["intervention.sourse", "source"],
-    ),
     "wrong type": ((*TINY, "model.batch_size=two"), ["model.batch_size='two'", "whole number"]),
     "quarter outside 1..4": (
         (*REDIS, "layers=q4", "layers.quarter=5"),
@@ -141,9 +137,6 @@ CASES = {
     ),
     "removed key": ((*TINY, "~scoring.mode"), ["scoring.mode is required"]),
 }
-# The intervention section is each rule's to check (schema.py leaves it open): the rules'
-# own check of their keys comes with the rule classes (issue 17 point 1).
-CHECKED_BY_THE_RULES = {"misspelt intervention key"}
 
 
 def write_data(root):
@@ -204,18 +197,7 @@ def run_main(overrides, cwd: Path, monkeypatch, capsys) -> tuple[int, str]:
     return run_main_stderr(overrides, cwd, monkeypatch, capsys)
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(
-            case,
-            marks=pytest.mark.xfail(strict=True, reason="the rules check their own keys"),
-        )
-        if case in CHECKED_BY_THE_RULES
-        else case
-        for case in CASES
-    ],
-)
+@pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_clear_line(processes, case, tmp_path, monkeypatch, capsys):
     if case in IN_A_PROCESS:
         cwd, code, stderr = processes[case]

@@ -16,17 +16,20 @@ from omegaconf.errors import OmegaConfBaseException
 
 from sysattn_exp.callbacks import FAILURE_FILE, SWEEP, report_sweep_end
 from sysattn_exp.errors import UsageError
+from sysattn_exp.schema import check_config
 
 log = logging.getLogger(__name__)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://sysattn_exp.conf", config_name="config")
 def run_job(cfg: DictConfig) -> dict | None:
-    from sysattn_exp.runner import run  # torch and transformers load only once the config is valid
-
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
+        check_config(cfg)  # the schema (schema.py): keys, types and allowed values
+        # torch and transformers load only once the config is valid
+        from sysattn_exp.runner import run
+
         return run(cfg, out_dir)
     except UsageError as error:
         if not in_sweep:

@@ -113,8 +113,6 @@ def select_ids(cfg, known: dict[int, str]) -> list[int]:
     limit, seed = cfg.get("limit"), cfg.get("seed")
     if limit is None:
         return ids
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-        raise UsageError(f"caption.limit={limit!r} must be a positive number of images or null")
     if limit >= len(ids):
         return ids
     if seed is None:
@@ -146,7 +144,7 @@ def load_coco(cfg) -> list[CocoImage]:
     """The images to caption, with their CHAIR ground truth. `cfg` is the caption config
     (data_dir, image_dir, limit, seed, image_list). Every selected image file must exist
     and decode (images.open_image, the conversion every benchmark uses)."""
-    vocab = vocabulary(cfg.get("singularize", "original"))  # a bad name stops here
+    vocab = vocabulary(cfg.get("singularize", "original"))
     data_dir, image_dir = annotation_dirs(cfg)
     instances = read_annotations(data_dir, INSTANCES, ["images", "annotations", "categories"])
     captions = read_annotations(data_dir, CAPTIONS, ["annotations"])

@@ -23,7 +23,6 @@ from importlib.resources import files
 from lemminflect import getLemma
 
 from sysattn_exp import singular
-from sysattn_exp.errors import UsageError
 from sysattn_exp.files import read_text
 
 # Pairs of tokens (after singularising) read as one word, and what they count as.
@@ -109,10 +108,6 @@ def double_word_rules() -> dict[str, str]:
 @cache
 def vocabulary(singularizer: str = "original") -> Vocabulary:
     """The synonym list and double words, with the named singulariser (SINGULARIZERS)."""
-    if singularizer not in SINGULARIZERS:
-        raise UsageError(
-            f"caption.singularize={singularizer!r} is unknown; allowed: {', '.join(SINGULARIZERS)}"
-        )
     text = read_text(files("sysattn_exp") / "data" / "coco_synonyms.txt")
     return Vocabulary(parse_synonyms(text), double_word_rules(), SINGULARIZERS[singularizer])
 

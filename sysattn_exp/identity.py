@@ -20,7 +20,6 @@ from omegaconf import OmegaConf
 
 from sysattn_exp import kernels, random_weights
 from sysattn_exp.cache import SCORES_VERSION, digest, scores_code_digest
-from sysattn_exp.checks import max_new_tokens, scoring_mode
 from sysattn_exp.environment import device_names, environment, model_devices
 from sysattn_exp.models import BUILTIN_TINY, BUILTIN_TOY
 from sysattn_exp.rules import Rule, label
@@ -81,9 +80,9 @@ def planned_kernel_path(loaded, edit: Rule | None, profiled: bool = False) -> st
 def generation_condition(scoring) -> dict:
     """The generation settings, in the condition only in generate mode: logit-mode
     conditions (and their cached scores and job keys) stay what they were before it."""
-    if scoring_mode(scoring) == "logit":
+    if scoring.mode == "logit":
         return {}
-    return {"scoring_mode": "generate", "max_new_tokens": max_new_tokens(scoring)}
+    return {"scoring_mode": "generate", "max_new_tokens": scoring.max_new_tokens}
 
 
 # Config keys that never change what a job produces (where results go, how fast they come);

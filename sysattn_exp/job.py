@@ -1,7 +1,9 @@
 """The skeleton every job runs, whatever it evaluates (run_job):
 
-1. check: the job kind loads its data (the benchmark, the COCO images) and checks every
-   key it reads, the intervention rule is read, all before the (slow) model load; a dry
+0. (before: the entry point checks the composed config against its schema, schema.py,
+   before torch loads);
+1. check: the intervention rule checks its section, the job kind loads its data (the benchmark, the COCO images) and checks every
+   key the schema cannot (relations between keys), all before the (slow) model load; a dry
    run stops here, after checking the layers against the model's depth from its config;
 2. load the model once, resolve the layers and build the rule's edit;
 3. evaluate: the only step a job kind implements (Job.evaluate), watched for the attention
@@ -115,8 +117,8 @@ def run_job(job: Job, out_dir: Path) -> dict:
     """Check, load, evaluate, write and log one job (see the module's docstring); returns
     its metrics (a dry run: its summary)."""
     cfg = job.cfg
+    rule = intervention_rule(cfg.intervention)  # checked before the data and model load
     job.load()  # bad data fails before the model loads
-    rule = intervention_rule(cfg.intervention)
     job.check()
     if cfg.runtime.dry_run:
         config = load_config(cfg.model)

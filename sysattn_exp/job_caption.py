@@ -8,7 +8,6 @@ from pathlib import Path
 import pandas as pd
 
 from sysattn_exp.caption import caption_predictions, load_coco
-from sysattn_exp.checks import progress_seconds
 from sysattn_exp.files import write_atomically
 from sysattn_exp.generation import generate_in_batches
 from sysattn_exp.identity import caption_baseline_key
@@ -54,7 +53,13 @@ class CaptionGenerator:
             return pd.read_parquet(path)["caption"].tolist()
         batch_size = self.cfg.model.batch_size
         captions = generate_in_batches(
-            loaded, images, prompts, edit, max_new_tokens, batch_size, progress_seconds(self.cfg)
+            loaded,
+            images,
+            prompts,
+            edit,
+            max_new_tokens,
+            batch_size,
+            self.cfg.runtime.progress_seconds,
         )
         if path is not None:
             frame = pd.DataFrame({"caption": captions})

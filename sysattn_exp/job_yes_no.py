@@ -12,13 +12,6 @@ import pandas as pd
 
 from sysattn_exp.benchmarks import Benchmark, answer_parser, load_benchmark
 from sysattn_exp.cache import ScoreCache
-from sysattn_exp.checks import (
-    max_new_tokens,
-    parser_name,
-    progress_seconds,
-    scoring_mode,
-    sharing_settings,
-)
 from sysattn_exp.errors import UsageError
 from sysattn_exp.files import write_atomically
 from sysattn_exp.generation import generate_items
@@ -59,16 +52,12 @@ class YesNoJob(Job):
 
     def check(self) -> None:
         cfg = self.cfg
-        self.ranking = rank_by(cfg.scoring)
+        self.ranking = cfg.scoring.rank_by
         check_metric_names(self.benchmark, self.ranking)
-        answer_parser(self.benchmark.name, parser_name(cfg.scoring))  # a bad scoring.parser
-        sharing_settings(cfg)
-        if scoring_mode(cfg.scoring) == "generate":
-            max_new_tokens(cfg.scoring)
-            if cfg.runtime.profile:
-                raise UsageError(
-                    "runtime.profile records the logit mode's answer row; use scoring.mode=logit"
-                )
+        if cfg.scoring.mode == "generate" and cfg.runtime.profile:
+            raise UsageError(
+                "runtime.profile records the logit mode's answer row; use scoring.mode=logit"
+            )
 
     def dry_run(self, config) -> tuple[dict, str]:
         """The data, the model's processor, the scored answer tokens: prints the counts, an
@@ -148,7 +137,7 @@ def predict(
 ) -> tuple[pd.DataFrame, Scores]:
     """Score every item (through the score cache, unless profiling): one row per item with
     the columns of predictions.parquet, and how the scoring went."""
-    if scoring_mode(cfg.scoring) == "generate":
+    if cfg.scoring.mode == "generate":
         return predict_by_generation(cfg, loaded, benchmark, prompts, edit, words, desc)
     plain = None
     if edit is not None and edit.guidance is not None:
@@ -168,7 +157,7 @@ def predict(
         cache,
         profile,
         plain,
-        progress_seconds(cfg),
+        cfg.runtime.progress_seconds,
     )
     frame = item_columns(benchmark, prompts, scores)
     frame["pred"] = frame["yes_logit"] > frame["no_logit"]
@@ -189,12 +178,12 @@ def predict_by_generation(
         benchmark,
         prompts,
         edit,
-        max_new_tokens(cfg.scoring),
+        cfg.scoring.max_new_tokens,
         cfg.model.batch_size,
         num_workers(cfg),
         desc,
         words,
-        progress_seconds(cfg),
+        cfg.runtime.progress_seconds,
     )
     scores = Scores(
         generated.yes,
@@ -206,7 +195,7 @@ def predict_by_generation(
     )
     frame = item_columns(benchmark, prompts, scores)
     frame["generated"] = generated.texts
-    parse = answer_parser(benchmark.name, parser_name(cfg.scoring))
+    parse = answer_parser(benchmark.name, cfg.scoring.parser)
     # Stripped first, as LLaVA's evaluation scripts strip outputs before POPE's and MME's
     # rules read them (a leading newline would otherwise make POPE's first word "").
     frame["answer"] = [parse(text.strip()) for text in generated.texts]
@@ -245,10 +234,20 @@ def timing(scores: Scores, n_items: int) -> dict:
     return out
 
 
+def sharing_settings(cfg) -> dict:
+    """How concurrent jobs share the baseline (shared_baseline.SharedBaseline)."""
+    return {
+        "batch_size": cfg.model.batch_size,
+        "part_items": cfg.runtime.baseline_part_items,
+        "lease_seconds": cfg.runtime.lease_seconds,
+        "progress_seconds": cfg.runtime.progress_seconds,
+    }
+
+
 def shared_baseline(cfg, loaded, benchmark, prompts, words) -> SharedBaseline | None:
     """The baseline's parts, claimed through the score cache (None without a cache or in
     generate mode, which does not use it)."""
-    if not cfg.runtime.cache_dir or scoring_mode(cfg.scoring) != "logit":
+    if not cfg.runtime.cache_dir or cfg.scoring.mode != "logit":
         return None
     settings = sharing_settings(cfg) | {"num_workers": num_workers(cfg)}
     cache = ScoreCache(cfg.runtime.cache_dir, condition(cfg, loaded, None, words))
@@ -284,13 +283,6 @@ RANKINGS = {  # scoring.rank_by: the score that metrics comparing two items rank
     "p_yes": lambda frame: frame["p_yes"],  # VQAScore's P("Yes") over the whole vocabulary
     "log_odds": lambda frame: frame["yes_logit"] - frame["no_logit"],
 }
-
-
-def rank_by(cfg) -> str:
-    name = cfg.get("rank_by", "p_yes")
-    if name not in RANKINGS:
-        raise UsageError(f"scoring.rank_by={name!r} is unknown; allowed: {', '.join(RANKINGS)}")
-    return name
 
 
 def all_metrics(benchmark: Benchmark, predictions: pd.DataFrame, ranking: str) -> dict:

@@ -136,10 +136,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         dtype, why = auto_dtype(device, cuda_capability(device))
         log.info("model.dtype=auto: %s (%s)", str(dtype).removeprefix("torch."), why)
         return dtype
-    if name not in DTYPES:
-        raise UsageError(
-            f"model.dtype={name!r} is not allowed; use auto or one of {sorted(DTYPES)}"
-        )
     return DTYPES[name]
 
 

@@ -30,7 +30,6 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from sysattn_exp.errors import UsageError, first_line
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
-WEIGHTS = ("pretrained", "random")
 
 
 @dataclass(frozen=True)
@@ -63,10 +62,9 @@ PRESETS = {
 
 
 def is_random(cfg) -> bool:
-    """Whether the model config asks for random weights (model.weights, checked)."""
+    """Whether the model config asks for random weights (model.weights); UsageError for
+    random weights of a model built in code."""
     weights = cfg.get("weights", "pretrained")
-    if weights not in WEIGHTS:
-        raise UsageError(f"model.weights={weights!r} is unknown; allowed: {', '.join(WEIGHTS)}")
     if weights == "random" and str(cfg.name_or_path).startswith("builtin:"):
         raise UsageError(
             f"model.weights=random is for the hub presets; {cfg.name_or_path} is built in code "

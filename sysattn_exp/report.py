@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 
 from sysattn_exp.benchmarks import MAIN_METRICS
 from sysattn_exp.errors import UsageError
+from sysattn_exp.schema import check_report_config
 from sysattn_exp.tracking import COMPLETE, HOW_METRICS, connect, storable_name
 
 COLUMNS = [
@@ -538,6 +539,7 @@ def report(cfg) -> Path:
 @hydra.main(version_base="1.3", config_path="pkg://sysattn_exp.conf", config_name="report")
 def report_app(cfg: DictConfig) -> None:
     try:
+        check_report_config(cfg)
         report(cfg)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)

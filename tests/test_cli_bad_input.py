@@ -122,6 +122,27 @@ CASES = {
         (*TINY, "benchmark.prompt=vicuna"),
         ["benchmark.prompt='vicuna'", "native, llava"],
     ),
+    # The schema (schema.py): keys Hydra adds unchecked with +, types, sets, removed keys.
+    "new top-level key": (
+        (*TINY, "+layer=q4"),
+        ["layer is not a key of the config", "layers", "did you mean layers?"],
+    ),
+    "misspelt scoring key": (
+        (*TINY, "+scoring.moode=generate"),
+        ["scoring.moode is not a key of scoring", "mode"],
+    ),
+    "misspelt runtime key": (
+        (*TINY, "+runtime.cache_dri=x"),
+        ["runtime.cache_dri", "did you mean cache_dir?"],
+    ),
+    "misspelt model key": ((*TINY, "+model.batchsize=2"), ["model.batchsize", "batch_size"]),
+    "misspelt benchmark key": ((*TINY, "+benchmark.limt=2"), ["benchmark.limt", "limit"]),
+    "wrong type": ((*TINY, "model.batch_size=two"), ["model.batch_size='two'", "whole number"]),
+    "quarter outside 1..4": (
+        (*REDIS, "layers=q4", "layers.quarter=5"),
+        ["layers.quarter=5", "1 to 4"],
+    ),
+    "removed key": ((*TINY, "~scoring.mode"), ["scoring.mode is required"]),
 }
 
 

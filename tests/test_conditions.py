@@ -45,9 +45,7 @@ def test_all_and_explicit_ranges():
         ({"start": 0, "end": 33}, "outside the model's 32 decoder layers"),
         ({"start": -1, "end": 4}, "outside"),
         ({"start": 5, "end": 5}, "outside"),
-        ({"quarter": 5}, "must be 1, 2, 3 or 4"),
         ({"quarter": 4, "start": 1}, "not both"),
-        ({"start": "a"}, "must be an integer"),
     ],
 )
 def test_bad_layer_ranges(kw, message):

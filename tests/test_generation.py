@@ -262,8 +262,6 @@ def test_qwen2_vl_generation_continues_3d_positions(qwen2_vl, rule):
 
 
 def test_job_key_separates_the_modes():
-    from sysattn_exp.checks import max_new_tokens
-    from sysattn_exp.errors import UsageError
     from sysattn_exp.identity import generation_condition, job_key
 
     before = {"scoring": {"yes_words": ["Yes"]}, "model": {"name_or_path": "m"}}
@@ -275,5 +273,3 @@ def test_job_key_separates_the_modes():
     assert len({job_key(c, {}) for c in (logit, generate, longer)}) == 3
     assert generation_condition(OmegaConf.create(logit["scoring"])) == {}
     assert generation_condition(OmegaConf.create(longer["scoring"]))["max_new_tokens"] == 16
-    with pytest.raises(UsageError, match="scoring.max_new_tokens"):
-        max_new_tokens(OmegaConf.create({"max_new_tokens": 0}))

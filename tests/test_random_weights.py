@@ -225,7 +225,7 @@ def test_reduced_random_model_through_the_cli(preset, extra, photo_records, tmp_
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["model.weights=trained"], "model.weights='trained' is unknown; allowed: pretrained"),
+        (["model.weights=trained"], "model.weights='trained' is not allowed; allowed: pretrained"),
         (
             ["model.weights=random", "model.name_or_path=someone/other-model"],
             "model.weights=random needs a shipped config",

@@ -210,16 +210,9 @@ def usable_groups(benchmark: Benchmark, limit: int | None, skip: bool) -> tuple[
     return kept, dropped
 
 
-def group_limit(limit) -> int | None:
-    """benchmark.limit, checked: a positive number of groups, or None for all."""
-    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
-        raise UsageError(f"benchmark.limit={limit!r} must be a positive number of groups or null")
-    return limit
-
-
 def first_groups(items: list[Item], limit: int | None) -> list[Item]:
     """The items of the first `limit` groups, in order of first appearance; never splits a group."""
-    if group_limit(limit) is None:
+    if limit is None:
         return items
     keep = set(list(dict.fromkeys(item.group_id for item in items))[:limit])
     return [item for item in items if item.group_id in keep]

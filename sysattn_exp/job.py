@@ -2,8 +2,9 @@
 
 0. (before: the entry point checks the composed config against its schema, schema.py,
    before torch loads);
-1. check: the intervention rule checks its section, the job kind loads its data (the benchmark, the COCO images) and checks every
-   key the schema cannot (relations between keys), all before the (slow) model load; a dry
+1. check: the intervention rule checks its section, the job kind loads its data (the
+   benchmark, the COCO images) and checks what the schema cannot (relations between
+   keys), all before the (slow) model load; a dry
    run stops here, after checking the layers against the model's depth from its config;
 2. load the model once, resolve the layers and build the rule's edit;
 3. evaluate: the only step a job kind implements (Job.evaluate), watched for the attention

@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from sysattn_exp import chair, models, runner
+from sysattn_exp import chair, job_yes_no, models
 from sysattn_exp.benchmarks import LOADERS, pope, sugarcrepe
 from sysattn_exp.errors import UsageError
 from sysattn_exp.schema import (
@@ -147,7 +147,7 @@ def test_open_sections_take_any_keys():
 
 def test_allowed_values_are_the_implemented_ones():
     assert [d.value for d in Dtype] == ["auto", *models.DTYPES]
-    assert [r.value for r in RankBy] == list(runner.RANKINGS)
+    assert [r.value for r in RankBy] == list(job_yes_no.RANKINGS)
     assert [s.value for s in Singularize] == list(chair.SINGULARIZERS)
     assert [s.value for s in PopeSplit] == pope.SPLITS
     assert [s.value for s in SugarCrepeSubset] == sugarcrepe.SUBSETS

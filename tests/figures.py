@@ -20,6 +20,7 @@ def panel(ax) -> dict:
         "title": ax.get_title(),
         "xlabel": ax.get_xlabel(),
         "ylabel": ax.get_ylabel(),
+        "ylim": ax.get_ylim(),
         "xticks": tick_labels(ax.xaxis),
         "yticks": tick_labels(ax.yaxis),
         # An image's values (masked cells, e.g. a condition a model lacks, as NaN).

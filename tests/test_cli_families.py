@@ -57,7 +57,10 @@ def test_family_through_the_cli(workspace, tracking_uri, tmp_path, monkeypatch, 
     monkeypatch.setattr(sysattn_exp.models, "AutoProcessor", ImageOnlyProcessors)
     vlm = getattr(model.config, "image_token_id", None) is not None
     data = workspace / ("images.jsonl" if vlm else "text.jsonl")
-    # One family loads as a model too large for one GPU would (here: all on the CPU).
+    # One family loads through from_pretrained's device_map=auto (accelerate's placement),
+    # the path of a model too large for one GPU. This machine has one device, the CPU, so
+    # the whole model lands on it: spreading over several devices is for a machine that
+    # has them (tests/test_gpu_path.py, scripts/device_check.py).
     device_map = ["model.device_map=auto"] if name == "llama" else []
     status = run_main(
         tmp_path,
@@ -75,6 +78,14 @@ def test_family_through_the_cli(workspace, tracking_uri, tmp_path, monkeypatch, 
     )
     assert status == 0
     (job,) = (tmp_path / "outputs" / "runs").iterdir()
+    config = yaml.safe_load((job / "config.yaml").read_text())
+    loading = [
+        line for line in (job / "sysattn.log").read_text().splitlines() if " loading " in line
+    ]
+    # The loader got the map (transformers places the weights by it; with one device there
+    # is nothing to dispatch, so the model has no hf_device_map to inspect).
+    assert config["model"]["device_map"] == ("auto" if device_map else None)
+    assert len(loading) == 1 and f" on {'auto' if device_map else 'cpu'} as " in loading[0]
     metrics = read_metrics(job)
     depth = model.config.get_text_config().num_hidden_layers
     assert metrics["n_items"] == 4 and "baseline_paired_accuracy" in metrics

@@ -35,6 +35,9 @@ from sysattn_exp.files import read_text
 TEXT_SUFFIXES = (".txt", ".json", ".jsonl")
 
 
+BOM = {"utf-8-sig": codecs.BOM_UTF8, "utf-16": codecs.BOM_UTF16}  # utf-16: this machine's order
+
+
 def as_saved_on_windows(root: Path, encoding: str = "utf-8-sig") -> int:
     """Rewrite every text file under root with a byte-order mark and CRLF line ends (as
     Notepad or a spreadsheet's export saves them); returns how many were rewritten."""
@@ -42,7 +45,7 @@ def as_saved_on_windows(root: Path, encoding: str = "utf-8-sig") -> int:
     for path in paths:
         text = path.read_text(encoding="utf-8").replace("\n", "\r\n")
         path.write_bytes(text.encode(encoding))  # utf-8-sig and utf-16 write the BOM
-        assert path.read_bytes()[:2] in (codecs.BOM_UTF8[:2], codecs.BOM_UTF16_LE)
+        assert path.read_bytes().startswith(BOM[encoding])
     return len(paths)
 
 

@@ -383,7 +383,8 @@ def test_out_of_memory_in_use_is_raised_and_keeps_the_kernel(monkeypatch, caplog
 
 
 def test_out_of_memory_is_a_usage_error():
-    """The runner's entry point prints a UsageError as one line and exits with 2."""
+    """OutOfMemory is a UsageError: what the runner's entry point prints as one line,
+    exiting with 2 (that path: tests/test_cli_bad_input.py)."""
     from sysattn_exp.errors import UsageError
 
     assert issubclass(kernels.OutOfMemory, UsageError)

@@ -6,12 +6,14 @@ import pandas as pd
 import pytest
 import reference
 import torch
+import yaml
 from cli import run_cli
 from conftest import make_image
+from figures import pixels, record_figures
 from test_scoring import four_questions_per_image
 
 from sysattn_exp.models import LoadedModel, use_sysattn
-from sysattn_exp.profile import AttentionProfile
+from sysattn_exp.profile import AttentionProfile, heatmap
 from sysattn_exp.prompts import build_prompt
 from sysattn_exp.rules import Redistribution
 from sysattn_exp.scoring import left_padded_position_ids, score_items
@@ -96,10 +98,10 @@ def test_profile_matches_reference_weights(loaded, edit):
         assert (got.loc[sorted(edit.layers), "system"] == 0).all()
 
 
-def test_profile_after_a_baseline_through_the_cli(tmp_path):
+def test_profile_after_a_baseline_through_the_cli(tmp_path, monkeypatch):
     """The natural order: a baseline, then a profile of the same model and benchmark into
     the same store. Same scores, but the profile is another job: logged, with its
-    attn_share metrics (the layer as step)."""
+    attn_share metrics (the layer as step), and its heatmap shows its table's shares."""
     common = ("model=tiny", "benchmark.limit=6")
     baseline = run_cli(*common, cwd=tmp_path)
     assert baseline.returncode == 0, baseline.stderr[-3000:]
@@ -108,9 +110,22 @@ def test_profile_after_a_baseline_through_the_cli(tmp_path):
     assert "not logged again" not in result.stderr
     job = max((tmp_path / "outputs" / "runs").iterdir())
     table = pd.read_csv(job / "attention_profile.csv")
-    assert len(table) == 16 and (job / "attention_profile.png").stat().st_size > 0
+    assert len(table) == 16
     assert f"Attention profile: {(job / 'attention_profile.png').resolve()}" in result.stdout
     answer = table[table.queries == "answer"].set_index("layer")
+    # The job's plot is, pixel for pixel, heatmap() of its table: a layer x modality image
+    # of the answer position's shares, each written in its cell.
+    figures = record_figures(monkeypatch)
+    name = yaml.safe_load((job / "config.yaml").read_text())["job"]["name"]
+    title = f"{name}: share of the answer's attention"
+    again = heatmap(table, tmp_path / "again.png", title)
+    assert (pixels(again) == pixels(job / "attention_profile.png")).all()
+    ((drawn,),) = figures.values()
+    (image,) = drawn["images"]
+    assert image == pytest.approx(answer[MODALITIES].to_numpy(), abs=1e-12)
+    assert drawn["xticks"] == MODALITIES and drawn["yticks"] == [str(n) for n in range(8)]
+    assert drawn["texts"] == [f"{v:.2f}" for v in answer[MODALITIES].to_numpy().ravel()]
+    assert drawn["title"] == title and drawn["ylabel"] == "decoder layer"
     assert answer["system"].gt(0).all() and answer["n_queries"].eq(12).all()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/outputs/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["sysattn"], output_format="list")

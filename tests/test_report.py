@@ -4,11 +4,12 @@ import subprocess
 import sys
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
+from figures import pixels, record_figures
 from omegaconf import OmegaConf
 
-import sysattn_exp.report
 from sysattn_exp.report import report
 
 JOBS = [  # (benchmark, recipients, quarter, layers, paired, yes_rate, native)
@@ -64,24 +65,22 @@ def log_known_runs(uri: str, artifacts) -> str:
     return parent.info.run_id
 
 
-def record_panels(monkeypatch) -> dict:
-    """{plot file name: [(panel title, row labels), ...]}, taken as report() saves each plot."""
-    panels, save = {}, sysattn_exp.report.save
-
-    def recording_save(fig, path):
-        axes = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
-        # The row labels, also of panels that share the first one's and do not show them.
-        rows = [ax.yaxis.get_major_formatter().format_ticks(ax.get_yticks()) for ax in axes]
-        panels[path.name] = [(ax.get_title(), r) for ax, r in zip(axes, rows, strict=True)]
-        return save(fig, path)
-
-    monkeypatch.setattr(sysattn_exp.report, "save", recording_save)
-    return panels
+@pytest.fixture(scope="module")
+def known_runs(tmp_path_factory):
+    """One store of the known runs for the module (creating one costs seconds): its URI
+    and the sweep's parent run id. Reports only add artifacts to the parent."""
+    root = tmp_path_factory.mktemp("known")
+    uri = f"sqlite:///{root}/store.db"
+    return uri, log_known_runs(uri, root / "artifacts")
 
 
-def test_report_table_plots_and_parent_artifacts(tmp_path):
-    uri = f"sqlite:///{tmp_path}/store.db"
-    parent = log_known_runs(uri, tmp_path / "artifacts")
+def titles_and_rows(figure: list[dict]) -> list[tuple]:
+    """(panel title, row labels) of each panel of a recorded figure."""
+    return [(p["title"], p["yticks"]) for p in figure]
+
+
+def test_report_table_plots_and_parent_artifacts(known_runs, tmp_path, monkeypatch):
+    uri, parent = known_runs
     out = tmp_path / "report"
     result = subprocess.run(
         [
@@ -117,21 +116,42 @@ def test_report_table_plots_and_parent_artifacts(tmp_path):
         (0.05, 0.90, 0.04)
     )
     assert list(table.intervention[table.benchmark == "naturalbench"])[0] == "baseline"
-    for name in (
-        "comparison.md",
-        "heatmap_naturalbench.png",
-        "heatmap_winoground.png",
-        "yes_rate_winoground.png",
-    ):
-        assert (out / name).stat().st_size > 0, name
+    assert (out / "comparison.md").read_text().startswith("## naturalbench\n")
+    # The CLI's plots are, pixel for pixel, those report() draws in this process from the
+    # same runs, whose artists show the logged values (changes in points vs baseline).
+    figures = record_figures(monkeypatch)
+    tracking = {"uri": uri, "experiment": "study", "artifact_location": str(tmp_path)}
+    again = tmp_path / "again"
+    report(OmegaConf.create({"tracking": tracking, "report": {"parent": parent, "out": again}}))
+    plots = {f"{p}_{b}.png" for p in ("heatmap", "yes_rate") for b in NATIVE}
+    assert set(figures) == plots == {p.name for p in out.glob("*.png")}
+    for name in plots:
+        assert (pixels(out / name) == pixels(again / name)).all(), name
+    (heat,) = figures["heatmap_naturalbench.png"]
+    assert heat["yticks"] == ["q1 (0-7)", "q4 (24-31)"]
+    assert heat["xticks"] == ["system->image+text", "system->text"]
+    grid = np.array([[np.nan, -2.0], [5.0, 10.0]])  # q1 has no system->image+text job
+    assert heat["images"][0] == pytest.approx(grid, nan_ok=True)
+    assert heat["texts"] == ["-2.0", "+5.0", "+10.0"]
+    (heat,) = figures["heatmap_winoground.png"]
+    assert heat["images"][0] == pytest.approx(np.array([[5.0]])) and heat["texts"] == ["+5.0"]
+    (bars,) = figures["yes_rate_naturalbench.png"]
+    assert bars["xticks"] == [
+        "system->image+text q4 (24-31)",
+        "system->text q1 (0-7)",
+        "system->text q4 (24-31)",
+    ]
+    assert bars["bars"] == pytest.approx([-20.0, -10.0, -25.0])  # yes-rate 80% at baseline
+    assert bars["lines"] == pytest.approx({"baseline 80.0%": 0.0})
+    (bars,) = figures["yes_rate_winoground.png"]
+    assert bars["bars"] == pytest.approx([-40.0]) and bars["texts"] == ["-40.0"]
     artifacts = {a.path for a in mlflow.MlflowClient(uri).list_artifacts(parent, "report")}
     assert {"report/comparison.csv", "report/heatmap_naturalbench.png"} <= artifacts
 
 
-def test_report_latest_sweep_and_bad_parent(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path}/store.db"
-    log_known_runs(uri, tmp_path / "artifacts")
-    panels = record_panels(monkeypatch)
+def test_report_latest_sweep_and_bad_parent(known_runs, tmp_path, monkeypatch):
+    uri, _ = known_runs
+    figures = record_figures(monkeypatch)
     # report.parent=latest is resolved by report() itself: in this process.
     tracking = {"uri": uri, "experiment": "study", "artifact_location": str(tmp_path)}
     report(
@@ -141,11 +161,11 @@ def test_report_latest_sweep_and_bad_parent(tmp_path, monkeypatch):
     )
     assert len(pd.read_csv(tmp_path / "r" / "comparison.csv")) == 6
     # One model: one panel per plot, titled as before, and no model column in the paper's table.
-    assert panels["heatmap_naturalbench.png"] == [
+    assert titles_and_rows(figures["heatmap_naturalbench.png"]) == [
         ("naturalbench: paired accuracy vs baseline (points)", ["q1 (0-7)", "q4 (24-31)"])
     ]
-    assert set(panels) == {f"{p}_{b}.png" for p in ("heatmap", "yes_rate") for b in NATIVE}
-    assert all(len(axes) == 1 for axes in panels.values())
+    assert set(figures) == {f"{p}_{b}.png" for p in ("heatmap", "yes_rate") for b in NATIVE}
+    assert all(len(axes) == 1 for axes in figures.values())
     paper = pd.read_csv(tmp_path / "r" / "paper_table.csv")
     assert list(paper.columns) == ["condition", "naturalbench", "winoground"]
     assert "system->text q4 (24-31)" in set(paper.condition)
@@ -205,7 +225,7 @@ def test_report_compares_models_side_by_side(tmp_path, monkeypatch):
                     "baseline_paired_accuracy": base,
                 }
             )
-    panels = record_panels(monkeypatch)
+    figures = record_figures(monkeypatch)
     cfg = OmegaConf.create(
         {
             "tracking": {"uri": uri, "experiment": "models", "artifact_location": str(tmp_path)},
@@ -237,11 +257,22 @@ def test_report_compares_models_side_by_side(tmp_path, monkeypatch):
     assert "| system->text q4 | tiny-qwen2-vl | +12.5% (+5.0 pts) |" in (
         (tmp_path / "report" / "paper_table.md").read_text()
     )
-    # A panel per model, on the same rows: the small model's q4 beside the big one's.
-    assert panels["heatmap_naturalbench.png"] == [(big, ["q1", "q4"]), (small, ["q1", "q4"])]
-    assert [title for title, _ in panels["yes_rate_naturalbench.png"]] == [big, small]
-    for name in ("heatmap_naturalbench.png", "yes_rate_naturalbench.png"):
-        assert (tmp_path / "report" / name).stat().st_size > 0
+    # A panel per model, on the same rows: the small model's q4 beside the big one's,
+    # coloured by its change against its own baseline, on one colour scale.
+    heat = figures["heatmap_naturalbench.png"]
+    assert titles_and_rows(heat) == [(big, ["q1", "q4"]), (small, ["q1", "q4"])]
+    assert [p["xticks"] for p in heat] == [["system->text"]] * 2
+    assert heat[0]["images"][0] == pytest.approx(np.array([[-10.0], [10.0]]))
+    assert heat[1]["images"][0] == pytest.approx(np.array([[np.nan], [5.0]]), nan_ok=True)
+    assert [p["texts"] for p in heat] == [["-10.0", "+10.0"], ["+5.0"]]
+    bars = figures["yes_rate_naturalbench.png"]
+    assert [p["title"] for p in bars] == [big, small]
+    assert [p["xticks"] for p in bars] == [["system->text q1", "system->text q4"]] * 2
+    # Yes-rate 60% in every job against 70% at the baselines; the small model has no q1.
+    assert bars[0]["bars"] == pytest.approx([-10.0, -10.0])
+    assert bars[1]["bars"] == pytest.approx([np.nan, -10.0], nan_ok=True)
+    assert [p["lines"] for p in bars] == [{"baseline 70.0%": 0.0}] * 2
+    assert {p.name for p in (tmp_path / "report").glob("*.png")} == set(figures)
 
 
 def test_runs_logged_before_the_label_take_it_from_their_run_name(tmp_path):

@@ -3,11 +3,12 @@ it compared with; its plots and tables show values with units (read back from th
 matplotlib artists and the files written); half-logged runs and empty sweeps are left out."""
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
+from figures import record_figures
 from omegaconf import OmegaConf
 
-import sysattn_exp.report
 from sysattn_exp.report import report
 
 NATIVE = "pope/mean_f1"
@@ -98,25 +99,7 @@ def store(tmp_path):
 
 def run_report(tmp_path, tracking, parent, monkeypatch) -> tuple[pd.DataFrame, dict]:
     """The comparison table and {plot file name: figure}, taken as report() saves them."""
-    figures, save = {}, sysattn_exp.report.save
-
-    def keep(fig, path):  # what each panel shows, read before save() clears the figure
-        figures[path.name] = [
-            {
-                "xticks": [t.get_text() for t in ax.get_xticklabels()],
-                "bars": [bar.get_height() for bar in ax.patches],
-                "texts": [t.get_text() for t in ax.texts],
-                "lines": {line.get_label(): line.get_ydata()[0] for line in ax.get_lines()},
-                "ylim": ax.get_ylim(),
-                "ylabel": ax.get_ylabel(),
-                "xlabel": ax.get_xlabel(),
-            }
-            for ax in fig.axes
-            if ax.get_label() != "<colorbar>"
-        ]
-        return save(fig, path)
-
-    monkeypatch.setattr(sysattn_exp.report, "save", keep)
+    figures = record_figures(monkeypatch)
     out = tmp_path / f"report-{parent}"
     report(OmegaConf.create({"tracking": tracking, "report": {"parent": parent, "out": str(out)}}))
     return pd.read_csv(out / "comparison.csv", keep_default_na=False, na_values=[""]), figures
@@ -186,6 +169,12 @@ def test_yes_rate_plot_shows_changes_with_reference_lines(store, monkeypatch):
     (heat,) = figures["heatmap_pope.png"]
     assert heat["xlabel"] == "40 groups: one group = 2.5 points"
     assert sorted(heat["texts"]) == ["+10.0", "-5.0"]
+    assert (heat["yticks"], heat["xticks"]) == (
+        ["q1 (0-0)", "q4 (3-3)"],
+        ["system->image", "system->text"],
+    )
+    grid = np.array([[-5.0, np.nan], [np.nan, 10.0]])  # points vs the baseline's 40%
+    assert heat["images"][0] == pytest.approx(grid, nan_ok=True)
 
 
 def test_markdown_has_units_and_no_empty_columns(store, monkeypatch):

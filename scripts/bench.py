@@ -42,20 +42,20 @@ from PIL import Image
 from transformers import AttentionInterface
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
+from sysattn_exp.attention.intervention import eager_edited_attention
+from sysattn_exp.attention.modality import modality_ids
+from sysattn_exp.attention.rules import Redistribution
 from sysattn_exp.benchmarks.base import Benchmark, Item
-from sysattn_exp.generation import generate_items
-from sysattn_exp.intervention import eager_edited_attention
-from sysattn_exp.modality import modality_ids
-from sysattn_exp.models import LoadedModel, first_token_ids, use_sysattn
-from sysattn_exp.prompts import build_prompt
-from sysattn_exp.rules import Redistribution
-from sysattn_exp.scoring import (
+from sysattn_exp.evaluation.generation import generate_items
+from sysattn_exp.evaluation.scoring import (
     encode_full_prompts,
     plan_batches,
     position_ids,
     score_full_prompts,
     score_items,
 )
+from sysattn_exp.models.loading import LoadedModel, first_token_ids, use_sysattn
+from sysattn_exp.models.prompts import build_prompt
 
 SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant "
@@ -82,7 +82,7 @@ PAPER_JOBS = 28  # +sweep=paper: 28 conditions, the baseline among them
 
 def load(args) -> LoadedModel:
     if args.model == "bench":
-        from sysattn_exp.tiny import build_tiny_llava
+        from sysattn_exp.models.tiny import build_tiny_llava
 
         device = torch.device(args.device)
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -102,7 +102,7 @@ def load(args) -> LoadedModel:
         return LoadedModel(model, processor, device, dtype)
     from hydra import compose, initialize_config_module
 
-    from sysattn_exp.models import load_model
+    from sysattn_exp.models.loading import load_model
 
     with initialize_config_module("sysattn_exp.conf", version_base="1.3"):
         cfg = compose("config", overrides=[f"model={args.model}", f"model.device={args.device}"])

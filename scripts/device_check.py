@@ -6,7 +6,7 @@
 Needs only torch, transformers (with its own tokenizers, PyYAML, safetensors), accelerate and
 Pillow: no Hydra, MLflow, datasets, pandas. No install, no download: the models are the
 presets' real architectures with random weights (model.weights=random, from the config.json
-files shipped in sysattn_exp/model_configs), so the numbers the models produce are
+files shipped in sysattn_exp/models/model_configs), so the numbers the models produce are
 meaningless, while shapes, memory and time are real. Target: under 8 minutes on one
 H200-class GPU.
 
@@ -65,11 +65,13 @@ import yaml  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 from transformers.integrations.sdpa_attention import repeat_kv  # noqa: E402
 
-from sysattn_exp import kernels, models, random_weights  # noqa: E402
-from sysattn_exp.conditions import build_edit, intervention_rule, resolve_layers  # noqa: E402
-from sysattn_exp.generation import generate_items  # noqa: E402
-from sysattn_exp.rules import Redistribution  # noqa: E402
-from sysattn_exp.scoring import plan_batches, score_full_prompts, score_items  # noqa: E402
+from sysattn_exp.attention import kernels  # noqa: E402
+from sysattn_exp.attention.rules import Redistribution  # noqa: E402
+from sysattn_exp.evaluation.generation import generate_items  # noqa: E402
+from sysattn_exp.evaluation.scoring import plan_batches, score_full_prompts, score_items  # noqa: E402
+from sysattn_exp.experiment.conditions import build_edit, intervention_rule, resolve_layers  # noqa: E402
+from sysattn_exp.models import loading as models  # noqa: E402
+from sysattn_exp.models import random_weights  # noqa: E402
 
 CONF = ROOT / "sysattn_exp" / "conf"
 LLAVA_7B = "llava15_7b"
@@ -779,7 +781,7 @@ def main() -> int:
     args = parser.parse_args()
     # Random weights answer with any token: scoring's per-call warning that the likeliest
     # token is no yes/no token says nothing here and would bury the summary.
-    logging.getLogger("sysattn_exp.scoring").setLevel(logging.ERROR)
+    logging.getLogger("sysattn_exp.evaluation.scoring").setLevel(logging.ERROR)
     setup = make_setup(args)
     report = {"environment": environment(setup), "errors": {}, "seconds": {}}
     sections = {

@@ -7,7 +7,7 @@
 
 import argparse
 
-from sysattn_exp.tiny import build_tiny_llava
+from sysattn_exp.models.tiny import build_tiny_llava
 
 
 def main() -> None:

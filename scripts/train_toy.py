@@ -1,6 +1,6 @@
-"""Train the toy LLaVA (sysattn_exp/toy_model.py) and write its weights.
+"""Train the toy LLaVA (sysattn_exp/models/toy_model.py) and write its weights.
 
-    python scripts/train_toy.py                      # -> sysattn_exp/toy_weights.safetensors
+    python scripts/train_toy.py                      # -> sysattn_exp/models/toy_weights.safetensors
     python scripts/train_toy.py --out w.safetensors --seed 1
 
 Deterministic from --seed: it runs on one CPU thread (about 4 minutes on the project's
@@ -14,7 +14,7 @@ import warnings
 import torch
 from safetensors.torch import save_file
 
-from sysattn_exp import toy_model
+from sysattn_exp.models import toy_model
 
 
 def main() -> None:

@@ -14,9 +14,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from sysattn_exp.callbacks import FAILURE_FILE, SWEEP, report_sweep_end
 from sysattn_exp.errors import UsageError
-from sysattn_exp.schema import check_config
+from sysattn_exp.experiment.callbacks import FAILURE_FILE, SWEEP, report_sweep_end
+from sysattn_exp.experiment.schema import check_config
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def run_job(cfg: DictConfig) -> dict | None:
     try:
         check_config(cfg)  # the schema (schema.py): keys, types and allowed values
         # torch and transformers load only once the config is valid
-        from sysattn_exp.runner import run
+        from sysattn_exp.experiment.runner import run
 
         return run(cfg, out_dir)
     except UsageError as error:

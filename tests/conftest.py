@@ -19,7 +19,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 def gqa_llava():
     """A random LLaVA unlike the builtin tiny one: 6 layers, 6 heads over 3 KV heads, and
     weights at the usual 0.02 scale of trained-model initialisation."""
-    from sysattn_exp.tiny import build_tiny_llava
+    from sysattn_exp.models.tiny import build_tiny_llava
 
     return build_tiny_llava(
         seed=7,

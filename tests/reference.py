@@ -1,4 +1,5 @@
-"""Plain, loop-based reference attention written independently of sysattn_exp.intervention.
+"""Plain, loop-based reference attention, written independently of the package's attention
+layer (sysattn_exp.attention: rules.py, intervention.py, fused.py).
 
 For every real query row of every head it computes softmax attention over the visible keys
 (causal, padding excluded; within a sliding window on a layer that has one; image keys in

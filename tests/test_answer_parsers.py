@@ -21,7 +21,7 @@ from sysattn_exp.benchmarks import (
     pope,
 )
 from sysattn_exp.benchmarks.base import mme_answer
-from sysattn_exp.identity import generation_condition, job_key
+from sysattn_exp.experiment.identity import generation_condition, job_key
 
 # POPE evaluate.py: keep the text before the first ".", drop commas, split on " "; "No",
 # "not" or "no" among the words -> no, else yes.

@@ -15,10 +15,10 @@ from transformers import PreTrainedTokenizerFast
 
 from sysattn_exp.benchmarks import load_benchmark
 from sysattn_exp.errors import UsageError
-from sysattn_exp.job_yes_no import item_prompts, scoring_words
-from sysattn_exp.models import first_token_ids, load_model, tokenizer_of
-from sysattn_exp.prompts import PromptFormat, build_prompt
-from sysattn_exp.scoring import score_items, warn_if_unscored
+from sysattn_exp.evaluation.scoring import score_items, warn_if_unscored
+from sysattn_exp.experiment.job_yes_no import item_prompts, scoring_words
+from sysattn_exp.models.loading import first_token_ids, load_model, tokenizer_of
+from sysattn_exp.models.prompts import PromptFormat, build_prompt
 
 WORDS = {"yes": ["Yes", "yes"], "no": ["No", "no"]}
 # How a reply follows each family's generation prompt, read from its template (the
@@ -203,7 +203,7 @@ def test_warning_names_the_unscored_top_token(caplog):
     tokenizer = tokenizer_of(BUILDERS["qwen2"](0)[1])
     logits = torch.zeros(3, len(tokenizer))
     logits[0, 5] = logits[1, 6] = logits[2, 5] = 1.0
-    with caplog.at_level(logging.WARNING, logger="sysattn_exp.scoring"):
+    with caplog.at_level(logging.WARNING, logger="sysattn_exp.evaluation.scoring"):
         assert not warn_if_unscored(tokenizer, logits, [5], [6])
         assert not caplog.records
         logits[1, 7] = 2.0  # row 1's most likely token is now 7, none of the scored ones
@@ -228,7 +228,7 @@ def test_scoring_warns_once_when_the_model_answers_other_tokens(caplog, model, w
     tokens are anything: one warning, for the first batch only."""
     torch.set_num_threads(1)
     loaded, bench, prompts, words = toy_job(f"model={model}")
-    with caplog.at_level(logging.WARNING, logger="sysattn_exp.scoring"):
+    with caplog.at_level(logging.WARNING, logger="sysattn_exp.evaluation.scoring"):
         score_items(loaded, bench, prompts, None, words, 2, 0, "test")
     warnings = [r for r in caplog.records if "none of the scored" in r.getMessage()]
     assert len(warnings) == (1 if warns else 0)

@@ -18,11 +18,11 @@ import pytest
 import torch
 from conftest import make_image
 
-from sysattn_exp.models import LoadedModel, first_token_ids, use_sysattn
-from sysattn_exp.prompts import build_prompt
-from sysattn_exp.rules import Redistribution
-from sysattn_exp.scoring import encode_full_prompts, score_full_prompts
-from sysattn_exp.tiny import build_tiny_llava, cast_parameters
+from sysattn_exp.attention.rules import Redistribution
+from sysattn_exp.evaluation.scoring import encode_full_prompts, score_full_prompts
+from sysattn_exp.models.loading import LoadedModel, first_token_ids, use_sysattn
+from sysattn_exp.models.prompts import build_prompt
+from sysattn_exp.models.tiny import build_tiny_llava, cast_parameters
 
 LAYERS = 4
 COLORS = ["red", "blue", "green", "yellow", "black", "purple", "orange", "gray"]

@@ -11,14 +11,20 @@ from conftest import make_image
 from hydra import compose, initialize_config_module
 from test_scoring import WORDS
 
-from sysattn_exp import identity
+from sysattn_exp.attention.rules import Redistribution
 from sysattn_exp.benchmarks.base import Benchmark, Item, open_image_file
-from sysattn_exp.cache import SCORES_VERSION, ScoreCache, code_digest, digest, scores_code_digest
-from sysattn_exp.identity import condition, job_config, job_key
-from sysattn_exp.models import LoadedModel, use_sysattn
-from sysattn_exp.prompts import build_prompt
-from sysattn_exp.rules import Redistribution
-from sysattn_exp.scoring import score_items
+from sysattn_exp.evaluation.cache import (
+    SCORES_VERSION,
+    ScoreCache,
+    code_digest,
+    digest,
+    scores_code_digest,
+)
+from sysattn_exp.evaluation.scoring import score_items
+from sysattn_exp.experiment import identity
+from sysattn_exp.experiment.identity import condition, job_config, job_key
+from sysattn_exp.models.loading import LoadedModel, use_sysattn
+from sysattn_exp.models.prompts import build_prompt
 
 
 def on_disk(folder) -> Benchmark:

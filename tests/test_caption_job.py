@@ -14,8 +14,8 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from PIL import Image
 
-from sysattn_exp.caption import CAPTIONS_FILE, caption_job, load_coco
 from sysattn_exp.errors import UsageError
+from sysattn_exp.evaluation.caption import CAPTIONS_FILE, caption_job, load_coco
 
 CATEGORIES = [
     {"id": 1, "name": "person", "supercategory": "person"},

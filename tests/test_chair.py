@@ -3,7 +3,7 @@ from the original's rules (LisaAnne/Hallucination utils/chair.py)."""
 
 import pytest
 
-from sysattn_exp.chair import (
+from sysattn_exp.evaluation.chair import (
     caption_objects,
     chair_metrics,
     ground_truth_objects,

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from cli import run_main
 
-from sysattn_exp.chair import caption_objects, score_caption, vocabulary
-from sysattn_exp.singular import singularize
+from sysattn_exp.evaluation.chair import caption_objects, score_caption, vocabulary
+from sysattn_exp.evaluation.singular import singularize
 
 TABLE = Path(__file__).parent / "data" / "chair_singular_original.tsv"
 

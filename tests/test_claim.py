@@ -1,4 +1,4 @@
-"""Claims with a lease (sysattn_exp.claim), between real processes and in real time: one
+"""Claims with a lease (sysattn_exp.experiment.claim), between real processes and in real time: one
 winner among racing processes, a live holder kept, a paused one taken over after its lease
 (and told so), a dead one or a requeued SLURM job's earlier life taken over at once."""
 
@@ -9,13 +9,13 @@ import sys
 import time
 from pathlib import Path
 
-from sysattn_exp.claim import Claims
+from sysattn_exp.experiment.claim import Claims
 
 LEASE = 1.0  # seconds: the heartbeat beats every 0.25 s
 
 HOLDER = """
 import sys, time
-from sysattn_exp.claim import Claims
+from sysattn_exp.experiment.claim import Claims
 directory, lease, start_at = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 time.sleep(max(0.0, start_at - time.time()))
 held = Claims(directory, lease).try_claim("part")

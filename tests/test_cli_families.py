@@ -14,7 +14,7 @@ from cli import read_metrics, run_main
 from conftest import make_image
 from tiny_families import BUILDERS, load_test_processor, save_checkpoint
 
-import sysattn_exp.models
+import sysattn_exp.models.loading
 
 RECORDS = [
     {"id": "a1", "group": "a", "image": "red.png", "question": "Is it red?", "answer": "yes"},
@@ -54,7 +54,7 @@ def workspace(tmp_path_factory):
 def test_family_through_the_cli(workspace, tracking_uri, tmp_path, monkeypatch, name):
     model, processor = BUILDERS[name](0)
     checkpoint = save_checkpoint(model, processor, tmp_path / name)
-    monkeypatch.setattr(sysattn_exp.models, "AutoProcessor", ImageOnlyProcessors)
+    monkeypatch.setattr(sysattn_exp.models.loading, "AutoProcessor", ImageOnlyProcessors)
     vlm = getattr(model.config, "image_token_id", None) is not None
     data = workspace / ("images.jsonl" if vlm else "text.jsonl")
     # One family loads through from_pretrained's device_map=auto (accelerate's placement),
@@ -167,7 +167,7 @@ def test_dry_run_shows_the_split(workspace, tmp_path, monkeypatch, capsys, name)
     loading its weights; the counts are those of the real forward's key_modality."""
     model, processor = BUILDERS[name](0)
     checkpoint = save_checkpoint(model, processor, tmp_path / name)
-    monkeypatch.setattr(sysattn_exp.models, "AutoProcessor", ImageOnlyProcessors)
+    monkeypatch.setattr(sysattn_exp.models.loading, "AutoProcessor", ImageOnlyProcessors)
     vlm = name != "qwen3"
     status = run_main(
         tmp_path,

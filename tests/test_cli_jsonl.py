@@ -11,7 +11,7 @@ from conftest import make_image
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from sysattn_exp.prompts import build_prompt
+from sysattn_exp.models.prompts import build_prompt
 
 RECORDS = [
     {"id": "a1", "group": "a", "image": "img/red.png", "question": "Is it red?", "answer": "yes"},

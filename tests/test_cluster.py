@@ -18,8 +18,9 @@ import pytest
 from cli import read_metrics, run_cli, run_main
 from omegaconf import OmegaConf
 
-from sysattn_exp.cluster import Progress, available_cpus, log_when_stopped, slurm_sqlite_warning
-from sysattn_exp.job import num_workers
+from sysattn_exp.evaluation.progress import Progress
+from sysattn_exp.experiment.cluster import available_cpus, log_when_stopped, slurm_sqlite_warning
+from sysattn_exp.experiment.job import num_workers
 
 COMPUTED = re.compile(r"baseline: (\d+) of (\d+) items computed by this job")
 
@@ -28,7 +29,7 @@ COMPUTED = re.compile(r"baseline: (\d+) of (\d+) items computed by this job")
 def slow_checkpoint(tmp_path_factory):
     """A tiny LLaVA slow enough (64 image tokens, 4 layers of width 128) that jobs started
     together are still scoring the baseline when the others start."""
-    from sysattn_exp.tiny import build_tiny_llava
+    from sysattn_exp.models.tiny import build_tiny_llava
 
     path = tmp_path_factory.mktemp("slow") / "ckpt"
     model, processor = build_tiny_llava(hidden_size=128, image_size=112, num_layers=4)
@@ -95,7 +96,7 @@ def test_concurrent_sweep_jobs_compute_each_baseline_item_once(
 
 
 def test_progress_lines_without_a_terminal(caplog):
-    caplog.set_level(logging.INFO, logger="sysattn_exp.cluster")
+    caplog.set_level(logging.INFO, logger="sysattn_exp.experiment.cluster")
     progress = Progress("baseline", total=10, seconds=0.0, terminal=False)
     for _ in range(5):
         progress.update(2)
@@ -112,7 +113,7 @@ def test_progress_lines_without_a_terminal(caplog):
 
 
 def test_stop_signal_is_logged_then_passed_to_the_previous_handler(caplog):
-    caplog.set_level(logging.WARNING, logger="sysattn_exp.cluster")
+    caplog.set_level(logging.WARNING, logger="sysattn_exp.experiment.cluster")
     received = []
 
     def previous(signum, frame):  # stands where submitit's own handler would be
@@ -139,8 +140,8 @@ def share_baseline(overrides: list[str], start, results) -> None:
     from hydra import compose, initialize_config_module
 
     from sysattn_exp.benchmarks import load_benchmark
-    from sysattn_exp.job_yes_no import item_prompts, scoring_words, shared_baseline
-    from sysattn_exp.models import load_model
+    from sysattn_exp.experiment.job_yes_no import item_prompts, scoring_words, shared_baseline
+    from sysattn_exp.models.loading import load_model
 
     with initialize_config_module("sysattn_exp.conf", version_base="1.3"):
         cfg = compose("config", overrides=overrides)
@@ -232,7 +233,7 @@ def test_cpus_follow_the_process_affinity_outside_slurm():
     env = {k: v for k, v in os.environ.items() if k != "SLURM_CPUS_PER_TASK"}
     script = (
         "import os; os.sched_setaffinity(0, {0}); "
-        "from sysattn_exp.cluster import available_cpus; print(available_cpus())"
+        "from sysattn_exp.experiment.cluster import available_cpus; print(available_cpus())"
     )
     out = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True

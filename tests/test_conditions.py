@@ -1,9 +1,9 @@
 import pytest
 from omegaconf import OmegaConf
 
-from sysattn_exp.conditions import build_edit, intervention_rule, resolve_layers
+from sysattn_exp.attention.rules import Pai, Redistribution, Scale
 from sysattn_exp.errors import UsageError
-from sysattn_exp.rules import Pai, Redistribution, Scale
+from sysattn_exp.experiment.conditions import build_edit, intervention_rule, resolve_layers
 
 
 def layers(**kw):

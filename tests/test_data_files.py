@@ -27,9 +27,9 @@ from test_benchmark_loaders import benchmark_cfg, groups_of
 from test_caption_job import write_coco
 
 from sysattn_exp.benchmarks import load_benchmark
-from sysattn_exp.caption import load_coco
-from sysattn_exp.chair import parse_synonyms
 from sysattn_exp.errors import UsageError
+from sysattn_exp.evaluation.caption import load_coco
+from sysattn_exp.evaluation.chair import parse_synonyms
 from sysattn_exp.files import read_text
 
 TEXT_SUFFIXES = (".txt", ".json", ".jsonl")

@@ -76,7 +76,7 @@ def test_paper_grid_is_the_grid_hydra_composes():
     sys.path.insert(0, str(SCRIPT.parent))
     import device_check
 
-    from sysattn_exp.conditions import build_edit, intervention_rule, resolve_layers
+    from sysattn_exp.experiment.conditions import build_edit, intervention_rule, resolve_layers
 
     depth = 32
     ours = dict(device_check.paper_grid(depth))

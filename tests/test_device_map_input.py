@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sysattn_exp.errors import UsageError
-from sysattn_exp.random_weights import build_config, build_model
+from sysattn_exp.models.random_weights import build_config, build_model
 
 SMALL = {
     "text_config": {

@@ -11,13 +11,13 @@ from conftest import make_image
 from reference import REFERENCE_NAME, STATE, reference_setup
 from tiny_families import BUILDERS
 
+from sysattn_exp.attention.modality import IMAGE, SYSTEM, TEXT
+from sysattn_exp.attention.profile import AttentionProfile
+from sysattn_exp.attention.rules import Pai, Redistribution, Scale
 from sysattn_exp.benchmarks.base import Benchmark, Item
-from sysattn_exp.modality import IMAGE, SYSTEM, TEXT
-from sysattn_exp.models import LoadedModel, tokenizer_of, use_sysattn
-from sysattn_exp.profile import AttentionProfile
-from sysattn_exp.prompts import PromptFormat, text_kwargs
-from sysattn_exp.rules import Pai, Redistribution, Scale
-from sysattn_exp.scoring import encode_full_prompts, score_full_prompts, score_items
+from sysattn_exp.evaluation.scoring import encode_full_prompts, score_full_prompts, score_items
+from sysattn_exp.models.loading import LoadedModel, tokenizer_of, use_sysattn
+from sysattn_exp.models.prompts import PromptFormat, text_kwargs
 
 FAMILIES = sorted(BUILDERS)
 QUESTIONS = ["Is there a red circle in the image?", "Is it blue?"]

@@ -103,7 +103,7 @@ def test_model_path_without_network_stops_at_once(tmp_path):
         import time
         from omegaconf import OmegaConf
         from sysattn_exp.errors import UsageError
-        from sysattn_exp.models import load_config
+        from sysattn_exp.models.loading import load_config
         cfg = OmegaConf.create({"name_or_path": "Qwen/Qwen2-VL-7B-Instruct", "revision": None})
         start = time.monotonic()
         try:
@@ -133,7 +133,7 @@ def test_model_path_without_network_stops_at_once(tmp_path):
 def test_model_path_without_network_uses_the_cached_copy(tmp_path):
     """A checkpoint in the local cache (laid out as the hub client stores it) is used
     without a network, with one warning, as HF_HUB_OFFLINE=1 would."""
-    from sysattn_exp.tiny import build_tiny_llava
+    from sysattn_exp.models.tiny import build_tiny_llava
 
     model, processor = build_tiny_llava(seed=0)
     repo = tmp_path / "hf" / "hub" / "models--someone--tiny-llava"

@@ -13,19 +13,19 @@ from conftest import make_image
 from omegaconf import OmegaConf
 from reference import REFERENCE_NAME, STATE, reference_setup
 
+from sysattn_exp.attention.rules import Pai, Redistribution
 from sysattn_exp.benchmarks.base import Benchmark, Item
-from sysattn_exp.generation import (
+from sysattn_exp.evaluation.generation import (
     generate_full_prompts,
     generate_items,
     parse_yes_no,
     stop_ids,
     until_stop,
 )
-from sysattn_exp.job_yes_no import scoring_words
-from sysattn_exp.models import LoadedModel, use_sysattn
-from sysattn_exp.prompts import build_prompt
-from sysattn_exp.rules import Pai, Redistribution
-from sysattn_exp.scoring import CACHE_ARG, score_items
+from sysattn_exp.evaluation.scoring import CACHE_ARG, score_items
+from sysattn_exp.experiment.job_yes_no import scoring_words
+from sysattn_exp.models.loading import LoadedModel, use_sysattn
+from sysattn_exp.models.prompts import build_prompt
 
 NEW_TOKENS = 5
 # Two questions share the red image; the three prompts all differ in length.
@@ -262,7 +262,7 @@ def test_qwen2_vl_generation_continues_3d_positions(qwen2_vl, rule):
 
 
 def test_job_key_separates_the_modes():
-    from sysattn_exp.identity import generation_condition, job_key
+    from sysattn_exp.experiment.identity import generation_condition, job_key
 
     before = {"scoring": {"yes_words": ["Yes"]}, "model": {"name_or_path": "m"}}
     logit = {**before, "scoring": {"yes_words": ["Yes"], "mode": "logit", "max_new_tokens": 8}}

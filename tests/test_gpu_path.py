@@ -23,12 +23,14 @@ from test_families import FAMILIES, SYSTEMS, benchmark_of, fmt
 from tiny_families import BUILDERS, load_test_processor, save_checkpoint
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-import sysattn_exp.models as models
+import sysattn_exp.models.loading as models
+from sysattn_exp.attention.rules import Redistribution
 from sysattn_exp.benchmarks import load_benchmark
 from sysattn_exp.errors import UsageError
-from sysattn_exp.generation import generate_items
-from sysattn_exp.job_yes_no import item_prompts, scoring_words
-from sysattn_exp.models import (
+from sysattn_exp.evaluation.generation import generate_items
+from sysattn_exp.evaluation.scoring import encode_full_prompts, score_full_prompts, score_items
+from sysattn_exp.experiment.job_yes_no import item_prompts, scoring_words
+from sysattn_exp.models.loading import (
     LoadedModel,
     auto_dtype,
     load_model,
@@ -36,8 +38,6 @@ from sysattn_exp.models import (
     resolve_dtype,
     use_sysattn,
 )
-from sysattn_exp.rules import Redistribution
-from sysattn_exp.scoring import encode_full_prompts, score_full_prompts, score_items
 
 BF16_UNIT = 2.0**-8
 YES, NO = [5, 6], [7]  # any ids: the scores are compared, not interpreted
@@ -71,7 +71,7 @@ def test_auto_dtype_is_bfloat16_from_compute_capability_8(capability, want):
 
 def test_auto_dtype_is_float32_off_cuda(caplog):
     assert auto_dtype(torch.device("cpu"), None) == (torch.float32, "cpu device")
-    with caplog.at_level(logging.INFO, logger="sysattn_exp.models"):
+    with caplog.at_level(logging.INFO, logger="sysattn_exp.models.loading"):
         assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert "model.dtype=auto: float32 (cpu device)" in caplog.messages
 

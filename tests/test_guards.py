@@ -13,11 +13,11 @@ from cli import run_main_stderr
 from test_caption_job import write_coco
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from sysattn_exp import kernels
-from sysattn_exp.intervention import EditNotApplied, watch_edits
-from sysattn_exp.modality import SYSTEM, TEXT
-from sysattn_exp.models import use_sysattn
-from sysattn_exp.rules import Redistribution
+from sysattn_exp.attention import kernels
+from sysattn_exp.attention.intervention import EditNotApplied, watch_edits
+from sysattn_exp.attention.modality import SYSTEM, TEXT
+from sysattn_exp.attention.rules import Redistribution
+from sysattn_exp.models.loading import use_sysattn
 
 JOB = ("model=tiny", "intervention=redistribute", "layers=q4", "benchmark.limit=2")
 

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image, ImageFile, ImageOps, features
 from transformers.image_transforms import convert_to_rgb
 
+from sysattn_exp.benchmarks.images import decode_errors, open_image, to_rgb
 from sysattn_exp.errors import UsageError
-from sysattn_exp.images import decode_errors, open_image, to_rgb
 
 RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255,) * 3, (0,) * 3
 

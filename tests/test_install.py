@@ -36,8 +36,8 @@ def test_wheel_installed_elsewhere_runs_from_its_own_files(tmp_path):
     assert installed.returncode == 0, installed.stderr[-3000:]
     assert (target / "sysattn_exp" / "conf" / "config.yaml").is_file()
     assert (target / "sysattn_exp" / "conf" / "model" / "tiny.yaml").is_file()
-    assert (target / "sysattn_exp" / "toy_weights.safetensors").is_file()
-    assert (target / "sysattn_exp" / "model_configs" / "llava15_7b.json").is_file()
+    assert (target / "sysattn_exp" / "models" / "toy_weights.safetensors").is_file()
+    assert (target / "sysattn_exp" / "models" / "model_configs" / "llava15_7b.json").is_file()
 
     # A config option that exists only in the installed copy: if the app composes it, the
     # configs came from TARGET and not from a checkout.

@@ -8,10 +8,10 @@ import torch
 from conftest import make_image
 from reference import REFERENCE_NAME, reference_setup
 
-from sysattn_exp.models import use_sysattn
-from sysattn_exp.prompts import build_prompt
-from sysattn_exp.rules import Redistribution, Scale
-from sysattn_exp.scoring import left_padded_position_ids
+from sysattn_exp.attention.rules import Redistribution, Scale
+from sysattn_exp.evaluation.scoring import left_padded_position_ids
+from sysattn_exp.models.loading import use_sysattn
+from sysattn_exp.models.prompts import build_prompt
 
 SYSTEM_PROMPT = "A chat between a curious user and an artificial intelligence assistant."
 QUESTIONS = [
@@ -58,7 +58,7 @@ def reference_logits(model, inputs, rule):
 
 
 def sysattn_logits(model, inputs, edit):
-    from sysattn_exp.modality import modality_ids
+    from sysattn_exp.attention.modality import modality_ids
 
     use_sysattn(model)
     key_modality = modality_ids(
@@ -134,7 +134,7 @@ def test_fused_equals_eager_in_small_query_blocks(
     gqa_llava, padded_batch, monkeypatch, source, recipients
 ):
     """Blocks of a few query rows exercise the block loop (padding, spans across blocks)."""
-    import sysattn_exp.fused as fused
+    import sysattn_exp.attention.fused as fused
 
     model, _ = gqa_llava
     real = padded_batch["attention_mask"].bool()
@@ -148,8 +148,8 @@ def test_fused_equals_eager_in_small_query_blocks(
 def test_attention_with_lse_kernels_agree():
     """The CPU flash kernel and the portable fallback give the same output and LSE, with
     rows that see no key."""
-    from sysattn_exp.fused import attention_with_lse
-    from sysattn_exp.kernels import attention_with_lse_math
+    from sysattn_exp.attention.fused import attention_with_lse
+    from sysattn_exp.attention.kernels import attention_with_lse_math
 
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, 4, 11, 16), torch.randn(2, 4, 11, 16)
@@ -184,8 +184,8 @@ def layout(padding: str) -> torch.Tensor:
 def test_fused_kernel_equals_eager(monkeypatch, padding, q_len, block, source, recipients, variant):
     """The attention functions alone on random tensors: clean and masked spans, queries
     that start inside a span (a cache), small query blocks."""
-    import sysattn_exp.fused as fused
-    from sysattn_exp.intervention import eager_edited_attention
+    import sysattn_exp.attention.fused as fused
+    from sysattn_exp.attention.intervention import eager_edited_attention
 
     if block:
         monkeypatch.setattr(fused, "BLOCK_ENTRIES", block * 24)
@@ -234,7 +234,7 @@ def test_dose_and_uniform_match_reference(
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("modality,factor", [("image", 2.0), ("system", 0.5), ("text", 3.0)])
 def test_scale_matches_reference(gqa_llava, padded_batch, modality, factor, impl):
-    from sysattn_exp.rules import Scale
+    from sysattn_exp.attention.rules import Scale
 
     model, _ = gqa_llava
     layers = frozenset({3, 4, 5})
@@ -266,7 +266,7 @@ def test_fraction_zero_is_the_baseline_and_one_is_the_full_rule(gqa_llava, padde
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("alpha", [0.2, 20.0])
 def test_pai_matches_reference(gqa_llava, padded_batch, alpha, impl):
-    from sysattn_exp.rules import Pai
+    from sysattn_exp.attention.rules import Pai
 
     model, _ = gqa_llava
     layers = frozenset(range(1, 6))
@@ -300,7 +300,7 @@ def test_attention_sinks_take_mass_and_give_none(rule):
 
     from reference import edit_row
 
-    from sysattn_exp.intervention import sysattn_attention
+    from sysattn_exp.attention.intervention import sysattn_attention
 
     torch.manual_seed(3)
     key_modality = layout("right")

@@ -16,10 +16,10 @@ import pytest
 from hydra import compose, initialize_config_module
 
 import sysattn_exp
-from sysattn_exp import identity
-from sysattn_exp.conditions import build_edit, intervention_rule, resolve_layers
-from sysattn_exp.job import checked_none
-from sysattn_exp.models import load_model
+from sysattn_exp.experiment import identity
+from sysattn_exp.experiment.conditions import build_edit, intervention_rule, resolve_layers
+from sysattn_exp.experiment.job import checked_none
+from sysattn_exp.models.loading import load_model
 
 KEYS_FILE = Path(__file__).parent / "data" / "paper_job_keys.json"
 CONDITIONS = sorted(

@@ -11,12 +11,13 @@ import yaml
 from conftest import make_image
 from hydra import compose, initialize_config_module
 
-from sysattn_exp.conditions import build_edit, intervention_rule
 from sysattn_exp.errors import UsageError
-from sysattn_exp.identity import condition, job_key
-from sysattn_exp.job import DRY_RUN_FILE, Evaluation, Job, run_job
-from sysattn_exp.models import load_model
-from sysattn_exp.scoring import score_full_prompts
+from sysattn_exp.evaluation.scoring import score_full_prompts
+from sysattn_exp.experiment.conditions import build_edit, intervention_rule
+from sysattn_exp.experiment.identity import condition, job_key
+from sysattn_exp.experiment.job import Evaluation, Job, run_job
+from sysattn_exp.experiment.tracking import DRY_RUN_FILE
+from sysattn_exp.models.loading import load_model
 
 QUESTIONS = ["Is there a red circle?", "Is there a blue circle?"]
 

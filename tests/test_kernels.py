@@ -1,4 +1,4 @@
-"""Kernel dispatch and its first-use check (sysattn_exp/kernels.py), on CPU: the CPU
+"""Kernel dispatch and its first-use check (sysattn_exp/attention/kernels.py), on CPU: the CPU
 candidate list is replaced by kernels made to agree, disagree, fail or run out of memory."""
 
 import logging
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from sysattn_exp import kernels
-from sysattn_exp.kernels import (
+from sysattn_exp.attention import kernels
+from sysattn_exp.attention.kernels import (
     BF16_UNIT,
     Kernel,
     attention_with_lse,
@@ -56,7 +56,7 @@ def math_path(q, k, v, mask, scaling, is_causal):
 
 
 def kernel_warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "sysattn_exp.kernels"]
+    return [r.getMessage() for r in caplog.records if r.name == "sysattn_exp.attention.kernels"]
 
 
 CALLS = [  # (seed, causal, q_len, k_len, batch): the first is the first use

@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from sysattn_exp.metrics import compare_with_baseline, shared_metrics
+from sysattn_exp.evaluation.metrics import compare_with_baseline, shared_metrics
 
 
 def frame(rows):

@@ -84,7 +84,7 @@ def test_families_whose_processor_needs_torchvision(tmp_path, hidden):
     code = (
         "import json\n"
         "from transformers.utils import is_torchvision_available\n"
-        "from sysattn_exp.models import VLM_FAMILIES, missing_processor_dependency as m\n"
+        "from sysattn_exp.models.loading import VLM_FAMILIES, missing_processor_dependency as m\n"
         "print(json.dumps([is_torchvision_available(), {f: m(f) for f in VLM_FAMILIES}]))"
     )
     result = python(["-c", code], tmp_path, hidden)

@@ -3,8 +3,8 @@ import torch
 from conftest import make_image
 from reference import row_modalities
 
-from sysattn_exp.modality import IMAGE, PAD, SYSTEM, TEXT, modality_counts, modality_ids
-from sysattn_exp.prompts import build_prompt
+from sysattn_exp.attention.modality import IMAGE, PAD, SYSTEM, TEXT, modality_counts, modality_ids
+from sysattn_exp.models.prompts import build_prompt
 
 NAMES = {"pad": PAD, "system": SYSTEM, "image": IMAGE, "text": TEXT}
 

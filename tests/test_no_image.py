@@ -7,18 +7,18 @@ import torch
 from conftest import make_image
 from reference import REFERENCE_NAME, reference_setup
 
+from sysattn_exp.attention.modality import IMAGE, SYSTEM, TEXT
+from sysattn_exp.attention.profile import AttentionProfile
+from sysattn_exp.attention.rules import Pai, Redistribution, Scale
 from sysattn_exp.benchmarks.base import Benchmark, Item
-from sysattn_exp.modality import IMAGE, SYSTEM, TEXT
-from sysattn_exp.models import LoadedModel, use_sysattn
-from sysattn_exp.profile import AttentionProfile
-from sysattn_exp.prompts import build_prompt
-from sysattn_exp.rules import Pai, Redistribution, Scale
-from sysattn_exp.scoring import (
+from sysattn_exp.evaluation.scoring import (
     encode_full_prompts,
     plan_batches,
     score_full_prompts,
     score_items,
 )
+from sysattn_exp.models.loading import LoadedModel, use_sysattn
+from sysattn_exp.models.prompts import build_prompt
 
 LAYERS = frozenset({2, 4, 5})
 WORDS = ([10, 11], [12])

@@ -12,11 +12,11 @@ from conftest import make_image
 from figures import pixels, record_figures
 from test_scoring import four_questions_per_image
 
-from sysattn_exp.models import LoadedModel, use_sysattn
-from sysattn_exp.profile import AttentionProfile, heatmap
-from sysattn_exp.prompts import build_prompt
-from sysattn_exp.rules import Redistribution
-from sysattn_exp.scoring import left_padded_position_ids, score_items
+from sysattn_exp.attention.profile import AttentionProfile, heatmap
+from sysattn_exp.attention.rules import Redistribution
+from sysattn_exp.evaluation.scoring import left_padded_position_ids, score_items
+from sysattn_exp.models.loading import LoadedModel, use_sysattn
+from sysattn_exp.models.prompts import build_prompt
 
 MODALITIES = ["system", "image", "text"]
 

@@ -13,7 +13,7 @@ from cli import read_metrics, run_cli, run_main
 from PIL import Image
 
 from sysattn_exp.errors import UsageError
-from sysattn_exp.random_weights import (
+from sysattn_exp.models.random_weights import (
     CONFIG_DIR,
     PRESETS,
     build_config,
@@ -176,8 +176,8 @@ def test_prompts_have_the_real_image_spans(preset, photo_records, tmp_path, monk
 def test_processor_ids_are_the_shipped_configs(preset):
     """The tokenizer has the config's vocabulary size and pad id; a VLM's processor expands
     an image into the token the config calls the image token."""
-    from sysattn_exp.models import prompt_format
-    from sysattn_exp.offline_processors import build_processor
+    from sysattn_exp.models.loading import prompt_format
+    from sysattn_exp.models.offline_processors import build_processor
 
     config = build_config(preset)
     processor = build_processor(preset, config)
@@ -280,7 +280,7 @@ def test_a_map_to_disk_is_refused():
 
 
 def test_job_key_of_pretrained_weights_is_what_it_was_before_the_weights_key():
-    from sysattn_exp.identity import job_key
+    from sysattn_exp.experiment.identity import job_key
 
     before = {"model": {"name_or_path": "llava-hf/llava-1.5-7b-hf", "seed": 0}}
     pretrained = {"model": before["model"] | {"weights": "pretrained", "config_overrides": None}}

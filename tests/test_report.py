@@ -10,7 +10,7 @@ import pytest
 from figures import pixels, record_figures
 from omegaconf import OmegaConf
 
-from sysattn_exp.report import report
+from sysattn_exp.experiment.report import report
 
 JOBS = [  # (benchmark, recipients, quarter, layers, paired, yes_rate, native)
     ("naturalbench", "text", 4, "24,25,26,27,28,29,30,31", 0.30, 0.55, 0.30),

@@ -9,7 +9,7 @@ import pytest
 from figures import record_figures
 from omegaconf import OmegaConf
 
-from sysattn_exp.report import report
+from sysattn_exp.experiment.report import report
 
 NATIVE = "pope/mean_f1"
 

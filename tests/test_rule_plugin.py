@@ -18,10 +18,10 @@ import yaml
 from cli import run_main_stderr
 from omegaconf import OmegaConf
 
-from sysattn_exp.fused import plain_merge
-from sysattn_exp.modality import MODALITIES
-from sysattn_exp.report import report
-from sysattn_exp.rules import Rule, checked_impl, checked_modality, register_rule
+from sysattn_exp.attention.fused import plain_merge
+from sysattn_exp.attention.modality import MODALITIES
+from sysattn_exp.attention.rules import Rule, checked_impl, checked_modality, register_rule
+from sysattn_exp.experiment.report import report
 
 
 @register_rule("mute")

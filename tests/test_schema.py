@@ -11,10 +11,11 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from sysattn_exp import chair, job_yes_no, models
 from sysattn_exp.benchmarks import LOADERS, pope, sugarcrepe
 from sysattn_exp.errors import UsageError
-from sysattn_exp.schema import (
+from sysattn_exp.evaluation import chair
+from sysattn_exp.experiment import job_yes_no
+from sysattn_exp.experiment.schema import (
     BENCHMARKS,
     Dtype,
     PopeSplit,
@@ -24,6 +25,7 @@ from sysattn_exp.schema import (
     check_config,
     check_report_config,
 )
+from sysattn_exp.models import loading as models
 
 CONF = Path(__file__).parents[1] / "sysattn_exp" / "conf"
 

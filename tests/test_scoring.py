@@ -4,17 +4,17 @@ import pytest
 import torch
 from conftest import make_image
 
+from sysattn_exp.attention.rules import Pai, Redistribution, Scale
 from sysattn_exp.benchmarks.base import Benchmark, Item
-from sysattn_exp.models import LoadedModel, use_sysattn
-from sysattn_exp.prompts import build_prompt
-from sysattn_exp.rules import Pai, Redistribution, Scale
-from sysattn_exp.scoring import (
+from sysattn_exp.evaluation.scoring import (
     BatchEncoder,
     plan_batches,
     score_batch,
     score_full_prompts,
     score_items,
 )
+from sysattn_exp.models.loading import LoadedModel, use_sysattn
+from sysattn_exp.models.prompts import build_prompt
 
 COLOURS = ["red", "blue", "green"]
 QUESTIONS = [
@@ -146,8 +146,8 @@ def test_only_the_language_model_is_rerouted(loaded):
 def test_pai_guidance_against_the_image_free_prompt(loaded):
     """PAI with cfg_gamma: gamma (log p_img - log p_noimg) + log p_noimg, tokens less than a
     tenth as likely as the best conditional one dropped; computed here from plain forwards."""
-    from sysattn_exp.modality import modality_ids
-    from sysattn_exp.scoring import left_padded_position_ids
+    from sysattn_exp.attention.modality import modality_ids
+    from sysattn_exp.evaluation.scoring import left_padded_position_ids
 
     bench = four_questions_per_image()
     prompts = [build_prompt(i.question, "A chat.") for i in bench.items]

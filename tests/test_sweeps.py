@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 from cli import read_metrics, run_cli
 
-from sysattn_exp.cache import ScoreCache
-from sysattn_exp.sync import sync as sync_dir
+from sysattn_exp.evaluation.cache import ScoreCache
+from sysattn_exp.experiment.sync import sync as sync_dir
 
 TIMING = {"scoring_seconds", "items_per_second", "n_items_from_cache"}
 
@@ -187,7 +187,7 @@ def test_sync_logs_jobs_after_a_tracking_failure(tmp_path):
 @pytest.fixture(scope="module")
 def slow_checkpoint(tmp_path_factory):
     """A tiny LLaVA slow enough (256 image tokens, 8 layers of width 256) to kill mid-run."""
-    from sysattn_exp.tiny import build_tiny_llava
+    from sysattn_exp.models.tiny import build_tiny_llava
 
     path = tmp_path_factory.mktemp("slow") / "ckpt"
     model, processor = build_tiny_llava(hidden_size=256, image_size=224, num_layers=8)

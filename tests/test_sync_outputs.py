@@ -7,7 +7,7 @@ import sys
 
 from cli import run_cli
 
-from sysattn_exp.sync import job_dirs
+from sysattn_exp.experiment.sync import job_dirs
 
 
 def test_sync_of_an_outputs_folder_logs_nothing_twice(tmp_path):

@@ -12,13 +12,13 @@ import torch
 from hydra import compose, initialize_config_module
 from transformers import LlavaForConditionalGeneration
 
-from sysattn_exp import toy_model
+from sysattn_exp.attention.profile import AttentionProfile
 from sysattn_exp.benchmarks import load_benchmark
-from sysattn_exp.conditions import build_edit, intervention_rule, resolve_layers
-from sysattn_exp.job_yes_no import item_prompts, scoring_words
-from sysattn_exp.models import load_model
-from sysattn_exp.profile import AttentionProfile
-from sysattn_exp.scoring import score_items
+from sysattn_exp.evaluation.scoring import score_items
+from sysattn_exp.experiment.conditions import build_edit, intervention_rule, resolve_layers
+from sysattn_exp.experiment.job_yes_no import item_prompts, scoring_words
+from sysattn_exp.models import toy_model
+from sysattn_exp.models.loading import load_model
 
 # sha256 of the shipped weights, as scripts/train_toy.py prints it (seed 0, defaults).
 SHIPPED_DIGEST = "1fa4d75c6ac5c43b029f1bdb911fce67b1c2b08ae0557ea356b07ac1178a1654"

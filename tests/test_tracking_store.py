@@ -14,7 +14,7 @@ import pytest
 from cli import read_metrics
 from conftest import make_image
 
-from sysattn_exp.tracking import storable_name, storable_names
+from sysattn_exp.experiment.tracking import storable_name, storable_names
 
 TOY = ["model=toy", "runtime.num_workers=0", "runtime.cache_dir=null"]
 CONDITIONS = {  # three different jobs: each must be logged as its own run

@@ -11,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from sysattn_exp.answers import mme_answer  # noqa: F401 - the loaders' default parser
+from sysattn_exp.benchmarks.answers import mme_answer  # noqa: F401 - the loaders' default parser
+from sysattn_exp.benchmarks.images import decode_errors, open_image
 from sysattn_exp.errors import UsageError, first_line
-from sysattn_exp.images import decode_errors, open_image
 
 log = logging.getLogger(__name__)
 

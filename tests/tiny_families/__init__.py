@@ -6,7 +6,7 @@ torchvision, else an image-only stand-in (common.py) that expands images exactly
 real one does. A text-only family's "processor" is its tokenizer.
 """
 
-from sysattn_exp.tiny import build_tiny_llava
+from sysattn_exp.models.tiny import build_tiny_llava
 from tiny_families.common import load_test_processor, save_checkpoint
 
 

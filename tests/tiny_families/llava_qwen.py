@@ -30,12 +30,12 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from sysattn_exp.chat_templates import (  # noqa: F401 (re-exported)
+from sysattn_exp.models.chat_templates import (  # noqa: F401 (re-exported)
     LLAVA_NEXT_MISTRAL_TEMPLATE,
     LLAVA_ONEVISION_TEMPLATE,
     QWEN2_VL_TEMPLATE,
 )
-from sysattn_exp.image_only_processors import (
+from sysattn_exp.models.image_only_processors import (
     LlavaOnevisionProcessor,
     Qwen2_5_VLProcessor,
     Qwen2VLProcessor,

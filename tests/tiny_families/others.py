@@ -38,7 +38,7 @@ from transformers import (
     SmolVLMVisionConfig,
 )
 
-from sysattn_exp.chat_templates import (  # noqa: F401 (re-exported)
+from sysattn_exp.models.chat_templates import (  # noqa: F401 (re-exported)
     GEMMA2_TEMPLATE,
     GEMMA3_TEMPLATE,
     IDEFICS3_TEMPLATE,
@@ -48,7 +48,10 @@ from sysattn_exp.chat_templates import (  # noqa: F401 (re-exported)
     QWEN25_TEMPLATE,
     SMOLVLM_TEMPLATE,
 )
-from sysattn_exp.image_only_processors import InternVLImageOnlyProcessor, SmolVLMImageOnlyProcessor
+from sysattn_exp.models.image_only_processors import (
+    InternVLImageOnlyProcessor,
+    SmolVLMImageOnlyProcessor,
+)
 from tiny_families.common import IMAGE_ONLY_LOADERS, train_tokenizer
 
 # ---------------------------------------------------------------- special tokens

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 from transformers.integrations.sdpa_attention import repeat_kv
 
-from sysattn_exp import kernels
-from sysattn_exp.modality import MODALITIES, PAD
+from sysattn_exp.attention import kernels
+from sysattn_exp.attention.modality import MODALITIES, PAD
 
 # Query rows are taken in blocks of about this many (row, key) entries, so that masks and
 # per-modality outputs stay small at long context: a prompt of ~650 tokens is one block,

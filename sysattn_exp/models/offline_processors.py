@@ -1,6 +1,6 @@
 """Tokenizers and processors for model.weights=random, built in code: no hub files.
 
-The tokenizer is a small byte-level BPE trained locally (as sysattn_exp/tiny.py's), whose
+The tokenizer is a small byte-level BPE trained locally (as sysattn_exp/models/tiny.py's), whose
 vocabulary is extended with filler entries to the checkpoint's vocabulary size, with each
 family's special tokens at their published ids (so the shipped config's image_token_id,
 pad and eos ids mean what they mean in the real checkpoint). Ordinary words therefore
@@ -36,8 +36,8 @@ from transformers import (
     SmolVLMImageProcessorPil,
 )
 
-from sysattn_exp import chat_templates as templates
-from sysattn_exp.image_only_processors import (
+from sysattn_exp.models import chat_templates as templates
+from sysattn_exp.models.image_only_processors import (
     InternVLImageOnlyProcessor,
     LlavaOnevisionProcessor,
     Qwen2_5_VLProcessor,

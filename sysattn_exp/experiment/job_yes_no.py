@@ -10,16 +10,21 @@ from pathlib import Path
 
 import pandas as pd
 
+from sysattn_exp.attention.modality import MODALITIES
+from sysattn_exp.attention.profile import AttentionProfile, heatmap
+from sysattn_exp.attention.rules import Rule
 from sysattn_exp.benchmarks import Benchmark, answer_parser, load_benchmark
-from sysattn_exp.cache import ScoreCache
 from sysattn_exp.errors import UsageError
+from sysattn_exp.evaluation.cache import ScoreCache
+from sysattn_exp.evaluation.generation import generate_items
+from sysattn_exp.evaluation.metrics import compare_with_baseline, shared_metrics
+from sysattn_exp.evaluation.scoring import Scores, score_items
+from sysattn_exp.experiment.identity import condition
+from sysattn_exp.experiment.job import Evaluation, Job, Watch, num_workers, sweep_job
+from sysattn_exp.experiment.shared_baseline import SharedBaseline
+from sysattn_exp.experiment.tracking import PROFILE_PLOT, PROFILE_TABLE, storable_names
 from sysattn_exp.files import write_atomically
-from sysattn_exp.generation import generate_items
-from sysattn_exp.identity import condition
-from sysattn_exp.job import Evaluation, Job, Watch, num_workers, sweep_job
-from sysattn_exp.metrics import compare_with_baseline, shared_metrics
-from sysattn_exp.modality import MODALITIES
-from sysattn_exp.models import (
+from sysattn_exp.models.loading import (
     LoadedModel,
     first_token_ids,
     load_processor,
@@ -27,12 +32,7 @@ from sysattn_exp.models import (
     prompt_modalities,
     tokenizer_of,
 )
-from sysattn_exp.profile import AttentionProfile, heatmap
-from sysattn_exp.prompts import PromptFormat
-from sysattn_exp.rules import Rule
-from sysattn_exp.scoring import Scores, score_items
-from sysattn_exp.shared_baseline import SharedBaseline
-from sysattn_exp.tracking import PROFILE_PLOT, PROFILE_TABLE, storable_names
+from sysattn_exp.models.prompts import PromptFormat
 
 log = logging.getLogger(__name__)
 

@@ -37,9 +37,9 @@ from typing import ClassVar
 import torch
 from transformers.integrations.sdpa_attention import repeat_kv
 
+from sysattn_exp.attention.fused import Block, masses, modality_attention, plain_merge
+from sysattn_exp.attention.modality import MODALITIES, TEXT, answer_rows
 from sysattn_exp.errors import UsageError
-from sysattn_exp.fused import Block, masses, modality_attention, plain_merge
-from sysattn_exp.modality import MODALITIES, TEXT, answer_rows
 
 RULES: dict[str, type["Rule"]] = {}
 IMPLEMENTATIONS = ("fused", "eager")

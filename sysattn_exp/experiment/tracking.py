@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from sysattn_exp.cache import digest
+from sysattn_exp.evaluation.cache import digest
 from sysattn_exp.files import write_json
 
 log = logging.getLogger(__name__)
@@ -20,6 +20,7 @@ JOB_MARKER = "mlflow_run.json"  # in a job folder: the run it was logged as
 SWEEP_MARKER = "mlflow_parent.json"  # in a sweep folder: the parent run of its jobs
 JOB_FILES = ("predictions.parquet", "config.yaml", "metrics.json")
 PROFILE_TABLE, PROFILE_PLOT = "attention_profile.csv", "attention_profile.png"  # profile runs
+DRY_RUN_FILE = "dry_run.json"  # a dry-run job's summary: its config was checked
 
 
 def absolute_uri(uri: str) -> str:

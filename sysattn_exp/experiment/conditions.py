@@ -2,9 +2,9 @@
 
 from collections.abc import Callable
 
-from sysattn_exp import rules
+from sysattn_exp.attention import rules
+from sysattn_exp.attention.rules import Rule
 from sysattn_exp.errors import UsageError
-from sysattn_exp.rules import Rule
 
 
 def intervention_rule(cfg) -> Callable[..., Rule] | None:

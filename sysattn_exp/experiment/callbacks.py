@@ -11,9 +11,16 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from sysattn_exp.cluster import slurm_sqlite_warning
 from sysattn_exp.errors import first_line
-from sysattn_exp.tracking import PROFILE_PLOT, absolute_uri, sweep_key, sweep_parent
+from sysattn_exp.experiment.cluster import slurm_sqlite_warning
+from sysattn_exp.experiment.report import report
+from sysattn_exp.experiment.tracking import (
+    DRY_RUN_FILE,
+    PROFILE_PLOT,
+    absolute_uri,
+    sweep_key,
+    sweep_parent,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +80,6 @@ def report_sweep_end(sweep_dir: Path, uri: str) -> list[dict]:
 
 def report_dry_run_end(sweep_dir: Path) -> list[dict]:
     """A dry run of a sweep: how many jobs' configs were checked, and which failed."""
-    from sysattn_exp.job import DRY_RUN_FILE
-
     jobs = [p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()]
     failures = failed_jobs(sweep_dir, DRY_RUN_FILE)
     print(
@@ -88,8 +93,6 @@ def report_dry_run_end(sweep_dir: Path) -> list[dict]:
 
 def sweep_report(tracking, sweep_dir: Path, parent: str) -> None:
     """python -m sysattn_exp.report for this sweep's parent run, into <sweep dir>/report."""
-    from sysattn_exp.report import report
-
     cfg = OmegaConf.create(
         {
             "tracking": OmegaConf.to_container(tracking, resolve=True),

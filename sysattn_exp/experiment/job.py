@@ -28,20 +28,18 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-from sysattn_exp import kernels
-from sysattn_exp.cluster import available_cpus
-from sysattn_exp.conditions import build_edit, intervention_rule, resolve_layers
+from sysattn_exp.attention import kernels
+from sysattn_exp.attention.intervention import EditTally, watch_edits
+from sysattn_exp.attention.rules import Rule
 from sysattn_exp.errors import first_line
+from sysattn_exp.experiment.cluster import available_cpus
+from sysattn_exp.experiment.conditions import build_edit, intervention_rule, resolve_layers
+from sysattn_exp.experiment.identity import job_config, planned_kernel_path, run_name
+from sysattn_exp.experiment.tracking import DRY_RUN_FILE, log_job_dir
 from sysattn_exp.files import write_atomically, write_json
-from sysattn_exp.identity import job_config, planned_kernel_path, run_name
-from sysattn_exp.intervention import EditTally, watch_edits
-from sysattn_exp.models import LoadedModel, load_config, load_model
-from sysattn_exp.rules import Rule
-from sysattn_exp.tracking import log_job_dir
+from sysattn_exp.models.loading import LoadedModel, load_config, load_model
 
 log = logging.getLogger(__name__)
-
-DRY_RUN_FILE = "dry_run.json"  # a dry-run job's summary: its config was checked
 
 
 class Watch:

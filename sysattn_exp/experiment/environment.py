@@ -9,7 +9,7 @@ import platform
 import torch
 import transformers
 
-from sysattn_exp import kernels
+from sysattn_exp.attention import kernels
 
 
 def model_devices(model: torch.nn.Module) -> list[torch.device]:

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from sysattn_exp.benchmarks import toy as world
-from sysattn_exp.prompts import build_prompt
-from sysattn_exp.tiny import build_config, build_processor, cast_parameters
+from sysattn_exp.models.prompts import build_prompt
+from sysattn_exp.models.tiny import build_config, build_processor, cast_parameters
 
 WEIGHTS = Path(__file__).parent / "toy_weights.safetensors"
 IMAGE_SIZE = 64

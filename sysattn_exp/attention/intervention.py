@@ -37,11 +37,11 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from sysattn_exp import kernels
+from sysattn_exp.attention import kernels
+from sysattn_exp.attention.fused import fused_edited_attention
+from sysattn_exp.attention.modality import MODALITIES, PAD
+from sysattn_exp.attention.rules import Rule
 from sysattn_exp.errors import UsageError
-from sysattn_exp.fused import fused_edited_attention
-from sysattn_exp.modality import MODALITIES, PAD
-from sysattn_exp.rules import Rule
 
 ATTENTION_NAME = "sysattn"
 
@@ -134,7 +134,9 @@ def sysattn_attention(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     if key_modality is None and (edit is not None or attention_profile is not None):
-        raise ValueError("an attention_edit or profile needs key_modality (sysattn_exp.modality)")
+        raise ValueError(
+            "an attention_edit or profile needs key_modality (sysattn_exp.attention.modality)"
+        )
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     layer = module.layer_idx

@@ -14,10 +14,15 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from sysattn_exp.chair import chair_metrics, ground_truth_objects, score_caption, vocabulary
+from sysattn_exp.benchmarks.images import decode_errors, open_image
 from sysattn_exp.errors import UsageError
+from sysattn_exp.evaluation.chair import (
+    chair_metrics,
+    ground_truth_objects,
+    score_caption,
+    vocabulary,
+)
 from sysattn_exp.files import read_text, write_atomically
-from sysattn_exp.images import decode_errors, open_image
 
 INSTANCES = "instances_val2014.json"
 CAPTIONS = "captions_val2014.json"

@@ -26,13 +26,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import DataLoader
 
-from sysattn_exp.answers import mme_answer
-from sysattn_exp.cluster import Progress
+from sysattn_exp.attention.modality import TEXT
+from sysattn_exp.attention.rules import Rule
+from sysattn_exp.benchmarks.answers import mme_answer
 from sysattn_exp.errors import UsageError
-from sysattn_exp.modality import TEXT
-from sysattn_exp.models import LoadedModel
-from sysattn_exp.rules import Rule
-from sysattn_exp.scoring import (
+from sysattn_exp.evaluation.progress import Progress
+from sysattn_exp.evaluation.scoring import (
     CACHE_ARG,
     BatchEncoder,
     Prefill,
@@ -44,6 +43,7 @@ from sysattn_exp.scoring import (
     prefill,
     warn_if_unscored,
 )
+from sysattn_exp.models.loading import LoadedModel
 
 if TYPE_CHECKING:  # the benchmarks package needs omegaconf and pandas; scoring does not
     from sysattn_exp.benchmarks import Benchmark

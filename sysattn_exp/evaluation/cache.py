@@ -44,20 +44,20 @@ SCORES_VERSION = (
 # (dtype, placement), the forward passes, the attention rules and kernels, the built-in
 # models' construction, and this cache's own format.
 SCORING_MODULES = (
-    "sysattn_exp.cache",
-    "sysattn_exp.fused",
-    "sysattn_exp.generation",
-    "sysattn_exp.images",
-    "sysattn_exp.intervention",
-    "sysattn_exp.kernels",
-    "sysattn_exp.modality",
-    "sysattn_exp.models",
-    "sysattn_exp.prompts",
-    "sysattn_exp.random_weights",
-    "sysattn_exp.rules",
-    "sysattn_exp.scoring",
-    "sysattn_exp.tiny",
-    "sysattn_exp.toy_model",
+    "sysattn_exp.evaluation.cache",
+    "sysattn_exp.attention.fused",
+    "sysattn_exp.evaluation.generation",
+    "sysattn_exp.benchmarks.images",
+    "sysattn_exp.attention.intervention",
+    "sysattn_exp.attention.kernels",
+    "sysattn_exp.attention.modality",
+    "sysattn_exp.models.loading",
+    "sysattn_exp.models.prompts",
+    "sysattn_exp.models.random_weights",
+    "sysattn_exp.attention.rules",
+    "sysattn_exp.evaluation.scoring",
+    "sysattn_exp.models.tiny",
+    "sysattn_exp.models.toy_model",
 )
 
 

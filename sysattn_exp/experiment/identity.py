@@ -18,12 +18,13 @@ import torch
 import transformers
 from omegaconf import OmegaConf
 
-from sysattn_exp import kernels, random_weights
-from sysattn_exp.cache import SCORES_VERSION, digest, scores_code_digest
-from sysattn_exp.environment import device_names, environment, model_devices
-from sysattn_exp.models import BUILTIN_TINY, BUILTIN_TOY
-from sysattn_exp.rules import Rule, label
-from sysattn_exp.toy_model import weights_file_digest
+from sysattn_exp.attention import kernels
+from sysattn_exp.attention.rules import Rule, label
+from sysattn_exp.evaluation.cache import SCORES_VERSION, digest, scores_code_digest
+from sysattn_exp.experiment.environment import device_names, environment, model_devices
+from sysattn_exp.models import random_weights
+from sysattn_exp.models.loading import BUILTIN_TINY, BUILTIN_TOY
+from sysattn_exp.models.toy_model import weights_file_digest
 
 
 def condition(cfg, loaded, edit: Rule | None, words) -> dict:

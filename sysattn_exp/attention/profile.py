@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from sysattn_exp.modality import MODALITIES, TEXT, answer_rows
+from sysattn_exp.attention.modality import MODALITIES, TEXT, answer_rows
 
 QUERIES = ("answer", "text_rows")
 

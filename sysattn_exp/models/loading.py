@@ -25,11 +25,11 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 from transformers.utils import is_num2words_available, is_torchvision_available
 
-from sysattn_exp import random_weights
+from sysattn_exp.attention.intervention import ATTENTION_NAME, guard_edits
+from sysattn_exp.attention.modality import modality_counts, modality_ids
 from sysattn_exp.errors import UsageError, first_line
-from sysattn_exp.intervention import ATTENTION_NAME, guard_edits
-from sysattn_exp.modality import modality_counts, modality_ids
-from sysattn_exp.prompts import PromptFormat, question_token_start, text_kwargs
+from sysattn_exp.models import offline_processors, random_weights, tiny, toy_model
+from sysattn_exp.models.prompts import PromptFormat, question_token_start, text_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -201,13 +201,9 @@ def device_map_of(cfg) -> str | dict | None:
 def load_config(cfg):
     """The checkpoint's config, refused unless this tool handles its family."""
     if cfg.name_or_path == BUILTIN_TINY:
-        from sysattn_exp.tiny import build_config
-
-        return build_config()
+        return tiny.build_config()
     if cfg.name_or_path == BUILTIN_TOY:
-        from sysattn_exp.toy_model import build_toy_config
-
-        return build_toy_config()
+        return toy_model.build_toy_config()
     if random_weights.is_random(cfg):
         preset = random_weights.preset_of(cfg)
         return random_weights.build_config(preset, cfg.get("config_overrides"))
@@ -278,13 +274,9 @@ def hub_access(cfg) -> dict:
 
 def _load(cfg, dtype, device_map):
     if cfg.name_or_path == BUILTIN_TINY:
-        from sysattn_exp.tiny import build_tiny_llava
-
-        return build_tiny_llava(seed=cfg.seed, dtype=dtype)
+        return tiny.build_tiny_llava(seed=cfg.seed, dtype=dtype)
     if cfg.name_or_path == BUILTIN_TOY:
-        from sysattn_exp.toy_model import build_toy_llava
-
-        return build_toy_llava(dtype=dtype)
+        return toy_model.build_toy_llava(dtype=dtype)
     if random_weights.is_random(cfg):
         return random_weights.build(cfg, dtype, resolve_device(cfg.device), device_map)
     model_type = load_config(cfg).model_type
@@ -314,17 +306,11 @@ def load_processor(cfg, model_type: str | None = None):
     """The processor (a VLM) or tokenizer (a text-only LM) alone: no model weights are read
     (a dry run needs only this)."""
     if cfg.name_or_path == BUILTIN_TINY:
-        from sysattn_exp.tiny import build_processor
-
-        return build_processor()
+        return tiny.build_processor()
     if cfg.name_or_path == BUILTIN_TOY:
-        from sysattn_exp.toy_model import build_toy_processor
-
-        return build_toy_processor()
+        return toy_model.build_toy_processor()
     if random_weights.is_random(cfg):
-        from sysattn_exp.offline_processors import build_processor
-
-        return build_processor(random_weights.preset_of(cfg), load_config(cfg))
+        return offline_processors.build_processor(random_weights.preset_of(cfg), load_config(cfg))
     model_type = model_type or load_config(cfg).model_type
     loader = AutoProcessor if model_type in VLM_FAMILIES else AutoTokenizer
     try:

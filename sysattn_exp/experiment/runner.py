@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from sysattn_exp.cluster import log_when_stopped
-from sysattn_exp.job import Job, run_job
-from sysattn_exp.job_caption import CaptionJob
-from sysattn_exp.job_yes_no import YesNoJob
+from sysattn_exp.experiment.cluster import log_when_stopped
+from sysattn_exp.experiment.job import Job, run_job
+from sysattn_exp.experiment.job_caption import CaptionJob
+from sysattn_exp.experiment.job_yes_no import YesNoJob
 
 
 def job_kind(cfg) -> type[Job]:

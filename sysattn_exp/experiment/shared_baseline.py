@@ -4,7 +4,7 @@ its items exactly once between them.
 
 How: the baseline's batches (scoring.plan_batches, the same in every job) are cut into
 parts of about `runtime.baseline_part_items` items, and each part is claimed with a lease
-(sysattn_exp.claim) before it is computed. A job claims and computes every part nobody
+(sysattn_exp.experiment.claim) before it is computed. A job claims and computes every part nobody
 holds, then computes its own intervention while the parts others hold are finished, then
 waits for those (polling the cache), taking over the claim of a job that died or stopped
 beating for `runtime.lease_seconds`. With 12 jobs starting at once, each computes about a
@@ -23,9 +23,9 @@ import logging
 import time
 from pathlib import Path
 
-from sysattn_exp.cache import ScoreCache, digest
-from sysattn_exp.claim import Claims
-from sysattn_exp.scoring import item_keys, plan_batches, score_batches
+from sysattn_exp.evaluation.cache import ScoreCache, digest
+from sysattn_exp.evaluation.scoring import item_keys, plan_batches, score_batches
+from sysattn_exp.experiment.claim import Claims
 
 log = logging.getLogger(__name__)
 

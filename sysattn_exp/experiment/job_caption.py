@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from sysattn_exp.caption import caption_predictions, load_coco
+from sysattn_exp.attention.rules import Rule
+from sysattn_exp.evaluation.caption import caption_predictions, load_coco
+from sysattn_exp.evaluation.generation import generate_in_batches
+from sysattn_exp.experiment.identity import caption_baseline_key
+from sysattn_exp.experiment.job import Evaluation, Job, Watch
 from sysattn_exp.files import write_atomically
-from sysattn_exp.generation import generate_in_batches
-from sysattn_exp.identity import caption_baseline_key
-from sysattn_exp.job import Evaluation, Job, Watch
-from sysattn_exp.models import LoadedModel
-from sysattn_exp.rules import Rule
+from sysattn_exp.models.loading import LoadedModel
 
 CAPTION_BENCHMARK = "chair"
 

@@ -7,7 +7,7 @@ synonym list (data/coco_synonyms.txt, copied unchanged), the same pipeline (toke
 word singularised, double words joined, "seat" dropped beside "toilet", synonyms kept)
 with its hard-coded rules, ground truth from instances *and* reference captions, and the
 same counting (CHAIR_i counts every mention, repeats included). Singularising is
-pattern.en's `singularize` as the original runs it (sysattn_exp/singular.py, quirks
+pattern.en's `singularize` as the original runs it (sysattn_exp/evaluation/singular.py, quirks
 included: "bus" -> "bu" is never counted; caption.singularize=original, the default), or
 lemminflect's noun lemma (caption.singularize=lemminflect: corrected, not comparable with
 published numbers). Recall follows the version in OPERA / VCD (unique objects per
@@ -22,7 +22,7 @@ from importlib.resources import files
 
 from lemminflect import getLemma
 
-from sysattn_exp import singular
+from sysattn_exp.evaluation import singular
 from sysattn_exp.files import read_text
 
 # Pairs of tokens (after singularising) read as one word, and what they count as.

@@ -25,13 +25,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from transformers import LlavaModel
 
-from sysattn_exp.cache import ScoreCache, item_key
-from sysattn_exp.cluster import Progress
+from sysattn_exp.attention.modality import PAD, SYSTEM, TEXT, modality_ids
+from sysattn_exp.attention.rules import Rule
 from sysattn_exp.errors import UsageError
-from sysattn_exp.modality import PAD, SYSTEM, TEXT, modality_ids
-from sysattn_exp.models import LoadedModel, tokenizer_of
-from sysattn_exp.prompts import question_token_start, text_kwargs
-from sysattn_exp.rules import Rule
+from sysattn_exp.evaluation.cache import ScoreCache, item_key
+from sysattn_exp.evaluation.progress import Progress
+from sysattn_exp.models.loading import LoadedModel, tokenizer_of
+from sysattn_exp.models.prompts import question_token_start, text_kwargs
 
 if TYPE_CHECKING:  # the benchmarks package needs omegaconf and pandas; scoring does not
     from sysattn_exp.benchmarks import Benchmark
@@ -580,8 +580,8 @@ def score_items(
     image, are needed by PAI's guidance only). With a cache, batches whose items are all in it are
     taken from it (a batch is always computed whole, so a resumed run scores every item in
     the same company as an uninterrupted one) and each new batch is saved as it is done.
-    A profile (sysattn_exp.profile) records where attention goes; it needs every batch run.
-    Without a terminal, progress is logged every `progress_seconds` (cluster.Progress)."""
+    A profile (attention.profile) records where attention goes; it needs every batch run.
+    Without a terminal, progress is logged every `progress_seconds` (progress.Progress)."""
     keys = item_keys(benchmark, prompts, cache)
     done = cache.load() if cache else {}
     plan = plan_batches([item.image_id for item in benchmark.items], batch_size)

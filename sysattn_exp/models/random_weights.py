@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, Pret
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from sysattn_exp.errors import UsageError, first_line
+from sysattn_exp.models.offline_processors import build_processor
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 
@@ -279,8 +280,6 @@ def check_covered(device_map: dict, names: list[str]) -> None:
 
 def build(cfg, dtype: torch.dtype, device: torch.device, device_map=None):
     """(model, processor) for the model config `cfg` with model.weights=random."""
-    from sysattn_exp.offline_processors import build_processor
-
     preset = preset_of(cfg)
     config = build_config(preset, cfg.get("config_overrides"))
     model = build_model(config, dtype, device, cfg.seed, device_map)

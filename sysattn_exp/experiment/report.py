@@ -1,0 +1,550 @@
+"""Runs -> the comparison table: which condition moved paired accuracy, on which benchmark,
+by how much.
+
+    python -m sysattn_exp.report                          # the newest sweep
+    python -m sysattn_exp.report report.parent=<run id> report.out=outputs/report-q4
+
+One row per benchmark x model x intervention x layer range (and the baseline), with paired
+accuracy, yes-rate, yes-bias, accuracy, the change in paired accuracy against the
+baseline in points and in percent (as the paper reports it) and the benchmark's main
+native metric. Written as comparison.csv and comparison.md, with a heatmap per benchmark
+(layer range x intervention, colour = change in paired accuracy) and yes-rate bars; all of
+it is also logged to the sweep's parent run. paper_table.csv / .md pivot the change in
+paired accuracy (percent) to one row per condition and one column per benchmark, as the
+paper's table.
+
+The model is a readable label (the last part of its hub id or path, and its decoder depth
+where logged). With several models, each plot has a panel per model (heatmaps share their
+colour scale), the paper's table gets a model column, and layer ranges given in quarters
+of each model's own depth are labelled by quarter alone (q4, not q4 (24-31)), so a 4-layer
+and an 8-layer model's q4 land in the same row.
+"""
+
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+import hydra
+import pandas as pd
+from omegaconf import DictConfig
+
+from sysattn_exp.benchmarks import MAIN_METRICS
+from sysattn_exp.errors import UsageError
+from sysattn_exp.experiment.schema import check_report_config
+from sysattn_exp.experiment.tracking import COMPLETE, HOW_METRICS, connect, storable_name
+
+COLUMNS = [
+    "benchmark",
+    "model",
+    "setting",
+    "intervention",
+    "layers",
+    "paired_accuracy",
+    "yes_rate",
+    "yes_bias",
+    "accuracy",
+    "paired_accuracy_change_points",
+    "paired_accuracy_change_pct",
+    "native_metric",
+    "native_value",
+    "native_change_points",
+    "gt_yes_rate",
+    "n_groups",
+]
+# The main metric per benchmark; +task=caption jobs are filed under "chair".
+MAIN_METRIC = MAIN_METRICS | {"chair": "chair_s"}
+
+
+# Only runs whose logging finished (tracking.COMPLETE): a half-logged run has no metrics.
+JOB_QUERY = f"tags.`sysattn.kind` = 'job' and {COMPLETE}"
+
+
+def job_runs(cfg) -> tuple[pd.DataFrame, str | None]:
+    """The job runs to report on (one row each, params.* and metrics.* columns) and the
+    parent run they belong to (None for report.parent=all)."""
+    mlflow, experiment_id = connect(cfg.tracking)
+    parent = cfg.report.parent
+    if parent == "latest":
+        parent = latest_sweep(mlflow, experiment_id, cfg.tracking.experiment)
+    query = JOB_QUERY
+    if parent != "all":
+        query += f" and tags.`mlflow.parentRunId` = '{parent}'"
+    runs = mlflow.search_runs([experiment_id], filter_string=query, output_format="pandas")
+    if runs.empty:
+        raise UsageError(
+            f"report.parent={cfg.report.parent}: no job runs in experiment "
+            f"{cfg.tracking.experiment!r} (give a sweep's parent run id, latest, or all)"
+        )
+    return runs, None if parent == "all" else parent
+
+
+def latest_sweep(mlflow, experiment_id: str, experiment: str) -> str:
+    """The newest sweep's parent run that has a logged job (a sweep whose jobs all failed,
+    or whose jobs are still running, has none)."""
+    sweeps = mlflow.search_runs(
+        [experiment_id],
+        filter_string="tags.`sysattn.kind` = 'sweep'",
+        order_by=["start_time DESC"],
+        output_format="list",
+    )
+    for sweep in sweeps:
+        query = f"{JOB_QUERY} and tags.`mlflow.parentRunId` = '{sweep.info.run_id}'"
+        if mlflow.search_runs([experiment_id], filter_string=query, max_results=1).shape[0]:
+            return sweep.info.run_id
+    raise UsageError(f"report.parent=latest: experiment {experiment!r} has no sweep with jobs")
+
+
+def intervention_label(run: pd.Series) -> str:
+    """The rule's label as the job logged it: job.label (rules.label, the string in the run
+    name). A run logged before job.label was: the rule part of its run name (identity.run_name:
+    '<benchmark>[ profile] <label> layers <first>-<last>'; a baseline's has no layers)."""
+    logged = run.get("params.job.label")
+    if isinstance(logged, str):
+        return logged
+    benchmark = re.escape(str(run.get("params.benchmark.name")))
+    name = str(run.get("tags.mlflow.runName"))
+    found = re.fullmatch(rf"{benchmark}(?: profile)? (.+) layers \d+-\d+", name)
+    return found.group(1) if found else "baseline"
+
+
+def layers_label(run: pd.Series) -> str:
+    if run["params.intervention.name"] == "none":
+        return "-"
+    layers = [int(x) for x in str(run["params.layers.resolved"]).split(",")]
+    span = f"{layers[0]}-{layers[-1]}"
+    unset = (None, "None")
+    quarter = run.get("params.layers.quarter")
+    if quarter not in unset:
+        return f"q{quarter} ({span})"
+    if run.get("params.layers.start") in unset and run.get("params.layers.end") in unset:
+        return f"all ({span})"
+    return span
+
+
+def aligned_layers(layers: str) -> str:
+    """'q4 (24-31)' -> 'q4', 'all (0-31)' -> 'all': the same for models of any depth."""
+    return re.sub(r"^(q\d|all) \(.*\)$", r"\1", layers)
+
+
+def model_labels(runs: pd.DataFrame) -> dict:
+    """params.model.name_or_path -> its label: the last part of the hub id or path (the full
+    name where two models would share it), with the decoder depth where logged."""
+    if "params.model.name_or_path" not in runs:
+        return {}
+    found = {}
+    for name, group in runs.groupby("params.model.name_or_path"):
+        depths = group.get("params.layers.depth", pd.Series(dtype=object))
+        depths = [d for d in depths.dropna() if d != "None"]
+        found[name] = (re.split(r"[\\/]", name.rstrip("/\\"))[-1] or name, depths[:1])
+    count = Counter(short for short, _ in found.values())
+    return {
+        name: (short if count[short] == 1 else name) + "".join(f" ({d} layers)" for d in depth)
+        for name, (short, depth) in found.items()
+    }
+
+
+# A condition is a benchmark, a model, a setting and a rule: runs of two models, or of two
+# benchmark configurations, never merge.
+CONDITION = ["benchmark", "model", "setting", "intervention", "layers"]
+
+# Params that do not change a job's baseline: its rule and layers, its own bookkeeping,
+# where its results go and how fast they come. Every other param (the benchmark's split,
+# subsets, prompt, limit, data; the model's revision and prompt; the scoring) does.
+# The environment (versions, devices, the kernel verdicts a process reached) and how a
+# job computed (HOW_METRICS, logged as params) are left out too: where they change the
+# baseline, its values (baseline_signature) tell the settings apart.
+NOT_SETTING = ("intervention.", "layers.", "job.", "runtime.", "tracking.", "environment.")
+NOT_SETTING_KEYS = {"model.batch_size", "model.device", "model.device_map", *HOW_METRICS}
+BASELINE_SIGNATURE = ("paired_accuracy", "yes_rate", "accuracy")
+
+
+def in_setting(param: str) -> bool:
+    return not param.startswith(NOT_SETTING) and param not in NOT_SETTING_KEYS
+
+
+def baseline_signature(run: pd.Series, native: str | None) -> tuple:
+    """The baseline values a run compared with (a baseline run: its own values)."""
+    prefix = "" if run.get("params.intervention.name") == "none" else "baseline_"
+    names = [*BASELINE_SIGNATURE, *([storable_name(native)] if native else [])]
+    values = (run.get(f"metrics.{prefix}{name}") for name in names)
+    return tuple(None if v is None or pd.isna(v) else round(float(v), 9) for v in values)
+
+
+def settings(runs: pd.DataFrame) -> pd.Series:
+    """Each run's setting label: runs of one benchmark and model that share every param
+    but the rule's (NOT_SETTING) and compared with the same baseline values share one. It
+    names what differs from the other settings of that benchmark and model ('split=...,
+    limit=...'), or 'baseline N' where only the baseline values differ; '' where the
+    benchmark and model have one setting."""
+    params = [c for c in runs.columns if c.startswith("params.") and in_setting(c[7:])]
+    values = runs[params].astype(object).where(runs[params].notna(), None).astype(str)
+    keys = pd.Series(
+        [
+            (
+                tuple(values.loc[i]),
+                baseline_signature(run, MAIN_METRIC.get(run["params.benchmark.name"])),
+            )
+            for i, run in runs.iterrows()
+        ],
+        index=runs.index,
+    )
+    models = runs.get("params.model.name_or_path", pd.Series(None, index=runs.index))
+    labels = pd.Series("", index=runs.index)
+    models = models.astype(object).where(models.notna(), "")
+    for _, members in keys.groupby([runs["params.benchmark.name"], models]):
+        distinct = list(dict.fromkeys(members))
+        if len(distinct) > 1:
+            for n, key in enumerate(distinct, 1):
+                labels[members.index[members == key]] = setting_label(params, distinct, key, n)
+    return labels
+
+
+def setting_label(params: list[str], distinct: list[tuple], key: tuple, n: int) -> str:
+    """The params whose values differ between the distinct settings, with key's values;
+    'baseline n' too where another setting has the same params but other baseline values."""
+    differing = [i for i in range(len(params)) if len({k[0][i] for k in distinct}) > 1]
+    parts = [f"{params[i][7:].removeprefix('benchmark.')}={key[0][i]}" for i in differing]
+    if sum(other[0] == key[0] for other in distinct) > 1:
+        parts.append(f"baseline {n}")
+    return ", ".join(parts)
+
+
+def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per benchmark x model x setting x intervention x layer range, and a baseline
+    row per benchmark, model and setting (from a baseline job, or the baseline values every
+    intervention job logs): each change is against the baseline the job compared with."""
+    rows = []
+    labels = settings(runs)
+    for index, run in runs.iterrows():
+        benchmark = run["params.benchmark.name"]
+        model = run.get("params.model.name_or_path")
+        native = MAIN_METRIC.get(benchmark)
+        metric = run.filter(like="metrics.").rename(lambda name: name[len("metrics.") :]).get
+        stored = storable_name(native) if native else None
+        common = {
+            "benchmark": benchmark,
+            "model": model,
+            "setting": labels[index],
+            "native_metric": native,
+            "gt_yes_rate": metric("gt_yes_rate"),
+            "n_groups": metric("n_groups"),
+        }
+        rows.append(
+            common
+            | {
+                "intervention": intervention_label(run),
+                "layers": layers_label(run),
+                "paired_accuracy": metric("paired_accuracy"),
+                "yes_rate": metric("yes_rate"),
+                "yes_bias": metric("yes_bias"),
+                "accuracy": metric("accuracy"),
+                "paired_accuracy_change_points": metric("paired_accuracy_change_points"),
+                "paired_accuracy_change_pct": metric("paired_accuracy_change_pct"),
+                "native_value": metric(stored) if native else None,
+                "native_change_points": metric(f"{stored}_change_points") if native else None,
+            }
+        )
+        if rows[-1]["intervention"] != "baseline":
+            rows.append(
+                common
+                | {
+                    "intervention": "baseline",
+                    "layers": "-",
+                    "paired_accuracy": metric("baseline_paired_accuracy"),
+                    "yes_rate": metric("baseline_yes_rate"),
+                    "yes_bias": metric("baseline_yes_bias"),
+                    "accuracy": metric("baseline_accuracy"),
+                    "paired_accuracy_change_points": 0.0,
+                    "paired_accuracy_change_pct": 0.0,
+                    "native_value": metric(f"baseline_{stored}") if native else None,
+                    "native_change_points": 0.0 if rows[-1]["native_change_points"] else None,
+                }
+            )
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    table["model"] = table["model"].map(model_labels(runs))
+    table = table.drop_duplicates(CONDITION)
+    table["baseline_first"] = table["intervention"] != "baseline"
+    order = ["benchmark", "model", "setting", "baseline_first", "intervention", "layers"]
+    table = table.sort_values(order)
+    return table.drop(columns="baseline_first").reset_index(drop=True)
+
+
+def paper_table(table: pd.DataFrame, value: str) -> pd.DataFrame:
+    """The paper's table: the change in paired accuracy against the baseline (`value`:
+    percent or points), one row per condition (rule and layers), one column per benchmark;
+    with several models, one row per condition and model, with a model column; with
+    several settings of a benchmark, one row per condition and setting, with a setting
+    column."""
+    edits = table[table["intervention"] != "baseline"]
+    layers = edits["layers"].map(aligned_layers) if several_models(table) else edits["layers"]
+    edits = edits.assign(condition=edits["intervention"] + " " + layers)
+    index = paper_index(table)
+    return edits.set_index([*index, "benchmark"])[value].unstack("benchmark").reset_index()
+
+
+def paper_index(table: pd.DataFrame) -> list[str]:
+    return (
+        ["condition"]
+        + (["model"] if several_models(table) else [])
+        + (["setting"] if several_settings(table) else [])
+    )
+
+
+def several_models(table: pd.DataFrame) -> bool:
+    return table["model"].nunique(dropna=False) > 1
+
+
+def several_settings(table: pd.DataFrame) -> bool:
+    return bool((table["setting"] != "").any())
+
+
+def paper_markdown(table: pd.DataFrame) -> str:
+    """Cells '+12.5% (+2.1 pts)'; the percentage is blank where the baseline is 0."""
+    index = paper_index(table)
+    pct = paper_table(table, "paired_accuracy_change_pct").set_index(index)
+    pts = paper_table(table, "paired_accuracy_change_points").set_index(index)
+    cells = pct.copy().astype(object)
+    for condition in pct.index:
+        for benchmark in pct.columns:
+            p, q = pct.loc[condition, benchmark], pts.loc[condition, benchmark]
+            percent = "" if pd.isna(p) else f"{p:+.1f}% "
+            cells.loc[condition, benchmark] = "" if pd.isna(q) else f"{percent}({q:+.1f} pts)"
+    return markdown(cells.reset_index())
+
+
+def markdown(table: pd.DataFrame) -> str:
+    def cell(value) -> str:
+        if value is None or (isinstance(value, float) and pd.isna(value)):
+            return ""
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += [
+        "| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# comparison.md: column -> (header, factor); fractions are shown in percent, changes in
+# points (percentage points) or in percent of the baseline.
+SHOWN = {
+    "model": ("model", None),
+    "setting": ("setting", None),
+    "intervention": ("intervention", None),
+    "layers": ("layers", None),
+    "paired_accuracy": ("paired accuracy (%)", 100),
+    "paired_accuracy_change_points": ("change (points)", 1),
+    "paired_accuracy_change_pct": ("change (% of baseline)", 1),
+    "yes_rate": ("yes-rate (%)", 100),
+    "gt_yes_rate": ("ground-truth yes-rate (%)", 100),
+    "yes_bias": ("yes-bias (points)", 100),
+    "accuracy": ("accuracy (%)", 100),
+    "native_value": ("{native}", None),
+    "native_change_points": ("{native} change (points)", 1),
+    "n_groups": ("groups", None),
+}
+
+
+def comparison_markdown(table: pd.DataFrame) -> str:
+    """comparison.md: a section per benchmark, with units in the headers and without the
+    columns that are empty for that benchmark (a caption benchmark has no yes-rate, a
+    yes/no one no change of its native metric, one setting no setting column)."""
+    sections = []
+    for benchmark, rows in table.groupby("benchmark", sort=False):
+        shown = pd.DataFrame(index=rows.index)
+        native = rows["native_metric"].dropna()
+        native = str(native.iloc[0]) if len(native) else "native metric"
+        for column, (header, factor) in SHOWN.items():
+            values = rows[column]
+            if values.isna().all() or (values.astype(str) == "").all():
+                continue
+            if factor is not None:
+                values = (values.astype(float) * factor).map(
+                    lambda v: "" if pd.isna(v) else f"{v:.1f}"
+                )
+            elif column == "n_groups":
+                values = values.map(lambda v: "" if pd.isna(v) else f"{v:.0f}")
+            shown[header.format(native=native)] = values
+        sections.append(f"## {benchmark}\n\n" + markdown(shown))
+    return "\n".join(sections)
+
+
+def panel_names(rows: pd.DataFrame) -> pd.Series:
+    """A plot's panel per model and setting: the model's label, and the setting where
+    there is one."""
+    models = rows["model"].astype(object).where(rows["model"].notna(), "").astype(str)
+    return models.str.cat(rows["setting"].map(lambda s: f" [{s}]" if s else "")).str.strip()
+
+
+def plots(table: pd.DataFrame, out: Path) -> list[Path]:
+    """A heatmap and yes-rate bars per benchmark, one panel per model and setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+
+    files = []
+    aligned = several_models(table)
+    for benchmark, rows in table.groupby("benchmark"):
+        if aligned:
+            rows = rows.assign(layers=rows["layers"].map(aligned_layers))
+        rows = rows.assign(panel=panel_names(rows))
+        several = rows["panel"].nunique() > 1
+        edits = rows[rows["intervention"] != "baseline"]
+        if not edits.empty:
+            fig = heatmap(edits, benchmark, several)
+            files.append(save(fig, out / f"heatmap_{benchmark}.png"))
+        if rows["yes_rate"].notna().any():  # a yes/no benchmark, not captions
+            bars = yes_rate_bars(rows, benchmark, several)
+            files.append(save(bars, out / f"yes_rate_{benchmark}.png"))
+    return files
+
+
+def panels(width: float, height: float, n: int):
+    import matplotlib.pyplot as plt
+
+    layout = "constrained" if n > 1 else None  # tight_layout cannot fit a shared colour bar
+    fig, axes = plt.subplots(
+        1, n, sharey=True, squeeze=False, figsize=(width, height), layout=layout
+    )
+    return fig, list(axes[0])
+
+
+def titles(fig, axes, names, title: str, several: bool) -> None:
+    """One panel: the title as before; several: the title over the panels, a name each."""
+    if not several:
+        axes[0].set_title(title)
+        return
+    fig.suptitle(title)
+    for ax, name in zip(axes, names, strict=True):
+        ax.set_title(str(name), fontsize=9)
+
+
+def groups_note(rows: pd.DataFrame) -> str:
+    """'40 groups: one group = 2.5 points' (how much one group moves paired accuracy)."""
+    n = rows["n_groups"].dropna()
+    if n.empty:
+        return ""
+    n = int(n.iloc[0])
+    return f"{n} groups: one group = {100 / n:.3g} points"
+
+
+def heatmap(edits: pd.DataFrame, benchmark: str, several: bool):
+    """Layer range x intervention, colour = change in paired accuracy in points (captions:
+    in CHAIR_s); a panel per model and setting on the same rows, columns and colour scale,
+    each saying how many groups its benchmark has."""
+    # Yes/no benchmarks: paired accuracy; captions: their main metric (CHAIR_s).
+    column, what = "paired_accuracy_change_points", "paired accuracy"
+    if edits[column].isna().all():
+        column, what = "native_change_points", str(edits["native_metric"].iloc[0])
+    groups = dict(list(edits.groupby("panel", sort=False)))
+    grids = {
+        panel: rows.pivot_table(index="layers", columns="intervention", values=column)
+        for panel, rows in groups.items()
+    }
+    index = sorted(set().union(*(grid.index for grid in grids.values())))
+    columns = sorted(set().union(*(grid.columns for grid in grids.values())))
+    grids = {panel: grid.reindex(index=index, columns=columns) for panel, grid in grids.items()}
+    limit = max(max(float(abs(grid).max().max()) for grid in grids.values()), 1e-9)
+    n = len(grids)
+    fig, axes = panels(2 + n * (1.5 + 1.4 * len(columns)), 2.4 + 0.5 * len(index), n)
+    for ax, (panel, grid) in zip(axes, grids.items(), strict=True):
+        image = ax.imshow(grid.values, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
+        ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
+        ax.set_yticks(range(len(index)), index)
+        if what == "paired accuracy":
+            ax.set_xlabel(groups_note(groups[panel]), fontsize=8)
+        for (i, j), value in pd.DataFrame(grid.values).stack().dropna().items():
+            shade = "white" if abs(value) > limit / 2 else "black"
+            ax.text(j, i, f"{value:+.1f}", ha="center", va="center", fontsize=8, color=shade)
+    fig.colorbar(image, ax=axes if n > 1 else axes[0], label="points vs baseline")
+    titles(fig, axes, grids, f"{benchmark}: {what} vs baseline (points)", several)
+    return fig
+
+
+def yes_rate_bars(rows: pd.DataFrame, benchmark: str, several: bool):
+    """Per condition, the change of the yes-rate against the baseline in points, the value
+    on each bar; the baseline (0) and the ground-truth yes-rate as reference lines,
+    labelled with their yes-rates in percent. A panel per model and setting."""
+    rows = rows.assign(
+        label=[f"{r.intervention} {r.layers}" for r in rows.itertuples()],
+    )
+    edits = rows[rows["intervention"] != "baseline"]
+    labels = list(edits.sort_values(["intervention", "layers"])["label"].unique())
+    groups = dict(list(rows.groupby("panel", sort=False)))
+    fig, axes = panels(3 + 0.55 * max(len(labels), 1) * len(groups), 4, len(groups))
+    for ax, panel_rows in zip(axes, groups.values(), strict=True):
+        base = panel_rows.loc[panel_rows["intervention"] == "baseline", "yes_rate"]
+        base = float(base.iloc[0]) if len(base) else float("nan")
+        change = 100 * (panel_rows.set_index("label")["yes_rate"].reindex(labels) - base)
+        bars = ax.bar(range(len(labels)), change.values, color="tab:blue")
+        ax.bar_label(bars, fmt="%+.1f", fontsize=7, padding=2)
+        ax.axhline(0, color="grey", linewidth=1, label=f"baseline {100 * base:.1f}%")
+        truth = panel_rows["gt_yes_rate"].dropna()
+        if len(truth):
+            gt = float(truth.iloc[0])
+            ax.axhline(
+                100 * (gt - base),
+                color="tab:green",
+                linestyle="--",
+                linewidth=1,
+                label=f"ground truth {100 * gt:.1f}%",
+            )
+        ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+        ax.margins(y=0.15)
+        ax.legend(fontsize=7, loc="best")
+    axes[0].set_ylabel("yes-rate change vs baseline (points)")
+    titles(fig, axes, groups, f"{benchmark}: yes-rate by condition", several)
+    return fig
+
+
+def save(fig, path: Path) -> Path:
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    fig.clf()
+    return path
+
+
+def report(cfg) -> Path:
+    runs, parent = job_runs(cfg)
+    table = comparison_table(runs)
+    out = Path(cfg.report.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "comparison.csv", index=False)
+    (out / "comparison.md").write_text(comparison_markdown(table))
+    paper_table(table, "paired_accuracy_change_pct").to_csv(out / "paper_table.csv", index=False)
+    (out / "paper_table.md").write_text(paper_markdown(table))
+    files = [
+        out / name
+        for name in ("comparison.csv", "comparison.md", "paper_table.csv", "paper_table.md")
+    ]
+    files += plots(table, out)
+    if parent is not None:
+        mlflow, _ = connect(cfg.tracking)
+        client = mlflow.MlflowClient()
+        for path in files:
+            client.log_artifact(parent, str(path), "report")
+    print(comparison_markdown(table))
+    print(
+        f"report: {out.resolve()} ({len(files)} files)"
+        + (f", logged to run {parent}" if parent else "")
+    )
+    for path in files:
+        if path.suffix == ".png":
+            print(f"  {path.resolve()}")
+    return out
+
+
+@hydra.main(version_base="1.3", config_path="pkg://sysattn_exp.conf", config_name="report")
+def report_app(cfg: DictConfig) -> None:
+    try:
+        check_report_config(cfg)
+        report(cfg)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    report_app()

@@ -8,14 +8,13 @@ import functools
 import json
 from pathlib import Path
 
-import pandas as pd
 import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from PIL import Image
 
 from sysattn_exp.errors import UsageError
-from sysattn_exp.evaluation.caption import CAPTIONS_FILE, caption_job, load_coco
+from sysattn_exp.evaluation.caption import caption_predictions, load_coco
 
 CATEGORIES = [
     {"id": 1, "name": "person", "supercategory": "person"},
@@ -108,10 +107,11 @@ def stub_generate(calls: list):
     return generate
 
 
-def test_caption_job_metric_plumbing_with_stub_generation(coco, tmp_path):
+def test_caption_job_metric_plumbing_with_stub_generation(coco):
     cfg = config(coco, limit=3, seed=None)  # the first 3 by id: 139, 285, 632
     calls = []
-    metrics = caption_job(cfg, StubModel(), "EDIT", tmp_path, stub_generate(calls))
+    images = load_coco(cfg.caption)
+    rows, metrics = caption_predictions(cfg, StubModel(), "EDIT", stub_generate(calls), images)
     (images, prompts, edit, max_new_tokens) = calls[0]
     assert [call[2] for call in calls] == ["EDIT", None]  # with an edit, the baseline too
     assert prompts == ["USER: <image>\nPlease describe this image in detail. ASSISTANT:"] * 3
@@ -125,7 +125,6 @@ def test_caption_job_metric_plumbing_with_stub_generation(coco, tmp_path):
     assert metrics["n_images"] == 3
     assert metrics["baseline_chair_s"] == metrics["chair_s"]  # the stub ignores the edit
     assert metrics["chair_s_change_points"] == metrics["chair_i_change_points"] == 0
-    rows = pd.read_parquet(tmp_path / CAPTIONS_FILE)
     assert list(rows["image_id"]) == [139, 285, 632]
     first = rows.iloc[0]
     assert first["file_name"] == file_name(139)

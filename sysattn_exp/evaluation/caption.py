@@ -22,11 +22,10 @@ from sysattn_exp.evaluation.chair import (
     score_caption,
     vocabulary,
 )
-from sysattn_exp.files import read_text, write_atomically
+from sysattn_exp.files import read_text
 
 INSTANCES = "instances_val2014.json"
 CAPTIONS = "captions_val2014.json"
-CAPTIONS_FILE = "predictions.parquet"  # the job file every job has: here, the captions
 
 # generate_fn(loaded, images, prompts, edit, max_new_tokens) -> one caption per image
 GenerateFn = Callable[[object, Sequence[Image.Image], list[str], object, int], list[str]]
@@ -223,23 +222,6 @@ def caption_rows(images: list[CocoImage], prompt: str, captions: list[str], voca
             }
         )
     return rows, scores
-
-
-def caption_job(
-    cfg,
-    loaded,
-    edit,
-    out_dir: Path,
-    generate_fn: GenerateFn,
-    images: list[CocoImage] | None = None,
-) -> dict[str, float]:
-    """caption_predictions, with predictions.parquet written in out_dir; returns the
-    metrics. `images`: load_coco(cfg.caption) done beforehand; None loads it here."""
-    if images is None:
-        images = load_coco(cfg.caption)
-    frame, metrics = caption_predictions(cfg, loaded, edit, generate_fn, images)
-    write_atomically(out_dir / CAPTIONS_FILE, lambda p: frame.to_parquet(p, index=False))
-    return metrics
 
 
 def caption_predictions(

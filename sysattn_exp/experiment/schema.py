@@ -82,7 +82,7 @@ class Parser(enum.Enum):
 
 
 class RankBy(enum.Enum):
-    """scoring.rank_by: the score that metrics comparing items rank by (runner.RANKINGS)."""
+    """scoring.rank_by: the score that metrics comparing items rank by (job_yes_no.RANKINGS)."""
 
     p_yes = "p_yes"
     log_odds = "log_odds"

@@ -14,11 +14,11 @@ from omegaconf import OmegaConf
 from reference import REFERENCE_NAME, STATE, reference_setup
 
 from sysattn_exp.attention.rules import Pai, Redistribution
+from sysattn_exp.benchmarks.answers import mme_answer as parse_yes_no
 from sysattn_exp.benchmarks.base import Benchmark, Item
 from sysattn_exp.evaluation.generation import (
     generate_full_prompts,
     generate_items,
-    parse_yes_no,
     stop_ids,
     until_stop,
 )

@@ -28,7 +28,6 @@ from torch.utils.data import DataLoader
 
 from sysattn_exp.attention.modality import TEXT
 from sysattn_exp.attention.rules import Rule
-from sysattn_exp.benchmarks.answers import mme_answer
 from sysattn_exp.errors import UsageError
 from sysattn_exp.evaluation.progress import Progress
 from sysattn_exp.evaluation.scoring import (
@@ -237,7 +236,3 @@ def generate_items(
     progress.close()
     seconds = time.perf_counter() - started
     return Generations(texts, tokens, yes, no, p_yes, seconds, new_tokens, n)
-
-
-# MME's eval tool rule (benchmarks.base.mme_answer) under its older name here.
-parse_yes_no = mme_answer

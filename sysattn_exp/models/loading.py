@@ -28,7 +28,7 @@ from transformers.utils import is_num2words_available, is_torchvision_available
 from sysattn_exp.attention.intervention import ATTENTION_NAME, guard_edits
 from sysattn_exp.attention.modality import modality_counts, modality_ids
 from sysattn_exp.errors import UsageError, first_line
-from sysattn_exp.models import offline_processors, random_weights, tiny, toy_model
+from sysattn_exp.models import offline_processors, random_weights, tiny
 from sysattn_exp.models.prompts import PromptFormat, question_token_start, text_kwargs
 
 log = logging.getLogger(__name__)
@@ -198,12 +198,21 @@ def device_map_of(cfg) -> str | dict | None:
     return device_map
 
 
+def toy_module():
+    """models/toy_model.py, imported only when builtin:toy is asked for: the toy model is
+    drawn from the toy benchmark's world (the benchmarks package, which needs pandas and
+    omegaconf), and scripts/device_check.py loads models on GPU images without them."""
+    from sysattn_exp.models import toy_model
+
+    return toy_model
+
+
 def load_config(cfg):
     """The checkpoint's config, refused unless this tool handles its family."""
     if cfg.name_or_path == BUILTIN_TINY:
         return tiny.build_config()
     if cfg.name_or_path == BUILTIN_TOY:
-        return toy_model.build_toy_config()
+        return toy_module().build_toy_config()
     if random_weights.is_random(cfg):
         preset = random_weights.preset_of(cfg)
         return random_weights.build_config(preset, cfg.get("config_overrides"))
@@ -276,7 +285,7 @@ def _load(cfg, dtype, device_map):
     if cfg.name_or_path == BUILTIN_TINY:
         return tiny.build_tiny_llava(seed=cfg.seed, dtype=dtype)
     if cfg.name_or_path == BUILTIN_TOY:
-        return toy_model.build_toy_llava(dtype=dtype)
+        return toy_module().build_toy_llava(dtype=dtype)
     if random_weights.is_random(cfg):
         return random_weights.build(cfg, dtype, resolve_device(cfg.device), device_map)
     model_type = load_config(cfg).model_type
@@ -308,7 +317,7 @@ def load_processor(cfg, model_type: str | None = None):
     if cfg.name_or_path == BUILTIN_TINY:
         return tiny.build_processor()
     if cfg.name_or_path == BUILTIN_TOY:
-        return toy_model.build_toy_processor()
+        return toy_module().build_toy_processor()
     if random_weights.is_random(cfg):
         return offline_processors.build_processor(random_weights.preset_of(cfg), load_config(cfg))
     model_type = model_type or load_config(cfg).model_type

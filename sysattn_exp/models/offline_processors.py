@@ -1,6 +1,6 @@
 """Tokenizers and processors for model.weights=random, built in code: no hub files.
 
-The tokenizer is a small byte-level BPE trained locally (as sysattn_exp/models/tiny.py's), whose
+The tokenizer is a small byte-level BPE trained locally (byte_level.py, as tiny.py's), whose
 vocabulary is extended with filler entries to the checkpoint's vocabulary size, with each
 family's special tokens at their published ids (so the shipped config's image_token_id,
 pad and eos ids mean what they mean in the real checkpoint). Ordinary words therefore
@@ -19,7 +19,7 @@ rather than known (Idefics3's and SmolVLM2's tile-marker ids).
 import json
 from collections.abc import Callable
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, models
 from transformers import (
     CLIPImageProcessorPil,
     Gemma3ImageProcessorPil,
@@ -37,6 +37,7 @@ from transformers import (
 )
 
 from sysattn_exp.models import chat_templates as templates
+from sysattn_exp.models.byte_level import byte_level, fast_tokenizer, train_bpe
 from sysattn_exp.models.image_only_processors import (
     InternVLImageOnlyProcessor,
     LlavaOnevisionProcessor,
@@ -45,14 +46,6 @@ from sysattn_exp.models.image_only_processors import (
     SmolVLMImageOnlyProcessor,
 )
 
-# Text the BPE learns its merges from (any other text still encodes, byte by byte).
-CORPUS = [
-    "A chat between a curious user and an artificial intelligence assistant. The assistant "
-    "gives helpful, detailed, and polite answers to the user's questions. USER: ASSISTANT:",
-    "You are a helpful assistant. system user assistant model",
-    "Is there a red green blue yellow circle square triangle in the image?",
-    "Please answer yes or no. Yes No yes no Does this figure show the picture",
-]
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
@@ -106,13 +99,7 @@ def build_tokenizer(
     """A byte-level BPE tokenizer of max(vocab_size, largest special id + 1) tokens: the
     special tokens at their given ids, the locally learned tokens at the lowest free ids,
     filler entries elsewhere. With `add_bos`, BOS starts every encoding."""
-    trained = Tokenizer(models.BPE())
-    trained.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    trained.train_from_iterator(CORPUS * 4, trainer=trainer)
-    model = json.loads(trained.to_str())["model"]
+    model = json.loads(train_bpe(600).to_str())["model"]
     size = max(vocab_size, max(specials.values()) + 1)
     taken = set(specials.values())
     free = (i for i in range(size) if i not in taken)
@@ -120,22 +107,16 @@ def build_tokenizer(
     vocab = dict(specials) | {token: next(free) for token in learned}
     vocab |= {f"<|filler_{i}|>": i for i in free}
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    tok = byte_level(Tokenizer(models.BPE(vocab=vocab, merges=merges)))
     tok.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in specials])
-    if add_bos:
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, specials[bos])]
-        )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=bos,
-        eos_token=eos,
-        pad_token=pad,
+    return fast_tokenizer(
+        tok,
+        bos=bos,
+        eos=eos,
+        pad=pad,
+        add_bos=add_bos,
         chat_template=chat_template,
-        extra_special_tokens=extra_special_tokens or {},
-        padding_side="left",
+        extra_special_tokens=extra_special_tokens,
     )
 
 
@@ -340,6 +321,22 @@ def internvl(config):
     )
 
 
+def tiled_processor(
+    image_processor_class, processor_class, tok, longest_edge: int, tile: int, tokens: int, template
+):
+    """Idefics3's processor layout (SmolVLM's too): an image resized to a longest edge of
+    `longest_edge` px and split into `tile`-px tiles plus the global image, `tokens` image
+    tokens per tile, pixels normalised with mean and std 0.5."""
+    image_processor = image_processor_class(
+        size={"longest_edge": longest_edge},
+        max_image_size={"longest_edge": tile},
+        do_image_splitting=True,
+        image_mean=HALF,
+        image_std=HALF,
+    )
+    return processor_class(image_processor, tok, image_seq_len=tokens, chat_template=template)
+
+
 def idefics3(config):
     # HuggingFaceM4/Idefics3-8B-Llama3: images resized to a longest edge of 1456 and split
     # into 364-px tiles plus the global image; 169 tokens per tile (scale_factor 2).
@@ -362,15 +359,14 @@ def idefics3(config):
         add_bos=True,
         chat_template=templates.IDEFICS3_TEMPLATE,
     )
-    image_processor = Idefics3ImageProcessorPil(
-        size={"longest_edge": 1456},
-        max_image_size={"longest_edge": 364},
-        do_image_splitting=True,
-        image_mean=HALF,
-        image_std=HALF,
-    )
-    return Idefics3Processor(
-        image_processor, tok, image_seq_len=169, chat_template=templates.IDEFICS3_TEMPLATE
+    return tiled_processor(
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+        tok,
+        1456,
+        364,
+        169,
+        templates.IDEFICS3_TEMPLATE,
     )
 
 
@@ -399,15 +395,14 @@ def smolvlm(config):
             "global_image_token": "<global-img>",
         },
     )
-    image_processor = SmolVLMImageProcessorPil(
-        size={"longest_edge": 1536},
-        max_image_size={"longest_edge": 384},
-        do_image_splitting=True,
-        image_mean=HALF,
-        image_std=HALF,
-    )
-    return SmolVLMImageOnlyProcessor(
-        image_processor, tok, image_seq_len=81, chat_template=templates.SMOLVLM_TEMPLATE
+    return tiled_processor(
+        SmolVLMImageProcessorPil,
+        SmolVLMImageOnlyProcessor,
+        tok,
+        1536,
+        384,
+        81,
+        templates.SMOLVLM_TEMPLATE,
     )
 
 

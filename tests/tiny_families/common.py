@@ -40,6 +40,26 @@ def train_tokenizer(
     )
 
 
+def decoder_sizes(tok, layers: int, hidden: int = 32, max_positions: int = 512, **kw) -> dict:
+    """A tiny decoder's config keywords: `hidden` wide (the MLP twice that), 4 query heads
+    over 2 KV heads (GQA), the tokenizer's vocabulary and special ids; `kw` adds or
+    overrides keys."""
+    defaults = dict(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        initializer_range=0.05,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    return defaults | kw
+
+
 def save_checkpoint(model, processor, path: Path) -> Path:
     """model and processor (or tokenizer) saved with save_pretrained into `path`."""
     model.save_pretrained(path)

@@ -124,31 +124,64 @@ def vocab_size(config) -> int:
     return config.get_text_config().vocab_size
 
 
-def llava15(config):
-    # llava-hf/llava-1.5-*-hf preprocessor_config.json: CLIP, shortest edge 336, centre crop
-    # 336; 576 patch tokens (the CLS token dropped: vision_feature_select_strategy default).
-    # No chat template needed: LLaVA-1.5 keeps the paper's vicuna prompt (prompts.py).
-    tok = build_tokenizer(
+def llama2_tokenizer(config, template: str | None = None):
+    """LLaVA-1.5's and LLaVA-NeXT's (Llama 2 / Mistral) tokenizer: <s> starts every
+    encoding, </s> ends, <image> is the image token."""
+    return build_tokenizer(
         vocab_size(config),
         LLAMA2,
         bos="<s>",
         eos="</s>",
         pad="<pad>",
         add_bos=True,
+        chat_template=template,
         extra_special_tokens={"image_token": "<image>"},
     )
-    image_processor = CLIPImageProcessorPil(
+
+
+def qwen2_tokenizer(config, specials: dict[str, int], template: str, extra=None):
+    """A Qwen2-based tokenizer (Qwen2/2.5-VL, LLaVA-OneVision, InternVL3, the Qwen text
+    models): no BOS added, <|im_end|> ends a turn, <|endoftext|> pads; `extra`: the
+    processor's named special tokens."""
+    return build_tokenizer(
+        vocab_size(config),
+        specials,
+        bos=None,
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+        add_bos=False,
+        chat_template=template,
+        extra_special_tokens=extra,
+    )
+
+
+def llava_view(image_processor_class, **settings):
+    """LLaVA-1.5's and NeXT's image processor: the base view CLIP's (shortest edge 336,
+    centre crop 336, CLIP's mean and std); `settings`: the class's own (any-res)."""
+    return image_processor_class(
         size={"shortest_edge": 336},
         crop_size={"height": 336, "width": 336},
+        **settings,
         image_mean=CLIP_MEAN,
         image_std=CLIP_STD,
     )
+
+
+# LLaVA-1.5's and NeXT's image tokens: 14-px patches, the CLS token dropped
+# (vision_feature_select_strategy default).
+LLAVA_TOKENS = dict(
+    patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1
+)
+
+
+def llava15(config):
+    # llava-hf/llava-1.5-*-hf preprocessor_config.json: CLIP, shortest edge 336, centre crop
+    # 336; 576 patch tokens (the CLS token dropped: vision_feature_select_strategy default).
+    # No chat template needed: LLaVA-1.5 keeps the paper's vicuna prompt (prompts.py).
     return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tok,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
+        image_processor=llava_view(CLIPImageProcessorPil),
+        tokenizer=llama2_tokenizer(config),
+        **LLAVA_TOKENS,
     )
 
 
@@ -156,29 +189,13 @@ def llava_next(template: str) -> Callable:
     def build(config):
         # llava-hf/llava-v1.6-*-hf: CLIP 336 base view plus any-res crops from the config's
         # image_grid_pinpoints, padded; 24x24 tokens per view, a newline token per row.
-        tok = build_tokenizer(
-            vocab_size(config),
-            LLAMA2,
-            bos="<s>",
-            eos="</s>",
-            pad="<pad>",
-            add_bos=True,
-            chat_template=template,
-            extra_special_tokens={"image_token": "<image>"},
-        )
-        image_processor = LlavaNextImageProcessorPil(
-            size={"shortest_edge": 336},
-            crop_size={"height": 336, "width": 336},
-            image_grid_pinpoints=config.image_grid_pinpoints,
-            image_mean=CLIP_MEAN,
-            image_std=CLIP_STD,
+        image_processor = llava_view(
+            LlavaNextImageProcessorPil, image_grid_pinpoints=config.image_grid_pinpoints
         )
         return LlavaNextProcessor(
             image_processor=image_processor,
-            tokenizer=tok,
-            patch_size=14,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
+            tokenizer=llama2_tokenizer(config, template),
+            **LLAVA_TOKENS,
             chat_template=template,
         )
 
@@ -188,15 +205,11 @@ def llava_next(template: str) -> Callable:
 def llava_onevision(config):
     # llava-hf/llava-onevision-qwen2-7b-ov-hf: SigLIP 384 (mean/std 0.5), any-res from the
     # config's pinpoints with anyres_max_9; 729 tokens per 384-px view.
-    tok = build_tokenizer(
-        vocab_size(config),
+    tok = qwen2_tokenizer(
+        config,
         QWEN2 | {"<image>": 151646, "<video>": 151647},
-        bos=None,
-        eos="<|im_end|>",
-        pad="<|endoftext|>",
-        add_bos=False,
-        chat_template=templates.LLAVA_ONEVISION_TEMPLATE,
-        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+        templates.LLAVA_ONEVISION_TEMPLATE,
+        {"image_token": "<image>", "video_token": "<video>"},
     )
     image_processor = LlavaOnevisionImageProcessorPil(
         size={"height": 384, "width": 384},
@@ -218,15 +231,7 @@ def qwen_vl(processor_class) -> Callable:
     def build(config):
         # Qwen/Qwen2-VL-7B-Instruct and Qwen2.5-VL preprocessor_config.json: 14-px patches
         # merged 2x2 (one token per 28x28 pixels), min_pixels 3136, max_pixels 12845056.
-        tok = build_tokenizer(
-            vocab_size(config),
-            QWEN2_VL,
-            bos=None,
-            eos="<|im_end|>",
-            pad="<|endoftext|>",
-            add_bos=False,
-            chat_template=templates.QWEN2_VL_TEMPLATE,
-        )
+        tok = qwen2_tokenizer(config, QWEN2_VL, templates.QWEN2_VL_TEMPLATE)
         image_processor = Qwen2VLImageProcessorPil(
             patch_size=14,
             merge_size=2,
@@ -290,15 +295,11 @@ def internvl(config):
     specials = QWEN2 | {name: 151665 + i for i, name in enumerate([*names, "</box>"])}
     # Placed, not published: a free id below the vocabulary size (only video prompts use it).
     specials["<video>"] = 151664
-    tok = build_tokenizer(
-        vocab_size(config),
+    tok = qwen2_tokenizer(
+        config,
         specials,
-        bos=None,
-        eos="<|im_end|>",
-        pad="<|endoftext|>",
-        add_bos=False,
-        chat_template=templates.INTERNVL_TEMPLATE,
-        extra_special_tokens={
+        templates.INTERNVL_TEMPLATE,
+        {
             "start_image_token": "<img>",
             "end_image_token": "</img>",
             "context_image_token": "<IMG_CONTEXT>",
@@ -420,15 +421,7 @@ def llama3(config):
 
 def qwen_text(template: str, extra: dict[str, int] | None = None) -> Callable:
     def build(config):
-        return build_tokenizer(
-            vocab_size(config),
-            QWEN2 | (extra or {}),
-            bos=None,
-            eos="<|im_end|>",
-            pad="<|endoftext|>",
-            add_bos=False,
-            chat_template=template,
-        )
+        return qwen2_tokenizer(config, QWEN2 | (extra or {}), template)
 
     return build
 

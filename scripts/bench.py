@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from sweep_sizes import BENCHMARK_ITEMS, PAPER_JOBS, QUARTERS_JOBS
 from transformers import AttentionInterface
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
@@ -67,17 +68,6 @@ QUESTIONS = [
     "Are there two blue triangles here?",
     "Is the yellow shape larger than the car?",
 ]
-# Items per benchmark (HallusionBench: every question, 178 without an image; BEAF: ver0 release).
-BENCHMARK_ITEMS = {
-    "mme": 2374,
-    "hallusionbench": 1129,
-    "naturalbench": 7600,
-    "winoground": 1600,
-    "sugarcrepe": 15022,
-    "beaf": 26118,
-}
-QUARTERS_JOBS = 12 + 1  # the 12 conditions and the baseline they share
-PAPER_JOBS = 28  # +sweep=paper: 28 conditions, the baseline among them
 
 
 def load(args) -> LoadedModel:

@@ -58,11 +58,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's package, without installing it
+sys.path.insert(0, str(ROOT / "scripts"))  # sweep_sizes, also when run with runpy
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
 import yaml  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
+from sweep_sizes import BENCHMARK_ITEMS, PAPER_JOBS, QUARTERS_JOBS  # noqa: E402
 from transformers.integrations.sdpa_attention import repeat_kv  # noqa: E402
 
 from sysattn_exp.attention import kernels  # noqa: E402
@@ -77,17 +79,6 @@ CONF = ROOT / "sysattn_exp" / "conf"
 LLAVA_7B = "llava15_7b"
 FLOAT32_TOLERANCE = 1e-4  # largest |yes/no logit difference| allowed in float32
 AGREEMENT = 0.99  # bf16 decisions that must agree with float32's, above the bf16 noise
-# As scripts/bench.py (tests/test_device_check.py checks they agree): items per benchmark
-# and evaluations per sweep (quarters: 12 conditions and the baseline they share).
-BENCHMARK_ITEMS = {
-    "mme": 2374,
-    "hallusionbench": 1129,
-    "naturalbench": 7600,
-    "winoground": 1600,
-    "sugarcrepe": 15022,
-    "beaf": 26118,
-}
-QUARTERS_JOBS, PAPER_JOBS = 12 + 1, 28
 QUESTIONS = ["Is there a red circle in the image?", "Is the shape on the left green?"]
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "cyan"]
 # --small: the same code at reduced depth and width (vocabulary and image size as shipped).

@@ -15,6 +15,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a test module (with pytestmark usefixtures("one_thread")):
+    tensors this small run faster so, and the suite shares two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def gqa_llava():
     """A random LLaVA unlike the builtin tiny one: 6 layers, 6 heads over 3 KV heads, and

@@ -43,13 +43,7 @@ BF16_UNIT = 2.0**-8
 YES, NO = [5, 6], [7]  # any ids: the scores are compared, not interpreted
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tensors this small run faster on one thread (and the suite shares two cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.mark.parametrize(

@@ -102,18 +102,24 @@ def test_the_guarded_job_reports_its_layers_kernels_and_environment(tmp_path, mo
     assert params["kernel_path"] == "cpu_flash" and run.data.metrics["edited_layers"] == 2
 
 
+def run_with_cpu_kernel(name, function, tmp_path, monkeypatch, capsys) -> tuple[int, str]:
+    """(exit code, stderr) of JOB with `function` the only float32 kernel for the CPU
+    (verdicts cleared, a score cache under tmp_path)."""
+    kernel = kernels.Kernel(name, function, frozenset({torch.float32}), accepts_mask=True)
+    monkeypatch.setitem(kernels.KERNELS, "cpu", [kernel])
+    monkeypatch.setattr(kernels, "_verdicts", {})
+    return run_main_stderr(
+        (*JOB, f"runtime.cache_dir={tmp_path / 'cache'}"), tmp_path, monkeypatch, capsys
+    )
+
+
 def test_out_of_memory_in_attention_is_one_line(tmp_path, monkeypatch, capsys):
     """A kernel that runs out of memory: exit 2 and the hint to lower model.batch_size."""
 
     def out_of_memory(q, k, v, bias, scaling, is_causal):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB\nmore")
 
-    kernel = kernels.Kernel("oom", out_of_memory, frozenset({torch.float32}), accepts_mask=True)
-    monkeypatch.setitem(kernels.KERNELS, "cpu", [kernel])
-    monkeypatch.setattr(kernels, "_verdicts", {})
-    code, stderr = run_main_stderr(
-        (*JOB, f"runtime.cache_dir={tmp_path / 'cache'}"), tmp_path, monkeypatch, capsys
-    )
+    code, stderr = run_with_cpu_kernel("oom", out_of_memory, tmp_path, monkeypatch, capsys)
     assert code == 2, stderr[-2000:]
     last = [line for line in stderr.splitlines() if line.strip()][-1]
     assert last.startswith("error: out of memory in attention on cpu float32 (")
@@ -188,12 +194,7 @@ def test_a_rejected_kernel_shows_in_kernel_path(tmp_path, monkeypatch, capsys):
         out, lse = kernels.cpu_flash(q, k, v, bias, scaling, is_causal)
         return out * 1.1, lse
 
-    kernel = kernels.Kernel("k0", scaled, frozenset({torch.float32}), accepts_mask=True)
-    monkeypatch.setitem(kernels.KERNELS, "cpu", [kernel])
-    monkeypatch.setattr(kernels, "_verdicts", {})
-    code, stderr = run_main_stderr(
-        (*JOB, f"runtime.cache_dir={tmp_path / 'cache'}"), tmp_path, monkeypatch, capsys
-    )
+    code, stderr = run_with_cpu_kernel("k0", scaled, tmp_path, monkeypatch, capsys)
     assert code == 0, stderr[-2000:]
     (job,) = (tmp_path / "outputs" / "runs").iterdir()
     assert json.loads((job / "metrics.json").read_text())["kernel_path"] == "math"

@@ -49,12 +49,7 @@ def paired(frame: pd.DataFrame) -> float:
     return frame.groupby("group")["correct"].all().mean()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def test_held_out_accuracy_and_blinding():

@@ -3,8 +3,9 @@ and the helpers the loaders share: templates, image files, hub datasets, group l
 
 import hashlib
 import io
+import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from PIL import Image
 from sysattn_exp.benchmarks.answers import mme_answer  # noqa: F401 - the loaders' default parser
 from sysattn_exp.benchmarks.images import decode_errors, open_image
 from sysattn_exp.errors import UsageError, first_line
+from sysattn_exp.files import read_text
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +243,34 @@ def required_file(path: Path, what: str) -> Path:
     if not path.is_file():
         raise UsageError(f"{path} not found: benchmark.data_dir must hold {what}")
     return path
+
+
+def read_json(path: Path):
+    """A release's JSON file, parsed; not valid JSON is a UsageError naming the file."""
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{path}: not valid JSON ({err.msg})") from None
+
+
+def json_lines(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number from 1, parsed record) for each non-blank line of a JSON-lines file; a
+    line that is not valid JSON is a UsageError naming the file and the line."""
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{path} line {number}: not valid JSON ({err.msg})") from None
+        yield number, record
+
+
+def hub_split(cfg, local_hint: str):
+    """benchmark.hub_id's benchmark.split at benchmark.revision (hub_dataset), and the
+    source errors name it by: "<hub_id> split <split>"."""
+    dataset = hub_dataset(cfg.hub_id, cfg.split, local_hint, cfg.get("revision"))
+    return dataset, f"{cfg.hub_id} split {cfg.split}"
 
 
 def hub_dataset(repo_id: str, split: str, local_hint: str, revision: str | None = None):

@@ -24,7 +24,6 @@ question on its original:
 - accuracy, precision, recall, F1 over all questions (yes = positive); F1(TU, ID) is the
   harmonic mean of TU and 1 - ID. All as fractions."""
 
-import json
 import re
 from pathlib import Path
 
@@ -37,14 +36,14 @@ from sysattn_exp.benchmarks.base import (
     check_groups,
     check_template,
     data_dir,
-    hub_dataset,
+    hub_split,
     image_dir,
     open_image_file,
+    read_json,
     require_columns,
     required_file,
 )
 from sysattn_exp.errors import UsageError
-from sysattn_exp.files import read_text
 
 MAIN_METRIC = "beaf/f1_tu_id"  # the native metric the report shows
 FIELDS = ("id", "image", "question", "orig_img", "removed_q", "gt")
@@ -83,10 +82,7 @@ def make_item(record: dict, image_id: str, where: str, fields=FIELDS) -> Item:
 
 def local_items(directory: Path, images: Path) -> list[Item]:
     path = required_file(directory / "beaf_qna.json", "beaf_qna.json")
-    try:
-        records = json.loads(read_text(path))
-    except json.JSONDecodeError as err:
-        raise UsageError(f"{path}: not valid JSON ({err.msg})") from None
+    records = read_json(path)
     if not isinstance(records, list):
         raise UsageError(f"{path}: must be a JSON list of question records")
     items = []
@@ -184,14 +180,13 @@ def load(cfg) -> Benchmark:
                 "release, github.com/postech-ami/BEAF, is not on the Hugging Face hub; "
                 "benchmark.hub_id=MM-Hallu/BEAF reads an unofficial, incomplete mirror)"
             )
-        dataset = hub_dataset(cfg.hub_id, cfg.split, LOCAL_HINT, cfg.get("revision"))
-        source = f"{cfg.hub_id} split {cfg.split}"
+        dataset, source = hub_split(cfg, LOCAL_HINT)
         items, images = hub_items(dataset, source)
-        check_groups(items, source, group_problem)
-        return Benchmark("beaf", items, template, images, native_metrics)
-    items = local_items(directory, image_dir(cfg, directory / "images"))
-    check_groups(items, str(directory / "beaf_qna.json"), group_problem)
-    return Benchmark("beaf", items, template, open_image_file, native_metrics)
+    else:
+        items = local_items(directory, image_dir(cfg, directory / "images"))
+        images, source = open_image_file, str(directory / "beaf_qna.json")
+    check_groups(items, source, group_problem)
+    return Benchmark("beaf", items, template, images, native_metrics)
 
 
 def parse_generated(text: str) -> str:

@@ -22,7 +22,6 @@ counts an "unclear" answer (GPT judge output 2) to a no-image VS question as cor
 forced yes/no choice is never unclear, so such a question is right only when the choice
 matches gt_answer."""
 
-import json
 import re
 from pathlib import Path
 
@@ -40,11 +39,11 @@ from sysattn_exp.benchmarks.base import (
     hub_dataset,
     image_dir,
     open_image_file,
+    read_json,
     require_columns,
     required_file,
 )
 from sysattn_exp.errors import UsageError
-from sysattn_exp.files import read_text
 
 MAIN_METRIC = "hallusionbench/qAcc"  # the native metric the report shows
 FIELDS = (
@@ -91,10 +90,7 @@ def make_item(record: dict, image_id: str | None, where: str) -> Item:
 
 def local_items(directory: Path, images: Path) -> list[Item]:
     path = required_file(directory / "HallusionBench.json", "HallusionBench.json")
-    try:
-        records = json.loads(read_text(path))
-    except json.JSONDecodeError as err:
-        raise UsageError(f"{path}: not valid JSON ({err.msg})") from None
+    records = read_json(path)
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise UsageError(f"{path}: must be a JSON list of question records")
     items = []

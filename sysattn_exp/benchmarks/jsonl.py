@@ -2,27 +2,22 @@
 {"id", "group", "image", "question", "answer"}, `image` relative to the file (a record
 without one is a text-only question, as for a text-only LM), answer yes|no."""
 
-import json
 from pathlib import Path
 
 from sysattn_exp.benchmarks.base import (
     Benchmark,
     Item,
     check_template,
+    json_lines,
     open_image_file,
 )
 from sysattn_exp.errors import UsageError
-from sysattn_exp.files import read_text
 
 FIELDS = ("id", "group", "image", "question", "answer")
 REQUIRED = ("id", "group", "question", "answer")
 
 
-def parse_record(line: str, where: str, root: Path) -> Item:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise UsageError(f"{where}: not valid JSON ({err.msg})") from None
+def parse_record(record, where: str, root: Path) -> Item:
     if not isinstance(record, dict):
         raise UsageError(f"{where}: must be a JSON object with fields {', '.join(FIELDS)}")
     missing = [f for f in REQUIRED if record.get(f) in (None, "")]
@@ -45,10 +40,8 @@ def parse_record(line: str, where: str, root: Path) -> Item:
 
 def read_items(path: Path) -> list[Item]:
     items, seen = [], set()
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        item = parse_record(line, f"{path} line {number}", path.parent)
+    for number, record in json_lines(path):
+        item = parse_record(record, f"{path} line {number}", path.parent)
         if item.item_id in seen:
             raise UsageError(f"{path} line {number}: id {item.item_id!r} appears twice")
         seen.add(item.item_id)

@@ -20,7 +20,7 @@ from sysattn_exp.benchmarks.base import (
     check_groups,
     check_template,
     data_dir,
-    hub_dataset,
+    hub_split,
     image_dir,
     mme_answer,
     open_image_file,
@@ -146,14 +146,13 @@ def load(cfg) -> Benchmark:
     template = check_template(cfg.template)
     directory = data_dir(cfg)
     if directory is None:
-        dataset = hub_dataset(cfg.hub_id, cfg.split, LOCAL_HINT, cfg.get("revision"))
-        source = f"{cfg.hub_id} split {cfg.split}"
+        dataset, source = hub_split(cfg, LOCAL_HINT)
         items, images = hub_items(dataset, source)
-        check_groups(items, source, pair_problem)
-        return Benchmark("mme", items, template, images, native_metrics)
-    items = local_items(directory, image_dir(cfg, directory))
-    check_groups(items, f"benchmark.data_dir={directory}", pair_problem)
-    return Benchmark("mme", items, template, open_image_file, native_metrics)
+    else:
+        items = local_items(directory, image_dir(cfg, directory))
+        images, source = open_image_file, f"benchmark.data_dir={directory}"
+    check_groups(items, source, pair_problem)
+    return Benchmark("mme", items, template, images, native_metrics)
 
 
 # Generated answers (scoring.mode=generate) are parsed by MME's own eval tool's rule.

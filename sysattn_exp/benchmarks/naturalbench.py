@@ -24,7 +24,7 @@ from sysattn_exp.benchmarks.base import (
     check_groups,
     check_template,
     data_dir,
-    hub_dataset,
+    hub_split,
     one_each,
     require_columns,
 )
@@ -108,10 +108,7 @@ def native_metrics(scored: pd.DataFrame) -> dict[str, float]:
 def load(cfg) -> Benchmark:
     directory = data_dir(cfg)
     if directory is None:
-        dataset, source = (
-            hub_dataset(cfg.hub_id, cfg.split, LOCAL_HINT, cfg.get("revision")),
-            cfg.hub_id,
-        )
+        dataset, source = hub_split(cfg, LOCAL_HINT)[0], cfg.hub_id
     else:
         dataset, source = parquet_dataset(directory), str(directory)
     items, images, excluded = items_of(dataset, source)

@@ -29,7 +29,6 @@ that is defined, and 0 when TP is 0. With a generated answer (an `answer` column
 for recall), and counted as unknown_rate. evaluate.py itself reads any answer without
 "no" or "not" as yes; here the scores decide, so there is no unknown."""
 
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -40,14 +39,14 @@ from sysattn_exp.benchmarks.base import (
     Item,
     check_template,
     data_dir,
-    hub_dataset,
+    hub_split,
     image_dir,
+    json_lines,
     open_image_file,
     require_columns,
     required_file,
 )
 from sysattn_exp.errors import UsageError
-from sysattn_exp.files import read_text
 
 # Mean F1 over the splits: the figure POPE's paper leads with and the OpenCompass VLM
 # leaderboard's overall POPE score; unlike accuracy it falls when a model answers yes to
@@ -99,13 +98,7 @@ def unique_ids(items: list[Item], source: str) -> list[Item]:
 
 def read_lines(path: Path) -> list[dict]:
     records = []
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UsageError(f"{path} line {number}: not valid JSON ({err.msg})") from None
+    for number, record in json_lines(path):
         missing = [f for f in FIELDS if not isinstance(record, dict) or record.get(f) is None]
         if missing:
             raise UsageError(
@@ -210,11 +203,11 @@ def load(cfg) -> Benchmark:
     splits = chosen_splits(cfg)
     directory = data_dir(cfg)
     if directory is None:
-        dataset = hub_dataset(cfg.hub_id, cfg.split, LOCAL_HINT, cfg.get("revision"))
-        items, images = hub_items(dataset, splits, f"{cfg.hub_id} split {cfg.split}")
-        return Benchmark("pope", items, template, images, native_metrics)
-    items = local_items(cfg, directory, image_dir(cfg, None))
-    return Benchmark("pope", items, template, open_image_file, native_metrics)
+        dataset, source = hub_split(cfg, LOCAL_HINT)
+        items, images = hub_items(dataset, splits, source)
+    else:
+        items, images = local_items(cfg, directory, image_dir(cfg, None)), open_image_file
+    return Benchmark("pope", items, template, images, native_metrics)
 
 
 def parse_generated(text: str) -> str:

@@ -11,7 +11,6 @@ right); and their means over subsets. rank_score follows scoring.rank_by: P(yes)
 the softmax over the whole vocabulary (p_yes, the default: what VQAScore does) or the
 log-odds yes_logit - no_logit (log_odds); the two can order a pair differently."""
 
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -29,10 +28,10 @@ from sysattn_exp.benchmarks.base import (
     mme_answer,
     one_each,
     open_image_file,
+    read_json,
     require_columns,
 )
 from sysattn_exp.errors import UsageError
-from sysattn_exp.files import read_text
 
 MAIN_METRIC = "sugarcrepe/mean_pyes_acc"  # the native metric the report shows
 SUBSETS = [
@@ -79,10 +78,7 @@ def local_items(cfg, directory: Path, images: Path) -> list[Item]:
     items = []
     for subset in chosen_subsets(cfg, available):
         path = directory / f"{subset}.json"
-        try:
-            records = json.loads(read_text(path))
-        except json.JSONDecodeError as err:
-            raise UsageError(f"{path}: not valid JSON ({err.msg})") from None
+        records = read_json(path)
         if not isinstance(records, dict) or not all(isinstance(r, dict) for r in records.values()):
             raise UsageError(f"{path}: must be a JSON object {{id: {{filename, caption, ...}}}}")
         for key, record in records.items():
@@ -149,12 +145,12 @@ def load(cfg) -> Benchmark:
     if directory is None:
         items, sources = hub_items(cfg)
         images = DatasetsByPrefix(sources)  # one hub dataset per subset; ids start with it
-
-        check_groups(items, f"{cfg.hub_id}_<subset>", pair_problem)
-        return Benchmark("sugarcrepe", items, template, images, native_metrics)
-    items = local_items(cfg, directory, image_dir(cfg, None))
-    check_groups(items, f"benchmark.data_dir={directory}", pair_problem)
-    return Benchmark("sugarcrepe", items, template, open_image_file, native_metrics)
+        source = f"{cfg.hub_id}_<subset>"
+    else:
+        items = local_items(cfg, directory, image_dir(cfg, None))
+        images, source = open_image_file, f"benchmark.data_dir={directory}"
+    check_groups(items, source, pair_problem)
+    return Benchmark("sugarcrepe", items, template, images, native_metrics)
 
 
 # SugarCrepe's official evaluation scores image-text matching and parses no generated text

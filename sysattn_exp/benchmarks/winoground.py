@@ -11,7 +11,6 @@ image), group score (both). rank_score follows scoring.rank_by: P(yes) under the
 over the whole vocabulary (p_yes, the default: what VQAScore does) or the log-odds
 yes_logit - no_logit (log_odds); the two can order a pair of items differently."""
 
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -23,7 +22,8 @@ from sysattn_exp.benchmarks.base import (
     check_groups,
     check_template,
     data_dir,
-    hub_dataset,
+    hub_split,
+    json_lines,
     mme_answer,
     one_each,
     open_image_file,
@@ -31,7 +31,6 @@ from sysattn_exp.benchmarks.base import (
     required_file,
 )
 from sysattn_exp.errors import UsageError
-from sysattn_exp.files import read_text
 
 MAIN_METRIC = "winoground/group_score"  # the native metric the report shows
 FIELDS = ("id", "caption_0", "caption_1", "image_0", "image_1")
@@ -56,13 +55,7 @@ def items_of_example(record: dict, image_ids: tuple[str, str]) -> list[Item]:
 def local_items(directory: Path) -> list[Item]:
     path = required_file(directory / "examples.jsonl", LOCAL_HINT)
     items = []
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UsageError(f"{path} line {number}: not valid JSON ({err.msg})") from None
+    for number, record in json_lines(path):
         if not isinstance(record, dict):
             raise UsageError(f"{path} line {number}: must be a JSON object")
         missing = [f for f in FIELDS if record.get(f) is None]
@@ -112,14 +105,13 @@ def load(cfg) -> Benchmark:
     template = check_template(cfg.template)
     directory = data_dir(cfg)
     if directory is None:
-        dataset = hub_dataset(cfg.hub_id, cfg.split, LOCAL_HINT, cfg.get("revision"))
-        source = f"{cfg.hub_id} split {cfg.split}"
+        dataset, source = hub_split(cfg, LOCAL_HINT)
         items, images = hub_items(dataset, source)
-        check_groups(items, source, example_problem)
-        return Benchmark("winoground", items, template, images, native_metrics)
-    items = local_items(directory)
-    check_groups(items, str(directory / "examples.jsonl"), example_problem)
-    return Benchmark("winoground", items, template, open_image_file, native_metrics)
+    else:
+        items = local_items(directory)
+        images, source = open_image_file, str(directory / "examples.jsonl")
+    check_groups(items, source, example_problem)
+    return Benchmark("winoground", items, template, images, native_metrics)
 
 
 # Winoground's official evaluation scores image-text matching and parses no generated text

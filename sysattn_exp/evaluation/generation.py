@@ -40,6 +40,7 @@ from sysattn_exp.evaluation.scoring import (
     keep_batch,
     plan_batches,
     prefill,
+    rule_pass,
     warn_if_unscored,
 )
 from sysattn_exp.models.loading import LoadedModel
@@ -91,14 +92,15 @@ def decode(
         if start.rope_axes:  # text continues all three axes alike (as after the image)
             positions = positions.expand(start.rope_axes, rows, 1)
         with answer_reader(loaded) as read:
-            out = language_model(
+            out = rule_pass(
+                language_model,
+                edit,
+                None,
+                modality,
                 input_ids=token[:, None].to(device),
                 attention_mask=mask,
                 position_ids=positions,
                 **{CACHE_ARG: cache},
-                use_cache=True,
-                key_modality=modality,
-                attention_edit=edit,
             )
             logits = read(out.last_hidden_state)
         cache = getattr(out, CACHE_ARG)
@@ -154,9 +156,7 @@ def generate_full_prompts(
     the prompt has none, and `questions` gives its question (where its text starts)."""
     inputs, key_modality = encode_full_prompts(loaded, images, prompts, questions)
     with answer_reader(loaded) as read:
-        out = loaded.model.model(
-            **inputs, use_cache=True, key_modality=key_modality, attention_edit=edit
-        )
+        out = rule_pass(loaded.model.model, edit, None, key_modality, **inputs)
         logits = read(out.last_hidden_state)
     positions = inputs["position_ids"]
     last = positions.amax(dim=-1)

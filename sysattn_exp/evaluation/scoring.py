@@ -350,6 +350,19 @@ class Prefill:
     rope_axes: int  # 0: 1-D positions; 3: Qwen2-VL's (3, B, 1) multimodal positions
 
 
+def rule_pass(language_model, edit: Rule | None, profile, key_modality: torch.Tensor, **inputs):
+    """One cached pass of the language model (no LM head) over `inputs` with `edit` applied
+    (None: plain attention) and `profile` recording: the keyword arguments the attention
+    function reads (key_modality (B, K): each key's modality, over cache + new tokens)."""
+    return language_model(
+        **inputs,
+        use_cache=True,
+        key_modality=key_modality,
+        attention_edit=edit,
+        attention_profile=profile,
+    )
+
+
 @torch.inference_mode()
 def prefill(loaded: LoadedModel, batch: EncodedBatch, edit: Rule | None, profile=None) -> Prefill:
     """The prompt passes of a batch, the rule applied in both: the prefix pass, run once
@@ -364,16 +377,16 @@ def prefill(loaded: LoadedModel, batch: EncodedBatch, edit: Rule | None, profile
     else:  # the system part of prompts without an image
         prefix_modality = torch.where(prefix_mask.bool(), SYSTEM, PAD)
     positions = position_ids(loaded, prefix_ids, prefix_mask, vision)
-    prefix = language_model(
+    prefix = rule_pass(
+        language_model,
+        edit,
+        profile,
+        prefix_modality,
         input_ids=prefix_ids,
         attention_mask=prefix_mask,
         position_ids=positions,
         **vision,
         **(token_types(loaded, prefix_ids) if vision else {}),
-        use_cache=True,
-        key_modality=prefix_modality,
-        attention_edit=edit,
-        attention_profile=profile,
     )
     cache, rows = getattr(prefix, CACHE_ARG), batch.image_row.to(device)
     select_cache_rows(cache, rows)
@@ -384,15 +397,15 @@ def prefill(loaded: LoadedModel, batch: EncodedBatch, edit: Rule | None, profile
         [prefix_modality[rows], torch.where(question_mask.bool(), TEXT, PAD)], dim=1
     )
     with answer_reader(loaded) as read:
-        hidden = language_model(
+        hidden = rule_pass(
+            language_model,
+            edit,
+            profile,
+            key_modality,
             input_ids=question_ids,
             attention_mask=attention_mask,
             position_ids=question_positions,
             **{CACHE_ARG: cache},
-            use_cache=True,
-            key_modality=key_modality,
-            attention_edit=edit,
-            attention_profile=profile,
         ).last_hidden_state
         logits = read(hidden, question_mask.sum(1) - 1)
     # Decoding continues after each row's last real question token.

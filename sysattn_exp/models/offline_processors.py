@@ -1,6 +1,6 @@
 """Tokenizers and processors for model.weights=random, built in code: no hub files.
 
-The tokenizer is a small byte-level BPE trained locally (as sysattn_exp/models/tiny.py's), whose
+The tokenizer is a small byte-level BPE trained locally (byte_level.py, as tiny.py's), whose
 vocabulary is extended with filler entries to the checkpoint's vocabulary size, with each
 family's special tokens at their published ids (so the shipped config's image_token_id,
 pad and eos ids mean what they mean in the real checkpoint). Ordinary words therefore
@@ -19,7 +19,7 @@ rather than known (Idefics3's and SmolVLM2's tile-marker ids).
 import json
 from collections.abc import Callable
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, models
 from transformers import (
     CLIPImageProcessorPil,
     Gemma3ImageProcessorPil,
@@ -37,6 +37,7 @@ from transformers import (
 )
 
 from sysattn_exp.models import chat_templates as templates
+from sysattn_exp.models.byte_level import byte_level, fast_tokenizer, train_bpe
 from sysattn_exp.models.image_only_processors import (
     InternVLImageOnlyProcessor,
     LlavaOnevisionProcessor,
@@ -45,14 +46,6 @@ from sysattn_exp.models.image_only_processors import (
     SmolVLMImageOnlyProcessor,
 )
 
-# Text the BPE learns its merges from (any other text still encodes, byte by byte).
-CORPUS = [
-    "A chat between a curious user and an artificial intelligence assistant. The assistant "
-    "gives helpful, detailed, and polite answers to the user's questions. USER: ASSISTANT:",
-    "You are a helpful assistant. system user assistant model",
-    "Is there a red green blue yellow circle square triangle in the image?",
-    "Please answer yes or no. Yes No yes no Does this figure show the picture",
-]
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
@@ -106,13 +99,7 @@ def build_tokenizer(
     """A byte-level BPE tokenizer of max(vocab_size, largest special id + 1) tokens: the
     special tokens at their given ids, the locally learned tokens at the lowest free ids,
     filler entries elsewhere. With `add_bos`, BOS starts every encoding."""
-    trained = Tokenizer(models.BPE())
-    trained.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    trained.train_from_iterator(CORPUS * 4, trainer=trainer)
-    model = json.loads(trained.to_str())["model"]
+    model = json.loads(train_bpe(600).to_str())["model"]
     size = max(vocab_size, max(specials.values()) + 1)
     taken = set(specials.values())
     free = (i for i in range(size) if i not in taken)
@@ -120,22 +107,16 @@ def build_tokenizer(
     vocab = dict(specials) | {token: next(free) for token in learned}
     vocab |= {f"<|filler_{i}|>": i for i in free}
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    tok = byte_level(Tokenizer(models.BPE(vocab=vocab, merges=merges)))
     tok.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in specials])
-    if add_bos:
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, specials[bos])]
-        )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=bos,
-        eos_token=eos,
-        pad_token=pad,
+    return fast_tokenizer(
+        tok,
+        bos=bos,
+        eos=eos,
+        pad=pad,
+        add_bos=add_bos,
         chat_template=chat_template,
-        extra_special_tokens=extra_special_tokens or {},
-        padding_side="left",
+        extra_special_tokens=extra_special_tokens,
     )
 
 
@@ -143,31 +124,64 @@ def vocab_size(config) -> int:
     return config.get_text_config().vocab_size
 
 
-def llava15(config):
-    # llava-hf/llava-1.5-*-hf preprocessor_config.json: CLIP, shortest edge 336, centre crop
-    # 336; 576 patch tokens (the CLS token dropped: vision_feature_select_strategy default).
-    # No chat template needed: LLaVA-1.5 keeps the paper's vicuna prompt (prompts.py).
-    tok = build_tokenizer(
+def llama2_tokenizer(config, template: str | None = None):
+    """LLaVA-1.5's and LLaVA-NeXT's (Llama 2 / Mistral) tokenizer: <s> starts every
+    encoding, </s> ends, <image> is the image token."""
+    return build_tokenizer(
         vocab_size(config),
         LLAMA2,
         bos="<s>",
         eos="</s>",
         pad="<pad>",
         add_bos=True,
+        chat_template=template,
         extra_special_tokens={"image_token": "<image>"},
     )
-    image_processor = CLIPImageProcessorPil(
+
+
+def qwen2_tokenizer(config, specials: dict[str, int], template: str, extra=None):
+    """A Qwen2-based tokenizer (Qwen2/2.5-VL, LLaVA-OneVision, InternVL3, the Qwen text
+    models): no BOS added, <|im_end|> ends a turn, <|endoftext|> pads; `extra`: the
+    processor's named special tokens."""
+    return build_tokenizer(
+        vocab_size(config),
+        specials,
+        bos=None,
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+        add_bos=False,
+        chat_template=template,
+        extra_special_tokens=extra,
+    )
+
+
+def llava_view(image_processor_class, **settings):
+    """LLaVA-1.5's and NeXT's image processor: the base view CLIP's (shortest edge 336,
+    centre crop 336, CLIP's mean and std); `settings`: the class's own (any-res)."""
+    return image_processor_class(
         size={"shortest_edge": 336},
         crop_size={"height": 336, "width": 336},
+        **settings,
         image_mean=CLIP_MEAN,
         image_std=CLIP_STD,
     )
+
+
+# LLaVA-1.5's and NeXT's image tokens: 14-px patches, the CLS token dropped
+# (vision_feature_select_strategy default).
+LLAVA_TOKENS = dict(
+    patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1
+)
+
+
+def llava15(config):
+    # llava-hf/llava-1.5-*-hf preprocessor_config.json: CLIP, shortest edge 336, centre crop
+    # 336; 576 patch tokens (the CLS token dropped: vision_feature_select_strategy default).
+    # No chat template needed: LLaVA-1.5 keeps the paper's vicuna prompt (prompts.py).
     return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tok,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
+        image_processor=llava_view(CLIPImageProcessorPil),
+        tokenizer=llama2_tokenizer(config),
+        **LLAVA_TOKENS,
     )
 
 
@@ -175,29 +189,13 @@ def llava_next(template: str) -> Callable:
     def build(config):
         # llava-hf/llava-v1.6-*-hf: CLIP 336 base view plus any-res crops from the config's
         # image_grid_pinpoints, padded; 24x24 tokens per view, a newline token per row.
-        tok = build_tokenizer(
-            vocab_size(config),
-            LLAMA2,
-            bos="<s>",
-            eos="</s>",
-            pad="<pad>",
-            add_bos=True,
-            chat_template=template,
-            extra_special_tokens={"image_token": "<image>"},
-        )
-        image_processor = LlavaNextImageProcessorPil(
-            size={"shortest_edge": 336},
-            crop_size={"height": 336, "width": 336},
-            image_grid_pinpoints=config.image_grid_pinpoints,
-            image_mean=CLIP_MEAN,
-            image_std=CLIP_STD,
+        image_processor = llava_view(
+            LlavaNextImageProcessorPil, image_grid_pinpoints=config.image_grid_pinpoints
         )
         return LlavaNextProcessor(
             image_processor=image_processor,
-            tokenizer=tok,
-            patch_size=14,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
+            tokenizer=llama2_tokenizer(config, template),
+            **LLAVA_TOKENS,
             chat_template=template,
         )
 
@@ -207,15 +205,11 @@ def llava_next(template: str) -> Callable:
 def llava_onevision(config):
     # llava-hf/llava-onevision-qwen2-7b-ov-hf: SigLIP 384 (mean/std 0.5), any-res from the
     # config's pinpoints with anyres_max_9; 729 tokens per 384-px view.
-    tok = build_tokenizer(
-        vocab_size(config),
+    tok = qwen2_tokenizer(
+        config,
         QWEN2 | {"<image>": 151646, "<video>": 151647},
-        bos=None,
-        eos="<|im_end|>",
-        pad="<|endoftext|>",
-        add_bos=False,
-        chat_template=templates.LLAVA_ONEVISION_TEMPLATE,
-        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+        templates.LLAVA_ONEVISION_TEMPLATE,
+        {"image_token": "<image>", "video_token": "<video>"},
     )
     image_processor = LlavaOnevisionImageProcessorPil(
         size={"height": 384, "width": 384},
@@ -237,15 +231,7 @@ def qwen_vl(processor_class) -> Callable:
     def build(config):
         # Qwen/Qwen2-VL-7B-Instruct and Qwen2.5-VL preprocessor_config.json: 14-px patches
         # merged 2x2 (one token per 28x28 pixels), min_pixels 3136, max_pixels 12845056.
-        tok = build_tokenizer(
-            vocab_size(config),
-            QWEN2_VL,
-            bos=None,
-            eos="<|im_end|>",
-            pad="<|endoftext|>",
-            add_bos=False,
-            chat_template=templates.QWEN2_VL_TEMPLATE,
-        )
+        tok = qwen2_tokenizer(config, QWEN2_VL, templates.QWEN2_VL_TEMPLATE)
         image_processor = Qwen2VLImageProcessorPil(
             patch_size=14,
             merge_size=2,
@@ -309,15 +295,11 @@ def internvl(config):
     specials = QWEN2 | {name: 151665 + i for i, name in enumerate([*names, "</box>"])}
     # Placed, not published: a free id below the vocabulary size (only video prompts use it).
     specials["<video>"] = 151664
-    tok = build_tokenizer(
-        vocab_size(config),
+    tok = qwen2_tokenizer(
+        config,
         specials,
-        bos=None,
-        eos="<|im_end|>",
-        pad="<|endoftext|>",
-        add_bos=False,
-        chat_template=templates.INTERNVL_TEMPLATE,
-        extra_special_tokens={
+        templates.INTERNVL_TEMPLATE,
+        {
             "start_image_token": "<img>",
             "end_image_token": "</img>",
             "context_image_token": "<IMG_CONTEXT>",
@@ -338,6 +320,22 @@ def internvl(config):
         image_seq_length=config.image_seq_length,
         chat_template=templates.INTERNVL_TEMPLATE,
     )
+
+
+def tiled_processor(
+    image_processor_class, processor_class, tok, longest_edge: int, tile: int, tokens: int, template
+):
+    """Idefics3's processor layout (SmolVLM's too): an image resized to a longest edge of
+    `longest_edge` px and split into `tile`-px tiles plus the global image, `tokens` image
+    tokens per tile, pixels normalised with mean and std 0.5."""
+    image_processor = image_processor_class(
+        size={"longest_edge": longest_edge},
+        max_image_size={"longest_edge": tile},
+        do_image_splitting=True,
+        image_mean=HALF,
+        image_std=HALF,
+    )
+    return processor_class(image_processor, tok, image_seq_len=tokens, chat_template=template)
 
 
 def idefics3(config):
@@ -362,15 +360,14 @@ def idefics3(config):
         add_bos=True,
         chat_template=templates.IDEFICS3_TEMPLATE,
     )
-    image_processor = Idefics3ImageProcessorPil(
-        size={"longest_edge": 1456},
-        max_image_size={"longest_edge": 364},
-        do_image_splitting=True,
-        image_mean=HALF,
-        image_std=HALF,
-    )
-    return Idefics3Processor(
-        image_processor, tok, image_seq_len=169, chat_template=templates.IDEFICS3_TEMPLATE
+    return tiled_processor(
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+        tok,
+        1456,
+        364,
+        169,
+        templates.IDEFICS3_TEMPLATE,
     )
 
 
@@ -399,15 +396,14 @@ def smolvlm(config):
             "global_image_token": "<global-img>",
         },
     )
-    image_processor = SmolVLMImageProcessorPil(
-        size={"longest_edge": 1536},
-        max_image_size={"longest_edge": 384},
-        do_image_splitting=True,
-        image_mean=HALF,
-        image_std=HALF,
-    )
-    return SmolVLMImageOnlyProcessor(
-        image_processor, tok, image_seq_len=81, chat_template=templates.SMOLVLM_TEMPLATE
+    return tiled_processor(
+        SmolVLMImageProcessorPil,
+        SmolVLMImageOnlyProcessor,
+        tok,
+        1536,
+        384,
+        81,
+        templates.SMOLVLM_TEMPLATE,
     )
 
 
@@ -425,15 +421,7 @@ def llama3(config):
 
 def qwen_text(template: str, extra: dict[str, int] | None = None) -> Callable:
     def build(config):
-        return build_tokenizer(
-            vocab_size(config),
-            QWEN2 | (extra or {}),
-            bos=None,
-            eos="<|im_end|>",
-            pad="<|endoftext|>",
-            add_bos=False,
-            chat_template=template,
-        )
+        return qwen2_tokenizer(config, QWEN2 | (extra or {}), template)
 
     return build
 

@@ -6,7 +6,6 @@ of the runner runs on it; its answers are of course meaningless.
 """
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     CLIPImageProcessorPil,
     CLIPVisionConfig,
@@ -16,6 +15,8 @@ from transformers import (
     LlavaProcessor,
     PreTrainedTokenizerFast,
 )
+
+from sysattn_exp.models.byte_level import fast_tokenizer, train_bpe
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 
@@ -29,28 +30,15 @@ CORPUS = [
 
 
 def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
-    bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
+    tok = train_bpe(vocab_size, SPECIAL_TOKENS, CORPUS, unk_token="<unk>")
+    return fast_tokenizer(
+        tok,
+        bos="<s>",
+        eos="</s>",
+        pad="<pad>",
+        add_bos=True,
         extra_special_tokens={"image_token": "<image>"},
-        padding_side="left",
+        unk_token="<unk>",
     )
 
 

@@ -6,16 +6,9 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoProcessor, AutoTokenizer, PreTrainedTokenizerFast
 
-CORPUS = [
-    "A chat between a curious user and an artificial intelligence assistant. The assistant "
-    "gives helpful, detailed, and polite answers to the user's questions. USER: ASSISTANT:",
-    "You are a helpful assistant. system user assistant model",
-    "Is there a red green blue yellow circle square triangle in the image?",
-    "Please answer yes or no. Yes No yes no Does this figure show the picture",
-]
+from sysattn_exp.models.byte_level import fast_tokenizer, train_bpe
 
 # model_type -> loader(path) for families whose real processor needs torchvision (a video
 # processor); the family modules register theirs. Everything else loads with AutoProcessor.
@@ -36,30 +29,35 @@ def train_tokenizer(
     """A small byte-level BPE tokenizer: `special_tokens` are single tokens (ids from 0 in
     that order), any other text still encodes. With `add_bos`, BOS starts every encoding
     (as Llama's and Gemma's tokenizers do; Qwen's add nothing)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=special_tokens,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
-    if add_bos and bos is not None:
-        bos_id = tok.token_to_id(bos)
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
-        )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=bos,
-        eos_token=eos,
-        pad_token=pad,
+    return fast_tokenizer(
+        train_bpe(vocab_size, special_tokens),
+        bos=bos,
+        eos=eos,
+        pad=pad,
+        add_bos=add_bos,
         chat_template=chat_template,
-        extra_special_tokens=extra_special_tokens or {},
-        padding_side="left",
+        extra_special_tokens=extra_special_tokens,
     )
+
+
+def decoder_sizes(tok, layers: int, hidden: int = 32, max_positions: int = 512, **kw) -> dict:
+    """A tiny decoder's config keywords: `hidden` wide (the MLP twice that), 4 query heads
+    over 2 KV heads (GQA), the tokenizer's vocabulary and special ids; `kw` adds or
+    overrides keys."""
+    defaults = dict(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        initializer_range=0.05,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    return defaults | kw
 
 
 def save_checkpoint(model, processor, path: Path) -> Path:

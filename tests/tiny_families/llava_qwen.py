@@ -40,7 +40,7 @@ from sysattn_exp.models.image_only_processors import (
     Qwen2_5_VLProcessor,
     Qwen2VLProcessor,
 )
-from tiny_families.common import IMAGE_ONLY_LOADERS, train_tokenizer
+from tiny_families.common import IMAGE_ONLY_LOADERS, decoder_sizes, train_tokenizer
 
 # --- special tokens (in the real vocabularies' order) -------------------------------------
 # Mistral-7B's first ids, then what llava-hf appended: <image> (32000) and a <pad>.
@@ -75,21 +75,8 @@ IMAGE_ONLY_LOADERS["qwen2_5_vl"] = Qwen2_5_VLProcessor.from_pretrained
 
 
 def _text(tokenizer, depth: int, hidden: int = 64, **kw) -> dict:
-    """Decoder sizes shared by the families: 4 query heads over 2 KV heads (GQA)."""
-    return dict(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=depth,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        initializer_range=0.05,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **kw,
-    )
+    """Decoder sizes shared by these families: 64 wide by default, 1,024 positions."""
+    return decoder_sizes(tokenizer, depth, hidden, 1024, **kw)
 
 
 def build_llava_next(seed: int = 0):

@@ -52,7 +52,7 @@ from sysattn_exp.models.image_only_processors import (
     InternVLImageOnlyProcessor,
     SmolVLMImageOnlyProcessor,
 )
-from tiny_families.common import IMAGE_ONLY_LOADERS, train_tokenizer
+from tiny_families.common import IMAGE_ONLY_LOADERS, decoder_sizes, train_tokenizer
 
 # ---------------------------------------------------------------- special tokens
 
@@ -71,21 +71,8 @@ IDEFICS_SPECIALS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>"
 
 
 def _tiny_text(cls, tok, layers: int, **kw):
-    """A tiny decoder config: 4 query heads over 2 KV heads (GQA), vocab = the tokenizer's."""
-    defaults = dict(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.05,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    return cls(**{**defaults, **kw})
+    """A tiny decoder config (common.decoder_sizes: 32 wide, 512 positions)."""
+    return cls(**decoder_sizes(tok, layers, **kw))
 
 
 def _eval(model):
@@ -243,10 +230,13 @@ def build_internvl(seed: int):
 # ---------------------------------------------------------------- Idefics3 / SmolVLM (Llama text)
 
 
-def _idefics_parts(tok, layers: int, vision_cls, config_cls, image_processor_cls):
-    """Idefics3 and SmolVLM share the layout: a 32 px tile / patch 4 = 8x8 patches, pixel-
-    shuffled by scale_factor 2 to 16 <image> tokens per tile. Images are resized to a longest
-    edge of 64 and split into 32 px tiles (up to 2x2) plus the global image."""
+def _idefics_like(seed: int, tok, layers: int, template: str, classes: tuple):
+    """(model, processor) of Idefics3 or SmolVLM, which share the layout: a 32 px tile /
+    patch 4 = 8x8 patches, pixel-shuffled by scale_factor 2 to 16 <image> tokens per tile.
+    Images are resized to a longest edge of 64 and split into 32 px tiles (up to 2x2) plus
+    the global image. `classes`: the family's vision config, config, image processor, model
+    and processor classes."""
+    vision_cls, config_cls, image_processor_cls, model_cls, processor_cls = classes
     vision = vision_cls(
         hidden_size=32,
         intermediate_size=64,
@@ -266,7 +256,9 @@ def _idefics_parts(tok, layers: int, vision_cls, config_cls, image_processor_cls
     image_processor = image_processor_cls(
         size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, do_image_splitting=True
     )
-    return config, image_processor
+    torch.manual_seed(seed)
+    model = _eval(model_cls(config))
+    return model, processor_cls(image_processor, tok, image_seq_len=16, chat_template=template)
 
 
 def build_idefics3(seed: int):
@@ -277,15 +269,14 @@ def build_idefics3(seed: int):
         pad="<|finetune_right_pad_id|>",
         chat_template=IDEFICS3_TEMPLATE,
     )
-    config, image_processor = _idefics_parts(
-        tok, 8, Idefics3VisionConfig, Idefics3Config, Idefics3ImageProcessorPil
+    classes = (
+        Idefics3VisionConfig,
+        Idefics3Config,
+        Idefics3ImageProcessorPil,
+        Idefics3ForConditionalGeneration,
+        Idefics3Processor,
     )
-    torch.manual_seed(seed)
-    model = _eval(Idefics3ForConditionalGeneration(config))
-    processor = Idefics3Processor(
-        image_processor, tok, image_seq_len=16, chat_template=IDEFICS3_TEMPLATE
-    )
-    return model, processor
+    return _idefics_like(seed, tok, 8, IDEFICS3_TEMPLATE, classes)
 
 
 def build_smolvlm(seed: int):
@@ -305,15 +296,14 @@ def build_smolvlm(seed: int):
             "global_image_token": "<global-img>",
         },
     )
-    config, image_processor = _idefics_parts(
-        tok, 6, SmolVLMVisionConfig, SmolVLMConfig, SmolVLMImageProcessorPil
+    classes = (
+        SmolVLMVisionConfig,
+        SmolVLMConfig,
+        SmolVLMImageProcessorPil,
+        SmolVLMForConditionalGeneration,
+        SmolVLMImageOnlyProcessor,
     )
-    torch.manual_seed(seed)
-    model = _eval(SmolVLMForConditionalGeneration(config))
-    processor = SmolVLMImageOnlyProcessor(
-        image_processor, tok, image_seq_len=16, chat_template=SMOLVLM_TEMPLATE
-    )
-    return model, processor
+    return _idefics_like(seed, tok, 6, SMOLVLM_TEMPLATE, classes)
 
 
 # ---------------------------------------------------------------- text-only LMs

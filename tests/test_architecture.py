@@ -108,3 +108,27 @@ def test_no_import_cycle():
         if module not in state:
             visit(module, [module])
     assert cycles == []
+
+
+def test_the_checks_see_what_they_look_for(tmp_path):
+    """The parser finds imports at module level, under TYPE_CHECKING, inside functions."""
+    source = tmp_path / "sample.py"
+    source.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "from sysattn_exp.attention import rules\n"
+        "from sysattn_exp.errors import UsageError\n"
+        "if TYPE_CHECKING:\n"
+        "    from sysattn_exp.benchmarks.base import Benchmark\n"
+        "def late():\n"
+        "    import sysattn_exp.experiment.report\n"
+    )
+    assert imports(source) == [
+        ("sysattn_exp.attention.rules", True),
+        ("sysattn_exp.errors", True),
+        ("sysattn_exp.benchmarks.base", True),
+        ("sysattn_exp.experiment.report", False),
+    ]
+    layers = [layer_of(m) for m, _ in imports(source)]
+    assert layers == ["attention", "base", "benchmarks", "experiment"]
+    assert layer_of("sysattn_exp.report") == "commands"
+    assert layer_of("sysattn_exp.models") == "models"

@@ -156,13 +156,20 @@ def flips_file(flipped: pd.DataFrame):
 def statistics(cfg, benchmark, predictions, baseline, ranking: str) -> dict:
     """stats.job_statistics of the job's predictions (and their change from `baseline`,
     None for a baseline job) for the shared metrics and the benchmark's main native metric
-    (MAIN_METRICS), with cfg (the stats section)'s resamples and seed."""
+    (MAIN_METRICS), with cfg (the stats section)'s resamples (native_bootstrap_samples of
+    them for the native metric, recomputed whole on each) and seed."""
     main = MAIN_METRICS.get(benchmark.name)
     native_names = [] if main is None else [main]
     scored = scored_frame(benchmark, predictions, ranking)
     before = None if baseline is None else scored_frame(benchmark, baseline, ranking)
     return job_statistics(
-        scored, before, benchmark.native_metrics, native_names, cfg.bootstrap_samples, cfg.seed
+        scored,
+        before,
+        benchmark.native_metrics,
+        native_names,
+        cfg.bootstrap_samples,
+        cfg.seed,
+        cfg.native_bootstrap_samples,
     )
 
 

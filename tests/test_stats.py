@@ -306,3 +306,26 @@ def test_draw_groups_is_fixed_by_its_seed():
     assert first.shape == (600, 7) and first.max() < 7
     assert np.array_equal(first, np.concatenate(list(draw_groups(7, 600, 3))))
     assert stats.CHUNK < 600  # more than one chunk drawn
+
+
+def test_a_generate_mode_job_flips_its_parsed_answers(tmp_path, monkeypatch):
+    common = (
+        *TOY,
+        "scoring.mode=generate",
+        "scoring.max_new_tokens=2",
+        "stats.bootstrap_samples=100",
+        f"tracking.uri=sqlite:///{tmp_path}/m.db",
+    )
+    overrides = (*common, "intervention=redistribute", "hydra.run.dir=job")
+    assert run_main(tmp_path, monkeypatch, *overrides) == 0
+    assert run_main(tmp_path, monkeypatch, *common, "hydra.run.dir=baseline") == 0
+    now = pd.read_parquet(tmp_path / "job" / "predictions.parquet")
+    before = pd.read_parquet(tmp_path / "baseline" / "predictions.parquet")
+    flipped = pd.read_parquet(tmp_path / "job" / "flips.parquet")
+    changed = now["answer"] != before["answer"]
+    assert flipped["item_id"].tolist() == now["item_id"][changed].tolist()
+    assert flipped["answer"].tolist() == now["answer"][changed].tolist()
+    assert flipped["baseline_answer"].tolist() == before["answer"][changed].tolist()
+    metrics = read_metrics(tmp_path / "job")
+    assert metrics["n_flipped_to_yes"] == int((now["answer"][changed] == "yes").sum())
+    assert {"accuracy_change_p", "paired_accuracy_mcnemar_p"} <= set(metrics)

@@ -118,6 +118,7 @@ class YesNoJob(Job):
             flipped = flips(predictions, baseline)
             comparison |= flip_counts(flipped)
             artifacts.append(flips_file(flipped))
+        # SE and intervals of the job's figures (and of their change): after the checks.
         comparison |= statistics(
             cfg.stats, benchmark, predictions, baseline if edit is not None else None, ranking
         )

@@ -93,6 +93,10 @@ def generation_condition(scoring) -> dict:
 # device names) is in the condition, which the key includes.
 NOT_IN_JOB_KEY = {
     "tracking": None,
+    # The statistics (evaluation.stats) are computed from the predictions, which they do
+    # not change: recorded in config.yaml, not keyed, so that every job keeps its key
+    # (tests/test_job_keys.py); a job rerun with other stats settings recomputes them.
+    "stats": None,
     "environment": None,
     "runtime": {
         "num_workers",

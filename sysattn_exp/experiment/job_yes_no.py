@@ -13,16 +13,22 @@ import pandas as pd
 from sysattn_exp.attention.modality import MODALITIES
 from sysattn_exp.attention.profile import AttentionProfile, heatmap
 from sysattn_exp.attention.rules import Rule
-from sysattn_exp.benchmarks import Benchmark, answer_parser, load_benchmark
+from sysattn_exp.benchmarks import MAIN_METRICS, Benchmark, answer_parser, load_benchmark
 from sysattn_exp.errors import UsageError
 from sysattn_exp.evaluation.cache import ScoreCache
 from sysattn_exp.evaluation.generation import generate_items
 from sysattn_exp.evaluation.metrics import compare_with_baseline, shared_metrics
 from sysattn_exp.evaluation.scoring import Scores, score_items
+from sysattn_exp.evaluation.stats import SHARED, flip_counts, flips, job_statistics
 from sysattn_exp.experiment.identity import condition
 from sysattn_exp.experiment.job import Evaluation, Job, Watch, num_workers, sweep_job
 from sysattn_exp.experiment.shared_baseline import SharedBaseline
-from sysattn_exp.experiment.tracking import PROFILE_PLOT, PROFILE_TABLE, storable_names
+from sysattn_exp.experiment.tracking import (
+    FLIPS_FILE,
+    PROFILE_PLOT,
+    PROFILE_TABLE,
+    storable_names,
+)
 from sysattn_exp.files import write_atomically
 from sysattn_exp.models.loading import (
     LoadedModel,
@@ -106,9 +112,16 @@ class YesNoJob(Job):
             predictions, scores = baseline, baseline_scores
         metrics = all_metrics(benchmark, predictions, ranking) | timing(scores, len(prompts))
         comparison = {}
+        artifacts = [] if profile is None else [profile_files(profile, name)]
         if edit is not None:
             comparison = compare_with_baseline(metrics, all_metrics(benchmark, baseline, ranking))
-        artifacts = [] if profile is None else [profile_files(profile, name)]
+            flipped = flips(predictions, baseline)
+            comparison |= flip_counts(flipped)
+            artifacts.append(flips_file(flipped))
+        # SE and intervals of the job's figures (and of their change): after the checks.
+        comparison |= statistics(
+            cfg.stats, benchmark, predictions, baseline if edit is not None else None, ranking
+        )
         return Evaluation(
             predictions,
             metrics,
@@ -130,6 +143,35 @@ def profile_files(profile: AttentionProfile, name: str):
         print(profile_shares(table, name))
 
     return write
+
+
+def flips_file(flipped: pd.DataFrame):
+    """write(out_dir): the items whose answer changed (stats.flips) as FLIPS_FILE."""
+
+    def write(out_dir: Path) -> None:
+        write_atomically(out_dir / FLIPS_FILE, lambda p: flipped.to_parquet(p, index=False))
+
+    return write
+
+
+def statistics(cfg, benchmark, predictions, baseline, ranking: str) -> dict:
+    """stats.job_statistics of the job's predictions (and their change from `baseline`,
+    None for a baseline job) for the shared metrics and the benchmark's main native metric
+    (MAIN_METRICS), with cfg (the stats section)'s resamples (native_bootstrap_samples of
+    them for the native metric, recomputed whole on each) and seed."""
+    main = MAIN_METRICS.get(benchmark.name)
+    native_names = [] if main is None else [main]
+    scored = scored_frame(benchmark, predictions, ranking)
+    before = None if baseline is None else scored_frame(benchmark, baseline, ranking)
+    return job_statistics(
+        scored,
+        before,
+        benchmark.native_metrics,
+        native_names,
+        cfg.bootstrap_samples,
+        cfg.seed,
+        cfg.native_bootstrap_samples,
+    )
 
 
 def predict(
@@ -289,8 +331,7 @@ def all_metrics(benchmark: Benchmark, predictions: pd.DataFrame, ranking: str) -
     """Shared metrics, the benchmark's native ones (which see each item's meta as columns,
     and `rank_score`, the score that metrics comparing items rank by), and the counts from
     loading."""
-    scored = predictions.join(pd.DataFrame([item.meta for item in benchmark.items]))
-    scored["rank_score"] = RANKINGS[ranking](scored)
+    scored = scored_frame(benchmark, predictions, ranking)
     generated = {}
     if "answer" in predictions:  # generate mode: answers that are neither yes nor no
         generated["unknown_rate"] = float((predictions["answer"] == "unknown").mean())
@@ -300,6 +341,22 @@ def all_metrics(benchmark: Benchmark, predictions: pd.DataFrame, ranking: str) -
         | benchmark.native_metrics(scored)
         | benchmark.load_counts
     )
+
+
+def statistic_names(benchmark: Benchmark) -> list[str]:
+    """The names of the statistics an intervention job of `benchmark` writes (statistics)."""
+    main = MAIN_METRICS.get(benchmark.name)
+    names = [*SHARED, *([] if main is None else [main])]
+    suffixes = ("se", "ci_low", "ci_high", "change_ci_low", "change_ci_high", "change_p")
+    return [f"{name}_{suffix}" for name in names for suffix in suffixes]
+
+
+def scored_frame(benchmark: Benchmark, predictions: pd.DataFrame, ranking: str) -> pd.DataFrame:
+    """The predictions (one row per item, in the benchmark's order) with each item's meta
+    as columns and `rank_score` (RANKINGS): what native metrics read."""
+    scored = predictions.join(pd.DataFrame([item.meta for item in benchmark.items]))
+    scored["rank_score"] = RANKINGS[ranking](scored)
+    return scored
 
 
 def check_metric_names(benchmark: Benchmark, ranking: str) -> None:
@@ -314,6 +371,7 @@ def check_metric_names(benchmark: Benchmark, ranking: str) -> None:
     frame["pred"], frame["correct"] = frame["label"], True
     try:
         names = all_metrics(benchmark, frame, ranking)
+        names |= dict.fromkeys(statistic_names(benchmark))
     except Exception:  # noqa: BLE001 - a check only: the job computes its own metrics anyway
         log.debug("metric names not checked before scoring", exc_info=True)
         return

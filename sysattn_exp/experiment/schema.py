@@ -263,6 +263,15 @@ class RuntimeConfig:
 
 
 @dataclass
+class StatsConfig:
+    """config.yaml's stats section: the bootstrap of a job's statistics (evaluation.stats)."""
+
+    bootstrap_samples: int = MISSING
+    native_bootstrap_samples: int = MISSING
+    seed: int = MISSING
+
+
+@dataclass
 class CaptionConfig:
     """conf/task/caption.yaml's caption section (+task=caption)."""
 
@@ -287,6 +296,7 @@ class Config:
     tracking: TrackingConfig = MISSING
     scoring: ScoringConfig = MISSING
     runtime: RuntimeConfig = MISSING
+    stats: StatsConfig = MISSING
     caption: CaptionConfig | None = None  # +task=caption
 
 
@@ -313,6 +323,9 @@ BOUNDS = {
     "runtime.progress_seconds": (0, None),
     "runtime.baseline_part_items": (1, None),
     "runtime.lease_seconds": (0.001, None),
+    "stats.bootstrap_samples": (2, None),  # an interval needs two resamples
+    "stats.native_bootstrap_samples": (2, None),
+    "stats.seed": (0, None),  # numpy's default_rng takes seeds >= 0
     "caption.max_new_tokens": (1, None),
     "caption.limit": (1, None),
 }

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 
 import sysattn_exp
 from sysattn_exp.experiment import identity
@@ -105,3 +106,15 @@ def test_the_key_holds_the_environment_and_code(monkeypatch, field):
     before["layers"] = {k: v for k, v in before["layers"].items() if k != "depth"}
     assert identity.job_key(before, condition) == config["job"]["key"]
     assert identity.job_key(before, condition | {field: "other"}) != config["job"]["key"]
+
+
+def test_stats_settings_are_keyed_only_away_from_their_defaults():
+    """The statistics change reported figures, so a job with other stats settings is
+    another job; with the shipped ones, the key is the one jobs had before statistics."""
+    cfg = compose_job("system-text_q4", "mme")
+    config = {k: v for k, v in OmegaConf.to_container(cfg).items() if k != "stats"}
+    shipped = OmegaConf.to_container(cfg)["stats"]
+    assert identity.job_key(config | {"stats": shipped}, {}) == identity.job_key(config, {})
+    for key, value in [("seed", 1), ("bootstrap_samples", 500)]:
+        other = config | {"stats": shipped | {key: value}}
+        assert identity.job_key(other, {}) != identity.job_key(config, {})

@@ -13,6 +13,7 @@ Every value here is part of the results' identity on disk and in MLflow: a chang
 changes every job's key (tests/test_job_keys.py holds the paper grid's keys fixed)."""
 
 from dataclasses import asdict
+from importlib.resources import files
 
 import torch
 import transformers
@@ -93,10 +94,6 @@ def generation_condition(scoring) -> dict:
 # device names) is in the condition, which the key includes.
 NOT_IN_JOB_KEY = {
     "tracking": None,
-    # The statistics (evaluation.stats) are computed from the predictions, which they do
-    # not change: recorded in config.yaml, not keyed, so that every job keeps its key
-    # (tests/test_job_keys.py); a job rerun with other stats settings recomputes them.
-    "stats": None,
     "environment": None,
     "runtime": {
         "num_workers",
@@ -110,6 +107,12 @@ NOT_IN_JOB_KEY = {
 }
 
 
+# The stats section as config.yaml ships it (evaluation.stats).
+DEFAULT_STATS = OmegaConf.to_container(
+    OmegaConf.create(files("sysattn_exp.conf").joinpath("config.yaml").read_text()).stats
+)
+
+
 def job_key(config: dict, condition: dict) -> str:
     kept = {}
     for section, value in config.items():
@@ -120,6 +123,13 @@ def job_key(config: dict, condition: dict) -> str:
             # The logit mode ignores the generation keys; without them, jobs keep the key
             # they had before generation existed (the condition has them in generate mode).
             dropped = {"mode", "max_new_tokens", "parser"}
+        if section == "stats":
+            # The statistics change reported figures, not predictions: keyed only where
+            # they differ from the shipped defaults, so that jobs keep the key they had
+            # before statistics existed (tests/test_job_keys.py).
+            dropped = {k for k, v in value.items() if DEFAULT_STATS.get(k) == v}
+            if dropped == set(value):
+                continue
         if section == "model" and value.get("weights", "pretrained") == "pretrained":
             # Likewise pretrained weights keep the key jobs had before model.weights existed.
             dropped = {"weights", "config_overrides"}

@@ -143,7 +143,7 @@ def run_job(job: Job, out_dir: Path) -> dict:
     return metrics
 
 
-def job_layers(rule: dict | None, layers_cfg, depth: int) -> list[int]:
+def job_layers(rule: Callable[..., Rule] | None, layers_cfg, depth: int) -> list[int]:
     """The decoder layers the rule edits, resolved against the model's depth (UsageError);
     none for a baseline (checked_none)."""
     return resolve_layers(layers_cfg, depth) if rule else checked_none(layers_cfg, depth)

@@ -14,7 +14,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from sysattn_exp.errors import UsageError
+from sysattn_exp.errors import UsageError, one_line
 from sysattn_exp.experiment.callbacks import FAILURE_FILE, SWEEP, report_sweep_end
 from sysattn_exp.experiment.schema import check_config
 
@@ -49,11 +49,6 @@ def record_failure(out_dir: Path, error: Exception, bad_input: bool) -> None:
     (out_dir / FAILURE_FILE).write_text(
         json.dumps({"error": message, "bad_input": bad_input}) + "\n"
     )
-
-
-def one_line(error: Exception) -> str:
-    text = str(error).split("Config search path")[0]  # Hydra appends its search path
-    return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 def exit_bad_input(error: Exception) -> None:

@@ -6,6 +6,13 @@ class UsageError(Exception):
     what is allowed; the entry point prints it without a traceback and exits with 2."""
 
 
+def one_line(error: Exception) -> str:
+    """An exception's whole message on one line, without the config search path Hydra
+    appends to its composition errors."""
+    text = str(error).split("Config search path")[0]
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
 def first_line(error: Exception) -> str:
     """An exception's message in one line (its type's name if it has none)."""
     text = str(error).strip()

@@ -14,6 +14,17 @@ TINY = ("model=tiny",)
 REDIS = ("model=tiny", "intervention=redistribute")
 CASES = {
     "unknown model": (("model=gpt5",), ["model/gpt5", "Available options", "tiny"]),
+    # NaN and inf pass range comparisons: refused, not scored as garbage.
+    "PAI alpha nan": (("model=tiny", "intervention=pai", "intervention.alpha=nan"), ["alpha"]),
+    "scale factor inf": (
+        ("model=tiny", "intervention=scale", "intervention.factor=inf"),
+        ["intervention.factor=inf", "positive"],
+    ),
+    "lease seconds nan": (("model=tiny", "runtime.lease_seconds=nan"), ["lease_seconds", "finite"]),
+    "not a device": (
+        ("model=tiny", "model.device=cudaa"),
+        ["model.device='cudaa'", "not a device"],
+    ),
     "zero batch size": (("model=tiny", "model.batch_size=0"), ["model.batch_size=0", ">= 1"]),
     "metric names MLflow cannot keep apart": (
         (*TINY, "benchmark=mme", "benchmark.data_dir=mme_names", "benchmark.image_dir=mme_names"),

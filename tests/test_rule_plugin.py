@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 
 import pandas as pd
+import pytest
 import torch
 import yaml
 from cli import run_main_stderr
@@ -20,7 +21,14 @@ from omegaconf import OmegaConf
 
 from sysattn_exp.attention.fused import plain_merge
 from sysattn_exp.attention.modality import MODALITIES
-from sysattn_exp.attention.rules import Rule, checked_impl, checked_modality, register_rule
+from sysattn_exp.attention.rules import (
+    Rule,
+    checked_impl,
+    checked_modality,
+    configure,
+    register_rule,
+)
+from sysattn_exp.errors import UsageError
 from sysattn_exp.experiment.report import report
 
 
@@ -123,3 +131,30 @@ def test_a_key_the_added_rule_lacks_is_one_line(tmp_path, monkeypatch, capsys):
     assert stderr.strip().splitlines()[-1] == (
         "error: intervention.modalty is not a key of the mute rule; allowed: name, modality, impl"
     )
+
+
+@register_rule("eager_only")
+@dataclass(frozen=True)
+class EagerOnly(Rule):
+    """A rule with an eager path only (no merge, no fused)."""
+
+    modality: str
+    layers: frozenset[int]
+    impl: str = "fused"
+
+    @classmethod
+    def settings(cls, section) -> dict:
+        return {"modality": checked_modality(section, "modality"), "impl": checked_impl(section)}
+
+    def eager_scores(self, scores, key_modality):
+        return scores / 2
+
+
+def test_a_rule_without_a_fused_path_is_refused_on_it():
+    """Rather than leave attention as it was on the default fused path: one line; the
+    eager path, which the rule has, is accepted."""
+    section = {"name": "eager_only", "modality": "image"}
+    with pytest.raises(UsageError, match="eager_only rule has no fused path.*impl=eager"):
+        configure(OmegaConf.create(section))
+    rule = configure(OmegaConf.create(section | {"impl": "eager"}))
+    assert rule(layers=frozenset({1})) == EagerOnly("image", frozenset({1}), "eager")

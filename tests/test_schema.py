@@ -156,16 +156,33 @@ def test_allowed_values_are_the_implemented_ones():
     assert list(BENCHMARKS) == list(LOADERS)
 
 
-def test_report_cli_refuses_a_misspelt_key_in_one_line(tmp_path):
+def report_cli(tmp_path, *overrides: str) -> tuple[int, list[str]]:
     result = subprocess.run(
-        [sys.executable, "-m", "sysattn_exp.report", "+report.parnet=all"],
+        [sys.executable, "-m", "sysattn_exp.report", *overrides],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    return result.returncode, [line for line in result.stderr.splitlines() if line.strip()]
+
+
+def test_report_cli_refuses_a_misspelt_key_in_one_line(tmp_path):
+    code, lines = report_cli(tmp_path, "+report.parnet=all")
+    assert code == 2, lines
     assert lines == [
         "error: report.parnet is not a key of report; allowed: out, parent; did you mean parent?"
     ]
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("tracking=nope", "Could not find 'tracking/nope'"),  # Hydra's composition error
+        ("report.out=null", "report.out"),  # its run directory cannot take the value
+    ],
+)
+def test_report_cli_composition_errors_are_one_line(tmp_path, override, fragment):
+    code, lines = report_cli(tmp_path, override)
+    assert code == 2, lines
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines

@@ -88,9 +88,18 @@ class Rule:
 
     @classmethod
     def configure(cls, section) -> Callable[..., "Rule"] | None:
-        """The section checked: the class with its settings, waiting for `layers=`."""
+        """The section checked: the class with its settings, waiting for `layers=`. A rule
+        without a fused path (neither merge nor fused overridden) is refused on it, rather
+        than leaving attention unchanged."""
         cls.check_keys(section)
-        return partial(cls, **cls.settings(section))
+        settings = cls.settings(section)
+        fused = cls.merge is not Rule.merge or cls.fused is not Rule.fused
+        if settings.get("impl") == "fused" and not fused:
+            raise UsageError(
+                f"the {cls.name} rule has no fused path (Rule.merge or Rule.fused); "
+                "use intervention.impl=eager"
+            )
+        return partial(cls, **settings)
 
     @classmethod
     def check_keys(cls, section) -> None:
@@ -471,7 +480,8 @@ def checked_choice(section, key: str, default: str, allowed: tuple[str, ...]) ->
 
 
 def is_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A finite int or float (NaN and inf pass `<` checks, and would score as garbage)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def present_codes(key_modality: torch.Tensor) -> set[int]:

@@ -20,6 +20,7 @@ of each model's own depth are labelled by quarter alone (q4, not q4 (24-31)), so
 and an 8-layer model's q4 land in the same row.
 """
 
+import os
 import re
 import sys
 from collections import Counter
@@ -27,10 +28,12 @@ from pathlib import Path
 
 import hydra
 import pandas as pd
+from hydra.errors import HydraException
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from sysattn_exp.benchmarks import MAIN_METRICS
-from sysattn_exp.errors import UsageError
+from sysattn_exp.errors import UsageError, one_line
 from sysattn_exp.experiment.schema import check_report_config
 from sysattn_exp.experiment.tracking import COMPLETE, HOW_METRICS, connect, storable_name
 
@@ -536,6 +539,18 @@ def report(cfg) -> Path:
     return out
 
 
+def main() -> None:
+    """`python -m sysattn_exp.report`: bad input, a composition error of Hydra's included
+    (an unknown group option, a value its run directory cannot take), is one line and exit
+    status 2, as for `python -m sysattn_exp`."""
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra's errors reach us, not its report
+    try:
+        report_app()
+    except (HydraException, OmegaConfBaseException) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        sys.exit(2)
+
+
 @hydra.main(version_base="1.3", config_path="pkg://sysattn_exp.conf", config_name="report")
 def report_app(cfg: DictConfig) -> None:
     try:
@@ -547,4 +562,4 @@ def report_app(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    report_app()
+    main()

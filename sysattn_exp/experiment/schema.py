@@ -34,6 +34,7 @@ Open on purpose (typed Any or Dict[str, Any]; checked where they are used, or no
 
 import difflib
 import enum
+import math
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
 
@@ -461,6 +462,8 @@ def check_values(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is None:
             continue
+        if not math.isfinite(value):  # NaN and inf pass the comparisons below
+            raise UsageError(f"{key}={value!r} must be a finite number")
         if high is not None and not low <= value <= high:
             raise UsageError(f"{key}={value!r} must be a number from {low} to {high}")
         if value < low:

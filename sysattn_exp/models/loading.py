@@ -100,7 +100,10 @@ def prompt_format(cfg, processor, model_type: str) -> PromptFormat:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UsageError(f"model.device={name!r} is not a device: {first_line(error)}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"model.device={name} but no CUDA device is visible; use auto or cpu")
     return device

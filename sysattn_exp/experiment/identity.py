@@ -104,6 +104,8 @@ NOT_IN_JOB_KEY = {
         "lease_seconds",
         "deterministic",
     },
+    # The dry run's power line only (evaluation/power.py): no figure of a job changes.
+    "stats": {"discordance"},
 }
 
 
@@ -127,7 +129,7 @@ def job_key(config: dict, condition: dict) -> str:
             # The statistics change reported figures, not predictions: keyed only where
             # they differ from the shipped defaults, so that jobs keep the key they had
             # before statistics existed (tests/test_job_keys.py).
-            dropped = {k for k, v in value.items() if DEFAULT_STATS.get(k) == v}
+            dropped |= {k for k, v in value.items() if DEFAULT_STATS.get(k) == v}
             if dropped == set(value):
                 continue
         if section == "model" and value.get("weights", "pretrained") == "pretrained":

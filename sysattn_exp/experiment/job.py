@@ -32,6 +32,7 @@ from sysattn_exp.attention import kernels
 from sysattn_exp.attention.intervention import EditTally, watch_edits
 from sysattn_exp.attention.rules import Rule
 from sysattn_exp.errors import first_line
+from sysattn_exp.evaluation.power import mcnemar_detectable_change, power_line
 from sysattn_exp.experiment.cluster import available_cpus
 from sysattn_exp.experiment.conditions import build_edit, intervention_rule, resolve_layers
 from sysattn_exp.experiment.identity import job_config, planned_kernel_path, run_name
@@ -169,8 +170,18 @@ def dry_run_job(cfg, config, job: Job, rule, out_dir: Path, summary: dict, count
     print(
         f"dry run{where}: {name} on {cfg.model.name_or_path} ({depth} layers): {counts}: config ok"
     )
+    if "n_groups" in summary:  # a paired benchmark: what a McNemar test on it can show
+        summary = summary | dry_run_power(summary["n_groups"], cfg.stats.discordance)
     write_json(out_dir / DRY_RUN_FILE, summary | {"name": name, "layers": layers})
     return summary
+
+
+def dry_run_power(n_groups: int, discordance: float) -> dict:
+    """Print 'power: <n> groups; at <discordance> ... detects a change of >= X points with
+    80% power' (power.power_line, alpha 0.05) and return the detectable change in points
+    (None: none up to the discordance) for DRY_RUN_FILE."""
+    print(f"power: {power_line(n_groups, discordance)}")
+    return {"detectable_change_points": mcnemar_detectable_change(n_groups, discordance)}
 
 
 def sweep_job() -> int | None:

@@ -24,16 +24,25 @@ import os
 import re
 import sys
 from collections import Counter
+from importlib import resources
 from pathlib import Path
 
 import hydra
 import pandas as pd
 from hydra.errors import HydraException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sysattn_exp.benchmarks import MAIN_METRICS
 from sysattn_exp.errors import UsageError, one_line
+from sysattn_exp.experiment.report_plots import plots
+from sysattn_exp.experiment.report_stats import (
+    Evidence,
+    corrected,
+    observed_power,
+    summary_table,
+    tested,
+)
 from sysattn_exp.experiment.schema import check_report_config
 from sysattn_exp.experiment.tracking import COMPLETE, HOW_METRICS, connect, storable_name
 
@@ -54,6 +63,18 @@ COLUMNS = [
     "native_change_points",
     "gt_yes_rate",
     "n_groups",
+    "fraction",
+    # The test against the baseline (report_stats.tested) and its correction (corrected).
+    "test",
+    "change_ci_low_points",
+    "change_ci_high_points",
+    "p_value",
+    "p_corrected",
+    "significant",
+    "groups_fixed",
+    "groups_broken",
+    "items_fixed",
+    "items_broken",
 ]
 # The main metric per benchmark; +task=caption jobs are filed under "chair".
 MAIN_METRIC = MAIN_METRICS | {"chair": "chair_s"}
@@ -246,7 +267,9 @@ def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
                 "paired_accuracy_change_pct": metric("paired_accuracy_change_pct"),
                 "native_value": metric(stored) if native else None,
                 "native_change_points": metric(f"{stored}_change_points") if native else None,
+                "fraction": fraction(run),
             }
+            | (tested(metric, benchmark) if intervention_label(run) != "baseline" else {})
         )
         if rows[-1]["intervention"] != "baseline":
             rows.append(
@@ -271,6 +294,18 @@ def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
     order = ["benchmark", "model", "setting", "baseline_first", "intervention", "layers"]
     table = table.sort_values(order)
     return table.drop(columns="baseline_first").reset_index(drop=True)
+
+
+def fraction(run: pd.Series) -> float | None:
+    """The share of the source's attention a rule moved (params.intervention.fraction,
+    redistribute's dose), None for a rule without one or a baseline."""
+    value = run.get("params.intervention.fraction")
+    if run.get("params.intervention.name") == "none" or value in (None, "None"):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):  # NaN from pandas for a run that lacks the param
+        return None
 
 
 def paper_table(table: pd.DataFrame, value: str) -> pd.DataFrame:
@@ -302,18 +337,35 @@ def several_settings(table: pd.DataFrame) -> bool:
     return bool((table["setting"] != "").any())
 
 
-def paper_markdown(table: pd.DataFrame) -> str:
-    """Cells '+12.5% (+2.1 pts)'; the percentage is blank where the baseline is 0."""
+def paper_markdown(table: pd.DataFrame, evidence: Evidence) -> str:
+    """Cells '+12.5% (+2.1 pts)', or with the change's 95% interval and a * where it is
+    significant after correction, '+12.5% (+2.1 pts, 95% CI -0.4 to +4.6)*', and a footnote
+    saying what * means; the percentage is blank where the baseline is 0."""
     index = paper_index(table)
     pct = paper_table(table, "paired_accuracy_change_pct").set_index(index)
     pts = paper_table(table, "paired_accuracy_change_points").set_index(index)
+    low = paper_table(table, "change_ci_low_points").set_index(index).reindex_like(pct)
+    high = paper_table(table, "change_ci_high_points").set_index(index).reindex_like(pct)
+    marked = paper_table(table, "significant").set_index(index).reindex_like(pct) == "yes"
     cells = pct.copy().astype(object)
     for condition in pct.index:
         for benchmark in pct.columns:
             p, q = pct.loc[condition, benchmark], pts.loc[condition, benchmark]
+            lo, hi = low.loc[condition, benchmark], high.loc[condition, benchmark]
             percent = "" if pd.isna(p) else f"{p:+.1f}% "
-            cells.loc[condition, benchmark] = "" if pd.isna(q) else f"{percent}({q:+.1f} pts)"
-    return markdown(cells.reset_index())
+            ci = "" if pd.isna(lo) or pd.isna(hi) else f", 95% CI {lo:+.1f} to {hi:+.1f}"
+            mark = "*" if marked.loc[condition, benchmark] else ""
+            cells.loc[condition, benchmark] = (
+                "" if pd.isna(q) else f"{percent}({q:+.1f} pts{ci}){mark}"
+            )
+    footnote = ""
+    if table["p_corrected"].notna().any():
+        footnote = (
+            "\nChange in paired accuracy against the baseline (percent of the baseline; "
+            "points, with the paired cluster bootstrap's 95% interval). "
+            f"{evidence.note()}.\n"
+        )
+    return markdown(cells.reset_index()) + footnote
 
 
 def markdown(table: pd.DataFrame) -> str:
@@ -345,15 +397,27 @@ SHOWN = {
     "accuracy": ("accuracy (%)", 100),
     "native_value": ("{native}", None),
     "native_change_points": ("{native} change (points)", 1),
+    "change_ci": ("change 95% CI (points)", None),
+    "p_value": ("p", None),
+    "p_corrected": ("p ({correction})", None),
+    "significant": ("significant", None),
+    "groups_fixed": ("groups fixed", None),
+    "groups_broken": ("groups broken", None),
+    "items_fixed": ("items fixed", None),
+    "items_broken": ("items broken", None),
     "n_groups": ("groups", None),
 }
+COUNTS = {"n_groups", "groups_fixed", "groups_broken", "items_fixed", "items_broken"}
 
 
-def comparison_markdown(table: pd.DataFrame) -> str:
+def comparison_markdown(table: pd.DataFrame, evidence: Evidence, summary=None) -> str:
     """comparison.md: a section per benchmark, with units in the headers and without the
     columns that are empty for that benchmark (a caption benchmark has no yes-rate, a
-    yes/no one no change of its native metric, one setting no setting column)."""
+    yes/no one no change of its native metric, one setting no setting column, runs logged
+    before statistics no test); under it, what significant means and each setting's
+    power line (report_stats.observed_power); then the summary across benchmarks."""
     sections = []
+    table = table.assign(change_ci=change_intervals(table))
     for benchmark, rows in table.groupby("benchmark", sort=False):
         shown = pd.DataFrame(index=rows.index)
         native = rows["native_metric"].dropna()
@@ -366,169 +430,122 @@ def comparison_markdown(table: pd.DataFrame) -> str:
                 values = (values.astype(float) * factor).map(
                     lambda v: "" if pd.isna(v) else f"{v:.1f}"
                 )
-            elif column == "n_groups":
+            elif column in COUNTS:
                 values = values.map(lambda v: "" if pd.isna(v) else f"{v:.0f}")
-            shown[header.format(native=native)] = values
-        sections.append(f"## {benchmark}\n\n" + markdown(shown))
+            shown[header.format(native=native, correction=evidence.correction)] = values
+        sections.append(f"## {benchmark}\n\n" + markdown(shown) + benchmark_notes(rows, evidence))
+    if summary is not None and len(summary):
+        sections.append(summary_markdown(summary))
     return "\n".join(sections)
 
 
-def panel_names(rows: pd.DataFrame) -> pd.Series:
-    """A plot's panel per model and setting: the model's label, and the setting where
-    there is one."""
-    models = rows["model"].astype(object).where(rows["model"].notna(), "").astype(str)
-    return models.str.cat(rows["setting"].map(lambda s: f" [{s}]" if s else "")).str.strip()
-
-
-def plots(table: pd.DataFrame, out: Path) -> list[Path]:
-    """A heatmap and yes-rate bars per benchmark, one panel per model and setting."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-
-    files = []
-    aligned = several_models(table)
-    for benchmark, rows in table.groupby("benchmark"):
-        if aligned:
-            rows = rows.assign(layers=rows["layers"].map(aligned_layers))
-        rows = rows.assign(panel=panel_names(rows))
-        several = rows["panel"].nunique() > 1
-        edits = rows[rows["intervention"] != "baseline"]
-        if not edits.empty:
-            fig = heatmap(edits, benchmark, several)
-            files.append(save(fig, out / f"heatmap_{benchmark}.png"))
-        if rows["yes_rate"].notna().any():  # a yes/no benchmark, not captions
-            bars = yes_rate_bars(rows, benchmark, several)
-            files.append(save(bars, out / f"yes_rate_{benchmark}.png"))
-    return files
-
-
-def panels(width: float, height: float, n: int):
-    import matplotlib.pyplot as plt
-
-    layout = "constrained" if n > 1 else None  # tight_layout cannot fit a shared colour bar
-    fig, axes = plt.subplots(
-        1, n, sharey=True, squeeze=False, figsize=(width, height), layout=layout
+def change_intervals(table: pd.DataFrame) -> pd.Series:
+    """'[-1.2, +3.4]': the tested change's 95% interval in points ('' where not logged)."""
+    low, high = table["change_ci_low_points"], table["change_ci_high_points"]
+    return pd.Series(
+        [
+            None if pd.isna(a) or pd.isna(b) else f"[{a:+.1f}, {b:+.1f}]"
+            for a, b in zip(low, high, strict=True)
+        ],
+        index=table.index,
+        dtype=object,
     )
-    return fig, list(axes[0])
 
 
-def titles(fig, axes, names, title: str, several: bool) -> None:
-    """One panel: the title as before; several: the title over the panels, a name each."""
-    if not several:
-        axes[0].set_title(title)
-        return
-    fig.suptitle(title)
-    for ax, name in zip(axes, names, strict=True):
-        ax.set_title(str(name), fontsize=9)
+def benchmark_notes(rows: pd.DataFrame, evidence: Evidence) -> str:
+    """Under a benchmark's table: what significant means (where a row has a test) and the
+    power line of each model and setting (where McNemar's counts were logged)."""
+    notes = []
+    if rows["p_corrected"].notna().any():
+        notes.append(evidence.note() + ".")
+    for _, part in rows.groupby([rows["model"].astype(str), rows["setting"]], sort=False):
+        line = observed_power(part, evidence.alpha)
+        if line:
+            notes.append(line + ".")
+    return "".join(f"\n{note}\n" for note in notes)
 
 
-def groups_note(rows: pd.DataFrame) -> str:
-    """'40 groups: one group = 2.5 points' (how much one group moves paired accuracy)."""
-    n = rows["n_groups"].dropna()
-    if n.empty:
-        return ""
-    n = int(n.iloc[0])
-    return f"{n} groups: one group = {100 / n:.3g} points"
-
-
-def heatmap(edits: pd.DataFrame, benchmark: str, several: bool):
-    """Layer range x intervention, colour = change in paired accuracy in points (captions:
-    in CHAIR_s); a panel per model and setting on the same rows, columns and colour scale,
-    each saying how many groups its benchmark has."""
-    # Yes/no benchmarks: paired accuracy; captions: their main metric (CHAIR_s).
-    column, what = "paired_accuracy_change_points", "paired accuracy"
-    if edits[column].isna().all():
-        column, what = "native_change_points", str(edits["native_metric"].iloc[0])
-    groups = dict(list(edits.groupby("panel", sort=False)))
-    grids = {
-        panel: rows.pivot_table(index="layers", columns="intervention", values=column)
-        for panel, rows in groups.items()
-    }
-    index = sorted(set().union(*(grid.index for grid in grids.values())))
-    columns = sorted(set().union(*(grid.columns for grid in grids.values())))
-    grids = {panel: grid.reindex(index=index, columns=columns) for panel, grid in grids.items()}
-    limit = max(max(float(abs(grid).max().max()) for grid in grids.values()), 1e-9)
-    n = len(grids)
-    fig, axes = panels(2 + n * (1.5 + 1.4 * len(columns)), 2.4 + 0.5 * len(index), n)
-    for ax, (panel, grid) in zip(axes, grids.items(), strict=True):
-        image = ax.imshow(grid.values, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
-        ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
-        ax.set_yticks(range(len(index)), index)
-        if what == "paired accuracy":
-            ax.set_xlabel(groups_note(groups[panel]), fontsize=8)
-        for (i, j), value in pd.DataFrame(grid.values).stack().dropna().items():
-            shade = "white" if abs(value) > limit / 2 else "black"
-            ax.text(j, i, f"{value:+.1f}", ha="center", va="center", fontsize=8, color=shade)
-    fig.colorbar(image, ax=axes if n > 1 else axes[0], label="points vs baseline")
-    titles(fig, axes, grids, f"{benchmark}: {what} vs baseline (points)", several)
-    return fig
-
-
-def yes_rate_bars(rows: pd.DataFrame, benchmark: str, several: bool):
-    """Per condition, the change of the yes-rate against the baseline in points, the value
-    on each bar; the baseline (0) and the ground-truth yes-rate as reference lines,
-    labelled with their yes-rates in percent. A panel per model and setting."""
-    rows = rows.assign(
-        label=[f"{r.intervention} {r.layers}" for r in rows.itertuples()],
+def summary_markdown(summary: pd.DataFrame) -> str:
+    """The summary section: per condition, significant changes across benchmarks and the
+    Wilcoxon signed-rank test (report_stats.summary_table)."""
+    shown = summary.rename(
+        columns={
+            "significant_better": "significant better",
+            "significant_worse": "significant worse",
+            "better_on": "better on",
+            "worse_on": "worse on",
+            "wilcoxon_benchmarks": "benchmarks with paired accuracy",
+            "wilcoxon_statistic": "Wilcoxon W",
+            "wilcoxon_p": "Wilcoxon p",
+            "wilcoxon_note": "Wilcoxon",
+        }
     )
-    edits = rows[rows["intervention"] != "baseline"]
-    labels = list(edits.sort_values(["intervention", "layers"])["label"].unique())
-    groups = dict(list(rows.groupby("panel", sort=False)))
-    fig, axes = panels(3 + 0.55 * max(len(labels), 1) * len(groups), 4, len(groups))
-    for ax, panel_rows in zip(axes, groups.values(), strict=True):
-        base = panel_rows.loc[panel_rows["intervention"] == "baseline", "yes_rate"]
-        base = float(base.iloc[0]) if len(base) else float("nan")
-        change = 100 * (panel_rows.set_index("label")["yes_rate"].reindex(labels) - base)
-        bars = ax.bar(range(len(labels)), change.values, color="tab:blue")
-        ax.bar_label(bars, fmt="%+.1f", fontsize=7, padding=2)
-        ax.axhline(0, color="grey", linewidth=1, label=f"baseline {100 * base:.1f}%")
-        truth = panel_rows["gt_yes_rate"].dropna()
-        if len(truth):
-            gt = float(truth.iloc[0])
-            ax.axhline(
-                100 * (gt - base),
-                color="tab:green",
-                linestyle="--",
-                linewidth=1,
-                label=f"ground truth {100 * gt:.1f}%",
-            )
-        ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
-        ax.margins(y=0.15)
-        ax.legend(fontsize=7, loc="best")
-    axes[0].set_ylabel("yes-rate change vs baseline (points)")
-    titles(fig, axes, groups, f"{benchmark}: yes-rate by condition", several)
-    return fig
+    if (shown["model"] == "").all():
+        shown = shown.drop(columns="model")
+    return (
+        "## Across benchmarks\n\n"
+        "Per condition: on how many benchmarks (each setting one) its change is significant "
+        "after correction, for the better (paired accuracy up; chair: CHAIR_s down) or the "
+        "worse; and, with changes in paired accuracy on at least 5 benchmarks, the Wilcoxon "
+        "signed-rank test of those changes against 0 (Demsar 2006, JMLR 7).\n\n" + markdown(shown)
+    )
 
 
-def save(fig, path: Path) -> Path:
-    if fig.get_layout_engine() is None:
-        fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    fig.clf()
-    return path
+def plotted(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with layer ranges as the plots label them: by quarter alone (aligned_layers)
+    with several models, whose depths differ."""
+    if not several_models(table):
+        return table
+    return table.assign(layers=table["layers"].map(aligned_layers))
+
+
+def across_benchmarks(table: pd.DataFrame) -> pd.DataFrame:
+    """summary.csv: report_stats.summary_table over the conditions as the paper's table
+    names them (layer ranges by quarter alone with several models)."""
+    edits = table[table["intervention"] != "baseline"]
+    layers = edits["layers"].map(aligned_layers) if several_models(table) else edits["layers"]
+    return summary_table(edits.assign(condition=edits["intervention"] + " " + layers))
+
+
+# report.yaml's report section as shipped: what a caller's config leaves out (the sweep's
+# end-of-sweep report sets only out and parent).
+REPORT_DEFAULTS = OmegaConf.create(
+    resources.files("sysattn_exp.conf").joinpath("report.yaml").read_text()
+).report
 
 
 def report(cfg) -> Path:
+    """The report of cfg.report.parent's jobs (report.yaml's keys; those left out take
+    report.yaml's values) into cfg.report.out, logged to the parent run; printed."""
+    settings = OmegaConf.merge(REPORT_DEFAULTS, cfg.report)
+    evidence = Evidence(str(settings.correction), float(settings.alpha))
     runs, parent = job_runs(cfg)
-    table = comparison_table(runs)
-    out = Path(cfg.report.out)
+    table = corrected(comparison_table(runs), evidence)
+    summary = across_benchmarks(table)
+    out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "comparison.csv", index=False)
-    (out / "comparison.md").write_text(comparison_markdown(table))
+    summary.to_csv(out / "summary.csv", index=False)
+    (out / "comparison.md").write_text(comparison_markdown(table, evidence, summary))
     paper_table(table, "paired_accuracy_change_pct").to_csv(out / "paper_table.csv", index=False)
-    (out / "paper_table.md").write_text(paper_markdown(table))
+    (out / "paper_table.md").write_text(paper_markdown(table, evidence))
     files = [
         out / name
-        for name in ("comparison.csv", "comparison.md", "paper_table.csv", "paper_table.md")
+        for name in (
+            "comparison.csv",
+            "comparison.md",
+            "summary.csv",
+            "paper_table.csv",
+            "paper_table.md",
+        )
     ]
-    files += plots(table, out)
+    files += plots(plotted(table), out, evidence)
     if parent is not None:
         mlflow, _ = connect(cfg.tracking)
         client = mlflow.MlflowClient()
         for path in files:
             client.log_artifact(parent, str(path), "report")
-    print(comparison_markdown(table))
+    print(comparison_markdown(table, evidence, summary))
     print(
         f"report: {out.resolve()} ({len(files)} files)"
         + (f", logged to run {parent}" if parent else "")

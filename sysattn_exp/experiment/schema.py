@@ -270,6 +270,7 @@ class StatsConfig:
     bootstrap_samples: int = MISSING
     native_bootstrap_samples: int = MISSING
     seed: int = MISSING
+    discordance: float = MISSING  # (0, 1] (check_values): the dry run's power line
 
 
 @dataclass
@@ -301,10 +302,21 @@ class Config:
     caption: CaptionConfig | None = None  # +task=caption
 
 
+class Correction(enum.Enum):
+    """report.correction: the multiple-comparison correction of each benchmark's p-values
+    (statsmodels.stats.multitest.multipletests' method; none: the raw p-values)."""
+
+    holm = "holm"
+    bonferroni = "bonferroni"
+    none = "none"
+
+
 @dataclass
 class ReportSection:
     out: str = MISSING
     parent: str = MISSING
+    correction: Correction = MISSING
+    alpha: float = MISSING  # (0, 1) (check_report_config)
 
 
 @dataclass
@@ -349,8 +361,19 @@ def check_config(cfg) -> None:
 
 
 def check_report_config(cfg) -> None:
-    """check_config for report.yaml's config."""
-    checked(ReportConfig(), plain_config(cfg))
+    """check_config for report.yaml's config; report.alpha in (0, 1)."""
+    plain = plain_config(cfg)
+    checked(ReportConfig(), plain)
+    check_fraction("report.alpha", plain["report"]["alpha"], one_allowed=False)
+
+
+def check_fraction(key: str, value, one_allowed: bool) -> None:
+    """UsageError unless `value` is in (0, 1] (`one_allowed`) or in (0, 1); NaN is in
+    neither."""
+    inside = 0 < value <= 1 if one_allowed else 0 < value < 1
+    if not inside:
+        allowed = "(0, 1]" if one_allowed else "(0, 1)"
+        raise UsageError(f"{key}={value!r} must be a number in {allowed}")
 
 
 def plain_config(cfg) -> dict:
@@ -468,6 +491,7 @@ def check_values(cfg: DictConfig) -> None:
             raise UsageError(f"{key}={value!r} must be a number from {low} to {high}")
         if value < low:
             raise UsageError(f"{key}={value!r} must be a number >= {low}")
+    check_fraction("stats.discordance", cfg.stats.discordance, one_allowed=True)
     workers = cfg.runtime.num_workers
     whole = isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0
     if workers != "auto" and not whole:

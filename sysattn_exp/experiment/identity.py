@@ -128,9 +128,10 @@ def job_key(config: dict, condition: dict) -> str:
         if section == "stats":
             # The statistics change reported figures, not predictions: keyed only where
             # they differ from the shipped defaults, so that jobs keep the key they had
-            # before statistics existed (tests/test_job_keys.py).
-            dropped |= {k for k, v in value.items() if DEFAULT_STATS.get(k) == v}
-            if dropped == set(value):
+            # before statistics existed (tests/test_job_keys.py); discordance never (it
+            # only sets the dry run's power line: NOT_IN_JOB_KEY).
+            dropped = dropped | {k for k, v in value.items() if DEFAULT_STATS.get(k) == v}
+            if set(value) <= dropped:
                 continue
         if section == "model" and value.get("weights", "pretrained") == "pretrained":
             # Likewise pretrained weights keep the key jobs had before model.weights existed.

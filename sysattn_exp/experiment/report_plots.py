@@ -163,7 +163,7 @@ def save(fig, path: Path) -> Path:
 def dose_lines(edits: pd.DataFrame) -> dict:
     """{(panel, layers, rule without its fraction): rows sorted by fraction} for each rule
     with at least two fractions (the dose sweep: +sweep=dose)."""
-    edits = edits[edits["fraction"].notna()]
+    edits = edits[edits["fraction"].notna() & edits["paired_accuracy_change_points"].notna()]
     rule = edits["intervention"].str.replace(r" f=[0-9.eE+-]+", "", regex=True)
     lines = {}
     for key, rows in edits.assign(rule=rule).groupby(["panel", "layers", "rule"], sort=True):
@@ -188,11 +188,9 @@ def dose_plot(edits: pd.DataFrame, benchmark: str, evidence: Evidence):
         x = rows["fraction"].astype(float).to_numpy()
         y = rows["paired_accuracy_change_points"].astype(float).to_numpy()
         (line,) = ax.plot(x, y, marker="o", label=name)
-        low, high = rows["change_ci_low_points"], rows["change_ci_high_points"]
-        if low.notna().all() and high.notna().all():
-            ax.fill_between(
-                x, low.astype(float), high.astype(float), alpha=0.2, color=line.get_color()
-            )
+        # The band has a gap where a run logged no interval (logged before statistics).
+        band = [rows[f"change_ci_{end}_points"].astype(float) for end in ("low", "high")]
+        ax.fill_between(x, *band, alpha=0.2, color=line.get_color())
         marked = (rows["significant"] == "yes").to_numpy()
         ax.plot(x[marked], y[marked], "*", markersize=12, color=line.get_color())
     ax.axhline(0, color="grey", linewidth=1)

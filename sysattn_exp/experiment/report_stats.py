@@ -60,12 +60,18 @@ class Evidence:
         )
 
 
-def tested(run_metric, benchmark: str) -> dict:
-    """A job's test against its baseline from its logged metrics (`run_metric(name)`,
+def tested(logged, benchmark: str) -> dict:
+    """A job's test against its baseline from its logged metrics (`logged(name)`,
     None where not logged): test, p_value, and the tested change's 95% interval in points
     (change_ci_low_points, change_ci_high_points); plus the discordant counts of groups
     (groups_broken = McNemar's b, groups_fixed = c) and of items (items_broken, items_fixed:
-    n_broken, n_fixed). Blanks (None) for a run logged before statistics existed."""
+    n_broken, n_fixed). Blanks (None) for a run logged before statistics existed (its
+    metrics absent, or NaN beside runs that have them)."""
+
+    def run_metric(name: str):
+        value = logged(name)
+        return None if value is None or pd.isna(value) else float(value)
+
     if benchmark == CAPTION_BENCHMARK:
         metric, test, p = "chair_s", "paired bootstrap (CHAIR_s)", run_metric("chair_s_change_p")
     else:

@@ -171,7 +171,8 @@ def test_report_cli_refuses_a_misspelt_key_in_one_line(tmp_path):
     code, lines = report_cli(tmp_path, "+report.parnet=all")
     assert code == 2, lines
     assert lines == [
-        "error: report.parnet is not a key of report; allowed: out, parent; did you mean parent?"
+        "error: report.parnet is not a key of report; allowed: out, parent, correction, alpha; "
+        "did you mean parent?"
     ]
 
 

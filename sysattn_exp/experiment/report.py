@@ -338,9 +338,9 @@ def several_settings(table: pd.DataFrame) -> bool:
 
 
 def paper_markdown(table: pd.DataFrame, evidence: Evidence) -> str:
-    """Cells '+12.5% (+2.1 pts)', or with the change's 95% interval and a * where it is
-    significant after correction, '+12.5% (+2.1 pts, 95% CI -0.4 to +4.6)*', and a footnote
-    saying what * means; the percentage is blank where the baseline is 0."""
+    """Cells '+12.5% (+2.1 pts)', or with the change's 95% interval in points and a * where
+    it is significant after correction, '+12.5% (+2.1 pts) [-0.4, +4.6]*', and a footnote
+    saying what they mean; the percentage is blank where the baseline is 0."""
     index = paper_index(table)
     pct = paper_table(table, "paired_accuracy_change_pct").set_index(index)
     pts = paper_table(table, "paired_accuracy_change_points").set_index(index)
@@ -353,16 +353,16 @@ def paper_markdown(table: pd.DataFrame, evidence: Evidence) -> str:
             p, q = pct.loc[condition, benchmark], pts.loc[condition, benchmark]
             lo, hi = low.loc[condition, benchmark], high.loc[condition, benchmark]
             percent = "" if pd.isna(p) else f"{p:+.1f}% "
-            ci = "" if pd.isna(lo) or pd.isna(hi) else f", 95% CI {lo:+.1f} to {hi:+.1f}"
+            ci = "" if pd.isna(lo) or pd.isna(hi) else f" [{lo:+.1f}, {hi:+.1f}]"
             mark = "*" if marked.loc[condition, benchmark] else ""
             cells.loc[condition, benchmark] = (
-                "" if pd.isna(q) else f"{percent}({q:+.1f} pts{ci}){mark}"
+                "" if pd.isna(q) else f"{percent}({q:+.1f} pts){ci}{mark}"
             )
     footnote = ""
     if table["p_corrected"].notna().any():
         footnote = (
-            "\nChange in paired accuracy against the baseline (percent of the baseline; "
-            "points, with the paired cluster bootstrap's 95% interval). "
+            "\nChange in paired accuracy against the baseline: percent of the baseline "
+            "(points) [the paired cluster bootstrap's 95% interval of the change, points]. "
             f"{evidence.note()}.\n"
         )
     return markdown(cells.reset_index()) + footnote

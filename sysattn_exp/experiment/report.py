@@ -470,6 +470,7 @@ def summary_markdown(summary: pd.DataFrame) -> str:
     Wilcoxon signed-rank test (report_stats.summary_table)."""
     shown = summary.rename(
         columns={
+            "benchmarks": "benchmarks tested",
             "significant_better": "significant better",
             "significant_worse": "significant worse",
             "better_on": "better on",

@@ -108,7 +108,8 @@ def heatmap(edits: pd.DataFrame, benchmark: str, several: bool, evidence: Eviden
             shade = "white" if abs(value) > limit / 2 else "black"
             mark = "*" if marks[panel].iloc[i, j] == 1 else ""
             text = f"{value:+.1f}{mark}"
-            ax.text(j, i, text, ha="center", va="center", fontsize=8, color=shade)
+            weight = "bold" if mark else "normal"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color=shade, weight=weight)
     tested = edits["p_corrected"].notna().any()
     label = "points vs baseline" + (f"\n{evidence.mark()}" if tested else "")
     fig.colorbar(image, ax=axes if n > 1 else axes[0], label=label)

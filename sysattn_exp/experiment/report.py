@@ -299,13 +299,10 @@ def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
 def fraction(run: pd.Series) -> float | None:
     """The share of the source's attention a rule moved (params.intervention.fraction,
     redistribute's dose), None for a rule without one or a baseline."""
-    value = run.get("params.intervention.fraction")
-    if run.get("params.intervention.name") == "none" or value in (None, "None"):
+    value = run.get("params.intervention.fraction")  # a string; NaN where not logged
+    if run.get("params.intervention.name") == "none" or not isinstance(value, str):
         return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):  # NaN from pandas for a run that lacks the param
-        return None
+    return None if value == "None" else float(value)
 
 
 def paper_table(table: pd.DataFrame, value: str) -> pd.DataFrame:

@@ -207,7 +207,8 @@ def test_bonferroni_and_no_correction_mark_the_same_cells_everywhere(
         else:  # the old run: no interval
             assert cell.endswith("pts)")
     mark = "* uncorrected p <= 0.2" if correction == "none" else "* bonferroni-corrected p <= 0.2"
-    assert f"{mark}: significant after correcting" in paper
+    how = "without correction" if correction == "none" else "after correcting"
+    assert f"{mark}: significant {how}" in paper
     (heat,) = figures["heatmap_toy.png"]
     expected_texts = {
         f"{row.paired_accuracy_change_points:+.1f}" + ("*" if significant.get(f) else "")

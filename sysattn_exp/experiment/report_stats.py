@@ -55,11 +55,15 @@ class Evidence:
 
     def note(self) -> str:
         """What significant means, for footnotes."""
-        return (
-            f"{self.mark()}: significant after correcting the p-values of all conditions "
-            "of the benchmark in this report together (p: McNemar's exact test on paired "
-            "accuracy; chair: the paired bootstrap of CHAIR_s)"
+        how = (
+            "significant without correction for the benchmark's many conditions "
+            "(report.correction=none)"
+            if self.correction == "none"
+            else "significant after correcting the p-values of all conditions of the "
+            "benchmark in this report together"
         )
+        tests = "p: McNemar's exact test on paired accuracy; chair: the paired bootstrap of CHAIR_s"
+        return f"{self.mark()}: {how} ({tests})"
 
 
 def tested(logged, benchmark: str) -> dict:

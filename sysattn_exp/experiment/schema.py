@@ -268,7 +268,6 @@ class StatsConfig:
     """config.yaml's stats section: the bootstrap of a job's statistics (evaluation.stats)."""
 
     bootstrap_samples: int = MISSING
-    native_bootstrap_samples: int = MISSING
     seed: int = MISSING
 
 
@@ -325,7 +324,6 @@ BOUNDS = {
     "runtime.baseline_part_items": (1, None),
     "runtime.lease_seconds": (0.001, None),
     "stats.bootstrap_samples": (2, None),  # an interval needs two resamples
-    "stats.native_bootstrap_samples": (2, None),
     "stats.seed": (0, None),  # numpy's default_rng takes seeds >= 0
     "caption.max_new_tokens": (1, None),
     "caption.limit": (1, None),

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from cli import read_metrics, run_main
-from scipy.stats import binomtest, norm
+from scipy.stats import binomtest, bootstrap, norm
 
 from sysattn_exp.benchmarks import SummedStatistics
 from sysattn_exp.evaluation import stats
@@ -195,6 +195,70 @@ def test_edge_cases_give_values_not_errors():
     assert out["f1_se"] is None and out["f1_ci_undefined_resamples"] == 50
 
 
+# ---- BCa against scipy ----------------------------------------------------------------
+
+
+def per_group(frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Per group, in sorted id order: items, right answers, TP, FP, FN."""
+    pred, label = frame["pred"], frame["label"]
+    counts = pd.DataFrame(
+        {"items": 1, "correct": frame["correct"], "tp": pred & label, "fp": pred & ~label}
+    ).assign(fn=~pred & label)
+    summed = counts.astype(int).groupby(frame["group_id"]).sum().sort_index()
+    return {k: summed[k].to_numpy() for k in summed}
+
+
+def scipy_bca(statistic, n_groups: int, samples: int, seed: int):
+    """scipy.stats.bootstrap's BCa interval over the group indices, on the same draws
+    (draw_groups: rng.integers(0, n_groups, (CHUNK, n_groups)) per batch of CHUNK)."""
+    result = bootstrap(
+        (np.arange(n_groups),),
+        statistic,
+        vectorized=True,
+        n_resamples=samples,
+        batch=stats.CHUNK,
+        method="BCa",
+        confidence_level=0.95,
+        rng=np.random.default_rng(seed),
+    )
+    return result.confidence_interval
+
+
+def test_bca_intervals_equal_scipys_bca_on_the_same_resamples():
+    rng = np.random.default_rng(9)
+    condition, baseline = random_pair(rng, n_groups=30, size=4)
+    samples, seed = 600, 21
+    out = job_statistics(condition, baseline, F1, samples, seed, method="bca")
+    now, before = per_group(condition), per_group(baseline)
+
+    def accuracy(counts, idx):
+        return counts["correct"][idx].sum(axis=-1) / counts["items"][idx].sum(axis=-1)
+
+    def f1(counts, idx):
+        tp, fp, fn = (counts[k][idx].sum(axis=-1) for k in ("tp", "fp", "fn"))
+        return 2 * tp / (2 * tp + fp + fn)
+
+    for name, metric in (("accuracy", accuracy), ("f1", f1)):
+        single = scipy_bca(lambda idx, axis=-1, m=metric: m(now, idx), 30, samples, seed)
+        assert out[f"{name}_ci_low"] == pytest.approx(single.low, rel=1e-9)
+        assert out[f"{name}_ci_high"] == pytest.approx(single.high, rel=1e-9)
+        change = scipy_bca(
+            lambda idx, axis=-1, m=metric: m(now, idx) - m(before, idx), 30, samples, seed
+        )
+        assert out[f"{name}_change_ci_low"] == pytest.approx(change.low, rel=1e-9, abs=1e-12)
+        assert out[f"{name}_change_ci_high"] == pytest.approx(change.high, rel=1e-9, abs=1e-12)
+    percentile = job_statistics(condition, baseline, F1, samples, seed)
+    assert percentile["f1_ci_low"] != out["f1_ci_low"]  # another interval, same resamples
+    assert percentile["f1_se"] == out["f1_se"] and percentile["f1_change_p"] == out["f1_change_p"]
+
+
+def test_bca_without_spread_falls_back_to_a_value_not_an_error():
+    perfect = frame(["a", "a", "b", "b"], [1, 0, 1, 0], [1, 0, 1, 0])
+    out = job_statistics(perfect, perfect, None, 50, 0, method="bca")
+    assert out["accuracy_ci_low"] == out["accuracy_ci_high"] == pytest.approx(1.0)
+    assert out["accuracy_change_ci_low"] == pytest.approx(0.0)
+
+
 # ---- coverage of the paired cluster bootstrap ---------------------------------------
 
 
@@ -304,10 +368,12 @@ def test_an_intervention_job_writes_statistics_and_flips(tmp_path, monkeypatch):
     assert "flips.parquet" in names
 
 
-def test_stats_settings_are_checked_before_anything_loads(tmp_path, monkeypatch, capsys):
-    status = run_main(tmp_path, monkeypatch, *TOY, "stats.bootstrap_samples=1")
+@pytest.mark.parametrize("override", ["stats.bootstrap_samples=1", "stats.interval=studentized"])
+def test_stats_settings_are_checked_before_anything_loads(tmp_path, monkeypatch, capsys, override):
+    status = run_main(tmp_path, monkeypatch, *TOY, override)
     assert status == 2
-    assert "stats.bootstrap_samples=1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert override.split("=")[0] in err and "Traceback" not in err
 
 
 def test_draw_groups_is_fixed_by_its_seed():

@@ -258,16 +258,16 @@ def caption_predictions(
 def caption_statistics(captions: pd.DataFrame, baseline: pd.DataFrame | None, stats_cfg):
     """chair_s and chair_i's SE and 95% interval from a cluster bootstrap over the images
     (stats.bootstrap_statistics with chair.CHAIR_STATISTICS: one caption per image, so
-    the image is the group), with `stats_cfg`'s resamples and seed; with the baseline's
+    the image is the group), with `stats_cfg`'s resamples, seed and interval; with the baseline's
     captions (caption_counts of the same images in the same order), the paired change's
     interval and p-value, and McNemar's exact test on whether each caption hallucinates:
     chair_s_mcnemar_b = captions hallucinating only under the intervention (the
     intervention broke them), chair_s_mcnemar_c = only in the baseline (it fixed them),
     the orientation of the yes/no jobs' b (right only in the baseline) and c (right only
     under the intervention), a caption being right when it hallucinates nothing."""
-    out = bootstrap_statistics(
-        captions, baseline, [CHAIR_STATISTICS], stats_cfg.bootstrap_samples, stats_cfg.seed
-    )
+    samples, seed = stats_cfg.bootstrap_samples, stats_cfg.seed
+    method = str(stats_cfg.get("interval", "percentile"))
+    out = bootstrap_statistics(captions, baseline, [CHAIR_STATISTICS], samples, seed, method)
     if baseline is not None:
         test = mcnemar_test(~baseline["hallucinated"], ~captions["hallucinated"])
         out |= {f"chair_s_mcnemar_{k}": v for k, v in test.items()}

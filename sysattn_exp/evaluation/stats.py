@@ -1,5 +1,6 @@
-"""Statistics of a yes/no job: a cluster bootstrap over the benchmark's groups, the paired
-bootstrap of a change against the baseline, McNemar's exact test and the items that flipped.
+"""Statistics of a job (yes/no; caption jobs' CHAIR through bootstrap_statistics): a
+cluster bootstrap over the benchmark's groups, the paired bootstrap of a change against the
+baseline, McNemar's exact test and the items that flipped.
 
 - Cluster bootstrap (Efron & Tibshirani 1993, An Introduction to the Bootstrap, ch. 6 and
   13; Davison & Hinkley 1997, Bootstrap Methods, sec. 3.8 for clustered data): each
@@ -7,7 +8,8 @@ bootstrap of a change against the baseline, McNemar's exact test and the items t
   with replacement, as many as it has, and recomputes the metric from the items of the
   drawn groups. The standard error is the standard deviation of the resampled metric
   (ddof=1); the 95% interval is the percentile interval (the 2.5th and 97.5th percentiles
-  of the resampled metric, numpy's linear interpolation), not BCa.
+  of the resampled metric, numpy's linear interpolation) or, with method="bca"
+  (stats.interval), the BCa interval (Efron & Tibshirani 1993, ch. 14; bca_levels).
 - Paired bootstrap of a change: the same group draws for the baseline and the condition;
   the change's interval is the percentile interval of the resampled changes; its
   two-sided p-value is p = min(1, 2 * min(1 + #{d* <= 0}, 1 + #{d* >= 0}) / (B + 1)),
@@ -34,6 +36,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import pandas as pd
 from scipy import sparse
+from scipy.special import ndtr, ndtri
 from statsmodels.stats.contingency_tables import mcnemar
 
 from sysattn_exp.benchmarks.base import SummedStatistics, fraction, group_sums
@@ -42,6 +45,7 @@ LEVEL = 0.95  # the intervals' coverage
 CHUNK = 256  # resamples drawn at once: the draws depend on it, so it is fixed
 SHARED = ("accuracy", "paired_accuracy", "yes_rate", "yes_bias")  # every yes/no job's
 SPARSE_BELOW = 0.1  # per-group columns with fewer nonzeros than this share: a sparse product
+INTERVALS = ("percentile", "bca")  # stats.interval
 
 
 def draw_groups(n_groups: int, samples: int, seed: int) -> Iterator[np.ndarray]:
@@ -96,14 +100,23 @@ def shared_from_sums(sums) -> dict[str, np.ndarray]:
 SHARED_STATISTICS = SummedStatistics(SHARED, shared_columns, shared_from_sums)
 
 
-def per_group_matrix(blocks: list[pd.DataFrame], ids: pd.Index):
-    """The blocks' columns side by side, rows in the order of `ids` (every group must have
-    its row): a dense float array, or a sparse CSC array where under SPARSE_BELOW of its
-    entries are nonzero (HallusionBench's per-figure counts)."""
-    rows = [block.reindex(ids) for block in blocks]
-    if any(block.isna().to_numpy().any() for block in rows):
+def group_ids(frame: pd.DataFrame) -> pd.Index:
+    """The groups in the order draw_groups indexes them (sorted ids)."""
+    return pd.Index(pd.unique(frame["group_id"])).sort_values()
+
+
+def per_group_block(stat: SummedStatistics, frame: pd.DataFrame, ids: pd.Index) -> pd.DataFrame:
+    """stat.columns(frame), rows in the order of `ids` (every group must have its row)."""
+    block = stat.columns(frame).reindex(ids)
+    if block.isna().to_numpy().any():
         raise ValueError("a per-group column has no row for some group")
-    matrix = np.concatenate([block.to_numpy(float) for block in rows], axis=1)
+    return block
+
+
+def per_group_matrix(blocks: list[pd.DataFrame]):
+    """The blocks' columns side by side: a dense float array, or a sparse CSC array where
+    under SPARSE_BELOW of its entries are nonzero (HallusionBench's per-figure counts)."""
+    matrix = np.concatenate([block.to_numpy(float) for block in blocks], axis=1)
     if np.count_nonzero(matrix) < SPARSE_BELOW * matrix.size:
         return sparse.csc_array(matrix)
     return matrix
@@ -119,11 +132,13 @@ def resampled_metrics(
     order, with a group_id column: a condition and its baseline) on `samples`
     cluster-bootstrap resamples that share their group draws (draw_groups(seed)): per
     frame, metric name -> (samples,) array, NaN where undefined (or not finite)."""
-    ids = pd.Index(pd.unique(frames[0]["group_id"])).sort_values()
+    ids = group_ids(frames[0])
     parts = [
-        (f, stat, stat.columns(frame)) for f, frame in enumerate(frames) for stat in statistics
+        (f, stat, per_group_block(stat, frame, ids))
+        for f, frame in enumerate(frames)
+        for stat in statistics
     ]
-    matrix = per_group_matrix([block for _, _, block in parts], ids)
+    matrix = per_group_matrix([block for _, _, block in parts])
     out = [{name: np.empty(samples) for stat in statistics for name in stat.names} for _ in frames]
     done = 0
     for draws in draw_groups(len(ids), samples, seed):
@@ -143,15 +158,65 @@ def resampled_metrics(
     return out
 
 
-def interval(resampled: np.ndarray) -> dict[str, float]:
-    """se (standard deviation, ddof=1), ci_low and ci_high (the LEVEL percentile interval)
-    of the defined resamples, and how many were undefined (None where all were)."""
+def jackknife_metrics(
+    frames: Sequence[pd.DataFrame], statistics: Sequence[SummedStatistics]
+) -> list[dict[str, tuple[float, np.ndarray]]]:
+    """Per frame, metric name -> (its value on all groups, its (n_groups,) values with one
+    group left out each: the sums less that group's), NaN where undefined."""
+    ids = group_ids(frames[0])
+    out = []
+    for frame in frames:
+        values = {}
+        for stat in statistics:
+            block = per_group_block(stat, frame, ids)
+            total = block.sum()
+            observed = stat.from_sums({k: np.asarray(v) for k, v in total.items()})
+            left_out = stat.from_sums({k: total[k] - block[k].to_numpy() for k in block})
+            for name in stat.names:
+                values[name] = (float(finite(observed[name])), finite(left_out[name]))
+        out.append(values)
+    return out
+
+
+def finite(values) -> np.ndarray:
+    values = np.asarray(values, float)
+    return np.where(np.isfinite(values), values, np.nan)
+
+
+def bca_levels(defined: np.ndarray, observed: float, jackknife: np.ndarray):
+    """The BCa interval's percentile levels (fractions, low and high; Efron & Tibshirani
+    1993, eq. 14.9-14.10): bias correction z0 = Phi^-1(share of resamples below the
+    observed value, ties counted half, as scipy.stats.bootstrap counts them; eq. 14.14
+    without ties), acceleration a = sum d^3 / (6 (sum d^2)^(3/2)) over the jackknife's
+    d = mean - leave-one-group-out value (eq. 14.15; 0 where the jackknife has no
+    spread). None where the observed value is undefined or the levels are not finite."""
+    jackknife = jackknife[np.isfinite(jackknife)]
+    if not np.isfinite(observed) or not len(jackknife):
+        return None
+    below = np.count_nonzero(defined < observed) + np.count_nonzero(defined <= observed)
+    z0 = ndtri(below / (2 * len(defined)))
+    d = jackknife.mean() - jackknife
+    spread = np.sum(d**2)
+    a = 0.0 if spread == 0 else np.sum(d**3) / (6 * spread**1.5)
+    z = z0 + ndtri(np.array([(1 - LEVEL) / 2, (1 + LEVEL) / 2]))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        levels = ndtr(z0 + z / (1 - a * z))
+    return levels if np.all(np.isfinite(levels)) else None
+
+
+def interval(resampled: np.ndarray, bca: tuple[float, np.ndarray] | None = None) -> dict:
+    """se (standard deviation, ddof=1), ci_low and ci_high of the defined resamples, and
+    how many were undefined (None where all were). The interval is the LEVEL percentile
+    interval, or with `bca` (the observed value and its jackknife values: stats.interval
+    =bca) the BCa interval (bca_levels), the percentile one where BCa is undefined."""
     defined = resampled[np.isfinite(resampled)]
-    tail = 100 * (1 - LEVEL) / 2
+    tail = (1 - LEVEL) / 2
     out = {"undefined": int(len(resampled) - len(defined))}
     if len(defined) < 2:
         return out | {"se": None, "ci_low": None, "ci_high": None}
-    low, high = np.percentile(defined, [tail, 100 - tail])
+    levels = None if bca is None else bca_levels(defined, *bca)
+    levels = np.array([tail, 1 - tail]) if levels is None else levels
+    low, high = np.percentile(defined, 100 * levels)
     return out | {"se": float(defined.std(ddof=1)), "ci_low": float(low), "ci_high": float(high)}
 
 
@@ -190,19 +255,23 @@ def bootstrap_statistics(
     statistics: Sequence[SummedStatistics],
     samples: int,
     seed: int,
+    method: str = "percentile",
 ) -> dict[str, float | None]:
     """For each metric of `statistics`: `<metric>_se`, `<metric>_ci_low`,
     `<metric>_ci_high` of `frame` from `samples` cluster-bootstrap resamples of its groups
     (group_id); with a `baseline` (the same items in the same order),
     `<metric>_change_ci_low`, `<metric>_change_ci_high`, `<metric>_change_p` of the change
-    (frame - baseline) from the paired resamples. Where a metric is undefined on some
-    resamples they are left out and counted in `<metric>_ci_undefined_resamples`
-    (written only when not 0)."""
+    (frame - baseline) from the paired resamples. Intervals by `method` (INTERVALS:
+    percentile, or bca, which adds a leave-one-group-out jackknife); the p-value is the
+    percentile bootstrap's either way. Where a metric is undefined on some resamples they
+    are left out and counted in `<metric>_ci_undefined_resamples` (written only when not
+    0)."""
     frames = [frame] if baseline is None else [frame, baseline]
     resampled = resampled_metrics(frames, statistics, samples, seed)
+    jackknife = jackknife_metrics(frames, statistics) if method == "bca" else None
     out = {}
     for name in (name for stat in statistics for name in stat.names):
-        spread = interval(resampled[0][name])
+        spread = interval(resampled[0][name], None if jackknife is None else jackknife[0][name])
         undefined = spread.pop("undefined")
         out |= {f"{name}_{k}": v for k, v in spread.items()}
         if undefined:
@@ -210,11 +279,17 @@ def bootstrap_statistics(
         if baseline is None:
             continue
         changes = resampled[0][name] - resampled[1][name]
-        change = interval(changes)
+        change = interval(changes, None if jackknife is None else difference(jackknife, name))
         out[f"{name}_change_ci_low"] = change["ci_low"]
         out[f"{name}_change_ci_high"] = change["ci_high"]
         out[f"{name}_change_p"] = change_p_value(changes)
     return out
+
+
+def difference(jackknife: list[dict], name: str) -> tuple[float, np.ndarray]:
+    """The change's observed and jackknife values (frame - baseline)."""
+    (now, now_left_out), (before, before_left_out) = jackknife[0][name], jackknife[1][name]
+    return now - before, now_left_out - before_left_out
 
 
 def job_statistics(
@@ -223,13 +298,14 @@ def job_statistics(
     native: SummedStatistics | None,
     samples: int,
     seed: int,
+    method: str = "percentile",
 ) -> dict[str, float | None]:
     """The statistics a yes/no job reports (metrics.json): bootstrap_statistics of SHARED
     and of the benchmark's `native` metrics (None: none); with a `baseline`,
     accuracy_mcnemar_b/c/p (items) and paired_accuracy_mcnemar_b/c/p (whole groups).
     Frames have the columns group_id, label, pred, correct (and what `native` reads)."""
     statistics = [SHARED_STATISTICS] + ([] if native is None else [native])
-    out = bootstrap_statistics(predictions, baseline, statistics, samples, seed)
+    out = bootstrap_statistics(predictions, baseline, statistics, samples, seed, method)
     if baseline is not None:
         tests = {
             "accuracy": (baseline["correct"].to_numpy(), predictions["correct"].to_numpy()),

@@ -165,9 +165,10 @@ def statistics(cfg, benchmark: Benchmark, scored: pd.DataFrame, baseline) -> dic
     """stats.job_statistics of the job's scored frame (scored_frame; and of its change
     from `baseline`'s, None for a baseline job) for the shared metrics and the
     benchmark's native ones (benchmarks.STATISTICS, its STAT_METRICS), with cfg (the
-    stats section)'s resamples and seed."""
+    stats section)'s resamples, seed and interval method."""
     native = STATISTICS.get(benchmark.name)
-    return job_statistics(scored, baseline, native, cfg.bootstrap_samples, cfg.seed)
+    samples, seed, method = cfg.bootstrap_samples, cfg.seed, str(cfg.interval)
+    return job_statistics(scored, baseline, native, samples, seed, method)
 
 
 def predict(

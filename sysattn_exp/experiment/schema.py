@@ -96,6 +96,13 @@ class Singularize(enum.Enum):
     lemminflect = "lemminflect"
 
 
+class Interval(enum.Enum):
+    """stats.interval: the bootstrap's intervals (evaluation.stats.INTERVALS)."""
+
+    percentile = "percentile"
+    bca = "bca"
+
+
 class ToySplit(enum.Enum):
     """The toy benchmark's splits (benchmarks/toy.py)."""
 
@@ -269,6 +276,7 @@ class StatsConfig:
 
     bootstrap_samples: int = MISSING
     seed: int = MISSING
+    interval: Interval = MISSING
 
 
 @dataclass

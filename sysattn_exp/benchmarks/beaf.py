@@ -191,22 +191,16 @@ def stat_columns(scored: pd.DataFrame) -> pd.DataFrame:
     pairs (`kept`) and those whose correctness changed (`id`)."""
     removed, kept = edit_pairs(scored)
     before, after = removed["pred_orig"].astype(bool), removed["pred"].astype(bool)
-    counts = [
-        group_sums(
-            pd.DataFrame(
-                {"removed": True, "tu": before & ~after, "ig": ~before & after}, index=removed.index
-            ),
-            removed["group_id"],
-        ),
-        group_sums(
-            pd.DataFrame(
-                {"kept": True, "id": kept["correct"] != kept["correct_orig"]}, index=kept.index
-            ),
-            kept["group_id"],
-        ),
-    ]
-    groups = pd.Index(sorted(set(scored["group_id"])))
-    return pd.concat([c.reindex(groups, fill_value=0.0) for c in counts], axis=1)
+    changed = kept["correct"] != kept["correct_orig"]
+    pairs = pd.concat(  # one row per pair: removed and kept pairs are disjoint
+        [
+            pd.DataFrame({"removed": True, "tu": before & ~after, "ig": ~before & after}),
+            pd.DataFrame({"kept": True, "id": changed}),
+        ]
+    )
+    per_group = group_sums(pairs.fillna(False), pd.concat([removed["group_id"], kept["group_id"]]))
+    groups = sorted(set(scored["group_id"]))
+    return per_group.reindex(groups, columns=["removed", "tu", "ig", "kept", "id"], fill_value=0.0)
 
 
 def stat_from_sums(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

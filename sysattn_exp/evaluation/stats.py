@@ -152,8 +152,7 @@ def resampled_metrics(
             start += block.shape[1]
             values = stat.from_sums(columns)
             for name in stat.names:
-                value = np.asarray(values[name], float)
-                out[f][name][rows] = np.where(np.isfinite(value), value, np.nan)
+                out[f][name][rows] = finite(values[name])
         done += len(draws)
     return out
 
@@ -179,6 +178,7 @@ def jackknife_metrics(
 
 
 def finite(values) -> np.ndarray:
+    """The values as floats, NaN where not finite (an undefined metric)."""
     values = np.asarray(values, float)
     return np.where(np.isfinite(values), values, np.nan)
 
@@ -266,6 +266,8 @@ def bootstrap_statistics(
     percentile bootstrap's either way. Where a metric is undefined on some resamples they
     are left out and counted in `<metric>_ci_undefined_resamples` (written only when not
     0)."""
+    if method not in INTERVALS:
+        raise ValueError(f"interval method {method!r}: want one of {', '.join(INTERVALS)}")
     frames = [frame] if baseline is None else [frame, baseline]
     resampled = resampled_metrics(frames, statistics, samples, seed)
     jackknife = jackknife_metrics(frames, statistics) if method == "bca" else None

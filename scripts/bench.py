@@ -25,7 +25,10 @@ batch of it and a smaller any-res prompt) and long_sequence_memory_ratio (peak m
 processes, like long_context_memory_ratio); generated_tokens_per_second (scoring.mode=generate:
 the runner's generation path, generate_items, greedy with the shared image prefix, its
 prompt passes and data loading included, baseline) and generation_overhead_ratio (seconds
-per generated token with a Q4 system->text redistribution over the baseline's, same items).
+per generated token with a Q4 system->text redistribution over the baseline's, same items);
+stats_seconds_beaf_size (seconds, not a ratio: all statistics of one BEAF-sized job, 26,118
+items and 10,000 paired resamples, on one CPU core, in a process of its own:
+scripts/bench_stats.py).
 """
 
 import argparse
@@ -38,6 +41,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_stats import ONE_CORE
 from PIL import Image
 from sweep_sizes import BENCHMARK_ITEMS, PAPER_JOBS, QUARTERS_JOBS
 from transformers import AttentionInterface
@@ -470,6 +474,20 @@ def probe_peaks(args, *shape: str) -> dict[str, int]:
     return peaks
 
 
+def stats_seconds(repeats: int) -> dict[str, float]:
+    """stats_seconds_beaf_size (scripts/bench_stats.py), in its own process on one BLAS /
+    OpenMP thread: the figure the issue bounds is one core's."""
+    command = [sys.executable, str(Path(__file__).with_name("bench_stats.py"))]
+    output = subprocess.run(
+        [*command, "--repeats", str(repeats)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=os.environ | ONE_CORE,
+    ).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
 def grid(args) -> list[str]:
     return [str(n) for n in args.next_grid]
 
@@ -533,6 +551,7 @@ def main() -> None:
     # LLaVA-NeXT at 672x672 (2 x 2 crops, 2,983 tokens); --quick: no crops (631 tokens).
     figures |= long_sequence_overheads(loaded, (0, 1) if args.quick else args.next_grid, repeats)
     figures |= long_sequence_memory(args)
+    figures |= stats_seconds(repeats)
     total_items = sum(BENCHMARK_ITEMS.values())
     for sweep, jobs in (("quarters", QUARTERS_JOBS), ("paper", PAPER_JOBS)):
         hours = jobs * total_items / figures["items_per_second"] / 3600

@@ -22,6 +22,7 @@ FIGURES = [
     "generation_overhead_ratio",
     "quarters_sweep_hours_all_six",
     "paper_sweep_hours_all_six",
+    "stats_seconds_beaf_size",
 ]
 
 

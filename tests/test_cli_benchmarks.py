@@ -20,6 +20,8 @@ from benchmark_fixtures import (
 )
 from cli import SHARED_METRICS, read_metrics, run_cli
 
+from sysattn_exp.benchmarks import STAT_METRICS
+
 
 def prepare(root):
     """{benchmark: (overrides, expected items, native metric names)}"""
@@ -173,6 +175,10 @@ def test_benchmark_runs_end_to_end(runs, name):
         assert key in metrics, key
     native = [k for k in cases[name][2] if not k.startswith("n_")]
     assert all(f"baseline_{k}" in metrics for k in native)
+    # Every native metric given statistics (STAT_METRICS) has them, as the shared ones do.
+    for stat in STAT_METRICS[name]:
+        for suffix in ("se", "ci_low", "ci_high", "change_ci_low", "change_ci_high", "change_p"):
+            assert f"{stat}_{suffix}" in metrics, f"{stat}_{suffix}"
     assert (predictions["prompt"].str.endswith(" ASSISTANT:")).all()
     mlflow.set_tracking_uri(f"sqlite:///{cwd}/outputs/mlflow.db")
     (run,) = mlflow.search_runs(experiment_names=["sysattn"], output_format="list")

@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 from cli import read_metrics, run_main
-from scipy.stats import binomtest, norm
+from scipy.stats import binomtest, bootstrap, norm
 
+from sysattn_exp.benchmarks import SummedStatistics
 from sysattn_exp.evaluation import stats
 from sysattn_exp.evaluation.stats import (
     SHARED,
@@ -97,6 +98,24 @@ def naive_f1(scored: pd.DataFrame) -> dict:
     return {"f1": None if tp + fp == 0 or tp + fn == 0 else 2 * tp / (2 * tp + fp + fn)}
 
 
+def f1_columns(scored: pd.DataFrame) -> pd.DataFrame:
+    """Per group: true positives, false positives, false negatives."""
+    pred, label = scored["pred"], scored["label"]
+    values = pd.DataFrame({"tp": pred & label, "fp": pred & ~label, "fn": ~pred & label})
+    return values.astype(float).groupby(scored["group_id"]).sum()
+
+
+def f1_from_sums(sums) -> dict:
+    tp, fp, fn = sums["tp"], sums["fp"], sums["fn"]
+    undefined = (tp + fp == 0) | (tp + fn == 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"f1": np.where(undefined, np.nan, 2 * tp / (2 * tp + fp + fn))}
+
+
+# The stand-in for a benchmark's native metrics (benchmarks.STATISTICS): F1 from sums.
+F1 = SummedStatistics(("f1",), f1_columns, f1_from_sums)
+
+
 def naive_metrics(predictions: pd.DataFrame, draw) -> dict:
     """The metrics of one resample, by plain loops: the drawn groups' items, each draw a
     new group."""
@@ -132,7 +151,7 @@ def test_the_bootstrap_equals_a_naive_loop_over_the_same_draws():
         which: [naive_metrics(f, draw) for draw in draws]
         for which, f in (("now", condition), ("before", baseline))
     }
-    out = job_statistics(condition, baseline, naive_f1, ["f1"], samples, seed)
+    out = job_statistics(condition, baseline, F1, samples, seed)
     for name in [*SHARED, "f1"]:
         now = np.array([np.nan if r[name] is None else r[name] for r in naive["now"]], float)
         before = np.array([np.nan if r[name] is None else r[name] for r in naive["before"]])
@@ -149,41 +168,95 @@ def test_the_bootstrap_equals_a_naive_loop_over_the_same_draws():
         assert out[f"{name}_change_p"] == pytest.approx(min(1, 2 * (1 + tail) / (len(change) + 1)))
         undefined = len(now) - len(defined)
         assert out.get(f"{name}_ci_undefined_resamples", 0) == undefined
-    # a metric that does not decompose: the native one is recomputed whole
     assert out["f1_se"] > 0
-
-
-def test_native_metrics_use_the_first_native_samples_of_the_same_draws():
-    rng = np.random.default_rng(5)
-    condition, _ = random_pair(rng)
-    full = job_statistics(condition, None, naive_f1, ["f1"], 200, 4)
-    fewer = job_statistics(condition, None, naive_f1, ["f1"], 400, 4, native_samples=200)
-    assert fewer["f1_ci_low"] == full["f1_ci_low"] and fewer["f1_se"] == full["f1_se"]
-    assert fewer["accuracy_se"] != full["accuracy_se"]  # shared metrics: all 400
 
 
 def test_the_same_seed_gives_the_same_figures_and_another_seed_others():
     rng = np.random.default_rng(1)
     condition, baseline = random_pair(rng)
-    first = job_statistics(condition, baseline, None, [], 500, 0)
-    assert job_statistics(condition, baseline, None, [], 500, 0) == first
-    assert job_statistics(condition, baseline, None, [], 500, 1) != first
+    first = job_statistics(condition, baseline, None, 500, 0)
+    assert job_statistics(condition, baseline, None, 500, 0) == first
+    assert job_statistics(condition, baseline, None, 500, 1) != first
 
 
 def test_edge_cases_give_values_not_errors():
     one_group = frame(["g"] * 3, [1, 0, 1], [1, 1, 1])
-    out = job_statistics(one_group, one_group, None, [], 50, 0)
+    out = job_statistics(one_group, one_group, None, 50, 0)
     assert out["accuracy_se"] == pytest.approx(0.0, abs=1e-12)
     assert out["accuracy_ci_low"] == pytest.approx(out["accuracy_ci_high"], abs=1e-12)
     assert out["accuracy_change_p"] == 1.0  # every resampled change is 0
     assert out["paired_accuracy_mcnemar_p"] == 1.0
     perfect = frame(["a", "a", "b", "b"], [1, 0, 1, 0], [1, 0, 1, 0])
-    out = job_statistics(perfect, perfect, None, [], 50, 0)
+    out = job_statistics(perfect, perfect, None, 50, 0)
     assert out["paired_accuracy_ci_low"] == pytest.approx(1.0)
     assert out["paired_accuracy_ci_high"] == pytest.approx(1.0)
     never_yes = frame(["a", "b"], [1, 0], [0, 0])
-    out = job_statistics(never_yes, None, naive_f1, ["f1"], 50, 0)
+    out = job_statistics(never_yes, None, F1, 50, 0)
     assert out["f1_se"] is None and out["f1_ci_undefined_resamples"] == 50
+
+
+# ---- BCa against scipy ----------------------------------------------------------------
+
+
+def per_group(frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Per group, in sorted id order: items, right answers, TP, FP, FN."""
+    pred, label = frame["pred"], frame["label"]
+    counts = pd.DataFrame(
+        {"items": 1, "correct": frame["correct"], "tp": pred & label, "fp": pred & ~label}
+    ).assign(fn=~pred & label)
+    summed = counts.astype(int).groupby(frame["group_id"]).sum().sort_index()
+    return {k: summed[k].to_numpy() for k in summed}
+
+
+def scipy_bca(statistic, n_groups: int, samples: int, seed: int):
+    """scipy.stats.bootstrap's BCa interval over the group indices, on the same draws
+    (draw_groups: rng.integers(0, n_groups, (CHUNK, n_groups)) per batch of CHUNK)."""
+    result = bootstrap(
+        (np.arange(n_groups),),
+        statistic,
+        vectorized=True,
+        n_resamples=samples,
+        batch=stats.CHUNK,
+        method="BCa",
+        confidence_level=0.95,
+        rng=np.random.default_rng(seed),
+    )
+    return result.confidence_interval
+
+
+def test_bca_intervals_equal_scipys_bca_on_the_same_resamples():
+    rng = np.random.default_rng(9)
+    condition, baseline = random_pair(rng, n_groups=30, size=4)
+    samples, seed = 600, 21
+    out = job_statistics(condition, baseline, F1, samples, seed, method="bca")
+    now, before = per_group(condition), per_group(baseline)
+
+    def accuracy(counts, idx):
+        return counts["correct"][idx].sum(axis=-1) / counts["items"][idx].sum(axis=-1)
+
+    def f1(counts, idx):
+        tp, fp, fn = (counts[k][idx].sum(axis=-1) for k in ("tp", "fp", "fn"))
+        return 2 * tp / (2 * tp + fp + fn)
+
+    for name, metric in (("accuracy", accuracy), ("f1", f1)):
+        single = scipy_bca(lambda idx, axis=-1, m=metric: m(now, idx), 30, samples, seed)
+        assert out[f"{name}_ci_low"] == pytest.approx(single.low, rel=1e-9)
+        assert out[f"{name}_ci_high"] == pytest.approx(single.high, rel=1e-9)
+        change = scipy_bca(
+            lambda idx, axis=-1, m=metric: m(now, idx) - m(before, idx), 30, samples, seed
+        )
+        assert out[f"{name}_change_ci_low"] == pytest.approx(change.low, rel=1e-9, abs=1e-12)
+        assert out[f"{name}_change_ci_high"] == pytest.approx(change.high, rel=1e-9, abs=1e-12)
+    percentile = job_statistics(condition, baseline, F1, samples, seed)
+    assert percentile["f1_ci_low"] != out["f1_ci_low"]  # another interval, same resamples
+    assert percentile["f1_se"] == out["f1_se"] and percentile["f1_change_p"] == out["f1_change_p"]
+
+
+def test_bca_without_spread_falls_back_to_a_value_not_an_error():
+    perfect = frame(["a", "a", "b", "b"], [1, 0, 1, 0], [1, 0, 1, 0])
+    out = job_statistics(perfect, perfect, None, 50, 0, method="bca")
+    assert out["accuracy_ci_low"] == out["accuracy_ci_high"] == pytest.approx(1.0)
+    assert out["accuracy_change_ci_low"] == pytest.approx(0.0)
 
 
 # ---- coverage of the paired cluster bootstrap ---------------------------------------
@@ -208,7 +281,7 @@ def test_the_paired_cluster_bootstrap_covers_the_true_change_about_95_percent():
         before = ability + rng.normal(size=len(group_id)) > t_before
         after = ability + rng.normal(size=len(group_id)) > t_after
         out = job_statistics(
-            frame(group_id, label, after), frame(group_id, label, before), None, [], 500, k
+            frame(group_id, label, after), frame(group_id, label, before), None, 500, k
         )
         covered += out["accuracy_change_ci_low"] <= true_change <= out["accuracy_change_ci_high"]
     assert 0.93 <= covered / sets <= 0.97
@@ -295,10 +368,12 @@ def test_an_intervention_job_writes_statistics_and_flips(tmp_path, monkeypatch):
     assert "flips.parquet" in names
 
 
-def test_stats_settings_are_checked_before_anything_loads(tmp_path, monkeypatch, capsys):
-    status = run_main(tmp_path, monkeypatch, *TOY, "stats.bootstrap_samples=1")
+@pytest.mark.parametrize("override", ["stats.bootstrap_samples=1", "stats.interval=studentized"])
+def test_stats_settings_are_checked_before_anything_loads(tmp_path, monkeypatch, capsys, override):
+    status = run_main(tmp_path, monkeypatch, *TOY, override)
     assert status == 2
-    assert "stats.bootstrap_samples=1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert override.split("=")[0] in err and "Traceback" not in err
 
 
 def test_draw_groups_is_fixed_by_its_seed():

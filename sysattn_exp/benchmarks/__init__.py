@@ -21,6 +21,7 @@ from sysattn_exp.benchmarks import (
 from sysattn_exp.benchmarks.base import (
     Benchmark,
     Item,
+    SummedStatistics,
     first_groups,
     mme_answer,
     prompt_preset,
@@ -40,10 +41,16 @@ LOADERS = {
     "pope": pope.load,
 }
 
+WITH_NATIVE_METRICS = (mme, hallusionbench, naturalbench, winoground, sugarcrepe, beaf, pope)
 MAIN_METRICS = {
-    module.__name__.rsplit(".", 1)[1]: module.MAIN_METRIC
-    for module in (mme, hallusionbench, naturalbench, winoground, sugarcrepe, beaf, pope)
+    module.__name__.rsplit(".", 1)[1]: module.MAIN_METRIC for module in WITH_NATIVE_METRICS
 }
+# The native metrics given SE, CI and change statistics (evaluation.stats), each a function
+# of sums over the benchmark's groups (base.SummedStatistics): all resamples are vectorised.
+STATISTICS = {
+    module.__name__.rsplit(".", 1)[1]: module.STATISTICS for module in WITH_NATIVE_METRICS
+}
+STAT_METRICS = {name: statistics.names for name, statistics in STATISTICS.items()}
 
 # Each benchmark's own parser of generated answers (scoring.parser=native): text -> "yes",
 # "no" or "unknown", as its official evaluation code reads answers (README, "Answers by
@@ -57,7 +64,16 @@ NATIVE_PARSERS = {
     "beaf": beaf.parse_generated,
     "pope": pope.parse_generated,
 }
-__all__ = ["MAIN_METRICS", "Benchmark", "Item", "answer_parser", "load_benchmark"]
+__all__ = [
+    "MAIN_METRICS",
+    "STATISTICS",
+    "STAT_METRICS",
+    "Benchmark",
+    "Item",
+    "SummedStatistics",
+    "answer_parser",
+    "load_benchmark",
+]
 
 
 def answer_parser(benchmark_name: str, parser: str):

@@ -5,10 +5,11 @@ import hashlib
 import io
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 
@@ -35,6 +36,41 @@ class Item:
 
 def no_native_metrics(scored: pd.DataFrame) -> dict[str, float]:
     return {}
+
+
+@dataclass(frozen=True)
+class SummedStatistics:
+    """Metrics that are functions of sums over a benchmark's groups, so that a cluster
+    bootstrap gets each resample's sums as (draw counts) @ (per-group sums), one matrix
+    product for all resamples (evaluation.stats), instead of recomputing the metric on a
+    resampled frame.
+
+    - `names`: the metrics from_sums returns, the ones given statistics.
+    - `columns(scored)`: one row per group (indexed by group_id), one numeric column per
+      summed quantity (counts of items, of right items, of whole groups, ...), from a
+      frame with the columns native_metrics reads.
+    - `from_sums(sums)`: the metrics from summed columns, `sums` a mapping column name ->
+      array of any shape (one value per resample); NaN where a metric is undefined. On
+      the sums over all groups (one draw of each) it gives the observed metric; on a
+      resample's, the metric native_metrics gives on the resampled frame (each drawn
+      group a new group): the tests check both to 1e-12."""
+
+    names: tuple[str, ...]
+    columns: Callable[[pd.DataFrame], pd.DataFrame]
+    from_sums: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+def group_sums(values: pd.DataFrame, group_id: pd.Series) -> pd.DataFrame:
+    """Per-group sums of item columns (booleans count as 0/1), indexed by group_id."""
+    return values.astype(float).groupby(group_id.to_numpy(), sort=True).sum()
+
+
+def fraction(part: np.ndarray, whole: np.ndarray) -> np.ndarray:
+    """part / whole elementwise, NaN where whole is 0 (a metric with nothing to count)."""
+    part, whole = np.asarray(part, float), np.asarray(whole, float)
+    out = np.full(np.broadcast(part, whole).shape, np.nan)
+    np.divide(part, whole, out=out, where=whole != 0)
+    return out
 
 
 @dataclass

@@ -25,17 +25,22 @@ question on its original:
   harmonic mean of TU and 1 - ID. All as fractions."""
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from sysattn_exp.benchmarks.base import (
     Benchmark,
     DatasetImages,
     Item,
+    SummedStatistics,
     check_groups,
     check_template,
     data_dir,
+    fraction,
+    group_sums,
     hub_split,
     image_dir,
     open_image_file,
@@ -46,6 +51,8 @@ from sysattn_exp.benchmarks.base import (
 from sysattn_exp.errors import UsageError
 
 MAIN_METRIC = "beaf/f1_tu_id"  # the native metric the report shows
+# Given SE, CI and change statistics (evaluation.stats).
+STAT_METRICS = ("beaf/TU", "beaf/IG", "beaf/ID", MAIN_METRIC)
 FIELDS = ("id", "image", "question", "orig_img", "removed_q", "gt")
 HUB_COLUMNS = ("image_name", "question", "orig_img", "removed_q", "gt")
 LOCAL_HINT = "beaf_qna.json and the images (github.com/postech-ami/BEAF)"
@@ -132,14 +139,21 @@ def ratio(numerator: int, denominator: int) -> float | None:
     return numerator / denominator if denominator else None
 
 
-def native_metrics(scored: pd.DataFrame) -> dict[str, float | None]:
-    # Each edited-image question next to the same question on its original (same group).
+def edit_pairs(scored: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The edited-image questions, each beside the same question on its original (same
+    group; columns label_orig, pred_orig, correct_orig): those about the removed object
+    (removed_q, yes on the original and no on the edit), the ones TU, IG and SB count;
+    and those with removed_q false, the ones ID counts."""
     originals = scored[scored["orig_img"]].set_index("group_id")[["label", "pred", "correct"]]
     edits = scored[~scored["orig_img"]].merge(
         originals, left_on="group_id", right_index=True, suffixes=("", "_orig")
     )
     removed = edits[edits["removed_q"] & edits["label_orig"] & ~edits["label"]]
-    kept = edits[~edits["removed_q"]]
+    return removed, edits[~edits["removed_q"]]
+
+
+def native_metrics(scored: pd.DataFrame) -> dict[str, float | None]:
+    removed, kept = edit_pairs(scored)
     before, after = removed["pred_orig"], removed["pred"]
     n = len(removed)
     out = {
@@ -168,6 +182,42 @@ def harmonic(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or a + b == 0:
         return None
     return 2 * a * b / (a + b)
+
+
+def stat_columns(scored: pd.DataFrame) -> pd.DataFrame:
+    """Per group (SummedStatistics.columns; a group holds a question's original and its
+    edits, so every pair native_metrics counts lies in one group): removed-object pairs
+    (`removed`), those answered yes then no (`tu`), no then yes (`ig`); removed_q-false
+    pairs (`kept`) and those whose correctness changed (`id`)."""
+    removed, kept = edit_pairs(scored)
+    before, after = removed["pred_orig"].astype(bool), removed["pred"].astype(bool)
+    changed = kept["correct"] != kept["correct_orig"]
+    pairs = pd.concat(  # one row per pair: removed and kept pairs are disjoint
+        [
+            pd.DataFrame({"removed": True, "tu": before & ~after, "ig": ~before & after}),
+            pd.DataFrame({"kept": True, "id": changed}),
+        ]
+    )
+    per_group = group_sums(pairs.fillna(False), pd.concat([removed["group_id"], kept["group_id"]]))
+    groups = sorted(set(scored["group_id"]))
+    return per_group.reindex(groups, columns=["removed", "tu", "ig", "kept", "id"], fill_value=0.0)
+
+
+def stat_from_sums(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """TU, IG (over removed-object pairs), ID (over removed_q-false pairs) and F1(TU, ID),
+    the harmonic mean of TU and 1 - ID; NaN where native_metrics gives None."""
+    tu = fraction(sums["tu"], sums["removed"])
+    indecision = fraction(sums["id"], sums["kept"])
+    a, b = tu, 1 - indecision
+    return {
+        "beaf/TU": tu,
+        "beaf/IG": fraction(sums["ig"], sums["removed"]),
+        "beaf/ID": indecision,
+        MAIN_METRIC: fraction(2 * a * b, np.where(a + b == 0, 0.0, a + b)),
+    }
+
+
+STATISTICS = SummedStatistics(STAT_METRICS, stat_columns, stat_from_sums)
 
 
 def load(cfg) -> Benchmark:

@@ -23,8 +23,10 @@ forced yes/no choice is never unclear, so such a question is right only when the
 matches gt_answer."""
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from sysattn_exp.benchmarks.base import (
@@ -32,10 +34,13 @@ from sysattn_exp.benchmarks.base import (
     DatasetImages,
     DatasetsByPrefix,
     Item,
+    SummedStatistics,
     all_correct_rate,
     check_groups,
     check_template,
     data_dir,
+    fraction,
+    group_sums,
     hub_dataset,
     image_dir,
     open_image_file,
@@ -46,6 +51,9 @@ from sysattn_exp.benchmarks.base import (
 from sysattn_exp.errors import UsageError
 
 MAIN_METRIC = "hallusionbench/qAcc"  # the native metric the report shows
+# Given SE, CI and change statistics (evaluation.stats).
+STAT_METRICS = ("hallusionbench/aAcc", MAIN_METRIC, "hallusionbench/fAcc")
+FIGURE = "figure:"  # the prefix of stat_columns' per-figure columns
 FIELDS = (
     "category",
     "subcategory",
@@ -163,6 +171,52 @@ def native_metrics(scored: pd.DataFrame) -> dict[str, float | None]:
         "hallusionbench/aAcc_image": rate(with_image),
         "hallusionbench/qAcc_image": rate(with_image, ["group_id"]),
     }
+
+
+def stat_columns(scored: pd.DataFrame) -> pd.DataFrame:
+    """Per question pair (the group; SummedStatistics.columns): its questions (`items`),
+    right answers (`correct`), 1 (`pairs`) and whether all are right (`pair_right`); and
+    per figure f, the pair's questions on f (`figure:<f>/items`) and the wrong ones among
+    them (`figure:<f>/wrong`). A figure is shared by several pairs, so fAcc is not a mean
+    over pairs; but a resampled figure is right exactly when none of the drawn pairs'
+    questions on it is wrong: a function of these sums all the same."""
+    correct = scored["correct"].astype(bool)
+    whole = correct.groupby(scored["group_id"]).transform("all")
+    first = ~scored["group_id"].duplicated()
+    shared = group_sums(
+        pd.DataFrame(
+            {"items": True, "correct": correct, "pairs": first, "pair_right": first & whole}
+        ),
+        scored["group_id"],
+    )
+    figures = scored[scored["figure_key"].notna()]
+    counts = pd.DataFrame(
+        {"items": 1.0, "wrong": (~figures["correct"].astype(bool)).astype(float)},
+        index=figures.index,
+    )
+    per_figure = counts.groupby([figures["group_id"], figures["figure_key"]]).sum()
+    per_figure = per_figure.unstack("figure_key", fill_value=0.0)
+    per_figure.columns = [f"{FIGURE}{figure}/{name}" for name, figure in per_figure.columns]
+    return pd.concat([shared, per_figure.reindex(shared.index, fill_value=0.0)], axis=1)
+
+
+def stat_from_sums(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """aAcc (correct / items), qAcc (pair_right / pairs) and fAcc (figures with questions
+    and none wrong / figures with questions; NaN with no figure) from stat_columns' sums."""
+    asked, right = np.zeros_like(sums["items"]), np.zeros_like(sums["items"])
+    for name in sums:
+        if name.startswith(FIGURE) and name.endswith("/items"):
+            on_figure = sums[name] > 0
+            asked = asked + on_figure
+            right = right + (on_figure & (sums[name.replace("/items", "/wrong")] == 0))
+    return {
+        "hallusionbench/aAcc": fraction(sums["correct"], sums["items"]),
+        MAIN_METRIC: fraction(sums["pair_right"], sums["pairs"]),
+        "hallusionbench/fAcc": fraction(right, asked),
+    }
+
+
+STATISTICS = SummedStatistics(STAT_METRICS, stat_columns, stat_from_sums)
 
 
 def splits_of(cfg) -> list[str]:

@@ -9,17 +9,22 @@ Native metrics follow the MME tool: per category acc and acc_plus (both question
 image right) in percent, score = acc + acc_plus (max 200), and perception / cognition
 totals (sums of their categories' scores)."""
 
+from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from sysattn_exp.benchmarks.base import (
     Benchmark,
     DatasetImages,
     Item,
+    SummedStatistics,
     check_groups,
     check_template,
     data_dir,
+    fraction,
+    group_sums,
     hub_split,
     image_dir,
     mme_answer,
@@ -30,6 +35,7 @@ from sysattn_exp.errors import UsageError
 from sysattn_exp.files import read_text
 
 MAIN_METRIC = "mme/perception_score"  # the native metric the report shows
+STAT_METRICS = ("mme/perception_score", "mme/cognition_score")  # given SE, CI, change stats
 PERCEPTION = [
     "existence",
     "count",
@@ -140,6 +146,47 @@ def native_metrics(scored: pd.DataFrame) -> dict[str, float]:
         if present & set(members):
             out[f"mme/{total}_score"] = totals[total]
     return out
+
+
+def stat_columns(scored: pd.DataFrame) -> pd.DataFrame:
+    """Per image (SummedStatistics.columns), for each category of the data: its questions
+    (`<category>/items`), right answers (`correct`), 1 for the image (`images`) and
+    whether both its questions are right (`images_right`); 0 in other categories'."""
+    correct = scored["correct"].astype(bool)
+    whole = correct.groupby(scored["group_id"]).transform("all")
+    first = ~scored["group_id"].duplicated()  # one row per image counts the image
+    values = {}
+    for category in sorted(set(scored["category"])):
+        member = scored["category"] == category
+        values |= {
+            f"{category}/items": member,
+            f"{category}/correct": member & correct,
+            f"{category}/images": member & first,
+            f"{category}/images_right": member & first & whole,
+        }
+    return group_sums(pd.DataFrame(values), scored["group_id"])
+
+
+def stat_from_sums(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The perception and cognition scores from stat_columns' sums: per category with
+    questions, 100 * correct / items + 100 * images_right / images, summed over the
+    total's categories; NaN where none of them has questions (native_metrics leaves the
+    total out)."""
+    categories = [name.removesuffix("/items") for name in sums if name.endswith("/items")]
+    out = {}
+    for total, members in (("perception", PERCEPTION), ("cognition", COGNITION)):
+        score, present = 0.0, False
+        for category in sorted(set(categories) & set(members)):
+            items, images = sums[f"{category}/items"], sums[f"{category}/images"]
+            acc = 100 * fraction(sums[f"{category}/correct"], items)
+            acc_plus = 100 * fraction(sums[f"{category}/images_right"], images)
+            score = score + np.where(items > 0, acc + acc_plus, 0.0)
+            present = present | (items > 0)
+        out[f"mme/{total}_score"] = np.where(present, score, np.nan)
+    return out
+
+
+STATISTICS = SummedStatistics(STAT_METRICS, stat_columns, stat_from_sums)
 
 
 def load(cfg) -> Benchmark:

@@ -13,17 +13,22 @@ cover all 1,900 samples, multiple-choice ones included; these cover only the yes
 so they are named yesno_* to keep them from being compared with the leaderboard."""
 
 import re
+from collections.abc import Mapping
 
+import numpy as np
 import pandas as pd
 
 from sysattn_exp.benchmarks.base import (
     Benchmark,
     DatasetImages,
     Item,
+    SummedStatistics,
     all_correct_rate,
     check_groups,
     check_template,
     data_dir,
+    fraction,
+    group_sums,
     hub_split,
     one_each,
     require_columns,
@@ -31,6 +36,7 @@ from sysattn_exp.benchmarks.base import (
 from sysattn_exp.errors import UsageError
 
 MAIN_METRIC = "naturalbench/yesno_g_acc"  # the native metric the report shows
+STAT_METRICS = (MAIN_METRIC,)  # given SE, CI and change statistics (evaluation.stats)
 LOCAL_HINT = "parquet file(s) exported from BaiqiL/NaturalBench"
 TYPE_COLUMNS = ("Question_Type", "Question Type")  # current card, older revisions
 COLUMNS = [
@@ -103,6 +109,24 @@ def native_metrics(scored: pd.DataFrame) -> dict[str, float]:
         "naturalbench/yesno_i_acc": all_correct_rate(scored, ["group_id", "image_index"]),
         "naturalbench/yesno_g_acc": all_correct_rate(scored, ["group_id"]),
     }
+
+
+def stat_columns(scored: pd.DataFrame) -> pd.DataFrame:
+    """Per sample (the group; SummedStatistics.columns): 1 (`samples`) and whether all its
+    four answers are right (`sample_right`)."""
+    correct = scored["correct"].astype(bool)
+    whole = correct.groupby(scored["group_id"]).transform("all")
+    first = ~scored["group_id"].duplicated()
+    values = pd.DataFrame({"samples": first, "sample_right": first & whole})
+    return group_sums(values, scored["group_id"])
+
+
+def stat_from_sums(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """naturalbench/yesno_g_acc: sample_right / samples."""
+    return {MAIN_METRIC: fraction(sums["sample_right"], sums["samples"])}
+
+
+STATISTICS = SummedStatistics(STAT_METRICS, stat_columns, stat_from_sums)
 
 
 def load(cfg) -> Benchmark:

@@ -29,16 +29,21 @@ that is defined, and 0 when TP is 0. With a generated answer (an `answer` column
 for recall), and counted as unknown_rate. evaluate.py itself reads any answer without
 "no" or "not" as yes; here the scores decide, so there is no unknown."""
 
+from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from sysattn_exp.benchmarks.base import (
     Benchmark,
     DatasetImages,
     Item,
+    SummedStatistics,
     check_template,
     data_dir,
+    fraction,
+    group_sums,
     hub_split,
     image_dir,
     json_lines,
@@ -52,6 +57,7 @@ from sysattn_exp.errors import UsageError
 # leaderboard's overall POPE score; unlike accuracy it falls when a model answers yes to
 # everything (precision 0.5), which is the bias this study measures.
 MAIN_METRIC = "pope/mean_f1"
+STAT_METRICS = (MAIN_METRIC,)  # given SE, CI and change statistics (evaluation.stats)
 SPLITS = ["random", "popular", "adversarial"]
 FIELDS = ("question_id", "image", "text", "label")
 HUB_COLUMNS = ["question_id", "question", "answer", "image_source", "category"]
@@ -159,16 +165,20 @@ def ratio(numerator: int, denominator: int) -> float | None:
     return numerator / denominator if denominator else None
 
 
-def split_metrics(rows: pd.DataFrame) -> dict[str, float | None]:
-    """POPE's five figures for one split. `answer` (generated answers), when present,
+def yes_and_no(rows: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Which answers are yes and which no: `answer` (generated answers), when present,
     decides yes / no / unknown; else `pred` (True = yes) does."""
-    label = rows["label"].astype(bool)
     if "answer" in rows:
         answer = rows["answer"].astype(str).str.strip().str.lower()
-        yes, no = answer == "yes", answer == "no"
-    else:
-        yes = rows["pred"].astype(bool)
-        no = ~yes
+        return answer == "yes", answer == "no"
+    yes = rows["pred"].astype(bool)
+    return yes, ~yes
+
+
+def split_metrics(rows: pd.DataFrame) -> dict[str, float | None]:
+    """POPE's five figures for one split (yes and no answers as yes_and_no reads them)."""
+    label = rows["label"].astype(bool)
+    yes, no = yes_and_no(rows)
     tp, fp = int((yes & label).sum()), int((yes & ~label).sum())
     tn = int((no & ~label).sum())
     # An unknown answer to a yes question is a miss: recall is over every yes question.
@@ -196,6 +206,41 @@ def native_metrics(scored: pd.DataFrame) -> dict[str, float | None]:
         # A mean over a split whose figure is undefined would not be a mean over the splits.
         out[f"pope/mean_{name}"] = None if None in values else sum(values) / len(values)
     return out
+
+
+def stat_columns(scored: pd.DataFrame) -> pd.DataFrame:
+    """Per group (SummedStatistics.columns), for each split: its questions (`<split>/n`),
+    true positives (`tp`), false positives (`fp`) and yes labels (`positives`; FN =
+    positives - TP, as split_metrics counts an unknown answer to a yes question a miss)."""
+    yes, _ = yes_and_no(scored)
+    label = scored["label"].astype(bool)
+    values = {}
+    for split in SPLITS:
+        member = scored["split"] == split
+        values |= {
+            f"{split}/n": member,
+            f"{split}/tp": member & yes & label,
+            f"{split}/fp": member & yes & ~label,
+            f"{split}/positives": member & label,
+        }
+    return group_sums(pd.DataFrame(values), scored["group_id"])
+
+
+def stat_from_sums(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """pope/mean_f1 from stat_columns' sums: F1 = 2TP / (2TP + FP + FN) per split, their
+    mean over the splits with questions; NaN where a present split's F1 is undefined
+    (native_metrics' None)."""
+    total, count = 0, 0
+    for split in SPLITS:
+        tp, fp = sums[f"{split}/tp"], sums[f"{split}/fp"]
+        fn = sums[f"{split}/positives"] - tp
+        present = sums[f"{split}/n"] > 0
+        total = total + np.where(present, fraction(2 * tp, 2 * tp + fp + fn), 0.0)
+        count = count + present
+    return {MAIN_METRIC: fraction(total, count)}
+
+
+STATISTICS = SummedStatistics(STAT_METRICS, stat_columns, stat_from_sums)
 
 
 def load(cfg) -> Benchmark:

@@ -11,8 +11,10 @@ right); and their means over subsets. rank_score follows scoring.rank_by: P(yes)
 the softmax over the whole vocabulary (p_yes, the default: what VQAScore does) or the
 log-odds yes_logit - no_logit (log_odds); the two can order a pair differently."""
 
+from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from sysattn_exp.benchmarks.base import (
@@ -20,9 +22,11 @@ from sysattn_exp.benchmarks.base import (
     DatasetImages,
     DatasetsByPrefix,
     Item,
+    SummedStatistics,
     check_groups,
     check_template,
     data_dir,
+    fraction,
     hub_dataset,
     image_dir,
     mme_answer,
@@ -34,6 +38,7 @@ from sysattn_exp.benchmarks.base import (
 from sysattn_exp.errors import UsageError
 
 MAIN_METRIC = "sugarcrepe/mean_pyes_acc"  # the native metric the report shows
+STAT_METRICS = (MAIN_METRIC,)  # given SE, CI and change statistics (evaluation.stats)
 SUBSETS = [
     "add_att",
     "add_obj",
@@ -123,13 +128,17 @@ def pair_problem(members: list[Item]) -> str | None:
     )
 
 
+def caption_first(rows: pd.DataFrame) -> pd.Series:
+    """Per pair (indexed by group_id): whether the caption's rank_score beats the
+    negative's."""
+    by_group = rows.pivot_table(index="group_id", columns="polarity", values="rank_score")
+    return by_group["positive"] > by_group["negative"]
+
+
 def native_metrics(scored: pd.DataFrame) -> dict[str, float]:
     out = {}
     for subset, rows in scored.groupby("subset", sort=True):
-        by_group = rows.pivot_table(index="group_id", columns="polarity", values="rank_score")
-        out[f"sugarcrepe/{subset}/pyes_acc"] = float(
-            (by_group["positive"] > by_group["negative"]).mean()
-        )
+        out[f"sugarcrepe/{subset}/pyes_acc"] = float(caption_first(rows).mean())
         out[f"sugarcrepe/{subset}/paired_accuracy"] = float(
             rows.groupby("group_id")["correct"].all().mean()
         )
@@ -137,6 +146,32 @@ def native_metrics(scored: pd.DataFrame) -> dict[str, float]:
         values = [v for k, v in out.items() if k.endswith(f"/{name}")]
         out[f"sugarcrepe/mean_{name}"] = sum(values) / len(values)
     return out
+
+
+def stat_columns(scored: pd.DataFrame) -> pd.DataFrame:
+    """Per pair (SummedStatistics.columns), for each subset of the data: 1 for the pair
+    (`<subset>/pairs`) and whether its caption ranks first (`<subset>/pyes`); 0 in other
+    subsets'."""
+    subset = scored.groupby("group_id")["subset"].first()
+    first = caption_first(scored).reindex(subset.index).astype(float)
+    values = {}
+    for name in sorted(set(subset)):
+        member = (subset == name).astype(float)
+        values |= {f"{name}/pairs": member, f"{name}/pyes": member * first}
+    return pd.DataFrame(values, index=subset.index)
+
+
+def stat_from_sums(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """sugarcrepe/mean_pyes_acc: the mean over subsets with pairs of pyes / pairs."""
+    total, count = 0, 0
+    for subset in sorted(name.removesuffix("/pairs") for name in sums if name.endswith("/pairs")):
+        pairs = sums[f"{subset}/pairs"]
+        total = total + np.where(pairs > 0, fraction(sums[f"{subset}/pyes"], pairs), 0.0)
+        count = count + (pairs > 0)
+    return {MAIN_METRIC: fraction(total, count)}
+
+
+STATISTICS = SummedStatistics(STAT_METRICS, stat_columns, stat_from_sums)
 
 
 def load(cfg) -> Benchmark:

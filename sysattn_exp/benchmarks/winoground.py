@@ -11,17 +11,21 @@ image), group score (both). rank_score follows scoring.rank_by: P(yes) under the
 over the whole vocabulary (p_yes, the default: what VQAScore does) or the log-odds
 yes_logit - no_logit (log_odds); the two can order a pair of items differently."""
 
+from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from sysattn_exp.benchmarks.base import (
     Benchmark,
     DatasetImages,
     Item,
+    SummedStatistics,
     check_groups,
     check_template,
     data_dir,
+    fraction,
     hub_split,
     json_lines,
     mme_answer,
@@ -33,6 +37,7 @@ from sysattn_exp.benchmarks.base import (
 from sysattn_exp.errors import UsageError
 
 MAIN_METRIC = "winoground/group_score"  # the native metric the report shows
+STAT_METRICS = (MAIN_METRIC,)  # given SE, CI and change statistics (evaluation.stats)
 FIELDS = ("id", "caption_0", "caption_1", "image_0", "image_1")
 LOCAL_HINT = "the release's examples.jsonl and images/"
 
@@ -87,18 +92,38 @@ def example_problem(members: list[Item]) -> str | None:
     )
 
 
-def native_metrics(scored: pd.DataFrame) -> dict[str, float]:
+def example_scores(scored: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Per example (indexed by group_id): whether its text score and its image score are
+    right (each image ranks its own caption first; each caption its own image)."""
     score = scored.pivot_table(
         index="group_id", columns=["caption_index", "image_index"], values="rank_score"
     )
     c0i0, c0i1, c1i0, c1i1 = (score[(j, k)] for j, k in ((0, 0), (0, 1), (1, 0), (1, 1)))
-    text = (c0i0 > c1i0) & (c1i1 > c0i1)
-    image = (c0i0 > c0i1) & (c1i1 > c1i0)
+    return (c0i0 > c1i0) & (c1i1 > c0i1), (c0i0 > c0i1) & (c1i1 > c1i0)
+
+
+def native_metrics(scored: pd.DataFrame) -> dict[str, float]:
+    text, image = example_scores(scored)
     return {
         "winoground/text_score": float(text.mean()),
         "winoground/image_score": float(image.mean()),
         "winoground/group_score": float((text & image).mean()),
     }
+
+
+def stat_columns(scored: pd.DataFrame) -> pd.DataFrame:
+    """Per example (SummedStatistics.columns): 1, and whether its group score is right."""
+    text, image = example_scores(scored)
+    right = (text & image).astype(float)
+    return pd.DataFrame({"examples": 1.0, "group_right": right}, index=right.index)
+
+
+def stat_from_sums(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """winoground/group_score: examples whose group score is right / examples."""
+    return {MAIN_METRIC: fraction(sums["group_right"], sums["examples"])}
+
+
+STATISTICS = SummedStatistics(STAT_METRICS, stat_columns, stat_from_sums)
 
 
 def load(cfg) -> Benchmark:

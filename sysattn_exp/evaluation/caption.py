@@ -17,11 +17,14 @@ from PIL import Image
 from sysattn_exp.benchmarks.images import decode_errors, open_image
 from sysattn_exp.errors import UsageError
 from sysattn_exp.evaluation.chair import (
+    CHAIR_STATISTICS,
+    caption_counts,
     chair_metrics,
     ground_truth_objects,
     score_caption,
     vocabulary,
 )
+from sysattn_exp.evaluation.stats import bootstrap_statistics, mcnemar_test
 from sysattn_exp.files import read_text
 
 INSTANCES = "instances_val2014.json"
@@ -229,22 +232,46 @@ def caption_predictions(
 ) -> tuple[pd.DataFrame, dict[str, float]]:
     """Caption the images (load_coco(cfg.caption), loaded beforehand so that bad data
     fails before the model loads) and score them with CHAIR: one row per image for
-    predictions.parquet (caption_rows), and the metrics. With an edit, the baseline's
-    captions (edit None) give baseline_<metric> and the change of CHAIR_s and CHAIR_i in
-    points."""
+    predictions.parquet (caption_rows), and the metrics with their statistics
+    (caption_statistics). With an edit, the baseline's captions (edit None) give
+    baseline_<metric>, the change of CHAIR_s and CHAIR_i in points and its statistics."""
     prompt = caption_prompt(cfg, loaded)
     vocab = vocabulary(cfg.caption.get("singularize", "original"))
     rows, scores = caption_rows(
         images, prompt, captions_of(cfg, loaded, edit, generate_fn, images, prompt), vocab
     )
     metrics = chair_metrics(scores)
+    image_ids = [image.image_id for image in images]
+    before = None
     if edit is not None:
         baseline_captions = captions_of(cfg, loaded, None, generate_fn, images, prompt)
-        baseline = chair_metrics(caption_rows(images, prompt, baseline_captions, vocab)[1])
+        baseline_scores = caption_rows(images, prompt, baseline_captions, vocab)[1]
+        baseline = chair_metrics(baseline_scores)
         metrics |= {f"baseline_{name}": value for name, value in baseline.items()}
         for name in ("chair_s", "chair_i"):
             metrics[f"{name}_change_points"] = 100.0 * (metrics[name] - baseline[name])
+        before = caption_counts(image_ids, baseline_scores)
+    metrics |= caption_statistics(caption_counts(image_ids, scores), before, cfg.stats)
     return pd.DataFrame(rows), metrics
+
+
+def caption_statistics(captions: pd.DataFrame, baseline: pd.DataFrame | None, stats_cfg):
+    """chair_s and chair_i's SE and 95% interval from a cluster bootstrap over the images
+    (stats.bootstrap_statistics with chair.CHAIR_STATISTICS: one caption per image, so
+    the image is the group), with `stats_cfg`'s resamples, seed and interval; with the baseline's
+    captions (caption_counts of the same images in the same order), the paired change's
+    interval and p-value, and McNemar's exact test on whether each caption hallucinates:
+    chair_s_mcnemar_b = captions hallucinating only under the intervention (the
+    intervention broke them), chair_s_mcnemar_c = only in the baseline (it fixed them),
+    the orientation of the yes/no jobs' b (right only in the baseline) and c (right only
+    under the intervention), a caption being right when it hallucinates nothing."""
+    samples, seed = stats_cfg.bootstrap_samples, stats_cfg.seed
+    method = str(stats_cfg.get("interval", "percentile"))
+    out = bootstrap_statistics(captions, baseline, [CHAIR_STATISTICS], samples, seed, method)
+    if baseline is not None:
+        test = mcnemar_test(~baseline["hallucinated"], ~captions["hallucinated"])
+        out |= {f"chair_s_mcnemar_{k}": v for k, v in test.items()}
+    return out
 
 
 def captions_of(cfg, loaded, edit, generate_fn, images, prompt) -> list[str]:

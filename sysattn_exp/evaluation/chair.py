@@ -15,13 +15,16 @@ caption). The tokeniser differs from the original's NLTK one (README, CHAIR sect
 """
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
 
+import numpy as np
+import pandas as pd
 from lemminflect import getLemma
 
+from sysattn_exp.benchmarks.base import SummedStatistics
 from sysattn_exp.evaluation import singular
 from sysattn_exp.files import read_text
 
@@ -217,3 +220,46 @@ def chair_metrics(scores: list[CaptionScore]) -> dict[str, float]:
 
 def ratio(part: float, whole: float) -> float:
     return part / whole if whole else 0.0
+
+
+def caption_counts(image_ids: list[int], scores: list[CaptionScore]) -> pd.DataFrame:
+    """One row per caption: group_id (its image: one caption per image, so the image is
+    the bootstrap's group), hallucinated (whether it mentions an object not in the
+    image), mentions and hallucinated_mentions (counts, repeats included)."""
+    return pd.DataFrame(
+        {
+            "group_id": image_ids,
+            "hallucinated": [bool(s.hallucinated) for s in scores],
+            "mentions": [len(s.mentions) for s in scores],
+            "hallucinated_mentions": [len(s.hallucinated) for s in scores],
+        }
+    )
+
+
+def chair_columns(captions: pd.DataFrame) -> pd.DataFrame:
+    """Per image (SummedStatistics.columns): captions, hallucinated captions, object
+    mentions and hallucinated mentions, from caption_counts' frame."""
+    values = captions[["hallucinated", "mentions", "hallucinated_mentions"]].astype(float)
+    values.insert(0, "captions", 1.0)
+    return values.groupby(captions["group_id"].to_numpy(), sort=True).sum()
+
+
+def chair_from_sums(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """CHAIR_s = hallucinated captions / captions, CHAIR_i = hallucinated mentions /
+    mentions (a ratio of sums, not a mean of per-caption ratios); 0 with nothing to count,
+    as chair_metrics gives."""
+    return {
+        "chair_s": zero_if_empty(sums["hallucinated"], sums["captions"]),
+        "chair_i": zero_if_empty(sums["hallucinated_mentions"], sums["mentions"]),
+    }
+
+
+def zero_if_empty(part: np.ndarray, whole: np.ndarray) -> np.ndarray:
+    part, whole = np.asarray(part, float), np.asarray(whole, float)
+    out = np.zeros(np.broadcast(part, whole).shape)
+    np.divide(part, whole, out=out, where=whole != 0)
+    return out
+
+
+# CHAIR_s and CHAIR_i given SE, CI and change statistics (evaluation.stats).
+CHAIR_STATISTICS = SummedStatistics(("chair_s", "chair_i"), chair_columns, chair_from_sums)

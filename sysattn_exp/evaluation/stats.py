@@ -1,5 +1,6 @@
-"""Statistics of a yes/no job: a cluster bootstrap over the benchmark's groups, the paired
-bootstrap of a change against the baseline, McNemar's exact test and the items that flipped.
+"""Statistics of a job (yes/no; caption jobs' CHAIR through bootstrap_statistics): a
+cluster bootstrap over the benchmark's groups, the paired bootstrap of a change against the
+baseline, McNemar's exact test and the items that flipped.
 
 - Cluster bootstrap (Efron & Tibshirani 1993, An Introduction to the Bootstrap, ch. 6 and
   13; Davison & Hinkley 1997, Bootstrap Methods, sec. 3.8 for clustered data): each
@@ -7,7 +8,8 @@ bootstrap of a change against the baseline, McNemar's exact test and the items t
   with replacement, as many as it has, and recomputes the metric from the items of the
   drawn groups. The standard error is the standard deviation of the resampled metric
   (ddof=1); the 95% interval is the percentile interval (the 2.5th and 97.5th percentiles
-  of the resampled metric, numpy's linear interpolation), not BCa.
+  of the resampled metric, numpy's linear interpolation) or, with method="bca"
+  (stats.interval), the BCa interval (Efron & Tibshirani 1993, ch. 14; bca_levels).
 - Paired bootstrap of a change: the same group draws for the baseline and the condition;
   the change's interval is the percentile interval of the resampled changes; its
   two-sided p-value is p = min(1, 2 * min(1 + #{d* <= 0}, 1 + #{d* >= 0}) / (B + 1)),
@@ -20,24 +22,30 @@ bootstrap of a change against the baseline, McNemar's exact test and the items t
   p-value of min(b, c) in b + c trials at 1/2 (statsmodels' mcnemar(exact=True)); p = 1
   when b + c = 0.
 
-Metrics that are means over items (accuracy, yes_rate, yes_bias) or over groups
-(paired_accuracy) are computed from per-group sums weighted by how often each group is
-drawn (one matrix product per chunk of resamples: 10,000 resamples of 26,118 items take
-about 3 s); other metrics (F1, MME's score, Winoground's group score: a benchmark's
-native metric) are recomputed whole on each resampled frame, each drawn group a new group
-(its group_id the position of the draw), which costs one call of the benchmark's metric
-function (milliseconds) per resample: they use the first `native_samples` resamples only
-(stats.native_bootstrap_samples)."""
+Every metric given statistics is a function of sums over the groups
+(benchmarks.SummedStatistics: the shared ones here, a benchmark's native ones in its
+module, CHAIR's in chair.py): a resample's sums are its draw counts per group times the
+per-group sums, one matrix product per chunk of resamples for every metric of both frames
+(a sparse product where the per-group columns are mostly 0, as HallusionBench's
+per-figure counts are), so every metric uses all `samples` resamples. The tests check, per
+benchmark, that this equals the benchmark's own native_metrics recomputed on each
+resampled frame (each drawn group a new group, a group drawn twice counted twice)."""
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
+from scipy.special import ndtr, ndtri
 from statsmodels.stats.contingency_tables import mcnemar
+
+from sysattn_exp.benchmarks.base import SummedStatistics, fraction, group_sums
 
 LEVEL = 0.95  # the intervals' coverage
 CHUNK = 256  # resamples drawn at once: the draws depend on it, so it is fixed
-SHARED = ("accuracy", "paired_accuracy", "yes_rate", "yes_bias")  # computed from group sums
+SHARED = ("accuracy", "paired_accuracy", "yes_rate", "yes_bias")  # every yes/no job's
+SPARSE_BELOW = 0.1  # per-group columns with fewer nonzeros than this share: a sparse product
+INTERVALS = ("percentile", "bca")  # stats.interval
 
 
 def draw_groups(n_groups: int, samples: int, seed: int) -> Iterator[np.ndarray]:
@@ -49,128 +57,166 @@ def draw_groups(n_groups: int, samples: int, seed: int) -> Iterator[np.ndarray]:
         yield rng.integers(0, n_groups, size=(min(CHUNK, samples - start), n_groups))
 
 
-class Groups:
-    """The items of a predictions frame by group: `codes` (n_items,) the group index of
-    each item (groups in sorted group_id order), `order` the item indices sorted by group,
-    `starts` / `sizes` (n_groups,) each group's slice of `order`."""
-
-    def __init__(self, group_id: pd.Series):
-        self.codes, self.ids = pd.factorize(group_id, sort=True)
-        self.n = len(self.ids)
-        self.sizes = np.bincount(self.codes, minlength=self.n)
-        self.order = np.argsort(self.codes, kind="stable")
-        self.starts = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
-
-    def items(self, draw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The item indices of the drawn groups `draw` (n_groups,), and for each the
-        position of its draw (the resampled frame's new group id)."""
-        sizes = self.sizes[draw]
-        ends = np.cumsum(sizes)
-        within = np.arange(ends[-1]) - np.repeat(ends - sizes, sizes)
-        return self.order[np.repeat(self.starts[draw], sizes) + within], np.repeat(
-            np.arange(len(draw)), sizes
-        )
-
-    def sums(self, values: np.ndarray) -> np.ndarray:
-        """Per-group sums of item values (n_items, k) -> (n_groups, k)."""
-        out = np.zeros((self.n, values.shape[1]))
-        np.add.at(out, self.codes, values)
-        return out
+def draw_counts(draws: np.ndarray) -> np.ndarray:
+    """How often each group is drawn in each resample: (chunk, n_groups) draws ->
+    (chunk, n_groups) counts."""
+    chunk, n_groups = draws.shape
+    offsets = n_groups * np.arange(chunk)[:, None]
+    counts = np.bincount((draws + offsets).ravel(), minlength=draws.size)
+    return counts.reshape(chunk, n_groups)
 
 
-def shared_columns(predictions: pd.DataFrame, groups: Groups) -> np.ndarray:
-    """Per-group sums (n_groups, 5): items, correct, yes answers, yes labels, and whether
-    the whole group is correct (one per group)."""
-    values = predictions[["correct", "pred", "label"]].to_numpy(dtype=float)
-    sums = groups.sums(values)
-    whole = (sums[:, 0] == groups.sizes).astype(float)
-    return np.column_stack([groups.sizes, sums, whole])
+def shared_columns(scored: pd.DataFrame) -> pd.DataFrame:
+    """Per group (SummedStatistics.columns): items, right answers, yes answers, yes
+    labels, 1 for the group and whether it is wholly right."""
+    correct = scored["correct"].astype(bool)
+    whole = correct.groupby(scored["group_id"]).transform("all")
+    first = ~scored["group_id"].duplicated()
+    values = pd.DataFrame(
+        {
+            "items": True,
+            "correct": correct,
+            "yes": scored["pred"].astype(bool),
+            "labels": scored["label"].astype(bool),
+            "groups": first,
+            "groups_right": first & whole,
+        }
+    )
+    return group_sums(values, scored["group_id"])
 
 
-def shared_from_sums(sums: np.ndarray) -> dict[str, np.ndarray]:
-    """SHARED metrics from summed columns (..., 5) of shared_columns, over the last axis;
-    a resample's row of weights times the groups' sums gives its sums."""
-    n_items, correct, yes, labels, whole = np.moveaxis(sums, -1, 0)
+def shared_from_sums(sums) -> dict[str, np.ndarray]:
+    """SHARED from shared_columns' sums: accuracy, paired accuracy (wholly right groups /
+    groups), yes rate and yes bias (yes answers - yes labels, over items)."""
+    items = sums["items"]
     return {
-        "accuracy": correct / n_items,
-        "paired_accuracy": whole,  # divided by the number of groups by the caller
-        "yes_rate": yes / n_items,
-        "yes_bias": (yes - labels) / n_items,
+        "accuracy": fraction(sums["correct"], items),
+        "paired_accuracy": fraction(sums["groups_right"], sums["groups"]),
+        "yes_rate": fraction(sums["yes"], items),
+        "yes_bias": fraction(sums["yes"] - sums["labels"], items),
     }
 
 
+SHARED_STATISTICS = SummedStatistics(SHARED, shared_columns, shared_from_sums)
+
+
+def group_ids(frame: pd.DataFrame) -> pd.Index:
+    """The groups in the order draw_groups indexes them (sorted ids)."""
+    return pd.Index(pd.unique(frame["group_id"])).sort_values()
+
+
+def per_group_block(stat: SummedStatistics, frame: pd.DataFrame, ids: pd.Index) -> pd.DataFrame:
+    """stat.columns(frame), rows in the order of `ids` (every group must have its row)."""
+    block = stat.columns(frame).reindex(ids)
+    if block.isna().to_numpy().any():
+        raise ValueError("a per-group column has no row for some group")
+    return block
+
+
+def per_group_matrix(blocks: list[pd.DataFrame]):
+    """The blocks' columns side by side: a dense float array, or a sparse CSC array where
+    under SPARSE_BELOW of its entries are nonzero (HallusionBench's per-figure counts)."""
+    matrix = np.concatenate([block.to_numpy(float) for block in blocks], axis=1)
+    if np.count_nonzero(matrix) < SPARSE_BELOW * matrix.size:
+        return sparse.csc_array(matrix)
+    return matrix
+
+
 def resampled_metrics(
-    frames: list[pd.DataFrame],
-    native: Callable[[pd.DataFrame], dict] | None,
-    names: list[str],
+    frames: Sequence[pd.DataFrame],
+    statistics: Sequence[SummedStatistics],
     samples: int,
     seed: int,
-    native_samples: int | None = None,
-) -> tuple[list[dict[str, float]], list[dict[str, np.ndarray]]]:
-    """The metrics `names` (SHARED ones, and native ones computed by `native(frame)`, a
-    frame of the same columns) of each frame of `frames` (the same items in the same
-    order: a baseline and a condition), as observed and on `samples` cluster-bootstrap
-    resamples that share their group draws (draw_groups(seed)); native metrics, recomputed
-    whole on each resample, on the first `native_samples` of them only (None: all); a
-    resample where a metric is undefined (None or not finite) gives NaN."""
-    native_samples = samples if native_samples is None else min(samples, native_samples)
-    groups = Groups(frames[0]["group_id"])
-    sums = [shared_columns(frame, groups) for frame in frames]
-    natives = [name for name in names if name not in SHARED]
-    shared = [name for name in names if name in SHARED]
-    observed = []
-    for frame, summed in zip(frames, sums, strict=True):
-        values = {k: float(v) for k, v in shared_from_sums(summed.sum(axis=0)).items()}
-        values["paired_accuracy"] /= groups.n
-        if natives:
-            values |= native_values(native, frame, natives)
-        observed.append({name: values[name] for name in names})
-    resampled = [
-        {name: np.empty(native_samples if name in natives else samples) for name in names}
-        for _ in frames
+) -> list[dict[str, np.ndarray]]:
+    """Each metric of `statistics` of each frame of `frames` (the same items in the same
+    order, with a group_id column: a condition and its baseline) on `samples`
+    cluster-bootstrap resamples that share their group draws (draw_groups(seed)): per
+    frame, metric name -> (samples,) array, NaN where undefined (or not finite)."""
+    ids = group_ids(frames[0])
+    parts = [
+        (f, stat, per_group_block(stat, frame, ids))
+        for f, frame in enumerate(frames)
+        for stat in statistics
     ]
+    matrix = per_group_matrix([block for _, _, block in parts])
+    out = [{name: np.empty(samples) for stat in statistics for name in stat.names} for _ in frames]
     done = 0
-    for draws in draw_groups(groups.n, samples, seed):
-        offsets = groups.n * np.arange(len(draws))[:, None]
-        weights = np.bincount((draws + offsets).ravel(), minlength=draws.size)
-        weights = weights.reshape(len(draws), groups.n).astype(float)
-        rows = slice(done, done + len(draws))
-        for summed, out in zip(sums, resampled, strict=True):
-            values = shared_from_sums(weights @ summed)
-            values["paired_accuracy"] = values["paired_accuracy"] / groups.n
-            for name in shared:
-                out[name][rows] = values[name]
-        for r, draw in enumerate(draws[: max(0, native_samples - done)]):
-            if not natives:
-                break
-            items, new_groups = groups.items(draw)
-            for frame, out in zip(frames, resampled, strict=True):
-                sample = frame.iloc[items].reset_index(drop=True)
-                sample["group_id"] = new_groups
-                for name, value in native_values(native, sample, natives).items():
-                    out[name][done + r] = value
+    for draws in draw_groups(len(ids), samples, seed):
+        counts = draw_counts(draws).astype(float)
+        sums = (matrix.T @ counts.T).T if sparse.issparse(matrix) else counts @ matrix
+        rows, start = slice(done, done + len(draws)), 0
+        for f, stat, block in parts:
+            columns = dict(
+                zip(block.columns, sums[:, start : start + block.shape[1]].T, strict=True)
+            )
+            start += block.shape[1]
+            values = stat.from_sums(columns)
+            for name in stat.names:
+                out[f][name][rows] = finite(values[name])
         done += len(draws)
-    return observed, resampled
+    return out
 
 
-def native_values(native, frame: pd.DataFrame, names: list[str]) -> dict[str, float]:
-    metrics = native(frame)
-    return {name: undefined_as_nan(metrics.get(name)) for name in names}
+def jackknife_metrics(
+    frames: Sequence[pd.DataFrame], statistics: Sequence[SummedStatistics]
+) -> list[dict[str, tuple[float, np.ndarray]]]:
+    """Per frame, metric name -> (its value on all groups, its (n_groups,) values with one
+    group left out each: the sums less that group's), NaN where undefined."""
+    ids = group_ids(frames[0])
+    out = []
+    for frame in frames:
+        values = {}
+        for stat in statistics:
+            block = per_group_block(stat, frame, ids)
+            total = block.sum()
+            observed = stat.from_sums({k: np.asarray(v) for k, v in total.items()})
+            left_out = stat.from_sums({k: total[k] - block[k].to_numpy() for k in block})
+            for name in stat.names:
+                values[name] = (float(finite(observed[name])), finite(left_out[name]))
+        out.append(values)
+    return out
 
 
-def undefined_as_nan(value) -> float:
-    return float("nan") if value is None or not np.isfinite(value) else float(value)
+def finite(values) -> np.ndarray:
+    """The values as floats, NaN where not finite (an undefined metric)."""
+    values = np.asarray(values, float)
+    return np.where(np.isfinite(values), values, np.nan)
 
 
-def interval(resampled: np.ndarray) -> dict[str, float]:
-    """se (standard deviation, ddof=1), ci_low and ci_high (the LEVEL percentile interval)
-    of the defined resamples, and how many were undefined (None where all were)."""
+def bca_levels(defined: np.ndarray, observed: float, jackknife: np.ndarray):
+    """The BCa interval's percentile levels (fractions, low and high; Efron & Tibshirani
+    1993, eq. 14.9-14.10): bias correction z0 = Phi^-1(share of resamples below the
+    observed value, ties counted half, as scipy.stats.bootstrap counts them; eq. 14.14
+    without ties), acceleration a = sum d^3 / (6 (sum d^2)^(3/2)) over the jackknife's
+    d = mean - leave-one-group-out value (eq. 14.15; 0 where the jackknife has no
+    spread). None where the observed value is undefined or the levels are not finite."""
+    jackknife = jackknife[np.isfinite(jackknife)]
+    if not np.isfinite(observed) or not len(jackknife):
+        return None
+    below = np.count_nonzero(defined < observed) + np.count_nonzero(defined <= observed)
+    z0 = ndtri(below / (2 * len(defined)))
+    d = jackknife.mean() - jackknife
+    spread = np.sum(d**2)
+    a = 0.0 if spread == 0 else np.sum(d**3) / (6 * spread**1.5)
+    z = z0 + ndtri(np.array([(1 - LEVEL) / 2, (1 + LEVEL) / 2]))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        levels = ndtr(z0 + z / (1 - a * z))
+    return levels if np.all(np.isfinite(levels)) else None
+
+
+def interval(resampled: np.ndarray, bca: tuple[float, np.ndarray] | None = None) -> dict:
+    """se (standard deviation, ddof=1), ci_low and ci_high of the defined resamples, and
+    how many were undefined (None where all were). The interval is the LEVEL percentile
+    interval, or with `bca` (the observed value and its jackknife values: stats.interval
+    =bca) the BCa interval (bca_levels), the percentile one where BCa is undefined."""
     defined = resampled[np.isfinite(resampled)]
-    tail = 100 * (1 - LEVEL) / 2
+    tail = (1 - LEVEL) / 2
     out = {"undefined": int(len(resampled) - len(defined))}
     if len(defined) < 2:
         return out | {"se": None, "ci_low": None, "ci_high": None}
-    low, high = np.percentile(defined, [tail, 100 - tail])
+    levels = None if bca is None else bca_levels(defined, *bca)
+    levels = np.array([tail, 1 - tail]) if levels is None else levels
+    low, high = np.percentile(defined, 100 * levels)
     return out | {"se": float(defined.std(ddof=1)), "ci_low": float(low), "ci_high": float(high)}
 
 
@@ -203,31 +249,31 @@ def group_correct(predictions: pd.DataFrame) -> np.ndarray:
     return predictions.groupby("group_id", sort=True)["correct"].all().to_numpy()
 
 
-def job_statistics(
-    predictions: pd.DataFrame,
+def bootstrap_statistics(
+    frame: pd.DataFrame,
     baseline: pd.DataFrame | None,
-    native: Callable[[pd.DataFrame], dict] | None,
-    native_names: list[str],
+    statistics: Sequence[SummedStatistics],
     samples: int,
     seed: int,
-    native_samples: int | None = None,
-) -> dict[str, float]:
-    """The statistics a yes/no job reports (metrics.json), for SHARED and `native_names`:
-    `<metric>_se`, `<metric>_ci_low`, `<metric>_ci_high` of the predictions; with a
-    `baseline` (the same items in the same order), `<metric>_change_ci_low`,
-    `<metric>_change_ci_high`, `<metric>_change_p` of the change (condition - baseline),
-    and accuracy_mcnemar_b/c/p and paired_accuracy_mcnemar_b/c/p. Frames have the
-    columns group_id, label, pred, correct (and what `native` reads). Native metrics are
-    recomputed whole on each resample, on the first `native_samples` resamples only
-    (None: all `samples`), since that costs a call of `native` per resample. Where a metric is
-    undefined on some resamples they are left out and counted in
-    `<metric>_ci_undefined_resamples` (written only when not 0)."""
-    names = [*SHARED, *native_names]
-    frames = [predictions] if baseline is None else [predictions, baseline]
-    observed, resampled = resampled_metrics(frames, native, names, samples, seed, native_samples)
+    method: str = "percentile",
+) -> dict[str, float | None]:
+    """For each metric of `statistics`: `<metric>_se`, `<metric>_ci_low`,
+    `<metric>_ci_high` of `frame` from `samples` cluster-bootstrap resamples of its groups
+    (group_id); with a `baseline` (the same items in the same order),
+    `<metric>_change_ci_low`, `<metric>_change_ci_high`, `<metric>_change_p` of the change
+    (frame - baseline) from the paired resamples. Intervals by `method` (INTERVALS:
+    percentile, or bca, which adds a leave-one-group-out jackknife); the p-value is the
+    percentile bootstrap's either way. Where a metric is undefined on some resamples they
+    are left out and counted in `<metric>_ci_undefined_resamples` (written only when not
+    0)."""
+    if method not in INTERVALS:
+        raise ValueError(f"interval method {method!r}: want one of {', '.join(INTERVALS)}")
+    frames = [frame] if baseline is None else [frame, baseline]
+    resampled = resampled_metrics(frames, statistics, samples, seed)
+    jackknife = jackknife_metrics(frames, statistics) if method == "bca" else None
     out = {}
-    for name in names:
-        spread = interval(resampled[0][name])
+    for name in (name for stat in statistics for name in stat.names):
+        spread = interval(resampled[0][name], None if jackknife is None else jackknife[0][name])
         undefined = spread.pop("undefined")
         out |= {f"{name}_{k}": v for k, v in spread.items()}
         if undefined:
@@ -235,10 +281,33 @@ def job_statistics(
         if baseline is None:
             continue
         changes = resampled[0][name] - resampled[1][name]
-        change = interval(changes)
+        change = interval(changes, None if jackknife is None else difference(jackknife, name))
         out[f"{name}_change_ci_low"] = change["ci_low"]
         out[f"{name}_change_ci_high"] = change["ci_high"]
         out[f"{name}_change_p"] = change_p_value(changes)
+    return out
+
+
+def difference(jackknife: list[dict], name: str) -> tuple[float, np.ndarray]:
+    """The change's observed and jackknife values (frame - baseline)."""
+    (now, now_left_out), (before, before_left_out) = jackknife[0][name], jackknife[1][name]
+    return now - before, now_left_out - before_left_out
+
+
+def job_statistics(
+    predictions: pd.DataFrame,
+    baseline: pd.DataFrame | None,
+    native: SummedStatistics | None,
+    samples: int,
+    seed: int,
+    method: str = "percentile",
+) -> dict[str, float | None]:
+    """The statistics a yes/no job reports (metrics.json): bootstrap_statistics of SHARED
+    and of the benchmark's `native` metrics (None: none); with a `baseline`,
+    accuracy_mcnemar_b/c/p (items) and paired_accuracy_mcnemar_b/c/p (whole groups).
+    Frames have the columns group_id, label, pred, correct (and what `native` reads)."""
+    statistics = [SHARED_STATISTICS] + ([] if native is None else [native])
+    out = bootstrap_statistics(predictions, baseline, statistics, samples, seed, method)
     if baseline is not None:
         tests = {
             "accuracy": (baseline["correct"].to_numpy(), predictions["correct"].to_numpy()),

@@ -13,7 +13,13 @@ import pandas as pd
 from sysattn_exp.attention.modality import MODALITIES
 from sysattn_exp.attention.profile import AttentionProfile, heatmap
 from sysattn_exp.attention.rules import Rule
-from sysattn_exp.benchmarks import MAIN_METRICS, Benchmark, answer_parser, load_benchmark
+from sysattn_exp.benchmarks import (
+    STAT_METRICS,
+    STATISTICS,
+    Benchmark,
+    answer_parser,
+    load_benchmark,
+)
 from sysattn_exp.errors import UsageError
 from sysattn_exp.evaluation.cache import ScoreCache
 from sysattn_exp.evaluation.generation import generate_items
@@ -110,18 +116,19 @@ class YesNoJob(Job):
         )
         if edit is None and profile is None:
             predictions, scores = baseline, baseline_scores
-        metrics = all_metrics(benchmark, predictions, ranking) | timing(scores, len(prompts))
-        comparison = {}
+        # The predictions with each item's meta, built once for the metrics and statistics.
+        scored = scored_frame(benchmark, predictions, ranking)
+        metrics = all_metrics(benchmark, scored) | timing(scores, len(prompts))
+        comparison, scored_baseline = {}, None
         artifacts = [] if profile is None else [profile_files(profile, name)]
         if edit is not None:
-            comparison = compare_with_baseline(metrics, all_metrics(benchmark, baseline, ranking))
+            scored_baseline = scored_frame(benchmark, baseline, ranking)
+            comparison = compare_with_baseline(metrics, all_metrics(benchmark, scored_baseline))
             flipped = flips(predictions, baseline)
             comparison |= flip_counts(flipped)
             artifacts.append(flips_file(flipped))
         # SE and intervals of the job's figures (and of their change): after the checks.
-        comparison |= statistics(
-            cfg.stats, benchmark, predictions, baseline if edit is not None else None, ranking
-        )
+        comparison |= statistics(cfg.stats, benchmark, scored, scored_baseline)
         return Evaluation(
             predictions,
             metrics,
@@ -154,24 +161,14 @@ def flips_file(flipped: pd.DataFrame):
     return write
 
 
-def statistics(cfg, benchmark, predictions, baseline, ranking: str) -> dict:
-    """stats.job_statistics of the job's predictions (and their change from `baseline`,
-    None for a baseline job) for the shared metrics and the benchmark's main native metric
-    (MAIN_METRICS), with cfg (the stats section)'s resamples (native_bootstrap_samples of
-    them for the native metric, recomputed whole on each) and seed."""
-    main = MAIN_METRICS.get(benchmark.name)
-    native_names = [] if main is None else [main]
-    scored = scored_frame(benchmark, predictions, ranking)
-    before = None if baseline is None else scored_frame(benchmark, baseline, ranking)
-    return job_statistics(
-        scored,
-        before,
-        benchmark.native_metrics,
-        native_names,
-        cfg.bootstrap_samples,
-        cfg.seed,
-        cfg.native_bootstrap_samples,
-    )
+def statistics(cfg, benchmark: Benchmark, scored: pd.DataFrame, baseline) -> dict:
+    """stats.job_statistics of the job's scored frame (scored_frame; and of its change
+    from `baseline`'s, None for a baseline job) for the shared metrics and the
+    benchmark's native ones (benchmarks.STATISTICS, its STAT_METRICS), with cfg (the
+    stats section)'s resamples, seed and interval method."""
+    native = STATISTICS.get(benchmark.name)
+    samples, seed, method = cfg.bootstrap_samples, cfg.seed, str(cfg.interval)
+    return job_statistics(scored, baseline, native, samples, seed, method)
 
 
 def predict(
@@ -327,16 +324,15 @@ RANKINGS = {  # scoring.rank_by: the score that metrics comparing two items rank
 }
 
 
-def all_metrics(benchmark: Benchmark, predictions: pd.DataFrame, ranking: str) -> dict:
+def all_metrics(benchmark: Benchmark, scored: pd.DataFrame) -> dict:
     """Shared metrics, the benchmark's native ones (which see each item's meta as columns,
-    and `rank_score`, the score that metrics comparing items rank by), and the counts from
-    loading."""
-    scored = scored_frame(benchmark, predictions, ranking)
+    and `rank_score`, the score that metrics comparing items rank by: `scored` is
+    scored_frame's), and the counts from loading."""
     generated = {}
-    if "answer" in predictions:  # generate mode: answers that are neither yes nor no
-        generated["unknown_rate"] = float((predictions["answer"] == "unknown").mean())
+    if "answer" in scored:  # generate mode: answers that are neither yes nor no
+        generated["unknown_rate"] = float((scored["answer"] == "unknown").mean())
     return (
-        shared_metrics(predictions)
+        shared_metrics(scored)
         | generated
         | benchmark.native_metrics(scored)
         | benchmark.load_counts
@@ -345,8 +341,7 @@ def all_metrics(benchmark: Benchmark, predictions: pd.DataFrame, ranking: str) -
 
 def statistic_names(benchmark: Benchmark) -> list[str]:
     """The names of the statistics an intervention job of `benchmark` writes (statistics)."""
-    main = MAIN_METRICS.get(benchmark.name)
-    names = [*SHARED, *([] if main is None else [main])]
+    names = [*SHARED, *STAT_METRICS.get(benchmark.name, ())]
     suffixes = ("se", "ci_low", "ci_high", "change_ci_low", "change_ci_high", "change_p")
     return [f"{name}_{suffix}" for name in names for suffix in suffixes]
 
@@ -370,7 +365,7 @@ def check_metric_names(benchmark: Benchmark, ranking: str) -> None:
     frame = item_columns(benchmark, [""] * n, scores)
     frame["pred"], frame["correct"] = frame["label"], True
     try:
-        names = all_metrics(benchmark, frame, ranking)
+        names = all_metrics(benchmark, scored_frame(benchmark, frame, ranking))
         names |= dict.fromkeys(statistic_names(benchmark))
     except Exception:  # noqa: BLE001 - a check only: the job computes its own metrics anyway
         log.debug("metric names not checked before scoring", exc_info=True)

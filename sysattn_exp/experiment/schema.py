@@ -96,6 +96,13 @@ class Singularize(enum.Enum):
     lemminflect = "lemminflect"
 
 
+class Interval(enum.Enum):
+    """stats.interval: the bootstrap's intervals (evaluation.stats.INTERVALS)."""
+
+    percentile = "percentile"
+    bca = "bca"
+
+
 class ToySplit(enum.Enum):
     """The toy benchmark's splits (benchmarks/toy.py)."""
 
@@ -268,9 +275,9 @@ class StatsConfig:
     """config.yaml's stats section: the bootstrap of a job's statistics (evaluation.stats)."""
 
     bootstrap_samples: int = MISSING
-    native_bootstrap_samples: int = MISSING
     seed: int = MISSING
     discordance: float = MISSING  # (0, 1] (check_values): the dry run's power line
+    interval: Interval = MISSING
 
 
 @dataclass
@@ -337,7 +344,6 @@ BOUNDS = {
     "runtime.baseline_part_items": (1, None),
     "runtime.lease_seconds": (0.001, None),
     "stats.bootstrap_samples": (2, None),  # an interval needs two resamples
-    "stats.native_bootstrap_samples": (2, None),
     "stats.seed": (0, None),  # numpy's default_rng takes seeds >= 0
     "caption.max_new_tokens": (1, None),
     "caption.limit": (1, None),

@@ -11,7 +11,7 @@ import torch
 import yaml
 from cli import read_metrics, run_cli
 from conftest import make_image
-from figures import record_figures
+from figures import pixels, record_figures
 
 from sysattn_exp.attention.profile import AttentionProfile, atlas, top_heads
 from sysattn_exp.attention.rules import Pai, Redistribution, Scale
@@ -277,7 +277,12 @@ def test_profile_job_writes_and_logs_the_sink_atlas(tmp_path):
     assert ((layers[SHARES] - mean[SHARES]).abs().to_numpy() <= 1e-6).all()
     n_items = read_metrics(job)["n_items"]
     assert (heads[heads["queries"] == "answer"]["n_queries"] == n_items).all()
-    assert (job / "attention_profile_heads.png").stat().st_size > 0
+    atlas_path = (job / "attention_profile_heads.png").resolve()
+    assert atlas_path.stat().st_size > 0
+    assert f"Sink atlas (by head): {atlas_path}" in result.stdout
+    title = f"{config['job']['name']}: share of the answer's attention by head"
+    again = atlas(heads, tmp_path / "again.png", title)
+    assert (pixels(again) == pixels(atlas_path)).all()
     assert top_heads(job / "attention_profile_heads.csv", 3, by="bos")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/outputs/mlflow.db")
     (run,) = mlflow.search_runs(experiment_names=["sysattn"], output_format="list")

@@ -178,7 +178,11 @@ def atlas(heads: pd.DataFrame, path: Path, title: str) -> Path:
     n_layers, n_heads = grids["system"].shape
     width = max(2.2, 0.22 * n_heads + 1.2)
     fig, axes = plt.subplots(
-        1, len(SHARES), figsize=(width * len(SHARES) + 1.0, 1.6 + 0.22 * n_layers), squeeze=False
+        1,
+        len(SHARES),
+        figsize=(width * len(SHARES) + 1.0, 1.8 + 0.22 * n_layers),
+        squeeze=False,
+        layout="constrained",
     )
     for ax, (name, grid) in zip(axes[0], grids.items(), strict=True):
         image = ax.imshow(grid.values, cmap="viridis", vmin=0, vmax=1, aspect="auto")
@@ -190,6 +194,6 @@ def atlas(heads: pd.DataFrame, path: Path, title: str) -> Path:
     axes[0][0].set_ylabel("decoder layer")
     fig.colorbar(image, ax=axes[0].tolist(), label="share of attention")
     fig.suptitle(title, fontsize=9)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

@@ -1,7 +1,8 @@
 """The per-head attention profile (the sink atlas): every query head's shares, and the
 first position's (BOS), against transformers' own eager attention weights and against the
 loop reference under each kind of rule, on a grouped-query model with left padding; the
-per-layer table as the mean over heads; top_heads; and the CLI's files and MLflow run."""
+per-layer table as the mean over heads; top_heads; and a profile job's files and MLflow run
+(assert_sink_atlas_of_the_job, on the toy demo's profile job in test_first_hour)."""
 
 import mlflow
 import pandas as pd
@@ -9,7 +10,7 @@ import pytest
 import reference
 import torch
 import yaml
-from cli import read_metrics, run_cli
+from cli import read_metrics
 from conftest import make_image
 from figures import pixels, record_figures
 
@@ -257,20 +258,17 @@ def test_atlas_draws_each_share_by_layer_and_head(loaded, batch, tmp_path, monke
     assert panels[0]["ylabel"] == "decoder layer"
 
 
-def test_profile_job_writes_and_logs_the_sink_atlas(tmp_path):
-    """The toy demo under +task=profile: the per-head table (its mean over heads is the
-    per-layer table), the atlas, both logged to MLflow with the per-layer files."""
-    result = run_cli(
-        "model=toy", "runtime.num_workers=0", "benchmark.limit=4", "+task=profile", cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    (job,) = (tmp_path / "outputs" / "runs").iterdir()
+def assert_sink_atlas_of_the_job(job, stdout: str, run) -> None:
+    """A +task=profile job's per-head files (test_first_hour runs the toy demo's profile
+    job once for its own checks and these): the per-head table, whose mean over heads is
+    the per-layer table; the atlas, which is atlas() of that table and whose path is
+    printed; both logged to the job's MLflow `run` with the per-layer files, and the
+    per-layer bos shares as attn_share_bos."""
     heads = pd.read_csv(job / "attention_profile_heads.csv")
     layers = pd.read_csv(job / "attention_profile.csv")
     assert list(heads.columns) == [
         "layer", "head", "kv_head", "queries", "n_queries", *SHARES,
     ]  # fmt: skip
-    config = yaml.safe_load((job / "config.yaml").read_text())
     assert len(heads) == len(layers) * heads["head"].nunique()
     mean = heads.groupby(["layer", "queries"])[SHARES].mean()
     layers = layers.set_index(["layer", "queries"]).sort_index()
@@ -278,22 +276,21 @@ def test_profile_job_writes_and_logs_the_sink_atlas(tmp_path):
     n_items = read_metrics(job)["n_items"]
     assert (heads[heads["queries"] == "answer"]["n_queries"] == n_items).all()
     atlas_path = (job / "attention_profile_heads.png").resolve()
-    assert atlas_path.stat().st_size > 0
-    assert f"Sink atlas (by head): {atlas_path}" in result.stdout
-    title = f"{config['job']['name']}: share of the answer's attention by head"
-    again = atlas(heads, tmp_path / "again.png", title)
+    assert f"Sink atlas (by head): {atlas_path}" in stdout
+    name = yaml.safe_load((job / "config.yaml").read_text())["job"]["name"]
+    again = atlas(
+        heads, job.parent / "again.png", f"{name}: share of the answer's attention by head"
+    )
     assert (pixels(again) == pixels(atlas_path)).all()
-    assert top_heads(job / "attention_profile_heads.csv", 3, by="bos")
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/outputs/mlflow.db")
-    (run,) = mlflow.search_runs(experiment_names=["sysattn"], output_format="list")
-    assert run.info.run_name == config["job"]["name"]
-    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert len(top_heads(job / "attention_profile_heads.csv", 3, by="bos")) == 3
+    client = mlflow.MlflowClient()
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {
         "attention_profile.csv",
         "attention_profile.png",
         "attention_profile_heads.csv",
         "attention_profile_heads.png",
     } <= logged
-    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "attn_share_bos")
+    history = client.get_metric_history(run.info.run_id, "attn_share_bos")
     bos = layers.xs("answer", level="queries")["bos"]
     assert {m.step: m.value for m in history} == pytest.approx(bos.to_dict())

@@ -50,8 +50,9 @@ def fused_edited_attention(
 ):
     """The rule's attention output (B, H, Q, D) without an attention matrix: the rule's own
     fused application (rules.Rule.fused: for most rules modality_attention with the rule's
-    merge); edit None: plain attention, by modality (for a profile). With a `profile`,
-    each block's per-modality shares of attention after the rule are recorded for `layer`."""
+    merge); edit None: plain attention, by modality (for a profile). With a `profile`
+    (profile.CallProfile), each block's per-modality shares of attention after the rule,
+    and the first real key's (FirstKey), are recorded for `layer`."""
     if edit is not None:
         return edit.fused(query, key, value, attention_mask, scaling, key_modality, profile, layer)
     return modality_attention(

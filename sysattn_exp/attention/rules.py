@@ -147,7 +147,10 @@ class Rule:
 
     def merge(self, parts: dict, block: Block) -> tuple[torch.Tensor, dict]:
         """A block's output from parts, modality -> (o_X (B, H, n, D), LSE_X (B, H, n)):
-        (output, modality -> (o_X, share after the rule (B, H, n, 1)))."""
+        (output, modality -> (o_X, share after the rule (B, H, n, 1))). The output must be
+        linear in the o_X and read values only through them and block.spans, as attention
+        is linear in V: a profile merges a key's indicator the same way to get the weight
+        the rule leaves on it (fused.FirstKey)."""
         return plain_merge(parts)
 
     def fused(

@@ -140,6 +140,7 @@ def reference_attention(module, query, key, value, attention_mask, scaling, drop
     for b in range(batch):
         names = STATE["modalities"][b]
         last_real = max(i for i, n in enumerate(names) if n != "pad")
+        first_real = min(i for i, n in enumerate(names) if n != "pad")
         offset = k_len - q_len
         for qi in range(q_len):
             pos = offset + qi
@@ -165,6 +166,11 @@ def reference_attention(module, query, key, value, attention_mask, scaling, drop
                         m: sum(w for w, n in zip(row, visible_names, strict=True) if n == m)
                         for m in ("system", "image", "text")
                     }
+                    # The first real position alone (BOS), where this row still sees it.
+                    by_name["bos"] = (
+                        row[visible.index(first_real)] if first_real in visible else 0.0
+                    )
+                    by_name["head"] = h
                     STATE["shares"].setdefault(module.layer_idx, []).append(by_name)
                 out[b, qi, h] = (weights[:, None] * values.double()).sum(0).to(query.dtype)
     return out, None

@@ -203,7 +203,8 @@ def test_rule_matches_reference(family, rule_name):
 
 
 def test_profile_matches_reference(family):
-    """The fused path's recorded shares of the answer position equal the reference's."""
+    """The fused path's recorded shares of the answer position equal the reference's, per
+    layer and per head, with the first position's (BOS) share."""
     loaded, prompts, inputs, key_modality = family
     layers = late_layers(loaded)
     profile = AttentionProfile()
@@ -225,6 +226,40 @@ def test_profile_matches_reference(family):
         for name in MODALITY_NAMES:
             want = sum(row[name] for row in rows) / len(rows)
             assert answer.loc[layer, name] == pytest.approx(want, abs=1e-5)
+    # Per query head, and on the first position alone (0 where a sliding window hides it).
+    heads = profile.head_table()
+    heads = heads[heads["queries"] == "answer"].set_index(["layer", "head"])
+    for layer, rows in shares.items():
+        for head in {row["head"] for row in rows}:
+            of_head = [row for row in rows if row["head"] == head]
+            for name in [*MODALITY_NAMES, "bos"]:
+                want = sum(row[name] for row in of_head) / len(of_head)
+                assert heads.loc[(layer, head), name] == pytest.approx(want, abs=1e-5)
+
+
+def test_profile_with_prefix_sharing_equals_whole_prompts(family):
+    """Scoring's prefix and question passes record the per-head shares, BOS's included, of
+    the whole-prompt pass (its answer rows checked against the reference above), also where
+    a sliding window has cut the first position out of the question pass's cache (Gemma 2
+    and 3: there the cache's first key is not BOS)."""
+    loaded, prompts, inputs, key_modality = family
+    whole = AttentionProfile()
+    logits(loaded, inputs, key_modality=key_modality, attention_profile=whole)
+    vlm, sizes = is_vlm(loaded), dict(IMAGES)
+    items = [
+        Item(f"{c}{j}", c, c if vlm else None, question, True)
+        for j, ((c, _), question) in enumerate(zip(IMAGES, QUESTIONS, strict=True))
+    ]
+    bench = Benchmark("fam", items, "{question}", lambda c: make_image(c, sizes[c]))
+    shared = AttentionProfile()
+    score_items(loaded, bench, prompts, None, ([5, 6], [7]), 4, 0, "test", profile=shared)
+    # The answer rows, and every text row (the first question rows see the cut cache).
+    want, got = (p.head_table().set_index(["layer", "queries", "head"]) for p in (whole, shared))
+    assert list(got.index) == list(want.index)
+    assert (got["n_queries"] == want["n_queries"]).all()
+    assert (got.xs("answer", level="queries")["n_queries"] == 2).all()
+    shares = [*MODALITY_NAMES, "bos"]
+    assert (got[shares] - want[shares]).abs().to_numpy().max() <= 1e-5
 
 
 def benchmark_of(loaded) -> Benchmark:

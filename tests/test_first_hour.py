@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 from cli import run_cli
+from test_profile_heads import assert_sink_atlas_of_the_job
 
 TOY = ["model=toy", "runtime.num_workers=0", "runtime.cache_dir=null"]
 
@@ -166,7 +167,7 @@ def test_model_path_without_network_uses_the_cached_copy(tmp_path):
     assert time.monotonic() - start < 120
 
 
-def test_profile_job_is_named_a_profile_and_prints_its_shares(tmp_path):
+def test_profile_job_is_named_a_profile_prints_its_shares_and_draws_the_sink_atlas(tmp_path):
     result = run_cli(*TOY, "+task=profile", "benchmark.limit=2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (job,) = (tmp_path / "outputs" / "runs").iterdir()
@@ -185,6 +186,7 @@ def test_profile_job_is_named_a_profile_and_prints_its_shares(tmp_path):
     for row in answer.itertuples():
         expected = [100 * row.system, 100 * row.image, 100 * row.text]
         assert printed[row.layer] == pytest.approx(expected, abs=0.05 + 1e-9)
+    assert_sink_atlas_of_the_job(job, result.stdout, run)  # the per-head files (issue 20)
 
 
 def test_dry_run_of_a_caption_sweep_checks_every_job(tmp_path):

@@ -29,13 +29,15 @@ and so is plain SDPA plus that row, materialised (its own `fused`).
 """
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 import torch
 from transformers.integrations.sdpa_attention import repeat_kv
 
 from sysattn_exp.attention import kernels
 from sysattn_exp.attention.modality import MODALITIES, PAD
+from sysattn_exp.attention.profile import FIRST_KEY
 
 # Query rows are taken in blocks of about this many (row, key) entries, so that masks and
 # per-modality outputs stay small at long context: a prompt of ~650 tokens is one block,
@@ -48,8 +50,9 @@ def fused_edited_attention(
 ):
     """The rule's attention output (B, H, Q, D) without an attention matrix: the rule's own
     fused application (rules.Rule.fused: for most rules modality_attention with the rule's
-    merge); edit None: plain attention, by modality (for a profile). With a `profile`,
-    each block's per-modality shares of attention after the rule are recorded for `layer`."""
+    merge); edit None: plain attention, by modality (for a profile). With a `profile`
+    (profile.CallProfile), each block's per-modality shares of attention after the rule,
+    and the first real key's (FirstKey), are recorded for `layer`."""
     if edit is not None:
         return edit.fused(query, key, value, attention_mask, scaling, key_modality, profile, layer)
     return modality_attention(
@@ -87,6 +90,9 @@ def modality_attention(
         for name, code in MODALITIES.items()
     }
     query_is_real = key_modality[:, k_len - q_len :] != PAD
+    first_key = None
+    if profile is not None:
+        first_key = FirstKey(key, value, n_rep, key_modality, causal_only, profile)
     unchanged = 0
     if profile is None and causal_only and rule is not None:
         unchanged = min(max(0, rule.first_changed_position(spans) - (k_len - q_len)), q_len)
@@ -108,8 +114,72 @@ def modality_attention(
         out[:, :, rows] = merged.to(query.dtype)
         if profile is not None:
             shares = {name: a[..., 0] for name, (_, a) in shares.items()}
+            shares[FIRST_KEY] = first_key.share(rule, parts, block)
             profile.record(layer, shares, key_modality, rows, q_len)
     return out
+
+
+class FirstKey:
+    """The share of attention, after the rule, on each sequence's first real key (BOS, the
+    attention sink; profile.first_key (B, K) marks it) for a profile, without an attention
+    matrix. Attention is linear in the values, so the weight a rule leaves on a key is the
+    rule's output when V is that key's indicator: parts' o_X become the key's weight within
+    X, exp(s - LSE_X) (s its score, 0 outside X or where the row does not see it), with
+    the same LSEs, merged by the rule (a rule that attends again, e.g. uniform, does so
+    over indicator values: `spans`). Exact for every rule whose merge is linear in o_X."""
+
+    def __init__(self, key, value, n_rep: int, key_modality, causal_only: bool, profile):
+        batch = torch.arange(key.shape[0], device=key.device)
+        self.position = profile.first_key.int().argmax(dim=1)  # (B,)
+        self.present = profile.first_key.any(dim=1)
+        self.code = key_modality[batch, self.position]
+        self.key = key[batch, :, self.position]  # (B, KV, D)
+        indicator = profile.first_key[:, None, :, None].to(value.dtype).expand_as(value)
+        self.spans = IndicatorSpans(key, indicator, n_rep, key_modality, causal_only)
+
+    def share(self, rule, parts: dict, block: "Block") -> torch.Tensor:
+        """(B, H, n) the share of each query row's attention on the first key."""
+        batch, heads = block.query.shape[:2]
+        key = self.key.repeat_interleave(heads // self.key.shape[1], dim=1).float()
+        score = torch.einsum("bhnd,bhd->bhn", block.query.float(), key) * block.scaling
+        visible = block.visible.get()[:, 0].expand(batch, -1, -1)  # (B, n, K)
+        seen = visible[torch.arange(batch), :, self.position] & self.present[:, None]
+        weight_parts = {
+            name: (
+                torch.where(
+                    (seen & (self.code == code)[:, None])[:, None],
+                    (score - parts[name][1]).exp(),
+                    0.0,
+                )[..., None],
+                parts[name][1],
+            )
+            for name, code in MODALITIES.items()
+        }
+        indicator_block = replace(block, spans=self.spans)
+        merge = plain_merge if rule is None else lambda p: rule.merge(p, indicator_block)
+        return merge(weight_parts)[0][..., 0]
+
+
+class IndicatorSpans(Mapping):
+    """ModalitySpan by name over indicator values, built on first use (only a rule that
+    attends to a span again needs them)."""
+
+    def __init__(self, key, indicator, n_rep: int, key_modality, causal_only: bool):
+        self.args, self.spans = (key, indicator, n_rep, key_modality, causal_only), {}
+
+    def __getitem__(self, name: str) -> "ModalitySpan":
+        if name not in self.spans:
+            key, indicator, n_rep, key_modality, causal_only = self.args
+            self.spans[name] = ModalitySpan(
+                key, indicator.contiguous(), n_rep, key_modality, MODALITIES[name], causal_only
+            )
+        return self.spans[name]
+
+    def __iter__(self):
+        return iter(MODALITIES)
+
+    def __len__(self) -> int:
+        return len(MODALITIES)
 
 
 def plain_merge(parts: dict) -> tuple[torch.Tensor, dict]:

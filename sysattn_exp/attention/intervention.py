@@ -6,7 +6,8 @@ Every forward call passes extra keyword arguments, which transformers hands thro
 language model to each attention call:
   key_modality:      (B, K) modality id of every key position (see modality.py);
   attention_edit:    a rule at its layers (rules.Rule), or None for the unchanged model;
-  attention_profile: optionally, an AttentionProfile that records where attention goes.
+  attention_profile: optionally, an AttentionProfile that records where attention goes
+                     (bound to each call's keys: AttentionProfile.for_call).
 Layers the edit does not select, and every layer when it is None, run plain SDPA (unless
 a profile is being recorded).
 
@@ -40,6 +41,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from sysattn_exp.attention import kernels
 from sysattn_exp.attention.fused import fused_edited_attention
 from sysattn_exp.attention.modality import MODALITIES, PAD
+from sysattn_exp.attention.profile import FIRST_KEY
 from sysattn_exp.attention.rules import Rule
 from sysattn_exp.errors import UsageError
 
@@ -96,6 +98,7 @@ def eager_edited_attention(
             name: (weights * (key_modality == code)[:, None, None, :]).sum(-1)
             for name, code in MODALITIES.items()
         }
+        shares[FIRST_KEY] = (weights * profile.first_key[:, None, None, :]).sum(-1)
         profile.record(layer, shares, key_modality, slice(0, q_len), q_len)
     return torch.matmul(weights, value.float()).to(query.dtype)
 
@@ -116,6 +119,9 @@ def sysattn_attention(
     attention_profile=None,
     **kwargs,
 ):
+    if attention_profile is not None and key_modality is not None:
+        # Bound to this call's keys before a sliding window's cache is sliced.
+        attention_profile = attention_profile.for_call(key_modality, key)
     selected = attention_edit is not None and module.layer_idx in attention_edit.layers
     if attention_edit is not None:
         note_layer(module.layer_idx, selected)

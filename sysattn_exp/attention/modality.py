@@ -62,3 +62,10 @@ def answer_rows(key_modality: torch.Tensor, q_len: int) -> torch.Tensor:
     last = k_len - 1 - real.flip(1).int().argmax(dim=1)
     positions = torch.arange(k_len - q_len, k_len, device=key_modality.device)
     return (positions[None] == last[:, None]) & (key_modality[:, k_len - q_len :] == TEXT)
+
+
+def first_real_key(key_modality: torch.Tensor) -> torch.Tensor:
+    """(B, N) boolean: each row's first real (not padding) position, whatever the padding
+    side: BOS where the tokenizer adds one, the attention sink of Xiao et al. 2023."""
+    real = key_modality != PAD
+    return real & (real.int().cumsum(dim=1) == 1)

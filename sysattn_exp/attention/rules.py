@@ -39,6 +39,7 @@ from transformers.integrations.sdpa_attention import repeat_kv
 
 from sysattn_exp.attention.fused import Block, masses, modality_attention, plain_merge
 from sysattn_exp.attention.modality import MODALITIES, TEXT, answer_rows
+from sysattn_exp.attention.profile import FIRST_KEY
 from sysattn_exp.errors import UsageError
 
 RULES: dict[str, type["Rule"]] = {}
@@ -146,7 +147,10 @@ class Rule:
 
     def merge(self, parts: dict, block: Block) -> tuple[torch.Tensor, dict]:
         """A block's output from parts, modality -> (o_X (B, H, n, D), LSE_X (B, H, n)):
-        (output, modality -> (o_X, share after the rule (B, H, n, 1)))."""
+        (output, modality -> (o_X, share after the rule (B, H, n, 1))). The output must be
+        linear in the o_X and read values only through them and block.spans, as attention
+        is linear in V: a profile merges a key's indicator the same way to get the weight
+        the rule leaves on it (fused.FirstKey)."""
         return plain_merge(parts)
 
     def fused(
@@ -448,14 +452,16 @@ class AnswerRowShares:
 
     def __init__(self, profile, answer):
         self.profile, self.answer = profile, answer
+        self.first_key = profile.first_key  # (B, K): the first real key (profile.CallProfile)
 
     def record(self, layer: int, shares: dict, key_modality, rows: slice, q_len: int) -> None:
         batch, answer, weights = self.answer
         in_block = (answer >= rows.start) & (answer < rows.stop)
         if in_block.any():
-            for name, code in MODALITIES.items():
-                is_x = (key_modality[batch] == code)[:, None, :]  # (b, 1, K)
-                share = (weights[:, :, 0] * is_x).sum(-1)  # (b, H)
+            masks = {name: key_modality[batch] == code for name, code in MODALITIES.items()}
+            masks[FIRST_KEY] = self.first_key[batch]
+            for name, is_x in masks.items():
+                share = (weights[:, :, 0] * is_x[:, None, :]).sum(-1)  # (b, H)
                 shares[name][batch[in_block], :, answer[in_block] - rows.start] = share[in_block]
         self.profile.record(layer, shares, key_modality, rows, q_len)
 

@@ -16,6 +16,7 @@ from sysattn_exp.experiment.cluster import slurm_sqlite_warning
 from sysattn_exp.experiment.report import report
 from sysattn_exp.experiment.tracking import (
     DRY_RUN_FILE,
+    PROFILE_HEADS_PLOT,
     PROFILE_PLOT,
     absolute_uri,
     sweep_key,
@@ -146,3 +147,5 @@ class SweepTracking(Callback):
             print(where_results(str(run_dir), config.tracking.uri))
         if (run_dir / PROFILE_PLOT).exists():
             print(f"Attention profile: {(run_dir / PROFILE_PLOT).resolve()}")
+        if (run_dir / PROFILE_HEADS_PLOT).exists():
+            print(f"Sink atlas (by head): {(run_dir / PROFILE_HEADS_PLOT).resolve()}")

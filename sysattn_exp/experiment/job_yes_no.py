@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from sysattn_exp.attention.modality import MODALITIES
-from sysattn_exp.attention.profile import AttentionProfile, heatmap
+from sysattn_exp.attention.profile import AttentionProfile, atlas, heatmap
 from sysattn_exp.attention.rules import Rule
 from sysattn_exp.benchmarks import (
     STAT_METRICS,
@@ -31,6 +31,8 @@ from sysattn_exp.experiment.job import Evaluation, Job, Watch, num_workers, swee
 from sysattn_exp.experiment.shared_baseline import SharedBaseline
 from sysattn_exp.experiment.tracking import (
     FLIPS_FILE,
+    PROFILE_HEADS_PLOT,
+    PROFILE_HEADS_TABLE,
     PROFILE_PLOT,
     PROFILE_TABLE,
     storable_names,
@@ -140,13 +142,18 @@ class YesNoJob(Job):
 
 
 def profile_files(profile: AttentionProfile, name: str):
-    """write(out_dir): the profile's table (PROFILE_TABLE) and heatmap (PROFILE_PLOT), and
-    its answer-position shares printed (profile_shares)."""
+    """write(out_dir): the profile's table (PROFILE_TABLE) and heatmap (PROFILE_PLOT), its
+    per-head table (PROFILE_HEADS_TABLE) and sink atlas (PROFILE_HEADS_PLOT), and its
+    answer-position shares printed (profile_shares)."""
 
     def write(out_dir: Path) -> None:
-        table = profile.table()
+        table, heads = profile.table(), profile.head_table()
         write_atomically(out_dir / PROFILE_TABLE, lambda p: table.to_csv(p, index=False))
+        write_atomically(out_dir / PROFILE_HEADS_TABLE, lambda p: heads.to_csv(p, index=False))
         heatmap(table, out_dir / PROFILE_PLOT, f"{name}: share of the answer's attention")
+        atlas(
+            heads, out_dir / PROFILE_HEADS_PLOT, f"{name}: share of the answer's attention by head"
+        )
         print(profile_shares(table, name))
 
     return write

@@ -20,6 +20,10 @@ JOB_MARKER = "mlflow_run.json"  # in a job folder: the run it was logged as
 SWEEP_MARKER = "mlflow_parent.json"  # in a sweep folder: the parent run of its jobs
 JOB_FILES = ("predictions.parquet", "config.yaml", "metrics.json")
 PROFILE_TABLE, PROFILE_PLOT = "attention_profile.csv", "attention_profile.png"  # profile runs
+# ... and per (layer, head): the sink atlas
+PROFILE_HEADS_TABLE = "attention_profile_heads.csv"
+PROFILE_HEADS_PLOT = "attention_profile_heads.png"
+PROFILE_FILES = (PROFILE_TABLE, PROFILE_PLOT, PROFILE_HEADS_TABLE, PROFILE_HEADS_PLOT)
 FLIPS_FILE = "flips.parquet"  # an intervention job's items whose answer changed
 DRY_RUN_FILE = "dry_run.json"  # a dry-run job's summary: its config was checked
 
@@ -257,13 +261,16 @@ def job_parent(cfg, sweep_dir: Path) -> str | None:
 
 def log_profile(mlflow, table_path: Path) -> None:
     """attn_share_<modality> (answer position) and attn_share_text_rows_<modality>, with the
-    decoder layer as the step."""
+    decoder layer as the step; likewise attn_share_bos (the first position alone) where the
+    table has it."""
     import pandas as pd
 
     table = pd.read_csv(table_path)
     for row in table.itertuples(index=False):
         prefix = "attn_share_" if row.queries == "answer" else "attn_share_text_rows_"
-        for modality in ("system", "image", "text"):
+        for modality in ("system", "image", "text", "bos"):
+            if modality not in table.columns:  # a table written before the bos column
+                continue
             mlflow.log_metric(prefix + modality, float(getattr(row, modality)), step=int(row.layer))
 
 
@@ -314,7 +321,7 @@ def _log_job(job_dir: Path, cfg) -> tuple[str, bool]:
                 mlflow.log_metrics({metric_names[k]: v for k, v in metrics.items()})
                 if (job_dir / PROFILE_TABLE).exists():
                     log_profile(mlflow, job_dir / PROFILE_TABLE)
-                for name in (*JOB_FILES, PROFILE_TABLE, PROFILE_PLOT, FLIPS_FILE):
+                for name in (*JOB_FILES, *PROFILE_FILES, FLIPS_FILE):
                     if (job_dir / name).exists():
                         mlflow.log_artifact(str(job_dir / name))
         except Exception:

@@ -2,8 +2,10 @@
 
 from collections.abc import Callable
 
+import pandas as pd
+
 from sysattn_exp.attention import rules
-from sysattn_exp.attention.rules import Rule
+from sysattn_exp.attention.rules import HeadSelection, Rule
 from sysattn_exp.errors import UsageError
 
 
@@ -32,6 +34,77 @@ def resolve_layers(cfg, depth: int) -> list[int]:
     return list(range(start, end))
 
 
-def build_edit(rule: Callable[..., Rule] | None, layers: list[int]) -> Rule | None:
-    """The configured rule (intervention_rule) at its resolved decoder layers."""
-    return None if rule is None else rule(layers=frozenset(layers))
+def build_edit(
+    rule: Callable[..., Rule] | None, layers: list[int], n_heads: int | None = None
+) -> Rule | None:
+    """The configured rule (intervention_rule) at its resolved decoder layers, its
+    `intervention.heads` resolved to (layer, head) pairs and checked against the layers and
+    the model's `n_heads` query heads per layer (UsageError)."""
+    if rule is None:
+        return None
+    heads = rule.keywords.get("heads")
+    if heads is None:
+        return rule(layers=frozenset(layers))
+    selection = None
+    if isinstance(heads, HeadSelection):
+        selection = heads.label()
+        heads = top_heads(heads, layers, n_heads)
+    check_heads(heads, layers, n_heads)
+    return rule(layers=frozenset(layers), heads=heads, head_selection=selection)
+
+
+def check_heads(heads, layers: list[int], n_heads: int | None) -> None:
+    """Each [layer, head] pair must name a head of an edited layer."""
+    for layer, head in heads:
+        if layer not in layers:
+            raise UsageError(
+                f"intervention.heads has [{layer}, {head}], but layer {layer} is not edited; "
+                f"the edited layers are {layers[0]}-{layers[-1]} (layers=...)"
+            )
+        if n_heads is not None and head >= n_heads:
+            raise UsageError(
+                f"intervention.heads has [{layer}, {head}], but the model has {n_heads} "
+                f"query heads per layer; allowed heads 0-{n_heads - 1}"
+            )
+
+
+def top_heads(selection: HeadSelection, layers: list[int], n_heads: int | None):
+    """The selection's top_k (layer, head) pairs among the edited layers, by their share of
+    the answer position's attention on selection.by in its per-head profile (sorted by
+    layer and head; ties broken by the lower layer, then head)."""
+    table = head_profile(selection.profile, selection.by)
+    table = table[table["layer"].isin(layers)]
+    if n_heads is not None and (table["head"] >= n_heads).any():
+        raise UsageError(
+            f"intervention.heads.profile={selection.profile} has heads beyond this model's "
+            f"{n_heads}: it was profiled on another model"
+        )
+    if selection.top_k > len(table):
+        raise UsageError(
+            f"intervention.heads.top_k={selection.top_k}, but {selection.profile} has "
+            f"{len(table)} heads in the edited layers {layers[0]}-{layers[-1]}"
+        )
+    ranked = table.sort_values([selection.by, "layer", "head"], ascending=[False, True, True])
+    chosen = ranked.head(selection.top_k)
+    return tuple(sorted(zip(chosen["layer"].tolist(), chosen["head"].tolist(), strict=True)))
+
+
+def head_profile(path: str, by: str) -> pd.DataFrame:
+    """The answer position's rows of a per-head profile file (layer, head, `by`)."""
+    columns = {"layer", "head", "queries", by}
+    try:
+        table = pd.read_csv(path)
+    except FileNotFoundError:
+        raise UsageError(
+            f"intervention.heads.profile={path}: no such file; give the "
+            "attention_profile_heads.csv of a +task=profile job"
+        ) from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise UsageError(f"intervention.heads.profile={path} is not a CSV file: {error}") from None
+    missing = sorted(columns - set(table.columns))
+    if missing:
+        raise UsageError(
+            f"intervention.heads.profile={path} has no per-head rows (no columns "
+            f"{', '.join(missing)}); give the attention_profile_heads.csv of a +task=profile job"
+        )
+    return table[table["queries"] == "answer"][["layer", "head", by]]

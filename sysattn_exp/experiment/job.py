@@ -125,7 +125,7 @@ def run_job(job: Job, out_dir: Path) -> dict:
         return dry_run_job(cfg, config, job, rule, out_dir, summary, counts)
     loaded = load_model(cfg.model)
     layers = job_layers(rule, cfg.layers, loaded.num_layers)
-    edit = build_edit(rule, layers)
+    edit = build_edit(rule, layers, loaded.text_config.num_attention_heads)
     name = run_name(job.benchmark_name, edit, layers, job.profiled)
     watch = Watch()
     with watch.passes():
@@ -163,7 +163,8 @@ def dry_run_job(cfg, config, job: Job, rule, out_dir: Path, summary: dict, count
     Logs nothing."""
     depth = config.get_text_config().num_hidden_layers
     layers = job_layers(rule, cfg.layers, depth)
-    name = run_name(job.benchmark_name, build_edit(rule, layers), layers, job.profiled)
+    edit = build_edit(rule, layers, config.get_text_config().num_attention_heads)
+    name = run_name(job.benchmark_name, edit, layers, job.profiled)
     number = sweep_job()
     where = "" if number is None else f" job{number}"
     print(

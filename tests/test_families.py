@@ -145,10 +145,12 @@ FAMILY_RULES = [
 def build(kwargs: dict, layers, impl: str):
     kwargs = dict(kwargs)
     kind = kwargs.pop("kind")
+    heads = kwargs.pop("heads", None)
     if kind == "scale":
-        return Scale(kwargs["modality"], kwargs["factor"], layers, impl)
+        return Scale(kwargs["modality"], kwargs["factor"], layers, impl, heads=heads)
     if kind == "pai":
-        return Pai(kwargs["alpha"], layers, impl)
+        return Pai(kwargs["alpha"], layers, impl, heads=heads)
+    kwargs["heads"] = heads
     source, recipients = kwargs.pop("source"), kwargs.pop("recipients")
     return Redistribution(source, recipients, layers, impl, **kwargs)
 
@@ -294,3 +296,28 @@ def test_system_prompt_without_a_system_role(tokenizers):
     assert PromptFormat(gemma, "").render("Q?", False) == PromptFormat(gemma, None).render(
         "Q?", False
     )
+
+
+# Head-selective rules (intervention.heads) rotate over the families: each edits two heads
+# of every late layer but the last (which stays plain though selected).
+HEAD_RULES = ["system->image+text", "dose", "uniform", "scale", "pai", "image->text"]
+
+
+@pytest.mark.parametrize(
+    "family,rule_name",
+    [(f, HEAD_RULES[i % len(HEAD_RULES)]) for i, f in enumerate(FAMILIES)],
+    indirect=["family"],
+)
+def test_rule_on_chosen_heads_matches_reference(family, rule_name):
+    loaded, prompts, inputs, key_modality = family
+    real = inputs["attention_mask"].bool()
+    layers = late_layers(loaded)
+    n_heads = loaded.text_config.num_attention_heads
+    heads = tuple((layer, (layer + k) % n_heads) for layer in sorted(layers)[:-1] for k in (0, 3))
+    edit_kwargs, rule = rules(layers)[rule_name]
+    want = reference_logits(loaded, prompts, inputs, rule | {"heads": set(heads)})
+    for impl in ("fused", "eager"):
+        edit = build(edit_kwargs | {"heads": heads}, layers, impl)
+        got = logits(loaded, inputs, key_modality=key_modality, attention_edit=edit)
+        error = (got[real] - want[real]).abs().max()
+        assert error <= 1e-5, f"{impl}: {error}"

@@ -2,8 +2,6 @@
 
 from collections.abc import Callable
 
-import pandas as pd
-
 from sysattn_exp.attention import rules
 from sysattn_exp.attention.rules import HeadSelection, Rule
 from sysattn_exp.errors import UsageError
@@ -89,8 +87,11 @@ def top_heads(selection: HeadSelection, layers: list[int], n_heads: int | None):
     return tuple(sorted(zip(chosen["layer"].tolist(), chosen["head"].tolist(), strict=True)))
 
 
-def head_profile(path: str, by: str) -> pd.DataFrame:
+def head_profile(path: str, by: str):
     """The answer position's rows of a per-head profile file (layer, head, `by`)."""
+    # pandas only here: scripts/device_check.py imports this module on a bare GPU image.
+    import pandas as pd
+
     columns = {"layer", "head", "queries", by}
     try:
         table = pd.read_csv(path)

@@ -101,7 +101,8 @@ def test_rules_are_canonical():
         ),
         ({"name": "scale", "modality": "image", "factor": 2, "fraction": 1}, "fraction",
          "name, modality, factor, impl, heads"),
-        ({"name": "pai", "alpha": 0.2, "gamma": 1.1}, "gamma", "name, alpha, impl, cfg_gamma, heads"),
+        ({"name": "pai", "alpha": 0.2, "gamma": 1.1}, "gamma",
+         "name, alpha, impl, cfg_gamma, heads"),
     ],
 )  # fmt: skip
 def test_a_key_the_rule_does_not_have_is_refused(section, key, allowed):

@@ -21,6 +21,7 @@ from sysattn_exp.attention.rules import Pai, Redistribution, Scale
 from sysattn_exp.errors import UsageError
 from sysattn_exp.evaluation.scoring import left_padded_position_ids
 from sysattn_exp.experiment.conditions import build_edit, intervention_rule
+from sysattn_exp.experiment.tracking import DRY_RUN_FILE
 from sysattn_exp.models.loading import use_sysattn
 
 # gqa_llava: 6 layers, 6 query heads over 3 KV heads. Heads 0 and 1 share KV head 0, 4 and
@@ -275,3 +276,47 @@ def test_cli_heads_job_and_its_key(tmp_path, monkeypatch, capsys):
     key = yaml.safe_load((tmp_path / "whole" / "config.yaml").read_text())["job"]["key"]
     assert key != config["job"]["key"]
     assert "heads" not in yaml.safe_load((tmp_path / "whole" / "config.yaml").read_text())["job"]
+
+
+def test_heads_sweep_grid_in_a_dry_run(tmp_path):
+    """+sweep=heads (top_k 1, 4, null = every head; x system -> text, image; x q4, all) as
+    a dry run on the tiny model (8 layers of 4 heads: its Q4 has 8 heads, too few for the
+    shipped K = 16 and 64, so K is overridden): every job resolves its heads from the
+    profile, and a job without the profile is one line."""
+    rows = [(layer, head, (7 * layer + 3 * head) % 11 / 10, 0.1) for layer in range(8)
+            for head in range(4)]  # fmt: skip
+    path = per_head_profile(tmp_path / "heads.csv", rows)
+    result = run_cli(
+        "+sweep=heads", "model=tiny", "benchmark=toy", "runtime.dry_run=true",
+        f"intervention.heads.profile={path}",
+        "intervention.heads.top_k=1,4,null",
+        f"tracking.uri=file://{tmp_path}/mlruns", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("dry run job")]
+    names = sorted(line.split(": ")[1].split(" on builtin")[0] for line in lines)
+    assert len(names) == 12
+    for label in ("layers 6-7", "layers 0-7"):
+        for recipient in ("text", "image"):
+            for k in (1, 4):
+                assert f"toy system->{recipient} top{k} system heads {label}" in names
+            assert f"toy system->{recipient} {label}" in names
+    # Each job's heads (DRY_RUN_FILE) are the K highest system shares of its layers.
+    share = {(layer, head): system for layer, head, system, _ in rows}
+    (sweep_dir,) = (tmp_path / "outputs" / "multiruns").iterdir()
+    for job in sweep_dir.glob("job*"):
+        summary = json.loads((job / DRY_RUN_FILE).read_text())
+        k = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())["intervention"]["heads"][
+            "top_k"
+        ]
+        if k is None:
+            assert "heads" not in summary
+            continue
+        candidates = [pair for pair in share if pair[0] in summary["layers"]]
+        ranked = sorted(candidates, key=lambda pair: (-share[pair], pair))
+        assert summary["heads"] == [list(pair) for pair in sorted(ranked[:k])]
+    missing = run_cli(
+        "+sweep=heads", "model=tiny", "benchmark=toy", "runtime.dry_run=true", cwd=tmp_path
+    )
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
+    assert "intervention.heads.profile" in missing.stderr

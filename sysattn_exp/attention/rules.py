@@ -507,7 +507,8 @@ class HeadSelection:
 
 def checked_heads(value) -> tuple[tuple[int, int], ...] | HeadSelection | None:
     """intervention.heads: null (every head), a list of [layer, head] pairs (0-based; sorted,
-    duplicates dropped) or {top_k, by, profile} (HeadSelection). UsageError otherwise."""
+    duplicates dropped) or {top_k, by, profile} (HeadSelection; top_k null: every head).
+    UsageError otherwise."""
     if value is None:
         return None
     if hasattr(value, "keys"):
@@ -529,14 +530,21 @@ def checked_heads(value) -> tuple[tuple[int, int], ...] | HeadSelection | None:
     return tuple(sorted(pairs))
 
 
-def checked_selection(value) -> HeadSelection:
+def checked_selection(value) -> HeadSelection | None:
+    """{top_k, by, profile}; top_k null: every head (so that a sweep over top_k can
+    include the rule on all heads: +sweep=heads)."""
     keys = ("top_k", "by", "profile")
     for key in value:
         if key not in keys:
             raise UsageError(f"intervention.heads.{key} is unknown; allowed: {', '.join(keys)}")
-    top_k, by, profile = value.get("top_k"), value.get("by", "system"), value.get("profile")
+    top_k = value.get("top_k")
+    if top_k is None:
+        return None
+    by, profile = value.get("by", "system"), value.get("profile")
     if not is_index(top_k) or top_k < 1:
-        raise UsageError(f"intervention.heads.top_k={top_k!r} must be an integer >= 1")
+        raise UsageError(
+            f"intervention.heads.top_k={top_k!r} must be an integer >= 1 (null: every head)"
+        )
     if by not in HeadSelection.BY:
         allowed = ", ".join(HeadSelection.BY)
         raise UsageError(f"intervention.heads.by={by!r} is unknown; allowed: {allowed}")

@@ -170,7 +170,9 @@ def dry_run_job(cfg, config, job: Job, rule, out_dir: Path, summary: dict, count
     print(
         f"dry run{where}: {name} on {cfg.model.name_or_path} ({depth} layers): {counts}: config ok"
     )
-    write_json(out_dir / DRY_RUN_FILE, summary | {"name": name, "layers": layers})
+    heads = getattr(edit, "heads", None)
+    heads = {} if heads is None else {"heads": [list(pair) for pair in heads]}
+    write_json(out_dir / DRY_RUN_FILE, summary | {"name": name, "layers": layers} | heads)
     return summary
 
 

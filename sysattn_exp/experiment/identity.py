@@ -140,6 +140,8 @@ def job_key(config: dict, condition: dict) -> str:
             dropped = {k for k, v in value.items() if DEFAULT_STATS.get(k) == v}
             if dropped == set(value):
                 continue
+        if section == "runtime" and not value.get("lens", True):
+            dropped = dropped | {"lens"}  # off: the key jobs had before the lens existed
         if section == "intervention" and value.get("heads", "given") is None:
             dropped = {"heads"}  # every head: the key jobs had before heads existed
         if section == "model" and value.get("weights", "pretrained") == "pretrained":

@@ -17,6 +17,7 @@ from sysattn_exp.benchmarks import MAIN_METRICS, Benchmark, answer_parser, load_
 from sysattn_exp.errors import UsageError
 from sysattn_exp.evaluation.cache import ScoreCache
 from sysattn_exp.evaluation.generation import generate_items
+from sysattn_exp.evaluation.lens import LogitLens, lens_plot
 from sysattn_exp.evaluation.metrics import compare_with_baseline, shared_metrics
 from sysattn_exp.evaluation.scoring import Scores, score_items
 from sysattn_exp.evaluation.stats import SHARED, flip_counts, flips, job_statistics
@@ -25,6 +26,8 @@ from sysattn_exp.experiment.job import Evaluation, Job, Watch, num_workers, swee
 from sysattn_exp.experiment.shared_baseline import SharedBaseline
 from sysattn_exp.experiment.tracking import (
     FLIPS_FILE,
+    LENS_PLOT,
+    LENS_TABLE,
     PROFILE_PLOT,
     PROFILE_TABLE,
     storable_names,
@@ -64,6 +67,10 @@ class YesNoJob(Job):
             raise UsageError(
                 "runtime.profile records the logit mode's answer row; use scoring.mode=logit"
             )
+        if cfg.scoring.mode == "generate" and cfg.runtime.lens:
+            raise UsageError(
+                "runtime.lens reads the logit mode's answer row; use scoring.mode=logit"
+            )
 
     def dry_run(self, config) -> tuple[dict, str]:
         """The data, the model's processor, the scored answer tokens: prints the counts, an
@@ -85,19 +92,26 @@ class YesNoJob(Job):
         words = scoring_words(loaded, cfg.scoring, prompts[0])
         # The baseline is shared through the score cache by concurrent jobs (shared_baseline):
         # the parts nobody holds first, this job's own condition while others finish theirs.
-        shared = shared_baseline(cfg, loaded, benchmark, prompts, words)
+        # A lens reads every item anew: no shared baseline, no score cache.
+        lenses = {"baseline": LogitLens(loaded)} if cfg.runtime.lens else {}
+        if lenses and edit is not None:
+            lenses["intervention"] = LogitLens(loaded)
+        shared = None if lenses else shared_baseline(cfg, loaded, benchmark, prompts, words)
         profile = AttentionProfile() if self.profiled else None
         if shared is not None:
             shared.compute_free_parts()
         if edit is not None or profile is not None:
             with watch.passes():  # the job's metrics describe the condition's passes
                 predictions, scores = predict(
-                    cfg, loaded, benchmark, prompts, edit, words, name, profile
-                )
+                    cfg, loaded, benchmark, prompts, edit, words, name, profile,
+                    lenses.get("intervention" if edit is not None else "baseline"),
+                )  # fmt: skip
         if shared is not None:
             shared.finish()
+        # (A profile job without a rule has read the baseline's lens above.)
+        baseline_lens = lenses.get("baseline") if edit is not None or profile is None else None
         baseline, baseline_scores = predict(
-            cfg, loaded, benchmark, prompts, None, words, "baseline"
+            cfg, loaded, benchmark, prompts, None, words, "baseline", lens=baseline_lens
         )
         if shared is not None:  # the parts this job computed
             baseline_scores = replace(
@@ -113,6 +127,8 @@ class YesNoJob(Job):
         metrics = all_metrics(benchmark, predictions, ranking) | timing(scores, len(prompts))
         comparison = {}
         artifacts = [] if profile is None else [profile_files(profile, name)]
+        if lenses:
+            artifacts.append(lens_files(lenses, benchmark, name))
         if edit is not None:
             comparison = compare_with_baseline(metrics, all_metrics(benchmark, baseline, ranking))
             flipped = flips(predictions, baseline)
@@ -141,6 +157,25 @@ def profile_files(profile: AttentionProfile, name: str):
         write_atomically(out_dir / PROFILE_TABLE, lambda p: table.to_csv(p, index=False))
         heatmap(table, out_dir / PROFILE_PLOT, f"{name}: share of the answer's attention")
         print(profile_shares(table, name))
+
+    return write
+
+
+def lens_files(lenses: dict, benchmark, name: str):
+    """write(out_dir): the lens readings of the baseline (and the intervention) as
+    LENS_TABLE (item_id, group_id, label, condition, layer, log_odds, p_yes) and their
+    mean log-odds by layer for yes- and no-label items as LENS_PLOT (lens.lens_plot)."""
+
+    def write(out_dir: Path) -> None:
+        items = pd.DataFrame(
+            [(i.item_id, i.group_id, i.label) for i in benchmark.items],
+            columns=["item_id", "group_id", "label"],
+        )
+        frames = [lens.table().assign(condition=condition) for condition, lens in lenses.items()]
+        table = pd.concat(frames, ignore_index=True).join(items, on="item")
+        table = table[["item_id", "group_id", "label", "condition", "layer", "log_odds", "p_yes"]]
+        write_atomically(out_dir / LENS_TABLE, lambda p: table.to_parquet(p, index=False))
+        lens_plot(table, out_dir / LENS_PLOT, f"{name}: logit lens of the answer")
 
     return write
 
@@ -175,17 +210,17 @@ def statistics(cfg, benchmark, predictions, baseline, ranking: str) -> dict:
 
 
 def predict(
-    cfg, loaded, benchmark, prompts, edit, words, desc, profile=None
+    cfg, loaded, benchmark, prompts, edit, words, desc, profile=None, lens=None
 ) -> tuple[pd.DataFrame, Scores]:
-    """Score every item (through the score cache, unless profiling): one row per item with
-    the columns of predictions.parquet, and how the scoring went."""
+    """Score every item (through the score cache, unless profiling or reading a lens):
+    one row per item with the columns of predictions.parquet, and how the scoring went."""
     if cfg.scoring.mode == "generate":
         return predict_by_generation(cfg, loaded, benchmark, prompts, edit, words, desc)
     plain = None
     if edit is not None and edit.guidance is not None:
         plain = item_prompts(benchmark, loaded.prompt_format(cfg.model), with_image=False)
     cache = None
-    if cfg.runtime.cache_dir and profile is None:
+    if cfg.runtime.cache_dir and profile is None and lens is None:
         cache = ScoreCache(cfg.runtime.cache_dir, condition(cfg, loaded, edit, words))
     scores = score_items(
         loaded,
@@ -200,6 +235,7 @@ def predict(
         profile,
         plain,
         cfg.runtime.progress_seconds,
+        lens,
     )
     frame = item_columns(benchmark, prompts, scores)
     frame["pred"] = frame["yes_logit"] > frame["no_logit"]

@@ -20,6 +20,8 @@ JOB_MARKER = "mlflow_run.json"  # in a job folder: the run it was logged as
 SWEEP_MARKER = "mlflow_parent.json"  # in a sweep folder: the parent run of its jobs
 JOB_FILES = ("predictions.parquet", "config.yaml", "metrics.json")
 PROFILE_TABLE, PROFILE_PLOT = "attention_profile.csv", "attention_profile.png"  # profile runs
+LENS_TABLE, LENS_PLOT = "lens.parquet", "lens.png"  # runtime.lens (+task=lens)
+LENS_FILES = (LENS_TABLE, LENS_PLOT)
 FLIPS_FILE = "flips.parquet"  # an intervention job's items whose answer changed
 DRY_RUN_FILE = "dry_run.json"  # a dry-run job's summary: its config was checked
 
@@ -314,7 +316,7 @@ def _log_job(job_dir: Path, cfg) -> tuple[str, bool]:
                 mlflow.log_metrics({metric_names[k]: v for k, v in metrics.items()})
                 if (job_dir / PROFILE_TABLE).exists():
                     log_profile(mlflow, job_dir / PROFILE_TABLE)
-                for name in (*JOB_FILES, PROFILE_TABLE, PROFILE_PLOT, FLIPS_FILE):
+                for name in (*JOB_FILES, PROFILE_TABLE, PROFILE_PLOT, FLIPS_FILE, *LENS_FILES):
                     if (job_dir / name).exists():
                         mlflow.log_artifact(str(job_dir / name))
         except Exception:

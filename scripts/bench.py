@@ -12,7 +12,8 @@ shape (576 image tokens, its system prompt, ~20-token questions) that a 2-core C
 Figures (each a ratio): overhead_ratio (forward with a Q4 system->text redistribution over
 a plain SDPA forward), runner_overhead_ratio (the same intervention inside the runner's real
 scoring path, prefix sharing and data loading included, over the baseline job's; and
-runner_overhead_ratio_system_image, for a rule that also edits the image prefix's rows),
+runner_overhead_ratio_system_image, for a rule that also edits the image prefix's rows;
+head_selective_overhead_ratio, for Q4 system->text on a handful of heads, intervention.heads),
 eager_overhead_ratio (the same with impl=eager), speedup_vs_naive
 (items/s of the runner's scoring path over a one-item-at-a-time generate() loop with eager
 attention everywhere, two questions per image), prefix_sharing_speedup (shared vs whole
@@ -123,6 +124,12 @@ def bench_items(n_images: int, per_image: int) -> Benchmark:
 def q4(loaded: LoadedModel) -> frozenset[int]:
     depth = loaded.num_layers
     return frozenset(range(3 * depth // 4, depth))
+
+
+def handful(loaded: LoadedModel) -> tuple[tuple[int, int], ...]:
+    """A handful of heads in Q4 (intervention.heads): one in each of its first four layers."""
+    heads = loaded.text_config.num_attention_heads
+    return tuple((layer, layer % heads) for layer in sorted(q4(loaded))[:4])
 
 
 def median_seconds(variants: dict, repeats: int) -> dict[str, float]:
@@ -354,6 +361,7 @@ def runner_overheads(
         "baseline": None,
         "system_text": Redistribution("system", ("text",), q4(loaded)),
         "system_image": Redistribution("system", ("image",), q4(loaded)),
+        "system_text_heads": Redistribution("system", ("text",), q4(loaded), heads=handful(loaded)),
     }
     seconds = median_seconds(
         {
@@ -367,6 +375,7 @@ def runner_overheads(
     return {
         "runner_overhead_ratio": seconds["system_text"] / seconds["baseline"],
         "runner_overhead_ratio_system_image": seconds["system_image"] / seconds["baseline"],
+        "head_selective_overhead_ratio": seconds["system_text_heads"] / seconds["baseline"],
         "runner_items": len(two.items),
         "runner_seconds": seconds,
     }

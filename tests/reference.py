@@ -5,7 +5,8 @@ For every real query row of every head it computes softmax attention over the vi
 (causal, padding excluded; within a sliding window on a layer that has one; image keys in
 both directions among image queries where the family does that, Gemma 3), with logits
 soft-capped where the family does that (Gemma 2), applies the redistribution rule of
-docs/design.md section 1.2 if the layer is selected, and takes the weighted sum of the values.
+docs/design.md section 1.2 if the layer (and, where the rule names heads, the head) is
+selected, and takes the weighted sum of the values.
 Layers the rule does not select (and all layers when there is no rule and no profile)
 compute the same plain attention vectorised over rows, to keep the tests fast.
 """
@@ -150,15 +151,19 @@ def reference_attention(module, query, key, value, attention_mask, scaling, drop
             visible_names = [names[j] for j in visible]
             index = torch.tensor(visible)
             for h in range(heads):
+                # rule["heads"], if given: the (layer, head) pairs edited; others plain.
+                edit_head = edit_here and (module.layer_idx, h) in rule.get(
+                    "heads", {(module.layer_idx, h)}
+                )
                 keys, values = key[b, h // group, index], value[b, h // group, index]
                 scores = capped(keys @ query[b, h, qi] * scaling, softcap)
                 # PAI: on the answer position only, image scores z -> z + alpha |z|.
-                if edit_here and "alpha" in rule and pos == last_real and names[pos] == "text":
+                if edit_head and "alpha" in rule and pos == last_real and names[pos] == "text":
                     for n, name in enumerate(visible_names):
                         if name == "image":
                             scores[n] = scores[n] + rule["alpha"] * scores[n].abs()
                 weights = torch.softmax(scores.double(), dim=0)
-                if edit_here and "alpha" not in rule:
+                if edit_head and "alpha" not in rule:
                     weights = edit_row(weights, visible_names, rule)
                 if pos == last_real and "shares" in STATE:  # the answer position's shares
                     row = weights.tolist()

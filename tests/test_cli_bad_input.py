@@ -71,7 +71,7 @@ CASES = {
         (*REDIS, "+intervention.sourse=image"),
         [
             "intervention.sourse is not a key of the redistribute rule",
-            "allowed: name, source, recipients, impl, fraction, mode",
+            "allowed: name, source, recipients, impl, fraction, mode, heads",
         ],
     ),
     "missing jsonl path": ((*TINY, "benchmark=jsonl"), ["benchmark.path is required"]),

@@ -97,11 +97,12 @@ def test_rules_are_canonical():
         (
             {"name": "redistribute", "source": "system", "recipients": ["text"], "sourse": "x"},
             "sourse",
-            "name, source, recipients, impl, fraction, mode",
+            "name, source, recipients, impl, fraction, mode, heads",
         ),
         ({"name": "scale", "modality": "image", "factor": 2, "fraction": 1}, "fraction",
-         "name, modality, factor, impl"),
-        ({"name": "pai", "alpha": 0.2, "gamma": 1.1}, "gamma", "name, alpha, impl, cfg_gamma"),
+         "name, modality, factor, impl, heads"),
+        ({"name": "pai", "alpha": 0.2, "gamma": 1.1}, "gamma",
+         "name, alpha, impl, cfg_gamma, heads"),
     ],
 )  # fmt: skip
 def test_a_key_the_rule_does_not_have_is_refused(section, key, allowed):

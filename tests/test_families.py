@@ -15,6 +15,7 @@ from sysattn_exp.attention.modality import IMAGE, SYSTEM, TEXT
 from sysattn_exp.attention.profile import AttentionProfile
 from sysattn_exp.attention.rules import Pai, Redistribution, Scale
 from sysattn_exp.benchmarks.base import Benchmark, Item
+from sysattn_exp.evaluation.lens import LogitLens
 from sysattn_exp.evaluation.scoring import encode_full_prompts, score_full_prompts, score_items
 from sysattn_exp.models.loading import LoadedModel, tokenizer_of, use_sysattn
 from sysattn_exp.models.prompts import PromptFormat, text_kwargs
@@ -145,10 +146,12 @@ FAMILY_RULES = [
 def build(kwargs: dict, layers, impl: str):
     kwargs = dict(kwargs)
     kind = kwargs.pop("kind")
+    heads = kwargs.pop("heads", None)
     if kind == "scale":
-        return Scale(kwargs["modality"], kwargs["factor"], layers, impl)
+        return Scale(kwargs["modality"], kwargs["factor"], layers, impl, heads=heads)
     if kind == "pai":
-        return Pai(kwargs["alpha"], layers, impl)
+        return Pai(kwargs["alpha"], layers, impl, heads=heads)
+    kwargs["heads"] = heads
     source, recipients = kwargs.pop("source"), kwargs.pop("recipients")
     return Redistribution(source, recipients, layers, impl, **kwargs)
 
@@ -329,3 +332,68 @@ def test_system_prompt_without_a_system_role(tokenizers):
     assert PromptFormat(gemma, "").render("Q?", False) == PromptFormat(gemma, None).render(
         "Q?", False
     )
+
+
+# Head-selective rules (intervention.heads) rotate over the families: each edits two heads
+# of every late layer but the last (which stays plain though selected).
+HEAD_RULES = ["system->image+text", "dose", "uniform", "scale", "pai", "image->text"]
+
+
+@pytest.mark.parametrize(
+    "family,rule_name",
+    [(f, HEAD_RULES[i % len(HEAD_RULES)]) for i, f in enumerate(FAMILIES)],
+    indirect=["family"],
+)
+def test_rule_on_chosen_heads_matches_reference(family, rule_name):
+    loaded, prompts, inputs, key_modality = family
+    real = inputs["attention_mask"].bool()
+    layers = late_layers(loaded)
+    n_heads = loaded.text_config.num_attention_heads
+    heads = tuple((layer, (layer + k) % n_heads) for layer in sorted(layers)[:-1] for k in (0, 3))
+    edit_kwargs, rule = rules(layers)[rule_name]
+    want = reference_logits(loaded, prompts, inputs, rule | {"heads": set(heads)})
+    for impl in ("fused", "eager"):
+        edit = build(edit_kwargs | {"heads": heads}, layers, impl)
+        got = logits(loaded, inputs, key_modality=key_modality, attention_edit=edit)
+        error = (got[real] - want[real]).abs().max()
+        assert error <= 1e-5, f"{impl}: {error}"
+
+
+def test_logit_lens_reads_every_layer(family):
+    """The logit lens (evaluation/lens.py) on prefix-shared batches: at the last layer it is
+    the model's own score; at every earlier layer, the reading of that layer's output among
+    the model's own output_hidden_states (whole prompts, one at a time), through the final
+    norm and head in float32 (Gemma 2's soft-capping, Gemma's scaled embeddings included)."""
+    loaded, *_ = family
+    bench = benchmark_of(loaded)
+    prompts = [
+        fmt(loaded, SYSTEMS[j % 2]).render(item.question, item.image_id is not None)
+        for j, item in enumerate(bench.items)
+    ]
+    words = ([5, 6], [7])
+    lens = LogitLens(loaded)
+    scores = score_items(loaded, bench, prompts, None, words, 4, 0, "test", lens=lens)
+    table = lens.table().set_index(["item", "layer"])
+    depth = loaded.num_layers
+    assert len(table) == len(bench.items) * depth
+    norm, head = loaded.model.get_decoder().norm, loaded.model.get_output_embeddings()
+    cap = getattr(loaded.text_config, "final_logit_softcapping", None)
+    for j, item in enumerate(bench.items):
+        last = table.loc[(j, depth - 1)]
+        assert last["log_odds"] == pytest.approx(scores.yes[j] - scores.no[j], abs=1e-6)
+        assert last["p_yes"] == pytest.approx(scores.p_yes[j], abs=1e-7)
+        image = bench.load_image(item.image_id) if item.image_id else None
+        inputs, key_modality = encode_full_prompts(loaded, [image], [prompts[j]], [item.question])
+        with torch.no_grad():
+            states = loaded.model(
+                **inputs, key_modality=key_modality, output_hidden_states=True
+            ).hidden_states
+        assert len(states) == depth + 1  # the embeddings, then each layer's output
+        for layer in range(depth - 1):
+            logits = head(norm(states[layer + 1][0, -1].float()))
+            logits = torch.tanh(logits / cap) * cap if cap else logits
+            yes, no = logits[words[0]].logsumexp(0), logits[words[1]].logsumexp(0)
+            p_yes = logits.softmax(-1)[words[0]].sum()
+            reading = table.loc[(j, layer)]
+            assert reading["log_odds"] == pytest.approx((yes - no).item(), abs=1e-4), layer
+            assert reading["p_yes"] == pytest.approx(p_yes.item(), abs=1e-5), layer

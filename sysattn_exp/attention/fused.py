@@ -36,8 +36,7 @@ import torch
 from transformers.integrations.sdpa_attention import repeat_kv
 
 from sysattn_exp.attention import kernels
-from sysattn_exp.attention.modality import MODALITIES, PAD
-from sysattn_exp.attention.profile import FIRST_KEY
+from sysattn_exp.attention.modality import FIRST_KEY, MODALITIES, PAD
 
 # Query rows are taken in blocks of about this many (row, key) entries, so that masks and
 # per-modality outputs stay small at long context: a prompt of ~650 tokens is one block,

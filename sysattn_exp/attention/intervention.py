@@ -39,9 +39,8 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from sysattn_exp.attention import kernels
-from sysattn_exp.attention.fused import fused_edited_attention
-from sysattn_exp.attention.modality import MODALITIES, PAD
-from sysattn_exp.attention.profile import FIRST_KEY
+from sysattn_exp.attention.fused import fused_edited_attention, plain_attention
+from sysattn_exp.attention.modality import FIRST_KEY, MODALITIES, PAD
 from sysattn_exp.attention.rules import Rule
 from sysattn_exp.errors import UsageError
 
@@ -126,6 +125,8 @@ def sysattn_attention(
     if attention_edit is not None:
         note_layer(module.layer_idx, selected)
     edit = attention_edit if selected else None
+    if edit is not None and edit.heads_in(module.layer_idx) == []:
+        edit = None  # heads were chosen, none in this layer
     if key_modality is not None and key_modality.shape[1] > key.shape[2]:
         # A sliding-window layer's cache holds only the last keys of the sequence.
         key_modality = key_modality[:, -key.shape[2] :]
@@ -145,24 +146,95 @@ def sysattn_attention(
         )
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    layer = module.layer_idx
-    if not plain_softmax:
-        kernels.note_path("eager")
-        out = eager_edited_attention(
-            query, key, value, attention_mask, scaling, key_modality, edit,
-            softcap, sinks, attention_profile, layer,
-        )  # fmt: skip
-    elif attention_profile is not None:  # the shares come from the fused path's masses
-        out = fused_edited_attention(
-            query, key, value, attention_mask, scaling, key_modality, edit,
-            attention_profile, layer,
-        )  # fmt: skip
+    call = Call(attention_mask, scaling, key_modality, softcap, sinks, module.layer_idx)
+    heads = None if edit is None else edit.heads_in(module.layer_idx)
+    if heads is None:
+        out = call.attend(query, key, value, edit, attention_profile)
     else:
+        out = on_heads(call, heads, query, key, value, edit, attention_profile)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@dataclass
+class Call:
+    """One attention call's arguments but the heads' tensors: what every head shares."""
+
+    attention_mask: torch.Tensor | None
+    scaling: float
+    key_modality: torch.Tensor
+    softcap: float | None
+    sinks: torch.Tensor | None  # (H,) learned per-head logits, or None
+    layer: int
+
+    def attend(self, query, key, value, edit, profile, sinks=None) -> torch.Tensor:
+        """The rule's output (B, H, Q, D) for these heads (sinks: theirs, default all):
+        eager where the softmax is not plain (soft-capping, sinks), else the rule's
+        implementation; a profile takes the fused path, whose masses give the shares."""
+        sinks = self.sinks if sinks is None else sinks
+        mask, scaling, modality = self.attention_mask, self.scaling, self.key_modality
+        if self.softcap or sinks is not None:
+            kernels.note_path("eager")
+            return eager_edited_attention(
+                query, key, value, mask, scaling, modality, edit,
+                self.softcap, sinks, profile, self.layer,
+            )  # fmt: skip
+        if profile is not None:
+            return fused_edited_attention(
+                query, key, value, mask, scaling, modality, edit, profile, self.layer
+            )
+        if edit is None:
+            return plain_attention(query, key, value, mask, scaling, query.shape[2])
         if edit.impl == "eager":
             kernels.note_path("eager")
-        implementation = IMPLEMENTATIONS[edit.impl]
-        out = implementation(query, key, value, attention_mask, scaling, key_modality, edit)
-    return out.transpose(1, 2).contiguous(), None
+        return IMPLEMENTATIONS[edit.impl](query, key, value, mask, scaling, modality, edit)
+
+
+def on_heads(call: Call, heads: list[int], query, key, value, edit, profile) -> torch.Tensor:
+    """The rule on the query heads `heads` of this layer only (intervention.heads), plain
+    attention on the others: every head plainly, then the chosen heads again under the
+    rule, each with its own KV head (grouped-query attention: query head h reads KV head
+    h // (H / H_kv), as transformers' repeat_kv). A profile gets each block's shares of
+    every head, the chosen heads' after the rule (HeadShares)."""
+    shares = None if profile is None else HeadShares(profile, heads)
+    out = call.attend(query, key, value, None, shares)
+    if not heads:
+        return out
+    index = torch.tensor(heads, device=query.device)
+    kv = index // (query.shape[1] // key.shape[1])
+    sinks = None if call.sinks is None else call.sinks[index]
+    chosen = call.attend(
+        query[:, index], key[:, kv], value[:, kv], edit, shares and shares.chosen, sinks
+    )
+    out[:, index] = chosen.to(out.dtype)
+    return out
+
+
+class HeadShares:
+    """A profile's stand-in for a head-selective call: it keeps each block's shares of
+    every head (plain attention), then records them with the chosen heads' replaced by
+    their shares under the rule (`chosen`: the stand-in for that second call)."""
+
+    def __init__(self, profile, heads: list[int]):
+        self.profile, self.heads, self.plain = profile, heads, {}
+        self.first_key = profile.first_key  # (B, K): the same keys in both calls
+        self.chosen = _ChosenShares(self)
+
+    def record(self, layer, shares: dict, key_modality, rows: slice, q_len: int) -> None:
+        if not self.heads:
+            self.profile.record(layer, shares, key_modality, rows, q_len)
+        else:
+            self.plain[rows.start] = {name: share.clone() for name, share in shares.items()}
+
+
+class _ChosenShares:
+    def __init__(self, whole: HeadShares):
+        self.whole, self.first_key = whole, whole.first_key
+
+    def record(self, layer, shares: dict, key_modality, rows: slice, q_len: int) -> None:
+        merged = self.whole.plain.pop(rows.start)
+        for name, share in shares.items():
+            merged[name][:, self.whole.heads] = share.to(merged[name].dtype)
+        self.whole.profile.record(layer, merged, key_modality, rows, q_len)
 
 
 class EditNotApplied(UsageError):

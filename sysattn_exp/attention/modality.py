@@ -12,6 +12,7 @@ import torch
 
 PAD, SYSTEM, IMAGE, TEXT = 0, 1, 2, 3
 MODALITIES = {"system": SYSTEM, "image": IMAGE, "text": TEXT}
+FIRST_KEY = "bos"  # a profile's share on the first real position alone (the attention sink)
 
 
 def modality_ids(

@@ -17,15 +17,23 @@ atlas") and per layer (`table`: attention_profile.csv), the mean of the first ov
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import torch
 
-from sysattn_exp.attention.modality import MODALITIES, TEXT, answer_rows, first_real_key
-from sysattn_exp.errors import UsageError
+from sysattn_exp.attention.modality import (
+    FIRST_KEY,
+    MODALITIES,
+    TEXT,
+    answer_rows,
+    first_real_key,
+)
+from sysattn_exp.errors import UsageError, first_line
+
+if TYPE_CHECKING:  # pandas is imported where a table is made: scripts/device_check.py
+    import pandas as pd  # imports the attention layer on a bare GPU image without it
 
 QUERIES = ("answer", "text_rows")
-FIRST_KEY = "bos"  # the share on the first real position alone
 SHARES = (*MODALITIES, FIRST_KEY)
 HEAD_COLUMNS = ["layer", "head", "kv_head", "queries", "n_queries", *SHARES]
 TOP_HEADS_BY = ("system", FIRST_KEY)  # what top_heads ranks heads by
@@ -67,9 +75,11 @@ class AttentionProfile:
                 self.sums[key] = self.sums.get(key, 0) + per_row[mask].sum(dim=0).cpu().double()
                 self.counts[key] = self.counts.get(key, 0) + int(mask.sum())
 
-    def head_table(self) -> pd.DataFrame:
+    def head_table(self) -> "pd.DataFrame":
         """One row per (layer, queries, head): each share's mean over the query rows
         (HEAD_COLUMNS; system + image + text sum to 1, less a learned sink's mass)."""
+        import pandas as pd
+
         rows = []
         for layer, kind in sorted(self.sums):
             means = (self.sums[(layer, kind)] / self.counts[(layer, kind)]).tolist()
@@ -87,7 +97,7 @@ class AttentionProfile:
                 )
         return pd.DataFrame(rows, columns=HEAD_COLUMNS)
 
-    def table(self) -> pd.DataFrame:
+    def table(self) -> "pd.DataFrame":
         """One row per (layer, queries): the mean over heads of head_table's shares."""
         heads = self.head_table()
         table = heads.groupby(["layer", "queries", "n_queries"], sort=True)[list(SHARES)].mean()
@@ -108,19 +118,24 @@ class CallProfile:
         self.profile.record(layer, shares, key_modality, rows, q_len, self.kv_heads)
 
 
-def top_heads(path: Path | str, k: int, by: str = "system") -> list[tuple[int, int]]:
-    """The `k` (layer, head) pairs whose answer position gives the highest mean share to
-    `by` (system: the whole system span; bos: the first position, the attention sink of
-    Xiao et al. 2023), highest first (ties: lower layer, then lower head), from a per-head
-    profile (attention_profile_heads.csv of a +task=profile job). Raises UsageError (one
-    line naming the file) when the file has no per-head rows or k is not in 1..#heads."""
+def top_heads(
+    path: Path | str, k: int, by: str = "system", layers: list[int] | None = None
+) -> list[tuple[int, int]]:
+    """The `k` (layer, head) pairs of `layers` (None: every layer) whose answer position
+    gives the highest mean share to `by` (system: the whole system span; bos: the first
+    position, the attention sink of Xiao et al. 2023), highest first (ties: lower layer,
+    then lower head), from a per-head profile (attention_profile_heads.csv of a
+    +task=profile job). Raises UsageError (one line naming the file) when the file has no
+    per-head rows or k is not in 1..#heads (of those layers)."""
+    import pandas as pd
+
     path = Path(path)
     if by not in TOP_HEADS_BY:
         raise UsageError(f"top heads by={by!r} is unknown; allowed: {', '.join(TOP_HEADS_BY)}")
     try:
         table = pd.read_csv(path)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
-        raise UsageError(f"{path}: cannot read a per-head profile ({error})") from None
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise UsageError(f"{path}: cannot read a per-head profile ({first_line(e)})") from None
     needed = ["layer", "head", "queries", by]
     if any(c not in table.columns for c in needed) or not (table["queries"] == "answer").any():
         raise UsageError(
@@ -128,15 +143,22 @@ def top_heads(path: Path | str, k: int, by: str = "system") -> list[tuple[int, i
             "'answer'); give the attention_profile_heads.csv of a +task=profile job"
         )
     answer = table[table["queries"] == "answer"]
+    where = ""
+    if layers is not None:
+        answer = answer[answer["layer"].isin(layers)]
+        where = f" of layers {min(layers)}-{max(layers)}"
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= len(answer):
-        raise UsageError(f"top_k={k!r} must be an integer in 1..{len(answer)}, the heads in {path}")
+        raise UsageError(
+            f"top_k={k!r} must be an integer in 1..{len(answer)}, the heads{where} in {path}"
+        )
     ranked = answer.sort_values([by, "layer", "head"], ascending=[False, True, True], kind="stable")
     return [(int(r.layer), int(r.head)) for r in ranked.head(k).itertuples(index=False)]
 
 
-def heatmap(table: pd.DataFrame, path: Path, title: str) -> Path:
+def heatmap(table: "pd.DataFrame", path: Path, title: str) -> Path:
     """layer x modality, colour = share of the answer position's attention."""
     import matplotlib
+    import pandas as pd
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -165,7 +187,7 @@ def heatmap(table: pd.DataFrame, path: Path, title: str) -> Path:
     return path
 
 
-def atlas(heads: pd.DataFrame, path: Path, title: str) -> Path:
+def atlas(heads: "pd.DataFrame", path: Path, title: str) -> Path:
     """The sink atlas: one panel per share (system, image, text, bos), each a layer x
     head image of the answer position's mean share (head_table's 'answer' rows)."""
     import matplotlib

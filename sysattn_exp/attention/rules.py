@@ -38,8 +38,7 @@ import torch
 from transformers.integrations.sdpa_attention import repeat_kv
 
 from sysattn_exp.attention.fused import Block, masses, modality_attention, plain_merge
-from sysattn_exp.attention.modality import MODALITIES, TEXT, answer_rows
-from sysattn_exp.attention.profile import FIRST_KEY
+from sysattn_exp.attention.modality import FIRST_KEY, MODALITIES, TEXT, answer_rows
 from sysattn_exp.errors import UsageError
 
 RULES: dict[str, type["Rule"]] = {}
@@ -84,8 +83,10 @@ class Rule:
 
     @classmethod
     def config_keys(cls) -> tuple[str, ...]:
-        """The keys its config section may have: name and the fields but layers."""
-        return ("name", *(f.name for f in fields(cls) if f.name != "layers"))
+        """The keys its config section may have: name and the fields but layers (and
+        head_selection, which heads gives)."""
+        derived = ("layers", "head_selection")
+        return ("name", *(f.name for f in fields(cls) if f.name not in derived))
 
     @classmethod
     def configure(cls, section) -> Callable[..., "Rule"] | None:
@@ -94,6 +95,8 @@ class Rule:
         than leaving attention unchanged."""
         cls.check_keys(section)
         settings = cls.settings(section)
+        if "heads" in cls.config_keys():
+            settings["heads"] = checked_heads(section.get("heads"))
         fused = cls.merge is not Rule.merge or cls.fused is not Rule.fused
         if settings.get("impl") == "fused" and not fused:
             raise UsageError(
@@ -119,6 +122,23 @@ class Rule:
 
     def describe(self) -> str:
         raise NotImplementedError
+
+    def heads_label(self) -> str:
+        """The label's part for `heads` (describe): '' for all heads."""
+        heads = getattr(self, "heads", None)
+        if heads is None:
+            return ""
+        if getattr(self, "head_selection", None):
+            return f" {self.head_selection} heads"
+        if len(heads) <= 3:
+            return " heads " + ",".join(f"{layer}.{head}" for layer, head in heads)
+        return f" {len(heads)} heads"
+
+    def heads_in(self, layer: int) -> list[int] | None:
+        """The query heads of decoder `layer` the rule edits: None for all of them (heads
+        not given); the others run plain attention."""
+        heads = getattr(self, "heads", None)
+        return None if heads is None else [h for at, h in heads if at == layer]
 
     @property
     def guidance(self) -> float | None:
@@ -190,6 +210,8 @@ class Redistribution(Rule):
     impl: str = "fused"  # or "eager", the reference
     fraction: float = 1.0
     mode: str = "proportional"
+    heads: tuple[tuple[int, int], ...] | None = None
+    head_selection: str | None = None
 
     MODES: ClassVar[tuple[str, ...]] = ("proportional", "uniform")
 
@@ -225,7 +247,7 @@ class Redistribution(Rule):
     def describe(self) -> str:
         dose = "" if self.fraction == 1 else f" f={self.fraction:g}"
         mode = "" if self.mode == "proportional" else f" {self.mode}"
-        return f"{self.source}->{'+'.join(self.recipients)}{dose}{mode}"
+        return f"{self.source}->{'+'.join(self.recipients)}{dose}{mode}{self.heads_label()}"
 
     def can_change(self, key_modality) -> bool:
         """A row changes only where it sees source and recipient keys."""
@@ -311,6 +333,8 @@ class Scale(Rule):
     factor: float
     layers: frozenset[int]
     impl: str = "fused"
+    heads: tuple[tuple[int, int], ...] | None = None
+    head_selection: str | None = None
 
     @classmethod
     def settings(cls, section) -> dict:
@@ -321,7 +345,7 @@ class Scale(Rule):
         return {"modality": modality, "factor": float(factor), "impl": checked_impl(section)}
 
     def describe(self) -> str:
-        return f"{self.modality}x{self.factor:g}"
+        return f"{self.modality}x{self.factor:g}{self.heads_label()}"
 
     def can_change(self, key_modality) -> bool:
         return MODALITIES[self.modality] in present_codes(key_modality)
@@ -357,6 +381,8 @@ class Pai(Rule):
     layers: frozenset[int]
     impl: str = "fused"
     cfg_gamma: float | None = None
+    heads: tuple[tuple[int, int], ...] | None = None
+    head_selection: str | None = None
 
     @classmethod
     def settings(cls, section) -> dict:
@@ -375,7 +401,7 @@ class Pai(Rule):
 
     def describe(self) -> str:
         cfg = "" if self.cfg_gamma is None else f" cfg={self.cfg_gamma:g}"
-        return f"PAI a={self.alpha:g}{cfg}"
+        return f"PAI a={self.alpha:g}{cfg}{self.heads_label()}"
 
     @property
     def guidance(self) -> float | None:
@@ -464,6 +490,79 @@ class AnswerRowShares:
                 share = (weights[:, :, 0] * is_x[:, None, :]).sum(-1)  # (b, H)
                 shares[name][batch[in_block], :, answer[in_block] - rows.start] = share[in_block]
         self.profile.record(layer, shares, key_modality, rows, q_len)
+
+
+@dataclass(frozen=True)
+class HeadSelection:
+    """intervention.heads={top_k, by, profile}: the `top_k` query heads of the rule's
+    layers with the highest share of the answer position's attention on `by` (system: the
+    whole system span; bos: the first position alone, the classic attention sink of Xiao
+    et al. 2023) in `profile`, an attention_profile_heads.csv of an earlier profile job;
+    resolved to (layer, head) pairs by experiment/conditions.py."""
+
+    top_k: int
+    by: str
+    profile: str
+
+    BY: ClassVar[tuple[str, ...]] = ("system", "bos")
+
+    def label(self) -> str:
+        return f"top{self.top_k} {self.by}"
+
+
+def checked_heads(value) -> tuple[tuple[int, int], ...] | HeadSelection | None:
+    """intervention.heads: null (every head), a list of [layer, head] pairs (0-based; sorted,
+    duplicates dropped) or {top_k, by, profile} (HeadSelection; top_k null: every head).
+    UsageError otherwise."""
+    if value is None:
+        return None
+    if hasattr(value, "keys"):
+        return checked_selection(value)
+    allowed = "null, a list of [layer, head] pairs, or {top_k: K, by: system|bos, profile: PATH}"
+    if isinstance(value, str) or not hasattr(value, "__iter__"):
+        raise UsageError(f"intervention.heads={value!r}; allowed: {allowed}")
+    pairs = set()
+    for pair in value:
+        pair = list(pair) if hasattr(pair, "__iter__") and not isinstance(pair, str) else [pair]
+        if len(pair) != 2 or not all(is_index(v) for v in pair):
+            raise UsageError(
+                f"intervention.heads has {pair!r}: each entry is a [layer, head] pair of "
+                "integers >= 0"
+            )
+        pairs.add((int(pair[0]), int(pair[1])))
+    if not pairs:
+        raise UsageError(f"intervention.heads is an empty list; allowed: {allowed}")
+    return tuple(sorted(pairs))
+
+
+def checked_selection(value) -> HeadSelection | None:
+    """{top_k, by, profile}; top_k null: every head (so that a sweep over top_k can
+    include the rule on all heads: +sweep=heads)."""
+    keys = ("top_k", "by", "profile")
+    for key in value:
+        if key not in keys:
+            raise UsageError(f"intervention.heads.{key} is unknown; allowed: {', '.join(keys)}")
+    top_k = value.get("top_k")
+    if top_k is None:
+        return None
+    by, profile = value.get("by", "system"), value.get("profile")
+    if not is_index(top_k) or top_k < 1:
+        raise UsageError(
+            f"intervention.heads.top_k={top_k!r} must be an integer >= 1 (null: every head)"
+        )
+    if by not in HeadSelection.BY:
+        allowed = ", ".join(HeadSelection.BY)
+        raise UsageError(f"intervention.heads.by={by!r} is unknown; allowed: {allowed}")
+    if not isinstance(profile, str) or not profile:
+        raise UsageError(
+            "intervention.heads.profile must be the path of an attention_profile_heads.csv "
+            "(from a +task=profile job)"
+        )
+    return HeadSelection(int(top_k), by, profile)
+
+
+def is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def checked_modality(section, key: str) -> str:

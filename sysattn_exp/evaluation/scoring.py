@@ -293,6 +293,27 @@ def answer_reader(loaded: LoadedModel):
             handle.remove()
 
 
+@contextmanager
+def decoder_outputs(loaded: LoadedModel, on: bool):
+    """For the language model forward run inside (on=True): yields the list that each
+    decoder layer's output hidden states (B, N, H), the residual stream after it, are
+    appended to in layer order (the logit lens's readings); on=False: None, no hooks."""
+    if not on:
+        yield None
+        return
+    outputs: list[torch.Tensor] = []
+
+    def keep(module, args, output):
+        outputs.append(output[0] if isinstance(output, tuple) else output)
+
+    handles = [layer.register_forward_hook(keep) for layer in loaded.model.get_decoder().layers]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def float32_module(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`module` (a norm: a few parameters) applied in float32 to x, on its device: its own
     code, its parameters cast for this call only."""
@@ -348,6 +369,9 @@ class Prefill:
     key_modality: torch.Tensor  # (B, K)
     next_position: torch.Tensor  # (B,): the position of each row's first new token
     rope_axes: int  # 0: 1-D positions; 3: Qwen2-VL's (3, B, 1) multimodal positions
+    # With a lens: each decoder layer's output at the answer position, (L, B, H) in the
+    # model's dtype (the last layer's is the final norm's input, as answer_reader reads).
+    layer_states: torch.Tensor | None = None
 
 
 def rule_pass(language_model, edit: Rule | None, profile, key_modality: torch.Tensor, **inputs):
@@ -364,11 +388,14 @@ def rule_pass(language_model, edit: Rule | None, profile, key_modality: torch.Te
 
 
 @torch.inference_mode()
-def prefill(loaded: LoadedModel, batch: EncodedBatch, edit: Rule | None, profile=None) -> Prefill:
+def prefill(
+    loaded: LoadedModel, batch: EncodedBatch, edit: Rule | None, profile=None, lens=False
+) -> Prefill:
     """The prompt passes of a batch, the rule applied in both: the prefix pass, run once
     per distinct prefix, then the question pass over each item's question tokens with the
     prefix's KV cache; the logits are read (answer_reader) after each row's last real
-    question token. What scoring and generation both start from."""
+    question token (and with `lens`, every decoder layer's output there). What scoring and
+    generation both start from."""
     device, language_model = loaded.device, loaded.model.model
     prefix_ids, prefix_mask = batch.prefix_ids.to(device), batch.prefix_mask.to(device)
     vision = on_device(loaded, batch.vision)
@@ -396,7 +423,8 @@ def prefill(loaded: LoadedModel, batch: EncodedBatch, edit: Rule | None, profile
     key_modality = torch.cat(
         [prefix_modality[rows], torch.where(question_mask.bool(), TEXT, PAD)], dim=1
     )
-    with answer_reader(loaded) as read:
+    last = question_mask.sum(1) - 1
+    with answer_reader(loaded) as read, decoder_outputs(loaded, lens) as outputs:
         hidden = rule_pass(
             language_model,
             edit,
@@ -407,7 +435,13 @@ def prefill(loaded: LoadedModel, batch: EncodedBatch, edit: Rule | None, profile
             position_ids=question_positions,
             **{CACHE_ARG: cache},
         ).last_hidden_state
-        logits = read(hidden, question_mask.sum(1) - 1)
+        logits = read(hidden, last)
+    states = None
+    if outputs is not None:
+        rows = torch.arange(len(last))
+        states = torch.stack(
+            [out[rows.to(out.device), last.to(out.device)].cpu() for out in outputs]
+        )
     # Decoding continues after each row's last real question token.
     first = question_positions[0] if question_positions.dim() == 3 else question_positions
     return Prefill(
@@ -417,6 +451,7 @@ def prefill(loaded: LoadedModel, batch: EncodedBatch, edit: Rule | None, profile
         key_modality=key_modality,
         next_position=first[:, 0] + question_mask.sum(1),
         rope_axes=question_positions.shape[0] if question_positions.dim() == 3 else 0,
+        layer_states=states,
     )
 
 
@@ -429,12 +464,17 @@ def score_batch(
     no_ids,
     profile=None,
     check_answers: bool = False,
+    lens=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(yes_logit, no_logit, p_yes) per item (see answer_scores), from the prompt passes
     (prefill) and, for PAI's guidance, the prompts without their image. `check_answers`:
     warn (warn_if_unscored) where the model's most likely answer token, before any
-    guidance, is none of the scored ones."""
-    logits = prefill(loaded, batch, edit, profile).logits
+    guidance, is none of the scored ones. A `lens` (evaluation.lens.LogitLens) records
+    every decoder layer's reading of the answer (before any guidance)."""
+    passes = prefill(loaded, batch, edit, profile, lens is not None)
+    logits = passes.logits
+    if lens is not None:
+        lens.record(batch.items, passes.layer_states, yes_ids, no_ids)
     if check_answers:
         warn_if_unscored(loaded.tokenizer, logits, yes_ids, no_ids)
     if edit is not None and edit.guidance is not None:
@@ -588,12 +628,14 @@ def score_items(
     profile=None,
     plain_prompts: list[str] | None = None,
     progress_seconds: float = 60.0,
+    lens=None,
 ) -> Scores:
     """yes and no logits of every item (`plain_prompts`, each prompt rendered without its
     image, are needed by PAI's guidance only). With a cache, batches whose items are all in it are
     taken from it (a batch is always computed whole, so a resumed run scores every item in
     the same company as an uninterrupted one) and each new batch is saved as it is done.
-    A profile (attention.profile) records where attention goes; it needs every batch run.
+    A profile (attention.profile) records where attention goes, a lens (evaluation.lens)
+    what each layer would answer; both need every batch run.
     Without a terminal, progress is logged every `progress_seconds` (progress.Progress)."""
     keys = item_keys(benchmark, prompts, cache)
     done = cache.load() if cache else {}
@@ -623,6 +665,7 @@ def score_items(
         profile,
         plain_prompts,
         progress_seconds,
+        lens,
     )
     seconds = time.perf_counter() - started
     return Scores(
@@ -658,6 +701,7 @@ def score_batches(
     profile=None,
     plain_prompts: list[str] | None = None,
     progress_seconds: float = 60.0,
+    lens=None,
 ) -> dict[str, tuple[float, float, float]]:
     """Score the given batches of item indices (each saved to the cache as it is done):
     item key -> (yes_logit, no_logit, p_yes)."""
@@ -676,7 +720,9 @@ def score_batches(
         if isinstance(batch, UsageError):
             raise batch
         # The first batch's logits get one cheap check of the scored answer tokens.
-        scores = score_batch(loaded, batch, edit, *words, profile=profile, check_answers=index == 0)
+        scores = score_batch(
+            loaded, batch, edit, *words, profile=profile, check_answers=index == 0, lens=lens
+        )
         scores = [s.tolist() for s in scores]
         batch_keys = [keys[j] for j in batch.items]
         if cache:

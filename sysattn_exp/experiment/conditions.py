@@ -2,8 +2,8 @@
 
 from collections.abc import Callable
 
-from sysattn_exp.attention import rules
-from sysattn_exp.attention.rules import Rule
+from sysattn_exp.attention import profile, rules
+from sysattn_exp.attention.rules import HeadSelection, Rule
 from sysattn_exp.errors import UsageError
 
 
@@ -32,6 +32,46 @@ def resolve_layers(cfg, depth: int) -> list[int]:
     return list(range(start, end))
 
 
-def build_edit(rule: Callable[..., Rule] | None, layers: list[int]) -> Rule | None:
-    """The configured rule (intervention_rule) at its resolved decoder layers."""
-    return None if rule is None else rule(layers=frozenset(layers))
+def build_edit(
+    rule: Callable[..., Rule] | None, layers: list[int], n_heads: int | None = None
+) -> Rule | None:
+    """The configured rule (intervention_rule) at its resolved decoder layers, its
+    `intervention.heads` resolved to (layer, head) pairs and checked against the layers and
+    the model's `n_heads` query heads per layer (UsageError)."""
+    if rule is None:
+        return None
+    heads = rule.keywords.get("heads")
+    if heads is None:
+        return rule(layers=frozenset(layers))
+    selection = None
+    if isinstance(heads, HeadSelection):
+        selection = heads.label()
+        heads = top_heads(heads, layers)
+    check_heads(heads, layers, n_heads)
+    return rule(layers=frozenset(layers), heads=heads, head_selection=selection)
+
+
+def check_heads(heads, layers: list[int], n_heads: int | None) -> None:
+    """Each [layer, head] pair must name a head of an edited layer."""
+    for layer, head in heads:
+        if layer not in layers:
+            raise UsageError(
+                f"intervention.heads has [{layer}, {head}], but layer {layer} is not edited; "
+                f"the edited layers are {layers[0]}-{layers[-1]} (layers=...)"
+            )
+        if n_heads is not None and head >= n_heads:
+            raise UsageError(
+                f"intervention.heads has [{layer}, {head}], but the model has {n_heads} "
+                f"query heads per layer; allowed heads 0-{n_heads - 1}"
+            )
+
+
+def top_heads(selection: HeadSelection, layers: list[int]) -> tuple[tuple[int, int], ...]:
+    """The selection's top_k (layer, head) pairs among the edited layers, by their share of
+    the answer position's attention on selection.by in its per-head profile
+    (profile.top_heads), sorted by layer and head."""
+    try:
+        chosen = profile.top_heads(selection.profile, selection.top_k, selection.by, layers)
+    except UsageError as error:
+        raise UsageError(f"intervention.heads.profile={selection.profile}: {error}") from None
+    return tuple(sorted(chosen))

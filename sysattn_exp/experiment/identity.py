@@ -53,10 +53,20 @@ def condition(cfg, loaded, edit: Rule | None, words) -> dict:
         "scores_version": SCORES_VERSION,
         "scores_code": scores_code_digest(),
         "dataset_revision": cfg.benchmark.get("revision"),
-        "intervention": None
-        if edit is None
-        else {"rule": type(edit).__name__, **asdict(edit), "layers": sorted(edit.layers)},
+        "intervention": None if edit is None else rule_condition(edit),
     } | generation_condition(cfg.scoring)
+
+
+def rule_condition(edit: Rule) -> dict:
+    """The rule's class and fields; the head fields only where heads are selected, so that
+    rules on every head keep the condition they had before heads existed."""
+    fields = asdict(edit)
+    if fields.get("heads") is None:
+        fields.pop("heads", None)
+        fields.pop("head_selection", None)
+    else:
+        fields["heads"] = [list(pair) for pair in edit.heads]
+    return {"rule": type(edit).__name__, **fields, "layers": sorted(edit.layers)}
 
 
 def head_dim(text_config) -> int:
@@ -133,6 +143,10 @@ def job_key(config: dict, condition: dict) -> str:
             dropped = dropped | {k for k, v in value.items() if DEFAULT_STATS.get(k) == v}
             if set(value) <= dropped:
                 continue
+        if section == "runtime" and not value.get("lens", True):
+            dropped = dropped | {"lens"}  # off: the key jobs had before the lens existed
+        if section == "intervention" and value.get("heads", "given") is None:
+            dropped = {"heads"}  # every head: the key jobs had before heads existed
         if section == "model" and value.get("weights", "pretrained") == "pretrained":
             # Likewise pretrained weights keep the key jobs had before model.weights existed.
             dropped = {"weights", "config_overrides"}
@@ -150,6 +164,8 @@ def job_config(cfg, loaded, edit, words, layers, name, benchmark=None) -> dict:
     config["layers"]["resolved"] = layers
     key = job_key(config, condition(cfg, loaded, edit, words))
     config["job"] = {"name": name, "key": key, "label": label(edit)}  # label: the report's
+    if edit is not None and getattr(edit, "heads", None) is not None:
+        config["job"]["heads"] = [list(pair) for pair in edit.heads]  # as selected
     config["layers"]["depth"] = loaded.num_layers  # for the report's model label; not in the key
     config["environment"] = environment(loaded.model)
     return config

@@ -126,7 +126,7 @@ def run_job(job: Job, out_dir: Path) -> dict:
         return dry_run_job(cfg, config, job, rule, out_dir, summary, counts)
     loaded = load_model(cfg.model)
     layers = job_layers(rule, cfg.layers, loaded.num_layers)
-    edit = build_edit(rule, layers)
+    edit = build_edit(rule, layers, loaded.text_config.num_attention_heads)
     name = run_name(job.benchmark_name, edit, layers, job.profiled)
     watch = Watch()
     with watch.passes():
@@ -164,7 +164,8 @@ def dry_run_job(cfg, config, job: Job, rule, out_dir: Path, summary: dict, count
     Logs nothing."""
     depth = config.get_text_config().num_hidden_layers
     layers = job_layers(rule, cfg.layers, depth)
-    name = run_name(job.benchmark_name, build_edit(rule, layers), layers, job.profiled)
+    edit = build_edit(rule, layers, config.get_text_config().num_attention_heads)
+    name = run_name(job.benchmark_name, edit, layers, job.profiled)
     number = sweep_job()
     where = "" if number is None else f" job{number}"
     print(
@@ -172,7 +173,9 @@ def dry_run_job(cfg, config, job: Job, rule, out_dir: Path, summary: dict, count
     )
     if "n_groups" in summary:  # a paired benchmark: what a McNemar test on it can show
         summary = summary | dry_run_power(summary["n_groups"], cfg.stats.discordance)
-    write_json(out_dir / DRY_RUN_FILE, summary | {"name": name, "layers": layers})
+    heads = getattr(edit, "heads", None)
+    heads = {} if heads is None else {"heads": [list(pair) for pair in heads]}
+    write_json(out_dir / DRY_RUN_FILE, summary | {"name": name, "layers": layers} | heads)
     return summary
 
 

@@ -23,6 +23,7 @@ from sysattn_exp.benchmarks import (
 from sysattn_exp.errors import UsageError
 from sysattn_exp.evaluation.cache import ScoreCache
 from sysattn_exp.evaluation.generation import generate_items
+from sysattn_exp.evaluation.lens import LogitLens, lens_plot
 from sysattn_exp.evaluation.metrics import compare_with_baseline, shared_metrics
 from sysattn_exp.evaluation.scoring import Scores, score_items
 from sysattn_exp.evaluation.stats import SHARED, flip_counts, flips, job_statistics
@@ -31,6 +32,8 @@ from sysattn_exp.experiment.job import Evaluation, Job, Watch, num_workers, swee
 from sysattn_exp.experiment.shared_baseline import SharedBaseline
 from sysattn_exp.experiment.tracking import (
     FLIPS_FILE,
+    LENS_PLOT,
+    LENS_TABLE,
     PROFILE_HEADS_PLOT,
     PROFILE_HEADS_TABLE,
     PROFILE_PLOT,
@@ -72,6 +75,10 @@ class YesNoJob(Job):
             raise UsageError(
                 "runtime.profile records the logit mode's answer row; use scoring.mode=logit"
             )
+        if cfg.scoring.mode == "generate" and cfg.runtime.lens:
+            raise UsageError(
+                "runtime.lens reads the logit mode's answer row; use scoring.mode=logit"
+            )
 
     def dry_run(self, config) -> tuple[dict, str]:
         """The data, the model's processor, the scored answer tokens: prints the counts, an
@@ -93,19 +100,26 @@ class YesNoJob(Job):
         words = scoring_words(loaded, cfg.scoring, prompts[0])
         # The baseline is shared through the score cache by concurrent jobs (shared_baseline):
         # the parts nobody holds first, this job's own condition while others finish theirs.
-        shared = shared_baseline(cfg, loaded, benchmark, prompts, words)
+        # A lens reads every item anew: no shared baseline, no score cache.
+        lenses = {"baseline": LogitLens(loaded)} if cfg.runtime.lens else {}
+        if lenses and edit is not None:
+            lenses["intervention"] = LogitLens(loaded)
+        shared = None if lenses else shared_baseline(cfg, loaded, benchmark, prompts, words)
         profile = AttentionProfile() if self.profiled else None
         if shared is not None:
             shared.compute_free_parts()
         if edit is not None or profile is not None:
             with watch.passes():  # the job's metrics describe the condition's passes
                 predictions, scores = predict(
-                    cfg, loaded, benchmark, prompts, edit, words, name, profile
-                )
+                    cfg, loaded, benchmark, prompts, edit, words, name, profile,
+                    lenses.get("intervention" if edit is not None else "baseline"),
+                )  # fmt: skip
         if shared is not None:
             shared.finish()
+        # (A profile job without a rule has read the baseline's lens above.)
+        baseline_lens = lenses.get("baseline") if edit is not None or profile is None else None
         baseline, baseline_scores = predict(
-            cfg, loaded, benchmark, prompts, None, words, "baseline"
+            cfg, loaded, benchmark, prompts, None, words, "baseline", lens=baseline_lens
         )
         if shared is not None:  # the parts this job computed
             baseline_scores = replace(
@@ -123,6 +137,8 @@ class YesNoJob(Job):
         metrics = all_metrics(benchmark, scored) | timing(scores, len(prompts))
         comparison, scored_baseline = {}, None
         artifacts = [] if profile is None else [profile_files(profile, name)]
+        if lenses:
+            artifacts.append(lens_files(lenses, benchmark, name))
         if edit is not None:
             scored_baseline = scored_frame(benchmark, baseline, ranking)
             comparison = compare_with_baseline(metrics, all_metrics(benchmark, scored_baseline))
@@ -159,6 +175,25 @@ def profile_files(profile: AttentionProfile, name: str):
     return write
 
 
+def lens_files(lenses: dict, benchmark, name: str):
+    """write(out_dir): the lens readings of the baseline (and the intervention) as
+    LENS_TABLE (item_id, group_id, label, condition, layer, log_odds, p_yes) and their
+    mean log-odds by layer for yes- and no-label items as LENS_PLOT (lens.lens_plot)."""
+
+    def write(out_dir: Path) -> None:
+        items = pd.DataFrame(
+            [(i.item_id, i.group_id, i.label) for i in benchmark.items],
+            columns=["item_id", "group_id", "label"],
+        )
+        frames = [lens.table().assign(condition=condition) for condition, lens in lenses.items()]
+        table = pd.concat(frames, ignore_index=True).join(items, on="item")
+        table = table[["item_id", "group_id", "label", "condition", "layer", "log_odds", "p_yes"]]
+        write_atomically(out_dir / LENS_TABLE, lambda p: table.to_parquet(p, index=False))
+        lens_plot(table, out_dir / LENS_PLOT, f"{name}: logit lens of the answer")
+
+    return write
+
+
 def flips_file(flipped: pd.DataFrame):
     """write(out_dir): the items whose answer changed (stats.flips) as FLIPS_FILE."""
 
@@ -179,17 +214,17 @@ def statistics(cfg, benchmark: Benchmark, scored: pd.DataFrame, baseline) -> dic
 
 
 def predict(
-    cfg, loaded, benchmark, prompts, edit, words, desc, profile=None
+    cfg, loaded, benchmark, prompts, edit, words, desc, profile=None, lens=None
 ) -> tuple[pd.DataFrame, Scores]:
-    """Score every item (through the score cache, unless profiling): one row per item with
-    the columns of predictions.parquet, and how the scoring went."""
+    """Score every item (through the score cache, unless profiling or reading a lens):
+    one row per item with the columns of predictions.parquet, and how the scoring went."""
     if cfg.scoring.mode == "generate":
         return predict_by_generation(cfg, loaded, benchmark, prompts, edit, words, desc)
     plain = None
     if edit is not None and edit.guidance is not None:
         plain = item_prompts(benchmark, loaded.prompt_format(cfg.model), with_image=False)
     cache = None
-    if cfg.runtime.cache_dir and profile is None:
+    if cfg.runtime.cache_dir and profile is None and lens is None:
         cache = ScoreCache(cfg.runtime.cache_dir, condition(cfg, loaded, edit, words))
     scores = score_items(
         loaded,
@@ -204,6 +239,7 @@ def predict(
         profile,
         plain,
         cfg.runtime.progress_seconds,
+        lens,
     )
     frame = item_columns(benchmark, prompts, scores)
     frame["pred"] = frame["yes_logit"] > frame["no_logit"]

@@ -263,6 +263,7 @@ class RuntimeConfig:
     num_workers: Any = MISSING  # auto or a whole number >= 0 (check_values)
     cache_dir: str | None = MISSING
     profile: bool = MISSING
+    lens: bool = MISSING
     report_at_end: bool = MISSING
     progress_seconds: float = MISSING
     baseline_part_items: int = MISSING

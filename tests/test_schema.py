@@ -39,6 +39,7 @@ def options(group: str) -> list[str]:
     return sorted(path.stem for path in (CONF / group).glob("*.yaml"))
 
 
+REQUIRED = {"heads": ["intervention.heads.profile=attention_profile_heads.csv"]}
 SHIPPED = (
     [[f"model={m}"] for m in options("model")]
     + [[f"benchmark={b}"] for b in options("benchmark")]
@@ -46,7 +47,8 @@ SHIPPED = (
     + [[f"layers={x}"] for x in options("layers")]
     # The conditions differ only in the intervention (open) and the layers option: one of each kind.
     + [[f"+condition={c}"] for c in ("baseline", "pai", "image-x2_all", "system-text_q4")]
-    + [[f"+sweep={s}"] for s in options("sweep")]
+    # A sweep's required values (???) given: +sweep=heads needs the per-head profile.
+    + [[f"+sweep={s}", *REQUIRED.get(s, [])] for s in options("sweep")]
     + [[f"+task={t}"] for t in options("task")]
 )
 
@@ -54,6 +56,11 @@ SHIPPED = (
 @pytest.mark.parametrize("overrides", SHIPPED, ids=" ".join)
 def test_every_shipped_option_fits_the_schema(overrides):
     check_config(composed(*overrides))
+
+
+def test_a_sweeps_required_value_left_out_is_named():
+    with pytest.raises(UsageError, match="intervention.heads.profile"):
+        check_config(composed("+sweep=heads"))
 
 
 def test_the_check_leaves_the_composed_config_as_it_was():

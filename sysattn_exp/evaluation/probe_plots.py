@@ -27,6 +27,9 @@ def figure():
 
 
 def finish(plt, fig, ax, path, title: str, ylabel: str):
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("decoder layer")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
@@ -68,7 +71,7 @@ def probes_plot(table: pd.DataFrame, path, title: str, majority: float):
         )  # fmt: skip
         low, high = curve["ci_low"].astype(float), curve["ci_high"].astype(float)
         ax.fill_between(curve["layer"], low, high, color=colours[condition], alpha=0.2)
-    ax.axhline(majority, color="grey", linewidth=0.8, label="majority label")
+    ax.axhline(majority, color="black", linestyle=":", linewidth=0.8, label="majority label")
     ax.set_ylim(0, 1.02)
     return finish(plt, fig, ax, path, title, "held-out accuracy of the label")
 

@@ -17,6 +17,7 @@ import torch
 import yaml
 from cli import run_main, run_main_stderr
 from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import PredefinedSplit, StratifiedGroupKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
@@ -28,6 +29,7 @@ from sysattn_exp.evaluation.probes import LayerStates, Recorders, probe_folds, s
 from sysattn_exp.evaluation.scoring import encode_full_prompts, score_items
 from sysattn_exp.evaluation.stats import draw_groups
 from sysattn_exp.experiment.conditions import build_edit, intervention_rule, resolve_layers
+from sysattn_exp.experiment.identity import job_key
 from sysattn_exp.experiment.job_yes_no import item_prompts, scoring_words
 from sysattn_exp.models.loading import load_model
 
@@ -314,3 +316,13 @@ def test_probes_in_generate_mode_or_on_one_group_are_refused(
     status, err = run_main_stderr(overrides, tmp_path, monkeypatch, capsys)
     assert status == 2
     assert err.strip() == message
+
+
+def test_probes_off_keep_the_job_key_and_on_change_it():
+    composed = OmegaConf.to_container(config("runtime.probes=false"), resolve=True)
+    runtime = {k: v for k, v in composed["runtime"].items() if k != "probes"}
+    before = {**composed, "runtime": runtime}  # the config before runtime.probes existed
+    condition = {"model": "builtin:toy"}
+    assert job_key(composed, condition) == job_key(before, condition)
+    composed["runtime"]["probes"] = True
+    assert job_key(composed, condition) != job_key(before, condition)

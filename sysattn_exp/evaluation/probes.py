@@ -209,8 +209,8 @@ def minimal_pairs(labels, groups) -> np.ndarray:
     2 x 2 group of two yes and two no items, four)."""
     labels, groups = np.asarray(labels, bool), np.asarray(groups)
     pairs = []
-    for members in pd.Series(np.arange(len(groups))).groupby(groups, sort=True):
-        index = members[1].to_numpy()
+    for _, members in pd.Series(np.arange(len(groups))).groupby(groups, sort=True):
+        index = members.to_numpy()
         pairs += [
             (i, j) for a, i in enumerate(index) for j in index[a + 1 :] if labels[i] != labels[j]
         ]

@@ -470,7 +470,9 @@ def score_batch(
     (prefill) and, for PAI's guidance, the prompts without their image. `check_answers`:
     warn (warn_if_unscored) where the model's most likely answer token, before any
     guidance, is none of the scored ones. A `lens` (evaluation.lens.LogitLens) records
-    every decoder layer's reading of the answer (before any guidance)."""
+    every decoder layer's reading of the answer (before any guidance); so does anything with
+    its record(items, states, yes_ids, no_ids) method (probes.LayerStates streams the states
+    to disk, probes.Recorders feeds several readers)."""
     passes = prefill(loaded, batch, edit, profile, lens is not None)
     logits = passes.logits
     if lens is not None:

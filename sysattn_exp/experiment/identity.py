@@ -145,6 +145,8 @@ def job_key(config: dict, condition: dict) -> str:
                 continue
         if section == "runtime" and not value.get("lens", True):
             dropped = dropped | {"lens"}  # off: the key jobs had before the lens existed
+        if section == "runtime" and not value.get("probes", True):
+            dropped = dropped | {"probes"}  # likewise for the probes
         if section == "intervention" and value.get("heads", "given") is None:
             dropped = {"heads"}  # every head: the key jobs had before heads existed
         if section == "model" and value.get("weights", "pretrained") == "pretrained":

@@ -84,6 +84,8 @@ class Job(ABC):
     # config.yaml's benchmark section in place of the composed one (None: kept as composed).
     config_benchmark: dict | None = None
     logged: tuple[str, ...] = ()  # the metrics in the job's last log line
+    # The job's folder (set by run_job before evaluate: where temporary files may go).
+    out_dir: Path | None = None
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -129,6 +131,7 @@ def run_job(job: Job, out_dir: Path) -> dict:
     edit = build_edit(rule, layers, loaded.text_config.num_attention_heads)
     name = run_name(job.benchmark_name, edit, layers, job.profiled)
     watch = Watch()
+    job.out_dir = out_dir
     with watch.passes():
         evaluation = job.evaluate(loaded, edit, name, watch)
     checks = scoring_checks(

@@ -25,13 +25,17 @@ from sysattn_exp.evaluation.cache import ScoreCache
 from sysattn_exp.evaluation.generation import generate_items
 from sysattn_exp.evaluation.lens import LogitLens, lens_plot
 from sysattn_exp.evaluation.metrics import compare_with_baseline, shared_metrics
+from sysattn_exp.evaluation.probe_plots import lens_flips_plot
+from sysattn_exp.evaluation.probes import Recorders, item_flips
 from sysattn_exp.evaluation.scoring import Scores, score_items
 from sysattn_exp.evaluation.stats import SHARED, flip_counts, flips, job_statistics
 from sysattn_exp.experiment.identity import condition
 from sysattn_exp.experiment.job import Evaluation, Job, Watch, num_workers, sweep_job
+from sysattn_exp.experiment.readouts import job_states, probe_files
 from sysattn_exp.experiment.shared_baseline import SharedBaseline
 from sysattn_exp.experiment.tracking import (
     FLIPS_FILE,
+    LENS_FLIPS_PLOT,
     LENS_PLOT,
     LENS_TABLE,
     PROFILE_HEADS_PLOT,
@@ -79,6 +83,8 @@ class YesNoJob(Job):
             raise UsageError(
                 "runtime.lens reads the logit mode's answer row; use scoring.mode=logit"
             )
+        if cfg.runtime.get("probes"):
+            check_probes(cfg, self.benchmark)
 
     def dry_run(self, config) -> tuple[dict, str]:
         """The data, the model's processor, the scored answer tokens: prints the counts, an
@@ -95,16 +101,25 @@ class YesNoJob(Job):
         return summary, f"{summary['n_items']} items, {summary['n_groups']} groups"
 
     def evaluate(self, loaded: LoadedModel, edit: Rule | None, name: str, watch: Watch):
+        # With runtime.probes, each condition's layer states go to disk while it is scored
+        # (readouts.job_states), and are read and deleted before the job's files are written.
+        conditions = ["baseline"] + ([] if edit is None else ["intervention"])
+        n_items = len(self.benchmark.items)
+        with job_states(self.cfg, loaded, n_items, conditions, self.out_dir) as states:
+            return self.score(loaded, edit, name, watch, states)
+
+    def score(self, loaded: LoadedModel, edit: Rule | None, name: str, watch: Watch, states):
         cfg, benchmark, ranking = self.cfg, self.benchmark, self.ranking
         prompts = item_prompts(benchmark, loaded.prompt_format(cfg.model))
         words = scoring_words(loaded, cfg.scoring, prompts[0])
         # The baseline is shared through the score cache by concurrent jobs (shared_baseline):
         # the parts nobody holds first, this job's own condition while others finish theirs.
-        # A lens reads every item anew: no shared baseline, no score cache.
+        # A lens or the probes read every item anew: no shared baseline, no score cache.
         lenses = {"baseline": LogitLens(loaded)} if cfg.runtime.lens else {}
         if lenses and edit is not None:
             lenses["intervention"] = LogitLens(loaded)
-        shared = None if lenses else shared_baseline(cfg, loaded, benchmark, prompts, words)
+        readers = {c: Recorders(lenses.get(c), states.get(c)) for c in set(lenses) | set(states)}
+        shared = None if readers else shared_baseline(cfg, loaded, benchmark, prompts, words)
         profile = AttentionProfile() if self.profiled else None
         if shared is not None:
             shared.compute_free_parts()
@@ -112,12 +127,12 @@ class YesNoJob(Job):
             with watch.passes():  # the job's metrics describe the condition's passes
                 predictions, scores = predict(
                     cfg, loaded, benchmark, prompts, edit, words, name, profile,
-                    lenses.get("intervention" if edit is not None else "baseline"),
+                    readers.get("intervention" if edit is not None else "baseline"),
                 )  # fmt: skip
         if shared is not None:
             shared.finish()
-        # (A profile job without a rule has read the baseline's lens above.)
-        baseline_lens = lenses.get("baseline") if edit is not None or profile is None else None
+        # (A profile job without a rule has read the baseline's lens and states above.)
+        baseline_lens = readers.get("baseline") if edit is not None or profile is None else None
         baseline, baseline_scores = predict(
             cfg, loaded, benchmark, prompts, None, words, "baseline", lens=baseline_lens
         )
@@ -135,16 +150,19 @@ class YesNoJob(Job):
         # The predictions with each item's meta, built once for the metrics and statistics.
         scored = scored_frame(benchmark, predictions, ranking)
         metrics = all_metrics(benchmark, scored) | timing(scores, len(prompts))
-        comparison, scored_baseline = {}, None
+        comparison, scored_baseline, flipped = {}, None, None
         artifacts = [] if profile is None else [profile_files(profile, name)]
-        if lenses:
-            artifacts.append(lens_files(lenses, benchmark, name))
         if edit is not None:
             scored_baseline = scored_frame(benchmark, baseline, ranking)
             comparison = compare_with_baseline(metrics, all_metrics(benchmark, scored_baseline))
             flipped = flips(predictions, baseline)
             comparison |= flip_counts(flipped)
             artifacts.append(flips_file(flipped))
+        if lenses:
+            artifacts.append(lens_files(lenses, benchmark, name, flipped))
+        if states:  # computed now, while the states are on disk
+            answered = {"baseline": baseline, "intervention": predictions}
+            artifacts.append(probe_files(cfg.stats, states, benchmark, answered, flipped, name))
         # SE and intervals of the job's figures (and of their change): after the checks.
         comparison |= statistics(cfg.stats, benchmark, scored, scored_baseline)
         return Evaluation(
@@ -154,6 +172,19 @@ class YesNoJob(Job):
             comparison=comparison,
             words=words,
             artifacts=artifacts,
+        )
+
+
+def check_probes(cfg, benchmark: Benchmark) -> None:
+    """runtime.probes reads the logit mode's answer row and cross-validates over groups:
+    UsageError in generate mode or with fewer than 2 groups."""
+    if cfg.scoring.mode == "generate":
+        raise UsageError("runtime.probes reads the logit mode's answer row; use scoring.mode=logit")
+    n_groups = len({item.group_id for item in benchmark.items})
+    if n_groups < 2:
+        raise UsageError(
+            f"runtime.probes cross-validates by group and needs at least 2 groups; "
+            f"benchmark {benchmark.name} has {n_groups}"
         )
 
 
@@ -175,12 +206,15 @@ def profile_files(profile: AttentionProfile, name: str):
     return write
 
 
-def lens_files(lenses: dict, benchmark, name: str):
+def lens_files(lenses: dict, benchmark, name: str, flipped: pd.DataFrame | None = None):
     """write(out_dir): the lens readings of the baseline (and the intervention) as
     LENS_TABLE (item_id, group_id, label, condition, layer, log_odds, p_yes) and their
-    mean log-odds by layer for yes- and no-label items as LENS_PLOT (lens.lens_plot)."""
+    mean log-odds by layer for yes- and no-label items as LENS_PLOT (lens.lens_plot); with
+    an intervention's `flipped` items (stats.flips), the lens of the items it fixed, broke
+    or left unchanged as LENS_FLIPS_PLOT (probe_plots.lens_flips_plot)."""
 
     def write(out_dir: Path) -> None:
+        item_ids = [i.item_id for i in benchmark.items]
         items = pd.DataFrame(
             [(i.item_id, i.group_id, i.label) for i in benchmark.items],
             columns=["item_id", "group_id", "label"],
@@ -190,6 +224,10 @@ def lens_files(lenses: dict, benchmark, name: str):
         table = table[["item_id", "group_id", "label", "condition", "layer", "log_odds", "p_yes"]]
         write_atomically(out_dir / LENS_TABLE, lambda p: table.to_parquet(p, index=False))
         lens_plot(table, out_dir / LENS_PLOT, f"{name}: logit lens of the answer")
+        if flipped is not None:
+            effect = pd.Series(item_flips(flipped, item_ids), index=item_ids)
+            title = f"{name}: logit lens of fixed, broken and unchanged items"
+            lens_flips_plot(table, effect, out_dir / LENS_FLIPS_PLOT, title)
 
     return write
 

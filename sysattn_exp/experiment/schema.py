@@ -264,6 +264,7 @@ class RuntimeConfig:
     cache_dir: str | None = MISSING
     profile: bool = MISSING
     lens: bool = MISSING
+    probes: bool = MISSING
     report_at_end: bool = MISSING
     progress_seconds: float = MISSING
     baseline_part_items: int = MISSING

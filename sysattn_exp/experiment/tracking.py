@@ -25,7 +25,20 @@ PROFILE_HEADS_TABLE = "attention_profile_heads.csv"
 PROFILE_HEADS_PLOT = "attention_profile_heads.png"
 PROFILE_FILES = (PROFILE_TABLE, PROFILE_PLOT, PROFILE_HEADS_TABLE, PROFILE_HEADS_PLOT)
 LENS_TABLE, LENS_PLOT = "lens.parquet", "lens.png"  # runtime.lens (+task=lens)
-LENS_FILES = (LENS_TABLE, LENS_PLOT)
+LENS_FLIPS_PLOT = "lens_flips.png"  # ... with an intervention: split by fixed/broken items
+LENS_FILES = (LENS_TABLE, LENS_PLOT, LENS_FLIPS_PLOT)
+# runtime.probes (+task=probes): linear probes and minimal-pair separation per layer
+PROBES_TABLE, PROBES_PLOT = "probes.csv", "probes.png"
+SEPARATION_TABLE, SEPARATION_PLOT = "separation.csv", "separation.png"
+SEPARATION_FLIPS_TABLE, SEPARATION_FLIPS_PLOT = "separation_flips.csv", "separation_flips.png"
+PROBES_FILES = (
+    PROBES_TABLE,
+    PROBES_PLOT,
+    SEPARATION_TABLE,
+    SEPARATION_PLOT,
+    SEPARATION_FLIPS_TABLE,
+    SEPARATION_FLIPS_PLOT,
+)
 FLIPS_FILE = "flips.parquet"  # an intervention job's items whose answer changed
 DRY_RUN_FILE = "dry_run.json"  # a dry-run job's summary: its config was checked
 
@@ -323,7 +336,7 @@ def _log_job(job_dir: Path, cfg) -> tuple[str, bool]:
                 mlflow.log_metrics({metric_names[k]: v for k, v in metrics.items()})
                 if (job_dir / PROFILE_TABLE).exists():
                     log_profile(mlflow, job_dir / PROFILE_TABLE)
-                for name in (*JOB_FILES, *PROFILE_FILES, FLIPS_FILE, *LENS_FILES):
+                for name in (*JOB_FILES, *PROFILE_FILES, FLIPS_FILE, *LENS_FILES, *PROBES_FILES):
                     if (job_dir / name).exists():
                         mlflow.log_artifact(str(job_dir / name))
         except Exception:

@@ -13,7 +13,8 @@ Figures (each a ratio): overhead_ratio (forward with a Q4 system->text redistrib
 a plain SDPA forward), runner_overhead_ratio (the same intervention inside the runner's real
 scoring path, prefix sharing and data loading included, over the baseline job's; and
 runner_overhead_ratio_system_image, for a rule that also edits the image prefix's rows;
-head_selective_overhead_ratio, for Q4 system->text on a handful of heads, intervention.heads),
+head_selective_overhead_ratio, for Q4 system->text on a handful of heads, intervention.heads;
+lens_overhead_ratio, the baseline with the logit lens reading every layer, runtime.lens),
 eager_overhead_ratio (the same with impl=eager), speedup_vs_naive
 (items/s of the runner's scoring path over a one-item-at-a-time generate() loop with eager
 attention everywhere, two questions per image), prefix_sharing_speedup (shared vs whole
@@ -53,6 +54,7 @@ from sysattn_exp.attention.modality import modality_ids
 from sysattn_exp.attention.rules import Redistribution
 from sysattn_exp.benchmarks.base import Benchmark, Item
 from sysattn_exp.evaluation.generation import generate_items
+from sysattn_exp.evaluation.lens import LogitLens
 from sysattn_exp.evaluation.scoring import (
     encode_full_prompts,
     plan_batches,
@@ -363,17 +365,20 @@ def runner_overheads(
         "system_image": Redistribution("system", ("image",), q4(loaded)),
         "system_text_heads": Redistribution("system", ("text",), q4(loaded), heads=handful(loaded)),
     }
-    seconds = median_seconds(
-        {
-            name: lambda edit=edit: score_items(
-                loaded, two, prompts, edit, words, batch_size, workers, "runner"
-            )
-            for name, edit in edits.items()
-        },
-        repeats,
+    runs = {
+        name: lambda edit=edit: score_items(
+            loaded, two, prompts, edit, words, batch_size, workers, "runner"
+        )
+        for name, edit in edits.items()
+    }
+    # The logit lens on (every layer's reading kept); off, the path above reads no state.
+    runs["baseline_lens"] = lambda: score_items(
+        loaded, two, prompts, None, words, batch_size, workers, "runner", lens=LogitLens(loaded)
     )
+    seconds = median_seconds(runs, repeats)
     return {
         "runner_overhead_ratio": seconds["system_text"] / seconds["baseline"],
+        "lens_overhead_ratio": seconds["baseline_lens"] / seconds["baseline"],
         "runner_overhead_ratio_system_image": seconds["system_image"] / seconds["baseline"],
         "head_selective_overhead_ratio": seconds["system_text_heads"] / seconds["baseline"],
         "runner_items": len(two.items),

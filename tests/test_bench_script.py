@@ -11,6 +11,7 @@ FIGURES = [
     "runner_overhead_ratio",
     "runner_overhead_ratio_system_image",
     "head_selective_overhead_ratio",
+    "lens_overhead_ratio",
     "eager_overhead_ratio",
     "speedup_vs_naive",
     "prefix_sharing_speedup",

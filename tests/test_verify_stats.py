@@ -19,8 +19,7 @@ from sysattn_exp.benchmarks import LOADERS, STATISTICS
 from sysattn_exp.benchmarks.base import first_groups, prompt_preset
 from sysattn_exp.evaluation import stats
 
-SAMPLES, SEED = 60, 7
-NAIVE = SAMPLES  # resamples the naive loop recomputes
+SAMPLES, SEED = 40, 7
 
 
 def benchmark_cfg(*overrides: str):
@@ -200,7 +199,7 @@ def naive_resamples(bench, frames, names):
     ids = sorted(set(frames[0]["group_id"]))
     values = [{name: [] for name in names} for _ in frames]
     for draws in stats.draw_groups(len(ids), SAMPLES, SEED):
-        for row in draws[:NAIVE]:
+        for row in draws:
             for f, frame in enumerate(frames):
                 metrics = naive_metrics(bench, resampled_frame(frame, ids, row))
                 for name in names:

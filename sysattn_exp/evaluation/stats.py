@@ -264,8 +264,10 @@ def bootstrap_statistics(
     (frame - baseline) from the paired resamples. Intervals by `method` (INTERVALS:
     percentile, or bca, which adds a leave-one-group-out jackknife); the p-value is the
     percentile bootstrap's either way. Where a metric is undefined on some resamples they
-    are left out and counted in `<metric>_ci_undefined_resamples` (written only when not
-    0)."""
+    are left out and counted in `<metric>_ci_undefined_resamples`, and where it is
+    undefined on a resample of either frame, that resample is left out of the change's
+    interval and p and counted in `<metric>_change_ci_undefined_resamples` (each written
+    only when not 0)."""
     if method not in INTERVALS:
         raise ValueError(f"interval method {method!r}: want one of {', '.join(INTERVALS)}")
     frames = [frame] if baseline is None else [frame, baseline]
@@ -282,6 +284,8 @@ def bootstrap_statistics(
             continue
         changes = resampled[0][name] - resampled[1][name]
         change = interval(changes, None if jackknife is None else difference(jackknife, name))
+        if change["undefined"]:  # undefined in either frame: left out of the change's figures
+            out[f"{name}_change_ci_undefined_resamples"] = change["undefined"]
         out[f"{name}_change_ci_low"] = change["ci_low"]
         out[f"{name}_change_ci_high"] = change["ci_high"]
         out[f"{name}_change_p"] = change_p_value(changes)

@@ -358,3 +358,15 @@ def test_bad_correction_or_alpha_is_one_line_exit_2(
     err = capsys.readouterr().err
     assert exit.value.code == 2 and err.strip() == f"error: {message}"
     assert not (tmp_path / "outputs").exists()
+
+
+def test_wilcoxon_counts_the_benchmarks_it_uses():
+    """scipy's test drops zero changes: five benchmarks of which one did not move are four."""
+    from sysattn_exp.experiment.report_stats import wilcoxon_over_benchmarks
+
+    some_zero = wilcoxon_over_benchmarks(np.array([0.02, -0.01, 0.0, 0.03, 0.04]))
+    assert some_zero["wilcoxon_p"] is None
+    assert some_zero["wilcoxon_note"] == "needs >= 5 benchmarks with a change (4 of 5 are not 0)"
+    changes = np.array([0.02, -0.01, 0.0, 0.03, 0.04, 0.05, 0.06])
+    result = wilcoxon_over_benchmarks(changes)
+    assert result["wilcoxon_p"] == pytest.approx(wilcoxon(changes).pvalue)

@@ -19,8 +19,9 @@ across benchmarks (the statistics each job logged: evaluation/stats.py).
   with few discordant groups would otherwise make its own power look poor.
 - Across benchmarks: per condition, in how many benchmarks its change is significant
   (after correction) for the better and for the worse, and where it has a change in paired
-  accuracy on at least 5 benchmarks, the Wilcoxon signed-rank test of those changes against
-  0 (scipy.stats.wilcoxon, its defaults: zero changes dropped, exact p without ties):
+  accuracy on at least 5 benchmarks (5 not 0), the Wilcoxon signed-rank test of those
+  changes against 0 (scipy.stats.wilcoxon, its defaults: zero changes dropped, exact p
+  without ties):
   Demsar 2006, JMLR 7:1-30, sec. 3.1.3, for two methods (here: the condition and its
   baseline) over several data sets, with at least 5 data sets. A benchmark with several
   settings counts once per setting."""
@@ -175,13 +176,14 @@ def summary_table(edits: pd.DataFrame) -> pd.DataFrame:
 
 
 def wilcoxon_over_benchmarks(changes: np.ndarray) -> dict:
-    """scipy.stats.wilcoxon of per-benchmark changes against 0 (its defaults), where there
-    are at least MIN_WILCOXON; else no statistic and the note 'needs >= 5 benchmarks'."""
-    if len(changes) < MIN_WILCOXON:
+    """scipy.stats.wilcoxon of per-benchmark changes against 0 (its defaults), where at
+    least MIN_WILCOXON of them are not 0 (the test drops zeros); else no statistic and the
+    note 'needs >= 5 benchmarks' (with a change)."""
+    # The test drops zero changes (its default): the benchmarks it uses are the others.
+    if np.count_nonzero(changes) < MIN_WILCOXON:
         note = f"needs >= {MIN_WILCOXON} benchmarks"
-        return {"wilcoxon_statistic": None, "wilcoxon_p": None, "wilcoxon_note": note}
-    if not np.any(changes):  # the test drops zero changes: nothing would be left
-        note = "every change is 0"
+        if len(changes) >= MIN_WILCOXON:
+            note += f" with a change ({np.count_nonzero(changes)} of {len(changes)} are not 0)"
         return {"wilcoxon_statistic": None, "wilcoxon_p": None, "wilcoxon_note": note}
     result = wilcoxon(changes)
     return {
@@ -202,7 +204,8 @@ def observed_power(rows: pd.DataFrame, alpha: float) -> str:
     n_groups = int(edits["n_groups"].iloc[0])
     discordance = (edits["groups_broken"] + edits["groups_fixed"]) / edits["n_groups"]
     median = float(discordance.median())
-    where = f"power at the median observed discordance of {len(edits)} conditions: "
+    plural = "s" if len(edits) > 1 else ""
+    where = f"power at the median observed discordance of {len(edits)} condition{plural}: "
     if median == 0:
         return where + f"{n_groups} groups; no discordant group: no change to detect"
     return where + power_line(n_groups, median, alpha)

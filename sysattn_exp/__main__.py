@@ -11,14 +11,26 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sysattn_exp.errors import UsageError, one_line
+from sysattn_exp.errors import UsageError, one_line, usage_error_in
 from sysattn_exp.experiment.callbacks import FAILURE_FILE, SWEEP, report_sweep_end
 from sysattn_exp.experiment.schema import check_config
 
 log = logging.getLogger(__name__)
+
+
+def window_starts(model, window, stride) -> str:
+    """+sweep=layers / +sweep=windows: layers.start's values on the model's depth
+    (layer_sweeps.sweep_starts), imported only when such a sweep starts: it reads the
+    model's config with transformers, which a mistyped key must not wait for."""
+    from sysattn_exp.experiment.layer_sweeps import sweep_starts
+
+    return sweep_starts(model, window, stride)
+
+
+OmegaConf.register_new_resolver("sysattn.window_starts", window_starts, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://sysattn_exp.conf", config_name="config")
@@ -52,7 +64,8 @@ def record_failure(out_dir: Path, error: Exception, bad_input: bool) -> None:
 
 
 def exit_bad_input(error: Exception) -> None:
-    print(f"error: {one_line(error)}", file=sys.stderr)
+    # A UsageError raised inside Hydra or OmegaConf (a sweep's resolver) is told as itself.
+    print(f"error: {one_line(usage_error_in(error) or error)}", file=sys.stderr)
     sys.exit(2)
 
 

@@ -296,6 +296,15 @@ class CaptionConfig:
 
 
 @dataclass
+class SweepConfig:
+    """conf/sweep/layers.yaml and windows.yaml's sweep section (experiment/layer_sweeps.py):
+    windows of `window` consecutive decoder layers, starting `stride` layers apart."""
+
+    window: int = MISSING
+    stride: int = MISSING
+
+
+@dataclass
 class Config:
     """conf/config.yaml as composed (the hydra section aside)."""
 
@@ -308,6 +317,7 @@ class Config:
     runtime: RuntimeConfig = MISSING
     stats: StatsConfig = MISSING
     caption: CaptionConfig | None = None  # +task=caption
+    sweep: SweepConfig | None = None  # +sweep=layers, +sweep=windows
 
 
 class Correction(enum.Enum):
@@ -348,7 +358,24 @@ BOUNDS = {
     "stats.seed": (0, None),  # numpy's default_rng takes seeds >= 0
     "caption.max_new_tokens": (1, None),
     "caption.limit": (1, None),
+    "sweep.window": (1, None),
+    "sweep.stride": (1, None),
 }
+
+
+# ---- the config's own resolver ------------------------------------------------------
+
+
+def window_end(start: int | None, window: int) -> int | None:
+    """A layer sweep's layers.end (conf/sweep/layers.yaml, windows.yaml): its window's end,
+    start + window (exclusive); None while layers.start is unset (before the sweeper sets
+    it)."""
+    return None if start is None else start + window
+
+
+# Registered here because every process that runs a job checks its config here first
+# (check_config resolves it), a launcher's worker process (submitit) included.
+OmegaConf.register_new_resolver("sysattn.window_end", window_end, replace=True)
 
 
 # ---- checking -----------------------------------------------------------------------

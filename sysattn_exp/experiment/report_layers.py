@@ -76,6 +76,7 @@ def layer_plot(lines: dict, benchmark: str, evidence: Evidence):
     first layer, a line per (panel, rule, width) with its 95% band; stars on significant
     changes in paired accuracy."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(2, 1, sharex=True, figsize=(6.5, 6))
     for ax, (column, (low, high), label) in zip(axes, CHANGES, strict=True):
@@ -92,6 +93,7 @@ def layer_plot(lines: dict, benchmark: str, evidence: Evidence):
         ax.axhline(0, color="grey", linewidth=1)
         ax.set_ylabel(label)
     axes[-1].set_xlabel("first decoder layer of the window (0-based)")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole
     axes[0].set_title(
         f"{benchmark}: change vs baseline by layer window\n"
         f"band: 95% CI of the change; {evidence.mark()}",

@@ -11,7 +11,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from sysattn_exp.errors import UsageError, one_line, usage_error_in
@@ -19,18 +19,6 @@ from sysattn_exp.experiment.callbacks import FAILURE_FILE, SWEEP, report_sweep_e
 from sysattn_exp.experiment.schema import check_config
 
 log = logging.getLogger(__name__)
-
-
-def window_starts(model, window, stride) -> str:
-    """+sweep=layers / +sweep=windows: layers.start's values on the model's depth
-    (layer_sweeps.sweep_starts), imported only when such a sweep starts: it reads the
-    model's config with transformers, which a mistyped key must not wait for."""
-    from sysattn_exp.experiment.layer_sweeps import sweep_starts
-
-    return sweep_starts(model, window, stride)
-
-
-OmegaConf.register_new_resolver("sysattn.window_starts", window_starts, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://sysattn_exp.conf", config_name="config")

@@ -80,10 +80,10 @@ def test_imports_flow_from_the_experiment_layer_down():
 # second. The toy model draws on the benchmarks package (pandas, omegaconf), which GPU
 # images running scripts/device_check.py lack: it is imported when builtin:toy is used.
 # A layer sweep's starts (+sweep=layers / windows) need the model's depth from its config
-# (transformers): read only when such a sweep starts, by the resolver the entry point registers.
+# (transformers): read only when such a sweep starts, by the resolver the schema registers.
 LATE = [
-    "sysattn_exp.__main__ -> sysattn_exp.experiment.layer_sweeps",
     "sysattn_exp.__main__ -> sysattn_exp.experiment.runner",
+    "sysattn_exp.experiment.schema -> sysattn_exp.experiment.layer_sweeps",
     "sysattn_exp.models.loading -> sysattn_exp.models.toy_model",
 ]
 

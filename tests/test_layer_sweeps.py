@@ -226,3 +226,20 @@ def test_the_layer_plot_draws_each_window_with_its_band():
     assert {-9.0, 1.0, 2.0, -1.0, -1.0, 7.0, 10.0, 19.0} <= set(band)
     assert list(yes_rate.get_lines()[0].get_ydata()) == [10.0, -3.0, -8.0, 1.0]
     assert list(yes_rate.get_lines()[1].get_xdata()) == [0, 2]  # the 2-layer windows
+
+
+def test_sync_finds_the_sweeps_parent_by_its_key(layer_sweep, tmp_path, monkeypatch):
+    """python -m sysattn_exp.sync keys a sweep whose parent it has no record of from its
+    multirun.yaml (experiment/sync.ensure_parent): the swept layers.start resolves there
+    too, to the callback's key, so it finds the parent the callback created."""
+    from sysattn_exp.experiment.sync import ensure_parent, tracking_config
+    from sysattn_exp.experiment.tracking import SWEEP_MARKER
+
+    cwd, sweep_dir, jobs, _ = layer_sweep
+    monkeypatch.chdir(cwd)  # the store's URI is relative to where the sweep ran
+    copy = tmp_path / "sweep"
+    copy.mkdir()
+    (copy / "multirun.yaml").write_text((sweep_dir / "multirun.yaml").read_text())
+    ensure_parent(copy, tracking_config(jobs[0], None))
+    found = json.loads((copy / SWEEP_MARKER).read_text())
+    assert found == json.loads((sweep_dir / SWEEP_MARKER).read_text())

@@ -363,19 +363,33 @@ BOUNDS = {
 }
 
 
-# ---- the config's own resolver ------------------------------------------------------
+# ---- the config's own resolvers -----------------------------------------------------
+
+
+def window_starts(model, window, stride) -> str:
+    """A layer sweep's layers.start values (conf/sweep/layers.yaml, windows.yaml), on the
+    model's depth (layer_sweeps.sweep_starts), imported only when such a sweep starts: it
+    reads the model's config with transformers, which a mistyped key must not wait for."""
+    from sysattn_exp.experiment.layer_sweeps import sweep_starts
+
+    return sweep_starts(model, window, stride)
 
 
 def window_end(start: int | None, window: int) -> int | None:
-    """A layer sweep's layers.end (conf/sweep/layers.yaml, windows.yaml): its window's end,
-    start + window (exclusive); None while layers.start is unset (before the sweeper sets
-    it)."""
+    """A layer sweep's layers.end: its window's end, start + window (exclusive); None
+    while layers.start is unset (before the sweeper sets it)."""
     return None if start is None else start + window
 
 
-# Registered here because every process that runs a job checks its config here first
-# (check_config resolves it), a launcher's worker process (submitit) included.
-OmegaConf.register_new_resolver("sysattn.window_end", window_end, replace=True)
+def register_resolvers() -> None:
+    """Register the resolvers above (again: replaced). Done when this module is imported:
+    every process that reads a job's or a sweep's config imports it first (the entry
+    point and a launcher's worker to check the config; sync to key a sweep's parent)."""
+    OmegaConf.register_new_resolver("sysattn.window_starts", window_starts, replace=True)
+    OmegaConf.register_new_resolver("sysattn.window_end", window_end, replace=True)
+
+
+register_resolvers()
 
 
 # ---- checking -----------------------------------------------------------------------

@@ -14,7 +14,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from sysattn_exp.errors import UsageError, one_line
+from sysattn_exp.errors import UsageError, one_line, usage_error_in
 from sysattn_exp.experiment.callbacks import FAILURE_FILE, SWEEP, report_sweep_end
 from sysattn_exp.experiment.schema import check_config
 
@@ -52,7 +52,8 @@ def record_failure(out_dir: Path, error: Exception, bad_input: bool) -> None:
 
 
 def exit_bad_input(error: Exception) -> None:
-    print(f"error: {one_line(error)}", file=sys.stderr)
+    # A UsageError raised inside Hydra or OmegaConf (a sweep's resolver) is told as itself.
+    print(f"error: {one_line(usage_error_in(error) or error)}", file=sys.stderr)
     sys.exit(2)
 
 

@@ -1,6 +1,6 @@
 """The package's layers (docs/architecture.md): imports flow one way, from the experiment
 layer down to the attention layer, with no cycle (imports inside functions included) and
-no import inside a function but the two named below."""
+no import inside a function but the three named below."""
 
 import ast
 from pathlib import Path
@@ -79,8 +79,11 @@ def test_imports_flow_from_the_experiment_layer_down():
 # checked against its schema) before torch and transformers load, in a fraction of a
 # second. The toy model draws on the benchmarks package (pandas, omegaconf), which GPU
 # images running scripts/device_check.py lack: it is imported when builtin:toy is used.
+# A layer sweep's starts (+sweep=layers / windows) need the model's depth from its config
+# (transformers): read only when such a sweep starts, by the resolver the schema registers.
 LATE = [
     "sysattn_exp.__main__ -> sysattn_exp.experiment.runner",
+    "sysattn_exp.experiment.schema -> sysattn_exp.experiment.layer_sweeps",
     "sysattn_exp.models.loading -> sysattn_exp.models.toy_model",
 ]
 

@@ -154,6 +154,14 @@ CASES = {
         ["layers.quarter=5", "1 to 4"],
     ),
     "removed key": ((*TINY, "~scoring.mode"), ["scoring.mode is required"]),
+    "layer window larger than the model": (
+        ("+sweep=windows", *TINY, "sweep.window=9"),
+        ["sweep.window=9", "8 decoder layers", "allowed 1 to 8"],
+    ),
+    "layer window stride 0": (
+        ("+sweep=windows", *TINY, "sweep.stride=0"),
+        ["sweep.stride=0", "whole number >= 1"],
+    ),
 }
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from sysattn_exp.errors import first_line
+from sysattn_exp.errors import first_line, usage_error_in
 from sysattn_exp.experiment.cluster import slurm_sqlite_warning
 from sysattn_exp.experiment.report import report
 from sysattn_exp.experiment.tracking import (
@@ -112,6 +112,12 @@ def sweep_report(tracking, sweep_dir: Path, parent: str) -> None:
 
 class SweepTracking(Callback):
     def on_multirun_start(self, config, **kwargs) -> None:
+        try:
+            key, description = sweep_key(config)  # resolves the swept values
+        except Exception as error:
+            if usage_error_in(error) is None:
+                raise
+            return  # bad input (a layer sweep's window): the sweeper tells it, exit 2
         warning = slurm_sqlite_warning(config)
         if warning:
             log.warning(warning)
@@ -119,7 +125,6 @@ class SweepTracking(Callback):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         SWEEP.clear()
         SWEEP.update(dir=sweep_dir, uri=config.tracking.uri)
-        key, description = sweep_key(config)
         if config.runtime.get("dry_run"):
             return  # a dry run checks every job's config and logs nothing: no parent run
         try:

@@ -24,7 +24,7 @@ from sysattn_exp.attention.rules import Rule, label
 from sysattn_exp.evaluation.cache import SCORES_VERSION, digest, scores_code_digest
 from sysattn_exp.experiment.environment import device_names, environment, model_devices
 from sysattn_exp.models import random_weights
-from sysattn_exp.models.loading import BUILTIN_TINY, BUILTIN_TOY
+from sysattn_exp.models.loading import BUILTIN_TINY, BUILTIN_TOYS, toy_weights
 from sysattn_exp.models.toy_model import weights_file_digest
 
 
@@ -39,7 +39,7 @@ def condition(cfg, loaded, edit: Rule | None, words) -> dict:
         "model": model.name_or_path,
         "revision": model.revision,
         "seed": model.seed if model.name_or_path == BUILTIN_TINY else None,
-        **({"weights": weights_file_digest()} if model.name_or_path == BUILTIN_TOY else {}),
+        **toy_condition(model.name_or_path),
         **random_weights.cache_condition(model),
         "device": loaded.device.type,
         "device_name": device_names(loaded.model),
@@ -55,6 +55,13 @@ def condition(cfg, loaded, edit: Rule | None, words) -> dict:
         "dataset_revision": cfg.benchmark.get("revision"),
         "intervention": None if edit is None else rule_condition(edit),
     } | generation_condition(cfg.scoring)
+
+
+def toy_condition(name_or_path: str) -> dict:
+    """A built-in toy model's weights file digest (toy_model.SHIPPED): retrained, rescored."""
+    if name_or_path not in BUILTIN_TOYS:
+        return {}
+    return {"weights": weights_file_digest(toy_weights(name_or_path))}
 
 
 def rule_condition(edit: Rule) -> dict:
@@ -116,6 +123,9 @@ NOT_IN_JOB_KEY = {
     },
     # The dry run's power line only (evaluation/power.py): no figure of a job changes.
     "stats": {"discordance"},
+    # +sweep=layers / windows: only how the sweep chose layers.start/end, which are keyed
+    # (a job keeps the key of the same range given by hand).
+    "sweep": None,
 }
 
 

@@ -35,6 +35,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from sysattn_exp.benchmarks import MAIN_METRICS
 from sysattn_exp.errors import UsageError, one_line
+from sysattn_exp.experiment.report_layers import layer_plots, localisation_markdown
 from sysattn_exp.experiment.report_plots import plots
 from sysattn_exp.experiment.report_stats import (
     Evidence,
@@ -75,6 +76,11 @@ COLUMNS = [
     "groups_broken",
     "items_fixed",
     "items_broken",
+    # The yes-rate's change against the baseline and its paired bootstrap interval (the
+    # layer plot's second panel: report_layers).
+    "yes_rate_change_points",
+    "yes_rate_change_ci_low_points",
+    "yes_rate_change_ci_high_points",
 ]
 # The main metric per benchmark; +task=caption jobs are filed under "chair".
 MAIN_METRIC = MAIN_METRICS | {"chair": "chair_s"}
@@ -178,7 +184,15 @@ CONDITION = ["benchmark", "model", "setting", "intervention", "layers"]
 # The environment (versions, devices, the kernel verdicts a process reached) and how a
 # job computed (HOW_METRICS, logged as params) are left out too: where they change the
 # baseline, its values (baseline_signature) tell the settings apart.
-NOT_SETTING = ("intervention.", "layers.", "job.", "runtime.", "tracking.", "environment.")
+NOT_SETTING = (
+    "intervention.",
+    "layers.",
+    "sweep.",  # how a layer sweep chose layers.start/end (layer_sweeps.py)
+    "job.",
+    "runtime.",
+    "tracking.",
+    "environment.",
+)
 NOT_SETTING_KEYS = {"model.batch_size", "model.device", "model.device_map", *HOW_METRICS}
 BASELINE_SIGNATURE = ("paired_accuracy", "yes_rate", "accuracy")
 
@@ -269,6 +283,7 @@ def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
                 "native_change_points": metric(f"{stored}_change_points") if native else None,
                 "fraction": fraction(run),
             }
+            | yes_rate_change(metric)
             | (tested(metric, benchmark) if intervention_label(run) != "baseline" else {})
         )
         if rows[-1]["intervention"] != "baseline":
@@ -294,6 +309,22 @@ def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
     order = ["benchmark", "model", "setting", "baseline_first", "intervention", "layers"]
     table = table.sort_values(order)
     return table.drop(columns="baseline_first").reset_index(drop=True)
+
+
+def yes_rate_change(metric) -> dict:
+    """An intervention run's yes-rate change against its baseline and the change's 95%
+    interval (the job's yes_rate_change_ci_low/high), in points; None where not logged."""
+
+    def points(value):
+        return None if value is None or pd.isna(value) else 100 * float(value)
+
+    now, before = metric("yes_rate"), metric("baseline_yes_rate")
+    change = None if now is None or before is None else now - before
+    return {
+        "yes_rate_change_points": points(change),
+        "yes_rate_change_ci_low_points": points(metric("yes_rate_change_ci_low")),
+        "yes_rate_change_ci_high_points": points(metric("yes_rate_change_ci_high")),
+    }
 
 
 def fraction(run: pd.Series) -> float | None:
@@ -524,7 +555,9 @@ def report(cfg) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "comparison.csv", index=False)
     summary.to_csv(out / "summary.csv", index=False)
-    (out / "comparison.md").write_text(comparison_markdown(table, evidence, summary))
+    text = comparison_markdown(table, evidence, summary)
+    text += localisation_markdown(plotted(table), evidence)  # a layer sweep's verdicts
+    (out / "comparison.md").write_text(text)
     paper_table(table, "paired_accuracy_change_pct").to_csv(out / "paper_table.csv", index=False)
     (out / "paper_table.md").write_text(paper_markdown(table, evidence))
     files = [
@@ -538,12 +571,13 @@ def report(cfg) -> Path:
         )
     ]
     files += plots(plotted(table), out, evidence)
+    files += layer_plots(plotted(table), out, evidence)
     if parent is not None:
         mlflow, _ = connect(cfg.tracking)
         client = mlflow.MlflowClient()
         for path in files:
             client.log_artifact(parent, str(path), "report")
-    print(comparison_markdown(table, evidence, summary))
+    print(text)
     print(
         f"report: {out.resolve()} ({len(files)} files)"
         + (f", logged to run {parent}" if parent else "")

@@ -297,6 +297,15 @@ class CaptionConfig:
 
 
 @dataclass
+class SweepConfig:
+    """conf/sweep/layers.yaml and windows.yaml's sweep section (experiment/layer_sweeps.py):
+    windows of `window` consecutive decoder layers, starting `stride` layers apart."""
+
+    window: int = MISSING
+    stride: int = MISSING
+
+
+@dataclass
 class Config:
     """conf/config.yaml as composed (the hydra section aside)."""
 
@@ -309,6 +318,7 @@ class Config:
     runtime: RuntimeConfig = MISSING
     stats: StatsConfig = MISSING
     caption: CaptionConfig | None = None  # +task=caption
+    sweep: SweepConfig | None = None  # +sweep=layers, +sweep=windows
 
 
 class Correction(enum.Enum):
@@ -349,7 +359,38 @@ BOUNDS = {
     "stats.seed": (0, None),  # numpy's default_rng takes seeds >= 0
     "caption.max_new_tokens": (1, None),
     "caption.limit": (1, None),
+    "sweep.window": (1, None),
+    "sweep.stride": (1, None),
 }
+
+
+# ---- the config's own resolvers -----------------------------------------------------
+
+
+def window_starts(model, window, stride) -> str:
+    """A layer sweep's layers.start values (conf/sweep/layers.yaml, windows.yaml), on the
+    model's depth (layer_sweeps.sweep_starts), imported only when such a sweep starts: it
+    reads the model's config with transformers, which a mistyped key must not wait for."""
+    from sysattn_exp.experiment.layer_sweeps import sweep_starts
+
+    return sweep_starts(model, window, stride)
+
+
+def window_end(start: int | None, window: int) -> int | None:
+    """A layer sweep's layers.end: its window's end, start + window (exclusive); None
+    while layers.start is unset (before the sweeper sets it)."""
+    return None if start is None else start + window
+
+
+def register_resolvers() -> None:
+    """Register the resolvers above (again: replaced). Done when this module is imported:
+    every process that reads a job's or a sweep's config imports it first (the entry
+    point and a launcher's worker to check the config; sync to key a sweep's parent)."""
+    OmegaConf.register_new_resolver("sysattn.window_starts", window_starts, replace=True)
+    OmegaConf.register_new_resolver("sysattn.window_end", window_end, replace=True)
+
+
+register_resolvers()
 
 
 # ---- checking -----------------------------------------------------------------------

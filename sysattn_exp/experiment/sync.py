@@ -25,6 +25,7 @@ from typing import NamedTuple
 from omegaconf import OmegaConf
 
 from sysattn_exp.errors import first_line
+from sysattn_exp.experiment.schema import register_resolvers
 from sysattn_exp.experiment.tracking import (
     JOB_MARKER,
     SWEEP_MARKER,
@@ -66,6 +67,7 @@ def ensure_parent(sweep_dir: Path, tracking) -> None:
     found or created by log_job_dir.)"""
     if (sweep_dir / SWEEP_MARKER).exists() or not (sweep_dir / "multirun.yaml").exists():
         return
+    register_resolvers()  # a layer sweep's params resolve through them
     sweep = OmegaConf.load(sweep_dir / "multirun.yaml")
     sweep.tracking.experiment = tracking.experiment
     sweep_parent(tracking, sweep_dir, *sweep_key(sweep))

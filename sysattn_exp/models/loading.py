@@ -48,6 +48,9 @@ VLM_FAMILIES = {
 }
 BUILTIN_TINY = "builtin:tiny"
 BUILTIN_TOY = "builtin:toy"  # the trained toy LLaVA, weights shipped in the package
+# Its balanced twin: the same architecture, trained on the uniform question mix.
+BUILTIN_TOY_BALANCED = "builtin:toy_balanced"
+BUILTIN_TOYS = (BUILTIN_TOY, BUILTIN_TOY_BALANCED)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -167,7 +170,7 @@ def load_model(cfg) -> LoadedModel:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     device_map = device_map_of(cfg)
-    if device_map is not None and cfg.name_or_path in (BUILTIN_TINY, BUILTIN_TOY):
+    if device_map is not None and cfg.name_or_path in (BUILTIN_TINY, *BUILTIN_TOYS):
         raise UsageError(
             f"model.device_map={device_map!r} does not apply to {cfg.name_or_path} (built in "
             "code on one device); use model.device"
@@ -210,11 +213,16 @@ def toy_module():
     return toy_model
 
 
+def toy_weights(name_or_path: str):
+    """The shipped weights file of builtin:toy or builtin:toy_balanced (toy_model.SHIPPED)."""
+    return toy_module().SHIPPED[name_or_path.removeprefix("builtin:")]
+
+
 def load_config(cfg):
     """The checkpoint's config, refused unless this tool handles its family."""
     if cfg.name_or_path == BUILTIN_TINY:
         return tiny.build_config()
-    if cfg.name_or_path == BUILTIN_TOY:
+    if cfg.name_or_path in BUILTIN_TOYS:
         return toy_module().build_toy_config()
     if random_weights.is_random(cfg):
         preset = random_weights.preset_of(cfg)
@@ -287,8 +295,8 @@ def hub_access(cfg) -> dict:
 def _load(cfg, dtype, device_map):
     if cfg.name_or_path == BUILTIN_TINY:
         return tiny.build_tiny_llava(seed=cfg.seed, dtype=dtype)
-    if cfg.name_or_path == BUILTIN_TOY:
-        return toy_module().build_toy_llava(dtype=dtype)
+    if cfg.name_or_path in BUILTIN_TOYS:
+        return toy_module().build_toy_llava(toy_weights(cfg.name_or_path), dtype=dtype)
     if random_weights.is_random(cfg):
         return random_weights.build(cfg, dtype, resolve_device(cfg.device), device_map)
     model_type = load_config(cfg).model_type
@@ -319,7 +327,7 @@ def load_processor(cfg, model_type: str | None = None):
     (a dry run needs only this)."""
     if cfg.name_or_path == BUILTIN_TINY:
         return tiny.build_processor()
-    if cfg.name_or_path == BUILTIN_TOY:
+    if cfg.name_or_path in BUILTIN_TOYS:
         return toy_module().build_toy_processor()
     if random_weights.is_random(cfg):
         return offline_processors.build_processor(random_weights.preset_of(cfg), load_config(cfg))

@@ -41,6 +41,11 @@ from sysattn_exp.models.prompts import build_prompt
 from sysattn_exp.models.tiny import build_config, build_processor, cast_parameters
 
 WEIGHTS = Path(__file__).parent / "toy_weights.safetensors"
+# The balanced twin (model=toy_balanced): the same script and seed with the uniform mix of
+# no questions (UNIFORM_HARD_SHARE), the control for where the yes-bias comes from.
+BALANCED_WEIGHTS = Path(__file__).parent / "toy_balanced_weights.safetensors"
+# builtin:<name> -> its weights file
+SHIPPED = {"toy": WEIGHTS, "toy_balanced": BALANCED_WEIGHTS}
 IMAGE_SIZE = 64
 PATCH_SIZE = 8
 GRID = IMAGE_SIZE // PATCH_SIZE
@@ -52,8 +57,11 @@ SYSTEM_PROMPT = (
 )
 TEMPLATE = "{question} Please answer yes or no."
 HARD_SHARE = 0.05
-# (seed, steps of stage 1, steps of stage 2, batch size, learning rate)
-DEFAULTS = dict(seed=0, vision_steps=800, steps=600, batch_size=32, lr=2e-3)
+# Uniform sampling over a two-shape scene's no questions: 2 of its 10 are hard (the balanced
+# twin's mix, `scripts/train_toy.py --hard-share 0.2`).
+UNIFORM_HARD_SHARE = 0.2
+# (seed, steps of stage 1, steps of stage 2, batch size, learning rate, share of hard no's)
+DEFAULTS = dict(seed=0, vision_steps=800, steps=600, batch_size=32, lr=2e-3, hard_share=HARD_SHARE)
 
 
 def build_toy_processor() -> LlavaProcessor:
@@ -96,11 +104,13 @@ def patch_labels(objects) -> tuple[np.ndarray, np.ndarray]:
     return colour, shape
 
 
-def draw_question(rng: random.Random, objects) -> tuple[str, str, bool]:
+def draw_question(
+    rng: random.Random, objects, hard_share: float = HARD_SHARE
+) -> tuple[str, str, bool]:
     asks = world.questions(objects)
     if rng.random() < 0.5:
         return (*rng.choice(asks["yes"]), True)
-    if asks["hard"] and rng.random() < HARD_SHARE:
+    if asks["hard"] and rng.random() < hard_share:
         return (*rng.choice(asks["hard"]), False)
     # Near misses as often as the rest: the colour shown (shape not), the shape shown
     # (colour not), neither.
@@ -117,8 +127,9 @@ def draw_question(rng: random.Random, objects) -> tuple[str, str, bool]:
 class Batches:
     """Training batches drawn from a seeded generator, held-out scenes excluded."""
 
-    def __init__(self, processor, seed: int):
+    def __init__(self, processor, seed: int, hard_share: float = HARD_SHARE):
         self.rng = random.Random(seed)
+        self.hard_share = hard_share
         self.processor = processor
         tok = processor.tokenizer
         self.yes = tok("Yes", add_special_tokens=False).input_ids[0]
@@ -147,7 +158,7 @@ class Batches:
 
     def __call__(self, size: int) -> dict:
         scenes = [self.scene() for _ in range(size)]
-        asked = [draw_question(self.rng, s) for s in scenes]
+        asked = [draw_question(self.rng, s, self.hard_share) for s in scenes]
         labels = [patch_labels(s) for s in scenes]
         pixels = self.processor.image_processor(
             [world.draw_scene(s) for s in scenes], return_tensors="pt"
@@ -203,10 +214,13 @@ def lr_at(step: int, total: int, lr: float, warmup: int = 50) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train(seed=0, vision_steps=800, steps=600, batch_size=32, lr=2e-3, log=print):
+def train(
+    seed=0, vision_steps=800, steps=600, batch_size=32, lr=2e-3, hard_share=HARD_SHARE, log=print
+):
+    """Train the toy LLaVA from `seed`, with `hard_share` of the hard no questions (the
+    shipped model: HARD_SHARE; its balanced twin: UNIFORM_HARD_SHARE); returns (model,
+    processor). Deterministic on one thread."""
     log = log or (lambda line: None)
-    """Train the toy LLaVA from `seed`; returns (model, processor). Deterministic on one
-    thread."""
     torch.manual_seed(seed)
     processor = build_toy_processor()
     model = LlavaForConditionalGeneration(build_toy_config(processor.tokenizer))
@@ -214,7 +228,7 @@ def train(seed=0, vision_steps=800, steps=600, batch_size=32, lr=2e-3, log=print
     head = torch.nn.Linear(hidden, 5 + 4)
     # On the question's words: colour shown? (at the colour) answer? shape shown? (at the shape)
     probe = torch.nn.Linear(hidden, 3)
-    batches = Batches(processor, seed)
+    batches = Batches(processor, seed, hard_share)
     model.train()
 
     vision = list(model.model.vision_tower.parameters())
@@ -266,9 +280,9 @@ def train(seed=0, vision_steps=800, steps=600, batch_size=32, lr=2e-3, log=print
 
 
 @functools.cache
-def weights_file_digest() -> str:
-    """sha256 of the shipped weights file (keys the score cache: retrained, rescored)."""
-    return hashlib.sha256(WEIGHTS.read_bytes()).hexdigest()
+def weights_file_digest(weights: Path = WEIGHTS) -> str:
+    """sha256 of a shipped weights file (keys the score cache: retrained, rescored)."""
+    return hashlib.sha256(Path(weights).read_bytes()).hexdigest()
 
 
 def digest(model) -> str:

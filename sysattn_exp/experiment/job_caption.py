@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 
 from sysattn_exp.attention.rules import Rule
+from sysattn_exp.errors import UsageError
 from sysattn_exp.evaluation.caption import caption_predictions, load_coco
 from sysattn_exp.evaluation.generation import generate_in_batches
-from sysattn_exp.errors import UsageError
 from sysattn_exp.experiment.identity import caption_baseline_key, prompt_ablation
 from sysattn_exp.experiment.job import Evaluation, Job, Watch
 from sysattn_exp.files import write_atomically

@@ -125,6 +125,8 @@ def test_ablation_job_compares_with_the_unablated_baseline(tmp_path):
     assert (row["groups_fixed"], row["groups_broken"]) == (fixed, broken)
     assert row["change_ci_low_points"] <= change <= row["change_ci_high_points"]
     assert table.loc["baseline", "paired_accuracy"] == pytest.approx(baseline["paired_accuracy"])
+    summary = pd.read_csv(sweep / "report" / "summary.csv")
+    assert list(summary["condition"]) == ["no system tokens"]  # no layers to name
 
 
 def test_ablation_dry_run_says_what_is_left(tmp_path):

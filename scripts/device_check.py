@@ -252,6 +252,8 @@ def paper_grid(depth: int) -> list[tuple[str, object]]:
     composes it: the intervention and layers options it overrides, then its own keys."""
     grid = []
     for path in sorted((CONF / "condition").glob("*.yaml")):
+        if path.stem.startswith("no-"):  # the prompt ablations: paper.yaml excludes them
+            continue
         condition = yaml.safe_load(path.read_text()) or {}
         groups = {"intervention": "none", "layers": "all"}
         for entry in condition.get("defaults", []):

@@ -109,6 +109,14 @@ CASES = {
         ["benchmark.template", "{question}"],
     ),
     "bad dtype": ((*TINY, "model.dtype=float8"), ["model.dtype", "float32"]),
+    "unknown prompt ablation": (
+        (*TINY, "prompt.ablation=no-sys"),
+        ["prompt.ablation='no-sys'", "none, no-system-prompt, no-bos, no-system"],
+    ),
+    "prompt ablation with PAI's guidance": (
+        (*TINY, "+condition=no-system", "intervention=pai", "intervention.cfg_gamma=1.1"),
+        ["prompt.ablation=no-system", "guidance"],
+    ),
     "unknown ranking": (
         (*TINY, "scoring.rank_by=logit"),
         ["scoring.rank_by='logit'", "p_yes, log_odds"],

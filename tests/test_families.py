@@ -16,7 +16,14 @@ from sysattn_exp.attention.profile import AttentionProfile
 from sysattn_exp.attention.rules import Pai, Redistribution, Scale
 from sysattn_exp.benchmarks.base import Benchmark, Item
 from sysattn_exp.evaluation.lens import LogitLens
-from sysattn_exp.evaluation.scoring import encode_full_prompts, score_full_prompts, score_items
+from sysattn_exp.evaluation.scoring import (
+    BatchEncoder,
+    encode_full_prompts,
+    plan_batches,
+    score_full_prompts,
+    score_items,
+)
+from sysattn_exp.experiment.job_yes_no import ablated_format
 from sysattn_exp.models.loading import LoadedModel, tokenizer_of, use_sysattn
 from sysattn_exp.models.prompts import PromptFormat, text_kwargs
 
@@ -397,3 +404,93 @@ def test_logit_lens_reads_every_layer(family):
             reading = table.loc[(j, layer)]
             assert reading["log_odds"] == pytest.approx((yes - no).item(), abs=1e-4), layer
             assert reading["p_yes"] == pytest.approx(p_yes.item(), abs=1e-5), layer
+
+
+def own_forward_of_shortened_prompt(loaded, image, prompt: str, question: str, ablation: str):
+    """The answer position's logits of the model's own forward (eager attention, its own
+    positions) over the prompt's tokens with the ablation's leading span cut off, the cut
+    found here without sysattn_exp: BOS as the tokenizer's bos_token_id, the first image
+    token, or the question's first token (the tokens of the text before it)."""
+    tokenizer = loaded.tokenizer
+    kwargs = text_kwargs(tokenizer, prompt)
+    if image is not None:
+        inputs = loaded.processor(images=[[image]], text=[prompt], return_tensors="pt", **kwargs)
+    else:
+        inputs = tokenizer([prompt], return_tensors="pt", **kwargs)
+    ids = inputs["input_ids"][0].tolist()
+    cut = 0
+    if ablation == "no-bos" and ids[0] == tokenizer.bos_token_id:
+        cut = 1
+    elif ablation == "no-system" and image is not None:
+        cut = ids.index(loaded.image_token_id)
+    elif ablation == "no-system":
+        cut = len(tokenizer(prompt[: prompt.rindex(question)], **kwargs).input_ids)
+    inputs = dict(inputs)
+    for key in ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids"):
+        if key in inputs:
+            inputs[key] = inputs[key][:, cut:]
+    with_attention(loaded.model, "eager")
+    try:
+        return logits(loaded, inputs)[0, -1], cut
+    finally:
+        use_sysattn(loaded.model)
+
+
+@pytest.mark.parametrize("ablation", ["no-system-prompt", "no-bos", "no-system"])
+def test_ablation_scores_equal_the_models_own_forward_of_the_shortened_prompt(family, ablation):
+    """Prefix-shared, batched scoring under prompt.ablation gives the logits of the model's
+    own forward of the shortened prompt (not a mask over the original one), for items with
+    and without an image, two system prompts per image (no-system-prompt: the prompt as
+    model.system_prompt="" renders it); under no-system the rule system->text finds no
+    system token and changes nothing."""
+    loaded, *_ = family
+    bench = benchmark_of(loaded)
+    has_image = [item.image_id is not None for item in bench.items]
+    asked = [
+        ablated_format(fmt(loaded, SYSTEMS[j % 2]), ablation).render(item.question, has_image[j])
+        for j, item in enumerate(bench.items)
+    ]
+    if ablation == "no-system-prompt":  # the text is the ablation; nothing else removed
+        items = zip(bench.items, has_image, strict=True)
+        unprompted = [fmt(loaded, "").render(i.question, w) for i, w in items]
+        assert asked == unprompted
+    token_ablation = "none" if ablation == "no-system-prompt" else ablation
+    words = ([5, 6], [7])
+    got = score_items(loaded, bench, asked, None, words, 4, 0, "t", ablation=token_ablation)
+    for j, item in enumerate(bench.items):
+        image = bench.load_image(item.image_id) if item.image_id else None
+        want, cut = own_forward_of_shortened_prompt(
+            loaded, image, asked[j], item.question, token_ablation
+        )
+        if ablation == "no-system":  # every family has system tokens to remove
+            assert cut > 0
+        assert got.yes[j] == pytest.approx(want[words[0]].logsumexp(0).item(), abs=1e-4)
+        assert got.no[j] == pytest.approx(want[words[1]].logsumexp(0).item(), abs=1e-4)
+    if ablation == "no-system":
+        rule = Redistribution("system", ("text",), late_layers(loaded))
+        ruled = score_items(loaded, bench, asked, rule, words, 4, 0, "t", ablation="no-system")
+        assert ruled.yes == pytest.approx(got.yes, abs=1e-5)
+        assert ruled.no == pytest.approx(got.no, abs=1e-5)
+
+
+def test_no_system_prefix_is_the_image_alone(family):
+    """Under no-system, prefix sharing keeps working: the prefix of an item with an image is
+    its image span alone (from its first to its last image token), one prefix row per image
+    whatever the system prompt; without an image there is no prefix."""
+    loaded, *_ = family
+    bench = benchmark_of(loaded)
+    prompts = [
+        fmt(loaded, SYSTEMS[j % 2]).render(item.question, item.image_id is not None)
+        for j, item in enumerate(bench.items)
+    ]
+    plan = plan_batches([item.image_id for item in bench.items], 4)
+    encoder = BatchEncoder(bench, prompts, plan, loaded, ablation="no-system")
+    for i, order in enumerate(plan):
+        batch = encoder.encode(i)
+        if bench.items[order[0]].image_id is None:
+            assert batch.prefix_ids.shape[1] == 0
+            continue
+        assert len(batch.prefix_ids) == len({bench.items[j].image_id for j in order})
+        for ids, mask in zip(batch.prefix_ids, batch.prefix_mask, strict=True):
+            real = ids[mask.bool()].tolist()
+            assert real[0] == real[-1] == loaded.image_token_id

@@ -23,8 +23,11 @@ from sysattn_exp.experiment.job import checked_none
 from sysattn_exp.models.loading import load_model
 
 KEYS_FILE = Path(__file__).parent / "data" / "paper_job_keys.json"
+# The paper grid's conditions: the prompt ablations (no-*.yaml) are not in it (paper.yaml).
 CONDITIONS = sorted(
-    p.stem for p in (Path(sysattn_exp.__file__).parent / "conf" / "condition").glob("*.yaml")
+    p.stem
+    for p in (Path(sysattn_exp.__file__).parent / "conf" / "condition").glob("*.yaml")
+    if not p.stem.startswith("no-")
 )
 BENCHMARKS = ["mme", "hallusionbench", "naturalbench", "winoground", "sugarcrepe", "beaf"]
 # Beyond the grid: the other settings a researcher keys jobs by.

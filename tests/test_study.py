@@ -21,7 +21,7 @@ def test_paper_sweep_is_the_full_grid_over_six_benchmarks():
         cfg = compose("config", overrides=["+sweep=paper"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
     assert params.benchmark.split(",") == SIX
-    assert params["+condition"] == "glob(*)"
+    assert params["+condition"] == "glob(*,exclude=no-*)"  # no prompt ablation
 
 
 def test_paper_sweep_runs_and_the_report_renders_it(tmp_path):

@@ -197,9 +197,11 @@ def generate_items(
     desc: str,
     words: tuple[list[int], list[int]] = ([], []),
     progress_seconds: float = 60.0,
+    ablation: str = "none",
 ) -> Generations:
     """Greedy answers to every item, batched and prefix-shared as score_items scores them
-    (images decoded in DataLoader workers). With `words` (yes and no first-token ids), the
+    (images decoded in DataLoader workers; `ablation`, models.ablation, shortens each
+    tokenized prompt as there). With `words` (yes and no first-token ids), the
     first step's logits also give each item's yes/no scores; without, those are NaN.
     Without a terminal, progress is logged every `progress_seconds` (cluster.Progress)."""
     if edit is not None and edit.guidance is not None:
@@ -209,7 +211,7 @@ def generate_items(
         )
     plan = plan_batches([item.image_id for item in benchmark.items], batch_size)
     loader = DataLoader(
-        BatchEncoder(benchmark, prompts, plan, loaded),
+        BatchEncoder(benchmark, prompts, plan, loaded, ablation=ablation),
         batch_size=None,
         collate_fn=keep_batch,
         num_workers=num_workers,

@@ -30,6 +30,7 @@ from sysattn_exp.attention.rules import Rule
 from sysattn_exp.errors import UsageError
 from sysattn_exp.evaluation.cache import ScoreCache, item_key
 from sysattn_exp.evaluation.progress import Progress
+from sysattn_exp.models.ablation import NONE, first_kept
 from sysattn_exp.models.loading import LoadedModel, tokenizer_of
 from sysattn_exp.models.prompts import question_token_start, text_kwargs
 
@@ -89,8 +90,9 @@ class EncodedBatch:
 
 def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    # dtype given: rows all empty (no-system without an image) make a (U, 0) tensor
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
     return ids, mask
 
 
@@ -106,15 +108,24 @@ class BatchEncoder(Dataset):
     then split in two: the prefix, run once per distinct prefix, and the question rows.
     With an image the split is after its last image token; without one (all or none of a
     batch's items have one) before the first token of the question. `plain_prompts`, for
-    PAI's guidance, are the prompts rendered without their image."""
+    PAI's guidance, are the prompts rendered without their image. `ablation` (no-bos,
+    no-system: models.ablation) removes a leading span of each prompt's tokens before the
+    split: under no-system the prefix is the image alone, or empty without an image."""
 
     def __init__(
-        self, benchmark: "Benchmark", prompts, plan, loaded: LoadedModel, plain_prompts=None
+        self,
+        benchmark: "Benchmark",
+        prompts,
+        plan,
+        loaded: LoadedModel,
+        plain_prompts=None,
+        ablation: str = NONE,
     ):
         # Only the processor and the image token's id travel to the workers, not the model.
         self.benchmark, self.prompts, self.plan = benchmark, prompts, plan
         self.processor, self.image_token_id = loaded.processor, loaded.image_token_id
         self.tokenizer, self.plain_prompts = tokenizer_of(loaded.processor), plain_prompts
+        self.ablation = ablation
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -173,6 +184,7 @@ class BatchEncoder(Dataset):
                 images=[images[image_id]], text=[prompt], **text_kwargs(self.tokenizer, prompt)
             )["input_ids"][0]
             ids = list(ids)
+            ids = ids[self.kept(ids, 0) :]
             image_positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
             if not image_positions:
                 raise ValueError(f"prompt {prompt!r} has no image placeholder")
@@ -188,7 +200,13 @@ class BatchEncoder(Dataset):
         question = self.benchmark.question_text(self.benchmark.items[j])
         ids = self.tokenizer(prompt, **text_kwargs(self.tokenizer, prompt)).input_ids
         start = question_token_start(self.tokenizer, prompt, question)
-        return ids[:start], ids[start:]
+        kept = self.kept(ids, start)
+        return ids[kept:start], ids[start:]
+
+    def kept(self, ids: list[int], text_start: int) -> int:
+        """The index of the first token the ablation keeps (ablation.first_kept)."""
+        bos = self.tokenizer.bos_token_id
+        return first_kept(ids, self.ablation, self.image_token_id, text_start, bos)
 
     def vision_inputs(self, representative, images) -> dict:
         """The processor's per-image inputs for the prefix rows, batched (and padded where
@@ -395,7 +413,8 @@ def prefill(
     per distinct prefix, then the question pass over each item's question tokens with the
     prefix's KV cache; the logits are read (answer_reader) after each row's last real
     question token (and with `lens`, every decoder layer's output there). What scoring and
-    generation both start from."""
+    generation both start from. An empty prefix (prompt.ablation=no-system without an
+    image) has no prefix pass: the question pass starts at position 0 with no cache."""
     device, language_model = loaded.device, loaded.model.model
     prefix_ids, prefix_mask = batch.prefix_ids.to(device), batch.prefix_mask.to(device)
     vision = on_device(loaded, batch.vision)
@@ -403,29 +422,34 @@ def prefill(
         prefix_modality = modality_ids(prefix_ids, prefix_mask, loaded.image_token_id)
     else:  # the system part of prompts without an image
         prefix_modality = torch.where(prefix_mask.bool(), SYSTEM, PAD)
-    positions = position_ids(loaded, prefix_ids, prefix_mask, vision)
-    prefix = rule_pass(
-        language_model,
-        edit,
-        profile,
-        prefix_modality,
-        input_ids=prefix_ids,
-        attention_mask=prefix_mask,
-        position_ids=positions,
-        **vision,
-        **(token_types(loaded, prefix_ids) if vision else {}),
-    )
-    cache, rows = getattr(prefix, CACHE_ARG), batch.image_row.to(device)
-    select_cache_rows(cache, rows)
     question_ids, question_mask = batch.question_ids.to(device), batch.question_mask.to(device)
+    rows = batch.image_row.to(device)
+    cache = None
+    if prefix_ids.shape[1]:
+        positions = position_ids(loaded, prefix_ids, prefix_mask, vision)
+        prefix = rule_pass(
+            language_model,
+            edit,
+            profile,
+            prefix_modality,
+            input_ids=prefix_ids,
+            attention_mask=prefix_mask,
+            position_ids=positions,
+            **vision,
+            **(token_types(loaded, prefix_ids) if vision else {}),
+        )
+        cache = getattr(prefix, CACHE_ARG)
+        select_cache_rows(cache, rows)
+        question_positions = following_positions(positions, rows, question_ids.shape[1])
+    else:  # right-padded rows from 0 (their padding is never attended to)
+        question_positions = position_ids(loaded, question_ids, question_mask, {})
     attention_mask = torch.cat([prefix_mask[rows], question_mask], dim=1)
-    question_positions = following_positions(positions, rows, question_ids.shape[1])
     key_modality = torch.cat(
         [prefix_modality[rows], torch.where(question_mask.bool(), TEXT, PAD)], dim=1
     )
     last = question_mask.sum(1) - 1
     with answer_reader(loaded) as read, decoder_outputs(loaded, lens) as outputs:
-        hidden = rule_pass(
+        output = rule_pass(
             language_model,
             edit,
             profile,
@@ -434,8 +458,9 @@ def prefill(
             attention_mask=attention_mask,
             position_ids=question_positions,
             **{CACHE_ARG: cache},
-        ).last_hidden_state
-        logits = read(hidden, last)
+        )
+        logits = read(output.last_hidden_state, last)
+    cache = getattr(output, CACHE_ARG)  # the prefix's, extended (or new without a prefix)
     states = None
     if outputs is not None:
         rows = torch.arange(len(last))
@@ -631,6 +656,7 @@ def score_items(
     plain_prompts: list[str] | None = None,
     progress_seconds: float = 60.0,
     lens=None,
+    ablation: str = NONE,
 ) -> Scores:
     """yes and no logits of every item (`plain_prompts`, each prompt rendered without its
     image, are needed by PAI's guidance only). With a cache, batches whose items are all in it are
@@ -638,7 +664,9 @@ def score_items(
     the same company as an uninterrupted one) and each new batch is saved as it is done.
     A profile (attention.profile) records where attention goes, a lens (evaluation.lens)
     what each layer would answer; both need every batch run.
-    Without a terminal, progress is logged every `progress_seconds` (progress.Progress)."""
+    Without a terminal, progress is logged every `progress_seconds` (progress.Progress).
+    `ablation` (models.ablation: no-bos, no-system) shortens each tokenized prompt; the
+    cache's condition must say so (identity.condition), as item keys see only the text."""
     keys = item_keys(benchmark, prompts, cache)
     done = cache.load() if cache else {}
     plan = plan_batches([item.image_id for item in benchmark.items], batch_size)
@@ -668,6 +696,7 @@ def score_items(
         plain_prompts,
         progress_seconds,
         lens,
+        ablation,
     )
     seconds = time.perf_counter() - started
     return Scores(
@@ -704,6 +733,7 @@ def score_batches(
     plain_prompts: list[str] | None = None,
     progress_seconds: float = 60.0,
     lens=None,
+    ablation: str = NONE,
 ) -> dict[str, tuple[float, float, float]]:
     """Score the given batches of item indices (each saved to the cache as it is done):
     item key -> (yes_logit, no_logit, p_yes)."""
@@ -711,7 +741,9 @@ def score_batches(
     if guidance and plain_prompts is None:
         raise ValueError("PAI's guidance needs the prompts without their image")
     loader = DataLoader(
-        BatchEncoder(benchmark, prompts, batches, loaded, plain_prompts if guidance else None),
+        BatchEncoder(
+            benchmark, prompts, batches, loaded, plain_prompts if guidance else None, ablation
+        ),
         batch_size=None,
         collate_fn=keep_batch,
         num_workers=num_workers if batches else 0,

@@ -24,16 +24,20 @@ from sysattn_exp.attention.rules import Rule, label
 from sysattn_exp.evaluation.cache import SCORES_VERSION, digest, scores_code_digest
 from sysattn_exp.experiment.environment import device_names, environment, model_devices
 from sysattn_exp.models import random_weights
+from sysattn_exp.models.ablation import LABELS, NONE
+from sysattn_exp.models.ablation import label as ablation_label
 from sysattn_exp.models.loading import BUILTIN_TINY, BUILTIN_TOYS, toy_weights
 from sysattn_exp.models.toy_model import weights_file_digest
 
 
-def condition(cfg, loaded, edit: Rule | None, words) -> dict:
+def condition(cfg, loaded, edit: Rule | None, words, ablation: str = NONE) -> dict:
     """Everything that determines an item's scores besides the item and its prompt: the
     model and data, the environment that computes them (torch and transformers versions,
     device names, the planned attention kernels, the batch size: bf16 results depend on
     how a batch is padded and reduced) and the code (cache.py). The same in every process
-    of one environment and checkout."""
+    of one environment and checkout. `ablation` (prompt.ablation, models.ablation): the
+    tokens removed from each prompt, which an item's key (its prompt's text) does not
+    show; in the condition only where set, so that other conditions stay as they were."""
     model = cfg.model
     return {
         "model": model.name_or_path,
@@ -54,6 +58,7 @@ def condition(cfg, loaded, edit: Rule | None, words) -> dict:
         "scores_code": scores_code_digest(),
         "dataset_revision": cfg.benchmark.get("revision"),
         "intervention": None if edit is None else rule_condition(edit),
+        **({} if ablation == NONE else {"prompt_ablation": ablation}),
     } | generation_condition(cfg.scoring)
 
 
@@ -62,6 +67,10 @@ def toy_condition(name_or_path: str) -> dict:
     if name_or_path not in BUILTIN_TOYS:
         return {}
     return {"weights": weights_file_digest(toy_weights(name_or_path))}
+def prompt_ablation(cfg) -> str:
+    """prompt.ablation (models.ablation.ABLATIONS); none where the config has no prompt
+    section (a config composed before it existed)."""
+    return OmegaConf.select(cfg, "prompt.ablation", default=NONE)
 
 
 def rule_condition(edit: Rule) -> dict:
@@ -129,10 +138,10 @@ NOT_IN_JOB_KEY = {
 }
 
 
-# The stats section as config.yaml ships it (evaluation.stats).
-DEFAULT_STATS = OmegaConf.to_container(
-    OmegaConf.create(files("sysattn_exp.conf").joinpath("config.yaml").read_text()).stats
-)
+# The stats and prompt sections as config.yaml ships them (evaluation.stats, models.ablation).
+SHIPPED = OmegaConf.create(files("sysattn_exp.conf").joinpath("config.yaml").read_text())
+DEFAULT_STATS = OmegaConf.to_container(SHIPPED.stats)
+DEFAULT_PROMPT = OmegaConf.to_container(SHIPPED.prompt)
 
 
 def job_key(config: dict, condition: dict) -> str:
@@ -151,6 +160,11 @@ def job_key(config: dict, condition: dict) -> str:
             # before statistics existed (tests/test_job_keys.py); discordance never (it
             # only sets the dry run's power line: NOT_IN_JOB_KEY).
             dropped = dropped | {k for k, v in value.items() if DEFAULT_STATS.get(k) == v}
+            if set(value) <= dropped:
+                continue
+        if section == "prompt":
+            # Likewise prompt.ablation=none: the key jobs had before ablations existed.
+            dropped = {k for k, v in value.items() if DEFAULT_PROMPT.get(k) == v}
             if set(value) <= dropped:
                 continue
         if section == "runtime" and not value.get("lens", True):
@@ -174,8 +188,10 @@ def job_config(cfg, loaded, edit, words, layers, name, benchmark=None) -> dict:
     if benchmark is not None:
         config["benchmark"] = benchmark
     config["layers"]["resolved"] = layers
-    key = job_key(config, condition(cfg, loaded, edit, words))
-    config["job"] = {"name": name, "key": key, "label": label(edit)}  # label: the report's
+    ablation = prompt_ablation(cfg)
+    key = job_key(config, condition(cfg, loaded, edit, words, ablation))
+    # label: the report's intervention column (the ablation's, then the rule's)
+    config["job"] = {"name": name, "key": key, "label": ablation_label(ablation, label(edit))}
     if edit is not None and getattr(edit, "heads", None) is not None:
         config["job"]["heads"] = [list(pair) for pair in edit.heads]  # as selected
     config["layers"]["depth"] = loaded.num_layers  # for the report's model label; not in the key
@@ -183,10 +199,17 @@ def job_config(cfg, loaded, edit, words, layers, name, benchmark=None) -> dict:
     return config
 
 
-def run_name(benchmark: str, edit: Rule | None, layers: list[int], profile=False) -> str:
+def run_name(
+    benchmark: str, edit: Rule | None, layers: list[int], profile=False, ablation: str = NONE
+) -> str:
     """'pope baseline', 'pope system->text layers 24-31'; a profile job (+task=profile):
-    'pope profile', 'pope profile system->text layers 24-31'."""
+    'pope profile', 'pope profile system->text layers 24-31'; a prompt ablation
+    (models.ablation.LABELS) before the rule: 'pope no system tokens',
+    'pope no BOS + system->text layers 24-31'."""
     kind = " profile" if profile else ""
+    if ablation != NONE:
+        rule = "" if edit is None else f" + {edit.describe()} layers {layers[0]}-{layers[-1]}"
+        return f"{benchmark}{kind} {LABELS[ablation]}{rule}"
     if edit is None:
         return f"{benchmark}{kind}" if profile else f"{benchmark} baseline"
     return f"{benchmark}{kind} {edit.describe()} layers {layers[0]}-{layers[-1]}"

@@ -35,7 +35,12 @@ from sysattn_exp.errors import first_line
 from sysattn_exp.evaluation.power import mcnemar_detectable_change, power_line
 from sysattn_exp.experiment.cluster import available_cpus
 from sysattn_exp.experiment.conditions import build_edit, intervention_rule, resolve_layers
-from sysattn_exp.experiment.identity import job_config, planned_kernel_path, run_name
+from sysattn_exp.experiment.identity import (
+    job_config,
+    planned_kernel_path,
+    prompt_ablation,
+    run_name,
+)
 from sysattn_exp.experiment.tracking import DRY_RUN_FILE, log_job_dir
 from sysattn_exp.files import write_atomically, write_json
 from sysattn_exp.models.loading import LoadedModel, load_config, load_model
@@ -129,7 +134,7 @@ def run_job(job: Job, out_dir: Path) -> dict:
     loaded = load_model(cfg.model)
     layers = job_layers(rule, cfg.layers, loaded.num_layers)
     edit = build_edit(rule, layers, loaded.text_config.num_attention_heads)
-    name = run_name(job.benchmark_name, edit, layers, job.profiled)
+    name = run_name(job.benchmark_name, edit, layers, job.profiled, prompt_ablation(cfg))
     watch = Watch()
     job.out_dir = out_dir
     with watch.passes():
@@ -168,7 +173,7 @@ def dry_run_job(cfg, config, job: Job, rule, out_dir: Path, summary: dict, count
     depth = config.get_text_config().num_hidden_layers
     layers = job_layers(rule, cfg.layers, depth)
     edit = build_edit(rule, layers, config.get_text_config().num_attention_heads)
-    name = run_name(job.benchmark_name, edit, layers, job.profiled)
+    name = run_name(job.benchmark_name, edit, layers, job.profiled, prompt_ablation(cfg))
     number = sweep_job()
     where = "" if number is None else f" job{number}"
     print(

@@ -8,11 +8,13 @@ from pathlib import Path
 import pandas as pd
 
 from sysattn_exp.attention.rules import Rule
+from sysattn_exp.errors import UsageError
 from sysattn_exp.evaluation.caption import caption_predictions, load_coco
 from sysattn_exp.evaluation.generation import generate_in_batches
-from sysattn_exp.experiment.identity import caption_baseline_key
+from sysattn_exp.experiment.identity import caption_baseline_key, prompt_ablation
 from sysattn_exp.experiment.job import Evaluation, Job, Watch
 from sysattn_exp.files import write_atomically
+from sysattn_exp.models.ablation import NONE
 from sysattn_exp.models.loading import LoadedModel
 
 CAPTION_BENCHMARK = "chair"
@@ -28,6 +30,14 @@ class CaptionJob(Job):
 
     def load(self) -> None:
         self.images = load_coco(self.cfg.caption)
+
+    def check(self) -> None:
+        ablation = prompt_ablation(self.cfg)
+        if ablation != NONE:  # its baseline captions are keyed without one
+            raise UsageError(
+                f"prompt.ablation={ablation} applies to yes/no jobs; "
+                "use prompt.ablation=none with +task=caption"
+            )
 
     def dry_run(self, config) -> tuple[dict, str]:
         images = self.images

@@ -29,7 +29,7 @@ from sysattn_exp.evaluation.probe_plots import lens_flips_plot
 from sysattn_exp.evaluation.probes import Recorders, item_flips
 from sysattn_exp.evaluation.scoring import Scores, score_items
 from sysattn_exp.evaluation.stats import SHARED, flip_counts, flips, job_statistics
-from sysattn_exp.experiment.identity import condition
+from sysattn_exp.experiment.identity import condition, prompt_ablation
 from sysattn_exp.experiment.job import Evaluation, Job, Watch, num_workers, sweep_job
 from sysattn_exp.experiment.readouts import job_states, probe_files
 from sysattn_exp.experiment.shared_baseline import SharedBaseline
@@ -45,6 +45,16 @@ from sysattn_exp.experiment.tracking import (
     storable_names,
 )
 from sysattn_exp.files import write_atomically
+from sysattn_exp.models.ablation import (
+    LABELS,
+    NO_BOS,
+    NO_SYSTEM,
+    NO_SYSTEM_PROMPT,
+    NONE,
+    ablated_tokens,
+    shown_tokens,
+)
+from sysattn_exp.models.ablation import system_prompt as ablation_system_prompt
 from sysattn_exp.models.loading import (
     LoadedModel,
     first_token_ids,
@@ -103,36 +113,47 @@ class YesNoJob(Job):
     def evaluate(self, loaded: LoadedModel, edit: Rule | None, name: str, watch: Watch):
         # With runtime.probes, each condition's layer states go to disk while it is scored
         # (readouts.job_states), and are read and deleted before the job's files are written.
-        conditions = ["baseline"] + ([] if edit is None else ["intervention"])
+        changed = edit is not None or prompt_ablation(self.cfg) != NONE
+        conditions = ["baseline"] + (["intervention"] if changed else [])
         n_items = len(self.benchmark.items)
         with job_states(self.cfg, loaded, n_items, conditions, self.out_dir) as states:
             return self.score(loaded, edit, name, watch, states)
 
     def score(self, loaded: LoadedModel, edit: Rule | None, name: str, watch: Watch, states):
+        """The baseline (the unchanged model on the unablated prompts) and, where the job
+        changes something (a rule `edit`, a prompt.ablation, or both), its condition, with
+        the change against the baseline: an ablation job is a baseline-like job whose
+        "edit" is the prompt's change, compared with the same shared baseline as the
+        rules' jobs (paired change, McNemar, intervals)."""
         cfg, benchmark, ranking = self.cfg, self.benchmark, self.ranking
-        prompts = item_prompts(benchmark, loaded.prompt_format(cfg.model))
+        ablation = prompt_ablation(cfg)
+        fmt = loaded.prompt_format(cfg.model)
+        prompts = item_prompts(benchmark, fmt)
+        asked = ablated_prompts(benchmark, fmt, ablation, prompts)  # the condition's
         words = scoring_words(loaded, cfg.scoring, prompts[0])
+        changed = edit is not None or ablation != NONE
+        check_guidance(edit, ablation)
         # The baseline is shared through the score cache by concurrent jobs (shared_baseline):
         # the parts nobody holds first, this job's own condition while others finish theirs.
         # A lens or the probes read every item anew: no shared baseline, no score cache.
         lenses = {"baseline": LogitLens(loaded)} if cfg.runtime.lens else {}
-        if lenses and edit is not None:
+        if lenses and changed:
             lenses["intervention"] = LogitLens(loaded)
         readers = {c: Recorders(lenses.get(c), states.get(c)) for c in set(lenses) | set(states)}
         shared = None if readers else shared_baseline(cfg, loaded, benchmark, prompts, words)
         profile = AttentionProfile() if self.profiled else None
         if shared is not None:
             shared.compute_free_parts()
-        if edit is not None or profile is not None:
+        if changed or profile is not None:
             with watch.passes():  # the job's metrics describe the condition's passes
                 predictions, scores = predict(
-                    cfg, loaded, benchmark, prompts, edit, words, name, profile,
-                    readers.get("intervention" if edit is not None else "baseline"),
+                    cfg, loaded, benchmark, asked, edit, words, name, profile,
+                    readers.get("intervention" if changed else "baseline"), ablation,
                 )  # fmt: skip
         if shared is not None:
             shared.finish()
         # (A profile job without a rule has read the baseline's lens and states above.)
-        baseline_lens = readers.get("baseline") if edit is not None or profile is None else None
+        baseline_lens = readers.get("baseline") if changed or profile is None else None
         baseline, baseline_scores = predict(
             cfg, loaded, benchmark, prompts, None, words, "baseline", lens=baseline_lens
         )
@@ -145,14 +166,14 @@ class YesNoJob(Job):
             baseline_scores.computed,
             len(prompts),
         )
-        if edit is None and profile is None:
+        if not changed and profile is None:
             predictions, scores = baseline, baseline_scores
         # The predictions with each item's meta, built once for the metrics and statistics.
         scored = scored_frame(benchmark, predictions, ranking)
         metrics = all_metrics(benchmark, scored) | timing(scores, len(prompts))
         comparison, scored_baseline, flipped = {}, None, None
         artifacts = [] if profile is None else [profile_files(profile, name)]
-        if edit is not None:
+        if changed:
             scored_baseline = scored_frame(benchmark, baseline, ranking)
             comparison = compare_with_baseline(metrics, all_metrics(benchmark, scored_baseline))
             flipped = flips(predictions, baseline)
@@ -252,18 +273,21 @@ def statistics(cfg, benchmark: Benchmark, scored: pd.DataFrame, baseline) -> dic
 
 
 def predict(
-    cfg, loaded, benchmark, prompts, edit, words, desc, profile=None, lens=None
+    cfg, loaded, benchmark, prompts, edit, words, desc, profile=None, lens=None, ablation=NONE
 ) -> tuple[pd.DataFrame, Scores]:
     """Score every item (through the score cache, unless profiling or reading a lens):
-    one row per item with the columns of predictions.parquet, and how the scoring went."""
+    one row per item with the columns of predictions.parquet, and how the scoring went.
+    `prompts` are rendered for `ablation` (ablated_prompts); its token removals happen
+    as each batch is encoded (scoring.BatchEncoder)."""
     if cfg.scoring.mode == "generate":
-        return predict_by_generation(cfg, loaded, benchmark, prompts, edit, words, desc)
+        return predict_by_generation(cfg, loaded, benchmark, prompts, edit, words, desc, ablation)
     plain = None
     if edit is not None and edit.guidance is not None:
-        plain = item_prompts(benchmark, loaded.prompt_format(cfg.model), with_image=False)
+        fmt = ablated_format(loaded.prompt_format(cfg.model), ablation)
+        plain = item_prompts(benchmark, fmt, with_image=False)
     cache = None
     if cfg.runtime.cache_dir and profile is None and lens is None:
-        cache = ScoreCache(cfg.runtime.cache_dir, condition(cfg, loaded, edit, words))
+        cache = ScoreCache(cfg.runtime.cache_dir, condition(cfg, loaded, edit, words, ablation))
     scores = score_items(
         loaded,
         benchmark,
@@ -278,6 +302,7 @@ def predict(
         plain,
         cfg.runtime.progress_seconds,
         lens,
+        ablation,
     )
     frame = item_columns(benchmark, prompts, scores)
     frame["pred"] = frame["yes_logit"] > frame["no_logit"]
@@ -286,7 +311,7 @@ def predict(
 
 
 def predict_by_generation(
-    cfg, loaded, benchmark, prompts, edit, words, desc
+    cfg, loaded, benchmark, prompts, edit, words, desc, ablation=NONE
 ) -> tuple[pd.DataFrame, Scores]:
     """Greedy answers, parsed to yes/no/unknown by the benchmark's own rule or MME's
     (scoring.parser; benchmarks.answer_parser); the score columns
@@ -304,6 +329,7 @@ def predict_by_generation(
         desc,
         words,
         cfg.runtime.progress_seconds,
+        ablation,
     )
     scores = Scores(
         generated.yes,
@@ -457,6 +483,31 @@ def check_metric_names(benchmark: Benchmark, ranking: str) -> None:
         raise UsageError(f"benchmark {benchmark.name}: {error}") from error
 
 
+def ablated_format(fmt: PromptFormat, ablation: str) -> PromptFormat:
+    """The prompt format of `ablation`: without a system message under no-system-prompt
+    (as model.system_prompt="" renders it: ablation.system_prompt), else `fmt`."""
+    return replace(fmt, system_prompt=ablation_system_prompt(ablation, fmt.system_prompt))
+
+
+def ablated_prompts(benchmark: Benchmark, fmt: PromptFormat, ablation: str, prompts) -> list:
+    """Every item's prompt as the condition renders it: `prompts` (the baseline's) unless
+    the ablation changes the text (no-system-prompt); no-bos and no-system remove tokens
+    from the same text as it is encoded (scoring.BatchEncoder)."""
+    if ablation != NO_SYSTEM_PROMPT:
+        return prompts
+    return item_prompts(benchmark, ablated_format(fmt, ablation))
+
+
+def check_guidance(edit: Rule | None, ablation: str) -> None:
+    """PAI's guidance reads the prompts without their image, encoded whole: it is not
+    defined with tokens removed (no-bos, no-system). UsageError."""
+    if edit is not None and edit.guidance is not None and ablation in (NO_BOS, NO_SYSTEM):
+        raise UsageError(
+            f"prompt.ablation={ablation} does not support the guidance of {edit.describe()}; "
+            "use prompt.ablation=none or no-system-prompt, or a rule without guidance"
+        )
+
+
 def item_prompts(benchmark: Benchmark, fmt: PromptFormat, with_image=True) -> list[str]:
     """Every item's prompt (`with_image` False: each rendered without its image)."""
     return [
@@ -487,7 +538,41 @@ def dry_run_details(cfg, benchmark: Benchmark, config, summary: dict, show: bool
         for name, ids in zip(("yes", "no"), words, strict=True):
             strings = ", ".join(token_strings(tokenizer, ids))
             print(f"scored {name} tokens after the prompt: {strings}")
-    return {f"example_{k}_tokens": v for k, v in split.items()}
+    counts = {f"example_{k}_tokens": v for k, v in split.items()}
+    ablation = prompt_ablation(cfg)
+    if ablation == NONE:
+        return counts
+    fmt = ablated_format(prompt_format(cfg.model, processor, config.model_type), ablation)
+    asked = fmt.render(question, with_image)
+    removed, kept, left = ablated_tokens(
+        processor, image_token_id, image, asked, question, ablation
+    )
+    if show:
+        print(ablation_lines(ablation, prompt, asked, removed, kept, left, tokenizer, processor))
+    return counts | {f"example_ablated_{k}_tokens": v for k, v in left.items()}
+
+
+def ablation_lines(ablation, prompt, asked, removed, kept, left, tokenizer, processor) -> str:
+    """What prompt.ablation leaves of the example prompt: the prompt's text where it
+    changes (no-system-prompt), the tokens removed (no-bos, no-system), every token left
+    (image-token runs collapsed) and its system / image / text split."""
+    image_token = getattr(processor, "image_token", None)
+    lines = [f"prompt.ablation={ablation} ({LABELS[ablation]}):"]
+    if asked != prompt:
+        lines.append(f"  prompt without its system message:\n{asked}")
+    elif ablation == NO_SYSTEM_PROMPT:
+        lines.append("  the prompt has no system message: unchanged, the ablation equals none")
+    if ablation == NO_BOS and not removed:
+        bos = tokenizer.bos_token
+        lines.append(
+            f"  the prompt does not start with a BOS token (the tokenizer's is {bos!r}): "
+            "nothing removed, the ablation equals none"
+        )
+    elif ablation != NO_SYSTEM_PROMPT:
+        lines.append(f"  removed {len(removed)} tokens: {shown_tokens(removed, image_token)}")
+    lines.append(f"  left {len(kept)} tokens: {shown_tokens(kept, image_token)}")
+    lines.append("  left's split: " + ", ".join(f"{k}={v}" for k, v in left.items()))
+    return "\n".join(lines)
 
 
 def profile_shares(table: pd.DataFrame, name: str) -> str:

@@ -184,6 +184,8 @@ CONDITION = ["benchmark", "model", "setting", "intervention", "layers"]
 # The environment (versions, devices, the kernel verdicts a process reached) and how a
 # job computed (HOW_METRICS, logged as params) are left out too: where they change the
 # baseline, its values (baseline_signature) tell the settings apart.
+# The prompt ablation (prompt.ablation) is a condition like a rule: compared with the
+# unablated prompt's baseline, its row sits beside the rules' (its label: job.label).
 NOT_SETTING = (
     "intervention.",
     "layers.",
@@ -192,6 +194,7 @@ NOT_SETTING = (
     "runtime.",
     "tracking.",
     "environment.",
+    "prompt.",
 )
 NOT_SETTING_KEYS = {"model.batch_size", "model.device", "model.device_map", *HOW_METRICS}
 BASELINE_SIGNATURE = ("paired_accuracy", "yes_rate", "accuracy")
@@ -203,10 +206,18 @@ def in_setting(param: str) -> bool:
 
 def baseline_signature(run: pd.Series, native: str | None) -> tuple:
     """The baseline values a run compared with (a baseline run: its own values)."""
-    prefix = "" if run.get("params.intervention.name") == "none" else "baseline_"
+    prefix = "" if is_baseline(run) else "baseline_"
     names = [*BASELINE_SIGNATURE, *([storable_name(native)] if native else [])]
     values = (run.get(f"metrics.{prefix}{name}") for name in names)
     return tuple(None if v is None or pd.isna(v) else round(float(v), 9) for v in values)
+
+
+def is_baseline(run: pd.Series) -> bool:
+    """A baseline job: no rule and no prompt ablation (a run logged before prompt.ablation
+    existed has none)."""
+    ablation = run.get("params.prompt.ablation")
+    unablated = not isinstance(ablation, str) or ablation == "none"
+    return run.get("params.intervention.name") == "none" and unablated
 
 
 def settings(runs: pd.DataFrame) -> pd.Series:
@@ -344,7 +355,7 @@ def paper_table(table: pd.DataFrame, value: str) -> pd.DataFrame:
     column."""
     edits = table[table["intervention"] != "baseline"]
     layers = edits["layers"].map(aligned_layers) if several_models(table) else edits["layers"]
-    edits = edits.assign(condition=edits["intervention"] + " " + layers)
+    edits = edits.assign(condition=condition_names(edits["intervention"], layers))
     index = paper_index(table)
     return edits.set_index([*index, "benchmark"])[value].unstack("benchmark").reset_index()
 
@@ -528,12 +539,18 @@ def plotted(table: pd.DataFrame) -> pd.DataFrame:
     return table.assign(layers=table["layers"].map(aligned_layers))
 
 
+def condition_names(interventions: pd.Series, layers: pd.Series) -> pd.Series:
+    """'system->text q4'; a condition without layers (a prompt ablation: layers '-') by its
+    label alone ('no system tokens')."""
+    return (interventions + " " + layers).str.removesuffix(" -")
+
+
 def across_benchmarks(table: pd.DataFrame) -> pd.DataFrame:
     """summary.csv: report_stats.summary_table over the conditions as the paper's table
     names them (layer ranges by quarter alone with several models)."""
     edits = table[table["intervention"] != "baseline"]
     layers = edits["layers"].map(aligned_layers) if several_models(table) else edits["layers"]
-    return summary_table(edits.assign(condition=edits["intervention"] + " " + layers))
+    return summary_table(edits.assign(condition=condition_names(edits["intervention"], layers)))
 
 
 # report.yaml's report section as shipped: what a caller's config leaves out (the sweep's

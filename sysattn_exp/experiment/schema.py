@@ -103,6 +103,12 @@ class Interval(enum.Enum):
     bca = "bca"
 
 
+# prompt.ablation (models.ablation.ABLATIONS; spelt with hyphens, so by the functional API).
+Ablation = enum.Enum(
+    "Ablation", [(name, name) for name in ("none", "no-system-prompt", "no-bos", "no-system")]
+)
+
+
 class ToySplit(enum.Enum):
     """The toy benchmark's splits (benchmarks/toy.py)."""
 
@@ -283,6 +289,13 @@ class StatsConfig:
 
 
 @dataclass
+class PromptConfig:
+    """config.yaml's prompt section: what is removed from every prompt (models.ablation)."""
+
+    ablation: Ablation = MISSING
+
+
+@dataclass
 class CaptionConfig:
     """conf/task/caption.yaml's caption section (+task=caption)."""
 
@@ -317,6 +330,7 @@ class Config:
     scoring: ScoringConfig = MISSING
     runtime: RuntimeConfig = MISSING
     stats: StatsConfig = MISSING
+    prompt: PromptConfig = MISSING
     caption: CaptionConfig | None = None  # +task=caption
     sweep: SweepConfig | None = None  # +sweep=layers, +sweep=windows
 

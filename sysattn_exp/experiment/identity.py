@@ -67,6 +67,8 @@ def toy_condition(name_or_path: str) -> dict:
     if name_or_path not in BUILTIN_TOYS:
         return {}
     return {"weights": weights_file_digest(toy_weights(name_or_path))}
+
+
 def prompt_ablation(cfg) -> str:
     """prompt.ablation (models.ablation.ABLATIONS); none where the config has no prompt
     section (a config composed before it existed)."""

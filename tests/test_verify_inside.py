@@ -448,3 +448,254 @@ def test_lens_and_probes_change_the_key(keyed):
     keys = {key(), key("runtime.lens=true"), key("runtime.lens=true", "runtime.probes=true")}
     assert len(keys) == 3
     assert key("runtime.lens=false", "runtime.probes=false") == key()
+
+
+def heads_file(path, shares: dict, extra_layer_rows=True):
+    """A per-head profile: (layer, head) -> (system, bos) on 'answer' rows, and text_rows
+    rows whose shares would rank otherwise (they must be ignored)."""
+    import pandas as pd
+
+    rows = []
+    for (layer, head), (system, bos) in shares.items():
+        for queries, scale in (("answer", 1.0), ("text_rows", -1.0)):
+            rows.append(
+                {"layer": layer, "head": head, "kv_head": head // 2, "queries": queries,
+                 "n_queries": 3, "system": scale * system, "image": 0.0, "text": 0.0,
+                 "bos": scale * bos}
+            )  # fmt: skip
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def own_top(shares: dict, k: int, by: int, layers) -> list[tuple[int, int]]:
+    """Highest share first; ties: lower layer, then lower head."""
+    pairs = [p for p in shares if p[0] in layers]
+    return sorted(sorted(pairs, key=lambda p: (-shares[p][by], p))[:k])
+
+
+def test_top_k_selection_ties_by_and_layers(tmp_path):
+    from sysattn_exp.attention.rules import HeadSelection
+    from sysattn_exp.experiment.conditions import top_heads
+
+    shares = {(layer, head): (round(((3 * layer + 5 * head) % 4) / 4, 2), (head % 2) / 3)
+              for layer in range(8) for head in range(4)}  # fmt: skip
+    path = heads_file(tmp_path / "h.csv", shares)
+    for k, by, layers in [(3, "system", range(6, 8)), (5, "bos", range(8)), (8, "system", [2])]:
+        if k > 4 * len(layers):
+            with pytest.raises(UsageError, match=rf"top_k={k}.*1\.\.{4 * len(layers)}"):
+                top_heads(HeadSelection(k, by, str(path)), list(layers))
+            continue
+        got = top_heads(HeadSelection(k, by, str(path)), list(layers))
+        assert list(got) == own_top(shares, k, 0 if by == "system" else 1, layers)
+
+
+BAD_FILES = {
+    "missing": None,
+    "wrong columns": "a,b\n1,2\n",
+    "empty": "",
+    "per-layer table": "layer,queries,n_queries,system,image,text,bos\n0,answer,3,0.5,0.3,0.2,0.1\n",
+    "not a csv": bytes(range(256)) * 4,
+    "only text_rows": "layer,head,queries,system,bos\n7,0,text_rows,0.5,0.1\n",
+}
+
+
+@pytest.mark.parametrize("case", [*BAD_FILES, "top_k above the heads"])
+def test_bad_profile_or_top_k_is_one_line_exit_2(tmp_path, monkeypatch, capsys, case):
+    from cli import run_main_stderr
+
+    path = tmp_path / "profile.csv"
+    top_k = 3
+    if case == "top_k above the heads":
+        heads_file(path, {(layer, h): (0.1 * h, 0.0) for layer in range(8) for h in range(4)})
+        top_k = 9  # Q4 of the tiny model: 2 layers x 4 heads
+    elif isinstance(BAD_FILES[case], bytes):
+        path.write_bytes(BAD_FILES[case])
+    elif BAD_FILES[case] is not None:
+        path.write_text(BAD_FILES[case])
+    overrides = [
+        "model=tiny", "benchmark=toy", "intervention=redistribute", "layers=q4",
+        "runtime.dry_run=true", f"intervention.heads={{top_k: {top_k}, profile: {path}}}",
+        f"tracking.uri=file://{tmp_path}/mlruns",
+    ]  # fmt: skip
+    code, err = run_main_stderr(overrides, tmp_path, monkeypatch, capsys)
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert "intervention.heads" in lines[0] and str(path) in lines[0]
+
+
+LENS_QUESTIONS = ["Is the sky green today?", "Does a cat have four legs?", "Is ice hot?"]
+LENS_SYSTEMS = [None, "Reply with yes or no."]
+
+
+def lens_family(name: str):
+    """A tiny text family with another seed; Gemma 2's final soft-capping made strong
+    (cap 0.7: random logits are far above it, so a lens without the cap reads otherwise)."""
+    from tiny_families import BUILDERS
+
+    from sysattn_exp.models.loading import LoadedModel, tokenizer_of
+
+    model, processor = BUILDERS[name](11)
+    if name == "gemma2":
+        model.config.final_logit_softcapping = 0.7
+    use_sysattn(model)
+    tokenizer_of(processor).padding_side = "left"
+    return LoadedModel(model.eval(), processor, torch.device("cpu"), torch.float32)
+
+
+def lens_readings(loaded, edit):
+    from sysattn_exp.benchmarks.base import Benchmark, Item
+    from sysattn_exp.evaluation.lens import LogitLens
+    from sysattn_exp.evaluation.scoring import score_items
+    from sysattn_exp.models.prompts import PromptFormat
+
+    items = [Item(f"q{i}", f"g{i}", None, q, i % 2 == 0) for i, q in enumerate(LENS_QUESTIONS)]
+    bench = Benchmark("lens", items, "{question}", lambda _: None)
+    prompts = [
+        PromptFormat(loaded.processor, LENS_SYSTEMS[i % 2]).render(q, False)
+        for i, q in enumerate(LENS_QUESTIONS)
+    ]
+    lens = LogitLens(loaded)
+    scores = score_items(loaded, bench, prompts, edit, LENS_WORDS, 2, 0, "test", lens=lens)
+    return prompts, scores, lens.table().set_index(["item", "layer"]).sort_index()
+
+
+LENS_WORDS = ([9, 12], [15])
+
+
+@pytest.mark.parametrize("name", ["gemma2", "qwen2"])
+def test_lens_equals_own_readout_of_output_hidden_states(name):
+    loaded = lens_family(name)
+    model, tok = loaded.model, loaded.tokenizer
+    prompts, scores, table = lens_readings(loaded, None)
+    depth = model.config.num_hidden_layers
+    cap = model.config.final_logit_softcapping if name == "gemma2" else None
+    assert len(table) == len(prompts) * depth
+    for i, prompt in enumerate(prompts):
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        if tok.bos_token_id is not None and ids[0, 0] != tok.bos_token_id:
+            ids = tok(prompt, return_tensors="pt").input_ids
+        model.set_attn_implementation("eager")  # transformers' own, not this tool's
+        try:
+            with torch.no_grad():
+                out = model(input_ids=ids, output_hidden_states=True)
+        finally:
+            use_sysattn(model)
+        for layer in range(depth):
+            if layer == depth - 1:
+                logits = out.logits[0, -1].double()  # the model's own head, own cap
+            else:
+                h = out.hidden_states[layer + 1][0, -1].double()
+                norm = model.model.norm
+                var = h.pow(2).mean()
+                eps = getattr(norm, "eps", None) or norm.variance_epsilon
+                normed = h / torch.sqrt(var + eps)
+                weight = norm.weight.double()
+                normed = normed * (1 + weight) if name == "gemma2" else normed * weight
+                logits = normed @ model.lm_head.weight.double().T
+                if cap:
+                    logits = torch.tanh(logits / cap) * cap
+            yes, no = logits[LENS_WORDS[0]].logsumexp(0), logits[LENS_WORDS[1]].logsumexp(0)
+            p_yes = logits.softmax(-1)[LENS_WORDS[0]].sum()
+            got = table.loc[(i, layer)]
+            assert got["log_odds"] == pytest.approx(float(yes - no), abs=1e-4), (i, layer)
+            assert got["p_yes"] == pytest.approx(float(p_yes), abs=1e-5), (i, layer)
+        last = table.loc[(i, depth - 1)]
+        assert last["log_odds"] == pytest.approx(float(scores.yes[i] - scores.no[i]), abs=1e-6)
+        assert last["p_yes"] == pytest.approx(float(scores.p_yes[i]), abs=1e-7)
+
+
+def test_lens_before_the_rules_layers_equals_the_baseline():
+    from sysattn_exp.attention.rules import Redistribution
+
+    loaded = lens_family("qwen2")
+    depth = loaded.model.config.num_hidden_layers
+    edit = Redistribution("system", ("text",), frozenset({depth - 2, depth - 1}))
+    _, _, base = lens_readings(loaded, None)
+    _, _, ruled = lens_readings(loaded, edit)
+    diff = (base["log_odds"] - ruled["log_odds"]).abs().groupby(level="layer").max()
+    assert float(diff.loc[: depth - 3].max()) <= 1e-6
+    assert float(diff.loc[depth - 2 :].min()) > 1e-4
+
+
+def probe_data(tmp_path):
+    """States (L=3, N, H=6) with the label weakly decodable from layer 1 on, groups of 2,
+    3 and 4 items (NaturalBench's 2 x 2 among them) with mixed labels, in a LayerStates."""
+    import numpy as np
+
+    from sysattn_exp.evaluation.probes import LayerStates
+
+    rng = np.random.default_rng(42)
+    groups, labels = [], []
+    for g, size in enumerate([2, 3, 4, 2, 2, 4, 3, 2, 2, 4, 2, 3, 2, 2]):
+        groups += [f"g{g:02d}"] * size
+        labels += [(g + i) % 2 == 0 for i in range(size)]
+    labels, groups = np.array(labels), np.array(groups)
+    n = len(labels)
+    x = rng.normal(size=(3, n, 6)).astype(np.float32)
+    x[1:, :, 0] += 1.5 * labels
+    states = LayerStates(tmp_path / "s.npy", 3, n, 6)
+    states.record(list(range(n)), torch.from_numpy(x))
+    return states, x, labels, groups
+
+
+def test_probe_accuracy_equals_own_grouped_cross_validation(tmp_path):
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    from sysattn_exp.evaluation.probes import probe_accuracy
+
+    states, x, labels, groups = probe_data(tmp_path)
+    table = probe_accuracy(states, labels, groups, samples=200, seed=0)
+    folds = list(StratifiedGroupKFold(5, shuffle=True, random_state=0).split(x[0], labels, groups))
+    for train, test in folds:  # never a group on both sides
+        assert not set(groups[train]) & set(groups[test])
+    for layer in range(3):
+        correct = np.zeros(len(labels), bool)
+        for train, test in folds:
+            mean, std = x[layer, train].mean(0), x[layer, train].std(0)
+            fit = LogisticRegression(C=1.0, max_iter=1000).fit(
+                (x[layer, train] - mean) / std, labels[train]
+            )
+            correct[test] = fit.predict((x[layer, test] - mean) / std) == labels[test]
+        row = table[table["layer"] == layer].iloc[0]
+        assert row["accuracy"] == pytest.approx(correct.mean(), abs=1e-12), layer
+        assert row["ci_low"] <= row["accuracy"] <= row["ci_high"]
+        assert (row["n_items"], row["n_groups"], row["folds"]) == (len(labels), 14, 5)
+    assert table.loc[2, "accuracy"] > table.loc[0, "accuracy"]
+
+
+def test_separation_equals_own_cosine_distances(tmp_path):
+    import numpy as np
+
+    from sysattn_exp.evaluation.probes import minimal_pairs, pair_kinds, separation
+
+    states, x, labels, groups = probe_data(tmp_path)
+    pred = np.random.default_rng(1).random(len(labels)) < 0.6
+    own_pairs = [
+        (i, j)
+        for i in range(len(labels))
+        for j in range(i + 1, len(labels))
+        if groups[i] == groups[j] and labels[i] != labels[j]
+    ]
+    pairs = minimal_pairs(labels, groups)
+    assert sorted(map(tuple, pairs.tolist())) == own_pairs
+    kinds = pair_kinds(pairs, pred, pred == labels)
+    table, _ = separation(states, pairs, kinds, None)
+    for layer in range(3):
+        own: dict = {}
+        for i, j in own_pairs:
+            kind = (
+                "yes_yes" if pred[i] and pred[j]
+                else "right" if pred[i] == labels[i] and pred[j] == labels[j]
+                else "other"
+            )  # fmt: skip
+            a, b = x[layer, i].astype(float), x[layer, j].astype(float)
+            own.setdefault(kind, []).append(1 - a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+        for row in table[table["layer"] == layer].itertuples():
+            values = own.get(row.pair_kind, [])
+            assert row.n_pairs == len(values)
+            if values:
+                assert row.mean_distance == pytest.approx(np.mean(values), abs=1e-12)

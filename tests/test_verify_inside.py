@@ -27,6 +27,8 @@ from sysattn_exp.evaluation.generation import CACHE_ARG
 from sysattn_exp.experiment.conditions import build_edit, intervention_rule
 from sysattn_exp.models.loading import use_sysattn
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REF = "verify20_reference"
 NAMES = {SYSTEM: "system", IMAGE: "image", TEXT: "text"}
 STATE: dict = {}  # the reference's rule: {"rule": dict, "layers": set, "heads": set | None}
@@ -215,21 +217,22 @@ def chosen_heads(model) -> list[list[int]]:
     return [[2, 1], [1, last], [1, 2], [2, 1], [1, 0]]
 
 
-@pytest.mark.parametrize("impl", ["fused", "eager"])
 @pytest.mark.parametrize("case", list(RULE_CASES))
-def test_rule_on_chosen_heads_equals_own_reference(model, case, impl):
+def test_rule_on_chosen_heads_equals_own_reference(model, case):
     section, rule = RULE_CASES[case]
     n_heads = model.config.num_attention_heads
     layers = [1, 2]
     heads = chosen_heads(model)
-    edit = configured(section | {"impl": impl, "heads": heads}, layers, n_heads)
     inputs, modality = left_padded_batch(model.config.vocab_size)
     real = inputs["attention_mask"].bool()
-    got = sysattn_logits(model, inputs, modality, edit)
     want = own_reference_logits(model, inputs, modality, rule, layers, {tuple(h) for h in heads})
-    error = float((got[real] - want[real]).abs().max())
-    assert error <= 1e-5, error
-    every = own_reference_logits(model, inputs, modality, rule, layers, None)
+    for impl in ("fused", "eager"):
+        edit = configured(section | {"impl": impl, "heads": heads}, layers, n_heads)
+        got = sysattn_logits(model, inputs, modality, edit)
+        error = float((got[real] - want[real]).abs().max())
+        assert error <= 1e-5, (impl, error)
+    # Neither the rule on every head of its layers nor the baseline.
+    every = sysattn_logits(model, inputs, modality, configured(section, layers, n_heads))
     baseline = sysattn_logits(model, inputs, modality, None)
     assert float((got[real] - every[real]).abs().max()) > 1e-4
     assert float((got[real] - baseline[real]).abs().max()) > 1e-4
@@ -493,7 +496,7 @@ BAD_FILES = {
     "missing": None,
     "wrong columns": "a,b\n1,2\n",
     "empty": "",
-    "per-layer table": "layer,queries,n_queries,system,image,text,bos\n0,answer,3,0.5,0.3,0.2,0.1\n",
+    "per-layer table": "layer,queries,n_queries,system,bos\n0,answer,3,0.5,0.1\n",
     "not a csv": bytes(range(256)) * 4,
     "only text_rows": "layer,head,queries,system,bos\n7,0,text_rows,0.5,0.1\n",
 }

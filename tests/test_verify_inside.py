@@ -702,3 +702,31 @@ def test_separation_equals_own_cosine_distances(tmp_path):
             assert row.n_pairs == len(values)
             if values:
                 assert row.mean_distance == pytest.approx(np.mean(values), abs=1e-12)
+
+
+def test_config_records_the_selection_and_the_chosen_pairs(keyed):
+    from test_job_keys import WORDS, compose_job
+
+    from sysattn_exp.experiment import identity
+    from sysattn_exp.models.loading import load_model
+
+    _, path = keyed
+    selection = f"intervention.heads={{top_k: 3, by: system, profile: {path}}}"
+    cfg = compose_job("", "pope", ["intervention=redistribute", "layers=q4", selection])
+    loaded = load_model(cfg.model)
+    edit = configured(OmegaConf.to_container(cfg.intervention), [6, 7], 4)
+    config = identity.job_config(cfg, loaded, edit, WORDS, [6, 7], "x")
+    # The highest system shares of layers 6-7 ((4 layer + head) / 40): 7.3, 7.2, 7.1.
+    assert config["job"]["heads"] == [[7, 1], [7, 2], [7, 3]]
+    assert config["intervention"]["heads"] == {"top_k": 3, "by": "system", "profile": str(path)}
+    assert "top3 system heads" in config["job"]["label"]
+
+
+def test_states_folder_is_removed_when_the_job_fails(tmp_path):
+    from sysattn_exp.evaluation.probes import state_stores
+
+    with pytest.raises(RuntimeError), state_stores(tmp_path, ["baseline"], 2, 3, 4) as stores:
+        stores["baseline"].record([0, 1, 2], torch.ones(2, 3, 4))
+        assert len(list(tmp_path.glob(".states-*"))) == 1
+        raise RuntimeError("killed mid-job")
+    assert not list(tmp_path.glob(".states-*"))

@@ -68,6 +68,8 @@ def reference_attention(module, query, key, value, attention_mask, scaling=None,
     kv = [i // group for i in range(h)]
     k, v = key.float()[:, kv], value.float()[:, kv]
     scores = query.float() @ k.transpose(2, 3) * scaling
+    if kw.get("softcap"):  # Gemma 2: logits capped before anything else sees them
+        scores = torch.tanh(scores / kw["softcap"]) * kw["softcap"]
     n_keys = k.shape[2]
     modality = STATE["key_modality"][:, -n_keys:]
     if attention_mask is None:
@@ -139,7 +141,23 @@ def llama_mqa():
     return LlamaForCausalLM(config).float().eval()
 
 
-MODELS = {"qwen2_gqa": qwen2_gqa, "llama_mqa": llama_mqa}
+def gemma2_capped():
+    """Gemma 2: 3 layers (sliding window of 6 keys, full, sliding), 8 query heads over 2 KV
+    heads, attention logits capped at 2 (strong: random scores reach it)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+        sliding_window=6, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        attn_logit_softcapping=2.0, final_logit_softcapping=5.0, max_position_embeddings=64,
+        initializer_range=0.2, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(2022)
+    return Gemma2ForCausalLM(config).float().eval()
+
+
+MODELS = {"qwen2_gqa": qwen2_gqa, "llama_mqa": llama_mqa, "gemma2_capped": gemma2_capped}
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
@@ -385,8 +403,9 @@ def test_head_profile_equals_eager_output_attentions(model):
         heads.groupby(["layer", "queries"])[["system", "image", "text", "bos"]].mean().iterrows()
     ):
         assert (layers.loc[(layer, queries), mean.index] - mean).abs().max() <= 1e-12
-    # bos with left padding is the first real token: row 1's first real position is 3
-    assert float(own[0]["answer"][:, 3].max()) > 0
+    # bos with left padding is the first real token, which takes attention (layer 1 is a
+    # full-attention layer in every model here; Gemma 2's sliding layers 0 and 2 cannot see it)
+    assert float(own[1]["answer"][:, 3].max()) > 0
 
 
 @pytest.mark.parametrize("case", ["proportional", "uniform", "scale", "pai"])
@@ -568,6 +587,7 @@ LENS_WORDS = ([9, 12], [15])
 
 
 @pytest.mark.parametrize("name", ["gemma2", "qwen2"])
+@torch.no_grad()
 def test_lens_equals_own_readout_of_output_hidden_states(name):
     loaded = lens_family(name)
     model, tok = loaded.model, loaded.tokenizer

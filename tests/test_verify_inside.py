@@ -750,3 +750,19 @@ def test_states_folder_is_removed_when_the_job_fails(tmp_path):
         assert len(list(tmp_path.glob(".states-*"))) == 1
         raise RuntimeError("killed mid-job")
     assert not list(tmp_path.glob(".states-*"))
+
+
+def test_capped_model_without_key_modality_runs_plain_attention():
+    """A forward without key_modality or edit (PAI's guidance pass without the image:
+    scoring.text_only_logits) on a soft-capped model takes the eager path, which must not
+    need key_modality: the logits are transformers' own eager ones."""
+    model = gemma2_capped()
+    inputs, _ = left_padded_batch(model.config.vocab_size)
+    real = inputs["attention_mask"].bool()
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        want = model(**inputs).logits
+    use_sysattn(model)
+    with torch.no_grad():
+        got = model(**inputs).logits
+    assert float((got[real] - want[real]).abs().max()) <= 1e-5

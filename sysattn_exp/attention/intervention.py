@@ -89,8 +89,8 @@ def eager_edited_attention(
         scores = torch.cat([scores, sink], dim=-1)
     # A query that sees no key (a padding row) gets all-zero weights instead of NaN.
     weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)[..., :k_len]
-    query_is_real = key_modality[:, k_len - q_len :] != PAD
-    if edit is not None:
+    if edit is not None:  # without one, key_modality may be None (a plain pass, e.g. guidance's)
+        query_is_real = key_modality[:, k_len - q_len :] != PAD
         weights = edit.eager_weights(weights, visible, key_modality, query_is_real)
     if profile is not None:
         shares = {

@@ -173,13 +173,27 @@ def job_key(config: dict, condition: dict) -> str:
             dropped = dropped | {"lens"}  # off: the key jobs had before the lens existed
         if section == "runtime" and not value.get("probes", True):
             dropped = dropped | {"probes"}  # likewise for the probes
-        if section == "intervention" and value.get("heads", "given") is None:
-            dropped = {"heads"}  # every head: the key jobs had before heads existed
+        if section == "intervention":
+            value = keyed_heads(value)
+            if value.get("heads", "given") is None:
+                dropped = {"heads"}  # every head: the key jobs had before heads existed
         if section == "model" and value.get("weights", "pretrained") == "pretrained":
             # Likewise pretrained weights keep the key jobs had before model.weights existed.
             dropped = {"weights", "config_overrides"}
         kept[section] = {k: v for k, v in value.items() if k not in dropped} if dropped else value
     return digest([condition, kept])
+
+
+def keyed_heads(section: dict) -> dict:
+    """The intervention section with its heads as the job they make: a list of pairs
+    sorted and without duplicates (rules.checked_heads), and a selection with top_k null
+    (every head, +sweep=heads) as null, the plain rule's."""
+    heads = section.get("heads")
+    if isinstance(heads, dict) and heads.get("top_k") is None:
+        return section | {"heads": None}
+    if isinstance(heads, list):
+        return section | {"heads": [list(pair) for pair in sorted({tuple(p) for p in heads})]}
+    return section
 
 
 def job_config(cfg, loaded, edit, words, layers, name, benchmark=None) -> dict:

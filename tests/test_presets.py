@@ -45,14 +45,14 @@ def test_every_preset_composes_with_every_key(name):
     assert model.batch_size >= 1
     assert model.device_map == ("auto" if name in SPREAD else None)
     assert isinstance(dict(model.chat_template_kwargs), dict)
-    if not name.startswith("llava15") and name not in ("tiny", "toy"):  # vicuna format
+    if not name.startswith("llava15") and name not in ("tiny", "toy", "toy_balanced"):  # vicuna
         # Chat-template families: the template's own default system prompt.
         assert model.system_prompt is None
         assert "/" in model.name_or_path  # a hub id
 
 
 def test_llava15_keeps_the_vicuna_prompt_and_one_device():
-    for name in ("llava15_7b", "llava15_13b", "tiny"):
+    for name in ("llava15_7b", "llava15_13b", "tiny", "toy", "toy_balanced"):
         model = model_config(name)
         assert model.system_prompt == VICUNA
         assert model.device_map is None

@@ -162,7 +162,8 @@ def layers_text(row: dict) -> str:
 
 def table(stage: Stage) -> list[str]:
     lines = [
-        "| job | layers | fraction | groups | paired acc | baseline | change (points) | 95% CI | p |",
+        "| job | layers | fraction | groups | paired acc | baseline | change (points) "
+        "| 95% CI | p |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in stage.rows:

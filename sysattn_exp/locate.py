@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_module
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
+from sysattn_exp.__main__ import main as sysattn_main
 from sysattn_exp.errors import UsageError, one_line, usage_error_in
 from sysattn_exp.experiment import locate
 from sysattn_exp.experiment.schema import BenchmarkConfig, check_config
@@ -49,13 +50,11 @@ def checked_config(overrides: list[str]):
 
 def run_stage(out: Path, name: str, overrides: list[str], stage: list[str]) -> locate.Stage:
     """One stage as `python -m sysattn_exp -m ...` in this process; its jobs, read back."""
-    from sysattn_exp.__main__ import main
-
     sweep_dir = out / name
     argv, sys.argv = sys.argv, ["sysattn_exp", "-m", *overrides, *stage]
     sys.argv += ["runtime.report_at_end=false", f"hydra.sweep.dir={sweep_dir}"]
     try:
-        main()
+        sysattn_main()
     except SystemExit as exit:
         if exit.code:
             raise

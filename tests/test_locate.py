@@ -119,7 +119,8 @@ def test_each_stage_chooses_inside_the_previous_choice(located):
         best = max(row[locate.METRIC] for row in stage["rows"])
         first_best = next(row for row in stage["rows"] if row[locate.METRIC] == best)
         assert stage["choice"] == first_best  # the largest change, the earlier on a tie
-    assert "held out" in (cwd / "L" / "locate.md").read_text()
+    report = (cwd / "L" / "locate.md").read_text()
+    assert "## held out" in report and "McNemar" in report
 
 
 def test_stages_score_calibration_groups_and_the_result_held_out_ones(located):
@@ -164,3 +165,30 @@ def test_the_stages_are_sweeps_inside_one_locate_run(located):
     assert set(sweeps["tags.mlflow.parentRunId"]) == {parent["run_id"].iloc[0]}
     assert (runs["tags.sysattn.kind"] == "job").sum() == 4 + 2 + 5 + 1
     assert parent["metrics.held_out_paired_accuracy"].notna().all()
+
+
+def row(job: str, change: float, split_half: str = "calibration") -> dict:
+    return {
+        "job": job, "split_half": split_half, "first_layer": 2, "last_layer": 3,
+        "fraction": 1.0, "n_groups": 10, "paired_accuracy": 0.5,
+        "baseline_paired_accuracy": 0.5 - change / 100, locate.METRIC: change,
+        "ci_low": change - 5, "ci_high": change + 5, "p": 0.5, "mcnemar_p": 0.25,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("changes", [(0.0, 0.0), (-2.0, -1.0), (0.0, 3.0)])
+def test_the_report_says_when_no_job_gained(tmp_path, changes):
+    stages = []
+    for name in locate.STAGES[:3]:
+        stage = locate.Stage(name, [row("job0", changes[0]), row("job1", changes[1])])
+        locate.choose(stage)
+        stages.append(stage)
+    stages.append(locate.Stage("4_held_out", [row("job0", 1.5, "held_out")]))
+    split = {"calibration_fraction": 0.5, "calibration_seed": 0}
+    result = locate.write_report(tmp_path, stages, split)
+    report = (tmp_path / "locate.md").read_text()
+    assert result["stages"]["1_quarters"]["choice"]["job"] == (
+        "job1" if changes[1] > changes[0] else "job0"
+    )
+    assert report.count("No job of this stage gained") == (3 if max(changes) <= 0 else 0)
+    assert "+1.50 points, 95% CI [-3.50, +6.50]" in report and "p = 0.25" in report

@@ -94,7 +94,8 @@ def read_stage(name: str, sweep_dir: Path) -> Stage:
                 METRIC: metrics[METRIC],
                 "ci_low": 100 * metrics["paired_accuracy_change_ci_low"],
                 "ci_high": 100 * metrics["paired_accuracy_change_ci_high"],
-                "p": metrics.get("paired_accuracy_change_p"),
+                "p": metrics.get("paired_accuracy_change_p"),  # the paired bootstrap's
+                "mcnemar_p": metrics.get("paired_accuracy_mcnemar_p"),  # whole groups
             }
         )
     return stage
@@ -201,6 +202,11 @@ def write_report(out_dir: Path, stages: list[Stage], split: dict) -> dict:
         choice = stage.choice
         what = f"{layers_text(choice)}, fraction {choice['fraction']}"
         lines += ["", f"## {stage.name}: chose {what}", "", *table(stage)]
+        if choice[METRIC] <= 0:
+            lines += [
+                "",
+                "No job of this stage gained on the baseline: the choice is a tie or a loss.",
+            ]
     lines += [
         "",
         f"## held out: {layers_text(held_out)}, fraction {held_out['fraction']}",
@@ -208,8 +214,8 @@ def write_report(out_dir: Path, stages: list[Stage], split: dict) -> dict:
         f"Paired accuracy {held_out['paired_accuracy']:.4f} against the baseline's "
         f"{held_out['baseline_paired_accuracy']:.4f} on {held_out['n_groups']} held-out "
         f"groups: {held_out[METRIC]:+.2f} points, 95% CI [{held_out['ci_low']:+.2f}, "
-        f"{held_out['ci_high']:+.2f}] (cluster bootstrap over groups), p = "
-        f"{fmt_p(held_out['p'])}.",
+        f"{held_out['ci_high']:+.2f}] (paired cluster bootstrap over groups, p = "
+        f"{fmt_p(held_out['p'])}; McNemar on whole groups, p = {fmt_p(held_out['mcnemar_p'])}).",
         "",
     ]
     (out_dir / "locate.md").write_text("\n".join(lines))

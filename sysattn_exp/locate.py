@@ -45,6 +45,12 @@ def checked_config(overrides: list[str]):
         first = [*overrides, "+sweep=quarters", "++benchmark.split_half=calibration"]
         cfg = compose("config", first)
     check_config(cfg)
+    if cfg.runtime.dry_run:
+        # A stage's values come from the previous stage's results, which a dry run has not.
+        raise UsageError(
+            "runtime.dry_run=true: locate's stages need each other's results; dry-run its "
+            "first stage with python -m sysattn_exp +sweep=quarters runtime.dry_run=true"
+        )
     return cfg
 
 

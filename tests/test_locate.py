@@ -62,10 +62,21 @@ def test_the_split_keys_are_keyed_only_when_a_half_is_chosen():
     assert job_key(calibration, {"c": 1}) != job_key(plain, {"c": 1})
 
 
-@pytest.mark.parametrize("fraction", ["0", "1", "1.5", "-0.2", "half"])
-def test_a_calibration_fraction_outside_0_1_is_one_line_exit_2(tmp_path, fraction):
+def locate_in_process(argv, cwd, monkeypatch, capsys) -> tuple[int, str]:
+    """python -m sysattn_exp.locate ARGV as main() in this process: (exit status, stderr)."""
+    from sysattn_exp.locate import main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["locate", *argv])
+    with pytest.raises(SystemExit) as exit:
+        main()
+    return exit.value.code, capsys.readouterr().err
+
+
+def test_a_calibration_fraction_outside_0_1_is_one_line_exit_2(tmp_path):
+    """Through the command line, as a researcher types it."""
     result = subprocess.run(
-        [sys.executable, "-m", "sysattn_exp.locate", f"benchmark.calibration_fraction={fraction}"],
+        [sys.executable, "-m", "sysattn_exp.locate", "benchmark.calibration_fraction=1.5"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -73,8 +84,31 @@ def test_a_calibration_fraction_outside_0_1_is_one_line_exit_2(tmp_path, fractio
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"error: benchmark.calibration_fraction={fraction} must be a number in (0, 1)"
+        "error: benchmark.calibration_fraction=1.5 must be a number in (0, 1)"
     ]
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        *(
+            (
+                f"benchmark.calibration_fraction={f}",
+                f"benchmark.calibration_fraction={f} must be a number in (0, 1)",
+            )
+            for f in ("0", "1", "-0.2", "half", "nan")
+        ),
+        ("benchmark.calibration_seed=-1", "benchmark.calibration_seed=-1 must be a number >= 0"),
+        ("benchmark.split_half=held_out", "benchmark.split_half is set by each stage of locate"),
+        ("runtime.dry_run=true", "runtime.dry_run=true: locate's stages need each other's"),
+    ],
+)
+def test_other_bad_input_is_one_line_exit_2(tmp_path, monkeypatch, capsys, override, message):
+    code, err = locate_in_process(["model=tiny", override], tmp_path, monkeypatch, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}")
     assert not (tmp_path / "outputs").exists()
 
 

@@ -11,7 +11,7 @@ PACKAGE = Path(sysattn_exp.__file__).parent
 # Lowest first: a module may import only from its own layer or the layers before it.
 LAYERS = ["base", "attention", "benchmarks", "models", "evaluation", "experiment", "commands"]
 BASE = {"errors", "files"}
-COMMANDS = {"__main__", "report", "sync"}
+COMMANDS = {"__main__", "report", "sync", "locate"}
 
 
 def module_name(path: Path) -> str:

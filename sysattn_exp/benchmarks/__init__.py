@@ -25,6 +25,7 @@ from sysattn_exp.benchmarks.base import (
     first_groups,
     mme_answer,
     prompt_preset,
+    split_groups,
     usable_groups,
 )
 from sysattn_exp.errors import UsageError
@@ -95,6 +96,11 @@ def load_benchmark(cfg) -> Benchmark:
         cfg.template = template
     benchmark = LOADERS[cfg.name](cfg)
     benchmark.remove = remove
+    # One half of the groups (python -m sysattn_exp.locate), before the limit: the first
+    # `limit` groups of that half.
+    half = cfg.get("split_half")
+    fraction, seed = cfg.get("calibration_fraction", 0.5), cfg.get("calibration_seed", 0)
+    benchmark.items = split_groups(benchmark.items, half, fraction, seed)
     limit = cfg.get("limit")
     if benchmark.image_files:
         # Every image the job will use is decoded now, before the (slow) model load.

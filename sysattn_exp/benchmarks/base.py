@@ -248,6 +248,24 @@ def usable_groups(benchmark: Benchmark, limit: int | None, skip: bool) -> tuple[
     return kept, dropped
 
 
+def in_calibration(group_id: str, fraction: float, seed: int) -> bool:
+    """Whether group `group_id` is in the calibration half of a seeded split: the first 8
+    bytes of sha256(f"{seed}:{group_id}") as a number in [0, 1) below `fraction`. A hash,
+    not a shuffle: a group's half depends on nothing but its id and the seed, the same in
+    every run, process and machine, and whatever else the benchmark holds."""
+    draw = int.from_bytes(hashlib.sha256(f"{seed}:{group_id}".encode()).digest()[:8], "big")
+    return draw / 2**64 < fraction
+
+
+def split_groups(items: list[Item], half: str | None, fraction: float, seed: int) -> list[Item]:
+    """The items of one half of the groups (benchmark.split_half): "calibration" (the
+    groups in_calibration), "held_out" (the others), None (all). Never splits a group."""
+    if half is None:
+        return items
+    want = half == "calibration"
+    return [i for i in items if in_calibration(i.group_id, fraction, seed) == want]
+
+
 def first_groups(items: list[Item], limit: int | None) -> list[Item]:
     """The items of the first `limit` groups, in order of first appearance; never splits a group."""
     if limit is None:

@@ -169,6 +169,10 @@ def job_key(config: dict, condition: dict) -> str:
             dropped = {k for k, v in value.items() if DEFAULT_PROMPT.get(k) == v}
             if set(value) <= dropped:
                 continue
+        if section == "benchmark" and value.get("split_half") is None:
+            # All groups: the key jobs had before the split existed (its fraction and seed
+            # choose nothing then).
+            dropped = {"split_half", "calibration_fraction", "calibration_seed"}
         if section == "runtime" and not value.get("lens", True):
             dropped = dropped | {"lens"}  # off: the key jobs had before the lens existed
         if section == "runtime" and not value.get("probes", True):

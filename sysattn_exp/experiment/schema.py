@@ -109,6 +109,14 @@ Ablation = enum.Enum(
 )
 
 
+class SplitHalf(enum.Enum):
+    """benchmark.split_half: the calibration or held-out half of the groups
+    (benchmarks.base.split_groups; python -m sysattn_exp.locate)."""
+
+    calibration = "calibration"
+    held_out = "held_out"
+
+
 class ToySplit(enum.Enum):
     """The toy benchmark's splits (benchmarks/toy.py)."""
 
@@ -174,6 +182,11 @@ class BenchmarkConfig:
     template: str | None = MISSING
     prompts: dict[str, PromptPreset] = MISSING
     limit: int | None = MISSING
+    # Not in the shipped benchmark files (the job keys stay as they were; identity.job_key):
+    # null = every group; else one half of a seeded hash split of the group ids.
+    split_half: SplitHalf | None = None
+    calibration_fraction: float = 0.5
+    calibration_seed: int = 0
 
 
 @dataclass
@@ -364,6 +377,7 @@ class ReportConfig:
 BOUNDS = {
     "model.batch_size": (1, None),
     "benchmark.limit": (1, None),
+    "benchmark.calibration_seed": (0, None),
     "layers.quarter": (1, 4),
     "scoring.max_new_tokens": (1, None),
     "runtime.progress_seconds": (0, None),
@@ -555,6 +569,9 @@ def check_values(cfg: DictConfig) -> None:
         if value < low:
             raise UsageError(f"{key}={value!r} must be a number >= {low}")
     check_fraction("stats.discordance", cfg.stats.discordance, one_allowed=True)
+    fraction = OmegaConf.select(cfg, "benchmark.calibration_fraction")
+    if fraction is not None:
+        check_fraction("benchmark.calibration_fraction", fraction, one_allowed=False)
     workers = cfg.runtime.num_workers
     whole = isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0
     if workers != "auto" and not whole:

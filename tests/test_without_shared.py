@@ -27,7 +27,10 @@ UNRELATED = [
 def test_only_the_tests_that_read_shared_files_skip_without_them(tmp_path):
     env = os.environ | {SHARED_ENV: str(tmp_path / "absent")}
     result = subprocess.run(
+        # Its own basetemp: a nested session numbering and cleaning the shared
+        # /tmp/pytest-of-<user> folders can remove the outer (xdist) session's.
         [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider"]
+        + [f"--basetemp={tmp_path / 'inner'}"]
         + NEED_SHARED
         + UNRELATED,
         cwd=ROOT,

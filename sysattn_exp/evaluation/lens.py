@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from sysattn_exp.errors import UsageError
+from sysattn_exp.evaluation.probe_plots import finish
 from sysattn_exp.evaluation.scoring import answer_logits, answer_scores, final_norm, float32_module
 from sysattn_exp.models.loading import LoadedModel
 
@@ -90,11 +91,4 @@ def lens_plot(table: pd.DataFrame, path, title: str):
             label=f"{condition}, {'yes' if label else 'no'}-label items",
         )
     ax.axhline(0, color="grey", linewidth=0.8)
-    ax.set_xlabel("decoder layer")
-    ax.set_ylabel("mean yes_logit - no_logit")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return finish(plt, fig, ax, path, title, "mean yes_logit - no_logit")

@@ -6,7 +6,8 @@
 - job_key: the condition and the composed config less the keys that never change what a
   job produces (NOT_IN_JOB_KEY); two jobs that can produce different files never share it.
 - job_config: config.yaml, which records the job's name and key.
-- run_name: the job's MLflow run name ('pope baseline', 'pope system->text layers 24-31').
+- run_name: the job's MLflow run name ('pope baseline', 'pope system->text layers 24-31',
+  'pope profile').
 - caption_baseline_key: the key of a caption job's cached baseline captions.
 
 Every value here is part of the results' identity on disk and in MLflow: a change of one
@@ -220,18 +221,19 @@ def job_config(cfg, loaded, edit, words, layers, name, benchmark=None) -> dict:
 
 
 def run_name(
-    benchmark: str, edit: Rule | None, layers: list[int], profile=False, ablation: str = NONE
+    benchmark: str, edit: Rule | None, layers: list[int], task="score", ablation: str = NONE
 ) -> str:
-    """'pope baseline', 'pope system->text layers 24-31'; a profile job (+task=profile):
-    'pope profile', 'pope profile system->text layers 24-31'; a prompt ablation
+    """'pope baseline', 'pope system->text layers 24-31'; a job that records readouts
+    (labels.job_task: profile, lens, probes) says so after the benchmark: 'pope profile',
+    'pope lens system->text layers 24-31', 'pope profile+lens'; a prompt ablation
     (models.ablation.LABELS) before the rule: 'pope no system tokens',
-    'pope no BOS + system->text layers 24-31'."""
-    kind = " profile" if profile else ""
+    'pope no BOS + system->text layers 24-31'. A caption job's benchmark (chair) says its task."""
+    kind = "" if task in ("score", "caption") else f" {task}"
     if ablation != NONE:
         rule = "" if edit is None else f" + {edit.describe()} layers {layers[0]}-{layers[-1]}"
         return f"{benchmark}{kind} {LABELS[ablation]}{rule}"
     if edit is None:
-        return f"{benchmark}{kind}" if profile else f"{benchmark} baseline"
+        return f"{benchmark}{kind}" if kind else f"{benchmark} baseline"
     return f"{benchmark}{kind} {edit.describe()} layers {layers[0]}-{layers[-1]}"
 
 

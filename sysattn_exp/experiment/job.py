@@ -41,6 +41,7 @@ from sysattn_exp.experiment.identity import (
     prompt_ablation,
     run_name,
 )
+from sysattn_exp.experiment.labels import job_task
 from sysattn_exp.experiment.tracking import DRY_RUN_FILE, log_job_dir
 from sysattn_exp.files import write_atomically, write_json
 from sysattn_exp.models.loading import LoadedModel, load_config, load_model
@@ -134,7 +135,7 @@ def run_job(job: Job, out_dir: Path) -> dict:
     loaded = load_model(cfg.model)
     layers = job_layers(rule, cfg.layers, loaded.num_layers)
     edit = build_edit(rule, layers, loaded.text_config.num_attention_heads)
-    name = run_name(job.benchmark_name, edit, layers, job.profiled, prompt_ablation(cfg))
+    name = run_name(job.benchmark_name, edit, layers, job_task(cfg), prompt_ablation(cfg))
     watch = Watch()
     job.out_dir = out_dir
     with watch.passes():
@@ -173,7 +174,7 @@ def dry_run_job(cfg, config, job: Job, rule, out_dir: Path, summary: dict, count
     depth = config.get_text_config().num_hidden_layers
     layers = job_layers(rule, cfg.layers, depth)
     edit = build_edit(rule, layers, config.get_text_config().num_attention_heads)
-    name = run_name(job.benchmark_name, edit, layers, job.profiled, prompt_ablation(cfg))
+    name = run_name(job.benchmark_name, edit, layers, job_task(cfg), prompt_ablation(cfg))
     number = sweep_job()
     where = "" if number is None else f" job{number}"
     print(

@@ -35,6 +35,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from sysattn_exp.benchmarks import MAIN_METRICS
 from sysattn_exp.errors import UsageError, one_line
+from sysattn_exp.experiment.labels import (
+    aligned_layers,
+    condition_names,
+    intervention_label,
+    layers_label,
+)
 from sysattn_exp.experiment.report_layers import layer_plots, localisation_markdown
 from sysattn_exp.experiment.report_plots import plots
 from sysattn_exp.experiment.report_stats import (
@@ -123,38 +129,6 @@ def latest_sweep(mlflow, experiment_id: str, experiment: str) -> str:
         if mlflow.search_runs([experiment_id], filter_string=query, max_results=1).shape[0]:
             return sweep.info.run_id
     raise UsageError(f"report.parent=latest: experiment {experiment!r} has no sweep with jobs")
-
-
-def intervention_label(run: pd.Series) -> str:
-    """The rule's label as the job logged it: job.label (rules.label, the string in the run
-    name). A run logged before job.label was: the rule part of its run name (identity.run_name:
-    '<benchmark>[ profile] <label> layers <first>-<last>'; a baseline's has no layers)."""
-    logged = run.get("params.job.label")
-    if isinstance(logged, str):
-        return logged
-    benchmark = re.escape(str(run.get("params.benchmark.name")))
-    name = str(run.get("tags.mlflow.runName"))
-    found = re.fullmatch(rf"{benchmark}(?: profile)? (.+) layers \d+-\d+", name)
-    return found.group(1) if found else "baseline"
-
-
-def layers_label(run: pd.Series) -> str:
-    if run["params.intervention.name"] == "none":
-        return "-"
-    layers = [int(x) for x in str(run["params.layers.resolved"]).split(",")]
-    span = f"{layers[0]}-{layers[-1]}"
-    unset = (None, "None")
-    quarter = run.get("params.layers.quarter")
-    if quarter not in unset:
-        return f"q{quarter} ({span})"
-    if run.get("params.layers.start") in unset and run.get("params.layers.end") in unset:
-        return f"all ({span})"
-    return span
-
-
-def aligned_layers(layers: str) -> str:
-    """'q4 (24-31)' -> 'q4', 'all (0-31)' -> 'all': the same for models of any depth."""
-    return re.sub(r"^(q\d|all) \(.*\)$", r"\1", layers)
 
 
 def model_labels(runs: pd.DataFrame) -> dict:
@@ -537,12 +511,6 @@ def plotted(table: pd.DataFrame) -> pd.DataFrame:
     if not several_models(table):
         return table
     return table.assign(layers=table["layers"].map(aligned_layers))
-
-
-def condition_names(interventions: pd.Series, layers: pd.Series) -> pd.Series:
-    """'system->text q4'; a condition without layers (a prompt ablation: layers '-') by its
-    label alone ('no system tokens')."""
-    return (interventions + " " + layers).str.removesuffix(" -")
 
 
 def across_benchmarks(table: pd.DataFrame) -> pd.DataFrame:

@@ -12,6 +12,8 @@ from pathlib import Path
 import yaml
 
 from sysattn_exp.evaluation.cache import digest
+from sysattn_exp.experiment.benchmark_dataset import CONTEXT, benchmark_dataset
+from sysattn_exp.experiment.labels import aligned_layers, intervention_label, job_task, layers_label
 from sysattn_exp.files import write_json
 
 log = logging.getLogger(__name__)
@@ -138,20 +140,38 @@ def connect(cfg):
         return _connect(cfg)
 
 
+# MLflow 3's UI shows an experiment as GenAI (traces) or model training (the runs table)
+# by this experiment tag, which its own "experiment type" selector writes (mlflow 3.17's UI:
+# setExperimentTag "mlflow.experimentKind"; values in its ExperimentKind enum). MLflow
+# 3.17's UI reads the URL's ?workflowType=machine_learning first (README, MLflow UI).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def _connect(cfg):
     import mlflow
 
     mlflow.set_tracking_uri(absolute_uri(cfg.uri))
     experiment = mlflow.get_experiment_by_name(cfg.experiment)
     if experiment is not None:
+        mark_model_training(mlflow, experiment)
         return mlflow, experiment.experiment_id
     location = None
     if not str(cfg.uri).startswith(SERVER_SCHEMES):
         location = Path(cfg.artifact_location).resolve().as_uri()
     try:
-        return mlflow, mlflow.create_experiment(cfg.experiment, artifact_location=location)
+        return mlflow, mlflow.create_experiment(
+            cfg.experiment, artifact_location=location, tags=dict([EXPERIMENT_KIND])
+        )
     except Exception:  # noqa: BLE001 - another process created it first
         return mlflow, mlflow.get_experiment_by_name(cfg.experiment).experiment_id
+
+
+def mark_model_training(mlflow, experiment) -> None:
+    """An experiment made before EXPERIMENT_KIND was set gets it; a kind someone chose in
+    the UI is left as it is."""
+    key, value = EXPERIMENT_KIND
+    if key not in experiment.tags:
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
 
 
 def tags_query(tags: dict) -> str:
@@ -289,6 +309,24 @@ def log_profile(mlflow, table_path: Path) -> None:
             mlflow.log_metric(prefix + modality, float(getattr(row, modality)), step=int(row.layer))
 
 
+def grouping_tags(config: dict) -> dict[str, str]:
+    """The tags a job's run is grouped and searched by in the MLflow UI, from its
+    config.yaml: benchmark (benchmark.name), model (model.name_or_path), condition (the
+    report's intervention column: labels.intervention_label, e.g. 'system->text',
+    'baseline', 'no system tokens'), layers (the report's layer range by quarter alone:
+    'q4', 'all', '24-31'; '-' without a rule) and task (labels.job_task: score, profile,
+    lens, probes, caption)."""
+    params = {f"params.{key}": value for key, value in flatten(config).items()}
+    run = params | {"tags.mlflow.runName": config["job"]["name"]}
+    return {
+        "benchmark": config["benchmark"]["name"],
+        "model": config["model"]["name_or_path"],
+        "condition": intervention_label(run),
+        "layers": aligned_layers(layers_label(run)),
+        "task": job_task(config),
+    }
+
+
 def log_job_dir(job_dir: Path, cfg) -> str:
     """Log a finished job folder (config.yaml, metrics.json, predictions.parquet) as one
     run, under its sweep's parent run if it has one; returns the run id."""
@@ -297,7 +335,8 @@ def log_job_dir(job_dir: Path, cfg) -> str:
 
 def log_job(job_dir: Path, cfg) -> tuple[str, bool]:
     """log_job_dir, and whether the job was logged now (False: a complete run of the same
-    job and results was already in the store). Metric and parameter names go through
+    job and results was already in the store). The run carries grouping_tags and the
+    benchmark as its dataset input (benchmark_dataset). Metric and parameter names go through
     storable_name; two names that would collide are refused (ValueError) before any run
     is created. A run whose logging fails is deleted, so that none is left half-logged."""
     with store_lock(cfg.uri):
@@ -329,9 +368,12 @@ def _log_job(job_dir: Path, cfg) -> tuple[str, bool]:
                 experiment_id=experiment_id,
                 run_name=config["job"]["name"],
                 parent_run_id=parent,
-                tags=tags | {"sysattn.kind": "job", "sysattn.job_dir": str(job_dir.resolve())},
+                tags=tags
+                | grouping_tags(config)
+                | {"sysattn.kind": "job", "sysattn.job_dir": str(job_dir.resolve())},
             ) as run:
                 run_id = run.info.run_id
+                mlflow.log_input(benchmark_dataset(job_dir, config), context=CONTEXT)
                 mlflow.log_params({param_names[k]: v for k, v in params.items()})
                 mlflow.log_metrics({metric_names[k]: v for k, v in metrics.items()})
                 if (job_dir / PROFILE_TABLE).exists():

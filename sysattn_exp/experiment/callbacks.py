@@ -1,7 +1,8 @@
 """Hydra callbacks, run in the launching process: the MLflow parent run of a sweep (created
 before any job starts, which also creates the store and the experiment once), and at the
-end where the results are, which jobs failed and why, and (runtime.report_at_end) the
-report of the sweep's jobs. A SLURM launcher with a SQLite store gets a warning first."""
+end where the results are, which jobs failed and why, the sweep's summary on its parent
+run (parent_summary) and (runtime.report_at_end) the report of the sweep's jobs. A SLURM
+launcher with a SQLite store gets a warning first."""
 
 import json
 import logging
@@ -13,7 +14,7 @@ from omegaconf import OmegaConf
 
 from sysattn_exp.errors import first_line, usage_error_in
 from sysattn_exp.experiment.cluster import slurm_sqlite_warning
-from sysattn_exp.experiment.report import report
+from sysattn_exp.experiment.report import report, summarize_sweep
 from sysattn_exp.experiment.tracking import (
     DRY_RUN_FILE,
     PROFILE_HEADS_PLOT,
@@ -110,6 +111,19 @@ def sweep_report(tracking, sweep_dir: Path, parent: str) -> None:
         )
 
 
+def parent_summary(tracking, parent: str) -> None:
+    """What the sweep found, as metrics and a tag on its parent run (report.summarize_sweep)."""
+    try:
+        summarize_sweep(tracking, parent)
+    except Exception as error:  # noqa: BLE001 - the jobs' results stand without it
+        log.warning(
+            "no summary on the sweep's parent run (%s): python -m sysattn_exp.report "
+            "report.parent=%s logs it",
+            first_line(error),
+            parent,
+        )
+
+
 class SweepTracking(Callback):
     def on_multirun_start(self, config, **kwargs) -> None:
         try:
@@ -143,8 +157,12 @@ class SweepTracking(Callback):
             SWEEP["failures"] = report_dry_run_end(sweep_dir)
             return
         SWEEP["failures"] = report_sweep_end(sweep_dir, config.tracking.uri)
-        if config.runtime.get("report_at_end") and SWEEP.get("parent"):
+        if not SWEEP.get("parent"):
+            return
+        if config.runtime.get("report_at_end"):  # the report logs the summary too
             sweep_report(config.tracking, sweep_dir, SWEEP["parent"])
+        else:
+            parent_summary(config.tracking, SWEEP["parent"])
 
     def on_run_end(self, config, **kwargs) -> None:
         run_dir = Path(config.hydra.run.dir)

@@ -41,6 +41,7 @@ from sysattn_exp.experiment.labels import (
     intervention_label,
     layers_label,
 )
+from sysattn_exp.experiment.parent_summary import log_summary
 from sysattn_exp.experiment.report_layers import layer_plots, localisation_markdown
 from sysattn_exp.experiment.report_plots import plots
 from sysattn_exp.experiment.report_stats import (
@@ -528,13 +529,32 @@ REPORT_DEFAULTS = OmegaConf.create(
 ).report
 
 
-def report(cfg) -> Path:
-    """The report of cfg.report.parent's jobs (report.yaml's keys; those left out take
-    report.yaml's values) into cfg.report.out, logged to the parent run; printed."""
+def corrected_table(cfg) -> tuple[pd.DataFrame, str | None, Evidence]:
+    """cfg.report.parent's comparison table with its tests corrected (report.yaml's keys;
+    those left out take report.yaml's values), the parent run (job_runs) and the evidence
+    settings."""
     settings = OmegaConf.merge(REPORT_DEFAULTS, cfg.report)
     evidence = Evidence(str(settings.correction), float(settings.alpha))
     runs, parent = job_runs(cfg)
-    table = corrected(comparison_table(runs), evidence)
+    return corrected(comparison_table(runs), evidence), parent, evidence
+
+
+def summarize_sweep(tracking, parent: str) -> dict[str, float]:
+    """The sweep's summary on its parent run (parent_summary), without the report's files:
+    a sweep without runtime.report_at_end. Returns the metrics logged."""
+    tracking = OmegaConf.to_container(tracking, resolve=True)
+    cfg = OmegaConf.create({"tracking": tracking, "report": {"parent": parent}})
+    table, _, _ = corrected_table(cfg)
+    mlflow, _ = connect(cfg.tracking)
+    return log_summary(mlflow.MlflowClient(), parent, table)
+
+
+def report(cfg) -> Path:
+    """The report of cfg.report.parent's jobs (report.yaml's keys; those left out take
+    report.yaml's values) into cfg.report.out, logged to the parent run with the sweep's
+    summary (parent_summary); printed."""
+    settings = OmegaConf.merge(REPORT_DEFAULTS, cfg.report)
+    table, parent, evidence = corrected_table(cfg)
     summary = across_benchmarks(table)
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -562,6 +582,7 @@ def report(cfg) -> Path:
         client = mlflow.MlflowClient()
         for path in files:
             client.log_artifact(parent, str(path), "report")
+        log_summary(client, parent, table)
     print(text)
     print(
         f"report: {out.resolve()} ({len(files)} files)"

@@ -49,11 +49,14 @@ def store(tmp_path_factory):
     cli(*HARD, "runtime.profile=false,true", "--multirun", cwd=cwd)
     readouts = sweep_dir_of(cwd, set())
     cli(*TOY, "+task=lens", "benchmark.split=demo", cwd=cwd)
-    cli(*HARD, *GRID, "runtime.report_at_end=false", cwd=cwd)
+    swept = cli(*HARD, *GRID, "runtime.report_at_end=false", cwd=cwd)
     grid = sweep_dir_of(cwd, {readouts})
     uri = f"sqlite:///{cwd}/outputs/mlflow.db"
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name("sysattn")
+    # The way in, printed at the sweep's end: the runs table, opened as model training.
+    address = f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs"
+    assert f"(then open {address}?workflowType=machine_learning)" in swept.stdout
     return {"cwd": cwd, "uri": uri, "experiment": experiment, "grid": grid, "readouts": readouts}
 
 

@@ -17,9 +17,12 @@ from sysattn_exp.experiment.cluster import slurm_sqlite_warning
 from sysattn_exp.experiment.report import report, summarize_sweep
 from sysattn_exp.experiment.tracking import (
     DRY_RUN_FILE,
+    JOB_MARKER,
     PROFILE_HEADS_PLOT,
     PROFILE_PLOT,
+    SWEEP_MARKER,
     absolute_uri,
+    runs_table_address,
     sweep_key,
     sweep_parent,
 )
@@ -33,9 +36,17 @@ SWEEP: dict = {}
 
 
 def where_results(folder: str, uri: str) -> str:
+    """Where the job (or sweep) folder is, and how to open its runs in the MLflow UI: the
+    runs table's address where the folder's marker (JOB_MARKER, SWEEP_MARKER) names the
+    experiment in this store."""
+    markers = [Path(folder) / name for name in (JOB_MARKER, SWEEP_MARKER)]
+    records = [json.loads(m.read_text()) for m in markers if m.exists()]
+    here = [r for r in records if r.get("uri") == absolute_uri(uri)]
+    ids = [r["experiment_id"] for r in here if "experiment_id" in r]
+    address = runs_table_address(ids[0]) if ids else "http://127.0.0.1:5000"
     return (
         f"\nResults: {Path(folder).resolve()} (metrics.json, predictions.parquet per job)\n"
-        f"MLflow UI: mlflow ui --backend-store-uri {absolute_uri(uri)}  (then open http://127.0.0.1:5000)"
+        f"MLflow UI: mlflow ui --backend-store-uri {absolute_uri(uri)}  (then open {address})"
     )
 
 

@@ -1,6 +1,9 @@
 """MLflow: one run per job, logged from the files the job wrote (so a job whose logging
 failed can be logged later by `python -m sysattn_exp.sync`), under one parent run per
-sweep. A job already logged (same job key under the same parent) is not logged again."""
+sweep. A job already logged (same job key under the same parent) is not logged again.
+Each run carries the tags the MLflow UI groups and searches by (grouping_tags) and its
+benchmark as a dataset input (benchmark_dataset); the experiment is marked as model
+training (EXPERIMENT_KIND), and runs_table_address opens its runs table."""
 
 import contextlib
 import hashlib
@@ -174,6 +177,12 @@ def mark_model_training(mlflow, experiment) -> None:
         mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
 
 
+def runs_table_address(experiment_id: str, ui: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI's runs table of an experiment, opened as model training (MLflow 3.17's
+    UI reads ?workflowType before EXPERIMENT_KIND: README, MLflow UI)."""
+    return f"{ui}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
 def tags_query(tags: dict) -> str:
     return " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
 
@@ -246,7 +255,8 @@ def _sweep_parent(cfg, sweep_dir: Path, sweep_key: str, description: str) -> str
             mlflow.log_param("sweep", description[:6000])
             run_id = run.info.run_id
     marker = {"run_id": run_id, "sweep_key": sweep_key, "description": description}
-    write_json(sweep_dir / SWEEP_MARKER, marker | {"uri": absolute_uri(cfg.uri)})
+    where = {"uri": absolute_uri(cfg.uri), "experiment_id": experiment_id}
+    write_json(sweep_dir / SWEEP_MARKER, marker | where)
     return run_id
 
 
@@ -391,5 +401,6 @@ def _log_job(job_dir: Path, cfg) -> tuple[str, bool]:
         log.info(
             "already logged as MLflow run %s (same job, same results): not logged again", run_id
         )
-    write_json(job_dir / JOB_MARKER, {"run_id": run_id, "uri": absolute_uri(cfg.uri)})
+    where = {"uri": absolute_uri(cfg.uri), "experiment_id": experiment_id}
+    write_json(job_dir / JOB_MARKER, {"run_id": run_id} | where)
     return run_id, new

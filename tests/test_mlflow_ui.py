@@ -291,3 +291,27 @@ def test_a_real_server_answers_a_search_by_condition_and_stops_with_its_workers(
         assert len(found["baseline"]) == 3  # the baseline, its profile and the lens job
         assert stop_group(process), "SIGTERM to the group ended the server and its workers"
     assert group_members(process.pid) == []
+
+
+def test_dataset_names_and_sources_say_where_the_items_came_from(tmp_path):
+    """Local data by its resolved path, hub data by its id, split and revision; a template
+    given in place of the preset by its hash (two templates, two datasets)."""
+    from sysattn_exp.experiment.benchmark_dataset import dataset_name, dataset_source
+
+    pairs = str(tmp_path / "pairs.jsonl")
+    local = {"benchmark": {"name": "jsonl", "path": pairs, "prompt": "native"}}
+    assert dataset_name(local) == "jsonl prompt=native"
+    assert dataset_source(local).to_dict() == {"uri": pairs}
+    hub = {"name": "pope", "hub_id": "lmms-lab/POPE", "split": "test", "revision": "r1"}
+    hub |= {"subsets": ["random", "adversarial"], "prompt": "llava"}
+    name = dataset_name({"benchmark": hub})
+    assert name == "pope split=test subsets=random,adversarial prompt=llava"
+    source = dataset_source({"benchmark": hub})
+    assert (source.path, source.split, source.revision) == ("lmms-lab/POPE", "test", "r1")
+    assert source._get_source_type() == "hugging_face"
+    templates = ("{question}?", "{question}")
+    names = {dataset_name({"benchmark": hub | {"template": t}}) for t in templates}
+    assert len(names) == 2 and all(" prompt=template:" in n for n in names)
+    caption = {"benchmark": {"name": "chair"}, "caption": {"data_dir": str(tmp_path)}}
+    assert dataset_name(caption) == "chair"
+    assert dataset_source(caption).to_dict() == {"uri": str(tmp_path)}

@@ -62,13 +62,16 @@ def dataset_name(config: dict) -> str:
 def dataset_source(config: dict):
     """The mlflow.data source of the job's items (see the module's docstring)."""
     from mlflow.data.code_dataset_source import CodeDatasetSource
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.dataset_source_registry import get_registered_sources
     from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
 
     benchmark, caption = config["benchmark"], config.get("caption") or {}
     local = benchmark.get("path") or benchmark.get("data_dir") or caption.get("data_dir")
     if local:
-        return resolve_dataset_source(str(Path(local).resolve()))
+        # MLflow registers its local file source class twice (resolving a path by the
+        # registry warns that it is ambiguous): the first one, directly.
+        found = (s for s in get_registered_sources() if s._get_source_type() == "local")
+        return next(found)(str(Path(local).resolve()))
     if benchmark.get("hub_id"):
         split = benchmark.get("split")
         return HuggingFaceDatasetSource(

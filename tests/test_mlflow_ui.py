@@ -315,3 +315,62 @@ def test_dataset_names_and_sources_say_where_the_items_came_from(tmp_path):
     caption = {"benchmark": {"name": "chair"}, "caption": {"data_dir": str(tmp_path)}}
     assert dataset_name(caption) == "chair"
     assert dataset_source(caption).to_dict() == {"uri": str(tmp_path)}
+
+
+def test_summary_of_two_models_and_the_caption_benchmark():
+    """A hand-made report table: per benchmark and model (two models), the caption
+    benchmark's best condition is its lowest CHAIR_s change; no test, no n_significant."""
+    from sysattn_exp.experiment.parent_summary import summary
+    from sysattn_exp.experiment.report import COLUMNS
+
+    def row(benchmark, model, intervention, layers, **values):
+        named = {"benchmark": benchmark, "model": model, "setting": "", "layers": layers}
+        untested = {"p_corrected": None, "significant": None}
+        return named | {"intervention": intervention} | untested | values
+
+    rows = [
+        row("chair", "a", "baseline", "-", native_value=0.4),
+        row("chair", "a", "system->text", "q4 (6-7)", native_change_points=3.0),
+        row("chair", "a", "system->image", "q4 (6-7)", native_change_points=-5.0),
+        row("toy", "a", "baseline", "-", paired_accuracy=0.5, yes_rate=0.7),
+        row(
+            "toy",
+            "a",
+            "system->text",
+            "all (0-7)",
+            paired_accuracy_change_points=2.0,
+            yes_rate_change_points=-4.0,
+            p_corrected=0.01,
+            significant="yes",
+        ),  # fmt: skip
+        row(
+            "toy",
+            "a",
+            "system->image",
+            "all (0-7)",
+            paired_accuracy_change_points=-1.0,
+            yes_rate_change_points=1.0,
+            p_corrected=0.5,
+            significant="no",
+        ),  # fmt: skip
+        row("toy", "b (2 layers)", "baseline", "-", paired_accuracy=0.25, yes_rate=0.9),
+    ]
+    metrics, tags = summary(pd.DataFrame(rows, columns=COLUMNS))
+    assert metrics == {
+        "summary/chair/a/baseline_chair_s": 0.4,
+        "summary/chair/a/n_conditions": 2.0,
+        "summary/chair/a/best_chair_s_change_points": -5.0,
+        "summary/toy/a/baseline_paired_accuracy": 0.5,
+        "summary/toy/a/baseline_yes_rate": 0.7,
+        "summary/toy/a/n_conditions": 2.0,
+        "summary/toy/a/n_significant": 1.0,
+        "summary/toy/a/best_paired_accuracy_change_points": 2.0,
+        "summary/toy/a/best_yes_rate_change_points": -4.0,
+        "summary/toy/b _2 layers_/baseline_paired_accuracy": 0.25,
+        "summary/toy/b _2 layers_/baseline_yes_rate": 0.9,
+        "summary/toy/b _2 layers_/n_conditions": 0.0,
+    }
+    assert tags == {
+        "summary/chair/a/best_condition": "system->image q4 (6-7)",
+        "summary/toy/a/best_condition": "system->text all (0-7)",
+    }

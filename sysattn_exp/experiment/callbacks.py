@@ -12,7 +12,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from sysattn_exp.errors import first_line, usage_error_in
+from sysattn_exp.errors import UsageError, first_line, usage_error_in
 from sysattn_exp.experiment.cluster import slurm_sqlite_warning
 from sysattn_exp.experiment.report import report, summarize_sweep
 from sysattn_exp.experiment.tracking import (
@@ -126,6 +126,8 @@ def parent_summary(tracking, parent: str) -> None:
     """What the sweep found, as metrics and a tag on its parent run (report.summarize_sweep)."""
     try:
         summarize_sweep(tracking, parent)
+    except UsageError:  # no job of the sweep was logged: nothing to summarise
+        log.info("no job of this sweep was logged: no summary on its parent run")
     except Exception as error:  # noqa: BLE001 - the jobs' results stand without it
         log.warning(
             "no summary on the sweep's parent run (%s): python -m sysattn_exp.report "

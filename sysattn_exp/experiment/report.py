@@ -9,7 +9,8 @@ accuracy, yes-rate, yes-bias, accuracy, the change in paired accuracy against th
 baseline in points and in percent (as the paper reports it) and the benchmark's main
 native metric. Written as comparison.csv and comparison.md, with a heatmap per benchmark
 (layer range x intervention, colour = change in paired accuracy) and yes-rate bars; all of
-it is also logged to the sweep's parent run. paper_table.csv / .md pivot the change in
+it is also logged to the sweep's parent run, with the sweep's summary metrics
+(parent_summary). paper_table.csv / .md pivot the change in
 paired accuracy (percent) to one row per condition and one column per benchmark, as the
 paper's table.
 

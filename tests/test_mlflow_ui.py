@@ -342,7 +342,7 @@ def test_summary_of_two_models_and_the_caption_benchmark():
             yes_rate_change_points=-4.0,
             p_corrected=0.01,
             significant="yes",
-        ),  # fmt: skip
+        ),
         row(
             "toy",
             "a",
@@ -352,7 +352,7 @@ def test_summary_of_two_models_and_the_caption_benchmark():
             yes_rate_change_points=1.0,
             p_corrected=0.5,
             significant="no",
-        ),  # fmt: skip
+        ),
         row("toy", "b (2 layers)", "baseline", "-", paired_accuracy=0.25, yes_rate=0.9),
     ]
     metrics, tags = summary(pd.DataFrame(rows, columns=COLUMNS))

@@ -38,6 +38,8 @@ def test_compare_with_baseline():
     assert out["baseline_paired_accuracy"] == 0.4 and out["baseline_yes_rate"] == 0.8
     assert out["paired_accuracy_change_pct"] == pytest.approx(50.0)
     assert out["paired_accuracy_change_points"] == pytest.approx(20.0)
+    assert out["yes_rate_change_points"] == pytest.approx(-30.0)
     zero = compare_with_baseline(now, {"paired_accuracy": 0.0})
+    assert "yes_rate_change_points" not in zero  # no baseline yes-rate to compare with
     assert zero["paired_accuracy_change_pct"] is None
     assert zero["paired_accuracy_change_points"] == pytest.approx(60.0)

@@ -125,6 +125,10 @@ def test_tags_are_the_reports_labels(store):
             assert tags["condition"] == f"{params['intervention.source']}->{recipients}"
             quarter = params["layers.quarter"]
             assert tags["layers"] == ("all" if quarter == "None" else f"q{quarter}")
+            # The runs table's yes-rate change column, beside paired accuracy's.
+            metrics = run.data.metrics
+            yes_change = 100 * (metrics["yes_rate"] - metrics["baseline_yes_rate"])
+            assert metrics["yes_rate_change_points"] == pytest.approx(yes_change)
         want = "profile" if params["runtime.profile"] == "True" else "score"
         assert tags["task"] == ("lens" if params["runtime.lens"] == "True" else want)
     # The search box: every Q4 run of one condition.

@@ -31,6 +31,7 @@ from sysattn_exp.evaluation.scoring import Scores, score_items
 from sysattn_exp.evaluation.stats import SHARED, flip_counts, flips, job_statistics
 from sysattn_exp.experiment.identity import condition, prompt_ablation
 from sysattn_exp.experiment.job import Evaluation, Job, Watch, num_workers, sweep_job
+from sysattn_exp.experiment.parity import job_parity, load_table
 from sysattn_exp.experiment.readouts import job_states, probe_files
 from sysattn_exp.experiment.shared_baseline import SharedBaseline
 from sysattn_exp.experiment.tracking import (
@@ -95,6 +96,7 @@ class YesNoJob(Job):
             )
         if cfg.runtime.get("probes"):
             check_probes(cfg, self.benchmark)
+        load_table(cfg.runtime.get("published_table"))  # a bad table fails before the model
 
     def dry_run(self, config) -> tuple[dict, str]:
         """The data, the model's processor, the scored answer tokens: prints the counts, an
@@ -117,7 +119,10 @@ class YesNoJob(Job):
         conditions = ["baseline"] + (["intervention"] if changed else [])
         n_items = len(self.benchmark.items)
         with job_states(self.cfg, loaded, n_items, conditions, self.out_dir) as states:
-            return self.score(loaded, edit, name, watch, states)
+            evaluation = self.score(loaded, edit, name, watch, states)
+        if not changed:  # a baseline job: compared with the published figures (parity.py)
+            evaluation.metrics |= job_parity(self.cfg, evaluation.metrics)
+        return evaluation
 
     def score(self, loaded: LoadedModel, edit: Rule | None, name: str, watch: Watch, states):
         """The baseline (the unchanged model on the unablated prompts) and, where the job

@@ -305,6 +305,8 @@ def log_job(job_dir: Path, cfg) -> tuple[str, bool]:
 
 
 def _log_job(job_dir: Path, cfg) -> tuple[str, bool]:
+    from sysattn_exp.experiment.parity import parity_tags  # parity imports this module
+
     config = yaml.safe_load((job_dir / "config.yaml").read_text())
     metrics = json.loads((job_dir / "metrics.json").read_text())
     # Text metrics (kernel_path) are params: MLflow metrics are numbers.
@@ -334,6 +336,7 @@ def _log_job(job_dir: Path, cfg) -> tuple[str, bool]:
                 run_id = run.info.run_id
                 mlflow.log_params({param_names[k]: v for k, v in params.items()})
                 mlflow.log_metrics({metric_names[k]: v for k, v in metrics.items()})
+                mlflow.set_tags(parity_tags(texts))
                 if (job_dir / PROFILE_TABLE).exists():
                     log_profile(mlflow, job_dir / PROFILE_TABLE)
                 for name in (*JOB_FILES, *PROFILE_FILES, FLIPS_FILE, *LENS_FILES, *PROBES_FILES):

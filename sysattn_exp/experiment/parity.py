@@ -1,0 +1,314 @@
+"""Parity with published numbers: does a baseline match the literature?
+
+The table of published baselines (sysattn_exp/data/published.yaml, or the file
+runtime.published_table names) gives, per model preset, benchmark and metric, the figure
+in this tool's units, the protocol it was obtained under (prompt preset, scoring mode and
+parser, dtype, image preparation), its source and a tolerance. A baseline job whose model
+(preset, pretrained weights) and benchmark (name, split, subsets) match entries is compared
+with them (compare): published_<metric>, published_delta_<metric> (the job's value minus
+the figure, in the metric's units), the `parity` tag (match: every |delta| <= its
+tolerance; differs; no published figure: no entry for the job) and `parity_note`, the
+entries' labels where this tool knowingly differs from the published protocol. A job that
+differs prints one line naming the likely causes in order (data subset, prompt preset,
+scoring mode and parser, dtype, image preparation, system prompt), from its config.
+
+Settings are the job's config flattened as MLflow params (tracking.flatten: "model.dtype"
+-> "auto", lists joined by ",", None as "None"), so that a job and the report (which reads
+logged params) compare alike.
+"""
+
+import math
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+import yaml
+from omegaconf import OmegaConf
+
+from sysattn_exp.errors import UsageError
+from sysattn_exp.experiment.tracking import flatten
+
+SHIPPED = files("sysattn_exp").joinpath("data", "published.yaml")
+MODEL_PRESETS = files("sysattn_exp.conf").joinpath("model")
+# Every key an entry must have (null allowed where the source does not say), and the
+# optional ones.
+FIELDS = (
+    "model",
+    "benchmark",
+    "metric",
+    "figure",
+    "published_as",
+    "prompt",
+    "scoring",
+    "parser",
+    "dtype",
+    "image",
+    "source",
+    "tolerance",
+    "tolerance_why",
+    "note",
+)
+OPTIONAL = ("split", "subsets")
+REQUIRED_TEXT = ("benchmark", "metric", "published_as", "source", "tolerance_why")
+SCORING = (None, "logit", "generate")
+PARSERS = (None, "native", "mme")
+MATCH, DIFFERS, NONE = "match", "differs", "no published figure"
+PARITY_TEXTS = ("parity", "parity_note")  # a baseline job's text metrics: MLflow tags too
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One published figure (see the module docstring and published.yaml's header)."""
+
+    models: tuple[str, ...]
+    benchmark: str
+    metric: str
+    figure: float
+    published_as: str
+    prompt: str | None
+    scoring: str | None
+    parser: str | None
+    dtype: str | None
+    image: str | None
+    source: str
+    tolerance: float
+    tolerance_why: str
+    note: str | None
+    split: str | None = None  # flattened as a param: a list joined by ","
+    subsets: str | None = None
+
+    @property
+    def metrics(self) -> list[str]:
+        """The job metrics whose sum the figure is ("a+b": a published sum)."""
+        return self.metric.split("+")
+
+
+def load_table(path: str | Path | None = None) -> list[Entry]:
+    """The entries of `path` (None: the shipped table), each checked: every key of FIELDS,
+    no other, text where text is required, a finite figure, a tolerance >= 0, a known
+    scoring mode and parser, model presets of conf/model. UsageError naming the file, the
+    entry and the key."""
+    where = str(path) if path is not None else "sysattn_exp/data/published.yaml"
+    try:
+        text = Path(path).read_text() if path is not None else SHIPPED.read_text()
+        raw = yaml.safe_load(text)
+    except (OSError, yaml.YAMLError) as error:
+        raise UsageError(f"runtime.published_table={where}: cannot be read ({error})") from None
+    if not isinstance(raw, list):
+        raise UsageError(f"{where}: must be a list of entries (published.yaml's header)")
+    return [checked_entry(entry, f"{where}: entry {n}") for n, entry in enumerate(raw, 1)]
+
+
+def checked_entry(raw, where: str) -> Entry:
+    if not isinstance(raw, dict):
+        raise UsageError(f"{where}: must be a mapping of {', '.join(FIELDS)}")
+    missing = [key for key in FIELDS if key not in raw]
+    unknown = [key for key in raw if key not in FIELDS + OPTIONAL]
+    if missing or unknown:
+        problem = f"lacks {', '.join(missing)}" if missing else f"has unknown {', '.join(unknown)}"
+        raise UsageError(f"{where}: {problem}; keys: {', '.join(FIELDS + OPTIONAL)}")
+    for key in REQUIRED_TEXT:
+        if not isinstance(raw[key], str) or not raw[key].strip():
+            raise UsageError(f"{where}: {key} must be non-empty text")
+    models = raw["model"] if isinstance(raw["model"], list) else [raw["model"]]
+    for model in models:
+        if not MODEL_PRESETS.joinpath(f"{model}.yaml").is_file():
+            raise UsageError(f"{where}: model {model!r} is not a preset of conf/model")
+    figure, tolerance = number(raw["figure"], where, "figure"), number(raw, where, "tolerance")
+    if tolerance < 0:
+        raise UsageError(f"{where}: tolerance must be >= 0, not {tolerance}")
+    if raw["scoring"] not in SCORING or raw["parser"] not in PARSERS:
+        raise UsageError(f"{where}: scoring must be one of {SCORING}, parser one of {PARSERS}")
+    fields = {key: raw[key] for key in FIELDS if key not in ("model", "figure", "tolerance")}
+    optional = {key: param(raw[key]) for key in OPTIONAL if raw.get(key) is not None}
+    return Entry(tuple(models), figure=figure, tolerance=tolerance, **fields, **optional)
+
+
+def number(value, where: str, key: str | None = None) -> float:
+    """`value` (or value[key]) as a finite float; UsageError otherwise."""
+    if key is not None and isinstance(value, dict):
+        value = value[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise UsageError(f"{where}: {key or 'figure'} must be a finite number, not {value!r}")
+    return float(value)
+
+
+def param(value) -> str:
+    """A config value as tracking.flatten writes it as an MLflow param."""
+    return flatten({"v": value})["v"]
+
+
+def preset(name: str) -> dict:
+    """The model preset `name`: conf/model/<name>.yaml over the presets its defaults list
+    names (a model section is flat: a shallow merge is Hydra's)."""
+    raw = yaml.safe_load(MODEL_PRESETS.joinpath(f"{name}.yaml").read_text())
+    merged: dict = {}
+    for base in raw.pop("defaults", []):
+        if base != "_self_":
+            merged |= preset(base)
+    return merged | raw
+
+
+def matches(entry: Entry, settings: dict) -> bool:
+    """Whether the job of `settings` (flattened config) ran the entry's model with its
+    pretrained weights and the entry's benchmark, split and subsets."""
+    if settings.get("model.weights", "pretrained") != "pretrained":
+        return False
+    paths = {param(preset(model)["name_or_path"]) for model in entry.models}
+    same_model = settings.get("model.name_or_path") in paths
+    same_data = settings.get("benchmark.name") == entry.benchmark and all(
+        value is None or settings.get(f"benchmark.{key}", "None") == value
+        for key, value in (("split", entry.split), ("subsets", entry.subsets))
+    )
+    return same_model and same_data
+
+
+def entries_for(table: list[Entry], settings: dict) -> list[Entry]:
+    return [entry for entry in table if matches(entry, settings)]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """An entry and the job's value of its metric (None: not computed), their difference."""
+
+    entry: Entry
+    value: float | None
+
+    @property
+    def delta(self) -> float | None:
+        return None if self.value is None else self.value - self.entry.figure
+
+    @property
+    def within(self) -> bool:
+        return self.delta is not None and abs(self.delta) <= self.entry.tolerance
+
+
+def metric_value(metrics: dict, entry: Entry) -> float | None:
+    """The job's value of the entry's metric (a sum for "a+b"); None where one is missing
+    or null (e.g. POPE's mean F1 of a split without a yes answer)."""
+    values = [metrics.get(name) for name in entry.metrics]
+    if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values):
+        return None
+    return float(sum(values))
+
+
+def compare(table: list[Entry], settings: dict, metrics: dict) -> list[Comparison]:
+    """The job's comparisons with every entry for its model and benchmark (settings: its
+    flattened config; metrics: its baseline metrics by name)."""
+    return [Comparison(e, metric_value(metrics, e)) for e in entries_for(table, settings)]
+
+
+def tag(comparisons: list[Comparison]) -> str:
+    """match (every metric within its tolerance), differs, or no published figure."""
+    if not comparisons:
+        return NONE
+    return MATCH if all(c.within for c in comparisons) else DIFFERS
+
+
+def note(comparisons: list[Comparison]) -> str:
+    """The entries' labels where this tool knowingly differs from the published protocol."""
+    return "; ".join(dict.fromkeys(c.entry.note for c in comparisons if c.entry.note))
+
+
+def parity_metrics(comparisons: list[Comparison]) -> dict:
+    """published_<metric> and published_delta_<metric> (the job's value minus the
+    figure, None where the job has no value), `parity` (tag) and `parity_note` (note)."""
+    out: dict = {"parity": tag(comparisons)}
+    for c in comparisons:
+        out[f"published_{c.entry.metric}"] = c.entry.figure
+        out[f"published_delta_{c.entry.metric}"] = c.delta
+    if comparisons and note(comparisons):
+        out["parity_note"] = note(comparisons)
+    return out
+
+
+def causes(entry: Entry, settings: dict) -> list[str]:
+    """The likely causes of a difference, in order: data (a limit, half the groups),
+    prompt preset, scoring mode and parser, dtype, image preparation, system prompt; each
+    where the job's config differs from the entry's protocol (or the entry names it)."""
+    found = []
+    for key in ("limit", "split_half"):
+        if settings.get(f"benchmark.{key}", "None") != "None":
+            found.append(f"benchmark.{key}={settings[f'benchmark.{key}']} (part of the data)")
+    template = settings.get("benchmark.template", "None")
+    if entry.prompt is None:
+        found.append("the published prompt is not reproduced by any preset")
+    elif settings.get("benchmark.prompt") != entry.prompt or template != "None":
+        shown = f"benchmark.template={template!r}" if template != "None" else "benchmark.prompt="
+        shown += "" if template != "None" else str(settings.get("benchmark.prompt"))
+        found.append(f"{shown} (published: benchmark.prompt={entry.prompt})")
+    found += scoring_causes(entry, settings)
+    dtype = settings.get("model.dtype")
+    if entry.dtype is not None and dtype != entry.dtype:
+        found.append(f"model.dtype={dtype} (published: {entry.dtype})")
+    if entry.image is not None:
+        found.append(f"image: {entry.image}")
+    defaults = [param(preset(model).get("system_prompt")) for model in entry.models]
+    if settings.get("model.system_prompt") not in defaults:
+        found.append("model.system_prompt differs from the preset's")
+    return found
+
+
+def scoring_causes(entry: Entry, settings: dict) -> list[str]:
+    mode, parser = settings.get("scoring.mode"), settings.get("scoring.parser")
+    if entry.scoring is None:
+        return ["the published scoring is not given"]
+    if mode != entry.scoring:
+        return [f"scoring.mode={mode} (published: {entry.scoring}, parser {entry.parser})"]
+    if entry.scoring == "generate" and entry.parser is None:
+        return ["the published answers were not read by a rule this tool has"]
+    if entry.scoring == "generate" and parser != entry.parser:
+        return [f"scoring.parser={parser} (published: {entry.parser})"]
+    return []
+
+
+def parity_line(comparisons: list[Comparison], settings: dict) -> str | None:
+    """One line for a job that differs: each metric beyond its tolerance against its
+    figure, the likely causes (causes, of the first such entry) and the sources; None for
+    a job that matches or has no published figure."""
+    off = [c for c in comparisons if not c.within]
+    if not off:
+        return None
+    shown = ", ".join(
+        f"{c.entry.metric} {fmt(c.value)} vs {fmt(c.entry.figure)} (delta {fmt(c.delta, '+')}, "
+        f"tolerance {fmt(c.entry.tolerance)})"
+        for c in off
+    )
+    reasons = "; ".join(
+        f"{n}) {cause}" for n, cause in enumerate(causes(off[0].entry, settings), 1)
+    )
+    model = settings.get("model.name_or_path")
+    line = (
+        f"parity: {model} on {settings.get('benchmark.name')} differs from the published: {shown}"
+    )
+    return (
+        line + f"; likely causes: {reasons or 'none in the config'}; source: {off[0].entry.source}"
+    )
+
+
+def fmt(value: float | None, sign: str = "") -> str:
+    return "n/a" if value is None else f"{value:{sign}.4g}"
+
+
+def job_settings(cfg) -> dict:
+    """The job's config flattened as its MLflow params (tracking.flatten)."""
+    return flatten(OmegaConf.to_container(cfg, resolve=True))
+
+
+def job_parity(cfg, metrics: dict) -> dict:
+    """A baseline job's parity metrics (parity_metrics) against runtime.published_table
+    (null: the shipped table); prints parity_line where it differs."""
+    table = load_table(cfg.runtime.get("published_table"))
+    settings = job_settings(cfg)
+    comparisons = compare(table, settings, metrics)
+    line = parity_line(comparisons, settings)
+    if line is not None:
+        print(line)
+    return parity_metrics(comparisons)
+
+
+def parity_tags(texts: dict) -> dict:
+    """The MLflow tags of a job from its text metrics: `parity` and `parity_note` where
+    the job has them (a baseline yes/no job), so that runs can be searched by them
+    (tags.parity = 'differs')."""
+    return {key: texts[key] for key in PARITY_TEXTS if key in texts}

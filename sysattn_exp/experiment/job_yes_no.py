@@ -471,14 +471,8 @@ def check_metric_names(benchmark: Benchmark, ranking: str) -> None:
     logged to MLflow under one name (tracking.storable_names: e.g. MME categories "a:b"
     and "a_b"); found at logging time, after scoring, they could never be logged. The
     names are those of the metrics computed on answers equal to the labels."""
-    labels = [item.label for item in benchmark.items]
-    n = len(labels)
-    scores = Scores([float(label) for label in labels], [0.5] * n, [0.5] * n, 0.0, 0)
-    frame = item_columns(benchmark, [""] * n, scores)
-    frame["pred"], frame["correct"] = frame["label"], True
     try:
-        names = all_metrics(benchmark, scored_frame(benchmark, frame, ranking))
-        names |= dict.fromkeys(statistic_names(benchmark))
+        names = metric_names(benchmark, ranking)
     except Exception:  # noqa: BLE001 - a check only: the job computes its own metrics anyway
         log.debug("metric names not checked before scoring", exc_info=True)
         return
@@ -486,6 +480,18 @@ def check_metric_names(benchmark: Benchmark, ranking: str) -> None:
         storable_names(names, "metrics")
     except ValueError as error:
         raise UsageError(f"benchmark {benchmark.name}: {error}") from error
+
+
+def metric_names(benchmark: Benchmark, ranking: str) -> dict:
+    """Every metric a job of `benchmark` logs (its values those of answers equal to the
+    labels: the names are what matters), and its statistics' names."""
+    labels = [item.label for item in benchmark.items]
+    n = len(labels)
+    scores = Scores([float(label) for label in labels], [0.5] * n, [0.5] * n, 0.0, 0)
+    frame = item_columns(benchmark, [""] * n, scores)
+    frame["pred"], frame["correct"] = frame["label"], True
+    names = all_metrics(benchmark, scored_frame(benchmark, frame, ranking))
+    return names | dict.fromkeys(statistic_names(benchmark))
 
 
 def ablated_format(fmt: PromptFormat, ablation: str) -> PromptFormat:

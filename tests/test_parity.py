@@ -89,6 +89,19 @@ def test_shipped_table_has_a_source_and_a_justified_tolerance_for_every_figure()
     assert all(preset(m)["name_or_path"] for e in table for m in e.models)
 
 
+def test_readme_shows_every_figure_of_the_table():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Does my baseline match the literature?")[1].split("\n## ")[0]
+    for entry in load_table():
+        row = next(
+            line
+            for line in section.splitlines()
+            if line.startswith("| ") and entry.published_as in line and entry.models[0] in line
+        )
+        assert f"{entry.figure:g}" in row, (entry.metric, row)
+        assert entry.metric.split("/")[-1].split("+")[0] in row, (entry.metric, row)
+
+
 @pytest.fixture(scope="module")
 def names_by_benchmark(tmp_path_factory) -> dict:
     """The metric names a job of each benchmark of the shipped table logs, from small

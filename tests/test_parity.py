@@ -189,13 +189,37 @@ def test_toy_baseline_that_misses_a_figure_is_tagged_differs_and_names_the_cause
 
 def test_toy_baseline_within_tolerance_is_tagged_match_and_prints_nothing(tmp_path):
     table = write_table(tmp_path / "table.yaml", [toy_entry("yes_rate", 0.5, 0.5)])
-    result = run_cli(*TOY, f"runtime.published_table={table}", cwd=tmp_path)
+    cache = f"runtime.cache_dir={tmp_path / 'cache'}"
+    result = run_cli(*TOY, cache, f"runtime.published_table={table}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     metrics = read_metrics(next((tmp_path / "outputs" / "runs").iterdir()))
     assert metrics["parity"] == "match" and "parity_note" not in metrics
     assert metrics["published_delta_yes_rate"] == pytest.approx(metrics["yes_rate"] - 0.5)
     assert "parity:" not in result.stdout
     assert mlflow_runs(tmp_path)[0].data.tags["parity"] == "match"
+
+    # An intervention job is not compared itself; in the report, its logged baseline is
+    # (the report of a store that holds only that job).
+    other = tmp_path / "other"
+    other.mkdir()
+    edit = ("intervention=redistribute", "layers=q4", "tracking.uri=sqlite:///other.db")
+    result = run_cli(*TOY, cache, f"runtime.published_table={table}", *edit, cwd=other)
+    assert result.returncode == 0, result.stderr
+    job = read_metrics(next((other / "outputs" / "runs").iterdir()))
+    assert not {"parity", "published_yes_rate"} & set(job)
+    assert job["baseline_yes_rate"] == pytest.approx(metrics["yes_rate"])
+    done = subprocess.run(
+        [sys.executable, "-m", "sysattn_exp.report", "report.parent=all", "report.out=rep"]
+        + ["tracking.uri=sqlite:///other.db"],
+        cwd=other,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = pd.read_csv(other / "rep" / "baseline_vs_published.csv")
+    assert rows[["metric", "parity"]].values.tolist() == [["yes_rate", "match"]]
+    assert rows["baseline"].tolist() == pytest.approx([metrics["yes_rate"]])
 
 
 def mlflow_runs(cwd: Path) -> list:
@@ -330,3 +354,20 @@ def test_a_missing_table_stops_the_job_before_the_model_loads(tmp_path, monkeypa
         f"error: runtime.published_table={missing}: cannot be read "
         f"([Errno 2] No such file or directory: '{missing}')"
     ]
+
+
+def test_a_template_of_ones_own_is_the_prompt_cause_even_with_the_published_preset():
+    cfg = composed(
+        "model=llava15_7b",
+        "benchmark=pope",
+        "benchmark.prompt=llava",
+        "benchmark.template='Q: {question}'",
+        "scoring.mode=generate",
+        "model.dtype=float16",
+    )
+    settings = job_settings(cfg)
+    line = parity_line(compare(load_table(), settings, {"pope/mean_f1": 0.5}), settings)
+    causes = line.split("likely causes: ")[1]
+    assert causes.startswith(
+        "1) benchmark.template='Q: {question}' (published: benchmark.prompt=llava); 2) image: "
+    )

@@ -114,7 +114,8 @@ def checked_entry(raw, where: str) -> Entry:
     for model in models:
         if not MODEL_PRESETS.joinpath(f"{model}.yaml").is_file():
             raise UsageError(f"{where}: model {model!r} is not a preset of conf/model")
-    figure, tolerance = number(raw["figure"], where, "figure"), number(raw, where, "tolerance")
+    figure = number(raw["figure"], where, "figure")
+    tolerance = number(raw["tolerance"], where, "tolerance")
     if tolerance < 0:
         raise UsageError(f"{where}: tolerance must be >= 0, not {tolerance}")
     if raw["scoring"] not in SCORING or raw["parser"] not in PARSERS:
@@ -124,12 +125,10 @@ def checked_entry(raw, where: str) -> Entry:
     return Entry(tuple(models), figure=figure, tolerance=tolerance, **fields, **optional)
 
 
-def number(value, where: str, key: str | None = None) -> float:
-    """`value` (or value[key]) as a finite float; UsageError otherwise."""
-    if key is not None and isinstance(value, dict):
-        value = value[key]
+def number(value, where: str, key: str) -> float:
+    """An entry's `key` (its value `value`) as a finite float; UsageError otherwise."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise UsageError(f"{where}: {key or 'figure'} must be a finite number, not {value!r}")
+        raise UsageError(f"{where}: {key} must be a finite number, not {value!r}")
     return float(value)
 
 
@@ -230,13 +229,14 @@ def causes(entry: Entry, settings: dict) -> list[str]:
     for key in ("limit", "split_half"):
         if settings.get(f"benchmark.{key}", "None") != "None":
             found.append(f"benchmark.{key}={settings[f'benchmark.{key}']} (part of the data)")
-    template = settings.get("benchmark.template", "None")
+    prompt, template = settings.get("benchmark.prompt"), settings.get("benchmark.template")
+    published = f"(published: benchmark.prompt={entry.prompt})"
     if entry.prompt is None:
         found.append("the published prompt is not reproduced by any preset")
-    elif settings.get("benchmark.prompt") != entry.prompt or template != "None":
-        shown = f"benchmark.template={template!r}" if template != "None" else "benchmark.prompt="
-        shown += "" if template != "None" else str(settings.get("benchmark.prompt"))
-        found.append(f"{shown} (published: benchmark.prompt={entry.prompt})")
+    elif template not in (None, "None"):  # it replaces the preset's template
+        found.append(f"benchmark.template={template!r} {published}")
+    elif prompt != entry.prompt:
+        found.append(f"benchmark.prompt={prompt} {published}")
     found += scoring_causes(entry, settings)
     dtype = settings.get("model.dtype")
     if entry.dtype is not None and dtype != entry.dtype:
@@ -264,8 +264,8 @@ def scoring_causes(entry: Entry, settings: dict) -> list[str]:
 
 def parity_line(comparisons: list[Comparison], settings: dict) -> str | None:
     """One line for a job that differs: each metric beyond its tolerance against its
-    figure, the likely causes (causes, of the first such entry) and the sources; None for
-    a job that matches or has no published figure."""
+    figure, then the likely causes and the source of the first such entry; None for a job
+    that matches or has no published figure."""
     off = [c for c in comparisons if not c.within]
     if not off:
         return None

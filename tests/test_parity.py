@@ -189,8 +189,9 @@ def test_toy_baseline_that_misses_a_figure_is_tagged_differs_and_names_the_cause
 
 def test_toy_baseline_within_tolerance_is_tagged_match_and_prints_nothing(tmp_path):
     table = write_table(tmp_path / "table.yaml", [toy_entry("yes_rate", 0.5, 0.5)])
-    cache = f"runtime.cache_dir={tmp_path / 'cache'}"
-    result = run_cli(*TOY, cache, f"runtime.published_table={table}", cwd=tmp_path)
+    # A few groups (a limit is a cause, printed only where the job differs).
+    cache = (f"runtime.cache_dir={tmp_path / 'cache'}", "benchmark.limit=6")
+    result = run_cli(*TOY, *cache, f"runtime.published_table={table}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     metrics = read_metrics(next((tmp_path / "outputs" / "runs").iterdir()))
     assert metrics["parity"] == "match" and "parity_note" not in metrics
@@ -203,7 +204,7 @@ def test_toy_baseline_within_tolerance_is_tagged_match_and_prints_nothing(tmp_pa
     other = tmp_path / "other"
     other.mkdir()
     edit = ("intervention=redistribute", "layers=q4", "tracking.uri=sqlite:///other.db")
-    result = run_cli(*TOY, cache, f"runtime.published_table={table}", *edit, cwd=other)
+    result = run_cli(*TOY, *cache, f"runtime.published_table={table}", *edit, cwd=other)
     assert result.returncode == 0, result.stderr
     job = read_metrics(next((other / "outputs" / "runs").iterdir()))
     assert not {"parity", "published_yes_rate"} & set(job)

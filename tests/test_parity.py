@@ -311,9 +311,14 @@ def test_a_published_sum_and_a_deliberate_difference_are_labelled():
     assert sorted(c.entry.metric.split("/")[1] for c in found) == ["aAcc", "fAcc", "qAcc"]
     out = parity_metrics(found)
     assert out["parity"] == "match" and "judged by GPT-4" in out["parity_note"]
-    # Only the split the figures are over: one HallusionBench split is not compared.
+    # Only the data the figures are over: one HallusionBench split, one POPE split, or
+    # random weights are not compared.
     half = llava | {"benchmark.split": "image"}
     assert compare(load_table(), half, {}) == []
+    pope = job_settings(composed("model=llava15_7b", "benchmark=pope"))
+    assert len(compare(load_table(), pope, {})) == 1
+    assert compare(load_table(), pope | {"benchmark.subsets": "random"}, {}) == []
+    assert compare(load_table(), pope | {"model.weights": "random"}, {}) == []
 
 
 # ---- bad tables ----------------------------------------------------------------------------

@@ -150,16 +150,16 @@ def preset(name: str) -> dict:
 
 def matches(entry: Entry, settings: dict) -> bool:
     """Whether the job of `settings` (flattened config) ran the entry's model with its
-    pretrained weights and the entry's benchmark, split and subsets."""
+    pretrained weights on the entry's benchmark, split and subsets."""
     if settings.get("model.weights", "pretrained") != "pretrained":
         return False
     paths = {param(preset(model)["name_or_path"]) for model in entry.models}
     same_model = settings.get("model.name_or_path") in paths
-    same_data = settings.get("benchmark.name") == entry.benchmark and all(
-        value is None or settings.get(f"benchmark.{key}", "None") == value
-        for key, value in (("split", entry.split), ("subsets", entry.subsets))
-    )
-    return same_model and same_data
+    # An entry without a split takes any; without subsets, the benchmark's default (all
+    # of them: a mean over POPE's three splits is not one split's figure).
+    split = entry.split is None or settings.get("benchmark.split") == entry.split
+    subsets = settings.get("benchmark.subsets", "None") == (entry.subsets or "None")
+    return same_model and settings.get("benchmark.name") == entry.benchmark and split and subsets
 
 
 def entries_for(table: list[Entry], settings: dict) -> list[Entry]:

@@ -25,6 +25,7 @@ from sysattn_exp.experiment.job_yes_no import metric_names
 from sysattn_exp.experiment.parity import (
     FIELDS,
     compare,
+    job_parity,
     job_settings,
     load_table,
     parity_line,
@@ -168,7 +169,8 @@ def test_toy_baseline_that_misses_a_figure_is_tagged_differs_and_names_the_cause
         f"{paired:.4g} vs 0 (delta {paired:+.4g}, tolerance 0.01); likely causes: "
         "1) benchmark.prompt=native (published: benchmark.prompt=llava); "
         "2) scoring.mode=logit (published: generate, parser native); "
-        "3) model.dtype=auto (published: float16); source: tests/test_parity.py"
+        "3) model.dtype=auto (published: float16); label: a test label; "
+        "source: tests/test_parity.py"
     ]
     run = mlflow_runs(tmp_path)[0]
     assert run.data.tags["parity"] == "differs"
@@ -186,11 +188,19 @@ def test_toy_baseline_that_misses_a_figure_is_tagged_differs_and_names_the_cause
     assert rows["delta"].tolist() == pytest.approx([paired, yes_rate - 0.5])
     assert "## Baseline vs published" in (out / "comparison.md").read_text()
 
+    # The table deleted since the job: the report is written all the same, without the
+    # section, and says which runs it left out.
+    table.unlink()
+    again = run_report(tmp_path, tmp_path / "report2")
+    assert again.returncode == 0, again.stderr
+    assert not (tmp_path / "report2" / "baseline_vs_published.csv").exists()
+    assert "## Baseline vs published" not in (tmp_path / "report2" / "comparison.md").read_text()
+    assert f"runs compared with {table} left out" in again.stdout  # Hydra's log: stdout
+
 
 def test_toy_baseline_within_tolerance_is_tagged_match_and_prints_nothing(tmp_path):
     table = write_table(tmp_path / "table.yaml", [toy_entry("yes_rate", 0.5, 0.5)])
-    # A few groups (a limit is a cause, printed only where the job differs).
-    cache = (f"runtime.cache_dir={tmp_path / 'cache'}", "benchmark.limit=6")
+    cache = (f"runtime.cache_dir={tmp_path / 'cache'}",)
     result = run_cli(*TOY, *cache, f"runtime.published_table={table}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     metrics = read_metrics(next((tmp_path / "outputs" / "runs").iterdir()))
@@ -249,26 +259,44 @@ def test_a_model_without_a_published_figure_is_tagged_so():
 
 
 def test_llava15_pope_causes_come_in_order_from_the_config():
-    cfg = composed(
-        "model=llava15_7b",
-        "benchmark=pope",
-        "benchmark.limit=2",
-        "model.system_prompt=Be brief.",
-    )
+    cfg = composed("model=llava15_7b", "benchmark=pope", "model.system_prompt=Be brief.")
     settings = job_settings(cfg)
     comparisons = compare(load_table(), settings, {"pope/mean_f1": 0.70})
     assert [c.entry.metric for c in comparisons] == ["pope/mean_f1"]
     assert parity_metrics(comparisons)["published_delta_pope/mean_f1"] == pytest.approx(-0.159)
     line = parity_line(comparisons, settings)
-    causes = line.split("likely causes: ")[1].split("; source: ")[0].split("; ")
-    assert [c.split(")", 1)[0] for c in causes] == ["1", "2", "3", "4", "5", "6"]
-    assert causes[0] == "1) benchmark.limit=2 (part of the data)"
-    assert causes[1] == "2) benchmark.prompt=native (published: benchmark.prompt=llava)"
-    assert causes[2] == "3) scoring.mode=logit (published: generate, parser native)"
-    assert causes[3] == "4) model.dtype=auto (published: float16)"
-    assert causes[4].startswith("5) image: LLaVA's evaluation pads each image to a square")
-    assert causes[5] == "6) model.system_prompt differs from the preset's"
+    causes = line.split("likely causes: ")[1].split("; label: ")[0].split("; ")
+    assert [c.split(")", 1)[0] for c in causes] == ["1", "2", "3", "4", "5"]
+    assert causes[0] == "1) benchmark.prompt=native (published: benchmark.prompt=llava)"
+    assert causes[1] == "2) scoring.mode=logit (published: generate, parser native)"
+    assert causes[2] == "3) model.dtype=auto (published: float16)"
+    assert causes[3].startswith("4) image: LLaVA's evaluation pads each image to a square")
+    assert causes[4] == "5) model.system_prompt differs from the preset's"
+    # The entry's label (POPE's 2,910-question random split) is in the line too.
+    assert "; label: LLaVA evaluated POPE at AoiDragon/POPE commit e3e3926" in line
     assert "haotian-liu/LLaVA docs/MODEL_ZOO.md" in line.split("; source: ")[1]
+
+
+@pytest.mark.parametrize(
+    ("override", "label"),
+    [
+        ("benchmark.limit=2", "benchmark.limit=2 (part of the data)"),
+        (
+            "+benchmark.split_half=calibration",
+            "benchmark.split_half=calibration (part of the data)",
+        ),
+        ("benchmark.subsets=[random]", "benchmark.subsets=random (published: all)"),
+        ("model.weights=random", "model.weights=random (published: pretrained)"),
+    ],
+)
+def test_a_baseline_on_other_data_is_not_compared_and_says_why(override, label):
+    # A figure over all of POPE's 9,000 questions is not one for its first 2 groups, one
+    # split or random weights: never a match, even by chance; labelled, not silently skipped.
+    cfg = composed("model=llava15_7b", "benchmark=pope", override)
+    out = job_parity(cfg, {"pope/mean_f1": 0.859})
+    assert out == {"parity": "no published figure", "parity_note": f"not compared: {label}"}
+    # A model without any entry: no label.
+    assert job_parity(composed("model=toy"), {"accuracy": 0.9}) == {"parity": "no published figure"}
 
 
 def test_the_published_protocol_within_tolerance_matches():
@@ -287,11 +315,25 @@ def test_the_published_protocol_within_tolerance_matches():
         "published_delta_mme/perception_score": pytest.approx(-6.3),
     }
     assert parity_line(comparisons, settings) is None
-    # The same figure with the parser of another benchmark's rule: a cause, in its place.
-    off = compare(load_table(), job_settings(cfg) | {"scoring.parser": "mme"}, {})
+    # On MME, scoring.parser=mme is MME's native rule: not a cause.
+    same = settings | {"scoring.parser": "mme"}
+    off = compare(load_table(), same, {"mme/perception_score": 1400.0})
+    assert "scoring.parser" not in parity_line(off, same)
+    # On POPE it is another rule than POPE's (LLaVA's eval_pope.py): a cause, in its place.
+    pope = job_settings(
+        composed(
+            "model=llava15_13b",
+            "benchmark=pope",
+            "benchmark.prompt=llava",
+            "scoring.mode=generate",
+            "scoring.parser=mme",
+            "model.dtype=float16",
+        )
+    )
+    off = compare(load_table(), pope, {})
     assert parity_metrics(off)["parity"] == "differs"  # no value: never a match
-    assert "1) scoring.parser=mme (published: native)" in parity_line(
-        off, settings | {"scoring.parser": "mme"}
+    assert "likely causes: 1) scoring.parser=mme (published: native); 2) image:" in (
+        parity_line(off, pope)
     )
 
 
@@ -332,6 +374,7 @@ def test_a_published_sum_and_a_deliberate_difference_are_labelled():
         ({"model": "gpt5"}, "entry 1: model 'gpt5' is not a preset of conf/model"),
         ({"figure": "high"}, "entry 1: figure must be a finite number"),
         ({"scoring": "vibes"}, "entry 1: scoring must be one of"),
+        ({"benchmark": "pope2"}, "entry 1: benchmark 'pope2' is not one of beaf, hallusionbench"),
     ],
 )
 def test_a_bad_entry_is_one_line_naming_it(tmp_path, change, message):
@@ -360,6 +403,25 @@ def test_a_missing_table_stops_the_job_before_the_model_loads(tmp_path, monkeypa
         f"error: runtime.published_table={missing}: cannot be read "
         f"([Errno 2] No such file or directory: '{missing}')"
     ]
+
+
+def test_a_misspelt_metric_for_the_job_stops_it_before_the_model_loads(
+    tmp_path, monkeypatch, capsys
+):
+    table = write_table(tmp_path / "t.yaml", [toy_entry("paired_acc", 0.5, 0.1)])
+    code, err = run_main_stderr(
+        [*TOY, "runtime.cache_dir=null", f"runtime.published_table={table}"],
+        tmp_path,
+        monkeypatch,
+        capsys,
+    )
+    assert code == 2
+    [line] = err.strip().splitlines()
+    assert line.startswith(f"error: {table}: metric 'paired_acc' is not one a toy job logs: ")
+    assert "paired_accuracy, " in line and "paired_accuracy_se" not in line
+    assert not (tmp_path / "outputs" / "runs").exists() or not any(
+        (tmp_path / "outputs" / "runs").rglob("metrics.json")
+    )
 
 
 def test_a_template_of_ones_own_is_the_prompt_cause_even_with_the_published_preset():

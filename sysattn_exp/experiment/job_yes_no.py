@@ -31,7 +31,7 @@ from sysattn_exp.evaluation.scoring import Scores, score_items
 from sysattn_exp.evaluation.stats import SHARED, flip_counts, flips, job_statistics
 from sysattn_exp.experiment.identity import condition, prompt_ablation
 from sysattn_exp.experiment.job import Evaluation, Job, Watch, num_workers, sweep_job
-from sysattn_exp.experiment.parity import job_parity, load_table
+from sysattn_exp.experiment.parity import check_metrics, job_parity
 from sysattn_exp.experiment.readouts import job_states, probe_files
 from sysattn_exp.experiment.shared_baseline import SharedBaseline
 from sysattn_exp.experiment.tracking import (
@@ -96,7 +96,9 @@ class YesNoJob(Job):
             )
         if cfg.runtime.get("probes"):
             check_probes(cfg, self.benchmark)
-        load_table(cfg.runtime.get("published_table"))  # a bad table fails before the model
+        # A bad table, or an entry for this job with a metric it does not log, fails before
+        # the model loads.
+        check_metrics(cfg, lambda: metric_names(self.benchmark, self.ranking))
 
     def dry_run(self, config) -> tuple[dict, str]:
         """The data, the model's processor, the scored answer tokens: prints the counts, an

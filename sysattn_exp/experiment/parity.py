@@ -25,11 +25,13 @@ from pathlib import Path
 import yaml
 from omegaconf import OmegaConf
 
+from sysattn_exp.benchmarks import answer_parser
 from sysattn_exp.errors import UsageError
 from sysattn_exp.experiment.tracking import flatten
 
 SHIPPED = files("sysattn_exp").joinpath("data", "published.yaml")
 MODEL_PRESETS = files("sysattn_exp.conf").joinpath("model")
+BENCHMARKS = files("sysattn_exp.conf").joinpath("benchmark")
 # Every key an entry must have (null allowed where the source does not say), and the
 # optional ones.
 FIELDS = (
@@ -53,7 +55,12 @@ REQUIRED_TEXT = ("benchmark", "metric", "published_as", "source", "tolerance_why
 SCORING = (None, "logit", "generate")
 PARSERS = (None, "native", "mme")
 MATCH, DIFFERS, NONE = "match", "differs", "no published figure"
-PARITY_TEXTS = ("parity", "parity_note")  # a baseline job's text metrics: MLflow tags too
+PARITY_TEXTS = ("parity", "parity_note")
+STATISTIC_SUFFIXES = (
+    "_se",
+    "_ci_low",
+    "_ci_high",
+)  # a metric's statistics (evaluation.stats)  # a baseline job's text metrics: MLflow tags too
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,9 @@ def checked_entry(raw, where: str) -> Entry:
     for model in models:
         if not MODEL_PRESETS.joinpath(f"{model}.yaml").is_file():
             raise UsageError(f"{where}: model {model!r} is not a preset of conf/model")
+    if not BENCHMARKS.joinpath(f"{raw['benchmark']}.yaml").is_file():
+        known = ", ".join(sorted(p.name.removesuffix(".yaml") for p in BENCHMARKS.iterdir()))
+        raise UsageError(f"{where}: benchmark {raw['benchmark']!r} is not one of {known}")
     figure = number(raw["figure"], where, "figure")
     tolerance = number(raw["tolerance"], where, "tolerance")
     if tolerance < 0:
@@ -148,18 +158,51 @@ def preset(name: str) -> dict:
     return merged | raw
 
 
-def matches(entry: Entry, settings: dict) -> bool:
-    """Whether the job of `settings` (flattened config) ran the entry's model with its
-    pretrained weights on the entry's benchmark, split and subsets."""
-    if settings.get("model.weights", "pretrained") != "pretrained":
-        return False
+def same_model_and_benchmark(entry: Entry, settings: dict) -> bool:
+    """Whether the job of `settings` (flattened config) ran the entry's model preset
+    (its checkpoint id) on the entry's benchmark."""
     paths = {param(preset(model)["name_or_path"]) for model in entry.models}
-    same_model = settings.get("model.name_or_path") in paths
-    # An entry without a split takes any; without subsets, the benchmark's default (all
-    # of them: a mean over POPE's three splits is not one split's figure).
-    split = entry.split is None or settings.get("benchmark.split") == entry.split
-    subsets = settings.get("benchmark.subsets", "None") == (entry.subsets or "None")
-    return same_model and settings.get("benchmark.name") == entry.benchmark and split and subsets
+    return settings.get("model.name_or_path") in paths and (
+        settings.get("benchmark.name") == entry.benchmark
+    )
+
+
+def data_differences(entry: Entry, settings: dict) -> list[str]:
+    """Why the job's figure is not over what the entry's is: weights other than the
+    pretrained ones, another split or subset (an entry without subsets is over all of
+    them: a mean over POPE's three splits is not one split's figure), part of the groups
+    (benchmark.limit, benchmark.split_half). [] where it is the same data."""
+    found = []
+    weights = settings.get("model.weights", "pretrained")
+    if weights != "pretrained":
+        found.append(f"model.weights={weights} (published: pretrained)")
+    split = settings.get("benchmark.split")
+    if entry.split is not None and split != entry.split:
+        found.append(f"benchmark.split={split} (published: {entry.split})")
+    subsets = settings.get("benchmark.subsets", "None")
+    if subsets != (entry.subsets or "None"):
+        found.append(f"benchmark.subsets={subsets} (published: {entry.subsets or 'all'})")
+    for key in ("limit", "split_half"):
+        if settings.get(f"benchmark.{key}", "None") != "None":
+            found.append(f"benchmark.{key}={settings[f'benchmark.{key}']} (part of the data)")
+    return found
+
+
+def matches(entry: Entry, settings: dict) -> bool:
+    """Whether the entry's figure is for the job of `settings`: its model and benchmark,
+    on the same data with the pretrained weights."""
+    return same_model_and_benchmark(entry, settings) and not data_differences(entry, settings)
+
+
+def not_compared(table: list[Entry], settings: dict) -> str | None:
+    """The label of a job with entries for its model and benchmark but none for its data
+    (data_differences), e.g. "not compared: benchmark.limit=6 (part of the data)"; None
+    where some entry matches or none is for its model and benchmark."""
+    if entries_for(table, settings):
+        return None
+    found = [e for e in table if same_model_and_benchmark(e, settings)]
+    reasons = dict.fromkeys(r for e in found for r in data_differences(e, settings))
+    return f"not compared: {'; '.join(reasons)}" if reasons else None
 
 
 def entries_for(table: list[Entry], settings: dict) -> list[Entry]:
@@ -222,13 +265,11 @@ def parity_metrics(comparisons: list[Comparison]) -> dict:
 
 
 def causes(entry: Entry, settings: dict) -> list[str]:
-    """The likely causes of a difference, in order: data (a limit, half the groups),
-    prompt preset, scoring mode and parser, dtype, image preparation, system prompt; each
-    where the job's config differs from the entry's protocol (or the entry names it)."""
+    """The likely causes of a difference, in order: prompt preset, scoring mode and parser,
+    dtype, image preparation, system prompt; each where the job's config differs from the
+    entry's protocol (or the entry names it). A job on other data is not compared at all
+    (data_differences)."""
     found = []
-    for key in ("limit", "split_half"):
-        if settings.get(f"benchmark.{key}", "None") != "None":
-            found.append(f"benchmark.{key}={settings[f'benchmark.{key}']} (part of the data)")
     prompt, template = settings.get("benchmark.prompt"), settings.get("benchmark.template")
     published = f"(published: benchmark.prompt={entry.prompt})"
     if entry.prompt is None:
@@ -250,6 +291,9 @@ def causes(entry: Entry, settings: dict) -> list[str]:
 
 
 def scoring_causes(entry: Entry, settings: dict) -> list[str]:
+    """The scoring mode, else the parser, where it differs from the entry's. Parsers are
+    compared as the rules they apply to the benchmark (benchmarks.answer_parser: on MME,
+    scoring.parser=mme and native are one rule)."""
     mode, parser = settings.get("scoring.mode"), settings.get("scoring.parser")
     if entry.scoring is None:
         return ["the published scoring is not given"]
@@ -257,15 +301,17 @@ def scoring_causes(entry: Entry, settings: dict) -> list[str]:
         return [f"scoring.mode={mode} (published: {entry.scoring}, parser {entry.parser})"]
     if entry.scoring == "generate" and entry.parser is None:
         return ["the published answers were not read by a rule this tool has"]
-    if entry.scoring == "generate" and parser != entry.parser:
+    rule = answer_parser(entry.benchmark, entry.parser)
+    if entry.scoring == "generate" and answer_parser(entry.benchmark, parser) is not rule:
         return [f"scoring.parser={parser} (published: {entry.parser})"]
     return []
 
 
 def parity_line(comparisons: list[Comparison], settings: dict) -> str | None:
     """One line for a job that differs: each metric beyond its tolerance against its
-    figure, then the likely causes and the source of the first such entry; None for a job
-    that matches or has no published figure."""
+    figure, then the likely causes, the entries' label where this tool knowingly differs
+    from the published protocol (note) and the source of the first such entry; None for a
+    job that matches or has no published figure."""
     off = [c for c in comparisons if not c.within]
     if not off:
         return None
@@ -281,8 +327,11 @@ def parity_line(comparisons: list[Comparison], settings: dict) -> str | None:
     line = (
         f"parity: {model} on {settings.get('benchmark.name')} differs from the published: {shown}"
     )
+    label = f"; label: {note(off)}" if note(off) else ""
     return (
-        line + f"; likely causes: {reasons or 'none in the config'}; source: {off[0].entry.source}"
+        line
+        + f"; likely causes: {reasons or 'none in the config'}{label}"
+        + f"; source: {off[0].entry.source}"
     )
 
 
@@ -297,14 +346,37 @@ def job_settings(cfg) -> dict:
 
 def job_parity(cfg, metrics: dict) -> dict:
     """A baseline job's parity metrics (parity_metrics) against runtime.published_table
-    (null: the shipped table); prints parity_line where it differs."""
+    (null: the shipped table); prints parity_line where it differs. A job with entries
+    for its model and benchmark but not for its data is labelled so (not_compared)."""
     table = load_table(cfg.runtime.get("published_table"))
     settings = job_settings(cfg)
     comparisons = compare(table, settings, metrics)
     line = parity_line(comparisons, settings)
     if line is not None:
         print(line)
-    return parity_metrics(comparisons)
+    out = parity_metrics(comparisons)
+    label = not_compared(table, settings)
+    if label is not None:
+        out["parity_note"] = label
+    return out
+
+
+def check_metrics(cfg, names) -> None:
+    """Refuse, before the model loads, a table entry for this job whose metric the job
+    does not log (a misspelt name would never be compared). `names()`: the job's metric
+    names (job_yes_no.metric_names), computed only where an entry applies. UsageError
+    naming the file, the metric and the job's metrics (their statistics left out)."""
+    entries = entries_for(load_table(cfg.runtime.get("published_table")), job_settings(cfg))
+    logged = set(names()) if entries else set()
+    for entry in entries:
+        unknown = [name for name in entry.metrics if name not in logged]
+        if unknown:
+            where = cfg.runtime.get("published_table") or "sysattn_exp/data/published.yaml"
+            shown = sorted(n for n in logged if not n.endswith(STATISTIC_SUFFIXES))
+            raise UsageError(
+                f"{where}: metric {unknown[0]!r} is not one a {entry.benchmark} job logs: "
+                + ", ".join(shown)
+            )
 
 
 def parity_tags(texts: dict) -> dict:

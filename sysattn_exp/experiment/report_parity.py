@@ -4,12 +4,16 @@ compared with the published figures for its model and benchmark (parity.py), one
 model, benchmark, setting and metric. Written as baseline_vs_published.csv and a section
 of comparison.md, where at least one baseline has a published figure."""
 
+import logging
 from pathlib import Path
 
 import pandas as pd
 
+from sysattn_exp.errors import UsageError
 from sysattn_exp.experiment.parity import Comparison, Entry, entries_for, fmt, load_table
 from sysattn_exp.experiment.tracking import storable_name
+
+log = logging.getLogger(__name__)
 
 COLUMNS = [
     "benchmark",
@@ -47,11 +51,17 @@ def logged_value(run: pd.Series, entry: Entry, prefix: str) -> float | None:
 
 def run_table(run: pd.Series, tables: dict) -> list[Entry]:
     """The published table the run was compared with (its runtime.published_table; the
-    shipped one where it has none), loaded once per file into `tables`."""
+    shipped one where it has none), loaded once per file into `tables`. A file that can no
+    longer be read (moved or deleted since the job, or relative to another folder) leaves
+    its runs out of the section with a warning: the rest of the report does not need it."""
     path = run.get("params.runtime.published_table")
     path = None if not isinstance(path, str) or path == "None" else path
     if path not in tables:
-        tables[path] = load_table(path)
+        try:
+            tables[path] = load_table(path)
+        except UsageError as error:
+            log.warning("baseline vs published: runs compared with %s left out: %s", path, error)
+            tables[path] = []
     return tables[path]
 
 

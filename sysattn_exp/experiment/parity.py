@@ -4,13 +4,14 @@ The table of published baselines (sysattn_exp/data/published.yaml, or the file
 runtime.published_table names) gives, per model preset, benchmark and metric, the figure
 in this tool's units, the protocol it was obtained under (prompt preset, scoring mode and
 parser, dtype, image preparation), its source and a tolerance. A baseline job whose model
-(preset, pretrained weights) and benchmark (name, split, subsets) match entries is compared
-with them (compare): published_<metric>, published_delta_<metric> (the job's value minus
-the figure, in the metric's units), the `parity` tag (match: every |delta| <= its
-tolerance; differs; no published figure: no entry for the job) and `parity_note`, the
-entries' labels where this tool knowingly differs from the published protocol. A job that
-differs prints one line naming the likely causes in order (data subset, prompt preset,
-scoring mode and parser, dtype, image preparation, system prompt), from its config.
+(preset, pretrained weights) and benchmark (name, split, subsets, all groups) match entries
+is compared with them (compare): published_<metric>, published_delta_<metric> (the job's
+value minus the figure, in the metric's units), the `parity` tag (match: every |delta| <=
+its tolerance; differs; no published figure: no entry for the job) and `parity_note`, the
+entries' labels where this tool knowingly differs from the published protocol, or why a
+job on other data was not compared (not_compared). A job that differs prints one line
+naming the likely causes in order (prompt preset, scoring mode and parser, dtype, image
+preparation, system prompt), from its config, then the label.
 
 Settings are the job's config flattened as MLflow params (tracking.flatten: "model.dtype"
 -> "auto", lists joined by ",", None as "None"), so that a job and the report (which reads

@@ -10,7 +10,15 @@ from pathlib import Path
 import pandas as pd
 
 from sysattn_exp.errors import UsageError
-from sysattn_exp.experiment.parity import Comparison, Entry, entries_for, fmt, load_table
+from sysattn_exp.experiment.parity import (
+    Comparison,
+    Entry,
+    entries_for,
+    fmt,
+    load_table,
+    metric_value,
+    tag,
+)
 from sysattn_exp.experiment.tracking import storable_name
 
 log = logging.getLogger(__name__)
@@ -41,12 +49,11 @@ def run_settings(run: pd.Series) -> dict:
 
 
 def logged_value(run: pd.Series, entry: Entry, prefix: str) -> float | None:
-    """The run's value of the entry's metric (a sum for "a+b"), from its logged metrics
-    (prefix "baseline_" for an intervention run's baseline); None where one is missing."""
-    values = [run.get(f"metrics.{prefix}{storable_name(name)}") for name in entry.metrics]
-    if any(value is None or pd.isna(value) for value in values):
-        return None
-    return float(sum(values))
+    """The run's value of the entry's metric (parity.metric_value: a sum for "a+b"), from
+    its logged metrics (prefix "baseline_" for an intervention run's baseline); None where
+    one is missing."""
+    logged = {name: run.get(f"metrics.{prefix}{storable_name(name)}") for name in entry.metrics}
+    return metric_value(logged, entry)
 
 
 def run_table(run: pd.Series, tables: dict) -> list[Entry]:
@@ -88,7 +95,7 @@ def baseline_vs_published(
                     "published": entry.figure,
                     "delta": found.delta,
                     "tolerance": entry.tolerance,
-                    "parity": "match" if found.within else "differs",
+                    "parity": tag([found]),
                     "published_as": entry.published_as,
                     "source": entry.source,
                     "note": entry.note or "",

@@ -58,6 +58,21 @@ REQUIRED_TEXT = ("benchmark", "metric", "published_as", "source", "tolerance_why
 SCORING = (None, "logit", "generate")
 PARSERS = (None, "native", "mme")
 MATCH, DIFFERS, NONE = "match", "differs", "no published figure"
+# Benchmarks this tool knowingly scores otherwise than their published figures: a job of
+# one without a table entry says why in parity_note instead of a bare "no published
+# figure" (issue 24, point 3; the benchmarks' modules give the protocols).
+PROTOCOL_LABELS = {
+    "naturalbench": (
+        "not comparable: this tool scores NaturalBench's yes/no samples only (yesno_* "
+        "metrics); the published Acc, Q-Acc, I-Acc and G-Acc cover all 1,900 samples, "
+        "multiple-choice ones included (benchmarks/naturalbench.py)"
+    ),
+    "winoground": (
+        "not comparable with generated-answer figures: Winoground's text, image and group "
+        "scores here rank the items' P(yes) (VQAScore's protocol, scoring.rank_by); no "
+        "published figure of that protocol for this model is in the table"
+    ),
+}
 PARITY_TEXTS = ("parity", "parity_note")
 STATISTIC_SUFFIXES = (
     "_se",
@@ -350,7 +365,8 @@ def job_settings(cfg) -> dict:
 def job_parity(cfg, metrics: dict) -> dict:
     """A baseline job's parity metrics (parity_metrics) against runtime.published_table
     (null: the shipped table); prints parity_line where it differs. A job with entries
-    for its model and benchmark but not for its data is labelled so (not_compared)."""
+    for its model and benchmark but not for its data is labelled so (not_compared); one
+    without any, of a benchmark scored otherwise than published, by PROTOCOL_LABELS."""
     table = load_table(cfg.runtime.get("published_table"))
     settings = job_settings(cfg)
     comparisons = compare(table, settings, metrics)
@@ -359,6 +375,8 @@ def job_parity(cfg, metrics: dict) -> dict:
         print(line)
     out = parity_metrics(comparisons)
     label = not_compared(table, settings)
+    if label is None and not comparisons:
+        label = PROTOCOL_LABELS.get(settings.get("benchmark.name"))
     if label is not None:
         out["parity_note"] = label
     return out

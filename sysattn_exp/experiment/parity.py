@@ -73,7 +73,6 @@ PROTOCOL_LABELS = {
         "published figure of that protocol for this model is in the table"
     ),
 }
-PARITY_TEXTS = ("parity", "parity_note")
 STATISTIC_SUFFIXES = (
     "_se",
     "_ci_low",
@@ -404,10 +403,3 @@ def check_metrics(cfg, names) -> None:
                 f"{where}: metric {unknown[0]!r} is not one a {entry.benchmark} job logs: "
                 + ", ".join(shown)
             )
-
-
-def parity_tags(texts: dict) -> dict:
-    """The MLflow tags of a job from its text metrics: `parity` and `parity_note` where
-    the job has them (a baseline yes/no job), so that runs can be searched by them
-    (tags.parity = 'differs')."""
-    return {key: texts[key] for key in PARITY_TEXTS if key in texts}

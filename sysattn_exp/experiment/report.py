@@ -35,7 +35,6 @@ from omegaconf.errors import OmegaConfBaseException
 
 from sysattn_exp.benchmarks import MAIN_METRICS
 from sysattn_exp.errors import UsageError, one_line
-from sysattn_exp.experiment.parity import PARITY_TEXTS
 from sysattn_exp.experiment.report_layers import layer_plots, localisation_markdown
 from sysattn_exp.experiment.report_parity import baseline_vs_published, write_parity
 from sysattn_exp.experiment.report_plots import plots
@@ -47,7 +46,13 @@ from sysattn_exp.experiment.report_stats import (
     tested,
 )
 from sysattn_exp.experiment.schema import check_report_config
-from sysattn_exp.experiment.tracking import COMPLETE, HOW_METRICS, connect, storable_name
+from sysattn_exp.experiment.tracking import (
+    COMPLETE,
+    HOW_METRICS,
+    PARITY_TEXTS,
+    connect,
+    storable_name,
+)
 
 COLUMNS = [
     "benchmark",

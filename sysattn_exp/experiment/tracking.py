@@ -234,6 +234,15 @@ TIMING_METRICS = ("scoring_seconds", "items_per_second", "n_items_from_cache")
 # How the scores were computed, not what they are: a rerun served from the cache reports
 # the planned kernel path (job.scoring_checks) and must still find its logged run.
 HOW_METRICS = ("kernel_path",)
+# A baseline job's text metrics that are MLflow tags too (experiment/parity.py: the parity
+# tag and its label), so that runs can be searched by them (tags.parity = 'differs').
+PARITY_TEXTS = ("parity", "parity_note")
+
+
+def parity_tags(texts: dict) -> dict:
+    """The MLflow tags of a job from its text metrics: PARITY_TEXTS where the job has them
+    (a baseline yes/no job)."""
+    return {key: texts[key] for key in PARITY_TEXTS if key in texts}
 
 
 def results_digest(job_dir: Path) -> str:
@@ -305,8 +314,6 @@ def log_job(job_dir: Path, cfg) -> tuple[str, bool]:
 
 
 def _log_job(job_dir: Path, cfg) -> tuple[str, bool]:
-    from sysattn_exp.experiment.parity import parity_tags  # parity imports this module
-
     config = yaml.safe_load((job_dir / "config.yaml").read_text())
     metrics = json.loads((job_dir / "metrics.json").read_text())
     # Text metrics (kernel_path) are params: MLflow metrics are numbers.

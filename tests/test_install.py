@@ -39,6 +39,8 @@ def test_wheel_installed_elsewhere_runs_from_its_own_files(tmp_path):
     assert (target / "sysattn_exp" / "models" / "toy_weights.safetensors").is_file()
     assert (target / "sysattn_exp" / "models" / "toy_balanced_weights.safetensors").is_file()
     assert (target / "sysattn_exp" / "models" / "model_configs" / "llava15_7b.json").is_file()
+    # The published baselines every baseline job is compared with (experiment/parity.py).
+    assert (target / "sysattn_exp" / "data" / "published.yaml").is_file()
 
     # A config option that exists only in the installed copy: if the app composes it, the
     # configs came from TARGET and not from a checkout.

@@ -132,6 +132,7 @@ NOT_IN_JOB_KEY = {
         "baseline_part_items",
         "lease_seconds",
         "deterministic",
+        "published_table",  # the comparison with published figures, not a score
     },
     # The dry run's power line only (evaluation/power.py): no figure of a job changes.
     "stats": {"discordance"},

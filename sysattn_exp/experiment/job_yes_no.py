@@ -31,6 +31,7 @@ from sysattn_exp.evaluation.scoring import Scores, score_items
 from sysattn_exp.evaluation.stats import SHARED, flip_counts, flips, job_statistics
 from sysattn_exp.experiment.identity import condition, prompt_ablation
 from sysattn_exp.experiment.job import Evaluation, Job, Watch, num_workers, sweep_job
+from sysattn_exp.experiment.parity import check_metrics, job_parity
 from sysattn_exp.experiment.readouts import job_states, probe_files
 from sysattn_exp.experiment.shared_baseline import SharedBaseline
 from sysattn_exp.experiment.tracking import (
@@ -95,6 +96,9 @@ class YesNoJob(Job):
             )
         if cfg.runtime.get("probes"):
             check_probes(cfg, self.benchmark)
+        # A bad table, or an entry for this job with a metric it does not log, fails before
+        # the model loads.
+        check_metrics(cfg, lambda: metric_names(self.benchmark, self.ranking))
 
     def dry_run(self, config) -> tuple[dict, str]:
         """The data, the model's processor, the scored answer tokens: prints the counts, an
@@ -117,7 +121,10 @@ class YesNoJob(Job):
         conditions = ["baseline"] + (["intervention"] if changed else [])
         n_items = len(self.benchmark.items)
         with job_states(self.cfg, loaded, n_items, conditions, self.out_dir) as states:
-            return self.score(loaded, edit, name, watch, states)
+            evaluation = self.score(loaded, edit, name, watch, states)
+        if not changed:  # a baseline job: compared with the published figures (parity.py)
+            evaluation.metrics |= job_parity(self.cfg, evaluation.metrics)
+        return evaluation
 
     def score(self, loaded: LoadedModel, edit: Rule | None, name: str, watch: Watch, states):
         """The baseline (the unchanged model on the unablated prompts) and, where the job
@@ -466,14 +473,8 @@ def check_metric_names(benchmark: Benchmark, ranking: str) -> None:
     logged to MLflow under one name (tracking.storable_names: e.g. MME categories "a:b"
     and "a_b"); found at logging time, after scoring, they could never be logged. The
     names are those of the metrics computed on answers equal to the labels."""
-    labels = [item.label for item in benchmark.items]
-    n = len(labels)
-    scores = Scores([float(label) for label in labels], [0.5] * n, [0.5] * n, 0.0, 0)
-    frame = item_columns(benchmark, [""] * n, scores)
-    frame["pred"], frame["correct"] = frame["label"], True
     try:
-        names = all_metrics(benchmark, scored_frame(benchmark, frame, ranking))
-        names |= dict.fromkeys(statistic_names(benchmark))
+        names = metric_names(benchmark, ranking)
     except Exception:  # noqa: BLE001 - a check only: the job computes its own metrics anyway
         log.debug("metric names not checked before scoring", exc_info=True)
         return
@@ -481,6 +482,18 @@ def check_metric_names(benchmark: Benchmark, ranking: str) -> None:
         storable_names(names, "metrics")
     except ValueError as error:
         raise UsageError(f"benchmark {benchmark.name}: {error}") from error
+
+
+def metric_names(benchmark: Benchmark, ranking: str) -> dict:
+    """Every metric a job of `benchmark` logs (its values those of answers equal to the
+    labels: the names are what matters), and its statistics' names."""
+    labels = [item.label for item in benchmark.items]
+    n = len(labels)
+    scores = Scores([float(label) for label in labels], [0.5] * n, [0.5] * n, 0.0, 0)
+    frame = item_columns(benchmark, [""] * n, scores)
+    frame["pred"], frame["correct"] = frame["label"], True
+    names = all_metrics(benchmark, scored_frame(benchmark, frame, ranking))
+    return names | dict.fromkeys(statistic_names(benchmark))
 
 
 def ablated_format(fmt: PromptFormat, ablation: str) -> PromptFormat:

@@ -44,6 +44,7 @@ from sysattn_exp.experiment.labels import (
 )
 from sysattn_exp.experiment.parent_summary import log_summary
 from sysattn_exp.experiment.report_layers import layer_plots, localisation_markdown
+from sysattn_exp.experiment.report_parity import baseline_vs_published, write_parity
 from sysattn_exp.experiment.report_plots import plots
 from sysattn_exp.experiment.report_stats import (
     Evidence,
@@ -53,7 +54,13 @@ from sysattn_exp.experiment.report_stats import (
     tested,
 )
 from sysattn_exp.experiment.schema import check_report_config
-from sysattn_exp.experiment.tracking import COMPLETE, HOW_METRICS, connect, storable_name
+from sysattn_exp.experiment.tracking import (
+    COMPLETE,
+    HOW_METRICS,
+    PARITY_TEXTS,
+    connect,
+    storable_name,
+)
 
 COLUMNS = [
     "benchmark",
@@ -172,7 +179,15 @@ NOT_SETTING = (
     "environment.",
     "prompt.",
 )
-NOT_SETTING_KEYS = {"model.batch_size", "model.device", "model.device_map", *HOW_METRICS}
+# The parity tag and label (logged as params, baseline jobs only) compare a baseline with
+# the literature: they do not make a setting.
+NOT_SETTING_KEYS = {
+    "model.batch_size",
+    "model.device",
+    "model.device_map",
+    *HOW_METRICS,
+    *PARITY_TEXTS,
+}
 BASELINE_SIGNATURE = ("paired_accuracy", "yes_rate", "accuracy")
 
 
@@ -296,6 +311,12 @@ def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
     order = ["benchmark", "model", "setting", "baseline_first", "intervention", "layers"]
     table = table.sort_values(order)
     return table.drop(columns="baseline_first").reset_index(drop=True)
+
+
+def published_rows(runs: pd.DataFrame) -> pd.DataFrame:
+    """The "baseline vs published" rows of the runs (report_parity.baseline_vs_published),
+    with the comparison table's setting and model labels."""
+    return baseline_vs_published(runs, settings(runs), model_labels(runs), is_baseline)
 
 
 def yes_rate_change(metric) -> dict:
@@ -563,6 +584,8 @@ def report(cfg) -> Path:
     summary.to_csv(out / "summary.csv", index=False)
     text = comparison_markdown(table, evidence, summary)
     text += localisation_markdown(plotted(table), evidence)  # a layer sweep's verdicts
+    published, published_files = write_parity(published_rows(runs), out)
+    text += published  # the baselines against the literature (report_parity)
     (out / "comparison.md").write_text(text)
     paper_table(table, "paired_accuracy_change_pct").to_csv(out / "paper_table.csv", index=False)
     (out / "paper_table.md").write_text(paper_markdown(table, evidence))
@@ -576,6 +599,7 @@ def report(cfg) -> Path:
             "paper_table.md",
         )
     ]
+    files += published_files
     files += plots(plotted(table), out, evidence)
     files += layer_plots(plotted(table), out, evidence)
     if parent is not None:

@@ -289,6 +289,7 @@ class RuntimeConfig:
     baseline_part_items: int = MISSING
     lease_seconds: float = MISSING
     deterministic: bool = MISSING
+    published_table: str | None = MISSING  # experiment/parity.py: null, the shipped table
 
 
 @dataclass

@@ -264,6 +264,15 @@ TIMING_METRICS = ("scoring_seconds", "items_per_second", "n_items_from_cache")
 # How the scores were computed, not what they are: a rerun served from the cache reports
 # the planned kernel path (job.scoring_checks) and must still find its logged run.
 HOW_METRICS = ("kernel_path",)
+# A baseline job's text metrics that are MLflow tags too (experiment/parity.py: the parity
+# tag and its label), so that runs can be searched by them (tags.parity = 'differs').
+PARITY_TEXTS = ("parity", "parity_note")
+
+
+def parity_tags(texts: dict) -> dict:
+    """The MLflow tags of a job from its text metrics: PARITY_TEXTS where the job has them
+    (a baseline yes/no job)."""
+    return {key: texts[key] for key in PARITY_TEXTS if key in texts}
 
 
 def results_digest(job_dir: Path) -> str:
@@ -386,6 +395,7 @@ def _log_job(job_dir: Path, cfg) -> tuple[str, bool]:
                 mlflow.log_input(benchmark_dataset(job_dir, config), context=CONTEXT)
                 mlflow.log_params({param_names[k]: v for k, v in params.items()})
                 mlflow.log_metrics({metric_names[k]: v for k, v in metrics.items()})
+                mlflow.set_tags(parity_tags(texts))
                 if (job_dir / PROFILE_TABLE).exists():
                     log_profile(mlflow, job_dir / PROFILE_TABLE)
                 for name in (*JOB_FILES, *PROFILE_FILES, FLIPS_FILE, *LENS_FILES, *PROBES_FILES):

@@ -551,14 +551,14 @@ REPORT_DEFAULTS = OmegaConf.create(
 ).report
 
 
-def corrected_table(cfg) -> tuple[pd.DataFrame, str | None, Evidence]:
-    """cfg.report.parent's comparison table with its tests corrected (report.yaml's keys;
-    those left out take report.yaml's values), the parent run (job_runs) and the evidence
-    settings."""
+def corrected_table(cfg) -> tuple[pd.DataFrame, pd.DataFrame, str | None, Evidence]:
+    """cfg.report.parent's job runs (job_runs), their comparison table with its tests
+    corrected (report.yaml's keys; those left out take report.yaml's values), the parent
+    run and the evidence settings."""
     settings = OmegaConf.merge(REPORT_DEFAULTS, cfg.report)
     evidence = Evidence(str(settings.correction), float(settings.alpha))
     runs, parent = job_runs(cfg)
-    return corrected(comparison_table(runs), evidence), parent, evidence
+    return runs, corrected(comparison_table(runs), evidence), parent, evidence
 
 
 def summarize_sweep(tracking, parent: str) -> dict[str, float]:
@@ -566,7 +566,7 @@ def summarize_sweep(tracking, parent: str) -> dict[str, float]:
     a sweep without runtime.report_at_end. Returns the metrics logged."""
     tracking = OmegaConf.to_container(tracking, resolve=True)
     cfg = OmegaConf.create({"tracking": tracking, "report": {"parent": parent}})
-    table, _, _ = corrected_table(cfg)
+    _, table, _, _ = corrected_table(cfg)
     mlflow, _ = connect(cfg.tracking)
     return log_summary(mlflow.MlflowClient(), parent, table)
 
@@ -576,7 +576,7 @@ def report(cfg) -> Path:
     report.yaml's values) into cfg.report.out, logged to the parent run with the sweep's
     summary (parent_summary); printed."""
     settings = OmegaConf.merge(REPORT_DEFAULTS, cfg.report)
-    table, parent, evidence = corrected_table(cfg)
+    runs, table, parent, evidence = corrected_table(cfg)
     summary = across_benchmarks(table)
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,8 +6,10 @@ import itertools
 import pytest
 import torch
 from conftest import make_image
+from paths import IMPL_PATHS
 from reference import REFERENCE_NAME, reference_setup
 
+from sysattn_exp.attention.fused import PATHS
 from sysattn_exp.attention.rules import Redistribution, Scale
 from sysattn_exp.evaluation.scoring import left_padded_position_ids
 from sysattn_exp.models.loading import use_sysattn
@@ -75,12 +77,9 @@ def padded_batch(gqa_llava):
     return batch_inputs(gqa_llava[1], [SYSTEM_PROMPT, "", SYSTEM_PROMPT])
 
 
-IMPLS = ["fused", "eager"]
-
-
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl,path", IMPL_PATHS)
 @pytest.mark.parametrize("source,recipients", list(all_rules()))
-def test_redistribution_matches_reference(gqa_llava, padded_batch, source, recipients, impl):
+def test_redistribution_matches_reference(gqa_llava, padded_batch, source, recipients, impl, path):
     model, _ = gqa_llava
     layers = frozenset({3, 4, 5})
     real = padded_batch["attention_mask"].bool()
@@ -100,9 +99,9 @@ def test_baseline_matches_reference(gqa_llava, padded_batch):
     assert torch.allclose(got[real], want[real], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl,path", IMPL_PATHS)
 @pytest.mark.parametrize("layers", [frozenset(range(6)), frozenset({0}), frozenset({2, 3})])
-def test_layer_selection_matches_reference(gqa_llava, padded_batch, layers, impl):
+def test_layer_selection_matches_reference(gqa_llava, padded_batch, layers, impl, path):
     model, _ = gqa_llava
     real = padded_batch["attention_mask"].bool()
     edit = Redistribution("system", ("image",), layers, impl)
@@ -112,8 +111,8 @@ def test_layer_selection_matches_reference(gqa_llava, padded_batch, layers, impl
     assert torch.allclose(got[real], want[real], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_unpadded_single_prompt_matches_reference(gqa_llava, impl):
+@pytest.mark.parametrize("impl,path", IMPL_PATHS)
+def test_unpadded_single_prompt_matches_reference(gqa_llava, impl, path):
     """One unpadded row: transformers passes attention_mask=None (causal)."""
     model, processor = gqa_llava
     inputs = processor(
@@ -129,11 +128,13 @@ def test_unpadded_single_prompt_matches_reference(gqa_llava, impl):
     assert torch.allclose(got, want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("source,recipients", list(all_rules()))
 def test_fused_equals_eager_in_small_query_blocks(
-    gqa_llava, padded_batch, monkeypatch, source, recipients
+    gqa_llava, padded_batch, monkeypatch, source, recipients, path
 ):
-    """Blocks of a few query rows exercise the block loop (padding, spans across blocks)."""
+    """Blocks of a few query rows exercise the block loop (padding, spans across blocks),
+    on either path (rows: blocks of 7 rows of every sequence and head)."""
     import sysattn_exp.attention.fused as fused
 
     model, _ = gqa_llava
@@ -141,6 +142,7 @@ def test_fused_equals_eager_in_small_query_blocks(
     layers = frozenset(range(6))
     eager = sysattn_logits(model, padded_batch, Redistribution(source, recipients, layers, "eager"))
     monkeypatch.setattr(fused, "BLOCK_ENTRIES", 7 * padded_batch["input_ids"].shape[1])
+    monkeypatch.setattr(fused, "ROWS_BLOCK_ENTRIES", 7 * padded_batch["input_ids"].numel() * 6)
     fused = sysattn_logits(model, padded_batch, Redistribution(source, recipients, layers, "fused"))
     assert torch.allclose(fused[real], eager[real], atol=1e-5, rtol=0)
 
@@ -181,14 +183,18 @@ def layout(padding: str) -> torch.Tensor:
 @pytest.mark.parametrize("block", [None, 5])
 @pytest.mark.parametrize("source,recipients", list(all_rules()))
 @pytest.mark.parametrize("variant", [{}, {"fraction": 0.3, "mode": "uniform"}])
-def test_fused_kernel_equals_eager(monkeypatch, padding, q_len, block, source, recipients, variant):
+@pytest.mark.parametrize("path", PATHS)
+def test_fused_kernel_equals_eager(
+    monkeypatch, padding, q_len, block, source, recipients, variant, path
+):
     """The attention functions alone on random tensors: clean and masked spans, queries
     that start inside a span (a cache), small query blocks."""
     import sysattn_exp.attention.fused as fused
     from sysattn_exp.attention.intervention import eager_edited_attention
 
-    if block:
+    if block:  # blocks of `block` query rows on either path
         monkeypatch.setattr(fused, "BLOCK_ENTRIES", block * 24)
+        monkeypatch.setattr(fused, "ROWS_BLOCK_ENTRIES", block * 24 * 3 * 4)
     torch.manual_seed(1)
     key_modality = layout(padding)
     q, k, v = torch.randn(3, 4, q_len, 8), torch.randn(3, 2, 24, 8), torch.randn(3, 2, 24, 8)
@@ -209,14 +215,14 @@ VARIANTS = [
 ]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl,path", IMPL_PATHS)
 @pytest.mark.parametrize("variant", [v for v, _ in VARIANTS])
 @pytest.mark.parametrize(
     "source,recipients",
     [("system", ("text",)), ("system", ("image", "text")), ("image", ("system",))],
 )
 def test_dose_and_uniform_match_reference(
-    gqa_llava, padded_batch, source, recipients, variant, impl
+    gqa_llava, padded_batch, source, recipients, variant, impl, path
 ):
     model, _ = gqa_llava
     layers = frozenset({2, 4, 5})
@@ -231,9 +237,9 @@ def test_dose_and_uniform_match_reference(
     assert torch.allclose(got[real], want[real], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl,path", IMPL_PATHS)
 @pytest.mark.parametrize("modality,factor", [("image", 2.0), ("system", 0.5), ("text", 3.0)])
-def test_scale_matches_reference(gqa_llava, padded_batch, modality, factor, impl):
+def test_scale_matches_reference(gqa_llava, padded_batch, modality, factor, impl, path):
     from sysattn_exp.attention.rules import Scale
 
     model, _ = gqa_llava
@@ -263,9 +269,9 @@ def test_fraction_zero_is_the_baseline_and_one_is_the_full_rule(gqa_llava, padde
     assert torch.allclose(full[real], reference_logits(model, padded_batch, rule)[real], atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl,path", IMPL_PATHS)
 @pytest.mark.parametrize("alpha", [0.2, 20.0])
-def test_pai_matches_reference(gqa_llava, padded_batch, alpha, impl):
+def test_pai_matches_reference(gqa_llava, padded_batch, alpha, impl, path):
     from sysattn_exp.attention.rules import Pai
 
     model, _ = gqa_llava

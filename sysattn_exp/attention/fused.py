@@ -29,7 +29,8 @@ and so is plain SDPA plus that row, materialised (its own `fused`).
 """
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -98,6 +99,12 @@ def modality_attention(
         out[:, :, :unchanged] = plain_attention(
             query, key, value, attention_mask, scaling, unchanged
         )
+    if profile is None and choose_path(rule, q_len - unchanged) == "rows":
+        kernels.note_path("rows")
+        out[:, :, unchanged:] = rows_attention(
+            query, key, value, attention_mask, scaling, key_modality, rule, unchanged
+        )
+        return out
     block_rows = max(1, BLOCK_ENTRIES // k_len)
     for start in range(unchanged, q_len, block_rows):
         rows = slice(start, min(start + block_rows, q_len))
@@ -115,6 +122,78 @@ def modality_attention(
             shares = {name: a[..., 0] for name, (_, a) in shares.items()}
             shares[FIRST_KEY] = first_key.share(rule, parts, block)
             profile.record(layer, shares, key_modality, rows, q_len)
+    return out
+
+
+# The ways to compute the rows a rule can change. "spans": each modality's (o_X, LSE_X) from
+# attention calls on its span of keys, merged by the rule (no weight matrix: what long
+# prompts need). "rows": the rows' weights materialised, (n x K) per head: one matmul, the
+# softmax, the rule's eager edit, one matmul; for a few rows (the question pass: 10-40
+# query rows against the cached prefix's keys) that is cheaper than several span calls and
+# their merge. choose_path picks by the number of changed rows (ROWS_PATH_MAX_ROWS).
+PATHS = ("spans", "rows")
+# Measured crossover (scripts/bench.py --crossover, 2-core CPU, float32, see README
+# Performance): the rows path is faster up to about this many changed rows.
+ROWS_PATH_MAX_ROWS = 64
+# The rows path materialises the weights of at most this many (sequence, head, row, key)
+# entries at a time (64 MiB in float32), taking the rows in blocks beyond it.
+ROWS_BLOCK_ENTRIES = 1 << 24
+_forced_path: str | None = None  # set by forced_path (tests run every path on every rule)
+
+
+@contextmanager
+def forced_path(path: str | None) -> Iterator[None]:
+    """Make every fused call with a rule take `path` (one of PATHS; None: by shape) while
+    the block runs: how the exactness tests run each path against the reference. A rule
+    without an eager edit (eager_weights / eager_scores) has no rows path and keeps spans."""
+    global _forced_path
+    if path is not None and path not in PATHS:
+        raise ValueError(f"path {path!r} is unknown; allowed: {', '.join(PATHS)}")
+    before, _forced_path = _forced_path, path
+    try:
+        yield
+    finally:
+        _forced_path = before
+
+
+def choose_path(rule, changed_rows: int) -> str:
+    """The path for a call whose rule can change `changed_rows` query rows (PATHS): rows
+    for at most ROWS_PATH_MAX_ROWS of them, spans otherwise, or the forced one. A rule
+    without a (B, H, Q, K) edit of its own (the base Rule's eager_weights and eager_scores,
+    a plug-in defining merge only) always takes spans; so does plain attention (no rule)."""
+    if rule is None or not rule.edits_weights():
+        return "spans"
+    if _forced_path is not None:
+        return _forced_path
+    return "rows" if changed_rows <= ROWS_PATH_MAX_ROWS else "spans"
+
+
+def rows_attention(query, key, value, attention_mask, scaling, key_modality, rule, start: int):
+    """The rule's output (B, H, Q - start, D) for the query rows from `start` on, from their
+    weights materialised in float32: scores (grouped-query heads folded into the rows, so
+    K and V are never repeated), the rule's eager_scores, the mask, the softmax (a row that
+    sees no key gets zeros), the rule's eager_weights, the values: exactly
+    intervention.eager_edited_attention on those rows. Rows are taken in blocks of at most
+    ROWS_BLOCK_ENTRIES weights."""
+    batch, heads, q_len, dim = query.shape
+    k_len, kv_heads = key.shape[2], key.shape[1]
+    n_rep = heads // kv_heads
+    key_t, value_f = key.float().transpose(2, 3), value.float()
+    query_is_real = key_modality[:, k_len - q_len :] != PAD
+    out = torch.empty(batch, heads, q_len - start, dim, dtype=query.dtype, device=query.device)
+    block_rows = max(1, ROWS_BLOCK_ENTRIES // (batch * heads * k_len))
+    for first in range(start, q_len, block_rows):
+        rows = slice(first, min(first + block_rows, q_len))
+        n = rows.stop - rows.start
+        folded = query[:, :, rows].reshape(batch, kv_heads, n_rep * n, dim)  # row r * n + i
+        scores = torch.matmul(folded.float(), key_t).view(batch, heads, n, k_len) * scaling
+        scores = rule.eager_scores(scores, key_modality)
+        visible = LazyVisible(attention_mask, rows, q_len, k_len, query.device).get()
+        weights = torch.softmax(scores.masked_fill(~visible, -math.inf), dim=-1).nan_to_num(0.0)
+        weights = rule.eager_weights(weights, visible, key_modality, query_is_real[:, rows])
+        folded = weights.view(batch, kv_heads, n_rep * n, k_len)
+        o = torch.matmul(folded, value_f).view(batch, heads, n, dim)
+        out[:, :, rows.start - start : rows.stop - start] = o.to(query.dtype)
     return out
 
 

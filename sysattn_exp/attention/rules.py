@@ -156,6 +156,15 @@ class Rule:
         change (rows before it take one plain SDPA call); spans: fused.ModalitySpan by name."""
         return 0
 
+    @classmethod
+    def edits_weights(cls) -> bool:
+        """Whether the rule has an eager edit of its own (eager_scores or eager_weights
+        overridden): what the fused implementation's rows path applies (fused.choose_path);
+        a rule with a merge only keeps the span path."""
+        return (
+            cls.eager_scores is not Rule.eager_scores or cls.eager_weights is not Rule.eager_weights
+        )
+
     def eager_scores(self, scores: torch.Tensor, key_modality: torch.Tensor) -> torch.Tensor:
         """The rule on the scores (B, H, Q, K) before masking and the softmax."""
         return scores

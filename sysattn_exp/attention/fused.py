@@ -99,7 +99,7 @@ def modality_attention(
         out[:, :, :unchanged] = plain_attention(
             query, key, value, attention_mask, scaling, unchanged
         )
-    if profile is None and choose_path(rule, q_len - unchanged) == "rows":
+    if profile is None and choose_path(rule, query, key, q_len - unchanged) == "rows":
         kernels.note_path("rows")
         out[:, :, unchanged:] = rows_attention(
             query, key, value, attention_mask, scaling, key_modality, rule, unchanged
@@ -130,11 +130,16 @@ def modality_attention(
 # prompts need). "rows": the rows' weights materialised, (n x K) per head: one matmul, the
 # softmax, the rule's eager edit, one matmul; for a few rows (the question pass: 10-40
 # query rows against the cached prefix's keys) that is cheaper than several span calls and
-# their merge. choose_path picks by the number of changed rows (ROWS_PATH_MAX_ROWS).
+# their merge. choose_path picks by the weights it would materialise (ROWS_PATH_MAX_ENTRIES).
 PATHS = ("spans", "rows")
-# Measured crossover (scripts/bench.py --crossover, 2-core CPU, float32, see README
-# Performance): the rows path is faster up to about this many changed rows.
-ROWS_PATH_MAX_ROWS = 64
+# Measured crossover (scripts/bench.py --crossover: one question-pass call, system->text,
+# spans vs rows interleaved, medians of 7, 2-core CPU, float32, 2026-12-01, the machine
+# loaded by other work): rows was faster only for the smallest calls, e.g. 1 sequence x
+# 8 heads x 8-32 rows x 650 keys (41k-166k weights: rows 0.2-0.8x spans' time), and
+# slower from ~150k weights on (1 x 32 x 8 x 650: 1.07x; 1 x 8 x 8 x 2,950: 1.18x;
+# 8 x 32 x 16 x 2,950: 1.9x; 64 rows and more: 2-6x). Its elementwise edit over every
+# (row, key) costs more than the span calls' fixed cost beyond that.
+ROWS_PATH_MAX_ENTRIES = 1 << 17
 # The rows path materialises the weights of at most this many (sequence, head, row, key)
 # entries at a time (64 MiB in float32), taking the rows in blocks beyond it.
 ROWS_BLOCK_ENTRIES = 1 << 24
@@ -156,16 +161,19 @@ def forced_path(path: str | None) -> Iterator[None]:
         _forced_path = before
 
 
-def choose_path(rule, changed_rows: int) -> str:
-    """The path for a call whose rule can change `changed_rows` query rows (PATHS): rows
-    for at most ROWS_PATH_MAX_ROWS of them, spans otherwise, or the forced one. A rule
-    without a (B, H, Q, K) edit of its own (the base Rule's eager_weights and eager_scores,
-    a plug-in defining merge only) always takes spans; so does plain attention (no rule)."""
+def choose_path(rule, query, key, changed_rows: int) -> str:
+    """The path for a call whose rule can change `changed_rows` of the query rows (PATHS):
+    rows where their weights, sequences x heads x rows x keys, are at most
+    ROWS_PATH_MAX_ENTRIES, spans otherwise, or the forced one. A rule without a (B, H, Q,
+    K) edit of its own (a plug-in defining merge only: Rule.edits_weights) always takes
+    spans; so does plain attention (no rule)."""
     if rule is None or not rule.edits_weights():
         return "spans"
     if _forced_path is not None:
         return _forced_path
-    return "rows" if changed_rows <= ROWS_PATH_MAX_ROWS else "spans"
+    batch, heads = query.shape[:2]
+    entries = batch * heads * changed_rows * key.shape[2]
+    return "rows" if entries <= ROWS_PATH_MAX_ENTRIES else "spans"
 
 
 def rows_attention(query, key, value, attention_mask, scaling, key_modality, rule, start: int):

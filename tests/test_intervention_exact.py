@@ -10,7 +10,8 @@ from paths import IMPL_PATHS
 from reference import REFERENCE_NAME, reference_setup
 
 from sysattn_exp.attention.fused import PATHS
-from sysattn_exp.attention.rules import Redistribution, Scale
+from sysattn_exp.attention.intervention import eager_edited_attention
+from sysattn_exp.attention.rules import Redistribution, Rule, Scale
 from sysattn_exp.evaluation.scoring import left_padded_position_ids
 from sysattn_exp.models.loading import use_sysattn
 from sysattn_exp.models.prompts import build_prompt
@@ -342,3 +343,55 @@ def test_attention_sinks_take_mass_and_give_none(rule):
                     weights = edit_row(weights, [row_names[j] for j in seen], rule)
                 want = (weights[:, None] * v[b, h // 2, seen].double()).sum(0)
                 assert torch.allclose(got[b, i, h].double(), want, atol=1e-5)
+
+
+class WeightsUntouched(Redistribution):
+    """A plug-in rule with a merge and no eager edit of its own: no rows path."""
+
+    eager_weights = Rule.eager_weights
+
+
+def test_path_by_shape_forced_and_recorded(monkeypatch):
+    """A few rows' weights are materialised (rows), many take spans, by the number of
+    weights (ROWS_PATH_MAX_ENTRIES); a rule that only hides its source's keys takes one
+    masked SDPA call; forced_path overrides; kernel_path records the path."""
+    import sysattn_exp.attention.fused as fused
+    from sysattn_exp.attention import kernels
+
+    torch.manual_seed(0)
+    key_modality = layout("left")  # system, image and text keys
+    q, k, v = torch.randn(3, 4, 9, 8), torch.randn(3, 2, 24, 8), torch.randn(3, 2, 24, 8)
+    edit = Redistribution("system", ("text",), frozenset({0}))
+    assert fused.choose_path(edit, q, k, 9, key_modality) == "rows"  # 3 x 4 x 9 x 24 weights
+    monkeypatch.setattr(fused, "ROWS_PATH_MAX_ENTRIES", 3 * 4 * 9 * 24 - 1)
+    assert fused.choose_path(edit, q, k, 9, key_modality) == "spans"
+    assert fused.choose_path(edit, q, k, 8, key_modality) == "rows"
+    # Masked: all of the source's mass to every other modality present, in proportion.
+    every_other = Redistribution("system", ("image", "text"), frozenset({0}))
+    assert fused.choose_path(every_other, q, k, 9, key_modality) == "masked"
+    no_text = torch.where(key_modality == 3, 2, key_modality)
+    assert fused.choose_path(edit, q, k, 9, no_text) == "spans"  # image keys keep their mass
+    assert fused.choose_path(Redistribution("system", ("image",), {0}), q, k, 9, no_text) == (
+        "masked"
+    )
+    for variant in ({"fraction": 0.5}, {"mode": "uniform"}):
+        dose = Redistribution("system", ("image", "text"), frozenset({0}), **variant)
+        assert dose.masked_source(key_modality) is None
+    with fused.forced_path("rows"):
+        assert fused.choose_path(edit, q, k, 9, key_modality) == "rows"
+        untouched = WeightsUntouched("system", ("text",), frozenset({0}))
+        assert fused.choose_path(untouched, q, k, 1, key_modality) == "spans"
+    with fused.forced_path("masked"):  # not this rule's: by shape
+        assert fused.choose_path(edit, q, k, 9, key_modality) == "spans"
+    with pytest.raises(ValueError, match="allowed: spans, rows, masked"), fused.forced_path("x"):
+        pass
+    causal = torch.ones(24, 24, dtype=torch.bool).tril()[24 - 9 :]
+    mask = (causal[None] & (key_modality != 0)[:, None, :])[:, None]
+    want = eager_edited_attention(q, k, v, mask, 0.3, key_modality, every_other)
+    for path in fused.PATHS:
+        with fused.forced_path(path), kernels.record_paths() as paths:
+            got = fused.fused_edited_attention(q, k, v, mask, 0.3, key_modality, every_other)
+        assert {"rows", "masked"} & paths == ({path} - {"spans"})
+        rows = key_modality[:, 24 - 9 :] != 0
+        assert torch.allclose(got.transpose(1, 2)[rows], want.transpose(1, 2)[rows], atol=1e-5)
+    assert kernels.path_label({"rows", "cpu_flash", "math"}) == "cpu_flash+rows+math"

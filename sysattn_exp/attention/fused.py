@@ -80,9 +80,15 @@ def modality_attention(
     """Attention as each modality's (o_X, LSE_X), merged per block of query rows by
     `rule.merge` (rule None: plain attention, sum_X A_X o_X). Under plain causal masking
     the rows before rule.first_changed_position take one plain SDPA call (not where a
-    profile records every row's shares)."""
-    out = torch.empty_like(query)
+    profile records every row's shares). Without a profile the rule's rows may take
+    another path (choose_path): all of them materialised where there are few (no span
+    is needed then: rows the rule cannot change come out of its eager edit unchanged),
+    or those it can change in one masked SDPA call."""
     q_len, k_len = query.shape[2], key.shape[2]
+    if profile is None and choose_path(rule, query, key, q_len, key_modality) == "rows":
+        kernels.note_path("rows")
+        return rows_attention(query, key, value, attention_mask, scaling, key_modality, rule, 0)
+    out = torch.empty_like(query)
     n_rep = query.shape[1] // key.shape[1]
     causal_only = masks_only_causally(attention_mask, key_modality, q_len, k_len)
     spans = {
@@ -99,9 +105,12 @@ def modality_attention(
         out[:, :, :unchanged] = plain_attention(
             query, key, value, attention_mask, scaling, unchanged
         )
-    if profile is None and choose_path(rule, query, key, q_len - unchanged) == "rows":
-        kernels.note_path("rows")
-        out[:, :, unchanged:] = rows_attention(
+    changed = q_len - unchanged
+    path = "spans" if profile is not None else choose_path(rule, query, key, changed, key_modality)
+    if path != "spans":
+        kernels.note_path(path)
+        attend = rows_attention if path == "rows" else masked_source_attention
+        out[:, :, unchanged:] = attend(
             query, key, value, attention_mask, scaling, key_modality, rule, unchanged
         )
         return out
@@ -129,9 +138,13 @@ def modality_attention(
 # attention calls on its span of keys, merged by the rule (no weight matrix: what long
 # prompts need). "rows": the rows' weights materialised, (n x K) per head: one matmul, the
 # softmax, the rule's eager edit, one matmul; for a few rows (the question pass: 10-40
-# query rows against the cached prefix's keys) that is cheaper than several span calls and
-# their merge. choose_path picks by the weights it would materialise (ROWS_PATH_MAX_ENTRIES).
-PATHS = ("spans", "rows")
+# query rows against the cached prefix's keys, few heads) cheaper than several span calls
+# and their merge. "masked": where the rule is the same as hiding its source's keys
+# (Rule.masked_source: e.g. a full proportional redistribution whose recipients are every
+# other modality of the call, as system -> image in the image prefix pass), one SDPA call
+# with the source's keys masked out. choose_path picks masked where the rule allows it,
+# else rows by the weights it would materialise (ROWS_PATH_MAX_ENTRIES), else spans.
+PATHS = ("spans", "rows", "masked")
 # Measured crossover (scripts/bench.py --crossover: one question-pass call, system->text,
 # spans vs rows interleaved, medians of 7, 2-core CPU, float32, 2026-12-01, the machine
 # loaded by other work): rows was faster only for the smallest calls, e.g. 1 sequence x
@@ -161,19 +174,58 @@ def forced_path(path: str | None) -> Iterator[None]:
         _forced_path = before
 
 
-def choose_path(rule, query, key, changed_rows: int) -> str:
+def choose_path(rule, query, key, changed_rows: int, key_modality=None) -> str:
     """The path for a call whose rule can change `changed_rows` of the query rows (PATHS):
-    rows where their weights, sequences x heads x rows x keys, are at most
-    ROWS_PATH_MAX_ENTRIES, spans otherwise, or the forced one. A rule without a (B, H, Q,
-    K) edit of its own (a plug-in defining merge only: Rule.edits_weights) always takes
-    spans; so does plain attention (no rule)."""
+    masked where the rule is the same as hiding its source's keys in this call (key_modality
+    (B, K) given), else rows where their weights, sequences x heads x rows x keys, are at
+    most ROWS_PATH_MAX_ENTRIES, else spans; or the forced path, where the rule allows it (a
+    forced masked path the rule does not allow here takes the choice by shape). A rule
+    without a (B, H, Q, K) edit of its own (a plug-in defining merge only:
+    Rule.edits_weights) always takes spans; so does plain attention (no rule)."""
     if rule is None or not rule.edits_weights():
         return "spans"
-    if _forced_path is not None:
+    masked = key_modality is not None and rule.masked_source(key_modality) is not None
+    if _forced_path is not None and (_forced_path != "masked" or masked):
         return _forced_path
+    if masked:
+        return "masked"
     batch, heads = query.shape[:2]
     entries = batch * heads * changed_rows * key.shape[2]
     return "rows" if entries <= ROWS_PATH_MAX_ENTRIES else "spans"
+
+
+def masked_source_attention(
+    query, key, value, attention_mask, scaling, key_modality, rule, start: int
+):
+    """The rule's output (B, H, Q - start, D) for the query rows from `start` on where it
+    is attention with the source's keys hidden (Rule.masked_source): one SDPA call per
+    block of rows, the mask the model's visible keys less the source's. A row the rule
+    leaves as it is (it sees no source key or no other key, or is padding) gets plain
+    attention, from a second call only where some row of the block needs it."""
+    batch, heads, q_len, dim = query.shape
+    k_len = key.shape[2]
+    is_source = (key_modality == rule.masked_source(key_modality))[:, None, None, :]
+    query_is_real = (key_modality[:, k_len - q_len :] != PAD)[:, None, :]
+    out = torch.empty(batch, heads, q_len - start, dim, dtype=query.dtype, device=query.device)
+    block_rows = max(1, BLOCK_ENTRIES // k_len)
+    for first in range(start, q_len, block_rows):
+        rows = slice(first, min(first + block_rows, q_len))
+        visible = LazyVisible(attention_mask, rows, q_len, k_len, query.device).get()
+        others = visible & ~is_source  # (B, 1, n, K)
+        change = others.any(-1) & (visible & is_source).any(-1) & query_is_real[:, :, rows]
+        q = query[:, :, rows]
+        o = sdpa(q, key, value, others, scaling)
+        if not bool(change.all()):
+            o = torch.where(change[..., None], o, sdpa(q, key, value, visible, scaling))
+        out[:, :, rows.start - start : rows.stop - start] = o
+    return out
+
+
+def sdpa(query, key, value, mask, scaling):
+    """SDPA of the query rows over every key under a boolean mask (B|1, 1, n, K)."""
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True
+    )
 
 
 def rows_attention(query, key, value, attention_mask, scaling, key_modality, rule, start: int):

@@ -8,6 +8,8 @@ shape (576 image tokens, its system prompt, ~20-token questions) that a 2-core C
     python scripts/bench.py --quick                              # under a minute
     python scripts/bench.py --smoke                              # runs, numbers meaningless
     python scripts/bench.py --device cuda --model llava15_7b     # the real model on a GPU
+    python scripts/bench.py --grid --json outputs/bench_grid.json # over a grid of shapes
+    python scripts/bench.py --crossover                          # the fused paths' crossover
 
 Figures (each a ratio): overhead_ratio (forward with a Q4 system->text redistribution over
 a plain SDPA forward), runner_overhead_ratio (the same intervention inside the runner's real
@@ -31,6 +33,11 @@ per generated token with a Q4 system->text redistribution over the baseline's, s
 stats_seconds_beaf_size (seconds, not a ratio: all statistics of one BEAF-sized job, 26,118
 items and 10,000 paired resamples, on one CPU core, in a process of its own:
 scripts/bench_stats.py).
+
+--grid measures the runner- and forward-level overheads over a covering array of model and
+prompt shapes instead (bench_grid.py: grid_runner_overhead_worst / _median, the same for
+system -> image and the forward, and every cell); --crossover times the fused
+implementation's spans and rows paths on question-pass calls (fused.choose_path).
 """
 
 import argparse

@@ -23,6 +23,12 @@ Under plain causal masking, query rows before the first position the rule can ch
 first source key, or the first recipient key, whichever comes later) keep plain attention
 and take one SDPA call: in a long any-res prompt under system -> text, nearly all rows.
 
+Without a profile, the rows a rule can change may take a cheaper path than the spans
+(choose_path, PATHS): a few rows' weights materialised ("rows": the question pass of a
+small model), or one SDPA call with the source's keys masked where the rule is exactly that
+("masked": system -> image in the image prefix pass). Every path is exact (the tests force
+each, forced_path); the job's kernel_path names the ones taken.
+
 The rules' merges (rules.py): the redistribution as above; the scale baseline adds
 ln(factor) to one modality's LSE; PAI changes one score row per sequence (the answer's)
 and so is plain SDPA plus that row, materialised (its own `fused`).

@@ -395,3 +395,23 @@ def test_path_by_shape_forced_and_recorded(monkeypatch):
         rows = key_modality[:, 24 - 9 :] != 0
         assert torch.allclose(got.transpose(1, 2)[rows], want.transpose(1, 2)[rows], atol=1e-5)
     assert kernels.path_label({"rows", "cpu_flash", "math"}) == "cpu_flash+rows+math"
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("q_len", [20, 16, 3])
+def test_masked_source_in_an_unpadded_causal_call(q_len, path):
+    """System -> every other modality on a plain causal call whose system keys come first
+    in every sequence (an unpadded prefix pass: the masked path's maskless causal call when
+    square), and on the last rows of one (a cache), equals eager on every row."""
+    import sysattn_exp.attention.fused as fused
+    from sysattn_exp.attention.intervention import eager_edited_attention
+
+    torch.manual_seed(2)
+    key_modality = torch.tensor([[1] * 5 + [2] * 10 + [3] * 5] * 2)
+    q, k, v = torch.randn(2, 4, q_len, 8), torch.randn(2, 2, 20, 8), torch.randn(2, 2, 20, 8)
+    mask = None if q_len == 20 else torch.ones(20, 20, dtype=torch.bool).tril()[20 - q_len :]
+    mask = None if mask is None else mask[None, None].expand(2, 1, q_len, 20)
+    edit = Redistribution("system", ("image", "text"), frozenset({0}))
+    want = eager_edited_attention(q, k, v, mask, 0.3, key_modality, edit)
+    got = fused.fused_edited_attention(q, k, v, mask, 0.3, key_modality, edit)
+    assert torch.allclose(got, want, atol=1e-5)

@@ -113,11 +113,10 @@ def modality_attention(
         )
     changed = q_len - unchanged
     path = "spans" if profile is not None else choose_path(rule, query, key, changed, key_modality)
-    if path != "spans":
+    if path == "masked":
         kernels.note_path(path)
-        attend = rows_attention if path == "rows" else masked_source_attention
-        out[:, :, unchanged:] = attend(
-            query, key, value, attention_mask, scaling, key_modality, rule, unchanged
+        out[:, :, unchanged:] = masked_source_attention(
+            query, key, value, attention_mask, scaling, key_modality, rule, unchanged, spans
         )
         return out
     block_rows = max(1, BLOCK_ENTRIES // k_len)
@@ -201,16 +200,29 @@ def choose_path(rule, query, key, changed_rows: int, key_modality=None) -> str:
 
 
 def masked_source_attention(
-    query, key, value, attention_mask, scaling, key_modality, rule, start: int
+    query, key, value, attention_mask, scaling, key_modality, rule, start: int, spans=None
 ):
     """The rule's output (B, H, Q - start, D) for the query rows from `start` on where it
     is attention with the source's keys hidden (Rule.masked_source): one SDPA call per
     block of rows, the mask the model's visible keys less the source's. A row the rule
     leaves as it is (it sees no source key or no other key, or is padding) gets plain
-    attention, from a second call only where some row of the block needs it."""
+    attention, from a second call only where some row of the block needs it. With
+    `spans` (ModalitySpan by name), a square call under plain causal masking whose source
+    keys are the first ones of every sequence (system -> image in an unpadded prefix pass)
+    is causal attention over the keys after them: no mask at all."""
     batch, heads, q_len, dim = query.shape
     k_len = key.shape[2]
-    is_source = (key_modality == rule.masked_source(key_modality))[:, None, None, :]
+    code = rule.masked_source(key_modality)
+    source = next((s for n, s in (spans or {}).items() if MODALITIES[n] == code), None)
+    first_keys = source is not None and source.present and source.clean and source.lo == 0
+    if first_keys and start == source.hi and q_len == k_len:
+        # Row p >= hi sees keys hi..p (the source's end on, causally): no source key.
+        rest = slice(start, None)
+        return torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, rest], key[:, :, rest], value[:, :, rest],
+            is_causal=True, scale=scaling, enable_gqa=True,
+        )  # fmt: skip
+    is_source = (key_modality == code)[:, None, None, :]
     query_is_real = (key_modality[:, k_len - q_len :] != PAD)[:, None, :]
     out = torch.empty(batch, heads, q_len - start, dim, dtype=query.dtype, device=query.device)
     block_rows = max(1, BLOCK_ENTRIES // k_len)

@@ -8,6 +8,8 @@ shape (576 image tokens, its system prompt, ~20-token questions) that a 2-core C
     python scripts/bench.py --quick                              # under a minute
     python scripts/bench.py --smoke                              # runs, numbers meaningless
     python scripts/bench.py --device cuda --model llava15_7b     # the real model on a GPU
+    python scripts/bench.py --grid --json outputs/bench_grid.json # over a grid of shapes
+    python scripts/bench.py --crossover                          # the fused paths' crossover
 
 Figures (each a ratio): overhead_ratio (forward with a Q4 system->text redistribution over
 a plain SDPA forward), runner_overhead_ratio (the same intervention inside the runner's real
@@ -31,6 +33,11 @@ per generated token with a Q4 system->text redistribution over the baseline's, s
 stats_seconds_beaf_size (seconds, not a ratio: all statistics of one BEAF-sized job, 26,118
 items and 10,000 paired resamples, on one CPU core, in a process of its own:
 scripts/bench_stats.py).
+
+--grid measures the runner- and forward-level overheads over a covering array of model and
+prompt shapes instead (bench_grid.py: grid_runner_overhead_worst / _median, the same for
+system -> image and the forward, and every cell); --crossover times the fused
+implementation's spans and rows paths on question-pass calls (fused.choose_path).
 """
 
 import argparse
@@ -42,6 +49,7 @@ import sys
 import time
 from pathlib import Path
 
+import bench_grid
 import torch
 from bench_stats import ONE_CORE
 from PIL import Image
@@ -539,7 +547,19 @@ def main() -> None:
         "--shape", choices=["llava15", "next"], default="llava15", help=argparse.SUPPRESS
     )
     parser.add_argument("--next-grid", type=int, nargs=2, default=[2, 2], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--grid",
+        action="store_true",
+        help="only the overhead over the grid of shapes (bench_grid.py; with --quick: 2 cells)",
+    )
+    parser.add_argument(
+        "--crossover",
+        action="store_true",
+        help="only the spans vs rows paths' times per call shape (fused.choose_path)",
+    )
     args = parser.parse_args()
+    if args.grid or args.crossover:
+        return grid_main(args)
     if args.smoke:  # LLaVA-NeXT with no crops (631 tokens); 1,024-token memory probe
         args.quick, args.next_grid, args.tokens = True, [0, 1], 1024
     if args.memory_probe:
@@ -580,6 +600,19 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(text + "\n")
+
+
+def grid_main(args) -> None:
+    """--grid (the covering-array grid of shapes, or --quick's 2 cells) or --crossover."""
+    if args.crossover:
+        figures = bench_grid.crossover(repeats=3 if args.quick else 7)
+    else:
+        repeats = 2 if args.quick else 3
+        figures = bench_grid.grid(args.quick, repeats, (answer_words, forward_runs))
+        figures |= {"quick": args.quick, "repeats": repeats}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

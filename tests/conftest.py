@@ -25,6 +25,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def fused_path(request):
+    """A test parametrized with `path` (tests/paths.py IMPL_PATHS) runs the fused
+    implementation on that path (fused.forced_path); other tests take it by shape."""
+    from sysattn_exp.attention.fused import forced_path
+
+    callspec = getattr(request.node, "callspec", None)
+    with forced_path(callspec.params.get("path") if callspec else None):
+        yield
+
+
 @pytest.fixture(scope="session")
 def gqa_llava():
     """A random LLaVA unlike the builtin tiny one: 6 layers, 6 heads over 3 KV heads, and

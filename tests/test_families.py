@@ -8,9 +8,11 @@ bidirectional image blocks (Gemma 3), soft-capped logits (Gemma 2), multimodal R
 import pytest
 import torch
 from conftest import make_image
+from paths import IMPL_PATHS
 from reference import REFERENCE_NAME, STATE, reference_setup
 from tiny_families import BUILDERS
 
+from sysattn_exp.attention.fused import forced_path
 from sysattn_exp.attention.modality import IMAGE, SYSTEM, TEXT
 from sysattn_exp.attention.profile import AttentionProfile
 from sysattn_exp.attention.rules import Pai, Redistribution, Scale
@@ -202,11 +204,12 @@ def test_rule_matches_reference(family, rule_name):
     layers = late_layers(loaded)
     edit_kwargs, rule = rules(layers)[rule_name]
     want = reference_logits(loaded, prompts, inputs, rule)
-    for impl in ("fused", "eager"):
+    for impl, path in IMPL_PATHS:  # each implementation, the fused one on each path
         edit = build(edit_kwargs, layers, impl)
-        got = logits(loaded, inputs, key_modality=key_modality, attention_edit=edit)
+        with forced_path(path):
+            got = logits(loaded, inputs, key_modality=key_modality, attention_edit=edit)
         error = (got[real] - want[real]).abs().max()
-        assert error <= 1e-5, f"{impl}: {error}"
+        assert error <= 1e-5, f"{impl} {path}: {error}"
     if rule_name == "system->text" or (is_vlm(loaded) and rule_name in ("image->text", "pai")):
         baseline = logits(loaded, inputs, key_modality=key_modality, attention_edit=None)
         assert (baseline[real] - got[real]).abs().max() > 1e-4, "the rule changed nothing"
@@ -359,11 +362,12 @@ def test_rule_on_chosen_heads_matches_reference(family, rule_name):
     heads = tuple((layer, (layer + k) % n_heads) for layer in sorted(layers)[:-1] for k in (0, 3))
     edit_kwargs, rule = rules(layers)[rule_name]
     want = reference_logits(loaded, prompts, inputs, rule | {"heads": set(heads)})
-    for impl in ("fused", "eager"):
+    for impl, path in IMPL_PATHS:  # each implementation, the fused one on each path
         edit = build(edit_kwargs | {"heads": heads}, layers, impl)
-        got = logits(loaded, inputs, key_modality=key_modality, attention_edit=edit)
+        with forced_path(path):
+            got = logits(loaded, inputs, key_modality=key_modality, attention_edit=edit)
         error = (got[real] - want[real]).abs().max()
-        assert error <= 1e-5, f"{impl}: {error}"
+        assert error <= 1e-5, f"{impl} {path}: {error}"
 
 
 def test_logit_lens_reads_every_layer(family):

@@ -14,6 +14,7 @@ from test_caption_job import write_coco
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from sysattn_exp.attention import kernels
+from sysattn_exp.attention.fused import forced_path
 from sysattn_exp.attention.intervention import EditNotApplied, watch_edits
 from sysattn_exp.attention.modality import SYSTEM, TEXT
 from sysattn_exp.attention.rules import Redistribution
@@ -79,7 +80,8 @@ def test_the_guarded_job_reports_its_layers_kernels_and_environment(tmp_path, mo
     config.yaml and the MLflow run (a real SQLite store) hold the environment."""
     cache = f"runtime.cache_dir={tmp_path / 'cache'}"
     for _ in range(2):
-        code, stderr = run_main_stderr((*JOB, cache), tmp_path, monkeypatch, capsys)
+        with forced_path("spans"):  # the kernels' path (the tiny model's calls take rows)
+            code, stderr = run_main_stderr((*JOB, cache), tmp_path, monkeypatch, capsys)
         assert code == 0, stderr[-2000:]
     first, again = sorted((tmp_path / "outputs" / "runs").iterdir())
     for job, from_cache in ((first, 0), (again, 4)):
@@ -108,9 +110,10 @@ def run_with_cpu_kernel(name, function, tmp_path, monkeypatch, capsys) -> tuple[
     kernel = kernels.Kernel(name, function, frozenset({torch.float32}), accepts_mask=True)
     monkeypatch.setitem(kernels.KERNELS, "cpu", [kernel])
     monkeypatch.setattr(kernels, "_verdicts", {})
-    return run_main_stderr(
-        (*JOB, f"runtime.cache_dir={tmp_path / 'cache'}"), tmp_path, monkeypatch, capsys
-    )
+    with forced_path("spans"):  # the path that uses kernels (the rows path has none)
+        return run_main_stderr(
+            (*JOB, f"runtime.cache_dir={tmp_path / 'cache'}"), tmp_path, monkeypatch, capsys
+        )
 
 
 def test_out_of_memory_in_attention_is_one_line(tmp_path, monkeypatch, capsys):
@@ -159,8 +162,9 @@ def test_the_count_is_per_pass_and_per_thread(gqa_llava):
 
 
 def test_a_caption_job_is_guarded_and_reports_its_layers(tmp_path, monkeypatch, capsys):
-    """+task=caption generates through the same guard: the count in its metrics, and a
-    decoder layer that drops the edit stops it with one line."""
+    """+task=caption generates through the same guard: the count in its metrics (each call
+    a few rows: the rows path), and a decoder layer that drops the edit stops it with one
+    line."""
     data = write_coco(tmp_path / "coco")
     job = (
         "+task=caption",
@@ -176,7 +180,7 @@ def test_a_caption_job_is_guarded_and_reports_its_layers(tmp_path, monkeypatch, 
     assert code == 0, stderr[-2000:]
     (done,) = (tmp_path / "outputs" / "runs").iterdir()
     metrics = json.loads((done / "metrics.json").read_text())
-    assert metrics["edited_layers"] == 2 and metrics["kernel_path"] == "cpu_flash"
+    assert metrics["edited_layers"] == 2 and metrics["kernel_path"] == "rows"
     assert "environment" in yaml.safe_load((done / "config.yaml").read_text())
     drop_the_edit(monkeypatch, lambda layer, h: True)
     code, stderr = run_main_stderr(job, tmp_path, monkeypatch, capsys)

@@ -13,6 +13,7 @@ import reference
 import torch
 import yaml
 from cli import run_cli, run_main_stderr
+from paths import IMPL_PATHS
 from test_intervention_exact import padded_batch, reference_logits, sysattn_logits  # noqa: F401
 
 from sysattn_exp.attention.intervention import sysattn_attention
@@ -28,7 +29,6 @@ from sysattn_exp.models.loading import use_sysattn
 # 5 KV head 2; layer 5 keeps every head plain although it is an edited layer.
 HEADS = ((3, 0), (3, 5), (4, 1), (4, 2))
 LAYERS = frozenset({3, 4, 5})
-IMPLS = ["fused", "eager"]
 
 RULES = {
     "system->text": (
@@ -55,9 +55,9 @@ RULES = {
 }
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl,path", IMPL_PATHS)
 @pytest.mark.parametrize("name", list(RULES))
-def test_rule_on_chosen_heads_matches_reference(gqa_llava, padded_batch, name, impl):  # noqa: F811
+def test_rule_on_chosen_heads_matches_reference(gqa_llava, padded_batch, name, impl, path):  # noqa: F811
     model, _ = gqa_llava
     make, rule = RULES[name]
     real = padded_batch["attention_mask"].bool()

@@ -6,9 +6,12 @@ import itertools
 import pytest
 import torch
 from conftest import make_image
+from paths import IMPL_PATHS
 from reference import REFERENCE_NAME, reference_setup
 
-from sysattn_exp.attention.rules import Redistribution, Scale
+from sysattn_exp.attention.fused import PATHS
+from sysattn_exp.attention.intervention import eager_edited_attention
+from sysattn_exp.attention.rules import Redistribution, Rule, Scale
 from sysattn_exp.evaluation.scoring import left_padded_position_ids
 from sysattn_exp.models.loading import use_sysattn
 from sysattn_exp.models.prompts import build_prompt
@@ -75,12 +78,9 @@ def padded_batch(gqa_llava):
     return batch_inputs(gqa_llava[1], [SYSTEM_PROMPT, "", SYSTEM_PROMPT])
 
 
-IMPLS = ["fused", "eager"]
-
-
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl,path", IMPL_PATHS)
 @pytest.mark.parametrize("source,recipients", list(all_rules()))
-def test_redistribution_matches_reference(gqa_llava, padded_batch, source, recipients, impl):
+def test_redistribution_matches_reference(gqa_llava, padded_batch, source, recipients, impl, path):
     model, _ = gqa_llava
     layers = frozenset({3, 4, 5})
     real = padded_batch["attention_mask"].bool()
@@ -100,9 +100,9 @@ def test_baseline_matches_reference(gqa_llava, padded_batch):
     assert torch.allclose(got[real], want[real], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl,path", IMPL_PATHS)
 @pytest.mark.parametrize("layers", [frozenset(range(6)), frozenset({0}), frozenset({2, 3})])
-def test_layer_selection_matches_reference(gqa_llava, padded_batch, layers, impl):
+def test_layer_selection_matches_reference(gqa_llava, padded_batch, layers, impl, path):
     model, _ = gqa_llava
     real = padded_batch["attention_mask"].bool()
     edit = Redistribution("system", ("image",), layers, impl)
@@ -112,8 +112,8 @@ def test_layer_selection_matches_reference(gqa_llava, padded_batch, layers, impl
     assert torch.allclose(got[real], want[real], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_unpadded_single_prompt_matches_reference(gqa_llava, impl):
+@pytest.mark.parametrize("impl,path", IMPL_PATHS)
+def test_unpadded_single_prompt_matches_reference(gqa_llava, impl, path):
     """One unpadded row: transformers passes attention_mask=None (causal)."""
     model, processor = gqa_llava
     inputs = processor(
@@ -129,11 +129,13 @@ def test_unpadded_single_prompt_matches_reference(gqa_llava, impl):
     assert torch.allclose(got, want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("source,recipients", list(all_rules()))
 def test_fused_equals_eager_in_small_query_blocks(
-    gqa_llava, padded_batch, monkeypatch, source, recipients
+    gqa_llava, padded_batch, monkeypatch, source, recipients, path
 ):
-    """Blocks of a few query rows exercise the block loop (padding, spans across blocks)."""
+    """Blocks of a few query rows exercise the block loop (padding, spans across blocks),
+    on either path (rows: blocks of 7 rows of every sequence and head)."""
     import sysattn_exp.attention.fused as fused
 
     model, _ = gqa_llava
@@ -141,6 +143,7 @@ def test_fused_equals_eager_in_small_query_blocks(
     layers = frozenset(range(6))
     eager = sysattn_logits(model, padded_batch, Redistribution(source, recipients, layers, "eager"))
     monkeypatch.setattr(fused, "BLOCK_ENTRIES", 7 * padded_batch["input_ids"].shape[1])
+    monkeypatch.setattr(fused, "ROWS_BLOCK_ENTRIES", 7 * padded_batch["input_ids"].numel() * 6)
     fused = sysattn_logits(model, padded_batch, Redistribution(source, recipients, layers, "fused"))
     assert torch.allclose(fused[real], eager[real], atol=1e-5, rtol=0)
 
@@ -181,14 +184,18 @@ def layout(padding: str) -> torch.Tensor:
 @pytest.mark.parametrize("block", [None, 5])
 @pytest.mark.parametrize("source,recipients", list(all_rules()))
 @pytest.mark.parametrize("variant", [{}, {"fraction": 0.3, "mode": "uniform"}])
-def test_fused_kernel_equals_eager(monkeypatch, padding, q_len, block, source, recipients, variant):
+@pytest.mark.parametrize("path", PATHS)
+def test_fused_kernel_equals_eager(
+    monkeypatch, padding, q_len, block, source, recipients, variant, path
+):
     """The attention functions alone on random tensors: clean and masked spans, queries
     that start inside a span (a cache), small query blocks."""
     import sysattn_exp.attention.fused as fused
     from sysattn_exp.attention.intervention import eager_edited_attention
 
-    if block:
+    if block:  # blocks of `block` query rows on either path
         monkeypatch.setattr(fused, "BLOCK_ENTRIES", block * 24)
+        monkeypatch.setattr(fused, "ROWS_BLOCK_ENTRIES", block * 24 * 3 * 4)
     torch.manual_seed(1)
     key_modality = layout(padding)
     q, k, v = torch.randn(3, 4, q_len, 8), torch.randn(3, 2, 24, 8), torch.randn(3, 2, 24, 8)
@@ -209,14 +216,14 @@ VARIANTS = [
 ]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl,path", IMPL_PATHS)
 @pytest.mark.parametrize("variant", [v for v, _ in VARIANTS])
 @pytest.mark.parametrize(
     "source,recipients",
     [("system", ("text",)), ("system", ("image", "text")), ("image", ("system",))],
 )
 def test_dose_and_uniform_match_reference(
-    gqa_llava, padded_batch, source, recipients, variant, impl
+    gqa_llava, padded_batch, source, recipients, variant, impl, path
 ):
     model, _ = gqa_llava
     layers = frozenset({2, 4, 5})
@@ -231,9 +238,9 @@ def test_dose_and_uniform_match_reference(
     assert torch.allclose(got[real], want[real], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl,path", IMPL_PATHS)
 @pytest.mark.parametrize("modality,factor", [("image", 2.0), ("system", 0.5), ("text", 3.0)])
-def test_scale_matches_reference(gqa_llava, padded_batch, modality, factor, impl):
+def test_scale_matches_reference(gqa_llava, padded_batch, modality, factor, impl, path):
     from sysattn_exp.attention.rules import Scale
 
     model, _ = gqa_llava
@@ -263,9 +270,9 @@ def test_fraction_zero_is_the_baseline_and_one_is_the_full_rule(gqa_llava, padde
     assert torch.allclose(full[real], reference_logits(model, padded_batch, rule)[real], atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl,path", IMPL_PATHS)
 @pytest.mark.parametrize("alpha", [0.2, 20.0])
-def test_pai_matches_reference(gqa_llava, padded_batch, alpha, impl):
+def test_pai_matches_reference(gqa_llava, padded_batch, alpha, impl, path):
     from sysattn_exp.attention.rules import Pai
 
     model, _ = gqa_llava
@@ -336,3 +343,75 @@ def test_attention_sinks_take_mass_and_give_none(rule):
                     weights = edit_row(weights, [row_names[j] for j in seen], rule)
                 want = (weights[:, None] * v[b, h // 2, seen].double()).sum(0)
                 assert torch.allclose(got[b, i, h].double(), want, atol=1e-5)
+
+
+class WeightsUntouched(Redistribution):
+    """A plug-in rule with a merge and no eager edit of its own: no rows path."""
+
+    eager_weights = Rule.eager_weights
+
+
+def test_path_by_shape_forced_and_recorded(monkeypatch):
+    """A few rows' weights are materialised (rows), many take spans, by the number of
+    weights (ROWS_PATH_MAX_ENTRIES); a rule that only hides its source's keys takes one
+    masked SDPA call; forced_path overrides; kernel_path records the path."""
+    import sysattn_exp.attention.fused as fused
+    from sysattn_exp.attention import kernels
+
+    torch.manual_seed(0)
+    key_modality = layout("left")  # system, image and text keys
+    q, k, v = torch.randn(3, 4, 9, 8), torch.randn(3, 2, 24, 8), torch.randn(3, 2, 24, 8)
+    edit = Redistribution("system", ("text",), frozenset({0}))
+    assert fused.choose_path(edit, q, k, 9, key_modality) == "rows"  # 3 x 4 x 9 x 24 weights
+    monkeypatch.setattr(fused, "ROWS_PATH_MAX_ENTRIES", 3 * 4 * 9 * 24 - 1)
+    assert fused.choose_path(edit, q, k, 9, key_modality) == "spans"
+    assert fused.choose_path(edit, q, k, 8, key_modality) == "rows"
+    # Masked: all of the source's mass to every other modality present, in proportion.
+    every_other = Redistribution("system", ("image", "text"), frozenset({0}))
+    assert fused.choose_path(every_other, q, k, 9, key_modality) == "masked"
+    no_text = torch.where(key_modality == 3, 2, key_modality)
+    assert fused.choose_path(edit, q, k, 9, no_text) == "spans"  # image keys keep their mass
+    assert fused.choose_path(Redistribution("system", ("image",), {0}), q, k, 9, no_text) == (
+        "masked"
+    )
+    for variant in ({"fraction": 0.5}, {"mode": "uniform"}):
+        dose = Redistribution("system", ("image", "text"), frozenset({0}), **variant)
+        assert dose.masked_source(key_modality) is None
+    with fused.forced_path("rows"):
+        assert fused.choose_path(edit, q, k, 9, key_modality) == "rows"
+        untouched = WeightsUntouched("system", ("text",), frozenset({0}))
+        assert fused.choose_path(untouched, q, k, 1, key_modality) == "spans"
+    with fused.forced_path("masked"):  # not this rule's: by shape
+        assert fused.choose_path(edit, q, k, 9, key_modality) == "spans"
+    with pytest.raises(ValueError, match="allowed: spans, rows, masked"), fused.forced_path("x"):
+        pass
+    causal = torch.ones(24, 24, dtype=torch.bool).tril()[24 - 9 :]
+    mask = (causal[None] & (key_modality != 0)[:, None, :])[:, None]
+    want = eager_edited_attention(q, k, v, mask, 0.3, key_modality, every_other)
+    for path in fused.PATHS:
+        with fused.forced_path(path), kernels.record_paths() as paths:
+            got = fused.fused_edited_attention(q, k, v, mask, 0.3, key_modality, every_other)
+        assert {"rows", "masked"} & paths == ({path} - {"spans"})
+        rows = key_modality[:, 24 - 9 :] != 0
+        assert torch.allclose(got.transpose(1, 2)[rows], want.transpose(1, 2)[rows], atol=1e-5)
+    assert kernels.path_label({"rows", "cpu_flash", "math"}) == "cpu_flash+rows+math"
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("q_len", [20, 16, 3])
+def test_masked_source_in_an_unpadded_causal_call(q_len, path):
+    """System -> every other modality on a plain causal call whose system keys come first
+    in every sequence (an unpadded prefix pass: the masked path's maskless causal call when
+    square), and on the last rows of one (a cache), equals eager on every row."""
+    import sysattn_exp.attention.fused as fused
+    from sysattn_exp.attention.intervention import eager_edited_attention
+
+    torch.manual_seed(2)
+    key_modality = torch.tensor([[1] * 5 + [2] * 10 + [3] * 5] * 2)
+    q, k, v = torch.randn(2, 4, q_len, 8), torch.randn(2, 2, 20, 8), torch.randn(2, 2, 20, 8)
+    mask = None if q_len == 20 else torch.ones(20, 20, dtype=torch.bool).tril()[20 - q_len :]
+    mask = None if mask is None else mask[None, None].expand(2, 1, q_len, 20)
+    edit = Redistribution("system", ("image", "text"), frozenset({0}))
+    want = eager_edited_attention(q, k, v, mask, 0.3, key_modality, edit)
+    got = fused.fused_edited_attention(q, k, v, mask, 0.3, key_modality, edit)
+    assert torch.allclose(got, want, atol=1e-5)

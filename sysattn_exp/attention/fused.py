@@ -23,13 +23,20 @@ Under plain causal masking, query rows before the first position the rule can ch
 first source key, or the first recipient key, whichever comes later) keep plain attention
 and take one SDPA call: in a long any-res prompt under system -> text, nearly all rows.
 
+Without a profile, the rows a rule can change may take a cheaper path than the spans
+(choose_path, PATHS): a few rows' weights materialised ("rows": the question pass of a
+small model), or one SDPA call with the source's keys masked where the rule is exactly that
+("masked": system -> image in the image prefix pass). Every path is exact (the tests force
+each, forced_path); the job's kernel_path names the ones taken.
+
 The rules' merges (rules.py): the redistribution as above; the scale baseline adds
 ln(factor) to one modality's LSE; PAI changes one score row per sequence (the answer's)
 and so is plain SDPA plus that row, materialised (its own `fused`).
 """
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -79,9 +86,15 @@ def modality_attention(
     """Attention as each modality's (o_X, LSE_X), merged per block of query rows by
     `rule.merge` (rule None: plain attention, sum_X A_X o_X). Under plain causal masking
     the rows before rule.first_changed_position take one plain SDPA call (not where a
-    profile records every row's shares)."""
-    out = torch.empty_like(query)
+    profile records every row's shares). Without a profile the rule's rows may take
+    another path (choose_path): all of them materialised where there are few (no span
+    is needed then: rows the rule cannot change come out of its eager edit unchanged),
+    or those it can change in one masked SDPA call."""
     q_len, k_len = query.shape[2], key.shape[2]
+    if profile is None and choose_path(rule, query, key, q_len, key_modality) == "rows":
+        kernels.note_path("rows")
+        return rows_attention(query, key, value, attention_mask, scaling, key_modality, rule, 0)
+    out = torch.empty_like(query)
     n_rep = query.shape[1] // key.shape[1]
     causal_only = masks_only_causally(attention_mask, key_modality, q_len, k_len)
     spans = {
@@ -98,6 +111,14 @@ def modality_attention(
         out[:, :, :unchanged] = plain_attention(
             query, key, value, attention_mask, scaling, unchanged
         )
+    changed = q_len - unchanged
+    path = "spans" if profile is not None else choose_path(rule, query, key, changed, key_modality)
+    if path == "masked":
+        kernels.note_path(path)
+        out[:, :, unchanged:] = masked_source_attention(
+            query, key, value, attention_mask, scaling, key_modality, rule, unchanged, spans
+        )
+        return out
     block_rows = max(1, BLOCK_ENTRIES // k_len)
     for start in range(unchanged, q_len, block_rows):
         rows = slice(start, min(start + block_rows, q_len))
@@ -115,6 +136,142 @@ def modality_attention(
             shares = {name: a[..., 0] for name, (_, a) in shares.items()}
             shares[FIRST_KEY] = first_key.share(rule, parts, block)
             profile.record(layer, shares, key_modality, rows, q_len)
+    return out
+
+
+# The ways to compute the rows a rule can change. "spans": each modality's (o_X, LSE_X) from
+# attention calls on its span of keys, merged by the rule (no weight matrix: what long
+# prompts need). "rows": the rows' weights materialised, (n x K) per head: one matmul, the
+# softmax, the rule's eager edit, one matmul; for a few rows (the question pass: 10-40
+# query rows against the cached prefix's keys, few heads) cheaper than several span calls
+# and their merge. "masked": where the rule is the same as hiding its source's keys
+# (Rule.masked_source: e.g. a full proportional redistribution whose recipients are every
+# other modality of the call, as system -> image in the image prefix pass), one SDPA call
+# with the source's keys masked out. choose_path picks masked where the rule allows it,
+# else rows by the weights it would materialise (ROWS_PATH_MAX_ENTRIES), else spans.
+PATHS = ("spans", "rows", "masked")
+# Measured crossover (scripts/bench.py --crossover: one question-pass call, system->text,
+# spans vs rows interleaved, medians of 7, 2-core CPU, float32, 2026-12-01, the machine
+# loaded by other work): rows was faster only for the smallest calls, e.g. 1 sequence x
+# 8 heads x 8-32 rows x 650 keys (41k-166k weights: rows 0.2-0.8x spans' time), and
+# slower from ~150k weights on (1 x 32 x 8 x 650: 1.07x; 1 x 8 x 8 x 2,950: 1.18x;
+# 8 x 32 x 16 x 2,950: 1.9x; 64 rows and more: 2-6x). Its elementwise edit over every
+# (row, key) costs more than the span calls' fixed cost beyond that.
+ROWS_PATH_MAX_ENTRIES = 1 << 17
+# The rows path materialises the weights of at most this many (sequence, head, row, key)
+# entries at a time (64 MiB in float32), taking the rows in blocks beyond it.
+ROWS_BLOCK_ENTRIES = 1 << 24
+_forced_path: str | None = None  # set by forced_path (tests run every path on every rule)
+
+
+@contextmanager
+def forced_path(path: str | None) -> Iterator[None]:
+    """Make every fused call with a rule take `path` (one of PATHS; None: by shape) while
+    the block runs: how the exactness tests run each path against the reference. A rule
+    without an eager edit (eager_weights / eager_scores) has no rows path and keeps spans."""
+    global _forced_path
+    if path is not None and path not in PATHS:
+        raise ValueError(f"path {path!r} is unknown; allowed: {', '.join(PATHS)}")
+    before, _forced_path = _forced_path, path
+    try:
+        yield
+    finally:
+        _forced_path = before
+
+
+def choose_path(rule, query, key, changed_rows: int, key_modality=None) -> str:
+    """The path for a call whose rule can change `changed_rows` of the query rows (PATHS):
+    masked where the rule is the same as hiding its source's keys in this call (key_modality
+    (B, K) given), else rows where their weights, sequences x heads x rows x keys, are at
+    most ROWS_PATH_MAX_ENTRIES, else spans; or the forced path, where the rule allows it (a
+    forced masked path the rule does not allow here takes the choice by shape). A rule
+    without a (B, H, Q, K) edit of its own (a plug-in defining merge only:
+    Rule.edits_weights) always takes spans; so does plain attention (no rule)."""
+    if rule is None or not rule.edits_weights():
+        return "spans"
+    masked = key_modality is not None and rule.masked_source(key_modality) is not None
+    if _forced_path is not None and (_forced_path != "masked" or masked):
+        return _forced_path
+    if masked:
+        return "masked"
+    batch, heads = query.shape[:2]
+    entries = batch * heads * changed_rows * key.shape[2]
+    return "rows" if entries <= ROWS_PATH_MAX_ENTRIES else "spans"
+
+
+def masked_source_attention(
+    query, key, value, attention_mask, scaling, key_modality, rule, start: int, spans=None
+):
+    """The rule's output (B, H, Q - start, D) for the query rows from `start` on where it
+    is attention with the source's keys hidden (Rule.masked_source): one SDPA call per
+    block of rows, the mask the model's visible keys less the source's. A row the rule
+    leaves as it is (it sees no source key or no other key, or is padding) gets plain
+    attention, from a second call only where some row of the block needs it. With
+    `spans` (ModalitySpan by name), a square call under plain causal masking whose source
+    keys are the first ones of every sequence (system -> image in an unpadded prefix pass)
+    is causal attention over the keys after them: no mask at all."""
+    batch, heads, q_len, dim = query.shape
+    k_len = key.shape[2]
+    code = rule.masked_source(key_modality)
+    source = next((s for n, s in (spans or {}).items() if MODALITIES[n] == code), None)
+    first_keys = source is not None and source.present and source.clean and source.lo == 0
+    if first_keys and start == source.hi and q_len == k_len:
+        # Row p >= hi sees keys hi..p (the source's end on, causally): no source key.
+        rest = slice(start, None)
+        return torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, rest], key[:, :, rest], value[:, :, rest],
+            is_causal=True, scale=scaling, enable_gqa=True,
+        )  # fmt: skip
+    is_source = (key_modality == code)[:, None, None, :]
+    query_is_real = (key_modality[:, k_len - q_len :] != PAD)[:, None, :]
+    out = torch.empty(batch, heads, q_len - start, dim, dtype=query.dtype, device=query.device)
+    block_rows = max(1, BLOCK_ENTRIES // k_len)
+    for first in range(start, q_len, block_rows):
+        rows = slice(first, min(first + block_rows, q_len))
+        visible = LazyVisible(attention_mask, rows, q_len, k_len, query.device).get()
+        others = visible & ~is_source  # (B, 1, n, K)
+        change = others.any(-1) & (visible & is_source).any(-1) & query_is_real[:, :, rows]
+        q = query[:, :, rows]
+        o = sdpa(q, key, value, others, scaling)
+        if not bool(change.all()):
+            o = torch.where(change[..., None], o, sdpa(q, key, value, visible, scaling))
+        out[:, :, rows.start - start : rows.stop - start] = o
+    return out
+
+
+def sdpa(query, key, value, mask, scaling):
+    """SDPA of the query rows over every key under a boolean mask (B|1, 1, n, K)."""
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True
+    )
+
+
+def rows_attention(query, key, value, attention_mask, scaling, key_modality, rule, start: int):
+    """The rule's output (B, H, Q - start, D) for the query rows from `start` on, from their
+    weights materialised in float32: scores (grouped-query heads folded into the rows, so
+    K and V are never repeated), the rule's eager_scores, the mask, the softmax (a row that
+    sees no key gets zeros), the rule's eager_weights, the values: exactly
+    intervention.eager_edited_attention on those rows. Rows are taken in blocks of at most
+    ROWS_BLOCK_ENTRIES weights."""
+    batch, heads, q_len, dim = query.shape
+    k_len, kv_heads = key.shape[2], key.shape[1]
+    n_rep = heads // kv_heads
+    key_t, value_f = key.float().transpose(2, 3), value.float()
+    query_is_real = key_modality[:, k_len - q_len :] != PAD
+    out = torch.empty(batch, heads, q_len - start, dim, dtype=query.dtype, device=query.device)
+    block_rows = max(1, ROWS_BLOCK_ENTRIES // (batch * heads * k_len))
+    for first in range(start, q_len, block_rows):
+        rows = slice(first, min(first + block_rows, q_len))
+        n = rows.stop - rows.start
+        folded = query[:, :, rows].reshape(batch, kv_heads, n_rep * n, dim)  # row r * n + i
+        scores = torch.matmul(folded.float(), key_t).view(batch, heads, n, k_len) * scaling
+        scores = rule.eager_scores(scores, key_modality)
+        visible = LazyVisible(attention_mask, rows, q_len, k_len, query.device).get()
+        weights = torch.softmax(scores.masked_fill(~visible, -math.inf), dim=-1).nan_to_num(0.0)
+        weights = rule.eager_weights(weights, visible, key_modality, query_is_real[:, rows])
+        folded = weights.view(batch, kv_heads, n_rep * n, k_len)
+        o = torch.matmul(folded, value_f).view(batch, heads, n, dim)
+        out[:, :, rows.start - start : rows.stop - start] = o.to(query.dtype)
     return out
 
 

@@ -318,18 +318,23 @@ def planned_path(device: torch.device, dtype: torch.dtype, head_dim: int) -> str
     return path_label(paths)
 
 
+# Paths that are not kernels: the fused implementation's materialised rows (fused.PATHS),
+# the float32 math path and the eager implementation; kernel_path lists them last.
+NOT_KERNELS = ("rows", MATH, "eager")
+
+
 def path_label(paths) -> str:
-    """Kernel names (sorted), then "math" and "eager", joined by "+"; "sdpa" when none ran
-    (every attention call was plain SDPA: the unchanged model)."""
-    last = [name for name in (MATH, "eager") if name in paths]
-    return "+".join(sorted(set(paths) - {MATH, "eager"}) + last) or "sdpa"
+    """Kernel names (sorted), then "rows", "math" and "eager", joined by "+"; "sdpa" when
+    none ran (every attention call was plain SDPA: the unchanged model)."""
+    last = [name for name in NOT_KERNELS if name in paths]
+    return "+".join(sorted(set(paths) - set(NOT_KERNELS)) + last) or "sdpa"
 
 
 _usage = threading.local()  # .recorders: the sets record_paths() gave out, in this thread
 
 
 def note_path(name: str) -> None:
-    """Record that `name` (a kernel, "math" or "eager") computed some attention."""
+    """Record that `name` (a kernel, "rows", "math" or "eager") computed some attention."""
     for paths in getattr(_usage, "recorders", ()):
         paths.add(name)
 

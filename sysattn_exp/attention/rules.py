@@ -38,7 +38,7 @@ import torch
 from transformers.integrations.sdpa_attention import repeat_kv
 
 from sysattn_exp.attention.fused import Block, masses, modality_attention, plain_merge
-from sysattn_exp.attention.modality import FIRST_KEY, MODALITIES, TEXT, answer_rows
+from sysattn_exp.attention.modality import FIRST_KEY, MODALITIES, PAD, TEXT, answer_rows
 from sysattn_exp.errors import UsageError
 
 RULES: dict[str, type["Rule"]] = {}
@@ -156,6 +156,21 @@ class Rule:
         change (rows before it take one plain SDPA call); spans: fused.ModalitySpan by name."""
         return 0
 
+    @classmethod
+    def edits_weights(cls) -> bool:
+        """Whether the rule has an eager edit of its own (eager_scores or eager_weights
+        overridden): what the fused implementation's rows path applies (fused.choose_path);
+        a rule with a merge only keeps the span path."""
+        return (
+            cls.eager_scores is not Rule.eager_scores or cls.eager_weights is not Rule.eager_weights
+        )
+
+    def masked_source(self, key_modality: torch.Tensor) -> int | None:
+        """The modality id whose keys the rule hides on a call whose keys have these ids
+        (B, K), where the rule is exactly attention without them for every row it changes
+        (fused.masked_source_attention); None where it is not (the default)."""
+        return None
+
     def eager_scores(self, scores: torch.Tensor, key_modality: torch.Tensor) -> torch.Tensor:
         """The rule on the scores (B, H, Q, K) before masking and the softmax."""
         return scores
@@ -261,6 +276,17 @@ class Redistribution(Rule):
         start = span_starts(spans)
         first = max(start[self.source], min(start[r] for r in self.recipients))
         return 0 if first == math.inf else first
+
+    def masked_source(self, key_modality) -> int | None:
+        """The source, where all of its mass moves (fraction 1) in proportion to the weights
+        and every other modality of the call is a recipient: a'_s = 0 and a'_r = a_r (1 +
+        A_S / A_R) = a_r / A_R (A_R = 1 - A_S), the softmax over the keys but the source's."""
+        if self.fraction != 1 or self.mode != "proportional":
+            return None
+        others = present_codes(key_modality) - {PAD, MODALITIES[self.source]}
+        if not others <= {MODALITIES[r] for r in self.recipients}:
+            return None
+        return MODALITIES[self.source]
 
     def eager_weights(self, weights, visible, key_modality, query_is_real) -> torch.Tensor:
         """a'_s = (1 - f) a_s; the recipients gain f A_S, as a_r f A_S / A_R (proportional)

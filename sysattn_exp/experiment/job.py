@@ -216,7 +216,8 @@ def scoring_checks(loaded, edit, profiled: bool, tally: EditTally, paths: set, c
     0 without an edit."""
     planned = planned_kernel_path(loaded, edit, profiled)
     used = kernels.path_label(paths) if computed else planned
-    unplanned = set(paths) - set(planned.split("+")) - {"eager"}
+    # The rows path is chosen by shape (fused.choose_path), not planned: no kernel of its own.
+    unplanned = set(paths) - set(planned.split("+")) - {"eager", "rows"}
     if computed and unplanned:
         log.warning(
             "attention computed by %s, not the planned %s (the score cache's condition): "

@@ -67,8 +67,11 @@ def build_config(
     patch_size: int = 14,
     init_std: float = 0.3,
     max_positions: int = 1024,
+    head_dim: int | None = None,
 ) -> LlavaConfig:
-    """The tiny LLaVA's config (of the default sizes: the builtin model's)."""
+    """The tiny LLaVA's config (of the default sizes: the builtin model's). `head_dim`:
+    the attention heads' size (None: hidden_size / num_heads, Llama's default), so that a
+    narrow model can have a real model's attention shape (scripts/bench.py --grid)."""
     tokenizer = tokenizer or build_tokenizer()
     vision = CLIPVisionConfig(
         hidden_size=32,
@@ -86,6 +89,7 @@ def build_config(
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
+        head_dim=head_dim or hidden_size // num_heads,
         max_position_embeddings=max_positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -14,6 +14,7 @@ stores a dataset once per experiment, name and digest) across runs and sweeps.
   revision, or, for the toy benchmark drawn in code, the module that draws it."""
 
 import hashlib
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -88,9 +89,13 @@ def benchmark_dataset(job_dir: Path, config: dict):
     import mlflow
 
     items = items_table(job_dir)
-    return mlflow.data.from_pandas(
-        items,
-        source=dataset_source(config),
-        name=dataset_name(config),
-        digest=items_digest(items, config["benchmark"].get("revision")),
-    )
+    with warnings.catch_warnings():
+        # MLflow's hint that integer columns cannot hold missing values is about a model's
+        # input schema; an items table is complete, and the hint would print on every job.
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+        return mlflow.data.from_pandas(
+            items,
+            source=dataset_source(config),
+            name=dataset_name(config),
+            digest=items_digest(items, config["benchmark"].get("revision")),
+        )

@@ -607,7 +607,7 @@ def grid_main(args) -> None:
     if args.crossover:
         figures = bench_grid.crossover(repeats=3 if args.quick else 7)
     else:
-        repeats = 2 if args.quick else 3
+        repeats = 2 if args.quick else 5
         figures = bench_grid.grid(args.quick, repeats, (answer_words, forward_runs))
         figures |= {"quick": args.quick, "repeats": repeats}
     if args.json:

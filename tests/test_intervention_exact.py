@@ -9,6 +9,7 @@ from conftest import make_image
 from paths import IMPL_PATHS
 from reference import REFERENCE_NAME, reference_setup
 
+from sysattn_exp.attention import kernels
 from sysattn_exp.attention.fused import PATHS
 from sysattn_exp.attention.intervention import eager_edited_attention
 from sysattn_exp.attention.rules import Redistribution, Rule, Scale
@@ -209,6 +210,34 @@ def test_fused_kernel_equals_eager(
     assert torch.allclose(got.transpose(1, 2)[rows], want.transpose(1, 2)[rows], atol=1e-5)
 
 
+@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("q_len", [24, 9, 1])
+@pytest.mark.parametrize("block", [None, 5])
+@pytest.mark.parametrize("modality,factor", [("image", 2.0), ("system", 0.25), ("text", 3.0)])
+@pytest.mark.parametrize("path", PATHS)
+def test_scale_kernel_equals_eager(monkeypatch, padding, q_len, block, modality, factor, path):
+    """Scale on every path (its bias path adds ln(factor) to the modality's scores in one
+    SDPA call) equals eager on random tensors, padding and small query blocks included."""
+    import sysattn_exp.attention.fused as fused
+
+    if block:
+        monkeypatch.setattr(fused, "BLOCK_ENTRIES", block * 24)
+        monkeypatch.setattr(fused, "ROWS_BLOCK_ENTRIES", block * 24 * 3 * 4)
+    torch.manual_seed(3)
+    key_modality = layout(padding)
+    q, k, v = torch.randn(3, 4, q_len, 8), torch.randn(3, 2, 24, 8), torch.randn(3, 2, 24, 8)
+    real = key_modality != 0
+    causal = torch.ones(24, 24, dtype=torch.bool).tril()[24 - q_len :]
+    mask = (causal[None] & real[:, None, :])[:, None]
+    edit = Scale(modality, factor, frozenset({0}))
+    want = eager_edited_attention(q, k, v, mask, 0.3, key_modality, edit)
+    with kernels.record_paths() as paths:
+        got = fused.fused_edited_attention(q, k, v, mask, 0.3, key_modality, edit)
+    assert ("bias" in paths) == (path == "bias")
+    rows = real[:, 24 - q_len :]
+    assert torch.allclose(got.transpose(1, 2)[rows], want.transpose(1, 2)[rows], atol=1e-5)
+
+
 VARIANTS = [
     ({"fraction": 0.25}, {}),
     ({"fraction": 0.6, "mode": "uniform"}, {}),
@@ -354,7 +383,8 @@ class WeightsUntouched(Redistribution):
 def test_path_by_shape_forced_and_recorded(monkeypatch):
     """A few rows' weights are materialised (rows), many take spans, by the number of
     weights (ROWS_PATH_MAX_ENTRIES); a rule that only hides its source's keys takes one
-    masked SDPA call; forced_path overrides; kernel_path records the path."""
+    SDPA call with a bias (-inf) on them; forced_path overrides; kernel_path records the
+    path."""
     import sysattn_exp.attention.fused as fused
     from sysattn_exp.attention import kernels
 
@@ -368,22 +398,22 @@ def test_path_by_shape_forced_and_recorded(monkeypatch):
     assert fused.choose_path(edit, q, k, 8, key_modality) == "rows"
     # Masked: all of the source's mass to every other modality present, in proportion.
     every_other = Redistribution("system", ("image", "text"), frozenset({0}))
-    assert fused.choose_path(every_other, q, k, 9, key_modality) == "masked"
+    assert fused.choose_path(every_other, q, k, 9, key_modality) == "bias"
     no_text = torch.where(key_modality == 3, 2, key_modality)
     assert fused.choose_path(edit, q, k, 9, no_text) == "spans"  # image keys keep their mass
     assert fused.choose_path(Redistribution("system", ("image",), {0}), q, k, 9, no_text) == (
-        "masked"
+        "bias"
     )
     for variant in ({"fraction": 0.5}, {"mode": "uniform"}):
         dose = Redistribution("system", ("image", "text"), frozenset({0}), **variant)
-        assert dose.masked_source(key_modality) is None
+        assert dose.key_bias(key_modality) is None
     with fused.forced_path("rows"):
         assert fused.choose_path(edit, q, k, 9, key_modality) == "rows"
         untouched = WeightsUntouched("system", ("text",), frozenset({0}))
         assert fused.choose_path(untouched, q, k, 1, key_modality) == "spans"
-    with fused.forced_path("masked"):  # not this rule's: by shape
+    with fused.forced_path("bias"):  # not this rule's: by shape
         assert fused.choose_path(edit, q, k, 9, key_modality) == "spans"
-    with pytest.raises(ValueError, match="allowed: spans, rows, masked"), fused.forced_path("x"):
+    with pytest.raises(ValueError, match="allowed: spans, rows, bias"), fused.forced_path("x"):
         pass
     causal = torch.ones(24, 24, dtype=torch.bool).tril()[24 - 9 :]
     mask = (causal[None] & (key_modality != 0)[:, None, :])[:, None]
@@ -391,7 +421,7 @@ def test_path_by_shape_forced_and_recorded(monkeypatch):
     for path in fused.PATHS:
         with fused.forced_path(path), kernels.record_paths() as paths:
             got = fused.fused_edited_attention(q, k, v, mask, 0.3, key_modality, every_other)
-        assert {"rows", "masked"} & paths == ({path} - {"spans"})
+        assert {"rows", "bias"} & paths == ({path} - {"spans"})
         rows = key_modality[:, 24 - 9 :] != 0
         assert torch.allclose(got.transpose(1, 2)[rows], want.transpose(1, 2)[rows], atol=1e-5)
     assert kernels.path_label({"rows", "cpu_flash", "math"}) == "cpu_flash+rows+math"
@@ -399,9 +429,9 @@ def test_path_by_shape_forced_and_recorded(monkeypatch):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("q_len", [20, 16, 3])
-def test_masked_source_in_an_unpadded_causal_call(q_len, path):
+def test_hidden_source_in_an_unpadded_causal_call(q_len, path):
     """System -> every other modality on a plain causal call whose system keys come first
-    in every sequence (an unpadded prefix pass: the masked path's maskless causal call when
+    in every sequence (an unpadded prefix pass: the bias path's maskless causal call when
     square), and on the last rows of one (a cache), equals eager on every row."""
     import sysattn_exp.attention.fused as fused
     from sysattn_exp.attention.intervention import eager_edited_attention

@@ -25,9 +25,10 @@ and take one SDPA call: in a long any-res prompt under system -> text, nearly al
 
 Without a profile, the rows a rule can change may take a cheaper path than the spans
 (choose_path, PATHS): a few rows' weights materialised ("rows": the question pass of a
-small model), or one SDPA call with the source's keys masked where the rule is exactly that
-("masked": system -> image in the image prefix pass). Every path is exact (the tests force
-each, forced_path); the job's kernel_path names the ones taken.
+small model), or one SDPA call with an additive bias on one modality's keys where the rule
+is exactly that ("bias": system -> image in the image prefix pass hides the system keys;
+Image x2 adds ln 2 to the image keys' scores). Every path is exact (the tests force each,
+forced_path); the job's kernel_path names the ones taken.
 
 The rules' merges (rules.py): the redistribution as above; the scale baseline adds
 ln(factor) to one modality's LSE; PAI changes one score row per sequence (the answer's)
@@ -113,9 +114,9 @@ def modality_attention(
         )
     changed = q_len - unchanged
     path = "spans" if profile is not None else choose_path(rule, query, key, changed, key_modality)
-    if path == "masked":
+    if path == "bias":
         kernels.note_path(path)
-        out[:, :, unchanged:] = masked_source_attention(
+        out[:, :, unchanged:] = biased_attention(
             query, key, value, attention_mask, scaling, key_modality, rule, unchanged, spans
         )
         return out
@@ -144,12 +145,13 @@ def modality_attention(
 # prompts need). "rows": the rows' weights materialised, (n x K) per head: one matmul, the
 # softmax, the rule's eager edit, one matmul; for a few rows (the question pass: 10-40
 # query rows against the cached prefix's keys, few heads) cheaper than several span calls
-# and their merge. "masked": where the rule is the same as hiding its source's keys
-# (Rule.masked_source: e.g. a full proportional redistribution whose recipients are every
-# other modality of the call, as system -> image in the image prefix pass), one SDPA call
-# with the source's keys masked out. choose_path picks masked where the rule allows it,
-# else rows by the weights it would materialise (ROWS_PATH_MAX_ENTRIES), else spans.
-PATHS = ("spans", "rows", "masked")
+# and their merge. "bias": where the rule is the same as adding one number to the scores
+# of one modality's keys (Rule.key_bias: -inf, hiding them, for a full proportional
+# redistribution whose recipients are every other modality of the call, as system -> image
+# in the image prefix pass; ln(factor) for Scale), one SDPA call with that additive mask.
+# choose_path picks bias where the rule allows it, else rows by the weights it would
+# materialise (ROWS_PATH_MAX_ENTRIES), else spans.
+PATHS = ("spans", "rows", "bias")
 # Measured crossover (scripts/bench.py --crossover: one question-pass call, system->text,
 # spans vs rows interleaved, medians of 7, 2-core CPU, float32, 2026-12-01, the machine
 # loaded by other work): rows was faster only for the smallest calls, e.g. 1 sequence x
@@ -181,58 +183,80 @@ def forced_path(path: str | None) -> Iterator[None]:
 
 def choose_path(rule, query, key, changed_rows: int, key_modality=None) -> str:
     """The path for a call whose rule can change `changed_rows` of the query rows (PATHS):
-    masked where the rule is the same as hiding its source's keys in this call (key_modality
-    (B, K) given), else rows where their weights, sequences x heads x rows x keys, are at
-    most ROWS_PATH_MAX_ENTRIES, else spans; or the forced path, where the rule allows it (a
-    forced masked path the rule does not allow here takes the choice by shape). A rule
+    bias where the rule is the same as a bias on one modality's keys in this call
+    (key_modality (B, K) given), else rows where their weights, sequences x heads x rows x
+    keys, are at most ROWS_PATH_MAX_ENTRIES, else spans; or the forced path, where the rule
+    allows it (a forced bias path the rule does not allow here takes the choice by shape). A
+    rule
     without a (B, H, Q, K) edit of its own (a plug-in defining merge only:
     Rule.edits_weights) always takes spans; so does plain attention (no rule)."""
     if rule is None or not rule.edits_weights():
         return "spans"
-    masked = key_modality is not None and rule.masked_source(key_modality) is not None
-    if _forced_path is not None and (_forced_path != "masked" or masked):
+    biased = key_modality is not None and rule.key_bias(key_modality) is not None
+    if _forced_path is not None and (_forced_path != "bias" or biased):
         return _forced_path
-    if masked:
-        return "masked"
+    if biased:
+        return "bias"
     batch, heads = query.shape[:2]
     entries = batch * heads * changed_rows * key.shape[2]
     return "rows" if entries <= ROWS_PATH_MAX_ENTRIES else "spans"
 
 
-def masked_source_attention(
+@dataclass(frozen=True)
+class KeyBias:
+    """A rule that is exactly one number added to the scores of one modality's keys
+    (Rule.key_bias): the modality id, the bias (-inf: its keys hidden) and whether rows
+    whose query is padding are edited too (as the rule's eager edit does)."""
+
+    modality: int
+    bias: float
+    padding_rows: bool
+
+
+def biased_attention(
     query, key, value, attention_mask, scaling, key_modality, rule, start: int, spans=None
 ):
     """The rule's output (B, H, Q - start, D) for the query rows from `start` on where it
-    is attention with the source's keys hidden (Rule.masked_source): one SDPA call per
-    block of rows, the mask the model's visible keys less the source's. A row the rule
-    leaves as it is (it sees no source key or no other key, or is padding) gets plain
-    attention, from a second call only where some row of the block needs it. With
-    `spans` (ModalitySpan by name), a square call under plain causal masking whose source
-    keys are the first ones of every sequence (system -> image in an unpadded prefix pass)
-    is causal attention over the keys after them: no mask at all."""
+    is one bias on one modality's keys (Rule.key_bias): one SDPA call per block of rows,
+    the mask the model's visible keys with the bias added to that modality's (hidden where
+    it is -inf). A row the rule leaves as it is (it sees no key of the modality or no other
+    key, or is padding where the rule leaves padding) gets plain attention, from a second
+    call only where some row of the block needs it. With `spans` (ModalitySpan by name), a
+    square call under plain causal masking whose hidden keys are the first ones of every
+    sequence (system -> image in an unpadded prefix pass) is causal attention over the keys
+    after them: no mask at all. In bf16 or fp16 a finite bias is rounded to that dtype
+    (ln 2: 2^-9 of it, far below the scores' own rounding)."""
     batch, heads, q_len, dim = query.shape
     k_len = key.shape[2]
-    code = rule.masked_source(key_modality)
-    source = next((s for n, s in (spans or {}).items() if MODALITIES[n] == code), None)
-    first_keys = source is not None and source.present and source.clean and source.lo == 0
-    if first_keys and start == source.hi and q_len == k_len:
-        # Row p >= hi sees keys hi..p (the source's end on, causally): no source key.
+    bias = rule.key_bias(key_modality)
+    hidden = bias.bias == -math.inf
+    span = next((s for n, s in (spans or {}).items() if MODALITIES[n] == bias.modality), None)
+    first_keys = span is not None and span.present and span.clean and span.lo == 0
+    if hidden and first_keys and start == span.hi and q_len == k_len:
+        # Row p >= hi sees keys hi..p (the hidden span's end on, causally): none of them.
         rest = slice(start, None)
         return torch.nn.functional.scaled_dot_product_attention(
             query[:, :, rest], key[:, :, rest], value[:, :, rest],
             is_causal=True, scale=scaling, enable_gqa=True,
         )  # fmt: skip
-    is_source = (key_modality == code)[:, None, None, :]
-    query_is_real = (key_modality[:, k_len - q_len :] != PAD)[:, None, :]
+    is_x = (key_modality == bias.modality)[:, None, None, :]
+    edited = key_modality[:, k_len - q_len :] != PAD
+    if bias.padding_rows:
+        edited = torch.ones_like(edited)
     out = torch.empty(batch, heads, q_len - start, dim, dtype=query.dtype, device=query.device)
     block_rows = max(1, BLOCK_ENTRIES // k_len)
     for first in range(start, q_len, block_rows):
         rows = slice(first, min(first + block_rows, q_len))
         visible = LazyVisible(attention_mask, rows, q_len, k_len, query.device).get()
-        others = visible & ~is_source  # (B, 1, n, K)
-        change = others.any(-1) & (visible & is_source).any(-1) & query_is_real[:, :, rows]
+        others = visible & ~is_x  # (B, 1, n, K)
+        change = others.any(-1) & (visible & is_x).any(-1) & edited[:, None, rows]
         q = query[:, :, rows]
-        o = sdpa(q, key, value, others, scaling)
+        if hidden:
+            o = sdpa(q, key, value, others, scaling)
+        else:
+            mask = torch.zeros(others.shape, dtype=query.dtype, device=query.device)
+            mask = mask.masked_fill(is_x, bias.bias).masked_fill(~visible, -math.inf)
+            o = sdpa(q, key, value, mask, scaling)
         if not bool(change.all()):
             o = torch.where(change[..., None], o, sdpa(q, key, value, visible, scaling))
         out[:, :, rows.start - start : rows.stop - start] = o
@@ -240,7 +264,8 @@ def masked_source_attention(
 
 
 def sdpa(query, key, value, mask, scaling):
-    """SDPA of the query rows over every key under a boolean mask (B|1, 1, n, K)."""
+    """SDPA of the query rows over every key under a boolean or additive mask (B|1, 1, n,
+    K)."""
     return torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True
     )

@@ -318,14 +318,14 @@ def planned_path(device: torch.device, dtype: torch.dtype, head_dim: int) -> str
     return path_label(paths)
 
 
-# Paths that are not kernels: the fused implementation's materialised rows and its masked
+# Paths that are not kernels: the fused implementation's materialised rows and its biased
 # SDPA call (fused.PATHS, chosen by shape), the float32 math path and the eager
 # implementation; kernel_path lists them last.
-NOT_KERNELS = ("masked", "rows", MATH, "eager")
+NOT_KERNELS = ("bias", "rows", MATH, "eager")
 
 
 def path_label(paths) -> str:
-    """Kernel names (sorted), then "masked", "rows", "math" and "eager", joined by "+"; "sdpa" when
+    """Kernel names (sorted), then "bias", "rows", "math" and "eager", joined by "+"; "sdpa" when
     none ran (every attention call was plain SDPA: the unchanged model)."""
     last = [name for name in NOT_KERNELS if name in paths]
     return "+".join(sorted(set(paths) - set(NOT_KERNELS)) + last) or "sdpa"
@@ -335,7 +335,7 @@ _usage = threading.local()  # .recorders: the sets record_paths() gave out, in t
 
 
 def note_path(name: str) -> None:
-    """Record that `name` (a kernel, "masked", "rows", "math" or "eager") computed some
+    """Record that `name` (a kernel, "bias", "rows", "math" or "eager") computed some
     attention."""
     for paths in getattr(_usage, "recorders", ()):
         paths.add(name)

@@ -37,7 +37,7 @@ from typing import ClassVar
 import torch
 from transformers.integrations.sdpa_attention import repeat_kv
 
-from sysattn_exp.attention.fused import Block, masses, modality_attention, plain_merge
+from sysattn_exp.attention.fused import Block, KeyBias, masses, modality_attention, plain_merge
 from sysattn_exp.attention.modality import FIRST_KEY, MODALITIES, PAD, TEXT, answer_rows
 from sysattn_exp.errors import UsageError
 
@@ -165,10 +165,11 @@ class Rule:
             cls.eager_scores is not Rule.eager_scores or cls.eager_weights is not Rule.eager_weights
         )
 
-    def masked_source(self, key_modality: torch.Tensor) -> int | None:
-        """The modality id whose keys the rule hides on a call whose keys have these ids
-        (B, K), where the rule is exactly attention without them for every row it changes
-        (fused.masked_source_attention); None where it is not (the default)."""
+    def key_bias(self, key_modality: torch.Tensor) -> KeyBias | None:
+        """Where the rule, on a call whose keys have these modality ids (B, K), is exactly
+        one number added to the scores of one modality's keys for every row it changes
+        (fused.biased_attention): that modality and bias; None where it is not (the
+        default)."""
         return None
 
     def eager_scores(self, scores: torch.Tensor, key_modality: torch.Tensor) -> torch.Tensor:
@@ -277,16 +278,17 @@ class Redistribution(Rule):
         first = max(start[self.source], min(start[r] for r in self.recipients))
         return 0 if first == math.inf else first
 
-    def masked_source(self, key_modality) -> int | None:
-        """The source, where all of its mass moves (fraction 1) in proportion to the weights
-        and every other modality of the call is a recipient: a'_s = 0 and a'_r = a_r (1 +
-        A_S / A_R) = a_r / A_R (A_R = 1 - A_S), the softmax over the keys but the source's."""
+    def key_bias(self, key_modality) -> KeyBias | None:
+        """The source's keys hidden (bias -inf), where all of its mass moves (fraction 1) in
+        proportion to the weights and every other modality of the call is a recipient:
+        a'_s = 0 and a'_r = a_r (1 + A_S / A_R) = a_r / A_R (A_R = 1 - A_S), the softmax
+        over the keys but the source's. Padding rows are left as they are."""
         if self.fraction != 1 or self.mode != "proportional":
             return None
         others = present_codes(key_modality) - {PAD, MODALITIES[self.source]}
         if not others <= {MODALITIES[r] for r in self.recipients}:
             return None
-        return MODALITIES[self.source]
+        return KeyBias(MODALITIES[self.source], -math.inf, padding_rows=False)
 
     def eager_weights(self, weights, visible, key_modality, query_is_real) -> torch.Tensor:
         """a'_s = (1 - f) a_s; the recipients gain f A_S, as a_r f A_S / A_R (proportional)
@@ -380,6 +382,11 @@ class Scale(Rule):
         """Nothing changes before the modality's first key."""
         first = span_starts(spans)[self.modality]
         return 0 if first == math.inf else first
+
+    def key_bias(self, key_modality) -> KeyBias:
+        """ln(factor) added to the modality's scores, on every row (padding too, as
+        eager_weights)."""
+        return KeyBias(MODALITIES[self.modality], math.log(self.factor), padding_rows=True)
 
     def eager_weights(self, weights, visible, key_modality, query_is_real) -> torch.Tensor:
         """a'_x = c a_x / (1 + (c - 1) A_X), a'_y = a_y / (1 + (c - 1) A_X). With attention

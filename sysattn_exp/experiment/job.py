@@ -216,9 +216,9 @@ def scoring_checks(loaded, edit, profiled: bool, tally: EditTally, paths: set, c
     0 without an edit."""
     planned = planned_kernel_path(loaded, edit, profiled)
     used = kernels.path_label(paths) if computed else planned
-    # The rows and masked paths are chosen by shape (fused.choose_path), not planned: they
+    # The rows and bias paths are chosen by shape (fused.choose_path), not planned: they
     # use no kernel of their own (public SDPA and matmuls).
-    unplanned = set(paths) - set(planned.split("+")) - {"eager", "rows", "masked"}
+    unplanned = set(paths) - set(planned.split("+")) - {"eager", "rows", "bias"}
     if computed and unplanned:
         log.warning(
             "attention computed by %s, not the planned %s (the score cache's condition): "

@@ -150,3 +150,20 @@ def test_the_code_digest_sees_code_not_comments_docstrings_or_formatting():
     assert code_digest([CODE]) == code_digest([same]) == code_digest([reformatted])
     assert code_digest([CODE]) != code_digest([CODE.replace("2 * x", "3 * x")])
     assert code_digest([CODE]) != code_digest([CODE, "y = 1"])
+
+
+def test_cached_scores_keep_the_paths_that_computed_them(tmp_path):
+    """A rerun served from the cache reports the attention paths of the run that computed
+    its scores (the fused path is chosen per call by shape), batch by batch; a torn line
+    is ignored."""
+    cache = ScoreCache(tmp_path, {"model": "m"})
+    cache.save(["a", "b"], [1.0, 2.0], [0.0, 0.5], [0.7, 0.8], paths={"rows", "cpu_flash"})
+    cache.save(["c"], [3.0], [1.0], [0.9])
+    with cache.file.open("a") as torn:
+        torn.write('{"keys": ["d"], "yes": [1')  # killed mid-line
+    again = ScoreCache(tmp_path, {"model": "m"})
+    assert again.load() == {"a": (1.0, 0.0, 0.7), "b": (2.0, 0.5, 0.8), "c": (3.0, 1.0, 0.9)}
+    assert again.paths(["b"]) == {"rows", "cpu_flash"}
+    assert again.paths(["c"]) == set()
+    assert again.paths(["c", "a"]) == {"rows", "cpu_flash"}
+    assert again.paths(["d"]) == set()

@@ -109,20 +109,47 @@ class ScoreCache:
     def load(self) -> dict[str, tuple[float, float, float]]:
         """item key -> (yes_logit, no_logit, p_yes), from every complete line of every file."""
         scores = {}
+        for batch in self.batches():
+            scores.update(zip(batch["keys"], batch["values"], strict=True))
+        return scores
+
+    def paths(self, keys) -> set[str]:
+        """The attention paths (kernels.note_path names) that computed the batches holding
+        any of `keys`: a rerun served from the cache reports the paths of the run that
+        computed its scores (the fused path is chosen per call by shape, not planned)."""
+        wanted = set(keys)
+        return {
+            name
+            for batch in self.batches()
+            if wanted.intersection(batch["keys"])
+            for name in batch["paths"]
+        }
+
+    def batches(self):
+        """Each complete line of every file: keys, values (yes, no, p_yes) and paths."""
         for path in sorted(self.dir.glob("scores-*.jsonl")):
             for line in path.read_text(encoding="utf-8").splitlines():
                 try:
                     batch = json.loads(line)
-                    values = zip(batch["yes"], batch["no"], batch["p_yes"], strict=True)
-                    scores.update(zip(batch["keys"], values, strict=True))
+                    values = list(zip(batch["yes"], batch["no"], batch["p_yes"], strict=True))
+                    if len(values) != len(batch["keys"]):
+                        raise ValueError
+                    yield {"keys": batch["keys"], "values": values, "paths": batch["paths"]}
                 except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                     continue  # the torn last line of a killed writer
-        return scores
 
-    def save(self, keys: list[str], yes: list[float], no: list[float], p_yes: list[float]) -> None:
-        line = json.dumps({"keys": keys, "yes": yes, "no": no, "p_yes": p_yes}) + "\n"
+    def save(
+        self,
+        keys: list[str],
+        yes: list[float],
+        no: list[float],
+        p_yes: list[float],
+        paths=(),
+    ) -> None:
+        """One scored batch as one line; `paths`: the attention paths that computed it."""
+        line = {"keys": keys, "yes": yes, "no": no, "p_yes": p_yes, "paths": sorted(paths)}
         with open(self.file, "a", encoding="utf-8") as out:
-            out.write(line)
+            out.write(json.dumps(line) + "\n")
             out.flush()
             os.fsync(out.fileno())
 

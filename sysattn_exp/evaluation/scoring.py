@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from transformers import LlavaModel
 
+from sysattn_exp.attention import kernels
 from sysattn_exp.attention.modality import PAD, SYSTEM, TEXT, modality_ids
 from sysattn_exp.attention.rules import Rule
 from sysattn_exp.errors import UsageError
@@ -673,6 +674,9 @@ def score_items(
     todo = [batch for batch in plan if not all(keys[j] in done for j in batch)]
     computed = sum(len(batch) for batch in todo)
     if cache:
+        cached = [keys[j] for batch in plan if batch not in todo for j in batch]
+        for name in cache.paths(cached):  # the paths that computed the cached scores
+            kernels.note_path(name)
         log.info(
             "%s: %d of %d items from the score cache, %d to compute",
             desc,
@@ -754,13 +758,14 @@ def score_batches(
         if isinstance(batch, UsageError):
             raise batch
         # The first batch's logits get one cheap check of the scored answer tokens.
-        scores = score_batch(
-            loaded, batch, edit, *words, profile=profile, check_answers=index == 0, lens=lens
-        )
+        with kernels.record_paths() as paths:
+            scores = score_batch(
+                loaded, batch, edit, *words, profile=profile, check_answers=index == 0, lens=lens
+            )
         scores = [s.tolist() for s in scores]
         batch_keys = [keys[j] for j in batch.items]
         if cache:
-            cache.save(batch_keys, *scores)
+            cache.save(batch_keys, *scores, paths=paths)
         done.update(zip(batch_keys, zip(*scores, strict=True), strict=True))
         progress.update(len(batch.items))
     progress.close()

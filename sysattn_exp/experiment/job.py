@@ -207,19 +207,20 @@ def sweep_job() -> int | None:
 
 
 def scoring_checks(loaded, edit, profiled: bool, tally: EditTally, paths: set, computed: int):
-    """kernel_path: the attention paths that computed the `computed` items scored now (kernels.
-    path_label), or the planned ones when every item came from the cache (cached under
-    that plan); a path outside the plan (a kernel rejected at first use) is warned about.
+    """kernel_path: the attention paths that computed the items scored (kernels.path_label;
+    for cached items, those their cache lines record: a rerun reports what its first run
+    did), or the planned ones where nothing was recorded; a path outside the plan (a kernel
+    rejected at first use) is warned about.
     edited_layers: the decoder layers each checked forward pass applied the edit in
     (intervention.guard_edits stops a job where that is not the resolved layers); for
     cached scores, the resolved count (they were saved only after their passes' check);
     0 without an edit."""
     planned = planned_kernel_path(loaded, edit, profiled)
-    used = kernels.path_label(paths) if computed else planned
+    used = kernels.path_label(paths) if computed or paths else planned
     # The rows and bias paths are chosen by shape (fused.choose_path), not planned: they
     # use no kernel of their own (public SDPA and matmuls).
     unplanned = set(paths) - set(planned.split("+")) - {"eager", "rows", "bias"}
-    if computed and unplanned:
+    if unplanned:
         log.warning(
             "attention computed by %s, not the planned %s (the score cache's condition): "
             "a kernel was rejected, see above",

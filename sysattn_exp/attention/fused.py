@@ -186,9 +186,8 @@ def choose_path(rule, query, key, changed_rows: int, key_modality=None) -> str:
     bias where the rule is the same as a bias on one modality's keys in this call
     (key_modality (B, K) given), else rows where their weights, sequences x heads x rows x
     keys, are at most ROWS_PATH_MAX_ENTRIES, else spans; or the forced path, where the rule
-    allows it (a forced bias path the rule does not allow here takes the choice by shape). A
-    rule
-    without a (B, H, Q, K) edit of its own (a plug-in defining merge only:
+    allows it (a forced bias path the rule does not allow here takes the choice by shape).
+    A rule without a (B, H, Q, K) edit of its own (a plug-in defining merge only:
     Rule.edits_weights) always takes spans; so does plain attention (no rule)."""
     if rule is None or not rule.edits_weights():
         return "spans"

@@ -553,6 +553,12 @@ def main() -> None:
         help="only the overhead over the grid of shapes (bench_grid.py; with --quick: 2 cells)",
     )
     parser.add_argument(
+        "--cells",
+        type=int,
+        nargs="+",
+        help="with --grid: only these cells of the full grid (numbered from 1, as printed)",
+    )
+    parser.add_argument(
         "--crossover",
         action="store_true",
         help="only the spans vs rows paths' times per call shape (fused.choose_path)",
@@ -608,7 +614,7 @@ def grid_main(args) -> None:
         figures = bench_grid.crossover(repeats=3 if args.quick else 7)
     else:
         repeats = 2 if args.quick else 5
-        figures = bench_grid.grid(args.quick, repeats, (answer_words, forward_runs))
+        figures = bench_grid.grid(args.quick, repeats, (answer_words, forward_runs), args.cells)
         figures |= {"quick": args.quick, "repeats": repeats}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

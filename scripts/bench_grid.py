@@ -248,21 +248,25 @@ FIGURES = {
 }
 
 
-def grid(quick: bool, repeats: int, helpers) -> dict:
+def grid(quick: bool, repeats: int, helpers, only: list[int] | None = None) -> dict:
     """Every cell measured (printed as it finishes), then the table, the median and the
-    worst cell of each figure, and the total time."""
+    worst cell of each figure, and the total time. `only`: the numbers (from 1) of the full
+    grid's cells to measure, to measure again a cell a busy machine disturbed."""
     import logging
 
     logging.getLogger("sysattn_exp").setLevel(logging.ERROR)  # random models' answers
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     cells = QUICK_CELLS if quick else covering_array(AXES) + CORNERS
+    numbers = range(1, len(cells) + 1) if only is None else only
+    if not set(numbers) <= set(range(1, len(cells) + 1)):
+        raise SystemExit(f"--cells: the grid has cells 1 to {len(cells)}")
     start = time.perf_counter()
     rows = []
     try:
-        for index, cell in enumerate(cells):
-            rows.append(measure_cell(cell, repeats, helpers))
-            print(f"cell {index + 1}/{len(cells)}: {format_row(rows[-1])}", flush=True)
+        for number in numbers:
+            rows.append(measure_cell(cells[number - 1], repeats, helpers) | {"cell": number})
+            print(f"cell {number}/{len(cells)}: {format_row(rows[-1])}", flush=True)
     finally:
         torch.set_num_threads(threads)
     figures = {"grid_cells": rows, "grid_seconds": time.perf_counter() - start}
@@ -282,7 +286,7 @@ def grid(quick: bool, repeats: int, helpers) -> dict:
     return figures
 
 
-COLUMNS = [*AXES, "runner_system_text", "runner_system_image", "forward",
+COLUMNS = ["cell", *AXES, "runner_system_text", "runner_system_image", "forward",
            "runner_system_text_wall", "runner_system_image_wall", "forward_wall"]  # fmt: skip
 
 

@@ -108,22 +108,17 @@ class ScoreCache:
 
     def load(self) -> dict[str, tuple[float, float, float]]:
         """item key -> (yes_logit, no_logit, p_yes), from every complete line of every file."""
-        scores = {}
+        return self.read()[0]
+
+    def read(self) -> tuple[dict[str, tuple[float, float, float]], dict[str, list[str]]]:
+        """load's scores, and item key -> the attention paths (kernels.note_path names) that
+        computed its batch: a rerun served from the cache reports the paths of the run that
+        computed its scores (the fused path is chosen per call by shape, not planned)."""
+        scores, paths = {}, {}
         for batch in self.batches():
             scores.update(zip(batch["keys"], batch["values"], strict=True))
-        return scores
-
-    def paths(self, keys) -> set[str]:
-        """The attention paths (kernels.note_path names) that computed the batches holding
-        any of `keys`: a rerun served from the cache reports the paths of the run that
-        computed its scores (the fused path is chosen per call by shape, not planned)."""
-        wanted = set(keys)
-        return {
-            name
-            for batch in self.batches()
-            if wanted.intersection(batch["keys"])
-            for name in batch["paths"]
-        }
+            paths.update(dict.fromkeys(batch["keys"], batch["paths"]))
+        return scores, paths
 
     def batches(self):
         """Each complete line of every file: keys, values (yes, no, p_yes) and paths."""

@@ -669,14 +669,14 @@ def score_items(
     `ablation` (models.ablation: no-bos, no-system) shortens each tokenized prompt; the
     cache's condition must say so (identity.condition), as item keys see only the text."""
     keys = item_keys(benchmark, prompts, cache)
-    done = cache.load() if cache else {}
+    done, computed_by = cache.read() if cache else ({}, {})
     plan = plan_batches([item.image_id for item in benchmark.items], batch_size)
     todo = [batch for batch in plan if not all(keys[j] in done for j in batch)]
     computed = sum(len(batch) for batch in todo)
+    taken = set(keys) - {keys[j] for batch in todo for j in batch}
+    for name in {name for key in taken for name in computed_by[key]}:
+        kernels.note_path(name)  # the paths that computed the scores taken from the cache
     if cache:
-        cached = [keys[j] for batch in plan if batch not in todo for j in batch]
-        for name in cache.paths(cached):  # the paths that computed the cached scores
-            kernels.note_path(name)
         log.info(
             "%s: %d of %d items from the score cache, %d to compute",
             desc,

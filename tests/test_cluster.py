@@ -96,7 +96,7 @@ def test_concurrent_sweep_jobs_compute_each_baseline_item_once(
 
 
 def test_progress_lines_without_a_terminal(caplog):
-    caplog.set_level(logging.INFO, logger="sysattn_exp.experiment.cluster")
+    caplog.set_level(logging.INFO, logger="sysattn_exp.evaluation.progress")
     progress = Progress("baseline", total=10, seconds=0.0, terminal=False)
     for _ in range(5):
         progress.update(2)

@@ -17,8 +17,12 @@ makes attention's share, and so any overhead in it, larger than in a real model)
   each), Q4 system -> text fused over plain SDPA.
 At ~2,900 image tokens a run scores one image and the forward takes one prompt
 (images_per_run, forward_batch): the batch axis then sets model.batch_size only.
-All five variants are interleaved round by round (one warm-up round), and each figure is
-the ratio of medians over the repeats.
+All six variants are interleaved round by round (one warm-up round), and each figure is
+the ratio of medians over the repeats. The sixth is the baseline job again, an A/A control:
+its ratio to the baseline (runner_noise) is what the same work measures as on this machine
+in this cell, the noise floor against which an overhead of a few percent is read (on a
+shared 2-core VM a single-threaded matmul loop's CPU time alone moves by +-8% from second
+to second).
 
 What keeps the ratios stable on a shared machine: the grid runs torch on one thread with
 data loading in the process (num_workers 0), and its headline ratios are of process CPU
@@ -177,9 +181,9 @@ def q4(depth: int) -> frozenset[int]:
 
 
 def cell_variants(loaded: LoadedModel, cell: dict, helpers) -> dict:
-    """The five timed variants of a cell: runner-level (baseline, system_text, system_image)
-    and forward-level (forward_plain, forward_fused). `helpers`: bench.py's answer_words
-    and forward_runs (this module is imported by it)."""
+    """The six timed variants of a cell: runner-level (baseline, system_text, system_image,
+    and baseline_again, the A/A control) and forward-level (forward_plain, forward_fused).
+    `helpers`: bench.py's answer_words and forward_runs (this module is imported by it)."""
     answer_words, forward_runs = helpers
     bench, prompts = cell_items(loaded, cell)
     words = answer_words(loaded, prompts[0])
@@ -188,6 +192,7 @@ def cell_variants(loaded: LoadedModel, cell: dict, helpers) -> dict:
         "baseline": None,
         "system_text": Redistribution("system", ("text",), layers),
         "system_image": Redistribution("system", ("image",), layers),
+        "baseline_again": None,
     }
     runs = {
         name: lambda edit=edit: score_items(
@@ -236,6 +241,7 @@ def measure_cell(cell: dict, repeats: int, helpers) -> dict:
         s = seconds[clock]
         row[f"runner_system_text{suffix}"] = s["system_text"] / s["baseline"]
         row[f"runner_system_image{suffix}"] = s["system_image"] / s["baseline"]
+        row[f"runner_noise{suffix}"] = s["baseline_again"] / s["baseline"]
         row[f"forward{suffix}"] = s["forward_fused"] / s["forward_plain"]
     row["baseline_seconds"] = seconds["cpu"]["baseline"]
     return row
@@ -245,6 +251,7 @@ FIGURES = {
     "grid_runner_overhead": "runner_system_text",
     "grid_runner_overhead_system_image": "runner_system_image",
     "grid_forward_overhead": "forward",
+    "grid_runner_noise": "runner_noise",
 }
 
 
@@ -287,7 +294,8 @@ def grid(quick: bool, repeats: int, helpers, only: list[int] | None = None) -> d
 
 
 COLUMNS = ["cell", *AXES, "runner_system_text", "runner_system_image", "forward",
-           "runner_system_text_wall", "runner_system_image_wall", "forward_wall"]  # fmt: skip
+           "runner_noise", "runner_system_text_wall", "runner_system_image_wall",
+           "forward_wall", "runner_noise_wall"]  # fmt: skip
 
 
 def format_row(row: dict) -> str:

@@ -50,6 +50,7 @@ GRID_FIGURES = [
         "grid_runner_overhead",
         "grid_runner_overhead_system_image",
         "grid_forward_overhead",
+        "grid_runner_noise",
     )
     for stat in ("worst", "median")
     for clock in ("", "_wall")
@@ -57,8 +58,9 @@ GRID_FIGURES = [
 
 
 def test_bench_grid_quick_writes_the_grid_figures(tmp_path):
-    """--grid --quick: two cells, each with the runner- and forward-level ratios, and the
-    median and worst of each figure (CPU time and wall time)."""
+    """--grid --quick: two cells, each with the runner- and forward-level ratios and the
+    A/A control (the baseline job against itself), and the median and worst of each
+    figure (CPU time and wall time)."""
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
     out = tmp_path / "grid.json"
     result = subprocess.run(
@@ -73,7 +75,11 @@ def test_bench_grid_quick_writes_the_grid_figures(tmp_path):
     assert len(cells) == 2
     for name in GRID_FIGURES:
         assert isinstance(figures[name], float) and figures[name] > 0, name
-    column = {"grid_runner_overhead": "runner_system_text", "grid_forward_overhead": "forward"}
+    column = {
+        "grid_runner_overhead": "runner_system_text",
+        "grid_forward_overhead": "forward",
+        "grid_runner_noise": "runner_noise",
+    }
     for name, key in column.items():
         assert figures[f"{name}_worst"] == max(c[key] for c in cells)
     assert "| runner_system_text |" in result.stdout and "grid: 2 cells in" in result.stdout

@@ -445,3 +445,32 @@ def test_hidden_source_in_an_unpadded_causal_call(q_len, path):
     want = eager_edited_attention(q, k, v, mask, 0.3, key_modality, edit)
     got = fused.fused_edited_attention(q, k, v, mask, 0.3, key_modality, edit)
     assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("source,recipients", list(all_rules()))
+@pytest.mark.parametrize("fraction", [1.0, 0.35])
+def test_weight_factors_equal_eager_weights(source, recipients, fraction):
+    """The rows path's edit by weight factors (fused.edited_weights: each modality's mass
+    over its range of keys, its keys' weights times the rule's factor) equals the rule's
+    eager_weights on random weights whose modalities are interleaved in any order, with
+    padding keys and queries, and rows that see no key or no source or no recipient."""
+    from sysattn_exp.attention.fused import KeyRange, edited_weights
+
+    torch.manual_seed(5)
+    key_modality = torch.randint(0, 4, (3, 30))
+    key_modality[2] = torch.where(key_modality[2] == 1, 2, key_modality[2])  # no system
+    visible = (torch.rand(3, 1, 7, 30) > 0.3) & (key_modality != 0)[:, None, None]
+    visible[0, 0, 0] = False  # a row that sees nothing
+    visible[1, 0, 1] = key_modality[1] == 3  # a row that sees text only
+    scores = torch.randn(3, 4, 7, 30).masked_fill(~visible, float("-inf"))
+    weights = torch.softmax(scores, -1).nan_to_num(0.0)
+    query_is_real = torch.rand(3, 7) > 0.2
+    edit = Redistribution(source, recipients, frozenset({0}), fraction=fraction)
+    want = edit.eager_weights(weights, visible, key_modality, query_is_real)
+    ranges = KeyRange.of_modalities(key_modality)
+    got = edited_weights(edit, weights.clone(), visible, key_modality, query_is_real, ranges)
+    assert torch.allclose(got, want, atol=1e-6)
+    uniform = Redistribution(source, recipients, frozenset({0}), fraction=fraction, mode="uniform")
+    want = uniform.eager_weights(weights, visible, key_modality, query_is_real)
+    got = edited_weights(uniform, weights.clone(), visible, key_modality, query_is_real, ranges)
+    assert torch.equal(got, want)  # not a product of factors: eager_weights itself

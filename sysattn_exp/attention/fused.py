@@ -152,18 +152,18 @@ def modality_attention(
 # choose_path picks bias where the rule allows it, else rows by the weights it would
 # materialise (ROWS_PATH_MAX_ENTRIES), else spans.
 PATHS = ("spans", "rows", "bias")
-# Measured crossover (scripts/bench.py --crossover: one question-pass call, system->text,
-# spans vs rows interleaved, medians of 7, 2-core CPU, float32, 2026-12-01, the machine
-# loaded by other work): rows was faster only for the smallest calls, e.g. 1 sequence x
-# 8 heads x 8-32 rows x 650 keys (41k-166k weights: rows 0.2-0.8x spans' time), and
-# slower from ~150k weights on (1 x 32 x 8 x 650: 1.07x; 1 x 8 x 8 x 2,950: 1.18x;
-# 8 x 32 x 16 x 2,950: 1.9x; 64 rows and more: 2-6x). Its elementwise edit over every
-# (row, key) costs more than the span calls' fixed cost beyond that.
+# Measured crossover (scripts/bench.py --crossover --quick: one question-pass call, system
+# -> text, spans vs rows interleaved, medians of 3, 2-core CPU, float32, one thread,
+# 2026-12-02, the rows path with weight factors): rows took 0.46-0.77x spans' time at
+# 41k-189k weights (e.g. 1 sequence x 8 heads x 8-16 rows x 650 keys: 0.47x; 1 x 32 x 8
+# x 650: 0.70x; 1 x 8 x 8 x 2,950: 0.77x), 0.82-1.19x at 333k-378k, 0.83-1.74x at 666k,
+# and up to 2.8x beyond. Its softmax and two matmuls over every (row, key) cost more than
+# the span calls' fixed costs from a few hundred thousand weights on.
 # A "delta" path (one masked kernel call over every key for plain attention's output and
 # LSE, plus a proportional redistribution's correction from its source and recipient keys
 # materialised) was measured on the same shapes, 2026-12-02, quiet machine: 0.84-2.15x
 # spans' time, never below rows where rows is chosen; not kept.
-ROWS_PATH_MAX_ENTRIES = 1 << 17
+ROWS_PATH_MAX_ENTRIES = 1 << 18
 # The rows path materialises the weights of at most this many (sequence, head, row, key)
 # entries at a time (64 MiB in float32), taking the rows in blocks beyond it.
 ROWS_BLOCK_ENTRIES = 1 << 24
@@ -277,15 +277,17 @@ def sdpa(query, key, value, mask, scaling):
 def rows_attention(query, key, value, attention_mask, scaling, key_modality, rule, start: int):
     """The rule's output (B, H, Q - start, D) for the query rows from `start` on, from their
     weights materialised in float32: scores (grouped-query heads folded into the rows, so
-    K and V are never repeated), the rule's eager_scores, the mask, the softmax (a row that
-    sees no key gets zeros), the rule's eager_weights, the values: exactly
-    intervention.eager_edited_attention on those rows. Rows are taken in blocks of at most
-    ROWS_BLOCK_ENTRIES weights."""
+    K and V are never repeated), the rule's eager_scores, the mask (as an additive bias:
+    on CPU a broadcast masked_fill costs several times an addition), the softmax (a row
+    that sees no key gets zeros), the rule's edit (edited_weights), the values: exactly
+    intervention.eager_edited_attention on those rows. Rows are taken in blocks of at
+    most ROWS_BLOCK_ENTRIES weights."""
     batch, heads, q_len, dim = query.shape
     k_len, kv_heads = key.shape[2], key.shape[1]
     n_rep = heads // kv_heads
     key_t, value_f = key.float().transpose(2, 3), value.float()
     query_is_real = key_modality[:, k_len - q_len :] != PAD
+    ranges = KeyRange.of_modalities(key_modality)
     out = torch.empty(batch, heads, q_len - start, dim, dtype=query.dtype, device=query.device)
     block_rows = max(1, ROWS_BLOCK_ENTRIES // (batch * heads * k_len))
     for first in range(start, q_len, block_rows):
@@ -295,12 +297,69 @@ def rows_attention(query, key, value, attention_mask, scaling, key_modality, rul
         scores = torch.matmul(folded.float(), key_t).view(batch, heads, n, k_len) * scaling
         scores = rule.eager_scores(scores, key_modality)
         visible = LazyVisible(attention_mask, rows, q_len, k_len, query.device).get()
-        weights = torch.softmax(scores.masked_fill(~visible, -math.inf), dim=-1).nan_to_num(0.0)
-        weights = rule.eager_weights(weights, visible, key_modality, query_is_real[:, rows])
+        hidden = torch.zeros(visible.shape, device=query.device).masked_fill_(~visible, -math.inf)
+        weights = torch.softmax(scores + hidden, dim=-1)
+        if not bool(visible.any(-1).all()):
+            weights = weights.nan_to_num_(0.0)
+        real = query_is_real[:, rows]
+        weights = edited_weights(rule, weights, visible, key_modality, real, ranges)
         folded = weights.view(batch, kv_heads, n_rep * n, k_len)
         o = torch.matmul(folded, value_f).view(batch, heads, n, dim)
         out[:, :, rows.start - start : rows.stop - start] = o.to(query.dtype)
     return out
+
+
+def edited_weights(rule, weights, visible, key_modality, query_is_real, ranges: dict):
+    """The rule on a block's weights (B, H, n, K), in place where the rule has weight
+    factors (Rule.weight_factors: each modality's mass summed over its range of keys, and
+    its keys' weights multiplied by its factor), else by its eager_weights. ranges:
+    KeyRange by modality; query_is_real (B, n)."""
+    shares = {name: keys.mass(weights) for name, keys in ranges.items()}
+    factors = rule.weight_factors(shares, query_is_real[:, None, :, None])
+    if factors is None:
+        return rule.eager_weights(weights, visible, key_modality, query_is_real)
+    for name, factor in factors.items():
+        ranges[name].scale_(weights, factor)
+    return weights
+
+
+@dataclass
+class KeyRange:
+    """The range of key positions [lo, hi) that holds every key of one modality in every
+    sequence of the batch (empty where it has none), and which keys of it are that
+    modality's, (B, 1, 1, hi - lo), or None where all are (no padding or other modality
+    inside): then a sum or product over the modality's keys is one over a slice."""
+
+    keys: slice
+    is_x: torch.Tensor | None
+
+    @staticmethod
+    def of_modalities(key_modality) -> dict:
+        """KeyRange by modality name for keys with these modality ids (B, K)."""
+        ranges = {}
+        for name, code in MODALITIES.items():
+            is_x = key_modality == code
+            columns = is_x.any(0).nonzero()
+            if len(columns) == 0:
+                ranges[name] = KeyRange(slice(0, 0), None)
+                continue
+            keys = slice(int(columns[0]), int(columns[-1]) + 1)
+            inside = is_x[:, keys]
+            ranges[name] = KeyRange(keys, None if bool(inside.all()) else inside[:, None, None])
+        return ranges
+
+    def mass(self, weights) -> torch.Tensor:
+        """(B, H, n, 1) the weights' sum over the modality's keys."""
+        part = weights[..., self.keys]
+        return (part if self.is_x is None else part * self.is_x).sum(-1, keepdim=True)
+
+    def scale_(self, weights, factor) -> None:
+        """The modality's keys' weights (B, H, n, K) times factor (B, H, n, 1), in place."""
+        part = weights[..., self.keys]
+        if self.is_x is None:
+            part.mul_(factor)
+        else:
+            part.copy_(torch.where(self.is_x, part * factor, part))
 
 
 class FirstKey:

@@ -181,6 +181,15 @@ class Rule:
         key_modality (B, K); query_is_real (B, Q)."""
         return weights
 
+    def weight_factors(self, shares: dict, query_is_real) -> dict | None:
+        """Where eager_weights multiplies every weight of a row on one modality's keys by
+        one number: modality -> that factor (B, H, n, 1), from shares, modality -> A_X
+        (B, H, n, 1), the row's mass on the modality's keys, and query_is_real (B, 1, n,
+        1); a modality left out keeps factor 1. The rows path (fused.rows_attention) then
+        needs the masses and one product instead of eager_weights' many elementwise
+        passes. None (the default): the rule is not of that form."""
+        return None
+
     def merge(self, parts: dict, block: Block) -> tuple[torch.Tensor, dict]:
         """A block's output from parts, modality -> (o_X (B, H, n, D), LSE_X (B, H, n)):
         (output, modality -> (o_X, share after the rule (B, H, n, 1))). The output must be
@@ -309,6 +318,19 @@ class Redistribution(Rule):
         edited = torch.where(is_source, (1 - self.fraction) * weights, weights + moved * share)
         return torch.where(change, edited, weights)
 
+    def weight_factors(self, shares: dict, query_is_real) -> dict | None:
+        """Proportional mode: the source's weights times (1 - f), every recipient's times
+        1 + f A_S / A_R, in rows that see source and recipient keys and whose query is
+        real (eager_weights); uniform mode is not a product (None)."""
+        if self.mode != "proportional":
+            return None
+        a_s = shares[self.source]
+        a_r = sum(shares[r] for r in self.recipients)
+        change = (a_s > 0) & (a_r > 0) & query_is_real
+        gain = 1 + torch.where(change, self.fraction * a_s / torch.where(change, a_r, 1.0), 0.0)
+        kept = torch.where(change, 1 - self.fraction, 1.0)
+        return {self.source: kept} | {r: gain for r in self.recipients}
+
     def merge(self, parts: dict, block: Block) -> tuple[torch.Tensor, dict]:
         """In closed form (fused.py's docstring): the source keeps (1 - f) A_S; f A_S goes
         to the recipients in proportion to A_X o_X, or (uniform) equally over their visible
@@ -322,33 +344,29 @@ class Redistribution(Rule):
 
     def redistribute(self, shares: dict, query_is_real, uniform=None):
         """shares: modality -> (o_X, A_X); query_is_real (B, 1, n, 1). Returns the output
-        and each modality's (o_X, share after the rule)."""
+        and each modality's (o_X, share after the rule): proportional, each share times
+        its weight factor; uniform, the source's f A_S spread over the recipients' visible
+        keys, from their (mean of V, log count) in `uniform`."""
+        if uniform is None:
+            factors = self.weight_factors({n: a for n, (_, a) in shares.items()}, query_is_real)
+            after = {
+                n: (o, a * factors[n]) if n in factors else (o, a) for n, (o, a) in shares.items()
+            }
+            return sum(a * o for o, a in after.values()), after
         o_s, a_s = shares[self.source]
         a_r = sum(shares[r][1] for r in self.recipients)
-        to_recipients = sum(shares[r][1] * shares[r][0] for r in self.recipients)
-        others = sum(
-            a * o
-            for name, (o, a) in shares.items()
-            if name != self.source and name not in self.recipients
-        )
         change = (a_s > 0) & (a_r > 0) & query_is_real
         moved = torch.where(change, self.fraction * a_s, 0.0)
+        counts = [lse.exp()[..., None] for _, lse in uniform]
+        total = sum(counts).clamp_min(1)
+        mean_value = sum(n * o for n, (o, _) in zip(counts, uniform, strict=True)) / total
         after = dict(shares)
-        if uniform is None:
-            gained = to_recipients * (moved / torch.where(change, a_r, 1.0))
-            for r in self.recipients:  # each recipient gains in proportion to its mass
-                o, a = shares[r]
-                after[r] = (o, a + moved * a / torch.where(change, a_r, 1.0))
-        else:
-            counts = [lse.exp()[..., None] for _, lse in uniform]
-            total = sum(counts).clamp_min(1)
-            mean_value = sum(n * o for n, (o, _) in zip(counts, uniform, strict=True)) / total
-            gained = moved * mean_value
-            for r, n in zip(self.recipients, counts, strict=True):  # in proportion to its keys
-                o, a = shares[r]
-                after[r] = (o, a + moved * n / total)
+        for r, n in zip(self.recipients, counts, strict=True):  # in proportion to its keys
+            o, a = shares[r]
+            after[r] = (o, a + moved * n / total)
         after[self.source] = (o_s, a_s - moved)
-        return to_recipients + gained + others + (a_s - moved) * o_s, after
+        plain = sum(a * o for name, (o, a) in shares.items() if name != self.source)
+        return plain + moved * mean_value + (a_s - moved) * o_s, after
 
 
 @register_rule("scale")
@@ -623,8 +641,10 @@ def is_number(value) -> bool:
 
 
 def present_codes(key_modality: torch.Tensor) -> set[int]:
-    """The modality ids among a call's keys (B, K)."""
-    return set(torch.unique(key_modality).tolist())
+    """The modality ids among a call's keys (B, K): a count per id, cheaper than
+    torch.unique's sort (every edited layer asks, in every call)."""
+    counts = torch.bincount(key_modality.flatten(), minlength=1 + len(MODALITIES))
+    return set(counts.nonzero()[:, 0].tolist())
 
 
 def span_starts(spans: dict) -> dict:

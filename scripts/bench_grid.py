@@ -17,8 +17,9 @@ makes attention's share, and so any overhead in it, larger than in a real model)
   each), Q4 system -> text fused over plain SDPA.
 At ~2,900 image tokens a run scores one image and the forward takes one prompt
 (images_per_run, forward_batch): the batch axis then sets model.batch_size only.
-All six variants are interleaved round by round (one warm-up round), and each figure is
-the ratio of medians over the repeats. The sixth is the baseline job again, an A/A control:
+The runner-level variants are interleaved round by round (one warm-up round), then the
+forward-level ones (measure_cell says why apart), and each figure is the ratio of medians
+over the repeats. A fourth runner-level variant is the baseline job again, an A/A control:
 its ratio to the baseline (runner_noise) is what the same work measures as on this machine
 in this cell, the noise floor against which an overhead of a few percent is read (on a
 shared 2-core VM a single-threaded matmul loop's CPU time alone moves by +-8% from second
@@ -33,6 +34,7 @@ ratios are reported beside them (`*_wall`).
 """
 
 import itertools
+import math
 import statistics
 import time
 
@@ -209,18 +211,29 @@ def cell_variants(loaded: LoadedModel, cell: dict, helpers) -> dict:
     return runs | {f"forward_{name}": run for name, run in forward.items()}
 
 
-def timed_rounds(variants: dict, repeats: int) -> dict[str, dict[str, float]]:
-    """One warm-up round, then `repeats` rounds of every variant in turn, each round
-    starting one variant later (a variant that runs after the forward-level plain one,
-    which switches the model's attention to SDPA and back, pays for that: rotating spreads
-    such costs over all): the median wall and process CPU seconds of each."""
+# A short run's CPU time moves by up to +-20% here (a 0.25 s runner-level run: 0.21-0.33 s),
+# so a cell's variants are repeated until each has run about this long in all (at least
+# `repeats` rounds, at most MAX_REPEATS): short cells get more rounds, long ones none more.
+MIN_SECONDS = 4.0
+MAX_REPEATS = 25
+
+
+def timed_rounds(variants: dict, repeats: int, min_seconds: float = 0.0) -> dict:
+    """One warm-up round, then rounds of every variant in turn, in the given order in even
+    rounds and reversed in odd ones, so that no variant always runs first or always after
+    the same other one: `repeats` rounds, more (up to MAX_REPEATS) where the warm-up's
+    shortest variant times them would fall short of `min_seconds`. The median wall and
+    process CPU seconds of each, and the rounds run ("rounds")."""
+    warm = []
     for run in variants.values():
+        start = time.process_time()
         run()
+        warm.append(time.process_time() - start)
+    repeats = max(repeats, min(MAX_REPEATS, math.ceil(min_seconds / max(min(warm), 1e-3))))
     wall = {name: [] for name in variants}
     cpu = {name: [] for name in variants}
-    names = list(variants)
     for round_ in range(repeats):
-        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+        for name in list(variants)[:: 1 if round_ % 2 == 0 else -1]:
             run = variants[name]
             start, start_cpu = time.perf_counter(), time.process_time()
             run()
@@ -229,14 +242,23 @@ def timed_rounds(variants: dict, repeats: int) -> dict[str, dict[str, float]]:
     return {
         "wall": {n: statistics.median(t) for n, t in wall.items()},
         "cpu": {n: statistics.median(t) for n, t in cpu.items()},
+        "rounds": repeats,
     }
 
 
-def measure_cell(cell: dict, repeats: int, helpers) -> dict:
+def measure_cell(cell: dict, repeats: int, helpers, min_seconds: float = 0.0) -> dict:
+    """A cell's ratios. The runner-level variants are timed among themselves, then the
+    forward-level ones: a run just after a forward-level one (a batch of whole prompts,
+    the model switched to SDPA and back) pays for it, which in one mixed rotation always
+    fell on the same runner-level variant (the baseline: the A/A control read 0.93-0.95)."""
     torch.manual_seed(0)
     loaded = build_cell_model(cell)
-    seconds = timed_rounds(cell_variants(loaded, cell, helpers), repeats)
-    row = dict(cell)
+    variants = cell_variants(loaded, cell, helpers)
+    runner = {n: run for n, run in variants.items() if not n.startswith("forward")}
+    forward = {n: run for n, run in variants.items() if n.startswith("forward")}
+    timed = timed_rounds(runner, repeats, min_seconds), timed_rounds(forward, repeats, min_seconds)
+    seconds = {clock: timed[0][clock] | timed[1][clock] for clock in ("cpu", "wall")}
+    row = dict(cell, runner_rounds=timed[0]["rounds"], forward_rounds=timed[1]["rounds"])
     for clock, suffix in (("cpu", ""), ("wall", "_wall")):
         s = seconds[clock]
         row[f"runner_system_text{suffix}"] = s["system_text"] / s["baseline"]
@@ -272,7 +294,8 @@ def grid(quick: bool, repeats: int, helpers, only: list[int] | None = None) -> d
     rows = []
     try:
         for number in numbers:
-            rows.append(measure_cell(cells[number - 1], repeats, helpers) | {"cell": number})
+            row = measure_cell(cells[number - 1], repeats, helpers, 0 if quick else MIN_SECONDS)
+            rows.append(row | {"cell": number})
             print(f"cell {number}/{len(cells)}: {format_row(rows[-1])}", flush=True)
     finally:
         torch.set_num_threads(threads)
@@ -295,7 +318,7 @@ def grid(quick: bool, repeats: int, helpers, only: list[int] | None = None) -> d
 
 COLUMNS = ["cell", *AXES, "runner_system_text", "runner_system_image", "forward",
            "runner_noise", "runner_system_text_wall", "runner_system_image_wall",
-           "forward_wall", "runner_noise_wall"]  # fmt: skip
+           "forward_wall", "runner_noise_wall", "runner_rounds", "forward_rounds"]  # fmt: skip
 
 
 def format_row(row: dict) -> str:

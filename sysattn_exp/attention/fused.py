@@ -297,8 +297,8 @@ def rows_attention(query, key, value, attention_mask, scaling, key_modality, rul
         scores = torch.matmul(folded.float(), key_t).view(batch, heads, n, k_len) * scaling
         scores = rule.eager_scores(scores, key_modality)
         visible = LazyVisible(attention_mask, rows, q_len, k_len, query.device).get()
-        hidden = torch.zeros(visible.shape, device=query.device).masked_fill_(~visible, -math.inf)
-        weights = torch.softmax(scores + hidden, dim=-1)
+        hidden = torch.zeros(visible.shape, dtype=scores.dtype, device=query.device)
+        weights = torch.softmax(scores + hidden.masked_fill_(~visible, -math.inf), dim=-1)
         if not bool(visible.any(-1).all()):
             weights = weights.nan_to_num_(0.0)
         real = query_is_real[:, rows]

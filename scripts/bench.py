@@ -559,11 +559,24 @@ def main() -> None:
         help="with --grid: only these cells of the full grid (numbered from 1, as printed)",
     )
     parser.add_argument(
+        "--cell-shape",
+        nargs="+",
+        action="append",
+        metavar="AXIS=LEVEL",
+        help="with --grid: measure this shape instead of the grid's cells, every axis given "
+        "(depth=24 heads=16 kv_heads=2 head_dim=96 image_tokens=1156 questions=3 "
+        "question_tokens=25 batch=4); may be repeated",
+    )
+    parser.add_argument(
         "--crossover",
         action="store_true",
         help="only the spans vs rows paths' times per call shape (fused.choose_path)",
     )
     args = parser.parse_args()
+    try:
+        args.cell_shape = [bench_grid.parse_shape(words) for words in args.cell_shape or []]
+    except ValueError as error:
+        parser.error(str(error))
     if args.grid or args.crossover:
         return grid_main(args)
     if args.smoke:  # LLaVA-NeXT with no crops (631 tokens); 1,024-token memory probe
@@ -614,7 +627,8 @@ def grid_main(args) -> None:
         figures = bench_grid.crossover(repeats=3 if args.quick else 7)
     else:
         repeats = 2 if args.quick else 5
-        figures = bench_grid.grid(args.quick, repeats, (answer_words, forward_runs), args.cells)
+        helpers = (answer_words, forward_runs)
+        figures = bench_grid.grid(args.quick, repeats, helpers, args.cells, args.cell_shape)
         figures |= {"quick": args.quick, "repeats": repeats}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -266,7 +266,67 @@ def measure_cell(cell: dict, repeats: int, helpers, min_seconds: float = 0.0) ->
         row[f"runner_noise{suffix}"] = s["baseline_again"] / s["baseline"]
         row[f"forward{suffix}"] = s["forward_fused"] / s["forward_plain"]
     row["baseline_seconds"] = seconds["cpu"]["baseline"]
+    calls, count = edited_calls(runner["system_text"])
+    row["runner_attributable"] = attributable_overhead(calls, count, row["baseline_seconds"])
+    row["edited_calls"] = count
     return row
+
+
+# attributable_overhead times at most this many of a job's edited attention calls (the
+# first), each this many times with its rule and without.
+CAPTURED_CALLS = 48
+CALL_REPEATS = 25
+
+
+def edited_calls(run) -> tuple[list, int]:
+    """Run `run` (a runner-level job with a rule) with the attention function wrapped: the
+    arguments of the first CAPTURED_CALLS calls in which the rule applies (one of its
+    layers, keys it can change), and how many such calls the job made."""
+    from transformers import AttentionInterface
+
+    from sysattn_exp.attention.intervention import ATTENTION_NAME, sysattn_attention
+
+    captured, count = [], 0
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        nonlocal count
+        edit, modality = kwargs.get("attention_edit"), kwargs.get("key_modality")
+        if edit is not None and module.layer_idx in edit.layers and edit.can_change(modality):
+            count += 1
+            if len(captured) < CAPTURED_CALLS:
+                captured.append((module, query, key, value, attention_mask, kwargs))
+        return sysattn_attention(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(ATTENTION_NAME, recording)
+    try:
+        run()
+    finally:
+        AttentionInterface.register(ATTENTION_NAME, sysattn_attention)
+    return captured, count
+
+
+def attributable_overhead(captured: list, count: int, baseline_seconds: float) -> float:
+    """1 + the rule's own cost as a share of the baseline job's CPU time: each captured
+    call through the attention function with its rule and without it (as the baseline
+    job runs it: plain SDPA), interleaved, CALL_REPEATS times; the difference of medians
+    summed, scaled to the job's `count` edited calls. A whole job's CPU time moves by
+    +-8% from run to run here, a millisecond call repeated 25 times far less: this is the
+    runner-level overhead without that noise (it leaves out effects outside the attention
+    function, e.g. on caches, which the runner-level ratio includes)."""
+    from sysattn_exp.attention.intervention import sysattn_attention
+
+    extra = 0.0
+    with torch.inference_mode():
+        for module, query, key, value, mask, kwargs in captured:
+            variants = {"plain": dict(kwargs, attention_edit=None), "rule": kwargs}
+            seconds = {name: [] for name in variants}
+            for _ in range(CALL_REPEATS):
+                for name, arguments in variants.items():
+                    start = time.process_time()
+                    sysattn_attention(module, query, key, value, mask, **arguments)
+                    seconds[name].append(time.process_time() - start)
+            extra += statistics.median(seconds["rule"]) - statistics.median(seconds["plain"])
+    return 1 + extra * count / max(len(captured), 1) / baseline_seconds
 
 
 FIGURES = {
@@ -274,19 +334,52 @@ FIGURES = {
     "grid_runner_overhead_system_image": "runner_system_image",
     "grid_forward_overhead": "forward",
     "grid_runner_noise": "runner_noise",
+    "grid_runner_attributable": "runner_attributable",
 }
 
 
-def grid(quick: bool, repeats: int, helpers, only: list[int] | None = None) -> dict:
+def parse_shape(words: list[str]) -> dict:
+    """A cell from `axis=level` words (bench.py --cell-shape): every axis of AXES, each an
+    integer >= 1 (kv_heads: one that divides heads, or =heads). Raises ValueError, one
+    line naming the bad word and what is allowed."""
+    cell = {}
+    for word in words:
+        axis, _, level = word.partition("=")
+        if axis not in AXES:
+            raise ValueError(
+                f"--cell-shape {word}: {axis!r} is not an axis; allowed: {', '.join(AXES)}"
+            )
+        if not (level.isdigit() and int(level) >= 1) and not (
+            axis == "kv_heads" and level == "=heads"
+        ):
+            raise ValueError(f"--cell-shape {word}: the level must be an integer >= 1")
+        cell[axis] = level if axis == "kv_heads" else int(level)
+    missing = [axis for axis in AXES if axis not in cell]
+    if missing:
+        raise ValueError(
+            f"--cell-shape: missing {', '.join(missing)} (every axis: {', '.join(AXES)})"
+        )
+    if cell["heads"] % kv_heads(cell):
+        raise ValueError(
+            f"--cell-shape: kv_heads={cell['kv_heads']} does not divide heads={cell['heads']}"
+        )
+    return cell
+
+
+def grid(
+    quick: bool, repeats: int, helpers, only: list[int] | None = None, shapes: list | None = None
+) -> dict:
     """Every cell measured (printed as it finishes), then the table, the median and the
     worst cell of each figure, and the total time. `only`: the numbers (from 1) of the full
-    grid's cells to measure, to measure again a cell a busy machine disturbed."""
+    grid's cells to measure, to measure again a cell a busy machine disturbed; `shapes`:
+    cells of one's own (parse_shape) instead of the grid's, numbered from 1, to check the
+    figures on shapes outside the grid."""
     import logging
 
     logging.getLogger("sysattn_exp").setLevel(logging.ERROR)  # random models' answers
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    cells = QUICK_CELLS if quick else covering_array(AXES) + CORNERS
+    cells = shapes or (QUICK_CELLS if quick else covering_array(AXES) + CORNERS)
     numbers = range(1, len(cells) + 1) if only is None else only
     if not set(numbers) <= set(range(1, len(cells) + 1)):
         raise SystemExit(f"--cells: the grid has cells 1 to {len(cells)}")
@@ -301,24 +394,29 @@ def grid(quick: bool, repeats: int, helpers, only: list[int] | None = None) -> d
         torch.set_num_threads(threads)
     figures = {"grid_cells": rows, "grid_seconds": time.perf_counter() - start}
     for name, column in FIGURES.items():
-        for suffix in ("", "_wall"):
+        for suffix in ("", "_wall") if column + "_wall" in rows[0] else ("",):
             values = [row[column + suffix] for row in rows]
             figures[f"{name}_worst{suffix}"] = max(values)
             figures[f"{name}_median{suffix}"] = statistics.median(values)
     print(table(rows))
     for name in FIGURES:
-        print(
+        line = (
             f"{name}: median {figures[f'{name}_median']:.3f}, worst {figures[f'{name}_worst']:.3f}"
-            f" (wall: median {figures[f'{name}_median_wall']:.3f}, worst "
-            f"{figures[f'{name}_worst_wall']:.3f})"
         )
+        if f"{name}_median_wall" in figures:
+            line += (
+                f" (wall: median {figures[f'{name}_median_wall']:.3f}, worst "
+                f"{figures[f'{name}_worst_wall']:.3f})"
+            )
+        print(line)
     print(f"grid: {len(rows)} cells in {figures['grid_seconds']:.0f} s")
     return figures
 
 
 COLUMNS = ["cell", *AXES, "runner_system_text", "runner_system_image", "forward",
            "runner_noise", "runner_system_text_wall", "runner_system_image_wall",
-           "forward_wall", "runner_noise_wall", "runner_rounds", "forward_rounds"]  # fmt: skip
+           "forward_wall", "runner_noise_wall", "runner_attributable", "edited_calls",
+           "runner_rounds", "forward_rounds"]  # fmt: skip
 
 
 def format_row(row: dict) -> str:

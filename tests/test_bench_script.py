@@ -2,9 +2,12 @@
 asserted here: timings belong in the benchmark, not in unit tests)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 FIGURES = [
     "overhead_ratio",
@@ -54,7 +57,7 @@ GRID_FIGURES = [
     )
     for stat in ("worst", "median")
     for clock in ("", "_wall")
-]
+] + ["grid_runner_attributable_worst", "grid_runner_attributable_median"]
 
 
 def test_bench_grid_quick_writes_the_grid_figures(tmp_path):
@@ -101,3 +104,61 @@ def test_grid_is_a_strength_two_covering_array():
                 for level_b in bench_grid.AXES[b]:
                     assert any(c[a] == level_a and c[b] == level_b for c in cells), (a, b)
     assert len(cells) < 30 < 864
+
+
+def scripts_on_path():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+
+def test_cell_shape_measures_a_shape_outside_the_grid():
+    """--cell-shape's parser gives a cell of every axis, and the grid measures it instead of
+    its own cells: every ratio of the row, the A/A control and the rounds run."""
+    scripts_on_path()
+    import bench
+    import bench_grid
+
+    words = "depth=2 heads=4 kv_heads=2 head_dim=16 image_tokens=16 questions=2 question_tokens=10"
+    shape = bench_grid.parse_shape([*words.split(), "batch=2"])
+    assert shape == dict(depth=2, heads=4, kv_heads="2", head_dim=16, image_tokens=16,
+                         questions=2, question_tokens=10, batch=2)  # fmt: skip
+    assert bench_grid.parse_shape(["kv_heads==heads", *words.split()[:2], *words.split()[3:],
+                                   "batch=1"])["kv_heads"] == "=heads"  # fmt: skip
+    figures = bench_grid.grid(True, 1, (bench.answer_words, bench.forward_runs), shapes=[shape])
+    (row,) = figures["grid_cells"]
+    assert {k: row[k] for k in shape} == shape and row["cell"] == 1
+    assert row["runner_rounds"] == row["forward_rounds"] == 1
+    for column in ("runner_system_text", "runner_system_image", "forward", "runner_noise"):
+        assert row[column] > 0 and row[column + "_wall"] > 0
+    assert figures["grid_runner_noise_worst"] == row["runner_noise"]
+    assert row["edited_calls"] > 0 and row["runner_attributable"] > 0
+
+
+BAD_SHAPES = [
+    (["depth=2"], "missing heads, kv_heads"),
+    (["layers=2"], "'layers' is not an axis; allowed: depth, heads"),
+    (["depth=0"], "depth=0: the level must be an integer >= 1"),
+    (["depth=2", "heads=6", "kv_heads=4", "head_dim=8", "image_tokens=4", "questions=1",
+      "question_tokens=10", "batch=1"], "kv_heads=4 does not divide heads=6"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("words,message", BAD_SHAPES)
+def test_cell_shape_refuses_bad_words_in_one_line(words, message):
+    scripts_on_path()
+    import bench_grid
+
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+        bench_grid.parse_shape(words)
+    assert "\n" not in str(error.value)
+
+
+def test_cell_shape_bad_on_the_command_line_exits_2():
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--grid", "--cell-shape", "depth=x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: --cell-shape depth=x: the level must be an integer >= 1" in result.stderr

@@ -23,7 +23,11 @@ over the repeats. A fourth runner-level variant is the baseline job again, an A/
 its ratio to the baseline (runner_noise) is what the same work measures as on this machine
 in this cell, the noise floor against which an overhead of a few percent is read (on a
 shared 2-core VM a single-threaded matmul loop's CPU time alone moves by +-8% from second
-to second).
+to second). Short cells get more rounds (MIN_SECONDS).
+- attributable: the rule's own cost, without that noise: the system -> text job's edited
+  attention calls timed with the rule and without it, many times each, summed over the
+  job and divided by the baseline job's time (attributable_overhead).
+`--cell-shape` measures shapes of one's own instead of the grid's (parse_shape).
 
 What keeps the ratios stable on a shared machine: the grid runs torch on one thread with
 data loading in the process (num_workers 0), and its headline ratios are of process CPU

@@ -380,7 +380,9 @@ def grid(
     figures on shapes outside the grid."""
     import logging
 
-    logging.getLogger("sysattn_exp").setLevel(logging.ERROR)  # random models' answers
+    logger = logging.getLogger("sysattn_exp")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # random models' answers
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     cells = shapes or (QUICK_CELLS if quick else covering_array(AXES) + CORNERS)
@@ -396,6 +398,7 @@ def grid(
             print(f"cell {number}/{len(cells)}: {format_row(rows[-1])}", flush=True)
     finally:
         torch.set_num_threads(threads)
+        logger.setLevel(level)  # in a test process, later tests read these logs
     figures = {"grid_cells": rows, "grid_seconds": time.perf_counter() - start}
     for name, column in FIGURES.items():
         for suffix in ("", "_wall") if column + "_wall" in rows[0] else ("",):

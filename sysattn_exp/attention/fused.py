@@ -158,12 +158,16 @@ PATHS = ("spans", "rows", "bias")
 # 41k-189k weights (e.g. 1 sequence x 8 heads x 8-16 rows x 650 keys: 0.47x; 1 x 32 x 8
 # x 650: 0.70x; 1 x 8 x 8 x 2,950: 0.77x), 0.82-1.19x at 333k-378k, 0.83-1.74x at 666k,
 # and up to 2.8x beyond. Its softmax and two matmuls over every (row, key) cost more than
-# the span calls' fixed costs from a few hundred thousand weights on.
+# the span calls' fixed costs from a few hundred thousand weights on. The threshold stays
+# at 2^17 all the same: at 2^18 the small device check's bf16 decision check
+# (scripts/device_check.py --small) flipped one of its two decisive items under image ->
+# text (a call that moved from bf16 span kernels to the float32 rows path; a borderline
+# item, but the check is a gate).
 # A "delta" path (one masked kernel call over every key for plain attention's output and
 # LSE, plus a proportional redistribution's correction from its source and recipient keys
 # materialised) was measured on the same shapes, 2026-12-02, quiet machine: 0.84-2.15x
 # spans' time, never below rows where rows is chosen; not kept.
-ROWS_PATH_MAX_ENTRIES = 1 << 18
+ROWS_PATH_MAX_ENTRIES = 1 << 17
 # The rows path materialises the weights of at most this many (sequence, head, row, key)
 # entries at a time (64 MiB in float32), taking the rows in blocks beyond it.
 ROWS_BLOCK_ENTRIES = 1 << 24

@@ -143,8 +143,9 @@ def modality_attention(
 # The ways to compute the rows a rule can change. "spans": each modality's (o_X, LSE_X) from
 # attention calls on its span of keys, merged by the rule (no weight matrix: what long
 # prompts need). "rows": the rows' weights materialised, (n x K) per head: one matmul, the
-# softmax, the rule's eager edit, one matmul; for a few rows (the question pass: 10-40
-# query rows against the cached prefix's keys, few heads) cheaper than several span calls
+# softmax, the rule's edit (its weight factors, else eager), one matmul; for a few rows
+# (the question pass: 10-40 query rows against the cached prefix's keys, few heads)
+# cheaper than several span calls
 # and their merge. "bias": where the rule is the same as adding one number to the scores
 # of one modality's keys (Rule.key_bias: -inf, hiding them, for a full proportional
 # redistribution whose recipients are every other modality of the call, as system -> image

@@ -343,14 +343,9 @@ class KeyRange:
         """KeyRange by modality name for keys with these modality ids (B, K)."""
         ranges = {}
         for name, code in MODALITIES.items():
-            is_x = key_modality == code
-            columns = is_x.any(0).nonzero()
-            if len(columns) == 0:
-                ranges[name] = KeyRange(slice(0, 0), None)
-                continue
-            keys = slice(int(columns[0]), int(columns[-1]) + 1)
-            inside = is_x[:, keys]
-            ranges[name] = KeyRange(keys, None if bool(inside.all()) else inside[:, None, None])
+            keys, inside = key_range(key_modality, code)
+            whole = inside is None or bool(inside.all())
+            ranges[name] = KeyRange(keys, None if whole else inside[:, None, None])
         return ranges
 
     def mass(self, weights) -> torch.Tensor:
@@ -365,6 +360,18 @@ class KeyRange:
             part.mul_(factor)
         else:
             part.copy_(torch.where(self.is_x, part * factor, part))
+
+
+def key_range(key_modality, code: int) -> tuple[slice, torch.Tensor | None]:
+    """The range [lo, hi) of key positions that holds every key of modality `code` over
+    the batch (B, K), and which keys of it are that modality's (B, hi - lo); an empty
+    range and None where the modality has no key."""
+    is_x = key_modality == code
+    columns = is_x.any(0).nonzero()
+    if len(columns) == 0:
+        return slice(0, 0), None
+    keys = slice(int(columns[0]), int(columns[-1]) + 1)
+    return keys, is_x[:, keys]
 
 
 class FirstKey:
@@ -522,13 +529,11 @@ class ModalitySpan:
     in every row, under a mask that is causality alone (`causal_only`)."""
 
     def __init__(self, key, value, n_rep: int, key_modality, code: int, causal_only=True):
-        is_x = key_modality == code
-        columns = is_x.any(0).nonzero()
-        self.present, self.clean = len(columns) > 0, True
+        keys, inside = key_range(key_modality, code)
+        self.present, self.clean = inside is not None, True
         if not self.present:
             return
-        self.lo, self.hi = int(columns[0]), int(columns[-1]) + 1
-        inside = is_x[:, self.lo : self.hi]
+        self.lo, self.hi = keys.start, keys.stop
         # Clean: within the range each row is X up to some point and padding after it.
         trailing_pad = (key_modality[:, self.lo : self.hi] == PAD) & ~inside
         self.clean = causal_only and bool(
